@@ -1,0 +1,63 @@
+"""``open_runtime``: start every actor under one nursery and hand out their handles."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import AsyncIterator
+
+import attrs
+import trio
+
+from ..config import Settings
+from ..store.store import Store
+from .loader import Loader, LoaderHandle
+from .metrics import Metrics, MetricsHandle
+from .scheduler import Scheduler, SchedulerHandle
+from .store import StoreActor, StoreHandle
+
+log = logging.getLogger("mlxserve.runtime")
+
+
+@attrs.frozen
+class Runtime:
+    settings: Settings
+    store: StoreHandle
+    loader: LoaderHandle
+    scheduler: SchedulerHandle
+    metrics: MetricsHandle
+    nursery: trio.Nursery  # for services that live as long as the runtime (the HTTP server)
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    store = Store(settings.models_dir, default_registry=settings.default_registry)
+    await trio.to_thread.run_sync(store.prune)
+    async with trio.open_nursery() as nursery:
+        # Runners live in their own nursery, inside the outer one, so they stop before the
+        # actors they report to.
+        async with trio.open_nursery() as runners:
+            metrics = await nursery.start(Metrics(log_dir=settings.log_dir).run)
+            store_h = await nursery.start(StoreActor(store).run)
+            loader = await nursery.start(Loader(settings, store_h, runners).run)
+
+            def on_event(kind: str, fields: dict) -> None:
+                metrics.record_nowait("scheduler", event=kind, **fields)
+                if settings.debug:
+                    log.debug("scheduler %s %s", kind, fields)
+
+            scheduler = await runners.start(Scheduler(
+                load_fn=loader.load,
+                num_parallel=settings.num_parallel,
+                max_loaded=settings.max_loaded_models,
+                max_queue=settings.max_queue,
+                default_keep_alive=settings.keep_alive,
+                on_event=on_event,
+            ).run)
+            try:
+                yield Runtime(settings, store_h, loader, scheduler, metrics, nursery)
+            finally:
+                # Closing inboxes ends each loop on EndOfChannel; cancel whatever is left after
+                # a bounded, shielded wait.
+                runners.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()

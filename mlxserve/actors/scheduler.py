@@ -1,0 +1,425 @@
+"""The Scheduler actor: admission, queue caps, residency, keep-alive and eviction.
+
+It never touches MLX: loading goes through an injected ``load_fn`` (the Loader's, or a fake in
+tests), so every policy here is testable with trio's autojump clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from typing import Any, Awaitable, Callable
+
+import attrs
+import trio
+
+from ..errors import EngineError, MlxserveError, ServerBusy, ShuttingDown
+from .mailbox import Reply, ask, post
+
+log = logging.getLogger("mlxserve.scheduler")
+MAX_CRASH_RESTARTS = 3
+
+
+@attrs.frozen
+class LoadSpec:
+    """Everything needed to load a model; ``key`` identifies a loaded instance."""
+
+    key: str
+    name: str
+    digest: str
+    size: int = 0
+    num_ctx: int | None = None
+    details: dict = attrs.field(factory=dict, eq=False)
+    payload: Any = attrs.field(default=None, eq=False)  # what the load_fn needs (store record)
+
+
+# ---- messages ----
+@attrs.frozen
+class Acquire:
+    spec: LoadSpec
+    keep_alive: float
+    reply: Reply
+
+
+@attrs.frozen
+class Release:
+    key: str
+    generation: int
+    keep_alive: float | None
+
+
+@attrs.frozen
+class LoadDone:
+    spec: LoadSpec
+    handle: Any = None
+    error: BaseException | None = None
+
+
+@attrs.frozen
+class RunnerExited:
+    key: str
+    generation: int
+    crash: str | None
+
+
+@attrs.frozen
+class Unload:
+    name: str | None  # None: all
+    reply: Reply
+
+
+@attrs.frozen
+class StopAll:
+    """Shutdown: stop every runner now (their open streams get an error chunk)."""
+
+    reply: Reply
+
+
+@attrs.frozen
+class Residents:
+    reply: Reply
+
+
+@attrs.frozen
+class Snapshot:
+    reply: Reply
+
+
+@attrs.frozen
+class Dequeue:
+    """A waiting acquire gave up (its client left): stop counting it as queued."""
+
+    reply: Reply
+
+
+@attrs.define
+class Resident:
+    spec: LoadSpec
+    handle: Any
+    refcount: int = 0
+    keep_alive: float = 300.0
+    expires_at: float = math.inf  # trio clock; inf while busy or kept forever
+    last_used: float = 0.0
+    loaded_at_wall: float = attrs.Factory(time.time)
+    unloading: bool = False
+
+
+@attrs.frozen
+class ModelStatus:
+    name: str
+    key: str
+    digest: str
+    size: int
+    loaded: bool
+    running: int
+    queued: int
+    expires_at: float | None  # unix time; None while busy; inf forever
+    context_length: int
+    details: dict
+
+
+@attrs.frozen
+class SchedulerStats:
+    models: tuple[ModelStatus, ...]
+    queued: int
+    running: int
+    loaded: int
+
+
+@attrs.define(eq=False)
+class Lease:
+    """A claim on a loaded runner; release it (sync) when the request ends."""
+
+    handle: Any
+    _scheduler: "SchedulerHandle"
+    _released: bool = False
+
+    def release(self, keep_alive: float | None = None) -> None:
+        if not self._released:
+            self._released = True
+            self._scheduler.release_nowait(self.handle.key, self.handle.generation, keep_alive)
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@attrs.define(eq=False)
+class SchedulerHandle:
+    _inbox: trio.MemorySendChannel
+
+    async def acquire(self, spec: LoadSpec, keep_alive: float) -> Lease:
+        reply = Reply()
+        post(self._inbox, Acquire(spec, keep_alive, reply))
+        try:
+            handle = await reply.wait()
+        except trio.Cancelled:
+            # Gave up while queued (client gone): if the lease arrives later, hand it back.
+            try:
+                self._inbox.send_nowait(Dequeue(reply))
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
+            raise
+        return Lease(handle, self)
+
+    def release_nowait(self, key: str, generation: int, keep_alive: float | None) -> None:
+        try:
+            self._inbox.send_nowait(Release(key, generation, keep_alive))
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    async def unload(self, name: str | None = None) -> int:
+        return await ask(self._inbox, lambda r: Unload(name, r))
+
+    async def statistics(self) -> SchedulerStats:
+        return await ask(self._inbox, Snapshot)
+
+    async def runners(self) -> dict[str, Any]:
+        """Loaded runner handles by model name (for observability and tests)."""
+        return await ask(self._inbox, Residents)
+
+    async def stop_all(self) -> None:
+        await ask(self._inbox, StopAll)
+
+
+@attrs.define(eq=False)
+class Scheduler:
+    load_fn: Callable[[LoadSpec, Callable], Awaitable[Any]]
+    num_parallel: int = 8
+    max_loaded: int = 3
+    max_queue: int = 512
+    default_keep_alive: float = 300.0
+    on_event: Callable[[str, dict], None] | None = None
+
+    residents: dict[str, Resident] = attrs.field(factory=dict, init=False)
+    waiting: dict[str, deque[Acquire]] = attrs.field(factory=dict, init=False)
+    loading: str | None = attrs.field(default=None, init=False)
+    crashes: dict[str, int] = attrs.field(factory=dict, init=False)
+    _send: trio.MemorySendChannel | None = attrs.field(default=None, init=False)
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+
+    # -- queue accounting: waiting for a load plus requests beyond the running slots --
+    def queued(self) -> int:
+        waiting = sum(len(q) for q in self.waiting.values())
+        over = sum(max(0, r.refcount - self.num_parallel) for r in self.residents.values())
+        return waiting + over
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        # The inbox is larger than max_queue because releases and exits must always fit.
+        send, inbox = trio.open_memory_channel(self.max_queue * 2 + 1024)
+        self._send = send
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started(SchedulerHandle(send))
+            async with inbox:
+                while True:
+                    deadline = min((r.expires_at for r in self.residents.values()), default=math.inf)
+                    msg = None
+                    with trio.move_on_at(deadline):
+                        try:
+                            msg = await inbox.receive()
+                        except trio.EndOfChannel:
+                            break
+                    if msg is None:
+                        self._expire(trio.current_time())
+                    else:
+                        self._handle(msg)
+                    self._maybe_start_load()
+            await self._unload_all()
+
+    def _emit(self, kind: str, **fields) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, fields)
+
+    def _handle(self, msg: Any) -> None:
+        match msg:
+            case Acquire():
+                self._on_acquire(msg)
+            case Release(key=key, generation=gen, keep_alive=ka):
+                r = self.residents.get(key)
+                if r is None or r.handle.generation != gen:
+                    return  # a stale release from a runner that is already gone
+                r.refcount = max(0, r.refcount - 1)
+                if ka is not None:
+                    r.keep_alive = ka
+                r.last_used = trio.current_time()
+                if r.refcount == 0:
+                    r.expires_at = trio.current_time() + r.keep_alive
+            case LoadDone():
+                self._on_load_done(msg)
+            case RunnerExited(key=key, generation=gen, crash=crash):
+                r = self.residents.get(key)
+                if r is not None and r.handle.generation == gen:
+                    del self.residents[key]
+                if crash:
+                    self.crashes[key] = self.crashes.get(key, 0) + 1
+                    self._emit("runner_crashed", key=key, error=crash)
+            case Unload(name=name, reply=reply):
+                n = 0
+                for key, r in list(self.residents.items()):
+                    if name is None or r.spec.name == name:
+                        r.keep_alive = 0
+                        if r.refcount == 0:
+                            r.expires_at = -math.inf
+                        n += 1
+                reply.send(n)
+            case Snapshot(reply=reply):
+                reply.send(self._snapshot())
+            case Residents(reply=reply):
+                reply.send({r.spec.name: r.handle for r in self.residents.values() if not r.unloading})
+            case StopAll(reply=reply):
+                for a in (a for q in self.waiting.values() for a in q):
+                    a.reply.fail(ShuttingDown())
+                self.waiting.clear()
+                self._nursery.start_soon(self._stop_all, list(self.residents.values()), reply)
+            case Dequeue(reply=reply):
+                for key, q in self.waiting.items():
+                    for a in q:
+                        if a.reply is reply:
+                            q.remove(a)
+                            break
+                if reply.done:  # the lease had already been granted: give it back
+                    try:
+                        handle = reply.value_nowait()
+                    except Exception:
+                        return
+                    self._handle(Release(handle.key, handle.generation, None))
+
+    def _on_acquire(self, msg: Acquire) -> None:
+        key = msg.spec.key
+        r = self.residents.get(key)
+        if r is not None and r.handle.alive and not r.unloading:
+            if r.refcount >= self.num_parallel and self.queued() >= self.max_queue:
+                msg.reply.fail(ServerBusy(retry_after=1))
+                self._emit("rejected", model=msg.spec.name)
+                return
+            self._grant(r, msg)
+            return
+        if self.queued() >= self.max_queue:
+            msg.reply.fail(ServerBusy(retry_after=2))
+            self._emit("rejected", model=msg.spec.name)
+            return
+        if self.crashes.get(key, 0) > MAX_CRASH_RESTARTS:
+            msg.reply.fail(EngineError(f"model '{msg.spec.name}' crashed {self.crashes[key]} times; not restarting"))
+            return
+        self.waiting.setdefault(key, deque()).append(msg)
+
+    def _grant(self, r: Resident, msg: Acquire) -> None:
+        r.refcount += 1
+        r.keep_alive = msg.keep_alive
+        r.expires_at = math.inf
+        r.last_used = trio.current_time()
+        msg.reply.send(r.handle)
+
+    def _maybe_start_load(self) -> None:
+        if self.loading is not None:
+            return
+        # Drop keys whose waiters all left.
+        for key in [k for k, q in self.waiting.items() if not q]:
+            del self.waiting[key]
+        if not self.waiting:
+            return
+        key = next(iter(self.waiting))
+        spec = self.waiting[key][0].spec
+        live = [r for r in self.residents.values() if not r.unloading]
+        if len(live) >= self.max_loaded:
+            idle = [r for r in live if r.refcount == 0]
+            if not idle:
+                return  # wait for a release; never evict a model with running sequences
+            victim = min(idle, key=lambda r: r.last_used)
+            self._emit("evict", model=victim.spec.name)
+            self._stop(victim)
+            return  # the next load starts when its RunnerExited arrives
+        if any(r.unloading for r in self.residents.values()) and len(self.residents) >= self.max_loaded:
+            return
+        self.loading = key
+        self._nursery.start_soon(self._load_task, spec)
+
+    async def _load_task(self, spec: LoadSpec) -> None:
+        t0 = time.perf_counter()
+        try:
+            handle = await self.load_fn(spec, self._runner_exited)
+            handle.load_seconds = time.perf_counter() - t0
+        except MlxserveError as exc:
+            self._send.send_nowait(LoadDone(spec, error=exc))
+        except Exception as exc:  # a bug in loading must still answer the waiters
+            log.exception("load of %s failed", spec.name)
+            self._send.send_nowait(LoadDone(spec, error=EngineError(f"load failed: {exc}")))
+        else:
+            self._send.send_nowait(LoadDone(spec, handle=handle))
+
+    def _runner_exited(self, key: str, generation: int, crash: str | None) -> None:
+        try:
+            self._send.send_nowait(RunnerExited(key, generation, crash))
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def _on_load_done(self, msg: LoadDone) -> None:
+        key = msg.spec.key
+        self.loading = None
+        waiters = self.waiting.pop(key, deque())
+        if msg.error is not None:
+            self._emit("load_failed", model=msg.spec.name, error=str(msg.error))
+            for a in waiters:
+                a.reply.fail(msg.error)
+            return
+        r = Resident(msg.spec, msg.handle, keep_alive=self.default_keep_alive)
+        r.last_used = trio.current_time()
+        self.residents[key] = r
+        self._emit("loaded", model=msg.spec.name, seconds=getattr(msg.handle, "load_seconds", 0.0))
+        for a in waiters:
+            self._grant(r, a)
+        if not waiters:
+            r.expires_at = trio.current_time() + r.keep_alive
+
+    def _expire(self, now: float) -> None:
+        for r in list(self.residents.values()):
+            if r.refcount == 0 and r.expires_at <= now and not r.unloading:
+                self._emit("expire", model=r.spec.name)
+                self._stop(r)
+
+    def _stop(self, r: Resident) -> None:
+        r.unloading = True
+        r.expires_at = math.inf
+        self._nursery.start_soon(r.handle.stop)
+
+    async def _stop_all(self, residents: list[Resident], reply: Reply) -> None:
+        async with trio.open_nursery() as n:
+            for r in residents:
+                r.unloading = True
+                n.start_soon(r.handle.stop, "server is shutting down")
+        reply.send(None)
+
+    async def _unload_all(self) -> None:
+        with trio.move_on_after(15, shield=True):
+            async with trio.open_nursery() as n:
+                for r in self.residents.values():
+                    n.start_soon(r.handle.stop)
+
+    def _snapshot(self) -> SchedulerStats:
+        now, wall = trio.current_time(), time.time()
+        models = []
+        for key, r in self.residents.items():
+            if r.unloading:
+                continue
+            if r.refcount > 0:
+                expires = None
+            elif math.isinf(r.expires_at):
+                expires = math.inf
+            else:
+                expires = wall + (r.expires_at - now)
+            models.append(ModelStatus(
+                r.spec.name, key, r.spec.digest, r.spec.size, True,
+                min(r.refcount, self.num_parallel), max(0, r.refcount - self.num_parallel),
+                expires, getattr(r.handle, "context_length", 0), r.spec.details,
+            ))
+        for key, q in self.waiting.items():
+            if q and key not in self.residents:
+                s = q[0].spec
+                models.append(ModelStatus(s.name, key, s.digest, s.size, False, 0, len(q), None, 0, s.details))
+        running = sum(min(r.refcount, self.num_parallel) for r in self.residents.values())
+        return SchedulerStats(tuple(models), self.queued(), running, len(self.residents))

@@ -1,0 +1,90 @@
+"""The Store actor: the only writer of the model store.
+
+The store itself (``mlxserve.store``) is blocking file code; this actor runs each call on a
+worker thread. Reads run concurrently; writes (create, copy, delete, prune, blob ingest) are
+serialized here so manifests are never written by two requests at once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import attrs
+import trio
+
+from ..store.store import Store
+from .mailbox import Reply, post
+
+_WRITES = {"create", "copy", "delete", "prune", "ingest_blob"}
+
+
+@attrs.frozen
+class Call:
+    method: str
+    args: tuple
+    kwargs: dict
+    reply: Reply
+
+
+@attrs.define(eq=False)
+class StoreHandle:
+    _inbox: trio.MemorySendChannel
+    store: Store  # read-only uses (paths) only; mutations go through the actor
+
+    async def call(self, method: str, *args, **kwargs) -> Any:
+        reply = Reply()
+        post(self._inbox, Call(method, args, kwargs, reply))
+        return await reply.wait()
+
+    async def resolve(self, name: str):
+        return await self.call("resolve", name)
+
+    async def list(self):
+        return await self.call("list")
+
+    async def delete(self, name: str) -> None:
+        await self.call("delete", name)
+
+    async def copy(self, src: str, dst: str) -> None:
+        await self.call("copy", src, dst)
+
+    async def create(self, name: str, modelfile: str, *, base_dir, progress: Callable | None = None,
+                     quantize: str | None = None):
+        return await self.call("create", name, modelfile, base_dir=base_dir, progress=progress,
+                               quantize=quantize)
+
+    async def verify_for_load(self, resolved) -> None:
+        await self.call("verify_for_load", resolved)
+
+    async def model_path(self, resolved):
+        return await self.call("model_path", resolved)
+
+
+@attrs.define(eq=False)
+class StoreActor:
+    store: Store
+    _write_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        send, inbox = trio.open_memory_channel(256)
+        async with trio.open_nursery() as nursery:
+            task_status.started(StoreHandle(send, self.store))
+            async with inbox:
+                async for msg in inbox:
+                    nursery.start_soon(self._serve, msg)
+
+    async def _serve(self, msg: Call) -> None:
+        fn = functools.partial(getattr(self.store, msg.method), *msg.args, **msg.kwargs)
+        try:
+            if msg.method in _WRITES:
+                async with self._write_lock:
+                    # abandon_on_cancel=False: a write that started finishes, so the store
+                    # never sees half an operation because a client went away.
+                    result = await trio.to_thread.run_sync(fn)
+            else:
+                result = await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
+        except Exception as exc:
+            msg.reply.fail(exc)
+        else:
+            msg.reply.send(result)

@@ -1,0 +1,124 @@
+"""Settings, read once from MLXSERVE_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import attrs
+
+from .errors import BadRequest
+
+
+def parse_duration(value: str | int | float | None, *, default: float | None = None) -> float | None:
+    """Ollama keep_alive: seconds as a number, a Go duration string ("5m", "1h30m", "-1"), or None.
+
+    Returns seconds; a negative value means "forever" and is returned as ``float('inf')``.
+    """
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        raise BadRequest("keep_alive must be a number of seconds or a duration string")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = _go_duration(text)
+    return float("inf") if seconds < 0 else seconds
+
+
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _go_duration(text: str) -> float:
+    sign = -1.0 if text.startswith("-") else 1.0
+    rest = text.lstrip("+-")
+    total, num = 0.0, ""
+    i = 0
+    if not rest:
+        raise BadRequest(f"invalid duration '{text}'")
+    while i < len(rest):
+        c = rest[i]
+        if c.isdigit() or c == ".":
+            num += c
+            i += 1
+            continue
+        unit = rest[i:i + 2] if rest[i:i + 2] in _UNITS else c
+        if unit not in _UNITS or not num:
+            raise BadRequest(f"invalid duration '{text}'")
+        total += float(num) * _UNITS[unit]
+        num = ""
+        i += len(unit)
+    if num:
+        raise BadRequest(f"invalid duration '{text}': missing unit")
+    return sign * total
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    value = value.strip()
+    if "://" in value:
+        value = value.split("://", 1)[1]
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return value or "127.0.0.1", 11434
+    return (host.strip("[]") or "127.0.0.1"), int(port)
+
+
+@attrs.frozen
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 11434
+    models_dir: Path = attrs.field(factory=lambda: Path.home() / ".mlxserve" / "models")
+    keep_alive: float = 300.0
+    max_loaded_models: int = 3
+    num_parallel: int = 8
+    max_queue: int = 512
+    default_registry: str = "registry.ollama.ai"
+    max_body_bytes: int = 64 * 1024 * 1024
+    prompt_cache_bytes: int = 512 * 1024 * 1024
+    prefill_chunk: int = 256
+    log_dir: Path | None = None
+    debug: bool = False
+    weight_dtype: str | None = None  # "keep", "float32", "float16"; None = choose per backend
+    device: str | None = None  # "cpu" or "gpu"; None = GPU when present
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
+        env = dict(os.environ if env is None else env)
+        kw: dict = {}
+        if v := env.get("MLXSERVE_HOST"):
+            kw["host"], kw["port"] = _host_port(v)
+        if v := env.get("MLXSERVE_MODELS"):
+            kw["models_dir"] = Path(v).expanduser()
+        if v := env.get("MLXSERVE_KEEP_ALIVE"):
+            kw["keep_alive"] = parse_duration(v)
+        for name, key in (
+            ("max_loaded_models", "MLXSERVE_MAX_LOADED_MODELS"),
+            ("num_parallel", "MLXSERVE_NUM_PARALLEL"),
+            ("max_queue", "MLXSERVE_MAX_QUEUE"),
+            ("max_body_bytes", "MLXSERVE_MAX_BODY_BYTES"),
+            ("prompt_cache_bytes", "MLXSERVE_PROMPT_CACHE_BYTES"),
+            ("prefill_chunk", "MLXSERVE_PREFILL_CHUNK"),
+        ):
+            if v := env.get(key):
+                kw[name] = int(v)
+        if v := env.get("MLXSERVE_REGISTRY"):
+            kw["default_registry"] = v
+        if v := env.get("MLXSERVE_LOG_DIR"):
+            kw["log_dir"] = Path(v).expanduser()
+        if env.get("MLXSERVE_DEBUG", "") not in ("", "0", "false"):
+            kw["debug"] = True
+        if v := env.get("MLXSERVE_WEIGHT_DTYPE"):
+            kw["weight_dtype"] = v
+        if v := env.get("MLXSERVE_DEVICE"):
+            kw["device"] = v
+        kw.update(overrides)
+        return cls(**kw)
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"

@@ -1,0 +1,188 @@
+"""Choose the dtype model weights run in, and dequantize a loaded model to it.
+
+On Linux CPUs MLX's quantized matmul kernels are slow (a 576x1536 4-bit matvec 1.2 ms, where
+OpenBLAS does the f32 one in 0.2 ms), and f16/bf16 matmuls do not go through BLAS at all. So a
+quantized model served from the CPU is fastest dequantized to float32, if the 4-8x larger
+weights fit in memory. On a GPU quantized kernels are fast and weights stay as loaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map_with_path
+
+KEEP = "keep"
+_ALIASES = {
+    "keep": KEEP,
+    "quantized": KEEP,
+    "native": KEEP,
+    "float32": "float32",
+    "f32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "f16": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+# Upper bound on how much larger float32 weights are than quantized ones: 4-bit affine with
+# f16 scale and bias per group of 32 is 5 bits a weight (6.4x); 8x covers any overhead, and
+# over-estimating only errs towards staying quantized.
+_F32_EXPANSION_BOUND = 8
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def parse_setting(setting: str | None) -> str | None:
+    """Normalise a user's dtype setting; None means automatic. Raises ValueError if unknown."""
+    if setting is None or setting.strip().lower() in ("", "auto"):
+        return None
+    try:
+        return _ALIASES[setting.strip().lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown weight dtype '{setting}' (auto, keep, float32, float16, bfloat16)"
+        ) from None
+
+
+def choose_weight_dtype(
+    device: str,
+    quantized_bytes: int,
+    setting: str | None,
+    memory_budget: int | None,
+    *,
+    float32_bytes: int | None = None,
+    blas_optimized: bool | None = None,
+) -> str:
+    """"keep" (run as loaded) or the float dtype name to dequantize to.
+
+    ``setting`` (``MLXSERVE_WEIGHT_DTYPE``-style: auto/None, keep, float32, float16, bfloat16)
+    wins when given. Automatic: on a GPU keep; on the CPU float32 when the BLAS is optimized and
+    the float32 weights fit ``memory_budget`` (default half the physical memory), else keep.
+    ``float32_bytes`` is the exact float32 size if known (:func:`float_bytes`); otherwise it is
+    bounded from ``quantized_bytes``. ``blas_optimized`` defaults to what this process's
+    :func:`~mlxserve.engine.backend.configure_blas` chose.
+    """
+    explicit = parse_setting(setting)
+    if explicit is not None:
+        return explicit
+    if device != "cpu":
+        return KEEP
+    if blas_optimized is None:
+        from .backend import configure_blas
+
+        blas_optimized = configure_blas().optimized
+    if not blas_optimized:
+        return KEEP
+    if memory_budget is None:
+        total = physical_memory()
+        memory_budget = total // 2 if total else None
+    needed = float32_bytes if float32_bytes is not None else quantized_bytes * _F32_EXPANSION_BOUND
+    if memory_budget is not None and needed > memory_budget:
+        return KEEP
+    return "float32"
+
+
+_QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+
+
+def _is_quantized(module) -> bool:
+    return isinstance(module, _QUANTIZED)
+
+
+def _dequantized_weight(module, dtype: mx.Dtype) -> mx.array:
+    # Scales and biases are cast first so the arithmetic happens in the target precision.
+    scales = module["scales"].astype(dtype)
+    biases = module.get("biases")
+    kwargs = {}
+    if "global_scale" in module:
+        kwargs["global_scale"] = module["global_scale"]
+    return mx.dequantize(
+        module["weight"],
+        scales,
+        biases.astype(dtype) if biases is not None else None,
+        group_size=module.group_size,
+        bits=module.bits,
+        mode=module.mode,
+        **kwargs,
+    ).astype(dtype)
+
+
+def _replacement(module, dtype: mx.Dtype) -> nn.Module:
+    weight = _dequantized_weight(module, dtype)
+    if isinstance(module, nn.QuantizedEmbedding):
+        new = nn.Embedding(1, 1)
+        new.weight = weight
+        return new
+    has_bias = "bias" in module
+    new = nn.Linear(1, 1, bias=has_bias)
+    new.weight = weight
+    if has_bias:
+        new.bias = module["bias"].astype(dtype)
+    return new
+
+
+def dequantize_model(model: nn.Module, dtype) -> None:
+    """Replace every QuantizedLinear / QuantizedEmbedding of ``model`` by a float one, in place.
+
+    Each module's own group size, bits and mode are used; linear biases are kept. The other
+    floating-point parameters (norms) are cast to ``dtype`` too so no op mixes precisions.
+    Layers are converted and evaluated one at a time, so peak memory is the float model plus
+    one quantized layer. ``dtype``: an ``mx.Dtype`` or a name ("float32", "float16", ...).
+    """
+    if isinstance(dtype, str):
+        name = parse_setting(dtype)
+        if name is None or name == KEEP:
+            raise ValueError(f"not a float dtype: {dtype!r}")
+        dtype = getattr(mx, name)
+    if not mx.issubdtype(dtype, mx.floating):
+        raise ValueError(f"not a float dtype: {dtype}")
+
+    def convert(path, module):
+        if not _is_quantized(module):
+            return module
+        new = _replacement(module, dtype)
+        mx.eval(new.parameters())
+        return new
+
+    leaves = tree_map_with_path(convert, model.leaf_modules(), is_leaf=nn.Module.is_module)
+    model.update_modules(leaves)
+
+    for _, module in model.named_modules():
+        for key, value in list(module.items()):
+            if (
+                isinstance(value, mx.array)
+                and mx.issubdtype(value.dtype, mx.floating)
+                and value.dtype != dtype
+            ):
+                module[key] = value.astype(dtype)
+    mx.eval(model.parameters())
+
+
+def float_bytes(model: nn.Module, dtype=mx.float32) -> int:
+    """Bytes the model's parameters would take after ``dequantize_model(model, dtype)``."""
+    quantized = {path: m for path, m in model.named_modules() if _is_quantized(m)}
+    total = 0
+    for key, v in tree_flatten(model.parameters()):
+        path, _, leaf = key.rpartition(".")
+        module = quantized.get(path)
+        if module is not None:
+            if leaf == "weight":
+                total += v.size * 32 // module.bits * dtype.size
+            elif leaf == "bias":
+                total += v.size * dtype.size
+            continue  # scales, biases, global_scale disappear
+        total += v.size * dtype.size if mx.issubdtype(v.dtype, mx.floating) else v.nbytes
+    return total
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))

@@ -1,0 +1,283 @@
+"""The engine thread: loads one model and runs its continuous-batching step loop for life.
+
+MLX streams belong to the thread that made them, so this one OS thread loads the weights and
+runs every step. It knows nothing of trio: commands arrive on a thread-safe queue, and each
+step's results leave through one ``deliver`` call (the Runner passes a function that schedules
+the batch of events on the trio loop), one cross-thread hop per step rather than per token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import time
+import traceback
+from typing import Any, Callable
+
+import attrs
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+
+from . import sampling
+from .model import LoadedModel
+from .stops import StopMatcher
+from .tokenizer import StreamDecoder
+
+log = logging.getLogger("mlxserve.engine")
+
+
+# ---- commands (trio side -> engine thread) ----
+@attrs.frozen
+class Add:
+    seq_id: int
+    prompt_ids: list[int]
+    max_tokens: int
+    params: sampling.SamplingParams
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; 0: chosen token only; n: with top-n alternatives
+
+
+@attrs.frozen
+class Cancel:
+    seq_id: int
+
+
+@attrs.frozen
+class Shutdown:
+    pass
+
+
+# ---- events (engine thread -> trio side) ----
+@attrs.frozen
+class Ready:
+    info: dict[str, Any]
+
+
+@attrs.frozen
+class LoadFailed:
+    error: BaseException
+
+
+@attrs.frozen
+class SeqStats:
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    prompt_ns: int
+    eval_ns: int
+
+
+@attrs.frozen
+class Chunk:
+    seq_id: int
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple | None = None  # per token: (token_id, logprob, ((alt_id, alt_logprob), ...))
+    finish: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    stats: SeqStats | None = None
+    error: str | None = None
+
+
+@attrs.frozen
+class Stopped:
+    """The engine thread ended (shutdown or crash); ``error`` is set on a crash."""
+
+    error: str | None = None
+
+
+@attrs.define
+class _Seq:
+    cmd: Add
+    uid: int
+    decoder: StreamDecoder
+    stops: StopMatcher
+    t_start: float
+    t_first: float | None = None
+    generated: int = 0
+    token_ids: list[int] = attrs.Factory(list)
+
+
+class FaultSeam:
+    """Fault injection for the chaos harness; inert unless MLXSERVE_FAULTS names a fault.
+
+    ``step_raise``: the next step raises; ``thread_die``: the engine thread exits abruptly.
+    """
+
+    def __init__(self) -> None:
+        self.armed: set[str] = set(filter(None, os.environ.get("MLXSERVE_FAULTS", "").split(",")))
+
+    def take(self, name: str) -> bool:
+        if name in self.armed:
+            self.armed.discard(name)
+            return True
+        return False
+
+
+class Engine:
+    def __init__(
+        self,
+        load: Callable[[], LoadedModel],
+        deliver: Callable[[list], None],
+        *,
+        num_parallel: int = 8,
+        prefill_chunk: int = 256,
+        device: Any = None,
+    ):
+        self._load = load
+        self._deliver = deliver
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._num_parallel = num_parallel
+        self._prefill_chunk = prefill_chunk
+        self._device = device
+        self.faults = FaultSeam()
+        self.lm: LoadedModel | None = None
+
+    # -- called from any thread --
+    def submit(self, cmd: Add | Cancel | Shutdown) -> None:
+        self._commands.put(cmd)
+
+    # -- the thread body --
+    def run(self) -> None:
+        try:
+            if self._device is not None:
+                mx.set_default_device(self._device)
+            stream = mx.new_thread_local_stream(mx.default_device())
+            with mx.stream(stream):
+                self.lm = self._load()
+        except BaseException as exc:  # every load failure must reach the waiting requests
+            log.debug("load failed: %s", traceback.format_exc())
+            self._deliver([LoadFailed(exc)])
+            return
+        lm = self.lm
+        self._deliver([Ready({"weight_bytes": lm.weight_bytes, "context_length": lm.context_length})])
+        error = None
+        try:
+            self._loop(lm, stream)
+        except BaseException as exc:  # a crash ends the runner; the Scheduler restarts it
+            error = f"engine crashed: {exc.__class__.__name__}: {exc}"
+            log.error("%s\n%s", error, traceback.format_exc())
+        self._deliver([Stopped(error)])
+
+    def _new_generator(self, lm: LoadedModel, stream) -> BatchGenerator:
+        return BatchGenerator(
+            lm.model,
+            stop_tokens=[[i] for i in lm.tokenizer.eos_token_ids],
+            completion_batch_size=self._num_parallel,
+            prefill_batch_size=self._num_parallel,
+            prefill_step_size=self._prefill_chunk,
+            stream=stream,
+        )
+
+    def _loop(self, lm: LoadedModel, stream) -> None:
+        gen = self._new_generator(lm, stream)
+        seqs: dict[int, _Seq] = {}  # by BatchGenerator uid
+        by_id: dict[int, int] = {}  # seq_id -> uid
+        while True:
+            out: list = []
+            for cmd in self._drain(block=not seqs):
+                match cmd:
+                    case Shutdown():
+                        for s in seqs.values():
+                            out.append(self._finish(s, "cancelled", ""))
+                        self._deliver(out)
+                        return
+                    case Cancel(seq_id=sid):
+                        uid = by_id.pop(sid, None)
+                        if uid is not None:
+                            gen.remove([uid])
+                            out.append(self._finish(seqs.pop(uid), "cancelled", ""))
+                    case Add():
+                        uid = gen.insert(
+                            [cmd.prompt_ids],
+                            max_tokens=[cmd.max_tokens],
+                            samplers=[sampling.make_sampler(cmd.params)],
+                            logits_processors=[sampling.make_processors(cmd.params)],
+                        )[0]
+                        seqs[uid] = _Seq(cmd, uid, StreamDecoder(lm.tokenizer), StopMatcher(cmd.stop),
+                                         time.perf_counter())
+                        by_id[cmd.seq_id] = uid
+            if seqs:
+                if self.faults.take("thread_die"):
+                    raise RuntimeError("injected fault: engine thread died")
+                try:
+                    if self.faults.take("step_raise"):
+                        raise RuntimeError("injected fault: step raised")
+                    _, responses = gen.next()
+                except Exception as exc:
+                    # One bad step fails the sequences in it, not the runner: start a clean batch.
+                    log.error("step failed: %s\n%s", exc, traceback.format_exc())
+                    for s in seqs.values():
+                        out.append(self._finish(s, "error", "", error=f"generation failed: {exc}"))
+                    seqs.clear()
+                    by_id.clear()
+                    gen = self._new_generator(lm, stream)
+                    responses = []
+                for r in responses:
+                    s = seqs.get(r.uid)
+                    if s is None:
+                        continue
+                    chunk = self._on_token(lm, s, r)
+                    if chunk.finish is not None:
+                        seqs.pop(r.uid, None)
+                        by_id.pop(s.cmd.seq_id, None)
+                        if r.finish_reason is None:  # a stop string ended it, not the batch
+                            gen.remove([r.uid])
+                    out.append(chunk)
+            if out:
+                self._deliver(out)
+
+    def _drain(self, block: bool) -> list:
+        cmds = []
+        if block:
+            cmds.append(self._commands.get())
+        while True:
+            try:
+                cmds.append(self._commands.get_nowait())
+            except queue.Empty:
+                return cmds
+
+    def _on_token(self, lm: LoadedModel, s: _Seq, r) -> Chunk:
+        now = time.perf_counter()
+        if s.t_first is None:
+            s.t_first = now
+        token = int(r.token)
+        is_eos = r.finish_reason == "stop" and token in lm.tokenizer.eos_token_ids
+        logprobs = None
+        if not is_eos:
+            s.generated += 1
+            s.token_ids.append(token)
+            if s.cmd.logprobs is not None:
+                logprobs = (self._logprob_entry(r.logprobs, token, s.cmd.logprobs),)
+        text = "" if is_eos else s.decoder.add(token)
+        text, matched = s.stops.feed(text)
+        finish = "stop" if matched else r.finish_reason
+        if finish is not None and not matched:
+            tail, _ = s.stops.feed(s.decoder.flush())
+            text += tail + s.stops.flush()
+        if finish is None:
+            return Chunk(s.cmd.seq_id, text, () if is_eos else (token,), logprobs)
+        return self._finish(s, finish, text, token_ids=() if is_eos else (token,), logprobs=logprobs)
+
+    @staticmethod
+    def _logprob_entry(row: mx.array, token: int, top: int) -> tuple:
+        alts: tuple = ()
+        if top > 0:
+            idx = mx.argpartition(-row, kth=top - 1)[:top]
+            vals = row[idx]
+            order = mx.argsort(-vals)
+            alts = tuple(zip(idx[order].tolist(), vals[order].tolist()))
+        return (token, row[token].item(), alts)
+
+    @staticmethod
+    def _finish(s: _Seq, finish: str, text: str, *, token_ids=(), logprobs=None, error=None) -> Chunk:
+        now = time.perf_counter()
+        first = s.t_first or now
+        stats = SeqStats(
+            prompt_tokens=len(s.cmd.prompt_ids),
+            cached_tokens=0,
+            generated_tokens=s.generated,
+            prompt_ns=int((first - s.t_start) * 1e9),
+            eval_ns=int((now - first) * 1e9),
+        )
+        return Chunk(s.cmd.seq_id, text, tuple(token_ids), logprobs, finish, stats, error)

@@ -1,0 +1,123 @@
+"""Build an mlx-lm model from a GGUF file or an mlx-lm / Hugging Face directory.
+
+Must be called on the thread that will run the model (MLX streams are per thread).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Any
+
+import attrs
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.utils import _get_classes
+
+from ..errors import LoadError
+from . import gguf, tokenizer as tok
+
+
+@attrs.define
+class LoadedModel:
+    model: nn.Module
+    tokenizer: tok.TokenizerInfo
+    config: dict[str, Any]
+    weight_bytes: int
+    context_length: int
+    weight_dtype: str = "keep"
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.get("num_hidden_layers", 0))
+
+
+def _quantize_like(model: nn.Module, quant: dict[str, Any] | None, weights: dict[str, mx.array]):
+    if not quant:
+        return
+    layers = quant.get("layers")
+
+    def predicate(path: str, module: nn.Module):
+        if f"{path}.scales" not in weights:
+            return False
+        if layers and path in layers:
+            return layers[path]
+        return {"group_size": quant["group_size"], "bits": quant["bits"]}
+
+    nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"], class_predicate=predicate)
+
+
+def _build(config: dict[str, Any], weights: dict[str, mx.array]) -> nn.Module:
+    try:
+        model_class, args_class = _get_classes(config)
+    except Exception as exc:
+        raise LoadError(f"unsupported model type '{config.get('model_type')}'") from exc
+    model = model_class(args_class.from_dict(config))
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    _quantize_like(model, config.get("quantization"), weights)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as exc:
+        raise LoadError(f"weights do not match the model: {exc}") from exc
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def _nbytes(weights: dict[str, mx.array]) -> int:
+    return sum(w.nbytes for w in weights.values())
+
+
+def load_gguf(path: str | Path) -> LoadedModel:
+    config, weights, metadata = gguf.load_gguf_weights(path)
+    tokenizer = tok.from_gguf_metadata(metadata)
+    model = _build(config, weights)
+    return LoadedModel(model, tokenizer, config, _nbytes(weights), config["max_position_embeddings"])
+
+
+def load_directory(path: str | Path) -> LoadedModel:
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"cannot read config.json in {path.name}: {exc}") from exc
+    files = sorted(glob.glob(str(path / "*.safetensors")))
+    if not files:
+        raise LoadError(f"no *.safetensors weights in {path.name}")
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        weights.update(mx.load(f))
+    tokenizer = tok.from_directory(path)
+    model = _build(config, weights)
+    ctx = int(config.get("max_position_embeddings") or 4096)
+    return LoadedModel(model, tokenizer, config, _nbytes(weights), ctx)
+
+
+def load_path(path: str | Path, *, weight_dtype: str | None = None) -> LoadedModel:
+    path = Path(path)
+    lm = load_directory(path) if path.is_dir() else load_gguf(path)
+    _apply_weight_dtype(lm, weight_dtype)
+    return lm
+
+
+def _apply_weight_dtype(lm: LoadedModel, setting: str | None) -> None:
+    """Quantized CPU kernels are slow; dequantizing to f32 (BLAS) is much faster when it fits."""
+    try:
+        from . import dtype as dtypes
+    except ImportError:  # the backend module is optional
+        return
+    choice = dtypes.choose_weight_dtype(
+        mx.default_device().type.name if hasattr(mx.default_device().type, "name") else str(mx.default_device()),
+        lm.weight_bytes, setting, None,
+    )
+    if choice != "keep":
+        dtypes.dequantize_model(lm.model, getattr(mx, choice))
+        lm.weight_bytes = sum(v.nbytes for _, v in _flatten(lm.model.parameters()))
+    lm.weight_dtype = choice
+
+
+def _flatten(tree):
+    from mlx.utils import tree_flatten
+    return tree_flatten(tree)

@@ -1,0 +1,116 @@
+"""The whole exception tree of mlxserve, in one place.
+
+Every error a request can meet is one of these; ``mlxserve.http`` maps each class to an HTTP
+status through its ``status`` attribute, so no handler invents its own codes.
+
+    MlxserveError                      500  (never raised for bad input)
+    ├── BadRequest                     400  malformed JSON, wrong field types, bad options
+    │   ├── InvalidName                400  a model name that could escape the store
+    │   ├── ModelfileError             400  a Modelfile that does not parse (carries a line number)
+    │   └── DigestMismatch             400  an uploaded blob whose bytes do not match its digest
+    ├── NotFound                       404
+    │   ├── ModelNotFound              404  "model 'x' not found"
+    │   └── BlobNotFound               404
+    ├── Conflict                       409  the request contradicts the store's state
+    ├── IntegrityError                 409  a stored blob is missing, truncated or altered
+    ├── PayloadTooLarge                413  a body over the configured limit
+    ├── Unprocessable                  422  well-formed but impossible (prompt over the window)
+    ├── ServerBusy                     503  the queue is full; carries retry_after seconds
+    ├── ShuttingDown                   503  the daemon is stopping
+    └── EngineError                    500  the model crashed while serving; the request is failed
+        └── LoadError                  500  the model could not be loaded
+"""
+
+from __future__ import annotations
+
+
+class MlxserveError(Exception):
+    status = 500
+    kind = "server_error"
+
+    def __init__(self, message: str = "", **extra):
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class BadRequest(MlxserveError):
+    status = 400
+    kind = "invalid_request_error"
+
+
+class InvalidName(BadRequest):
+    pass
+
+
+class ModelfileError(BadRequest):
+    def __init__(self, message: str, line: int | None = None):
+        if line is not None:
+            message = f"line {line}: {message}"
+        super().__init__(message)
+        self.line = line
+
+
+class DigestMismatch(BadRequest):
+    pass
+
+
+class NotFound(MlxserveError):
+    status = 404
+    kind = "not_found_error"
+
+
+class ModelNotFound(NotFound):
+    def __init__(self, name: str):
+        super().__init__(f"model '{name}' not found")
+        self.name = name
+
+
+class BlobNotFound(NotFound):
+    pass
+
+
+class Conflict(MlxserveError):
+    status = 409
+    kind = "conflict_error"
+
+
+class IntegrityError(MlxserveError):
+    status = 409
+    kind = "integrity_error"
+
+
+class PayloadTooLarge(MlxserveError):
+    status = 413
+    kind = "invalid_request_error"
+
+
+class Unprocessable(MlxserveError):
+    status = 422
+    kind = "invalid_request_error"
+
+
+class ServerBusy(MlxserveError):
+    status = 503
+    kind = "server_busy"
+
+    def __init__(self, message: str = "server busy, please retry", retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ShuttingDown(ServerBusy):
+    def __init__(self, message: str = "server is shutting down"):
+        super().__init__(message, retry_after=5)
+
+
+class EngineError(MlxserveError):
+    status = 500
+    kind = "server_error"
+
+
+class LoadError(EngineError):
+    pass

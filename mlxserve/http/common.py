@@ -1,0 +1,112 @@
+"""Request parsing, error bodies and streaming bodies shared by both API dialects."""
+
+from __future__ import annotations
+
+import json
+import math
+import weakref
+from typing import Any, AsyncIterator, Callable
+
+from quart import Response, current_app, request
+
+from ..config import parse_duration
+from ..errors import BadRequest, MlxserveError, PayloadTooLarge
+
+
+def runtime():
+    return current_app.config["MLXSERVE_RUNTIME"]
+
+
+async def json_body() -> dict:
+    try:
+        raw = await request.get_data(cache=False)
+    except Exception as exc:  # werkzeug's RequestEntityTooLarge and friends
+        if getattr(exc, "code", None) == 413:
+            raise PayloadTooLarge("request body too large") from exc
+        raise BadRequest(f"cannot read request body: {exc}") from exc
+    if not raw:
+        raise BadRequest("missing request body")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"invalid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+def field(body: dict, name: str, kind: type | tuple, *, required: bool = False, default: Any = None) -> Any:
+    value = body.get(name, None)
+    if value is None:
+        if required:
+            raise BadRequest(f"{name} is required")
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise BadRequest(f"{name} must be of type {names}")
+    return value
+
+
+def keep_alive_of(body: dict) -> float:
+    default = runtime().settings.keep_alive
+    try:
+        return parse_duration(body.get("keep_alive"), default=default)
+    except (BadRequest, ValueError) as exc:
+        raise BadRequest(f"invalid keep_alive: {exc}") from None
+
+
+def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(json.dumps(obj, default=_default), status=status, mimetype="application/json",
+                    headers=headers)
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, float) and math.isinf(o):
+        return None
+    return str(o)
+
+
+def error_headers(exc: MlxserveError) -> dict:
+    retry = getattr(exc, "retry_after", None)
+    return {"Retry-After": str(retry)} if retry is not None else {}
+
+
+class StreamBody:
+    """An async-iterable response body whose cleanup always runs.
+
+    Quart closes a body it started; but a client can leave after the handler returned and before
+    the body was entered, and then an async generator's ``finally`` never runs. ``cleanup`` is
+    therefore also bound to this object's lifetime, and it must be idempotent and synchronous.
+    """
+
+    def __init__(self, agen: AsyncIterator[bytes], cleanup: Callable[[], None]):
+        self._agen = agen
+        self._cleanup = cleanup
+        self._finalizer = weakref.finalize(self, cleanup)
+
+    def __aiter__(self) -> "StreamBody":
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._agen.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._agen.aclose()
+        finally:
+            self._finalizer()
+
+
+def stream_response(agen: AsyncIterator[bytes], cleanup: Callable[[], None], mimetype: str) -> Response:
+    resp = Response(StreamBody(agen, cleanup), mimetype=mimetype)
+    resp.timeout = None  # Quart's RESPONSE_TIMEOUT would silently cut long streams
+    if mimetype == "text/event-stream":
+        resp.headers["Cache-Control"] = "no-cache"
+        resp.headers["X-Accel-Buffering"] = "no"
+    return resp
+
+
+def ndjson(obj: Any) -> bytes:
+    return (json.dumps(obj, default=_default, ensure_ascii=False) + "\n").encode()

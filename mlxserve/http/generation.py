@@ -1,0 +1,211 @@
+"""The path of one generation request, shared by the Ollama and OpenAI routes.
+
+resolve name -> merge options -> acquire a runner lease (may load) -> render and tokenize the
+prompt -> submit -> stream chunks. Every await here is a place the request may end: the lease is
+released and the sequence cancelled in ``finally`` blocks that do only synchronous work.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator
+
+import attrs
+
+from ..actors.scheduler import Lease, LoadSpec
+from ..engine.loop import Chunk
+from ..engine.sampling import SamplingParams
+from ..errors import BadRequest, EngineError, Unprocessable
+from ..specs import templates
+from ..specs.modelspec import Options
+
+DEFAULT_NUM_CTX = 4096
+
+
+@attrs.define
+class Generation:
+    name: str
+    lease: Lease
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+    stop: tuple[str, ...]
+    logprobs: int | None
+    keep_alive: float
+    t_start: float
+    load_ns: int
+    seq_id: int | None = None
+    recv: Any = None
+    # filled while streaming
+    text: list[str] = attrs.Factory(list)
+    token_ids: list[int] = attrs.Factory(list)
+    final: Chunk | None = None
+
+    @property
+    def tokenizer(self):
+        return self.lease.handle.tokenizer
+
+    def release(self) -> None:
+        if self.seq_id is not None:
+            self.lease.handle.cancel_nowait(self.seq_id)
+        self.lease.release(self.keep_alive)
+
+    def durations(self) -> dict[str, int]:
+        s = self.final.stats if self.final is not None else None
+        return {
+            "total_duration": int((time.perf_counter() - self.t_start) * 1e9),
+            "load_duration": self.load_ns,
+            "prompt_eval_count": s.prompt_tokens if s else len(self.prompt_ids),
+            "prompt_eval_duration": s.prompt_ns if s else 0,
+            "eval_count": s.generated_tokens if s else len(self.token_ids),
+            "eval_duration": s.eval_ns if s else 0,
+        }
+
+    @property
+    def done_reason(self) -> str:
+        return self.final.finish if self.final is not None and self.final.finish else "stop"
+
+
+def merge_options(spec_params: Options | None, request_options: dict | None) -> Options:
+    if request_options is not None and not isinstance(request_options, dict):
+        raise BadRequest("options must be an object")
+    base = spec_params or Options()
+    return base.merged(Options.from_dict(request_options or {}))
+
+
+def sampling_from(opts: Options, *, logit_bias: dict[int, float] | None = None) -> SamplingParams:
+    d = SamplingParams()
+    pick = lambda v, default: default if v is None else v  # noqa: E731
+    return SamplingParams(
+        temperature=float(pick(opts.temperature, d.temperature)),
+        top_k=int(pick(opts.top_k, d.top_k)),
+        top_p=float(pick(opts.top_p, d.top_p)),
+        min_p=float(pick(opts.min_p, d.min_p)),
+        repeat_penalty=float(pick(opts.repeat_penalty, d.repeat_penalty)),
+        repeat_last_n=int(pick(opts.repeat_last_n, d.repeat_last_n)),
+        presence_penalty=float(pick(opts.presence_penalty, d.presence_penalty)),
+        frequency_penalty=float(pick(opts.frequency_penalty, d.frequency_penalty)),
+        seed=opts.seed,
+        logit_bias=logit_bias,
+    )
+
+
+def load_spec(resolved, num_ctx: int | None) -> LoadSpec:
+    spec = resolved.spec
+    details = {
+        "parent_model": "",
+        "format": spec.format,
+        "family": spec.family,
+        "families": [spec.family] if spec.family else None,
+        "parameter_size": spec.parameter_size,
+        "quantization_level": spec.quantization_level,
+    }
+    ctx = num_ctx or min(spec.context_length or DEFAULT_NUM_CTX, DEFAULT_NUM_CTX)
+    return LoadSpec(
+        key=f"{resolved.digest}|ctx={ctx}",
+        name=resolved.display,
+        digest=resolved.digest,
+        size=resolved.size,
+        num_ctx=ctx,
+        details=details,
+        payload=resolved,
+    )
+
+
+async def acquire(rt, resolved, opts: Options, keep_alive: float) -> tuple[Lease, int]:
+    t0 = time.perf_counter()
+    lease = await rt.scheduler.acquire(load_spec(resolved, opts.num_ctx), keep_alive)
+    waited = time.perf_counter() - t0
+    load_seconds = getattr(lease.handle, "load_seconds", 0.0)
+    # Report load time only to the requests that actually waited for that load.
+    load_ns = int(min(waited, load_seconds) * 1e9) if waited > 0.05 else 0
+    return lease, load_ns
+
+
+def chat_prompt(resolved, tokenizer, messages: list[dict], *, tools: list | None = None) -> str:
+    spec = resolved.spec
+    template = spec.template or tokenizer.chat_template or templates.CHATML_TEMPLATE
+    msgs = list(spec.messages or []) + list(messages)
+    if spec.system and not any(m.get("role") == "system" for m in msgs):
+        msgs.insert(0, {"role": "system", "content": spec.system})
+    return templates.render_chat(
+        template, msgs, add_generation_prompt=True, bos_token=tokenizer.bos_token or "",
+        eos_token=tokenizer.eos_token or "", tools=tools,
+    )
+
+
+def budget(prompt_len: int, context_length: int, num_predict: int | None, cap: int | None = None) -> int:
+    room = context_length - prompt_len
+    if room <= 0:
+        raise Unprocessable(
+            f"prompt is {prompt_len} tokens, which does not fit the context window of "
+            f"{context_length} tokens; raise num_ctx or shorten the prompt"
+        )
+    n = room if num_predict is None or num_predict < 0 else min(num_predict, room)
+    if cap is not None:
+        n = min(n, cap)
+    return max(n, 1)
+
+
+async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None, prompt_text=None,
+                prompt_ids=None, tools=None, logprobs: int | None = None,
+                logit_bias: dict[int, float] | None = None, max_tokens: int | None = None,
+                prefix_ids: list[int] | None = None) -> Generation:
+    """Acquire, render, tokenize and submit. The caller must ``release()`` the result."""
+    t_start = time.perf_counter()
+    lease, load_ns = await acquire(rt, resolved, opts, keep_alive)
+    try:
+        tok = lease.handle.tokenizer
+        if prompt_ids is None:
+            if messages is not None:
+                text = chat_prompt(resolved, tok, messages, tools=tools)
+                prompt_ids = tok.encode(text, add_bos=False)
+                if tok.bos_token_id is not None and tok.add_bos and (not prompt_ids or prompt_ids[0] != tok.bos_token_id):
+                    prompt_ids.insert(0, tok.bos_token_id)
+            else:
+                prompt_ids = tok.encode(prompt_text or "", add_bos=None if not prefix_ids else False)
+            if prefix_ids:  # Ollama's "context": the earlier conversation's token ids
+                if any(t < 0 or t >= tok.vocab_size for t in prefix_ids):
+                    raise BadRequest("context contains token ids outside the vocabulary")
+                prompt_ids = list(prefix_ids) + prompt_ids
+        if not prompt_ids:
+            raise BadRequest("prompt is empty after tokenization")
+        n = budget(len(prompt_ids), lease.handle.context_length,
+                   max_tokens if max_tokens is not None else opts.num_predict)
+        gen = Generation(
+            name=resolved.display, lease=lease, prompt_ids=list(prompt_ids), max_tokens=n,
+            params=sampling_from(opts, logit_bias=logit_bias), stop=tuple(opts.stop or ()),
+            logprobs=logprobs, keep_alive=keep_alive, t_start=t_start, load_ns=load_ns,
+        )
+        gen.seq_id, gen.recv = lease.handle.submit_nowait(dict(
+            prompt_ids=gen.prompt_ids, max_tokens=n, params=gen.params, stop=gen.stop, logprobs=logprobs,
+        ))
+    except BaseException:
+        lease.release(keep_alive)
+        raise
+    return gen
+
+
+async def chunks(gen: Generation) -> AsyncIterator[Chunk]:
+    """Yields the engine's chunks; the last one carries ``finish``. Raises EngineError on failure."""
+    recv = gen.recv
+    async with recv:
+        async for chunk in recv:
+            if chunk.finish == "error":
+                gen.final = chunk
+                raise EngineError(chunk.error or "generation failed")
+            gen.text.append(chunk.text)
+            gen.token_ids.extend(chunk.token_ids)
+            if chunk.finish is not None:
+                gen.final = chunk
+            yield chunk
+            if chunk.finish is not None:
+                return
+    raise EngineError("the model stopped before finishing this request")
+
+
+def now_iso() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+

@@ -1,0 +1,365 @@
+"""Ollama's native API: /api/*."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+import trio
+from quart import Blueprint, Response
+
+from .. import __version__
+from ..errors import BadRequest, MlxserveError
+from . import generation as g
+from .common import (
+    field, json_body, json_response, keep_alive_of, ndjson, runtime, stream_response,
+)
+
+bp = Blueprint("ollama", __name__)
+
+
+def _iso(ts: float | datetime | None) -> str | None:
+    if ts is None:
+        return None
+    if isinstance(ts, (int, float)):
+        if math.isinf(ts):
+            ts = datetime(2318, 1, 1, tzinfo=timezone.utc)  # what Ollama shows for "forever"
+        else:
+            ts = datetime.fromtimestamp(ts, timezone.utc)
+    return ts.isoformat().replace("+00:00", "Z")
+
+
+@bp.route("/", methods=["GET", "HEAD"])
+async def root():
+    return Response("mlxserve is running", mimetype="text/plain")
+
+
+@bp.get("/api/version")
+async def version():
+    return json_response({"version": __version__})
+
+
+@bp.route("/api/health", methods=["GET", "HEAD"])
+async def health():
+    stats = await runtime().scheduler.statistics()
+    return json_response({"status": "ok", "loaded": stats.loaded, "running": stats.running,
+                          "queued": stats.queued})
+
+
+def _details(spec) -> dict:
+    return {
+        "parent_model": "",
+        "format": spec.format,
+        "family": spec.family,
+        "families": [spec.family] if spec.family else None,
+        "parameter_size": spec.parameter_size,
+        "quantization_level": spec.quantization_level,
+    }
+
+
+@bp.get("/api/tags")
+async def tags():
+    models = await runtime().store.list()
+    return json_response({"models": [
+        {
+            "name": m.display, "model": m.display, "modified_at": _iso(m.modified_at),
+            "size": m.size, "digest": m.digest.removeprefix("sha256:"), "details": _details(m.spec),
+        }
+        for m in models
+    ]})
+
+
+@bp.get("/api/ps")
+async def ps():
+    stats = await runtime().scheduler.statistics()
+    return json_response({"models": [
+        {
+            "name": m.name, "model": m.name, "size": m.size, "digest": m.digest.removeprefix("sha256:"),
+            "details": m.details, "expires_at": _iso(m.expires_at) if m.expires_at is not None else None,
+            "size_vram": 0, "context_length": m.context_length,
+        }
+        for m in stats.models if m.loaded
+    ]})
+
+
+@bp.get("/api/status")
+async def status():
+    stats = await runtime().scheduler.statistics()
+    return json_response({
+        "running": stats.running, "queued": stats.queued, "loaded": stats.loaded,
+        "models": [
+            {"name": m.name, "loaded": m.loaded, "running": m.running, "queued": m.queued,
+             "expires_at": _iso(m.expires_at) if m.expires_at is not None else None}
+            for m in stats.models
+        ],
+    })
+
+
+@bp.get("/metrics")
+async def metrics():
+    return Response(runtime().metrics.prometheus_text(), mimetype="text/plain; version=0.0.4")
+
+
+def _validate_messages(messages) -> list[dict]:
+    if not isinstance(messages, list):
+        raise BadRequest("messages must be a list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BadRequest(f"messages[{i}] must be an object")
+        role = m.get("role")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise BadRequest(f"messages[{i}].role must be one of system, user, assistant, tool")
+        content = m.get("content", "")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be a string")
+        if m.get("images"):
+            raise BadRequest("model does not support images")
+        msg = {"role": role, "content": content}
+        for extra in ("tool_calls", "tool_name", "name"):
+            if m.get(extra) is not None:
+                msg[extra] = m[extra]
+        out.append(msg)
+    return out
+
+
+async def _preload_or_unload(name: str, resolved, keep_alive: float, kind: str):
+    rt = runtime()
+    base = {"model": name, "created_at": g.now_iso()}
+    empty = {"message": {"role": "assistant", "content": ""}} if kind == "chat" else {"response": ""}
+    if keep_alive == 0:
+        await rt.scheduler.unload(resolved.display)
+        return json_response({**base, **empty, "done_reason": "unload", "done": True})
+    opts = g.merge_options(resolved.spec.parameters, None)
+    lease, _ = await g.acquire(rt, resolved, opts, keep_alive)
+    lease.release(keep_alive)
+    return json_response({**base, **empty, "done_reason": "load", "done": True})
+
+
+async def _common(body: dict):
+    name = field(body, "model", str, required=True)
+    rt = runtime()
+    resolved = await rt.store.resolve(name)
+    if "embedding" in (resolved.spec.capabilities or []) and "completion" not in resolved.spec.capabilities:
+        raise BadRequest(f'"{name}" does not support generate')
+    if body.get("think"):
+        raise BadRequest(f'"{name}" does not support thinking')
+    keep_alive = keep_alive_of(body)
+    stream = field(body, "stream", bool, default=True)
+    opts = g.merge_options(resolved.spec.parameters, field(body, "options", dict))
+    return name, resolved, keep_alive, stream, opts
+
+
+@bp.post("/api/generate")
+async def generate():
+    body = await json_body()
+    name, resolved, keep_alive, stream, opts = await _common(body)
+    prompt = field(body, "prompt", str, default="")
+    raw = field(body, "raw", bool, default=False)
+    system = field(body, "system", str)
+    template = field(body, "template", str)
+    context = field(body, "context", list)
+    if raw and (template or system or context):
+        raise BadRequest("raw mode does not support template, system, or context")
+    if body.get("images"):
+        raise BadRequest("model does not support images")
+    if not prompt and not context:
+        return await _preload_or_unload(name, resolved, keep_alive, "generate")
+    if context is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
+        raise BadRequest("context must be a list of token ids")
+
+    rt = runtime()
+    messages = None
+    prompt_text = None
+    if raw:
+        prompt_text = prompt
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+    if template:
+        resolved = _with_template(resolved, template)
+    gen = await g.start(rt, resolved, opts, keep_alive, messages=messages, prompt_text=prompt_text,
+                        prefix_ids=context)
+
+    def final(extra: dict) -> dict:
+        return {"model": name, "created_at": g.now_iso(), "response": "", "done": True,
+                "done_reason": gen.done_reason, **extra, "context": gen.prompt_ids + gen.token_ids,
+                **gen.durations()}
+
+    return await _respond(gen, stream, lambda text: {"response": text}, final, "response")
+
+
+def _with_template(resolved, template: str):
+    import attrs
+
+    return attrs.evolve(resolved, spec=attrs.evolve(resolved.spec, template=template))
+
+
+@bp.post("/api/chat")
+async def chat():
+    body = await json_body()
+    name, resolved, keep_alive, stream, opts = await _common(body)
+    messages = _validate_messages(body.get("messages") or [])
+    tools = field(body, "tools", list)
+    if not messages:
+        return await _preload_or_unload(name, resolved, keep_alive, "chat")
+    gen = await g.start(runtime(), resolved, opts, keep_alive, messages=messages, tools=tools)
+
+    def final(extra: dict) -> dict:
+        return {"model": name, "created_at": g.now_iso(),
+                "message": {"role": "assistant", "content": extra.pop("content", "")},
+                "done_reason": gen.done_reason, "done": True, **gen.durations()}
+
+    return await _respond(gen, stream, lambda text: {"message": {"role": "assistant", "content": text}},
+                          final, "content")
+
+
+async def _respond(gen: g.Generation, stream: bool, piece, final, text_key: str):
+    rt = runtime()
+    name = gen.name
+
+    def record(status: int, error: str | None = None) -> None:
+        rt.metrics.record_nowait("request", route="generate", model=name, status=status,
+                                 done_reason=gen.done_reason if gen.final else "cancelled",
+                                 error=error, **gen.durations())
+
+    if not stream:
+        try:
+            async for _ in g.chunks(gen):
+                pass
+        except BaseException as exc:
+            record(499 if isinstance(exc, trio.Cancelled) else getattr(exc, "status", 500), str(exc))
+            raise
+        finally:
+            gen.release()
+        record(200)
+        return json_response(final({text_key: "".join(gen.text)}) if text_key == "content"
+                             else {**final({}), "response": "".join(gen.text)})
+
+    async def body():
+        try:
+            async for chunk in g.chunks(gen):
+                if chunk.text:
+                    yield ndjson({"model": name, "created_at": g.now_iso(), **piece(chunk.text), "done": False})
+            yield ndjson(final({}))
+            record(200)
+        except MlxserveError as exc:
+            record(exc.status, str(exc))
+            yield ndjson({"error": str(exc)})
+        except BaseException:
+            record(499)
+            raise
+
+    return stream_response(body(), gen.release, "application/x-ndjson")
+
+
+# ---- model management ----
+@bp.post("/api/show")
+async def show():
+    body = await json_body()
+    name = field(body, "model", str) or field(body, "name", str, required=True)
+    m = await runtime().store.resolve(name)
+    from ..specs.modelfile import render_modelfile
+
+    spec = m.spec
+    params = spec.parameters.to_dict() if spec.parameters else {}
+    param_lines = []
+    for k, v in params.items():
+        for item in (v if isinstance(v, list) else [v]):
+            param_lines.append(f"{k:<30} {item}")
+    return json_response({
+        "modelfile": render_modelfile(m.display, spec),
+        "parameters": "\n".join(param_lines),
+        "template": spec.template or "",
+        "system": spec.system or "",
+        "license": spec.license or "",
+        "details": _details(spec),
+        "model_info": {"general.architecture": spec.family, "general.parameter_count": None,
+                       f"{spec.family}.context_length": spec.context_length},
+        "capabilities": spec.capabilities,
+        "modified_at": _iso(m.modified_at),
+    })
+
+
+@bp.delete("/api/delete")
+async def delete():
+    body = await json_body()
+    name = field(body, "model", str) or field(body, "name", str, required=True)
+    await runtime().store.delete(name)
+    return json_response({})
+
+
+@bp.post("/api/copy")
+async def copy():
+    body = await json_body()
+    src = field(body, "source", str, required=True)
+    dst = field(body, "destination", str, required=True)
+    await runtime().store.copy(src, dst)
+    return json_response({})
+
+
+@bp.post("/api/create")
+async def create():
+    body = await json_body()
+    name = field(body, "model", str) or field(body, "name", str, required=True)
+    modelfile = field(body, "modelfile", str)
+    if modelfile is None:
+        modelfile = _modelfile_from_fields(body)
+    base_dir = Path(field(body, "path", str, default="") or ".").expanduser()
+    if base_dir.is_file():
+        base_dir = base_dir.parent
+    quantize = field(body, "quantize", str)
+    stream = field(body, "stream", bool, default=True)
+    rt = runtime()
+    if not stream:
+        await rt.store.create(name, modelfile, base_dir=base_dir, quantize=quantize)
+        return json_response({"status": "success"})
+
+    send, recv = trio.open_memory_channel(1024)
+
+    def progress(event: dict) -> None:
+        try:
+            trio.from_thread.run_sync(send.send_nowait, event)
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError, RuntimeError):
+            pass  # progress is advisory; the create itself goes on
+
+    async def run_create(task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        try:
+            await rt.store.create(name, modelfile, base_dir=base_dir, progress=progress, quantize=quantize)
+        except MlxserveError as exc:
+            send.send_nowait({"error": str(exc)})
+        finally:
+            send.close()
+
+    # The create runs in the runtime's nursery: a client leaving mid-create does not leave the
+    # store half-written (the store actor finishes or rolls back on its own).
+    await rt.nursery.start(run_create)
+
+    async def body_iter():
+        async with recv:
+            async for event in recv:
+                yield ndjson(event)
+
+    return stream_response(body_iter(), recv.close, "application/x-ndjson")
+
+
+def _modelfile_from_fields(body: dict) -> str:
+    """Ollama's newer create API sends fields instead of a Modelfile."""
+    src = field(body, "from", str)
+    if not src:
+        raise BadRequest("either modelfile or from is required")
+    lines = [f"FROM {src}"]
+    if t := field(body, "template", str):
+        lines.append(f'TEMPLATE """{t}"""')
+    if s := field(body, "system", str):
+        lines.append(f'SYSTEM """{s}"""')
+    for k, v in (field(body, "parameters", dict) or {}).items():
+        for item in (v if isinstance(v, list) else [v]):
+            lines.append(f"PARAMETER {k} {item}")
+    return "\n".join(lines) + "\n"
+

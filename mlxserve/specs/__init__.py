@@ -1,0 +1,1 @@
+"""ModelSpec, Options, the Modelfile parser and chat templates."""

