@@ -52,6 +52,7 @@ LONG_TEXT = (
 
 def run_variant(name: str, model_path: str, tokens: int, streams: int, compile_step: bool) -> dict:
     blas_setting, weight_dtype = VARIANTS[name]
+    load_before = os.getloadavg()[0]
     os.environ["MLXSERVE_BLAS"] = blas_setting
     from mlxserve.engine import backend
 
@@ -123,24 +124,31 @@ def run_variant(name: str, model_path: str, tokens: int, streams: int, compile_s
         "prefill_tokens": len(long_ids),
         "prefill_tok_s": round(len(long_ids) / ttft, 1),
         "compiled": compile_step,
+        # The 1-minute load average when the variant started: this is a shared 2-core machine,
+        # and anything else running shows up here (and in the rates).
+        "load": round(load_before, 2),
     }
 
 
 def _compile_layers(model) -> None:
-    """Experiment: mx.compile each MLP (the fusable elementwise SiLU*up around three matmuls)."""
+    """Experiment: mx.compile each MLP (fuses SiLU*up between its three matmuls).
+
+    A whole decode step does not compile cleanly: the KV cache grows every step.
+    """
     import mlx.core as mx
+    import mlx.nn as nn
+
+    class CompiledMLP(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self._fn = mx.compile(inner.__call__)
+
+        def __call__(self, x):
+            return self._fn(x)
 
     for layer in model.model.layers:
-        mlp = layer.mlp
-        layer.mlp = _Compiled(mx.compile(mlp.__call__), mlp)
-
-
-class _Compiled:
-    def __init__(self, fn, module):
-        self.fn, self.module = fn, module
-
-    def __call__(self, x):
-        return self.fn(x)
+        layer.mlp = CompiledMLP(layer.mlp)
 
 
 def main() -> None:
@@ -182,7 +190,8 @@ def main() -> None:
         print(f"  {name} done in {row['wall_s']}s", file=sys.stderr)
 
     agg = f"agg{args.streams}_tok_s"
-    header = ["variant", "blas_in_use", "weight_mb", "single_tok_s", agg, "prefill_tok_s", "wall_s"]
+    header = ["variant", "blas_in_use", "weight_mb", "single_tok_s", agg, "prefill_tok_s", "wall_s",
+              "load"]
     print(f"model: {Path(args.model).name}, {args.tokens} new tokens, greedy, "
           f"{os.cpu_count()} CPUs, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}"
           f"{', mx.compile(MLP)' if args.compile else ''}")

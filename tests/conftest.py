@@ -93,7 +93,9 @@ async def start_daemon(nursery: trio.Nursery, models_dir: Path, **overrides) -> 
 
 
 @pytest.fixture
-async def daemon(nursery, models_dir):
-    d = await start_daemon(nursery, models_dir)
-    yield d
-    d.shutdown.set()
+async def daemon(models_dir):
+    # Its own nursery, shut down gracefully (not cancelled), as `mlxctl serve` is on SIGTERM.
+    async with trio.open_nursery() as nursery:
+        d = await start_daemon(nursery, models_dir)
+        yield d
+        d.shutdown.set()

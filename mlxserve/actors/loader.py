@@ -15,7 +15,7 @@ import trio
 
 from ..config import Settings
 from ..engine import model as engine_model
-from .mailbox import Reply, ask
+from .mailbox import Reply, ask, fail_pending
 from .runner import Runner, RunnerHandle
 from .scheduler import LoadSpec
 
@@ -60,13 +60,16 @@ class Loader:
         send, inbox = trio.open_memory_channel(64)
         task_status.started(LoaderHandle(send))
         async with inbox:
-            async for msg in inbox:
-                try:
-                    handle = await self._load(msg.spec, msg.on_exit)
-                except Exception as exc:
-                    msg.reply.fail(exc)
-                else:
-                    msg.reply.send(handle)
+            try:
+                async for msg in inbox:
+                    try:
+                        handle = await self._load(msg.spec, msg.on_exit)
+                    except Exception as exc:
+                        msg.reply.fail(exc)
+                    else:
+                        msg.reply.send(handle)
+            finally:
+                fail_pending(inbox)
 
     async def _load(self, spec: LoadSpec, on_exit) -> RunnerHandle:
         resolved = spec.payload

@@ -57,3 +57,15 @@ async def ask(inbox: trio.MemorySendChannel, make: Any) -> Any:
     reply = Reply()
     post(inbox, make(reply))
     return await reply.wait()
+
+
+def fail_pending(inbox: trio.MemoryReceiveChannel) -> None:
+    """An actor that stops answers what is still in its inbox, so no caller waits forever."""
+    while True:
+        try:
+            msg = inbox.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return
+        reply = getattr(msg, "reply", None)
+        if isinstance(reply, Reply):
+            reply.fail(ShuttingDown())

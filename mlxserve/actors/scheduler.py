@@ -16,7 +16,7 @@ import attrs
 import trio
 
 from ..errors import EngineError, MlxserveError, ServerBusy, ShuttingDown
-from .mailbox import Reply, ask, post
+from .mailbox import Reply, ask, fail_pending, post
 
 log = logging.getLogger("mlxserve.scheduler")
 MAX_CRASH_RESTARTS = 3
@@ -216,20 +216,29 @@ class Scheduler:
             self._nursery = nursery
             task_status.started(SchedulerHandle(send))
             async with inbox:
-                while True:
-                    deadline = min((r.expires_at for r in self.residents.values()), default=math.inf)
-                    msg = None
-                    with trio.move_on_at(deadline):
-                        try:
-                            msg = await inbox.receive()
-                        except trio.EndOfChannel:
-                            break
-                    if msg is None:
-                        self._expire(trio.current_time())
-                    else:
-                        self._handle(msg)
-                    self._maybe_start_load()
+                try:
+                    await self._serve(inbox)
+                finally:
+                    fail_pending(inbox)
+                    for a in (a for q in self.waiting.values() for a in q):
+                        a.reply.fail(ShuttingDown())
             await self._unload_all()
+
+    async def _serve(self, inbox: trio.MemoryReceiveChannel) -> None:
+        while True:
+            # Keep-alive expiry is a deadline on this loop, not a sleeping task per model.
+            deadline = min((r.expires_at for r in self.residents.values()), default=math.inf)
+            msg = None
+            with trio.move_on_at(deadline):
+                try:
+                    msg = await inbox.receive()
+                except trio.EndOfChannel:
+                    return
+            if msg is None:
+                self._expire(trio.current_time())
+            else:
+                self._handle(msg)
+            self._maybe_start_load()
 
     def _emit(self, kind: str, **fields) -> None:
         if self.on_event is not None:

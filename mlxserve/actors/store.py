@@ -14,7 +14,7 @@ import attrs
 import trio
 
 from ..store.store import Store
-from .mailbox import Reply, post
+from .mailbox import Reply, fail_pending, post
 
 _WRITES = {"create", "copy", "delete", "prune", "ingest_blob"}
 
@@ -71,8 +71,11 @@ class StoreActor:
         async with trio.open_nursery() as nursery:
             task_status.started(StoreHandle(send, self.store))
             async with inbox:
-                async for msg in inbox:
-                    nursery.start_soon(self._serve, msg)
+                try:
+                    async for msg in inbox:
+                        nursery.start_soon(self._serve, msg)
+                finally:
+                    fail_pending(inbox)
 
     async def _serve(self, msg: Call) -> None:
         fn = functools.partial(getattr(self.store, msg.method), *msg.args, **msg.kwargs)

@@ -116,8 +116,13 @@ def _dequantized_weight(module, dtype: mx.Dtype) -> mx.array:
     ).astype(dtype)
 
 
-def _replacement(module, dtype: mx.Dtype) -> nn.Module:
+def _replacement(module, dtype: mx.Dtype, blas_layout: bool) -> nn.Module:
     weight = _dequantized_weight(module, dtype)
+    if blas_layout:
+        # Same (out, in) shape, stored in (in, out) order: Linear's ``x @ weight.T`` then hands
+        # BLAS a row-major matrix to use untransposed, which OpenBLAS does 7-13% faster per
+        # decode step here. Tied embeddings (``as_linear``) gain too; row lookups don't mind.
+        weight = mx.contiguous(weight.T).T
     if isinstance(module, nn.QuantizedEmbedding):
         new = nn.Embedding(1, 1)
         new.weight = weight
@@ -130,13 +135,15 @@ def _replacement(module, dtype: mx.Dtype) -> nn.Module:
     return new
 
 
-def dequantize_model(model: nn.Module, dtype) -> None:
+def dequantize_model(model: nn.Module, dtype, *, blas_layout: bool | None = None) -> None:
     """Replace every QuantizedLinear / QuantizedEmbedding of ``model`` by a float one, in place.
 
     Each module's own group size, bits and mode are used; linear biases are kept. The other
     floating-point parameters (norms) are cast to ``dtype`` too so no op mixes precisions.
-    Layers are converted and evaluated one at a time, so peak memory is the float model plus
-    one quantized layer. ``dtype``: an ``mx.Dtype`` or a name ("float32", "float16", ...).
+    Layers are converted and evaluated one at a time; peak memory is the float model plus the
+    quantized one, which is released at the end. ``dtype``: an ``mx.Dtype`` or a name ("float32", "float16", ...).
+    ``blas_layout`` (default: for float32, the dtype BLAS serves) stores each weight in the
+    order BLAS multiplies fastest; shapes and parameter names do not change.
     """
     if isinstance(dtype, str):
         name = parse_setting(dtype)
@@ -145,11 +152,13 @@ def dequantize_model(model: nn.Module, dtype) -> None:
         dtype = getattr(mx, name)
     if not mx.issubdtype(dtype, mx.floating):
         raise ValueError(f"not a float dtype: {dtype}")
+    if blas_layout is None:
+        blas_layout = dtype == mx.float32
 
     def convert(path, module):
         if not _is_quantized(module):
             return module
-        new = _replacement(module, dtype)
+        new = _replacement(module, dtype, blas_layout)
         mx.eval(new.parameters())
         return new
 

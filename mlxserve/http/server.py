@@ -28,7 +28,8 @@ async def run_daemon(settings: Settings, *, shutdown: trio.Event | None = None,
     shutdown = trio.Event() if shutdown is None else shutdown
     async with open_runtime(settings) as rt:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_signals, shutdown)
+            signals = trio.CancelScope()
+            nursery.start_soon(_watch_signals, shutdown, signals)
             binds = await nursery.start(serve, rt, shutdown)
             url = binds[0] if binds else settings.base_url
             for name in preload or []:
@@ -42,6 +43,8 @@ async def run_daemon(settings: Settings, *, shutdown: trio.Event | None = None,
                     await rt.scheduler.stop_all()
                 except ShuttingDown:
                     pass  # the runtime is already going down
+            signals.cancel()
+            # Hypercorn's own graceful period applies; this bounds the whole stop.
             nursery.cancel_scope.deadline = trio.current_time() + 8
 
 
@@ -54,7 +57,12 @@ async def _preload(rt, name: str) -> None:
     lease.release(rt.settings.keep_alive)
 
 
-async def _watch_signals(shutdown: trio.Event) -> None:
+async def _watch_signals(shutdown: trio.Event, scope: trio.CancelScope) -> None:
+    with scope:
+        await _wait_signal(shutdown)
+
+
+async def _wait_signal(shutdown: trio.Event) -> None:
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for sig in signals:

@@ -33,6 +33,11 @@ GROUP_SIZE = 64
 
 
 def needs_conversion(header: GGUFHeader) -> bool:
+    for t in header.tensors:
+        try:
+            T(t.ggml_type)
+        except ValueError:
+            raise BadRequest(f"tensor {t.name} has an unknown GGUF type {t.ggml_type}") from None
     return any(T(t.ggml_type) not in KEPT_TYPES for t in header.tensors)
 
 
@@ -114,7 +119,10 @@ def convert_gguf(path: Path, header: GGUFHeader, out_dir: Path,
             if progress is not None:
                 progress({"status": "converting model", "total": len(header.tensors),
                           "completed": i})
-            tensors, q = _convert_tensor(mm, info, target)
+            try:
+                tensors, q = _convert_tensor(mm, info, target)
+            except NotImplementedError as exc:  # a type the gguf package cannot dequantize
+                raise BadRequest(f"cannot convert {path.name}: {exc}") from None
             weights.update(tensors)
             if q is not None:
                 quant_layers[target[: -len(".weight")]] = q

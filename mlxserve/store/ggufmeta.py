@@ -122,7 +122,9 @@ def _parse(buf: Any, path: Path) -> GGUFHeader:
         dims = [cur.unpack("<Q") for _ in range(ndim)]
         ggml_type, offset = cur.unpack("<I"), cur.unpack("<Q")
         raw_tensors.append((name, tuple(reversed(dims)), ggml_type, offset))
-    alignment = int(metadata.get("general.alignment", 32))
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0:
+        raise BadRequest(f"{path.name}: bad general.alignment {alignment!r}")
     data_offset = (cur.pos + alignment - 1) // alignment * alignment
     tensors = [TensorInfo(n, s, t, data_offset + o) for n, s, t, o in raw_tensors]
     return GGUFHeader(metadata, tensors, data_offset)

@@ -191,6 +191,11 @@ def test_dequantize_keeps_logits_and_structure():
     ref = mx.dequantize(up.weight, up.scales, up.biases, group_size=32, bits=4)
     assert mx.array_equal(ref, f.model.layers[1].mlp.up_proj.weight).item()
 
+    plain = _tiny_model()
+    _quantize_mixed(plain)
+    dequantize_model(plain, mx.float32, blas_layout=False)
+    assert mx.allclose(plain(x), lf, atol=1e-5).item()
+
 
 def test_dequantize_accepts_names_and_rejects_non_float():
     m = _tiny_model()
