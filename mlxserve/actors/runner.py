@@ -192,10 +192,11 @@ class Runner:
             self.alive = False
             self._notify()
             send.close()
+            # Tell the requesters first, so the engine's own "cancelled" reports find no stream.
+            self._fail_streams(self._crash or self._stop_reason)
             with trio.move_on_after(10, shield=True):
                 self._engine.submit(eng.Shutdown())
                 await self._join_thread()
-            self._fail_streams(self._crash or self._stop_reason)
             if self.on_exit is not None:
                 self.on_exit(self, self._crash)
             if stop_reply is not None:

@@ -191,7 +191,7 @@ async def chunks(gen: Generation) -> AsyncIterator[Chunk]:
     recv = gen.recv
     async with recv:
         async for chunk in recv:
-            if chunk.finish == "error":
+            if chunk.finish in ("error", "cancelled"):  # the requester did not ask for this
                 gen.final = chunk
                 raise EngineError(chunk.error or "generation failed")
             gen.text.append(chunk.text)
