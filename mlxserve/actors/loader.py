@@ -82,6 +82,7 @@ class Loader:
             load_fn=default_load_fn(path, self.settings, spec.num_ctx),
             num_parallel=self.settings.num_parallel,
             prefill_chunk=self.settings.prefill_chunk,
+            prompt_cache_bytes=self.settings.prompt_cache_bytes,
             on_exit=lambda r, crash: on_exit(r.key, r.generation, crash),
         )
         log.info("loading %s", spec.name)

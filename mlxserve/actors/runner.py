@@ -123,6 +123,7 @@ class Runner:
     prefill_chunk: int = 256
     on_exit: Callable[["Runner", str | None], None] | None = None
     device: Any = None
+    prompt_cache_bytes: int = 0
 
     streams: dict[int, trio.MemorySendChannel] = attrs.field(factory=dict, init=False)
     # Sequences the engine holds (submitted, not yet reported finished): the true slot count,
@@ -154,6 +155,7 @@ class Runner:
         self._engine = eng.Engine(
             self.load_fn, deliver, num_parallel=self.num_parallel,
             prefill_chunk=self.prefill_chunk, device=self.device,
+            prompt_cache_bytes=self.prompt_cache_bytes,
         )
         self._thread = threading.Thread(target=self._engine.run, name=f"engine-{self.key[:19]}", daemon=True)
         self._thread.start()

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import attrs
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from . import sampling
 from .model import LoadedModel
@@ -93,6 +94,7 @@ class _Seq:
     decoder: StreamDecoder
     stops: StopMatcher
     t_start: float
+    cached: int = 0
     t_first: float | None = None
     generated: int = 0
     token_ids: list[int] = attrs.Factory(list)
@@ -123,6 +125,7 @@ class Engine:
         num_parallel: int = 8,
         prefill_chunk: int = 256,
         device: Any = None,
+        prompt_cache_bytes: int = 0,
     ):
         self._load = load
         self._deliver = deliver
@@ -132,6 +135,9 @@ class Engine:
         self._device = device
         self.faults = FaultSeam()
         self.lm: LoadedModel | None = None
+        # KV of finished sequences keyed by their tokens: a later prompt sharing a prefix (a
+        # system prompt, an earlier turn) resumes from it instead of prefilling again.
+        self._prefix = LRUPromptCache(max_size=64, max_bytes=prompt_cache_bytes) if prompt_cache_bytes > 0 else None
 
     # -- called from any thread --
     def submit(self, cmd: Add | Cancel | Shutdown) -> None:
@@ -188,14 +194,18 @@ class Engine:
                             gen.remove([uid])
                             out.append(self._finish(seqs.pop(uid), "cancelled", ""))
                     case Add():
+                        cache, rest = self._cached_prefix(cmd.prompt_ids)
+                        cached = len(cmd.prompt_ids) - len(rest)
                         uid = gen.insert(
-                            [cmd.prompt_ids],
+                            [rest],
                             max_tokens=[cmd.max_tokens],
+                            caches=[cache] if cache is not None else None,
+                            all_tokens=[cmd.prompt_ids[:cached]],
                             samplers=[sampling.make_sampler(cmd.params)],
                             logits_processors=[sampling.make_processors(cmd.params)],
                         )[0]
                         seqs[uid] = _Seq(cmd, uid, StreamDecoder(lm.tokenizer), StopMatcher(cmd.stop),
-                                         time.perf_counter())
+                                         time.perf_counter(), cached)
                         by_id[cmd.seq_id] = uid
             if seqs:
                 if self.faults.take("thread_die"):
@@ -218,6 +228,8 @@ class Engine:
                     if s is None:
                         continue
                     chunk = self._on_token(lm, s, r)
+                    if r.finish_reason is not None and r.prompt_cache is not None and self._prefix is not None:
+                        self._prefix.insert_cache("m", list(r.all_tokens), r.prompt_cache)
                     if chunk.finish is not None:
                         seqs.pop(r.uid, None)
                         by_id.pop(s.cmd.seq_id, None)
@@ -226,6 +238,19 @@ class Engine:
                     out.append(chunk)
             if out:
                 self._deliver(out)
+
+    def _cached_prefix(self, prompt: list[int]) -> tuple[list | None, list[int]]:
+        if self._prefix is None or len(prompt) < 2:
+            return None, prompt
+        cache, rest = self._prefix.fetch_nearest_cache("m", prompt)
+        if cache is None:
+            return None, prompt
+        if not rest:  # an exact hit: the last token must still run to produce logits
+            if not can_trim_prompt_cache(cache):
+                return None, prompt
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, rest
 
     def _drain(self, block: bool) -> list:
         cmds = []
@@ -275,7 +300,7 @@ class Engine:
         first = s.t_first or now
         stats = SeqStats(
             prompt_tokens=len(s.cmd.prompt_ids),
-            cached_tokens=0,
+            cached_tokens=s.cached,
             generated_tokens=s.generated,
             prompt_ns=int((first - s.t_start) * 1e9),
             eval_ns=int((now - first) * 1e9),

@@ -77,7 +77,8 @@ def test_sigterm_ends_streams_with_an_error_line_and_exits_cleanly(served):
                 lines.append(json.loads(line))
                 if len(lines) == 2:
                     proc.send_signal(signal.SIGTERM)
-    assert "error" in lines[-1] and "shutting down" in lines[-1]["error"]
-    assert proc.wait(timeout=60) == 0
+    code = proc.wait(timeout=60)
     stderr = proc.stderr.read()
+    assert "error" in lines[-1] and "shutting down" in lines[-1]["error"], (lines[-3:], stderr)
+    assert code == 0, stderr
     assert "Traceback" not in stderr, stderr

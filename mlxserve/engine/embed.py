@@ -1,0 +1,165 @@
+"""Embeddings: shared input handling, and pooled embeddings from decoder (mlx-lm) models.
+
+A decoder's embedding is the mean of its last hidden state (after the final norm) over the
+input's tokens, L2-normalised. Inputs are batched right-padded: under a causal mask no real
+token attends to a pad that follows it, so padding does not change any real token's state.
+
+Like every model, an embedder must be loaded and run on one thread (MLX streams are per thread).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+import attrs
+import mlx.core as mx
+import numpy as np
+
+from ..errors import BadRequest, LoadError
+
+EmbedInput = Union[str, Sequence[int]]  # text, or token ids of the model's own vocabulary
+
+TOO_LONG = "input length exceeds maximum context length"
+MAX_BATCH_TOKENS = 4096
+
+
+@attrs.frozen
+class Tokenized:
+    ids: list[int]
+    truncated: bool = False
+
+
+def tokenize_all(inputs: Sequence[EmbedInput], encode: Callable[[str], list[int]],
+                 prefix: list[int], suffix: list[int], max_len: int, *, truncate: bool,
+                 vocab_size: int) -> list[Tokenized]:
+    """Encode texts (or check token-id lists), frame them with special tokens, and cut the body
+    so the whole fits ``max_len``; with ``truncate`` false an input that does not fit raises."""
+    room = max_len - len(prefix) - len(suffix)
+    if room < 1:
+        raise BadRequest(f"context length {max_len} is too small for any input")
+    out = []
+    for i, item in enumerate(inputs):
+        if isinstance(item, str):
+            body = encode(item)
+        else:
+            body = list(item)
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in body):
+                raise BadRequest(f"input[{i}]: token ids must be integers in [0, {vocab_size})")
+        cut = len(body) > room
+        if cut:
+            if not truncate:
+                raise BadRequest(TOO_LONG)
+            body = body[:room]
+        ids = prefix + body + suffix
+        if not ids:
+            raise BadRequest(f"input[{i}] is empty")
+        out.append(Tokenized(ids, cut))
+    return out
+
+
+def normalize_rows(v: mx.array) -> mx.array:
+    # torch.nn.functional.normalize's eps, so an all-zero vector stays zero instead of NaN.
+    return v / mx.maximum(mx.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def reduce_dimensions(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
+    """Keep the first ``dimensions`` components and re-normalise (Matryoshka-style truncation,
+    as OpenAI's ``dimensions`` and Ollama's do); None leaves the vectors alone."""
+    if dimensions is None:
+        return vectors
+    full = vectors.shape[-1]
+    if not 1 <= dimensions <= full:
+        raise BadRequest(f"dimensions must be between 1 and {full} for this model")
+    if dimensions == full:
+        return vectors
+    cut = np.ascontiguousarray(vectors[:, :dimensions], dtype=np.float32)
+    norms = np.maximum(np.linalg.norm(cut, axis=-1, keepdims=True), 1e-12)
+    return (cut / norms).astype(np.float32)
+
+
+def batch_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Index groups of similar length (sorted, so padding stays small) within a token budget
+    of rows x longest row; a single over-budget row still forms its own group."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[i] > max_tokens:
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def padded(seqs: Sequence[Sequence[int]], idx: Sequence[int], pad_id: int = 0) -> tuple[mx.array, mx.array]:
+    """Right-padded (B, L) ids and 0/1 mask for the rows ``idx`` of ``seqs``."""
+    width = max(len(seqs[i]) for i in idx)
+    ids = np.full((len(idx), width), pad_id, dtype=np.int32)
+    mask = np.zeros((len(idx), width), dtype=np.int32)
+    for row, i in enumerate(idx):
+        ids[row, :len(seqs[i])] = seqs[i]
+        mask[row, :len(seqs[i])] = 1
+    return mx.array(ids), mx.array(mask)
+
+
+def mean_pool(h: mx.array, mask: mx.array) -> mx.array:
+    m = mask.astype(mx.float32)[:, :, None]
+    return (h.astype(mx.float32) * m).sum(axis=1) / mx.maximum(m.sum(axis=1), 1e-9)
+
+
+class DecoderEmbedder:
+    """Mean-pooled, normalised last hidden states of an mlx-lm decoder model."""
+
+    kind = "decoder"
+
+    def __init__(self, lm):  # lm: mlxserve.engine.model.LoadedModel
+        backbone = getattr(lm.model, "model", None)
+        if backbone is None or not callable(backbone):
+            raise LoadError(f"model type '{lm.config.get('model_type')}' has no hidden-state "
+                            "backbone (model.model) to pool embeddings from")
+        self.lm = lm
+        self.backbone = backbone
+        self.weight_bytes = lm.weight_bytes
+        self.context_length = lm.context_length
+        self.dimension = int(lm.config.get("hidden_size") or 0)
+        tok = lm.tokenizer
+        self._prefix = [tok.bos_token_id] if tok.add_bos and tok.bos_token_id is not None else []
+
+    @classmethod
+    def load(cls, path: str | Path, *, weight_dtype: str | None = None) -> "DecoderEmbedder":
+        from .model import load_path
+
+        return cls(load_path(path, weight_dtype=weight_dtype))
+
+    def tokenize(self, inputs: Sequence[EmbedInput], *, truncate: bool = True,
+                 limit: int | None = None) -> list[Tokenized]:
+        """``limit`` (num_ctx) caps the model's context length for this request."""
+        max_len = min(limit, self.context_length) if limit else self.context_length
+        tok = self.lm.tokenizer
+        return tokenize_all(inputs, lambda text: tok.encode(text, add_bos=False), self._prefix, [],
+                            max_len, truncate=truncate, vocab_size=tok.vocab_size)
+
+    def hidden_states(self, ids: mx.array) -> mx.array:
+        return self.backbone(ids)
+
+    def embed_ids(self, seqs: Sequence[Sequence[int]], *, dimensions: int | None = None) -> np.ndarray:
+        out: np.ndarray | None = None
+        for idx in batch_groups([len(s) for s in seqs], MAX_BATCH_TOKENS):
+            ids, mask = padded(seqs, idx)
+            vecs = normalize_rows(mean_pool(self.hidden_states(ids), mask))
+            mx.eval(vecs)
+            got = np.array(vecs, dtype=np.float32)
+            if out is None:
+                out = np.zeros((len(seqs), got.shape[-1]), dtype=np.float32)
+            out[idx] = got
+        if out is None:
+            out = np.zeros((0, self.dimension), dtype=np.float32)
+        return reduce_dimensions(out, dimensions)
+
+    def embed(self, inputs: Sequence[EmbedInput], *, truncate: bool = True,
+              dimensions: int | None = None) -> np.ndarray:
+        return self.embed_ids([t.ids for t in self.tokenize(inputs, truncate=truncate)],
+                              dimensions=dimensions)

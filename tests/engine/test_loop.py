@@ -1,0 +1,160 @@
+"""The engine thread on its own (no trio, no HTTP): batching, sampling, stops, cancel, prefix KV."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+
+from mlxserve.engine import loop as eng
+from mlxserve.engine.model import load_path
+from mlxserve.engine.sampling import SamplingParams
+from mlxserve.engine.stops import StopMatcher
+
+GREEDY = SamplingParams(temperature=0, repeat_penalty=1.0)
+
+
+class EngineHarness:
+    def __init__(self, path, **kw):
+        self.events: queue.Queue = queue.Queue()
+        self.engine = eng.Engine(lambda: load_path(path), self._deliver, **kw)
+        self.thread = threading.Thread(target=self.engine.run, daemon=True)
+        self.thread.start()
+        ready = self.events.get(timeout=60)
+        assert isinstance(ready, eng.Ready), ready
+        self.tokenizer = self.engine.lm.tokenizer
+
+    def _deliver(self, events):
+        for e in events:
+            self.events.put(e)
+
+    def add(self, seq_id, prompt, n, params=GREEDY, stop=()):
+        ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt)
+        self.engine.submit(eng.Add(seq_id, ids, n, params, tuple(stop)))
+
+    def collect(self, ids: set[int], timeout=60) -> dict[int, list[eng.Chunk]]:
+        out: dict[int, list[eng.Chunk]] = {i: [] for i in ids}
+        pending = set(ids)
+        while pending:
+            e = self.events.get(timeout=timeout)
+            if isinstance(e, eng.Chunk) and e.seq_id in out:
+                out[e.seq_id].append(e)
+                if e.finish is not None:
+                    pending.discard(e.seq_id)
+        return out
+
+    def close(self):
+        self.engine.submit(eng.Shutdown())
+        self.thread.join(timeout=30)
+
+
+def text_of(chunks):
+    return "".join(c.text for c in chunks)
+
+
+@pytest.fixture(scope="module")
+def harness(tiny_dir):
+    h = EngineHarness(tiny_dir, num_parallel=4, prefill_chunk=16, prompt_cache_bytes=64 << 20)
+    yield h
+    h.close()
+
+
+PROMPTS = ["Hello world", "The capital of Italy is", "def add(a, b):", "Once upon a time there was"]
+
+
+def test_batched_greedy_equals_solo(harness):
+    solo = {}
+    for i, p in enumerate(PROMPTS):
+        harness.add(100 + i, p, 16)
+        solo[i] = text_of(harness.collect({100 + i})[100 + i])
+    for i, p in enumerate(PROMPTS):
+        harness.add(200 + i, p, 16)
+    together = harness.collect({200 + i for i in range(len(PROMPTS))})
+    assert [text_of(together[200 + i]) for i in range(len(PROMPTS))] == [solo[i] for i in range(len(PROMPTS))]
+    assert all(c[-1].finish == "length" and c[-1].stats.generated_tokens == 16 for c in together.values())
+
+
+def test_seeded_sampling_is_reproducible_alone_and_batched(harness):
+    seeded = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=42)
+    harness.add(300, "Hello world", 20, seeded)
+    alone = text_of(harness.collect({300})[300])
+    harness.add(301, "Hello world", 20, seeded)
+    harness.add(302, "Once upon a time", 20, SamplingParams(temperature=1.0, seed=7))
+    harness.add(303, "def add(a, b):", 20, GREEDY)
+    got = harness.collect({301, 302, 303})
+    assert text_of(got[301]) == alone
+    harness.add(304, "Hello world", 20, SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=43))
+    assert text_of(harness.collect({304})[304]) != alone  # the seed matters
+
+
+def test_stop_string_is_stripped_and_ends_the_sequence(harness):
+    harness.add(400, "Hello world", 40)
+    full = text_of(harness.collect({400})[400])
+    stop = full[5:9]
+    assert stop and stop in full
+    harness.add(401, "Hello world", 40, stop=[stop])
+    chunks = harness.collect({401})[401]
+    assert chunks[-1].finish == "stop"
+    assert text_of(chunks) == full[: full.index(stop)]
+
+
+def test_cancel_drops_the_sequence_at_the_next_step(harness):
+    harness.add(500, "Hello world", 1500)
+    first = harness.events.get(timeout=30)
+    assert first.seq_id == 500
+    harness.engine.submit(eng.Cancel(500))
+    chunks = harness.collect({500})[500]
+    assert chunks[-1].finish == "cancelled"
+    assert chunks[-1].stats.generated_tokens < 100
+
+
+def test_cancel_during_chunked_prefill(harness):
+    long_prompt = list(range(3, 300)) * 2  # ~600 tokens: many 16-token prefill chunks
+    harness.add(600, long_prompt, 5)
+    harness.engine.submit(eng.Cancel(600))
+    chunks = harness.collect({600})[600]
+    assert chunks[-1].finish == "cancelled" and chunks[-1].stats.generated_tokens == 0
+
+
+def test_prefix_cache_reuses_a_shared_prompt(harness):
+    system = list(range(10, 200))
+    harness.add(700, system + [5, 6, 7], 4)
+    first = harness.collect({700})[700][-1]
+    assert first.stats.cached_tokens == 0
+    harness.add(701, system + [8, 9], 4)
+    second = harness.collect({701})[701][-1]
+    assert second.stats.cached_tokens >= len(system)
+    # Reuse must not change the answer: the same prompt again (exact hit) gives the same text.
+    harness.add(702, system + [8, 9], 4)
+    third = harness.collect({702})
+    harness.add(703, system + [8, 9], 4)
+    assert text_of(third[702]) == text_of(harness.collect({703})[703])
+
+
+def test_logprobs_with_alternatives(harness):
+    harness.engine.submit(eng.Add(800, harness.tokenizer.encode("Hello"), 3, GREEDY, (), 2))
+    chunks = harness.collect({800})[800]
+    entries = [e for c in chunks for e in (c.logprobs or ())]
+    assert len(entries) == 3
+    token, lp, alts = entries[0]
+    assert lp <= 0 and len(alts) == 2 and alts[0][0] == token  # greedy: the top alternative is the pick
+
+
+@pytest.mark.parametrize("deltas,stops,expect_text,matched", [
+    (["Hel", "lo wor", "ld"], ["lo w"], "Hel", True),
+    (["a", "b", "c"], ["bd"], "abc", False),
+    (["xx", "<|e", "nd|>yy"], ["<|end|>"], "xx", True),
+    (["plain text"], [], "plain text", False),
+])
+def test_stop_matcher_across_boundaries(deltas, stops, expect_text, matched):
+    m = StopMatcher(stops)
+    out, hit = "", False
+    for d in deltas:
+        piece, hit = m.feed(d)
+        out += piece
+        if hit:
+            break
+    if not hit:
+        out += m.flush()
+    assert (out, hit) == (expect_text, matched)
