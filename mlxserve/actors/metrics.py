@@ -1,7 +1,7 @@
-"""The Metrics actor: counters and histograms, the JSONL request log, a queue snapshot.
+"""The Metrics actor: Prometheus counters and histograms, and the JSONL request log.
 
-Recording never waits: ``record_nowait`` drops an event rather than slow a request when the
-inbox is full (metrics are best-effort; requests are not).
+Recording never waits: ``record_nowait`` drops an event (and counts the drop) rather than slow a
+request when the inbox is full. Metrics are best-effort; requests are not.
 """
 
 from __future__ import annotations
@@ -14,25 +14,52 @@ from typing import Any
 
 import attrs
 import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 log = logging.getLogger("mlxserve.metrics")
+REQUEST_LOG = "requests.jsonl"
 
 
 @attrs.frozen
 class Event:
-    kind: str  # "request" | "scheduler" | ...
+    kind: str  # "request" | "scheduler"
     fields: dict
 
 
 @attrs.frozen
 class MetricsStats:
     requests: int
-    by_status: dict
-    prompt_tokens: int
-    generated_tokens: int
     cancelled: int
     rejected: int
     dropped: int
+
+
+class _Instruments:
+    """One registry per daemon, so several daemons in one process (tests) do not collide."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("mlxserve_requests", "HTTP requests", ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("mlxserve_prompt_tokens", "prompt tokens processed", ["model"], registry=r)
+        self.generated_tokens = Counter("mlxserve_generated_tokens", "tokens generated", ["model"], registry=r)
+        self.cached_tokens = Counter("mlxserve_cached_prompt_tokens", "prompt tokens served from the prefix cache",
+                                     ["model"], registry=r)
+        self.ttft = Histogram("mlxserve_time_to_first_token_seconds", "time to first token", ["model"],
+                              buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
+        self.decode_rate = Histogram("mlxserve_decode_tokens_per_second", "per-request decode rate", ["model"],
+                                     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000), registry=r)
+        self.queue_wait = Histogram("mlxserve_queue_wait_seconds", "time waiting for a runner", ["model"],
+                                    buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 15, 60), registry=r)
+        self.load_seconds = Histogram("mlxserve_load_duration_seconds", "model load time", ["model"],
+                                      buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r)
+        self.cancellations = Counter("mlxserve_cancellations", "requests whose client went away", ["route"],
+                                     registry=r)
+        self.rejected = Counter("mlxserve_rejected", "requests refused with 503", ["route"], registry=r)
+        self.scheduler_events = Counter("mlxserve_scheduler_events", "scheduler decisions", ["event"], registry=r)
+        self.queue_depth = Gauge("mlxserve_queue_depth", "requests waiting", ["model"], registry=r)
+        self.running = Gauge("mlxserve_running_sequences", "sequences being generated", ["model"], registry=r)
+        self.loaded = Gauge("mlxserve_loaded_models", "models in memory", registry=r)
+        self.dropped = Counter("mlxserve_metrics_dropped", "metric events dropped under load", registry=r)
 
 
 @attrs.define(eq=False)
@@ -44,27 +71,35 @@ class MetricsHandle:
         try:
             self._inbox.send_nowait(Event(kind, fields))
         except trio.WouldBlock:
+            self._actor.instruments.dropped.inc()
             self._actor.dropped += 1
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
     def statistics(self) -> MetricsStats:
         a = self._actor
-        return MetricsStats(a.requests, dict(a.by_status), a.prompt_tokens, a.generated_tokens,
-                            a.cancelled, a.rejected, a.dropped)
+        return MetricsStats(a.requests, a.cancelled, a.rejected, a.dropped)
 
-    def prometheus_text(self) -> bytes:
-        return self._actor.prometheus_text()
+    def prometheus_text(self, scheduler_stats=None) -> bytes:
+        """Exposition text; gauges are read from a Scheduler snapshot at scrape time."""
+        inst = self._actor.instruments
+        if scheduler_stats is not None:
+            inst.queue_depth.clear()
+            inst.running.clear()
+            for m in scheduler_stats.models:
+                inst.queue_depth.labels(m.name).set(m.queued)
+                inst.running.labels(m.name).set(m.running)
+            inst.loaded.set(scheduler_stats.loaded)
+        return generate_latest(inst.registry)
 
 
 @attrs.define(eq=False)
 class Metrics:
     log_dir: Path | None = None
     log_max_bytes: int = 16 * 1024 * 1024
+    debug: bool = False
+    instruments: _Instruments = attrs.Factory(_Instruments)
     requests: int = 0
-    by_status: dict = attrs.Factory(dict)
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
     cancelled: int = 0
     rejected: int = 0
     dropped: int = 0
@@ -74,47 +109,55 @@ class Metrics:
         task_status.started(MetricsHandle(send, self))
         async with inbox:
             async for ev in inbox:
-                self._apply(ev)
+                try:
+                    self._apply(ev)
+                except Exception:  # a malformed event must not stop the metrics
+                    log.exception("bad metrics event %r", ev)
 
     def _apply(self, ev: Event) -> None:
         f = ev.fields
-        if ev.kind == "request":
-            self.requests += 1
-            key = f"{f.get('route')} {f.get('status')}"
-            self.by_status[key] = self.by_status.get(key, 0) + 1
-            self.prompt_tokens += int(f.get("prompt_eval_count") or 0)
-            self.generated_tokens += int(f.get("eval_count") or 0)
-            if f.get("done_reason") == "cancelled":
-                self.cancelled += 1
-            if f.get("status") == 503:
-                self.rejected += 1
-            self._log(f)
+        inst = self.instruments
+        if ev.kind == "scheduler":
+            inst.scheduler_events.labels(f.get("event", "?")).inc()
+            if f.get("event") == "loaded":
+                inst.load_seconds.labels(f.get("model", "")).observe(float(f.get("seconds") or 0))
+            if self.debug:
+                log.debug("scheduler %s", json.dumps(f, default=str))
+            return
+        if ev.kind != "request":
+            return
+        self.requests += 1
+        route, status, model = f.get("route", "?"), int(f.get("status", 0)), f.get("model") or ""
+        inst.requests.labels(route, str(status)).inc()
+        if status == 499 or f.get("done_reason") == "cancelled":
+            self.cancelled += 1
+            inst.cancellations.labels(route).inc()
+        if status == 503:
+            self.rejected += 1
+            inst.rejected.labels(route).inc()
+        if model:
+            inst.prompt_tokens.labels(model).inc(int(f.get("prompt_eval_count") or 0))
+            inst.generated_tokens.labels(model).inc(int(f.get("eval_count") or 0))
+            inst.cached_tokens.labels(model).inc(int(f.get("cached_tokens") or 0))
+            if f.get("ttft_ns"):
+                inst.ttft.labels(model).observe(f["ttft_ns"] / 1e9)
+            if f.get("eval_duration") and f.get("eval_count"):
+                inst.decode_rate.labels(model).observe(f["eval_count"] / (f["eval_duration"] / 1e9))
+            if f.get("queue_wait_ns") is not None:
+                inst.queue_wait.labels(model).observe(f["queue_wait_ns"] / 1e9)
+        if self.debug:
+            log.debug("request %s", json.dumps(f, default=str))
+        self._log(f)
 
     def _log(self, fields: dict) -> None:
         if self.log_dir is None:
             return
         try:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            path = self.log_dir / "requests.jsonl"
+            path = self.log_dir / REQUEST_LOG
             if path.exists() and path.stat().st_size > self.log_max_bytes:
-                path.replace(self.log_dir / "requests.jsonl.1")
+                path.replace(self.log_dir / f"{REQUEST_LOG}.1")  # size-rotated, one generation kept
             with path.open("a") as fh:
                 fh.write(json.dumps({"time": time.time(), **fields}, default=str) + "\n")
         except OSError as exc:  # a full disk must not fail requests
             log.warning("request log write failed: %s", exc)
-
-    def prometheus_text(self) -> bytes:
-        lines = [
-            "# TYPE mlxserve_requests_total counter",
-            *(f'mlxserve_requests_total{{route="{k.split(" ")[0]}",status="{k.split(" ")[1]}"}} {v}'
-              for k, v in sorted(self.by_status.items())),
-            "# TYPE mlxserve_prompt_tokens_total counter",
-            f"mlxserve_prompt_tokens_total {self.prompt_tokens}",
-            "# TYPE mlxserve_generated_tokens_total counter",
-            f"mlxserve_generated_tokens_total {self.generated_tokens}",
-            "# TYPE mlxserve_cancellations_total counter",
-            f"mlxserve_cancellations_total {self.cancelled}",
-            "# TYPE mlxserve_rejected_total counter",
-            f"mlxserve_rejected_total {self.rejected}",
-        ]
-        return ("\n".join(lines) + "\n").encode()

@@ -37,7 +37,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         # Runners live in their own nursery, inside the outer one, so they stop before the
         # actors they report to.
         async with trio.open_nursery() as runners:
-            metrics = await nursery.start(Metrics(log_dir=settings.log_dir).run)
+            metrics = await nursery.start(Metrics(log_dir=settings.log_dir, debug=settings.debug).run)
             store_h = await nursery.start(StoreActor(store).run)
             loader = await nursery.start(Loader(settings, store_h, runners).run)
 

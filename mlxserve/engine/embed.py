@@ -9,6 +9,10 @@ Like every model, an embedder must be loaded and run on one thread (MLX streams 
 
 from __future__ import annotations
 
+import logging
+import queue
+import time
+import traceback
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
@@ -16,7 +20,9 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
-from ..errors import BadRequest, LoadError
+from ..errors import BadRequest, EngineError, LoadError
+
+log = logging.getLogger("mlxserve.embed")
 
 EmbedInput = Union[str, Sequence[int]]  # text, or token ids of the model's own vocabulary
 
@@ -163,3 +169,175 @@ class DecoderEmbedder:
               dimensions: int | None = None) -> np.ndarray:
         return self.embed_ids([t.ids for t in self.tokenize(inputs, truncate=truncate)],
                               dimensions=dimensions)
+
+
+def load_embedder(path: str | Path, kind: str, *, weight_dtype: str | None = None):
+    """``kind`` "bert": a sentence encoder directory; "decoder": any model mlx-lm can load."""
+    if kind == "bert":
+        from .bert import BertEmbedder
+
+        if not Path(path).is_dir():
+            raise LoadError("BERT embedding models are supported as safetensors directories only "
+                            "(not GGUF)")
+        return BertEmbedder.load(path)
+    if kind == "decoder":
+        return DecoderEmbedder.load(path, weight_dtype=weight_dtype)
+    raise LoadError(f"unknown embedder kind '{kind}'")
+
+
+# ---- the embedder thread: commands in on a queue, results out through one callback ----
+@attrs.define(eq=False)
+class EmbedJob:
+    """One request's inputs. ``tag`` is the caller's; ``cancelled`` may be set from any thread."""
+
+    inputs: tuple
+    truncate: bool = True
+    dimensions: int | None = None
+    limit: int | None = None  # num_ctx: caps the context length for this request
+    tag: object = None
+    cancelled: bool = False
+
+
+@attrs.frozen
+class EmbedShutdown:
+    reason: str = "model was unloaded"
+
+
+@attrs.frozen
+class Loaded:
+    info: dict
+
+
+@attrs.frozen
+class EmbedLoadFailed:
+    error: BaseException
+
+
+@attrs.frozen
+class JobDone:
+    job: EmbedJob
+    vectors: np.ndarray | None  # (N, D) float32; None when the job failed or was cancelled
+    token_counts: tuple[int, ...] = ()
+    error: BaseException | None = None
+    compute_ns: int = 0
+
+
+@attrs.frozen
+class EmbedStopped:
+    error: str | None = None
+
+
+class EmbedEngine:
+    """The body of one embedding model's thread: load, then serve batches until shut down.
+
+    Every job taken off the queue is answered exactly once (a ``JobDone``), cancelled or not,
+    so the owner's accounting of jobs in flight stays exact. Jobs that arrive while a batch
+    runs wait on the queue and are drained together into the next one.
+    """
+
+    def __init__(self, load: Callable[[], object], deliver: Callable[[list], None], *,
+                 device: str | None = None, max_batch_inputs: int = 256):
+        self._load = load
+        self._deliver = deliver
+        self._device = device
+        self._max_inputs = max_batch_inputs
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.model = None
+
+    def submit(self, item: EmbedJob | EmbedShutdown) -> None:
+        self._queue.put(item)
+
+    def run(self) -> None:
+        try:
+            if self._device in ("cpu", "gpu"):
+                mx.set_default_device(mx.cpu if self._device == "cpu" else mx.gpu)
+            stream = mx.new_thread_local_stream(mx.default_device())
+            t0 = time.perf_counter_ns()
+            with mx.stream(stream):
+                self.model = self._load()
+            load_ns = time.perf_counter_ns() - t0
+        except BaseException as exc:  # noqa: BLE001 - every load failure must reach the waiters
+            log.debug("embedder load failed: %s", traceback.format_exc())
+            self._deliver([EmbedLoadFailed(exc)])
+            self._drain_after_stop("model failed to load", exc)
+            return
+        m = self.model
+        self._deliver([Loaded({"load_ns": load_ns, "weight_bytes": m.weight_bytes,
+                               "dimension": m.dimension, "context_length": m.context_length})])
+        error = None
+        try:
+            with mx.stream(stream):
+                self._loop(m)
+        except BaseException as exc:  # noqa: BLE001
+            error = f"embedder crashed: {exc.__class__.__name__}: {exc}"
+            log.error("%s\n%s", error, traceback.format_exc())
+        self._drain_after_stop(error or "model was unloaded", None)
+        self._deliver([EmbedStopped(error)])
+
+    def _drain_after_stop(self, reason: str, error: BaseException | None) -> None:
+        out = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, EmbedJob):
+                out.append(JobDone(item, None, error=error or EngineError(reason)))
+        if out:
+            self._deliver(out)
+
+    def _loop(self, m) -> None:
+        while True:
+            batch: list[EmbedJob] = []
+            stop: EmbedShutdown | None = None
+            item = self._queue.get()
+            n_inputs = 0
+            while True:
+                if isinstance(item, EmbedShutdown):
+                    stop = item
+                    break
+                batch.append(item)
+                n_inputs += len(item.inputs)
+                if n_inputs >= self._max_inputs:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._deliver(self._run_batch(m, batch))
+            if stop is not None:
+                return
+
+    def _run_batch(self, m, batch: list[EmbedJob]) -> list[JobDone]:
+        t0 = time.perf_counter_ns()
+        out: list[JobDone] = []
+        live: list[tuple[EmbedJob, list[list[int]]]] = []
+        for job in batch:
+            if job.cancelled:
+                out.append(JobDone(job, None, error=EngineError("cancelled")))
+                continue
+            try:
+                live.append((job, [t.ids for t in m.tokenize(job.inputs, truncate=job.truncate,
+                                                               limit=job.limit)]))
+            except Exception as exc:  # bad input fails its own request, not the batch
+                out.append(JobDone(job, None, error=exc))
+        seqs = [ids for _, job_ids in live for ids in job_ids]
+        try:
+            vectors = m.embed_ids(seqs) if seqs else np.zeros((0, m.dimension), np.float32)
+        except Exception as exc:  # noqa: BLE001
+            log.error("embedding batch failed: %s\n%s", exc, traceback.format_exc())
+            err = EngineError(f"embedding failed: {exc.__class__.__name__}: {exc}")
+            return out + [JobDone(job, None, error=err) for job, _ in live]
+        ns = time.perf_counter_ns() - t0
+        row = 0
+        for job, job_ids in live:
+            mine = vectors[row:row + len(job_ids)]
+            row += len(job_ids)
+            try:
+                mine = reduce_dimensions(mine, job.dimensions)
+            except Exception as exc:
+                out.append(JobDone(job, None, error=exc))
+                continue
+            out.append(JobDone(job, mine, tuple(len(i) for i in job_ids), compute_ns=ns))
+        return out

@@ -61,6 +61,9 @@ def create_app(rt: Runtime) -> QuartTrio:
     async def on_domain_error(exc: MlxserveError):
         if exc.status >= 500 and exc.status != 503:
             log.error("request failed: %s", exc)
+        if not getattr(exc, "recorded", False):
+            rt.metrics.record_nowait("request", route=request.path, status=exc.status, error=str(exc),
+                                     client=request.remote_addr or "")
         return json_response(_error_body(exc.status, str(exc), exc.kind), exc.status, error_headers(exc))
 
     @app.errorhandler(HTTPException)

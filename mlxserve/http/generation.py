@@ -8,9 +8,11 @@ released and the sequence cancelled in ``finally`` blocks that do only synchrono
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any, AsyncIterator
 
 import attrs
+from quart import request
 
 from ..actors.scheduler import Lease, LoadSpec
 from ..engine.loop import Chunk
@@ -36,6 +38,7 @@ class Generation:
     load_ns: int
     seq_id: int | None = None
     recv: Any = None
+    metrics: Any = None
     # filled while streaming
     text: list[str] = attrs.Factory(list)
     token_ids: list[int] = attrs.Factory(list)
@@ -44,6 +47,31 @@ class Generation:
     @property
     def tokenizer(self):
         return self.lease.handle.tokenizer
+
+    route: str = ""
+    request_id: str = ""
+    client: str = ""
+    queue_wait_ns: int = 0
+    t_first: float | None = None
+    _recorded: bool = False
+
+    def record(self, status: int, error: str | BaseException | None = None) -> None:
+        """One metrics event and request-log line per request (the first call wins)."""
+        if isinstance(error, BaseException):
+            error.recorded = True  # the app's error handler must not count it again
+            error = str(error)
+        if self._recorded:
+            return
+        self._recorded = True
+        d = self.durations()
+        stats = self.final.stats if self.final is not None else None
+        self.metrics.record_nowait(
+            "request", id=self.request_id, route=self.route, model=self.name, status=status,
+            done_reason=self.final.finish if self.final is not None else "cancelled",
+            error=error, client=self.client, queue_wait_ns=self.queue_wait_ns,
+            ttft_ns=int((self.t_first - self.t_start) * 1e9) if self.t_first else None,
+            cached_tokens=stats.cached_tokens if stats else 0, **d,
+        )
 
     def release(self) -> None:
         if self.seq_id is not None:
@@ -153,7 +181,9 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
                 prefix_ids: list[int] | None = None) -> Generation:
     """Acquire, render, tokenize and submit. The caller must ``release()`` the result."""
     t_start = time.perf_counter()
+    t_acquire = time.perf_counter()
     lease, load_ns = await acquire(rt, resolved, opts, keep_alive)
+    queue_wait_ns = int((time.perf_counter() - t_acquire) * 1e9)
     try:
         tok = lease.handle.tokenizer
         if prompt_ids is None:
@@ -176,6 +206,8 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
             name=resolved.display, lease=lease, prompt_ids=list(prompt_ids), max_tokens=n,
             params=sampling_from(opts, logit_bias=logit_bias), stop=tuple(opts.stop or ()),
             logprobs=logprobs, keep_alive=keep_alive, t_start=t_start, load_ns=load_ns,
+            metrics=rt.metrics, route=request.path, request_id=uuid.uuid4().hex[:16],
+            client=request.remote_addr or "", queue_wait_ns=queue_wait_ns,
         )
         gen.seq_id, gen.recv = lease.handle.submit_nowait(dict(
             prompt_ids=gen.prompt_ids, max_tokens=n, params=gen.params, stop=gen.stop, logprobs=logprobs,
@@ -194,6 +226,8 @@ async def chunks(gen: Generation) -> AsyncIterator[Chunk]:
             if chunk.finish in ("error", "cancelled"):  # the requester did not ask for this
                 gen.final = chunk
                 raise EngineError(chunk.error or "generation failed")
+            if gen.t_first is None and chunk.token_ids:
+                gen.t_first = time.perf_counter()
             gen.text.append(chunk.text)
             gen.token_ids.extend(chunk.token_ids)
             if chunk.finish is not None:

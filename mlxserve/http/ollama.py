@@ -98,7 +98,9 @@ async def status():
 
 @bp.get("/metrics")
 async def metrics():
-    return Response(runtime().metrics.prometheus_text(), mimetype="text/plain; version=0.0.4")
+    rt = runtime()
+    return Response(rt.metrics.prometheus_text(await rt.scheduler.statistics()),
+                    mimetype="text/plain; version=0.0.4")
 
 
 def _validate_messages(messages) -> list[dict]:
@@ -219,20 +221,15 @@ async def chat():
 
 
 async def _respond(gen: g.Generation, stream: bool, piece, final, text_key: str):
-    rt = runtime()
     name = gen.name
-
-    def record(status: int, error: str | None = None) -> None:
-        rt.metrics.record_nowait("request", route="generate", model=name, status=status,
-                                 done_reason=gen.done_reason if gen.final else "cancelled",
-                                 error=error, **gen.durations())
+    record = gen.record
 
     if not stream:
         try:
             async for _ in g.chunks(gen):
                 pass
         except BaseException as exc:
-            record(499 if isinstance(exc, trio.Cancelled) else getattr(exc, "status", 500), str(exc))
+            record(499 if isinstance(exc, trio.Cancelled) else getattr(exc, "status", 500), exc)
             raise
         finally:
             gen.release()

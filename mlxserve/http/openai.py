@@ -124,17 +124,10 @@ async def chat_completions():
     created = int(time.time())
     base = {"id": cid, "created": created, "model": name, "system_fingerprint": "mlxserve"}
 
-    def record(status: int) -> None:
-        rt.metrics.record_nowait("request", route="chat.completions", model=name, status=status,
-                                 done_reason=gen.done_reason if gen.final else "cancelled", **gen.durations())
+    record = gen.record
 
     if not stream:
-        try:
-            async for _ in g.chunks(gen):
-                pass
-        finally:
-            gen.release()
-        record(200)
+        await _drain(gen)
         return json_response({
             **base, "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(gen.text)},
@@ -158,7 +151,7 @@ async def chat_completions():
             yield b"data: [DONE]\n\n"
             record(200)
         except MlxserveError as exc:
-            record(exc.status)
+            record(exc.status, str(exc))
             yield _sse({"error": {"message": str(exc), "type": exc.kind, "param": None, "code": None}})
         except trio.Cancelled:
             record(499)
@@ -185,11 +178,7 @@ async def completions():
     base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": name}
     if not stream:
-        try:
-            async for _ in g.chunks(gen):
-                pass
-        finally:
-            gen.release()
+        await _drain(gen)
         return json_response({**base, "choices": [{"index": 0, "text": "".join(gen.text), "logprobs": None,
                                                     "finish_reason": _FINISH[gen.done_reason]}],
                               "usage": _usage(gen)})
@@ -203,10 +192,31 @@ async def completions():
             yield _sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
                                              "finish_reason": _FINISH[gen.done_reason]}]})
             yield b"data: [DONE]\n\n"
+            gen.record(200)
         except MlxserveError as exc:
+            gen.record(exc.status, str(exc))
             yield _sse({"error": {"message": str(exc), "type": exc.kind, "param": None, "code": None}})
+        except trio.Cancelled:
+            gen.record(499)
+            raise
 
     return stream_response(body_iter(), gen.release, "text/event-stream")
+
+
+async def _drain(gen: g.Generation) -> None:
+    """A non-streaming answer: collect every chunk; a client leaving cancels it at any await."""
+    try:
+        async for _ in g.chunks(gen):
+            pass
+    except trio.Cancelled:
+        gen.record(499)
+        raise
+    except MlxserveError as exc:
+        gen.record(exc.status, exc)
+        raise
+    finally:
+        gen.release()
+    gen.record(200)
 
 
 def _model_obj(m) -> dict:
