@@ -162,6 +162,27 @@ def chat_prompt(resolved, tokenizer, messages: list[dict], *, tools: list | None
     )
 
 
+def _chat_ids(resolved, tok, messages, tools) -> list[int]:
+    ids = tok.encode(chat_prompt(resolved, tok, messages, tools=tools), add_bos=False)
+    if tok.bos_token_id is not None and tok.add_bos and (not ids or ids[0] != tok.bos_token_id):
+        ids.insert(0, tok.bos_token_id)
+    return ids
+
+
+def _fit_chat(resolved, tok, messages: list[dict], tools, context_length: int) -> list[int]:
+    """As Ollama: when the conversation overflows the window, drop the oldest non-system
+    messages (never the last one) until it fits, leaving room to answer."""
+    ids = _chat_ids(resolved, tok, messages, tools)
+    msgs = list(messages)
+    while len(ids) >= context_length:
+        drop = next((i for i, m in enumerate(msgs[:-1]) if m.get("role") != "system"), None)
+        if drop is None:
+            break  # only system messages and the last one are left: budget() will refuse it
+        del msgs[drop]
+        ids = _chat_ids(resolved, tok, msgs, tools)
+    return ids
+
+
 def budget(prompt_len: int, context_length: int, num_predict: int | None, cap: int | None = None) -> int:
     room = context_length - prompt_len
     if room <= 0:
@@ -178,7 +199,7 @@ def budget(prompt_len: int, context_length: int, num_predict: int | None, cap: i
 async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None, prompt_text=None,
                 prompt_ids=None, tools=None, logprobs: int | None = None,
                 logit_bias: dict[int, float] | None = None, max_tokens: int | None = None,
-                prefix_ids: list[int] | None = None) -> Generation:
+                prefix_ids: list[int] | None = None, truncate: bool = False) -> Generation:
     """Acquire, render, tokenize and submit. The caller must ``release()`` the result."""
     t_start = time.perf_counter()
     t_acquire = time.perf_counter()
@@ -188,10 +209,7 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
         tok = lease.handle.tokenizer
         if prompt_ids is None:
             if messages is not None:
-                text = chat_prompt(resolved, tok, messages, tools=tools)
-                prompt_ids = tok.encode(text, add_bos=False)
-                if tok.bos_token_id is not None and tok.add_bos and (not prompt_ids or prompt_ids[0] != tok.bos_token_id):
-                    prompt_ids.insert(0, tok.bos_token_id)
+                prompt_ids = _fit_chat(resolved, tok, messages, tools, lease.handle.context_length)
             else:
                 prompt_ids = tok.encode(prompt_text or "", add_bos=None if not prefix_ids else False)
             if prefix_ids:  # Ollama's "context": the earlier conversation's token ids
@@ -200,6 +218,8 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
                 prompt_ids = list(prefix_ids) + prompt_ids
         if not prompt_ids:
             raise BadRequest("prompt is empty after tokenization")
+        if truncate and len(prompt_ids) >= lease.handle.context_length:
+            prompt_ids = prompt_ids[-(lease.handle.context_length - 1):]
         n = budget(len(prompt_ids), lease.handle.context_length,
                    max_tokens if max_tokens is not None else opts.num_predict)
         gen = Generation(

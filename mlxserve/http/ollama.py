@@ -185,7 +185,7 @@ async def generate():
     if template:
         resolved = _with_template(resolved, template)
     gen = await g.start(rt, resolved, opts, keep_alive, messages=messages, prompt_text=prompt_text,
-                        prefix_ids=context)
+                        prefix_ids=context, truncate=field(body, "truncate", bool, default=False))
 
     def final(extra: dict) -> dict:
         return {"model": name, "created_at": g.now_iso(), "response": "", "done": True,

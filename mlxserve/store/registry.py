@@ -79,6 +79,27 @@ class TransferCancelled(MlxserveError):
         super().__init__(message)
 
 
+class AnyEvent:
+    """Set when any of its ``threading.Event``s is (a caller's cancel plus a pull's own abort)."""
+
+    def __init__(self, *events: threading.Event):
+        self._events = events or (threading.Event(),)
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self._events)
+
+    def wait(self, timeout: float) -> bool:
+        if len(self._events) == 1:
+            return self._events[0].wait(timeout)
+        deadline = time.monotonic() + timeout
+        while not self.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._events[0].wait(min(left, 0.05))
+        return True
+
+
 class _Retryable(Exception):
     """A failure worth another try (wraps the reason for the final error message)."""
 
@@ -157,12 +178,12 @@ class RegistryClient:
 
     def __init__(self, registry: str, *, insecure: bool = False,
                  options: TransferOptions | None = None,
-                 cancel: threading.Event | None = None,
+                 cancel: threading.Event | AnyEvent | None = None,
                  transport: httpx.BaseTransport | None = None):
         self.registry = registry
         self.base = base_url(registry, insecure)
         self.options = options or TransferOptions.from_env()
-        self.cancel = cancel or threading.Event()
+        self.cancel = cancel if cancel is not None else AnyEvent()
         o = self.options
         self._http = httpx.Client(
             timeout=httpx.Timeout(o.stall_timeout, connect=o.connect_timeout),

@@ -78,8 +78,8 @@ class _Emitter:
     def __init__(self, progress: Progress | None, verb: str):
         self._progress = progress
         self._verb = verb
-        self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
+        self._lock = threading.RLock()
+        self._last: dict[str, tuple[float, int]] = {}
 
     def __call__(self, event: dict) -> None:
         if self._progress is not None:
@@ -90,12 +90,15 @@ class _Emitter:
         self({"status": text})
 
     def layer(self, digest: str, total: int, completed: int, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and completed < total and now - self._last.get(digest, 0.0) < THROTTLE_S:
-            return
-        self._last[digest] = now
-        self({"status": f"{self._verb} {digest.split(':')[1][:12]}", "digest": digest,
-              "total": total, "completed": completed})
+        with self._lock:
+            now = time.monotonic()
+            last_t, last_n = self._last.get(digest, (0.0, -1))
+            if completed == last_n or (not force and completed < total
+                                       and now - last_t < THROTTLE_S):
+                return
+            self._last[digest] = (now, completed)
+            self({"status": f"{self._verb} {digest.split(':')[1][:12]}", "digest": digest,
+                  "total": total, "completed": completed})
 
 
 def _unique(doc: dict) -> list[dict]:
@@ -116,15 +119,15 @@ def _have(store: Store, desc: dict) -> bool:
         return False
 
 
-def _run_parallel(items: list, fn: Callable, parallel: int, abort: threading.Event) -> list:
+def _run_parallel(items: list, fn: Callable, parallel: int, abort: threading.Event,
+                  discard: Callable = lambda result: None) -> list:
     """``fn(item)`` for each item on up to ``parallel`` threads; the first failure sets
-    ``abort`` (so the others stop at their next chunk) and is raised once all have stopped."""
+    ``abort`` (so the others stop at their next chunk) and is raised once all have stopped,
+    after ``discard`` was called on the results of those that succeeded."""
     if not items:
         return []
-    if len(items) == 1 or parallel <= 1:
-        return [fn(i) for i in items]
-    with ThreadPoolExecutor(max_workers=min(parallel, len(items)),
-                            thread_name_prefix="mlxserve-transfer") as pool:
+    workers = max(1, min(parallel, len(items)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mlxserve-transfer") as pool:
         futures = [pool.submit(fn, i) for i in items]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         if any(f.exception() is not None for f in done):
@@ -132,7 +135,10 @@ def _run_parallel(items: list, fn: Callable, parallel: int, abort: threading.Eve
         wait(futures)
     errors = [f.exception() for f in futures if f.exception() is not None]
     if errors:
-        # The root cause, not the TransferCancelled of the ones we stopped because of it.
+        for f in futures:
+            if f.exception() is None:
+                discard(f.result())
+        # The root cause, not the TransferCancelled of the ones stopped because of it.
         real = [e for e in errors if not isinstance(e, TransferCancelled)]
         raise (real or errors)[0]
     return [f.result() for f in futures]
@@ -346,6 +352,7 @@ def pull(store: Store, name: str, *, insecure: bool = False, progress: Progress 
     opts = options or TransferOptions.from_env()
     before = STATS.blob_bytes_received
     fetched = 0
+    converted = False
     with RegistryClient(mn.registry, insecure=insecure, options=opts, cancel=stop,
                         transport=transport) as client:
         emit.status("pulling manifest")
@@ -353,65 +360,92 @@ def pull(store: Store, name: str, *, insecure: bool = False, progress: Progress 
         doc = _remote_manifest(data, mn, mn.registry)
         descs = _unique(doc)
         repo = _repo(mn)
-        for round_ in range(_ROUNDS):
+        for _round in range(_ROUNDS):
             missing = [d for d in descs if not _have(store, d)]
             for d in descs:
                 if d not in missing:
                     emit.layer(d["digest"], d["size"], d["size"], force=True)
-            parts = _run_parallel(missing, lambda d: _download(store, client, repo, d, emit),
-                                  opts.parallel, abort)
-            fetched += sum(1 for p in parts if p is not None)
-            client.check_cancel()
-            emit.status("verifying sha256 digest")
-            with store.writing():
-                for d, part in zip(missing, parts):
-                    if part is not None and not _have(store, d):
-                        fsutil.publish(part, store.blob_path(d["digest"]))
-                    partial_paths(store, d["digest"])[1].unlink(missing_ok=True)
-                if not all(_have(store, d) for d in descs):
-                    continue  # pruned while we downloaded the rest: fetch it again
-                converted = _maybe_convert(store, name, doc, emit)
-                if not converted:
-                    emit.status("writing manifest")
-                    store.write_manifest(name, data)
-                break
+            got: list[_Fetched | None] = _run_parallel(
+                missing, lambda d: _download(store, client, repo, d, emit), opts.parallel,
+                abort, discard=lambda r: r.close() if r is not None else None)
+            try:
+                client.check_cancel()
+                fetched += sum(1 for g in got if g is not None)
+                emit.status("verifying sha256 digest")
+                with store.writing():
+                    for g in got:
+                        if g is not None and not _have(store, g.desc):
+                            # Still under the partial's flock: nobody else touches the file.
+                            fsutil.publish(g.part, store.blob_path(g.desc["digest"]))
+                        if g is not None:
+                            partial_paths(store, g.desc["digest"])[1].unlink(missing_ok=True)
+                    if not all(_have(store, d) for d in descs):
+                        continue  # pruned while we fetched the rest: fetch it again
+                    if _needs_conversion(store, doc):
+                        # The GGUF must outlive this lock until create names it: an upload
+                        # marker gives it prune's grace period.
+                        gguf = _gguf_layer(doc)
+                        (store.uploads_dir / gguf["digest"].replace(":", "-")).touch()
+                        converted = True
+                    else:
+                        emit.status("writing manifest")
+                        store.write_manifest(name, data)
+            finally:
+                for g in got:
+                    if g is not None:
+                        g.close()
+            break
         else:
             raise RegistryError(f"pull {mn}: blobs kept disappearing from the store while "
                                 f"pulling ({_ROUNDS} rounds); is something pruning it?")
+    if converted:
+        # Outside the write lock: create may prune, which needs the lock exclusively.
+        _convert(store, name, doc, emit)
     emit.status("success")
     resolved = store.resolve(name)
     return TransferResult(str(mn), resolved.digest, STATS.blob_bytes_received - before, fetched,
                           converted)
 
 
-def _maybe_convert(store: Store, name: str, doc: dict, emit: _Emitter) -> bool:
-    """Convert an Ollama-format model whose GGUF mx.load cannot read (see the module doc)."""
+def _gguf_layer(doc: dict) -> dict | None:
+    ggufs = [d for d in doc["layers"] if d["mediaType"] in mt.GGUF_TYPES]
+    return ggufs[0] if len(ggufs) == 1 else None
+
+
+def _needs_conversion(store: Store, doc: dict) -> bool:
+    """An Ollama-format model whose GGUF mx.load cannot read correctly (see the module doc)."""
     if doc["config"]["mediaType"] == mt.SPEC_MEDIA_TYPE:
         return False
-    ggufs = [d for d in doc["layers"] if d["mediaType"] in mt.GGUF_TYPES]
-    if len(ggufs) != 1:
+    gguf = _gguf_layer(doc)
+    if gguf is None:
         return False
     from .ggufmeta import read_header
 
-    path = store.blob_path(ggufs[0]["digest"])
     try:
-        header = read_header(path)
+        header = read_header(store.blob_path(gguf["digest"]))
     except MlxserveError:
         return False  # not a GGUF we can read; loading it will say why
     from . import convert  # imports mlx: only when needed
 
-    if not convert.needs_conversion(header):
+    try:
+        return convert.needs_conversion(header)
+    except BadRequest:
         return False
+
+
+def _convert(store: Store, name: str, doc: dict, emit: _Emitter) -> None:
     from ..specs.modelfile import render_modelfile
     from .ollama_compat import spec_from_ollama
 
+    gguf = _gguf_layer(doc)
+    assert gguf is not None
     try:
         config = json.loads(store.blob_path(doc["config"]["digest"]).read_bytes())
     except ValueError:
         config = {}
     spec = spec_from_ollama(config if isinstance(config, dict) else {}, doc["layers"],
                             lambda d: store.blob_path(d["digest"]).read_bytes())
-    modelfile = render_modelfile(f"@{ggufs[0]['digest']}", spec)
+    modelfile = render_modelfile(f"@{gguf['digest']}", spec)
     emit.status("converting model (its GGUF tensor types need conversion for MLX)")
 
     def forward(event: dict) -> None:
@@ -419,7 +453,6 @@ def _maybe_convert(store: Store, name: str, doc: dict, emit: _Emitter) -> bool:
             emit(event)
 
     store.create(name, modelfile, base_dir=store.root, progress=forward)
-    return True
 
 
 # ---------------------------------------------------------------------- push

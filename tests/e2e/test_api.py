@@ -203,3 +203,24 @@ async def test_preload_and_unload(daemon):
             if runner is not None:
                 await runner.wait_until(lambda s: not s.alive)
             assert (await c.get("/api/ps")).json()["models"] == []
+
+
+async def test_context_window_chat_drops_old_turns_generate_refuses(daemon):
+    filler = "Once upon a time there was a small model that answered questions. " * 6
+    history = []
+    for i in range(8):
+        history += [{"role": "user", "content": f"{i} {filler}"}, {"role": "assistant", "content": filler}]
+    msgs = [{"role": "system", "content": "Be brief."}, *history, {"role": "user", "content": "last question"}]
+    opts = {"temperature": 0, "num_predict": 4, "num_ctx": 256}
+    with trio.fail_after(60):
+        async with httpx.AsyncClient(base_url=daemon.url, timeout=60) as c:
+            r = await c.post("/api/chat", json={"model": "tiny", "messages": msgs, "options": opts, "stream": False})
+            assert r.status_code == 200, r.text
+            assert r.json()["prompt_eval_count"] < 256
+            long_prompt = {"model": "tiny", "prompt": filler * 4, "options": opts, "stream": False}
+            r = await c.post("/api/generate", json=long_prompt)
+            assert r.status_code == 422 and "context window" in r.json()["error"]
+            r = await c.post("/api/generate", json={**long_prompt, "truncate": True})
+            assert r.status_code == 200 and r.json()["prompt_eval_count"] < 256
+            ps = (await c.get("/api/ps")).json()["models"]
+            assert {m["context_length"] for m in ps} >= {256}  # num_ctx is a load-time option
