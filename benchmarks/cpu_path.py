@@ -151,6 +151,28 @@ def _compile_layers(model) -> None:
         layer.mlp = CompiledMLP(layer.mlp)
 
 
+def _run_subprocess(name: str, args) -> dict | None:
+    cmd = [sys.executable, __file__, args.model, "--variant", name,
+           "--tokens", str(args.tokens), "--streams", str(args.streams)]
+    if args.compile:
+        cmd.append("--compile")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.pop("LD_PRELOAD", None)  # the variant itself decides the BLAS
+    t = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{name}: timed out after {args.timeout:.0f}s", file=sys.stderr)
+        return None
+    if out.returncode != 0:
+        print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+        return None
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["wall_s"] = round(time.perf_counter() - t, 1)
+    print(f"  {name} done in {row['wall_s']}s (load {row['load']})", file=sys.stderr)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default=str(DEFAULT_MODEL))
@@ -160,6 +182,7 @@ def main() -> None:
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--compile", action="store_true", help="mx.compile each MLP (experiment)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per variant")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per variant; the best is shown")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -167,34 +190,29 @@ def main() -> None:
         print(json.dumps(run_variant(args.variant, args.model, args.tokens, args.streams, args.compile)))
         return
 
-    rows = []
-    for name in args.variants.split(","):
-        cmd = [sys.executable, __file__, args.model, "--variant", name,
-               "--tokens", str(args.tokens), "--streams", str(args.streams)]
-        if args.compile:
-            cmd.append("--compile")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        env.pop("LD_PRELOAD", None)  # the variant itself decides the BLAS
-        t = time.perf_counter()
-        try:
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            print(f"{name}: timed out after {args.timeout:.0f}s", file=sys.stderr)
-            continue
-        if out.returncode != 0:
-            print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
-            continue
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        row["wall_s"] = round(time.perf_counter() - t, 1)
-        rows.append(row)
-        print(f"  {name} done in {row['wall_s']}s", file=sys.stderr)
-
     agg = f"agg{args.streams}_tok_s"
+    best: dict[str, dict] = {}
+    for _ in range(args.repeat):  # interleaved, so noise from elsewhere hits every variant
+        for name in args.variants.split(","):
+            row = _run_subprocess(name, args)
+            if row is None:
+                continue
+            prev = best.get(name)
+            if prev is None:
+                best[name] = row
+            else:  # keep the best of each rate: interference only ever slows a run down
+                for key in ("single_tok_s", agg, "prefill_tok_s"):
+                    prev[key] = max(prev[key], row[key])
+                prev["wall_s"] = min(prev["wall_s"], row["wall_s"])
+                prev["load"] = min(prev["load"], row["load"])
+    rows = list(best.values())
+
     header = ["variant", "blas_in_use", "weight_mb", "single_tok_s", agg, "prefill_tok_s", "wall_s",
               "load"]
     print(f"model: {Path(args.model).name}, {args.tokens} new tokens, greedy, "
           f"{os.cpu_count()} CPUs, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}"
-          f"{', mx.compile(MLP)' if args.compile else ''}")
+          f"{', mx.compile(MLP)' if args.compile else ''}"
+          f"{f', best of {args.repeat}' if args.repeat > 1 else ''}")
     widths = [max(len(h), *(len(str(r.get(h, ""))) for r in rows)) for h in header]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for r in rows:

@@ -56,6 +56,21 @@ def tiny_store_template(tmp_path_factory, tiny_dir, tiny_gguf) -> Path:
     }, root)
 
 
+@pytest.fixture(scope="session")
+def smol_store_template(tmp_path_factory, tiny_store_template, smollm2_gguf) -> Path:
+    """The tiny store plus SmolLM2 (greedy by default) as 'smol'."""
+    root = tmp_path_factory.mktemp("smol-store-template")
+    shutil.copytree(tiny_store_template, root, dirs_exist_ok=True, copy_function=os.link, symlinks=True)
+    return _make_store(root, {"smol": f"FROM {smollm2_gguf}\nPARAMETER temperature 0\n"}, root)
+
+
+@pytest.fixture
+def smol_models_dir(tmp_path, smol_store_template) -> Path:
+    dst = tmp_path / "models"
+    shutil.copytree(smol_store_template, dst, copy_function=os.link, symlinks=True)
+    return dst
+
+
 @pytest.fixture
 def models_dir(tmp_path, tiny_store_template) -> Path:
     """A private copy of the tiny store (hard links: cheap and independent of other tests)."""

@@ -20,7 +20,6 @@ import itertools
 import logging
 import math
 import threading
-import time
 from typing import Any, Callable
 
 import attrs
@@ -29,7 +28,7 @@ import trio
 
 from ..config import Settings
 from ..engine import embed as eng
-from ..errors import BadRequest, EngineError, LoadError, ServerBusy
+from ..errors import BadRequest, EngineError, LoadError, MlxserveError, ServerBusy
 from .mailbox import Reply, fail_pending, post
 
 log = logging.getLogger("mlxserve.embedder")
@@ -159,6 +158,7 @@ class _Worker:
     weight_bytes: int = 0
     dimension: int = 0
     thread: threading.Thread | None = None
+    load_fn: Callable[[], Any] | None = None  # set by _boot once the store has linked the files
 
 
 def default_load_fn(settings: Settings) -> Callable[[Any, Any, str], Callable[[], Any]]:
@@ -233,7 +233,7 @@ class Embedder:
         w = self.workers.get(key)
         if w is None:
             w = self._start_worker(key, msg.resolved, kind)
-        msg.job.tag = (w, msg, w.state == "loading")
+        msg.job.tag = w.state == "loading"  # this request waits for the load: report its time
         w.jobs[id(msg.job)] = msg
         w.keep_alive = msg.keep_alive
         w.expires_at = None
@@ -250,16 +250,11 @@ class Embedder:
             except trio.RunFinishedError:
                 pass
 
-        engine = eng.EmbedEngine(lambda: self._loader(w)(), deliver, device=self.settings.device)
+        engine = eng.EmbedEngine(lambda: w.load_fn(), deliver, device=self.settings.device)
         w = _Worker(key, resolved.digest, resolved.display, kind, generation, engine)
-        w.load_fn = None  # set by _boot once the store has verified and linked the model
         self.workers[key] = w
         self._nursery.start_soon(self._boot, w, resolved)
         return w
-
-    @staticmethod
-    def _loader(w: _Worker) -> Callable[[], Any]:
-        return w.load_fn
 
     async def _boot(self, w: _Worker, resolved) -> None:
         """Verify and link the model's blobs, then start its thread (which loads it)."""
@@ -290,7 +285,7 @@ class Embedder:
                 case eng.JobDone():
                     self._answer(w, ev)
                 case eng.EmbedLoadFailed(error=error):
-                    err = error if isinstance(error, (LoadError, BadRequest)) or hasattr(error, "status") \
+                    err = error if isinstance(error, MlxserveError) \
                         else LoadError(f"model failed to load: {error}")
                     self._drop(w)
                     self._fail_jobs(w, err)
@@ -306,9 +301,8 @@ class Embedder:
         if done.error is not None:
             msg.reply.fail(done.error)
         else:
-            _, _, waited_for_load = done.job.tag
             msg.reply.send(EmbedResult(done.vectors, done.token_counts,
-                                       w.load_ns if waited_for_load else 0, w.kind))
+                                       w.load_ns if done.job.tag else 0, w.kind))
         if not w.jobs and self.workers.get(w.key) is w:
             w.expires_at = trio.current_time() + w.keep_alive if w.keep_alive != math.inf else math.inf
 
@@ -351,9 +345,8 @@ class Embedder:
         self._drop(w)
         w.engine.submit(eng.EmbedShutdown(reason))
         self._stopping.append(w)
+        # Threads that already ended need no join at shutdown.
         self._stopping = [s for s in self._stopping if s.thread is None or s.thread.is_alive()]
-        if w.thread is None:  # never started (still verifying): _boot notices it was dropped
-            return
 
     async def _stop_all(self, reason: str) -> None:
         workers = list(self.workers.values())

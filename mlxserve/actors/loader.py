@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from typing import Any, Callable
 
 import attrs
@@ -15,8 +16,10 @@ import trio
 
 from ..config import Settings
 from ..engine import model as engine_model
+from ..errors import LoadError
+from . import faults
 from .mailbox import Reply, ask, fail_pending
-from .runner import Runner, RunnerHandle
+from .runner import CancelRecord, Runner, RunnerHandle
 from .scheduler import LoadSpec
 
 log = logging.getLogger("mlxserve.loader")
@@ -50,11 +53,28 @@ def default_load_fn(path, settings: Settings, num_ctx: int | None) -> Callable[[
     return load
 
 
+def _with_faults(load: Callable[[], engine_model.LoadedModel], name: str) -> Callable[[], engine_model.LoadedModel]:
+    """Fault seam (chaos harness only; see faults.py): a slow or failing load, on the engine
+    thread, where a big or broken model file would make it slow or fail."""
+    fail = faults.SEAM.take("load_fail", name)
+    slow = faults.SEAM.take("load_slow", name)
+
+    def faulty() -> engine_model.LoadedModel:
+        if slow is not None:
+            time.sleep(float(slow.get("seconds", 2.0)))
+        if fail is not None:
+            raise LoadError(f"model '{name}' failed to load: injected fault")
+        return load()
+
+    return faulty if fail is not None or slow is not None else load
+
+
 @attrs.define(eq=False)
 class Loader:
     settings: Settings
     store: Any  # StoreHandle
     runner_nursery: trio.Nursery
+    metrics: Any = None  # MetricsHandle: cancel-to-slot-free timings of every runner
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         send, inbox = trio.open_memory_channel(64)
@@ -76,14 +96,30 @@ class Loader:
         await self.store.verify_for_load(resolved)
         path = await self.store.model_path(resolved)
         generation = next(_generations)
+        load_fn = default_load_fn(path, self.settings, spec.num_ctx)
+        if faults.SEAM.active:
+            load_fn = _with_faults(load_fn, spec.name)
         runner = Runner(
             key=spec.key,
             generation=generation,
-            load_fn=default_load_fn(path, self.settings, spec.num_ctx),
+            load_fn=load_fn,
             num_parallel=self.settings.num_parallel,
             prefill_chunk=self.settings.prefill_chunk,
             prompt_cache_bytes=self.settings.prompt_cache_bytes,
-            on_exit=lambda r, crash: on_exit(r.key, r.generation, crash),
+            on_exit=lambda r, crash: on_exit(r.key, r.generation, crash, served=r.served),
+            name=spec.name,
+            on_cancel=self._cancel_recorder(spec.name),
         )
         log.info("loading %s", spec.name)
         return await self.runner_nursery.start(runner.run)
+
+    def _cancel_recorder(self, name: str) -> Callable[[CancelRecord], None] | None:
+        metrics = self.metrics
+        if metrics is None:
+            return None
+
+        def record(rec: CancelRecord) -> None:
+            metrics.record_nowait("cancel", model=name, phase=rec.phase, tokens=rec.tokens,
+                                  seconds=rec.seconds)
+
+        return record

@@ -16,6 +16,8 @@ import attrs
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from .hosts import HOSTS
+
 log = logging.getLogger("mlxserve.metrics")
 REQUEST_LOG = "requests.jsonl"
 
@@ -60,6 +62,17 @@ class _Instruments:
         self.running = Gauge("mlxserve_running_sequences", "sequences being generated", ["model"], registry=r)
         self.loaded = Gauge("mlxserve_loaded_models", "models in memory", registry=r)
         self.dropped = Counter("mlxserve_metrics_dropped", "metric events dropped under load", registry=r)
+        self.cancel_to_free = Histogram(
+            "mlxserve_cancel_to_slot_free_seconds",
+            "from a request's cancel to its engine slot being free", ["model", "phase"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 5), registry=r)
+        self.engine_sequences = Gauge("mlxserve_engine_sequences",
+                                      "sequences the engine holds (its batch plus its queue)", ["model"],
+                                      registry=r)
+        self.trio_tasks = Gauge("mlxserve_trio_tasks", "live trio tasks in the daemon", registry=r)
+        self.engine_hosts = Gauge("mlxserve_engine_host_threads", "engine host threads", ["state"], registry=r)
+        self.faults = Counter("mlxserve_faults_injected", "faults armed through the fault seam", ["fault"],
+                              registry=r)
 
 
 @attrs.define(eq=False)
@@ -86,10 +99,17 @@ class MetricsHandle:
         if scheduler_stats is not None:
             inst.queue_depth.clear()
             inst.running.clear()
+            inst.engine_sequences.clear()
             for m in scheduler_stats.models:
                 inst.queue_depth.labels(m.name).set(m.queued)
                 inst.running.labels(m.name).set(m.running)
+                if m.loaded:
+                    inst.engine_sequences.labels(m.name).set(getattr(m, "engine_running", 0))
             inst.loaded.set(scheduler_stats.loaded)
+        inst.trio_tasks.set(count_trio_tasks())
+        hosts = HOSTS.statistics()
+        inst.engine_hosts.labels("busy").set(hosts.busy)
+        inst.engine_hosts.labels("idle").set(hosts.total - hosts.busy)
         return generate_latest(inst.registry)
 
 
@@ -121,8 +141,19 @@ class Metrics:
             inst.scheduler_events.labels(f.get("event", "?")).inc()
             if f.get("event") == "loaded":
                 inst.load_seconds.labels(f.get("model", "")).observe(float(f.get("seconds") or 0))
+            if f.get("event") == "dequeued":  # left while waiting for a load: nothing to free
+                self._log({"event": "cancel", "model": f.get("model"), "phase": "queued", "tokens": 0,
+                           "seconds": 0.0, "waiting_for": "load"})
             if self.debug:
                 log.debug("scheduler %s", json.dumps(f, default=str))
+            return
+        if ev.kind == "cancel":
+            inst.cancel_to_free.labels(f.get("model", ""), f.get("phase", "")).observe(float(f["seconds"]))
+            self._log({"event": "cancel", **f})
+            return
+        if ev.kind == "fault":
+            inst.faults.labels(f.get("fault", "?")).inc()
+            self._log({"event": "fault", **f})
             return
         if ev.kind != "request":
             return
@@ -161,3 +192,20 @@ class Metrics:
                 fh.write(json.dumps({"time": time.time(), **fields}, default=str) + "\n")
         except OSError as exc:  # a full disk must not fail requests
             log.warning("request log write failed: %s", exc)
+
+
+def count_trio_tasks() -> int:
+    """Live tasks under the run's root task (0 outside a trio run)."""
+    try:
+        stack = [trio.lowlevel.current_root_task()]
+    except RuntimeError:
+        return 0
+    n = 0
+    while stack:
+        task = stack.pop()
+        if task is None:
+            continue
+        n += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return n

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import threading
+import time
 from typing import Any, Callable
 
 import attrs
@@ -14,6 +14,8 @@ import trio
 from ..engine import loop as eng
 from ..engine.model import LoadedModel
 from ..errors import EngineError, LoadError, ShuttingDown
+from . import faults
+from .hosts import HOSTS
 from .mailbox import Reply, post
 
 log = logging.getLogger("mlxserve.runner")
@@ -114,6 +116,21 @@ class RunnerHandle:
         await reply.wait()
 
 
+@attrs.frozen
+class CancelRecord:
+    """A sequence whose requester left, measured from the cancel to the engine freeing its slot.
+
+    ``phase`` is where the sequence was when its requester left: ``queued`` (behind
+    ``num_parallel`` earlier sequences, not yet started), ``prefill`` (holding a slot, no token
+    yet) or ``decode`` (tokens already generated).
+    """
+
+    seq_id: int
+    phase: str
+    tokens: int
+    seconds: float
+
+
 @attrs.define(eq=False)
 class Runner:
     key: str
@@ -124,11 +141,17 @@ class Runner:
     on_exit: Callable[["Runner", str | None], None] | None = None
     device: Any = None
     prompt_cache_bytes: int = 0
+    name: str = ""  # the model's display name (logs and the fault seam)
+    on_cancel: Callable[[CancelRecord], None] | None = None
 
     streams: dict[int, trio.MemorySendChannel] = attrs.field(factory=dict, init=False)
-    # Sequences the engine holds (submitted, not yet reported finished): the true slot count,
-    # which stays up after a client leaves until the engine has dropped its sequence.
-    engine_active: set[int] = attrs.field(factory=set, init=False)
+    # Sequences the engine holds (submitted, not yet reported finished), in submission order,
+    # with the tokens each has produced: the true slot count, which stays up after a client
+    # leaves until the engine has dropped its sequence.
+    engine_active: dict[int, int] = attrs.field(factory=dict, init=False)
+    # Sequences cancelled and not yet dropped by the engine: seq_id -> (when, phase, tokens).
+    _cancelled: dict[int, tuple[float, str, int]] = attrs.field(factory=dict, init=False)
+    served: int = attrs.field(default=0, init=False)  # sequences finished with stop or length
     finished: collections.deque = attrs.field(factory=lambda: collections.deque(maxlen=256), init=False)
     changed: trio.Event = attrs.field(factory=trio.Event, init=False)
     loaded: LoadedModel | None = attrs.field(default=None, init=False)
@@ -136,7 +159,7 @@ class Runner:
     weight_bytes: int = attrs.field(default=0, init=False)
     alive: bool = attrs.field(default=False, init=False)
     _engine: eng.Engine | None = attrs.field(default=None, init=False)
-    _thread: threading.Thread | None = attrs.field(default=None, init=False)
+    _engine_done: trio.Event = attrs.field(factory=trio.Event, init=False)
     _ready: trio.Event = attrs.field(factory=trio.Event, init=False)
     _stopped: trio.Event = attrs.field(factory=trio.Event, init=False)
     _load_error: BaseException | None = attrs.field(default=None, init=False)
@@ -152,13 +175,20 @@ class Runner:
             except trio.RunFinishedError:
                 pass
 
+        def engine_returned() -> None:
+            try:
+                token.run_sync_soon(self._on_engine_returned)
+            except trio.RunFinishedError:
+                pass
+
         self._engine = eng.Engine(
             self.load_fn, deliver, num_parallel=self.num_parallel,
             prefill_chunk=self.prefill_chunk, device=self.device,
             prompt_cache_bytes=self.prompt_cache_bytes,
         )
-        self._thread = threading.Thread(target=self._engine.run, name=f"engine-{self.key[:19]}", daemon=True)
-        self._thread.start()
+        faults.SEAM.runner_started(self)
+        # A reused host thread, not a new one per load: see hosts.py for the MLX thread leak.
+        HOSTS.run(self._engine.run, engine_returned)
         await self._ready.wait()
         if self._load_error is not None:
             await self._join_thread()
@@ -177,12 +207,12 @@ class Runner:
                         match msg:
                             case Submit(cmd=cmd, stream=stream):
                                 self.streams[cmd.seq_id] = stream
-                                self.engine_active.add(cmd.seq_id)
+                                self.engine_active[cmd.seq_id] = 0
                                 self._engine.submit(cmd)
                                 self._notify()
                             case CancelSeq(seq_id=sid):
                                 if self.streams.pop(sid, None) is not None:
-                                    self._engine.submit(eng.Cancel(sid))
+                                    self._cancel(sid)
                             case StopRunner(reply=reply, reason=reason):
                                 stop_reply = reply
                                 self._stop_reason = reason
@@ -199,6 +229,7 @@ class Runner:
             with trio.move_on_after(10, shield=True):
                 self._engine.submit(eng.Shutdown())
                 await self._join_thread()
+            self._report_cancelled()  # the engine is gone: every slot it held is free
             if self.on_exit is not None:
                 self.on_exit(self, self._crash)
             if stop_reply is not None:
@@ -209,8 +240,51 @@ class Runner:
         scope.cancel()
 
     async def _join_thread(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            await trio.to_thread.run_sync(self._thread.join)
+        await self._engine_done.wait()
+
+    def _on_engine_returned(self) -> None:
+        self._engine_done.set()
+        # Engine.run always reports Ready/LoadFailed and Stopped first; if it ever does not,
+        # nobody must wait for those reports forever.
+        if not self._ready.is_set():
+            self._load_error = LoadError("the engine thread ended before the model was loaded")
+            self._ready.set()
+        if not self._stopped.is_set():
+            self._crash = self._crash or "engine thread ended unexpectedly"
+            self.engine_active.clear()
+            self._stopped.set()
+            self._notify()
+
+    def arm_engine_fault(self, name: str) -> None:
+        """Fault seam (chaos harness only): arm one of the engine's own faults now."""
+        if self._engine is not None:
+            self._engine.faults.armed.add(name)
+
+    def _cancel(self, sid: int) -> None:
+        """The requester of ``sid`` is gone: drop it at the engine's next step and time that."""
+        if sid in self.engine_active and sid not in self._cancelled:
+            tokens = self.engine_active[sid]
+            if tokens:
+                phase = "decode"
+            else:
+                # The engine admits sequences first come, first served, num_parallel at a time.
+                rank = next(i for i, s in enumerate(self.engine_active) if s == sid)
+                phase = "queued" if rank >= self.num_parallel else "prefill"
+            self._cancelled[sid] = (time.perf_counter(), phase, tokens)
+        self._engine.submit(eng.Cancel(sid))
+
+    def _slot_freed(self, sid: int) -> None:
+        entry = self._cancelled.pop(sid, None)
+        if entry is not None and self.on_cancel is not None:
+            t0, phase, tokens = entry
+            try:
+                self.on_cancel(CancelRecord(sid, phase, tokens, time.perf_counter() - t0))
+            except Exception:
+                log.exception("on_cancel failed")
+
+    def _report_cancelled(self) -> None:
+        for sid in list(self._cancelled):
+            self._slot_freed(sid)
 
     def _on_events(self, events: list) -> None:
         for ev in events:
@@ -228,6 +302,7 @@ class Runner:
                 case eng.Stopped(error=error):
                     self._crash = error
                     self.engine_active.clear()
+                    self._report_cancelled()
                     self._stopped.set()
                     self._notify()
 
@@ -237,9 +312,14 @@ class Runner:
 
     def _route(self, chunk: eng.Chunk) -> None:
         if chunk.finish is not None:
-            self.engine_active.discard(chunk.seq_id)
+            self.engine_active.pop(chunk.seq_id, None)
             self.finished.append((chunk.seq_id, chunk.finish, chunk.stats))
+            if chunk.finish in ("stop", "length"):
+                self.served += 1
+            self._slot_freed(chunk.seq_id)
             self._notify()
+        elif chunk.token_ids and chunk.seq_id in self.engine_active:
+            self.engine_active[chunk.seq_id] += len(chunk.token_ids)
         stream = self.streams.get(chunk.seq_id)
         if stream is None:
             return
@@ -249,11 +329,11 @@ class Runner:
             # The requester closed its end: it is gone. Drop the sequence at the next step.
             self.streams.pop(chunk.seq_id, None)
             if chunk.finish is None:
-                self._engine.submit(eng.Cancel(chunk.seq_id))
+                self._cancel(chunk.seq_id)
             return
         except trio.WouldBlock:  # cannot happen with a budget-sized buffer; fail loudly if it does
             self.streams.pop(chunk.seq_id, None)
-            self._engine.submit(eng.Cancel(chunk.seq_id))
+            self._cancel(chunk.seq_id)
             stream.close()
             return
         if chunk.finish is not None:

@@ -11,6 +11,8 @@ import trio
 
 from ..config import Settings
 from ..store.store import Store
+from . import faults
+from .embedder import Embedder, EmbedderHandle
 from .loader import Loader, LoaderHandle
 from .metrics import Metrics, MetricsHandle
 from .scheduler import Scheduler, SchedulerHandle
@@ -27,6 +29,7 @@ class Runtime:
     scheduler: SchedulerHandle
     metrics: MetricsHandle
     nursery: trio.Nursery  # for services that live as long as the runtime (the HTTP server)
+    embedder: EmbedderHandle | None = None
 
 
 @contextlib.asynccontextmanager
@@ -39,7 +42,10 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         async with trio.open_nursery() as runners:
             metrics = await nursery.start(Metrics(log_dir=settings.log_dir, debug=settings.debug).run)
             store_h = await nursery.start(StoreActor(store).run)
-            loader = await nursery.start(Loader(settings, store_h, runners).run)
+            loader = await nursery.start(Loader(settings, store_h, runners, metrics).run)
+            if (control := faults.control_path()) is not None:  # the chaos harness's fault seam
+                faults.SEAM.on_fire = lambda name, model: metrics.record_nowait("fault", fault=name, model=model)
+                nursery.start_soon(faults.watch, control)
 
             def on_event(kind: str, fields: dict) -> None:
                 metrics.record_nowait("scheduler", event=kind, **fields)
@@ -54,8 +60,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 default_keep_alive=settings.keep_alive,
                 on_event=on_event,
             ).run)
+            embedder = await runners.start(Embedder(settings, store_h).run)
             try:
-                yield Runtime(settings, store_h, loader, scheduler, metrics, nursery)
+                yield Runtime(settings, store_h, loader, scheduler, metrics, nursery, embedder=embedder)
             finally:
                 # Closing inboxes ends each loop on EndOfChannel; cancel whatever is left after
                 # a bounded, shielded wait.

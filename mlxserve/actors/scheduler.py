@@ -62,6 +62,7 @@ class RunnerExited:
     key: str
     generation: int
     crash: str | None
+    served: int = 0  # sequences it finished normally: a crash after serving is not a crash loop
 
 
 @attrs.frozen
@@ -118,6 +119,7 @@ class ModelStatus:
     expires_at: float | None  # unix time; None while busy; inf forever
     context_length: int
     details: dict
+    engine_running: int = 0  # sequences the engine holds (a left client's stays until dropped)
 
 
 @attrs.frozen
@@ -260,13 +262,18 @@ class Scheduler:
                     r.expires_at = trio.current_time() + r.keep_alive
             case LoadDone():
                 self._on_load_done(msg)
-            case RunnerExited(key=key, generation=gen, crash=crash):
+            case RunnerExited(key=key, generation=gen, crash=crash, served=served):
                 r = self.residents.get(key)
                 if r is not None and r.handle.generation == gen:
                     del self.residents[key]
                 if crash:
-                    self.crashes[key] = self.crashes.get(key, 0) + 1
+                    # The cap is on crashes in a row: a runner that served requests before it
+                    # crashed starts the count again, or a model would be refused for good after
+                    # a few unrelated crashes over a long uptime.
+                    self.crashes[key] = 1 if served else self.crashes.get(key, 0) + 1
                     self._emit("runner_crashed", key=key, error=crash)
+                else:
+                    self.crashes.pop(key, None)
             case Unload(name=name, reply=reply):
                 n = 0
                 for key, r in list(self.residents.items()):
@@ -290,6 +297,7 @@ class Scheduler:
                     for a in q:
                         if a.reply is reply:
                             q.remove(a)
+                            self._emit("dequeued", model=a.spec.name)
                             break
                 if reply.done:  # the lease had already been granted: give it back
                     try:
@@ -361,9 +369,9 @@ class Scheduler:
         else:
             self._send.send_nowait(LoadDone(spec, handle=handle))
 
-    def _runner_exited(self, key: str, generation: int, crash: str | None) -> None:
+    def _runner_exited(self, key: str, generation: int, crash: str | None, served: int = 0) -> None:
         try:
-            self._send.send_nowait(RunnerExited(key, generation, crash))
+            self._send.send_nowait(RunnerExited(key, generation, crash, served))
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
@@ -421,10 +429,12 @@ class Scheduler:
                 expires = math.inf
             else:
                 expires = wall + (r.expires_at - now)
+            stats = getattr(r.handle, "statistics", None)
             models.append(ModelStatus(
                 r.spec.name, key, r.spec.digest, r.spec.size, True,
                 min(r.refcount, self.num_parallel), max(0, r.refcount - self.num_parallel),
                 expires, getattr(r.handle, "context_length", 0), r.spec.details,
+                stats().running if stats is not None else 0,
             ))
         for key, q in self.waiting.items():
             if q and key not in self.residents:

@@ -316,6 +316,10 @@ def _table(headers: tuple, rows: list[tuple]) -> None:
         click.echo("    ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
 
 
+from .transfer import COMMANDS as _T
+for _c in _T: cli.add_command(_c)
+
+
 def main() -> None:
     cli(_anyio_backend="trio")
 

@@ -21,6 +21,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from . import sampling
+from .constrain import GrammarProcessor, TokenizerCache
 from .model import LoadedModel
 from .stops import StopMatcher
 from .tokenizer import StreamDecoder
@@ -37,6 +38,7 @@ class Add:
     params: sampling.SamplingParams
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; 0: chosen token only; n: with top-n alternatives
+    grammar: str | None = None  # llguidance grammar that every generated token must satisfy
 
 
 @attrs.frozen
@@ -135,6 +137,7 @@ class Engine:
         self._device = device
         self.faults = FaultSeam()
         self.lm: LoadedModel | None = None
+        self._lltok = TokenizerCache()
         # KV of finished sequences keyed by their tokens: a later prompt sharing a prefix (a
         # system prompt, an earlier turn) resumes from it instead of prefilling again.
         self._prefix = LRUPromptCache(max_size=64, max_bytes=prompt_cache_bytes) if prompt_cache_bytes > 0 else None
@@ -194,6 +197,12 @@ class Engine:
                             gen.remove([uid])
                             out.append(self._finish(seqs.pop(uid), "cancelled", ""))
                     case Add():
+                        try:
+                            processors = self._processors(lm, cmd)
+                        except Exception as exc:  # a grammar the matcher rejects fails that request only
+                            out.append(Chunk(cmd.seq_id, "", (), finish="error", error=str(exc),
+                                             stats=SeqStats(len(cmd.prompt_ids), 0, 0, 0, 0)))
+                            continue
                         cache, rest = self._cached_prefix(cmd.prompt_ids)
                         cached = len(cmd.prompt_ids) - len(rest)
                         uid = gen.insert(
@@ -202,7 +211,7 @@ class Engine:
                             caches=[cache] if cache is not None else None,
                             all_tokens=[cmd.prompt_ids[:cached]],
                             samplers=[sampling.make_sampler(cmd.params)],
-                            logits_processors=[sampling.make_processors(cmd.params)],
+                            logits_processors=[processors],
                         )[0]
                         seqs[uid] = _Seq(cmd, uid, StreamDecoder(lm.tokenizer), StopMatcher(cmd.stop),
                                          time.perf_counter(), cached)
@@ -238,6 +247,13 @@ class Engine:
                     out.append(chunk)
             if out:
                 self._deliver(out)
+
+    def _processors(self, lm: LoadedModel, cmd: Add) -> list:
+        processors = sampling.make_processors(cmd.params)
+        if cmd.grammar is not None:
+            vocab = int(lm.config.get("vocab_size") or lm.tokenizer.vocab_size)
+            processors.append(GrammarProcessor(self._lltok.get(lm.tokenizer, vocab), cmd.grammar, vocab))
+        return processors
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[list | None, list[int]]:
         if self._prefix is None or len(prompt) < 2:

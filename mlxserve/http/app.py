@@ -15,6 +15,8 @@ from werkzeug.exceptions import HTTPException
 from ..actors.runtime import Runtime
 from ..errors import MlxserveError
 from . import ollama, openai
+from . import transfer
+from . import embeddings
 from .common import error_headers, json_response
 
 log = logging.getLogger("mlxserve.http")
@@ -44,6 +46,8 @@ def create_app(rt: Runtime) -> QuartTrio:
     app.config["BODY_TIMEOUT"] = 60
     app.register_blueprint(ollama.bp)
     app.register_blueprint(openai.bp)
+    app.register_blueprint(transfer.bp)
+    app.register_blueprint(embeddings.bp)
     guard_host = _loopback(rt.settings.host)
 
     @app.before_request

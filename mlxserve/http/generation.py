@@ -42,6 +42,7 @@ class Generation:
     # filled while streaming
     text: list[str] = attrs.Factory(list)
     token_ids: list[int] = attrs.Factory(list)
+    logprob_entries: list[tuple] = attrs.Factory(list)
     final: Chunk | None = None
 
     @property
@@ -199,10 +200,10 @@ def budget(prompt_len: int, context_length: int, num_predict: int | None, cap: i
 async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None, prompt_text=None,
                 prompt_ids=None, tools=None, logprobs: int | None = None,
                 logit_bias: dict[int, float] | None = None, max_tokens: int | None = None,
-                prefix_ids: list[int] | None = None, truncate: bool = False) -> Generation:
+                prefix_ids: list[int] | None = None, truncate: bool = False,
+                grammar: str | None = None) -> Generation:
     """Acquire, render, tokenize and submit. The caller must ``release()`` the result."""
-    t_start = time.perf_counter()
-    t_acquire = time.perf_counter()
+    t_start = t_acquire = time.perf_counter()
     lease, load_ns = await acquire(rt, resolved, opts, keep_alive)
     queue_wait_ns = int((time.perf_counter() - t_acquire) * 1e9)
     try:
@@ -231,6 +232,7 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
         )
         gen.seq_id, gen.recv = lease.handle.submit_nowait(dict(
             prompt_ids=gen.prompt_ids, max_tokens=n, params=gen.params, stop=gen.stop, logprobs=logprobs,
+            grammar=grammar,
         ))
     except BaseException:
         lease.release(keep_alive)
@@ -250,6 +252,8 @@ async def chunks(gen: Generation) -> AsyncIterator[Chunk]:
                 gen.t_first = time.perf_counter()
             gen.text.append(chunk.text)
             gen.token_ids.extend(chunk.token_ids)
+            if chunk.logprobs:
+                gen.logprob_entries.extend(chunk.logprobs)
             if chunk.finish is not None:
                 gen.final = chunk
             yield chunk
@@ -263,3 +267,26 @@ def now_iso() -> str:
 
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
+
+
+def grammar_for_format(fmt: Any) -> str | None:
+    """Ollama's ``format``: "json" (any JSON object) or a JSON schema; "" or None: free text."""
+    from ..engine.constrain import ANY_JSON_OBJECT, grammar_for_schema
+
+    if fmt is None or fmt == "":
+        return None
+    if fmt == "json":
+        return grammar_for_schema(ANY_JSON_OBJECT)
+    if isinstance(fmt, dict):
+        return grammar_for_schema(fmt)
+    raise BadRequest('format must be "json" or a JSON schema object')
+
+
+def token_text(tok, token_id: int) -> str:
+    return tok.decode([token_id], skip_special=False)
+
+
+def check_top_logprobs(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 20:
+        raise BadRequest("top_logprobs must be an integer between 0 and 20")
+    return n

@@ -6,11 +6,13 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
+import attrs
 import trio
 from quart import Blueprint, Response
 
 from .. import __version__
 from ..errors import BadRequest, MlxserveError
+from ..specs.tools import as_template_tools, might_be_call, normalize_tools, parse_tool_calls
 from . import generation as g
 from .common import (
     field, json_body, json_response, keep_alive_of, ndjson, runtime, stream_response,
@@ -145,7 +147,7 @@ async def _common(body: dict):
     name = field(body, "model", str, required=True)
     rt = runtime()
     resolved = await rt.store.resolve(name)
-    if "embedding" in (resolved.spec.capabilities or []) and "completion" not in resolved.spec.capabilities:
+    if "completion" not in (resolved.spec.capabilities or ["completion"]):
         raise BadRequest(f'"{name}" does not support generate')
     if body.get("think"):
         raise BadRequest(f'"{name}" does not support thinking')
@@ -153,6 +155,18 @@ async def _common(body: dict):
     stream = field(body, "stream", bool, default=True)
     opts = g.merge_options(resolved.spec.parameters, field(body, "options", dict))
     return name, resolved, keep_alive, stream, opts
+
+
+def _logprobs_request(body: dict) -> int | None:
+    if not field(body, "logprobs", bool, default=False):
+        return None
+    return g.check_top_logprobs(body.get("top_logprobs", 0) or 0)
+
+
+def _logprobs_out(tok, entries) -> list[dict]:
+    return [{"token": g.token_text(tok, t), "logprob": lp,
+             "top_logprobs": [{"token": g.token_text(tok, a), "logprob": alp} for a, alp in alts]}
+            for t, lp, alts in entries]
 
 
 @bp.post("/api/generate")
@@ -167,13 +181,16 @@ async def generate():
     if raw and (template or system or context):
         raise BadRequest("raw mode does not support template, system, or context")
     if body.get("images"):
-        raise BadRequest("model does not support images")
+        raise BadRequest(f'"{name}" does not support images')
+    if field(body, "suffix", str):
+        raise BadRequest(f'"{name}" does not support insert')
+    grammar = g.grammar_for_format(body.get("format"))
+    logprobs = _logprobs_request(body)
     if not prompt and not context:
         return await _preload_or_unload(name, resolved, keep_alive, "generate")
     if context is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in context):
         raise BadRequest("context must be a list of token ids")
 
-    rt = runtime()
     messages = None
     prompt_text = None
     if raw:
@@ -183,22 +200,20 @@ async def generate():
             {"role": "user", "content": prompt}
         ]
     if template:
-        resolved = _with_template(resolved, template)
-    gen = await g.start(rt, resolved, opts, keep_alive, messages=messages, prompt_text=prompt_text,
-                        prefix_ids=context, truncate=field(body, "truncate", bool, default=False))
+        from ..specs.templates import check_template
 
-    def final(extra: dict) -> dict:
-        return {"model": name, "created_at": g.now_iso(), "response": "", "done": True,
-                "done_reason": gen.done_reason, **extra, "context": gen.prompt_ids + gen.token_ids,
-                **gen.durations()}
+        check_template(template)
+        resolved = attrs.evolve(resolved, spec=attrs.evolve(resolved.spec, template=template))
+    gen = await g.start(runtime(), resolved, opts, keep_alive, messages=messages, prompt_text=prompt_text,
+                        prefix_ids=context, truncate=field(body, "truncate", bool, default=False),
+                        grammar=grammar, logprobs=logprobs)
 
-    return await _respond(gen, stream, lambda text: {"response": text}, final, "response")
+    def final(text: str) -> dict:
+        out = {"model": name, "created_at": g.now_iso(), "response": text, "done": True,
+               "done_reason": gen.done_reason, "context": gen.prompt_ids + gen.token_ids, **gen.durations()}
+        return out
 
-
-def _with_template(resolved, template: str):
-    import attrs
-
-    return attrs.evolve(resolved, spec=attrs.evolve(resolved.spec, template=template))
+    return await _respond(gen, stream, lambda text: {"response": text}, final, logprobs is not None)
 
 
 @bp.post("/api/chat")
@@ -206,49 +221,78 @@ async def chat():
     body = await json_body()
     name, resolved, keep_alive, stream, opts = await _common(body)
     messages = _validate_messages(body.get("messages") or [])
-    tools = field(body, "tools", list)
+    tools = normalize_tools(body.get("tools"))
+    grammar = g.grammar_for_format(body.get("format"))
+    logprobs = _logprobs_request(body)
     if not messages:
         return await _preload_or_unload(name, resolved, keep_alive, "chat")
-    gen = await g.start(runtime(), resolved, opts, keep_alive, messages=messages, tools=tools)
+    gen = await g.start(runtime(), resolved, opts, keep_alive, messages=messages,
+                        tools=as_template_tools(tools) or None, grammar=grammar, logprobs=logprobs)
 
-    def final(extra: dict) -> dict:
-        return {"model": name, "created_at": g.now_iso(),
-                "message": {"role": "assistant", "content": extra.pop("content", "")},
+    def final(text: str) -> dict:
+        message = {"role": "assistant", "content": text}
+        calls = parse_tool_calls(text, tools) if tools and grammar is None else None
+        if calls:
+            message = {"role": "assistant", "content": "",
+                       "tool_calls": [{"function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]}
+        return {"model": name, "created_at": g.now_iso(), "message": message,
                 "done_reason": gen.done_reason, "done": True, **gen.durations()}
 
     return await _respond(gen, stream, lambda text: {"message": {"role": "assistant", "content": text}},
-                          final, "content")
+                          final, logprobs is not None, hold_calls=bool(tools) and grammar is None)
 
 
-async def _respond(gen: g.Generation, stream: bool, piece, final, text_key: str):
+async def _respond(gen: g.Generation, stream: bool, piece, final, with_logprobs: bool, hold_calls: bool = False):
+    """Non-streaming: one object. Streaming: NDJSON pieces, then the final object.
+
+    With tools, text that may still become a tool call is held back, so a call arrives whole in
+    the final object and plain text is never shown twice.
+    """
     name = gen.name
-    record = gen.record
+    tok = gen.tokenizer
 
     if not stream:
         try:
             async for _ in g.chunks(gen):
                 pass
         except BaseException as exc:
-            record(499 if isinstance(exc, trio.Cancelled) else getattr(exc, "status", 500), exc)
+            gen.record(499 if isinstance(exc, trio.Cancelled) else getattr(exc, "status", 500), exc)
             raise
         finally:
             gen.release()
-        record(200)
-        return json_response(final({text_key: "".join(gen.text)}) if text_key == "content"
-                             else {**final({}), "response": "".join(gen.text)})
+        gen.record(200)
+        out = final("".join(gen.text))
+        if with_logprobs:
+            out["logprobs"] = _logprobs_out(tok, gen.logprob_entries)
+        return json_response(out)
 
     async def body():
+        held: list[str] = []
         try:
             async for chunk in g.chunks(gen):
-                if chunk.text:
-                    yield ndjson({"model": name, "created_at": g.now_iso(), **piece(chunk.text), "done": False})
-            yield ndjson(final({}))
-            record(200)
+                if hold_calls and (held or not "".join(gen.text[:-1]).strip()) and \
+                        might_be_call("".join(held) + chunk.text):
+                    held.append(chunk.text)
+                    continue
+                text = "".join(held) + chunk.text
+                held.clear()
+                if text or (with_logprobs and chunk.logprobs):
+                    line = {"model": name, "created_at": g.now_iso(), **piece(text), "done": False}
+                    if with_logprobs and chunk.logprobs:
+                        line["logprobs"] = _logprobs_out(tok, chunk.logprobs)
+                    yield ndjson(line)
+            # Held text is either a tool call (final carries it) or text that was never shown.
+            out = final("".join(held)) if hold_calls else final("")
+            if hold_calls and "tool_calls" not in out.get("message", {}) and held:
+                yield ndjson({"model": name, "created_at": g.now_iso(), **piece("".join(held)), "done": False})
+                out = final("")
+            yield ndjson(out)
+            gen.record(200)
         except MlxserveError as exc:
-            record(exc.status, str(exc))
+            gen.record(exc.status, str(exc))
             yield ndjson({"error": str(exc)})
         except BaseException:
-            record(499)
+            gen.record(499)
             raise
 
     return stream_response(body(), gen.release, "application/x-ndjson")

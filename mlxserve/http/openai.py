@@ -9,7 +9,9 @@ import uuid
 import trio
 from quart import Blueprint
 
+from ..engine.constrain import ANY_JSON_OBJECT, grammar_for_schema
 from ..errors import BadRequest, MlxserveError
+from ..specs.tools import as_template_tools, call_schema, normalize_tools, parse_tool_calls
 from . import generation as g
 from .common import field, json_body, json_response, runtime, stream_response
 
@@ -20,6 +22,10 @@ _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "st
 
 def _sse(obj) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+def _sse_error(exc: MlxserveError) -> bytes:
+    return _sse({"error": {"message": str(exc), "type": exc.kind, "param": None, "code": None}})
 
 
 def _content_text(content, i: int) -> str:
@@ -57,22 +63,37 @@ def _messages(body: dict) -> list[dict]:
             raise BadRequest(f"messages[{i}].role '{role}' is not supported")
         msg = {"role": role, "content": _content_text(m.get("content"), i)}
         if m.get("tool_calls"):
-            msg["tool_calls"] = m["tool_calls"]
+            calls = m["tool_calls"]
+            if not isinstance(calls, list):
+                raise BadRequest(f"messages[{i}].tool_calls must be an array")
+            msg["tool_calls"] = [_template_call(c, i) for c in calls]
         if m.get("tool_call_id"):
             msg["tool_call_id"] = m["tool_call_id"]
         out.append(msg)
     return out
 
 
+def _template_call(call, i: int) -> dict:
+    """OpenAI's call (arguments as a JSON string) -> what chat templates render (an object)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise BadRequest(f"messages[{i}].tool_calls entries need function.name")
+    args = fn.get("arguments", "{}")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args or "{}")
+        except ValueError:
+            raise BadRequest(f"messages[{i}].tool_calls arguments must be JSON") from None
+    return {"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}}
+
+
 def _options(body: dict) -> dict:
     opts: dict = {}
-    for src, dst, kind in (
-        ("temperature", "temperature", float), ("top_p", "top_p", float), ("seed", "seed", int),
-        ("presence_penalty", "presence_penalty", float), ("frequency_penalty", "frequency_penalty", float),
-    ):
+    for src, kind in (("temperature", float), ("top_p", float), ("seed", int),
+                      ("presence_penalty", float), ("frequency_penalty", float)):
         v = field(body, src, kind)
         if v is not None:
-            opts[dst] = v
+            opts[src] = v
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, str):
@@ -80,9 +101,11 @@ def _options(body: dict) -> dict:
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise BadRequest("stop must be a string or an array of strings")
         opts["stop"] = stop
-    # OpenAI's default is plain sampling: no repeat penalty unless asked for.
+    # OpenAI's default is plain sampling: no repeat penalty, no top-k, temperature 1.
     opts.setdefault("repeat_penalty", 1.0)
     opts.setdefault("top_k", 0)
+    opts.setdefault("temperature", 1.0)
+    opts.setdefault("top_p", 1.0)
     return opts
 
 
@@ -95,116 +118,116 @@ def _max_tokens(body: dict) -> int | None:
     return n
 
 
-def _usage(gen: g.Generation) -> dict:
-    d = gen.durations()
-    return {
-        "prompt_tokens": d["prompt_eval_count"],
-        "completion_tokens": d["eval_count"],
-        "total_tokens": d["prompt_eval_count"] + d["eval_count"],
-        "prompt_tokens_details": {"cached_tokens": gen.final.stats.cached_tokens if gen.final and gen.final.stats else 0},
-    }
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    bias = field(body, "logit_bias", dict)
+    if not bias:
+        return None
+    try:
+        return {int(k): max(-100.0, min(100.0, float(v))) for k, v in bias.items()}
+    except (TypeError, ValueError):
+        raise BadRequest("logit_bias must map token ids to numbers") from None
 
 
-@bp.post("/v1/chat/completions")
-async def chat_completions():
-    body = await json_body()
-    name = field(body, "model", str, required=True)
-    messages = _messages(body)
-    stream = field(body, "stream", bool, default=False)
-    stream_options = field(body, "stream_options", dict) or {}
-    if field(body, "n", int, default=1) != 1:
-        raise BadRequest("n > 1 is not supported yet")
-    rt = runtime()
-    resolved = await rt.store.resolve(name)
-    opts = g.merge_options(resolved.spec.parameters, _options(body))
-    keep_alive = rt.settings.keep_alive
-    gen = await g.start(rt, resolved, opts, keep_alive, messages=messages, max_tokens=_max_tokens(body),
-                        tools=field(body, "tools", list))
-    cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    base = {"id": cid, "created": created, "model": name, "system_fingerprint": "mlxserve"}
-
-    record = gen.record
-
-    if not stream:
-        await _drain(gen)
-        return json_response({
-            **base, "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(gen.text)},
-                         "logprobs": None, "finish_reason": _FINISH[gen.done_reason]}],
-            "usage": _usage(gen),
-        })
-
-    async def body_iter():
-        chunk_base = {**base, "object": "chat.completion.chunk"}
-        try:
-            yield _sse({**chunk_base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                   "logprobs": None, "finish_reason": None}]})
-            async for c in g.chunks(gen):
-                if c.text:
-                    yield _sse({**chunk_base, "choices": [{"index": 0, "delta": {"content": c.text},
-                                                           "logprobs": None, "finish_reason": None}]})
-            yield _sse({**chunk_base, "choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                                   "finish_reason": _FINISH[gen.done_reason]}]})
-            if stream_options.get("include_usage"):
-                yield _sse({**chunk_base, "choices": [], "usage": _usage(gen)})
-            yield b"data: [DONE]\n\n"
-            record(200)
-        except MlxserveError as exc:
-            record(exc.status, str(exc))
-            yield _sse({"error": {"message": str(exc), "type": exc.kind, "param": None, "code": None}})
-        except trio.Cancelled:
-            record(499)
-            raise
-
-    return stream_response(body_iter(), gen.release, "text/event-stream")
+def _n(body: dict) -> int:
+    n = field(body, "n", int, default=1)
+    if not 1 <= n <= 16:
+        raise BadRequest("n must be between 1 and 16")
+    return n
 
 
-@bp.post("/v1/completions")
-async def completions():
-    body = await json_body()
-    name = field(body, "model", str, required=True)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise BadRequest("prompt must be a string")
-    stream = field(body, "stream", bool, default=False)
-    rt = runtime()
-    resolved = await rt.store.resolve(name)
-    opts = g.merge_options(resolved.spec.parameters, _options(body))
-    max_tokens = _max_tokens(body) or 16  # OpenAI's documented default for completions
-    gen = await g.start(rt, resolved, opts, rt.settings.keep_alive, prompt_text=prompt, max_tokens=max_tokens)
-    base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-            "model": name}
-    if not stream:
-        await _drain(gen)
-        return json_response({**base, "choices": [{"index": 0, "text": "".join(gen.text), "logprobs": None,
-                                                    "finish_reason": _FINISH[gen.done_reason]}],
-                              "usage": _usage(gen)})
+def _top_logprobs(body: dict, legacy: bool = False) -> int | None:
+    if legacy:  # /v1/completions: logprobs is the number of alternatives
+        v = body.get("logprobs")
+        return None if v is None else g.check_top_logprobs(v)
+    if not field(body, "logprobs", bool, default=False):
+        return None
+    return g.check_top_logprobs(body.get("top_logprobs") or 0)
 
-    async def body_iter():
-        try:
-            async for c in g.chunks(gen):
-                if c.text:
-                    yield _sse({**base, "choices": [{"index": 0, "text": c.text, "logprobs": None,
-                                                     "finish_reason": None}]})
-            yield _sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                             "finish_reason": _FINISH[gen.done_reason]}]})
-            yield b"data: [DONE]\n\n"
-            gen.record(200)
-        except MlxserveError as exc:
-            gen.record(exc.status, str(exc))
-            yield _sse({"error": {"message": str(exc), "type": exc.kind, "param": None, "code": None}})
-        except trio.Cancelled:
-            gen.record(499)
-            raise
 
-    return stream_response(body_iter(), gen.release, "text/event-stream")
+def _grammar(body: dict, tools: list[dict]) -> tuple[str | None, bool]:
+    """(grammar, forced_call) from response_format and tool_choice."""
+    choice = body.get("tool_choice", "auto" if tools else "none")
+    if tools and choice == "required":
+        return grammar_for_schema(call_schema(tools)), True
+    if tools and isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if not isinstance(name, str):
+            raise BadRequest("tool_choice must be 'none', 'auto', 'required' or {type: function, function: {name}}")
+        return grammar_for_schema(call_schema(tools, name)), True
+    if choice not in ("auto", "none", "required") and not isinstance(choice, dict):
+        raise BadRequest("tool_choice must be 'none', 'auto', 'required' or a named function")
+    rf = body.get("response_format")
+    if rf is None:
+        return None, False
+    if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+        raise BadRequest("response_format.type must be text, json_object or json_schema")
+    if rf["type"] == "json_object":
+        return grammar_for_schema(ANY_JSON_OBJECT), False
+    if rf["type"] == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise BadRequest("response_format.json_schema.schema must be a JSON schema object")
+        return grammar_for_schema(spec.get("schema") or ANY_JSON_OBJECT), False
+    return None, False
+
+
+def _usage(gens: list[g.Generation]) -> dict:
+    prompt = gens[0].durations()["prompt_eval_count"]
+    completion = sum(x.durations()["eval_count"] for x in gens)
+    cached = max((x.final.stats.cached_tokens for x in gens if x.final and x.final.stats), default=0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _lp_entry(tok, t: int, lp: float, alts) -> dict:
+    text = g.token_text(tok, t)
+    return {"token": text, "logprob": lp, "bytes": list(text.encode()),
+            "top_logprobs": [{"token": g.token_text(tok, a), "logprob": alp,
+                              "bytes": list(g.token_text(tok, a).encode())} for a, alp in alts]}
+
+
+def _tool_calls(text: str, tools: list[dict], forced: bool, choice) -> list[dict] | None:
+    if not tools or choice == "none":
+        return None
+    calls = parse_tool_calls(text, tools)
+    if calls is None:
+        return None
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}} for c in calls]
+
+
+async def _start_all(rt, resolved, opts, n: int, **kw) -> list[g.Generation]:
+    """n copies of one request, each its own sequence in the running batch."""
+    gens: list[g.Generation] = []
+    try:
+        for _ in range(n):
+            gens.append(await g.start(rt, resolved, opts, rt.settings.keep_alive, **kw))
+    except BaseException:
+        for x in gens:
+            x.release()
+        raise
+    return gens
+
+
+async def _drain_all(gens: list[g.Generation]) -> None:
+    """Non-streaming: collect every copy; a client leaving cancels them at any await."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for x in gens:
+                nursery.start_soon(_drain, x)
+    except BaseExceptionGroup as group:  # surface the first domain error as itself (status code)
+        first = next((e for e in _leaves(group) if isinstance(e, MlxserveError)), None)
+        if first is not None:
+            raise first from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup):
+    for e in group.exceptions:
+        yield from (_leaves(e) if isinstance(e, BaseExceptionGroup) else (e,))
 
 
 async def _drain(gen: g.Generation) -> None:
-    """A non-streaming answer: collect every chunk; a client leaving cancels it at any await."""
     try:
         async for _ in g.chunks(gen):
             pass
@@ -217,6 +240,174 @@ async def _drain(gen: g.Generation) -> None:
     finally:
         gen.release()
     gen.record(200)
+
+
+@bp.post("/v1/chat/completions")
+async def chat_completions():
+    body = await json_body()
+    name = field(body, "model", str, required=True)
+    messages = _messages(body)
+    stream = field(body, "stream", bool, default=False)
+    stream_options = field(body, "stream_options", dict) or {}
+    n = _n(body)
+    if stream and n > 1:
+        raise BadRequest("n > 1 is supported without stream only")
+    tools = normalize_tools(body.get("tools"))
+    choice = body.get("tool_choice", "auto" if tools else "none")
+    grammar, forced = _grammar(body, tools)
+    top = _top_logprobs(body)
+    rt = runtime()
+    resolved = await rt.store.resolve(name)
+    opts = g.merge_options(resolved.spec.parameters, _options(body))
+    gens = await _start_all(
+        rt, resolved, opts, n, messages=messages, max_tokens=_max_tokens(body),
+        tools=as_template_tools(tools) if tools and choice != "none" else None,
+        grammar=grammar, logprobs=top, logit_bias=_logit_bias(body),
+    )
+    gen = gens[0]
+    tok = gen.tokenizer
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": name,
+            "system_fingerprint": "mlxserve"}
+
+    def choice_of(i: int, x: g.Generation) -> dict:
+        text = "".join(x.text)
+        calls = _tool_calls(text, tools, forced, choice)
+        message = {"role": "assistant", "content": None if calls else text}
+        if calls:
+            message["tool_calls"] = calls
+        lp = {"content": [_lp_entry(tok, *e) for e in x.logprob_entries]} if top is not None else None
+        return {"index": i, "message": message, "logprobs": lp,
+                "finish_reason": "tool_calls" if calls else _FINISH[x.done_reason]}
+
+    if not stream:
+        await _drain_all(gens)
+        return json_response({**base, "object": "chat.completion",
+                              "choices": [choice_of(i, x) for i, x in enumerate(gens)], "usage": _usage(gens)})
+
+    hold = bool(tools) and choice != "none"
+
+    async def body_iter():
+        chunk_base = {**base, "object": "chat.completion.chunk"}
+
+        def delta(d: dict, finish=None, lp=None) -> bytes:
+            return _sse({**chunk_base, "choices": [{"index": 0, "delta": d, "logprobs": lp,
+                                                    "finish_reason": finish}]})
+
+        try:
+            yield delta({"role": "assistant", "content": ""})
+            async for c in g.chunks(gen):
+                if hold:  # a call must arrive whole: keep everything until the end
+                    continue
+                lp = {"content": [_lp_entry(tok, *e) for e in c.logprobs]} if top is not None and c.logprobs else None
+                if c.text or lp:
+                    yield delta({"content": c.text}, lp=lp)
+            finish = _FINISH[gen.done_reason]
+            if hold:
+                text = "".join(gen.text)
+                calls = _tool_calls(text, tools, forced, choice)
+                if calls:
+                    yield delta({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
+                    finish = "tool_calls"
+                elif text:
+                    yield delta({"content": text})
+            yield delta({}, finish)
+            if stream_options.get("include_usage"):
+                yield _sse({**chunk_base, "choices": [], "usage": _usage(gens)})
+            yield b"data: [DONE]\n\n"
+            gen.record(200)
+        except MlxserveError as exc:
+            gen.record(exc.status, str(exc))
+            yield _sse_error(exc)
+        except trio.Cancelled:
+            gen.record(499)
+            raise
+
+    return stream_response(body_iter(), gen.release, "text/event-stream")
+
+
+def _prompts(body: dict) -> list[str | list[int]]:
+    p = body.get("prompt")
+    if isinstance(p, str):
+        return [p]
+    if isinstance(p, list) and p and all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+        return [p]  # one prompt given as token ids
+    if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
+        return p
+    if isinstance(p, list) and p and all(isinstance(x, list) for x in p):
+        return p
+    raise BadRequest("prompt must be a string, an array of strings, or token ids")
+
+
+@bp.post("/v1/completions")
+async def completions():
+    body = await json_body()
+    name = field(body, "model", str, required=True)
+    prompts = _prompts(body)
+    stream = field(body, "stream", bool, default=False)
+    echo = field(body, "echo", bool, default=False)
+    if field(body, "suffix", str):
+        raise BadRequest(f'"{name}" does not support insert (suffix)')
+    n = _n(body)
+    if stream and (n > 1 or len(prompts) > 1):
+        raise BadRequest("several prompts or n > 1 are supported without stream only")
+    top = _top_logprobs(body, legacy=True)
+    rt = runtime()
+    resolved = await rt.store.resolve(name)
+    opts = g.merge_options(resolved.spec.parameters, _options(body))
+    max_tokens = _max_tokens(body) or 16  # OpenAI's documented default for completions
+    gens: list[g.Generation] = []
+    try:
+        for p in prompts:
+            kw = {"prompt_ids": p} if isinstance(p, list) else {"prompt_text": p}
+            gens += await _start_all(rt, resolved, opts, n, max_tokens=max_tokens, logprobs=top,
+                                     logit_bias=_logit_bias(body), **kw)
+    except BaseException:
+        for x in gens:
+            x.release()
+        raise
+    base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": name}
+    tok = gens[0].tokenizer
+
+    def legacy_lp(entries) -> dict:
+        return {"tokens": [g.token_text(tok, t) for t, _, _ in entries],
+                "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{g.token_text(tok, a): alp for a, alp in alts} for _, _, alts in entries]}
+
+    def prefix(x: g.Generation) -> str:
+        return tok.decode(x.prompt_ids) if echo else ""
+
+    if not stream:
+        await _drain_all(gens)
+        return json_response({**base, "choices": [
+            {"index": i, "text": prefix(x) + "".join(x.text),
+             "logprobs": legacy_lp(x.logprob_entries) if top is not None else None,
+             "finish_reason": _FINISH[x.done_reason]} for i, x in enumerate(gens)],
+            "usage": _usage(gens)})
+
+    gen = gens[0]
+
+    async def body_iter():
+        try:
+            if echo:
+                yield _sse({**base, "choices": [{"index": 0, "text": prefix(gen), "logprobs": None,
+                                                 "finish_reason": None}]})
+            async for c in g.chunks(gen):
+                if c.text:
+                    yield _sse({**base, "choices": [{"index": 0, "text": c.text, "finish_reason": None,
+                                                     "logprobs": legacy_lp(c.logprobs) if top is not None and c.logprobs else None}]})
+            yield _sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
+                                             "finish_reason": _FINISH[gen.done_reason]}]})
+            yield b"data: [DONE]\n\n"
+            gen.record(200)
+        except MlxserveError as exc:
+            gen.record(exc.status, str(exc))
+            yield _sse_error(exc)
+        except trio.Cancelled:
+            gen.record(499)
+            raise
+
+    return stream_response(body_iter(), gen.release, "text/event-stream")
 
 
 def _model_obj(m) -> dict:

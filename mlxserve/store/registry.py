@@ -31,6 +31,7 @@ import logging
 import os
 import random
 import re
+import socket
 import threading
 import time
 from typing import BinaryIO, Callable, Iterator
@@ -192,9 +193,38 @@ class RegistryClient:
             headers={"User-Agent": "mlxserve"})
         self._tokens: dict[str, str] = {}
         self._tokens_lock = threading.Lock()
+        # Downloads being read; a cancel shuts their sockets down so that a read blocked on a
+        # stalled registry returns at once instead of after stall_timeout.
+        self._active: set[httpx.Response] = set()
+        self._active_lock = threading.Lock()
+        self._closed = threading.Event()
+        threading.Thread(target=self._watch_cancel, name="mlxserve-registry-cancel",
+                         daemon=True).start()
 
     def close(self) -> None:
+        self._closed.set()
         self._http.close()
+
+    def _watch_cancel(self) -> None:
+        while not self._closed.is_set():
+            if self.cancel.wait(0.25):
+                with self._active_lock:
+                    active = list(self._active)
+                for resp in active:
+                    stream = resp.extensions.get("network_stream")
+                    sock = stream.get_extra_info("socket") if stream is not None else None
+                    if sock is not None:
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                return
+
+    def finish(self, resp: httpx.Response) -> None:
+        """Close a response from :meth:`open_blob`."""
+        with self._active_lock:
+            self._active.discard(resp)
+        resp.close()
 
     def __enter__(self) -> "RegistryClient":
         return self
@@ -334,6 +364,11 @@ class RegistryClient:
             finally:
                 resp.close()
             ctype = resp.headers.get("content-type", "").split(";")[0].strip()
+            sent = resp.headers.get("docker-content-digest", "")
+            got = "sha256:" + hashlib.sha256(data).hexdigest()
+            if sent.startswith("sha256:") and sent != got:
+                raise RegistryDigestMismatch(f"{what}: the manifest does not match its digest: "
+                                             f"expected {sent}, got {got}")
             return bytes(data), ctype
 
         try:
@@ -374,11 +409,13 @@ class RegistryClient:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         resp = self._send("GET", self.url(repo, "blobs", digest), stream=True, headers=headers,
                           ok=(200, 206), what=f"download blob {digest}")
+        with self._active_lock:
+            self._active.add(resp)
         if resp.status_code == 206:
             m = re.match(r"bytes (\d+)-", resp.headers.get("content-range", ""))
             start = int(m.group(1)) if m else -1
             if start != offset:
-                resp.close()
+                self.finish(resp)
                 raise _Retryable(f"download blob {digest}: asked for bytes {offset}-, the "
                                  f"registry sent {resp.headers.get('content-range')!r}")
             return resp, offset
@@ -432,6 +469,10 @@ class RegistryClient:
             with open_blob() as f:
                 def body() -> Iterator[bytes]:
                     nonlocal sent
+                    if sent:  # sent again after a bearer challenge
+                        report(-sent)
+                        sent = 0
+                    f.seek(0)
                     while chunk := f.read(READ_CHUNK):
                         self.check_cancel()
                         STATS.add(sent=len(chunk))
@@ -439,7 +480,7 @@ class RegistryClient:
                         report(len(chunk))
                         yield chunk
                 self._send("PUT", self._with_digest(location, digest), push=True,
-                           content=body(), ok=(201,), what=what,
+                           content=body, ok=(201,), what=what,
                            headers={"Content-Type": "application/octet-stream",
                                     "Content-Length": str(size)}).close()
 

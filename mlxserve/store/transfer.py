@@ -27,7 +27,6 @@ mlxserve's format under the pulled name (so a later pull fetches the GGUF again)
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import hashlib
@@ -47,7 +46,7 @@ import attrs
 from ..errors import BadRequest, IntegrityError, MlxserveError, ModelNotFound
 from . import fsutil, manifest as mt
 from .names import ModelName
-from .registry import (STATS, AnyEvent, RegistryClient, RegistryDigestMismatch, RegistryError,
+from .registry import (AnyEvent, RegistryClient, RegistryDigestMismatch, RegistryError,
                        TransferCancelled, TransferOptions, _Retryable, sha256_file_prefix)
 from .store import Store
 
@@ -93,8 +92,10 @@ class _Emitter:
         with self._lock:
             now = time.monotonic()
             last_t, last_n = self._last.get(digest, (0.0, -1))
+            # Throttled: an event per THROTTLE_S, or per percent of the layer, whichever first.
             if completed == last_n or (not force and completed < total
-                                       and now - last_t < THROTTLE_S):
+                                       and now - last_t < THROTTLE_S
+                                       and completed - last_n < total / 100):
                 return
             self._last[digest] = (now, completed)
             self({"status": f"{self._verb} {digest.split(':')[1][:12]}", "digest": digest,
@@ -202,6 +203,7 @@ class _Fetched:
     desc: dict
     part: Path
     fd: int
+    received: int  # bytes this pull fetched over the network for it
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -228,6 +230,7 @@ def _download(store: Store, client: RegistryClient, repo: str, desc: dict,
         os.ftruncate(fd, offset)
         h = sha256_file_prefix(part, offset) if offset else hashlib.sha256()
         synced = offset
+        received = 0
         emit.layer(digest, size, offset, force=True)
 
         def sync(f) -> None:
@@ -239,7 +242,7 @@ def _download(store: Store, client: RegistryClient, repo: str, desc: dict,
                 synced = offset
 
         def attempt(f) -> None:
-            nonlocal offset, h, synced
+            nonlocal offset, h, synced, received
             resp, start = client.open_blob(repo, digest, offset)
             try:
                 if start != offset:  # the registry ignored Range: start over
@@ -256,6 +259,7 @@ def _download(store: Store, client: RegistryClient, repo: str, desc: dict,
                     f.write(chunk)
                     h.update(chunk)
                     offset += len(chunk)
+                    received += len(chunk)
                     if offset - synced >= SYNC_EVERY:
                         sync(f)
                     emit.layer(digest, size, offset)
@@ -263,7 +267,7 @@ def _download(store: Store, client: RegistryClient, repo: str, desc: dict,
                     raise _Retryable(f"download blob {digest}: connection closed at byte "
                                      f"{offset} of {size}")
             finally:
-                resp.close()
+                client.finish(resp)
 
         try:
             with os.fdopen(os.dup(fd), "r+b") as f:
@@ -284,7 +288,7 @@ def _download(store: Store, client: RegistryClient, repo: str, desc: dict,
                 f"blob from registry {client.registry} does not match its digest: expected "
                 f"{digest}, got {got} (the partial download was deleted)",
                 expected=digest, actual=got)
-        return _Fetched(desc, part, fd)
+        return _Fetched(desc, part, fd, received)
     except BaseException:
         os.close(fd)
         raise
@@ -350,9 +354,11 @@ def pull(store: Store, name: str, *, insecure: bool = False, progress: Progress 
     abort = threading.Event()
     stop = AnyEvent(*(e for e in (cancel, abort) if e is not None))
     opts = options or TransferOptions.from_env()
-    before = STATS.blob_bytes_received
-    fetched = 0
+    fetched = received = 0
     converted = False
+    prune_partials(store)
+    old_path = store.manifest_path(mn)
+    old = old_path.read_bytes() if old_path.is_file() else None
     with RegistryClient(mn.registry, insecure=insecure, options=opts, cancel=stop,
                         transport=transport) as client:
         emit.status("pulling manifest")
@@ -371,6 +377,7 @@ def pull(store: Store, name: str, *, insecure: bool = False, progress: Progress 
             try:
                 client.check_cancel()
                 fetched += sum(1 for g in got if g is not None)
+                received += sum(g.received for g in got if g is not None)
                 emit.status("verifying sha256 digest")
                 with store.writing():
                     for g in got:
@@ -398,13 +405,14 @@ def pull(store: Store, name: str, *, insecure: bool = False, progress: Progress 
         else:
             raise RegistryError(f"pull {mn}: blobs kept disappearing from the store while "
                                 f"pulling ({_ROUNDS} rounds); is something pruning it?")
+    # Outside the write lock: create may prune, and prune takes the lock exclusively.
     if converted:
-        # Outside the write lock: create may prune, which needs the lock exclusively.
         _convert(store, name, doc, emit)
+    elif old is not None and old != data:
+        store.prune()  # the replaced manifest may have been the last user of some blobs
     emit.status("success")
     resolved = store.resolve(name)
-    return TransferResult(str(mn), resolved.digest, STATS.blob_bytes_received - before, fetched,
-                          converted)
+    return TransferResult(str(mn), resolved.digest, received, fetched, converted)
 
 
 def _gguf_layer(doc: dict) -> dict | None:
@@ -478,7 +486,8 @@ def push(store: Store, name: str, *, insecure: bool = False, progress: Progress 
         if not _have(store, d):
             raise IntegrityError(f"blob {d['digest']} of '{name}' is missing or truncated; "
                                  "re-create or re-pull it before pushing")
-    before = STATS.blob_bytes_sent
+    sent_total = 0
+    sent_lock = threading.Lock()
     with RegistryClient(mn.registry, insecure=insecure, options=opts, cancel=stop,
                         transport=transport) as client:
         repo = _repo(mn)
@@ -488,8 +497,10 @@ def push(store: Store, name: str, *, insecure: bool = False, progress: Progress 
             done = 0
 
             def on_bytes(n: int) -> None:
-                nonlocal done
+                nonlocal done, sent_total
                 done += n
+                with sent_lock:
+                    sent_total += n
                 emit.layer(digest, size, done)
 
             emit.layer(digest, size, 0, force=True)
@@ -502,7 +513,7 @@ def push(store: Store, name: str, *, insecure: bool = False, progress: Progress 
         emit.status("pushing manifest")
         client.put_manifest(mn, data, doc.get("mediaType") or mt.MANIFEST_MEDIA_TYPE)
     emit.status("success")
-    return TransferResult(str(mn), fsutil.sha256_bytes(data), STATS.blob_bytes_sent - before,
+    return TransferResult(str(mn), fsutil.sha256_bytes(data), sent_total,
                           sum(sent))
 
 

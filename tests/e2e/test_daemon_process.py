@@ -66,8 +66,9 @@ def test_list_ps_show_and_unknown_model(served):
 def test_sigterm_ends_streams_with_an_error_line_and_exits_cleanly(served):
     env, proc = served
     url = "http://" + env["MLXSERVE_HOST"]
-    body = {"model": "smollm2:135m", "prompt": "Write a long story about a dragon.",
-            "options": {"num_predict": 2000}}
+    # Counting goes on for thousands of tokens, so the stream is surely live at SIGTERM.
+    body = {"model": "smollm2:135m", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "raw": True,
+            "options": {"num_predict": 4000}}
     lines = []
     with httpx.Client(base_url=url, timeout=120) as c:
         with c.stream("POST", "/api/generate", json=body) as r:

@@ -1,0 +1,177 @@
+"""The Embedder actor with an injected model (no MLX): batching, keep-alive, failures.
+
+The worker threads are real, so these tests use a MockClock running at real speed (jumped by
+hand to reach keep-alive deadlines) rather than the autojump clock, which would jump to a
+deadline while a thread is busy.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+
+from mlxserve.actors.embedder import Embedder, EmbedRequest
+from mlxserve.config import Settings
+from mlxserve.engine.embed import Tokenized
+from mlxserve.errors import BadRequest, LoadError
+
+
+class FakeModel:
+    """Vector of an input = (its length, 1, 0, 0); records the size of every batch."""
+
+    dimension = 4
+    weight_bytes = 16
+    context_length = 32
+
+    def __init__(self, log: dict):
+        self.log = log
+
+    def tokenize(self, inputs, *, truncate=True, limit=None):
+        if "BAD" in inputs:
+            raise BadRequest("bad input")
+        return [Tokenized([7] * len(s)) for s in inputs]
+
+    def embed_ids(self, seqs, *, dimensions=None):
+        self.log["batches"].append(len(seqs))
+        self.log["started"].set()
+        assert self.log["gate"].wait(10)
+        return np.array([[len(s), 1, 0, 0] for s in seqs], dtype=np.float32).reshape(-1, 4)
+
+
+class FakeStore:
+    async def verify_for_load(self, resolved):
+        pass
+
+    async def model_path(self, resolved):
+        return f"/models/{resolved.display}"
+
+
+def _model(name: str, caps=("embedding",)):
+    return SimpleNamespace(digest=f"sha256:{name}", display=f"{name}:latest",
+                           spec=SimpleNamespace(capabilities=list(caps)))
+
+
+@pytest.fixture
+def clock():
+    return trio.testing.MockClock(rate=1.0)
+
+
+@pytest.fixture
+def log():
+    gate = threading.Event()
+    gate.set()
+    return {"batches": [], "loads": [], "gate": gate, "started": threading.Event()}
+
+
+@pytest.fixture
+async def embedder(log, tmp_path):
+    def load_fn(resolved, path, kind):
+        def load():
+            log["loads"].append((resolved.display, kind, path))
+            if resolved.display.startswith("broken"):
+                raise RuntimeError("no weights")
+            return FakeModel(log)
+        return load
+
+    settings = Settings(models_dir=tmp_path, max_loaded_models=1)
+    async with trio.open_nursery() as nursery:
+        handle = await nursery.start(Embedder(settings, FakeStore(), load_fn=load_fn).run)
+        yield handle
+        nursery.cancel_scope.cancel()
+
+
+async def test_requests_that_arrive_together_share_a_batch(embedder, log):
+    m = _model("e")
+    results: dict[int, object] = {}
+    log["gate"].clear()
+
+    async def one(i: int, inputs: tuple):
+        try:
+            results[i] = await embedder.embed(m, EmbedRequest(inputs), 60)
+        except BadRequest as exc:
+            results[i] = exc
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(one, 0, ("a",))
+            await trio.to_thread.run_sync(log["started"].wait)  # the first batch is running
+            n.start_soon(one, 1, ("bb", "ccc"))
+            n.start_soon(one, 2, ("dddd",))
+            n.start_soon(one, 3, ("BAD",))  # fails alone; its neighbours are served
+            await trio.testing.wait_all_tasks_blocked()
+            log["gate"].set()
+    assert log["batches"] == [1, 3]  # requests 1 and 2 (3 inputs) in one pass
+    assert results[1].vectors[:, 0].tolist() == [2, 3] and results[2].vectors[:, 0].tolist() == [4]
+    assert results[1].token_counts == (2, 3) and results[1].prompt_tokens == 5
+    assert isinstance(results[3], BadRequest)
+
+
+async def test_bad_input_fails_only_its_request(embedder):
+    with trio.fail_after(10):
+        with pytest.raises(BadRequest, match="bad input"):
+            await embedder.embed(_model("e"), EmbedRequest(("BAD",)), 60)
+        ok = await embedder.embed(_model("e"), EmbedRequest(("xy",)), 60)
+    assert ok.vectors.shape == (1, 4)
+
+
+async def test_first_request_reports_load_time_then_not(embedder, log):
+    with trio.fail_after(10):
+        first = await embedder.embed(_model("e"), EmbedRequest(("a",)), 60)
+        second = await embedder.embed(_model("e"), EmbedRequest(("a",)), 60)
+    assert first.load_ns > 0 and second.load_ns == 0
+    assert log["loads"] == [("e:latest", "bert", "/models/e:latest")]
+
+
+async def test_keep_alive_expiry_and_zero(embedder, log, clock):
+    # Each fail_after covers only real waiting: the clock jumps happen outside them.
+    m = _model("e")
+    with trio.fail_after(10):
+        await embedder.embed(m, EmbedRequest(("a",)), 60)
+    [stats] = embedder.statistics().models
+    assert stats.state == "ready" and stats.active == 0
+    assert 59 < stats.expires_at - trio.current_time() <= 60
+    clock.jump(30)
+    with trio.fail_after(10):
+        await trio.testing.wait_all_tasks_blocked()
+    assert len(embedder.statistics().models) == 1
+    clock.jump(31)
+    with trio.fail_after(10):
+        await trio.testing.wait_all_tasks_blocked()
+    assert embedder.statistics().models == ()
+    with trio.fail_after(10):
+        # keep_alive 0: unloaded as soon as the request is answered.
+        await embedder.embed(m, EmbedRequest(("a",)), 0)
+        await trio.testing.wait_all_tasks_blocked()
+    assert embedder.statistics().models == ()
+    assert len(log["loads"]) == 2
+
+
+async def test_unload_and_lru_eviction(embedder, log):
+    a, b = _model("a"), _model("b", caps=("completion",))
+    with trio.fail_after(10):
+        await embedder.embed(a, EmbedRequest(("x",)), float("inf"))
+        await embedder.embed(b, EmbedRequest(("x",)), float("inf"))  # max_loaded=1: evicts a
+        await trio.testing.wait_all_tasks_blocked()
+        assert [(s.name, s.kind) for s in embedder.statistics().models] == [("b:latest", "decoder")]
+        await embedder.unload(b)
+        assert embedder.statistics().models == ()
+
+
+async def test_load_failure_is_reported_and_retried(embedder, log):
+    with trio.fail_after(10):
+        for _ in range(2):
+            with pytest.raises(LoadError, match="no weights"):
+                await embedder.embed(_model("broken"), EmbedRequest(("x",)), 60)
+    assert len(log["loads"]) == 2 and embedder.statistics().models == ()
+
+
+async def test_model_without_capability_is_refused(embedder, log):
+    with trio.fail_after(10):
+        with pytest.raises(BadRequest, match="does not support embeddings"):
+            await embedder.embed(_model("v", caps=("vision",)), EmbedRequest(("x",)), 60)
+    assert log["loads"] == []
