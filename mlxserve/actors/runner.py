@@ -293,6 +293,8 @@ class Runner:
                     self._route(ev)
                 case eng.Ready(info=info):
                     self.loaded = self._engine.lm
+                    log.info("loaded %s: %.1f MB of weights as %s, context %d", self.key[:19],
+                             info["weight_bytes"] / 1e6, self.loaded.weight_dtype, info["context_length"])
                     self.context_length = info["context_length"]
                     self.weight_bytes = info["weight_bytes"]
                     self._ready.set()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 import trio
@@ -80,10 +80,14 @@ class Plan:
     """How one request ends.
 
     action: ``complete``; ``early`` (vanish ``delay`` s after sending, whatever arrived by
-    then); ``decode`` (vanish after ``after_tokens`` pieces of text); ``after_last`` (vanish
-    right after the last token's final line, before the stream's end); ``slow`` (stall
+    then); ``at_head`` (vanish as soon as the response headers arrive: the sequence has just
+    been submitted); ``decode`` (vanish after ``after_tokens`` pieces of text); ``after_last``
+    (vanish right after the last token's final line, before the stream's end); ``slow`` (stall
     ``stall_s`` after ``stall_after`` pieces, with a tiny receive buffer, then read on);
     ``client_fault`` (a malformed request of kind ``fault``).
+
+    ``hold``: an event the client waits for (not reading) at the moment it would vanish, so
+    the harness decides when a queue drains.
     """
 
     template: Template
@@ -97,6 +101,7 @@ class Plan:
     fault: str = ""
     deadline: float = 60.0
     tag: str = ""  # scenario-specific label
+    hold: Any = attrs.field(default=None, eq=False)  # trio.Event | None
 
 
 @attrs.define
@@ -268,13 +273,14 @@ def _fault_request(kind: str, t: Template) -> tuple[str, bytes | None, dict[str,
     return path, json.dumps(body).encode(), headers
 
 
-async def run(host: str, port: int, plan: Plan) -> Result:
-    """Drive one request to its planned end; never raises (everything lands in the Result)."""
+async def run(host: str, port: int, plan: Plan, on_piece: Callable[[Result], None] | None = None) -> Result:
+    """Drive one request to its planned end; never raises (everything lands in the Result).
+    ``on_piece`` is called after each piece of streamed text (the harness's events)."""
     res = Result(plan)
     res.t_send = time.monotonic()
     with trio.move_on_after(plan.deadline) as deadline:
         try:
-            await _drive(host, port, plan, res)
+            await _drive(host, port, plan, res, on_piece)
         except (OSError, wire.ProtocolError) as exc:
             if res.disconnected is None:
                 res.problems.append(f"{exc.__class__.__name__}: {exc}")
@@ -284,7 +290,7 @@ async def run(host: str, port: int, plan: Plan) -> Result:
     return res
 
 
-async def _drive(host: str, port: int, plan: Plan, res: Result) -> None:
+async def _drive(host: str, port: int, plan: Plan, res: Result, on_piece) -> None:
     t = plan.template
     conn = await wire.Connection.open(host, port, rcvbuf=4096 if plan.action == "slow" else None)
     try:
@@ -297,16 +303,21 @@ async def _drive(host: str, port: int, plan: Plan, res: Result) -> None:
         await conn.send("POST", t.path, body)
         if plan.action == "early":
             with trio.move_on_after(plan.delay) as timer:
-                await _read_response(conn, plan, res)
+                await _read_response(conn, plan, res, on_piece)
             if timer.cancelled_caught:
                 _vanish(conn, plan, res)
             return
         try:
-            await _read_response(conn, plan, res)
+            await _read_response(conn, plan, res, on_piece)
         except _Vanish:
             _vanish(conn, plan, res)
     finally:
         conn.abort()
+
+
+async def _hold(plan: Plan) -> None:
+    if plan.hold is not None:
+        await plan.hold.wait()
 
 
 def _vanish(conn: wire.Connection, plan: Plan, res: Result) -> None:
@@ -341,10 +352,13 @@ async def _read_plain(conn: wire.Connection, res: Result, route: str) -> None:
             res.problems.append(f"{res.status} with a malformed error body: {raw[:120]!r}")
 
 
-async def _read_response(conn: wire.Connection, plan: Plan, res: Result) -> None:
+async def _read_response(conn: wire.Connection, plan: Plan, res: Result, on_piece=None) -> None:
     t = plan.template
     res.status, res.headers = await conn.read_head()
     res.t_head = time.monotonic()
+    if plan.action == "at_head" and res.status == 200:
+        await _hold(plan)
+        raise _Vanish()
     if res.status != 200 or not plan.stream:
         raw = await conn.read_body()
         res.t_end = time.monotonic()
@@ -388,12 +402,16 @@ async def _read_response(conn: wire.Connection, plan: Plan, res: Result) -> None
             pieces += 1
             if res.t_first is None:
                 res.t_first = time.monotonic()
+            if on_piece is not None:
+                on_piece(res)
             if plan.action == "decode" and pieces >= plan.after_tokens:
+                await _hold(plan)
                 raise _Vanish()
             if plan.action == "slow" and pieces == plan.stall_after:
                 await trio.sleep(plan.stall_s)  # the client's behaviour under test, not a wait
         elif kind == "final":
             if plan.action == "after_last":
+                await _hold(plan)
                 raise _Vanish()
     res.t_end = time.monotonic()
     if not reader.ended:

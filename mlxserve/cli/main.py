@@ -89,6 +89,12 @@ async def serve(host: str | None, log_level: str | None, preload: tuple[str, ...
             click.echo(f"  API:   {url}/api/chat  (Ollama)   {url}/v1/chat/completions  (OpenAI)")
 
     await main()
+    # MLX's C++ stream threads abort the process ("terminate called without an active exception")
+    # when static destructors run at interpreter exit; every runner has stopped and every stream
+    # has been answered by now, so leave without running them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @cli.command()

@@ -50,11 +50,19 @@ def call_schema(tools: list[dict], name: str | None = None) -> dict:
         raise BadRequest(f"tool_choice names an unknown function '{name}'")
     variants = [{
         "type": "object",
-        "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
+        "properties": {"name": {"const": t["name"]}, "arguments": _strict(t["parameters"])},
         "required": ["name", "arguments"],
         "additionalProperties": False,
     } for t in chosen]
     return variants[0] if len(variants) == 1 else {"anyOf": variants}
+
+
+def _strict(schema: dict) -> dict:
+    """As OpenAI's strict mode: an object schema that does not say otherwise takes no extra keys
+    (a forced call then ends when its declared arguments are written)."""
+    if schema.get("type") == "object" and "additionalProperties" not in schema:
+        return {**schema, "additionalProperties": False}
+    return schema
 
 
 def _as_call(obj: Any, names: set[str]) -> dict | None:

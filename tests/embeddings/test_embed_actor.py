@@ -111,6 +111,30 @@ async def test_requests_that_arrive_together_share_a_batch(embedder, log):
     assert isinstance(results[3], BadRequest)
 
 
+async def test_a_cancelled_request_is_skipped_by_the_thread(embedder, log):
+    m = _model("e")
+    log["gate"].clear()
+    leaver = trio.CancelScope()
+
+    async def leaving():
+        with leaver:  # a client that disconnects while its request is queued
+            await embedder.embed(m, EmbedRequest(("bb",)), 60)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(embedder.embed, m, EmbedRequest(("a",)), 60)
+            await trio.to_thread.run_sync(log["started"].wait)  # the first batch is running
+            n.start_soon(leaving)
+            await trio.testing.wait_all_tasks_blocked()  # queued behind it
+            leaver.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            log["gate"].set()
+        # The queue is FIFO: once a later request is answered, the cancelled one was handled.
+        await embedder.embed(m, EmbedRequest(("ccc",)), 60)
+    assert log["batches"] == [1, 1]  # "bb" never reached the model
+    assert embedder.statistics().active == 0
+
+
 async def test_bad_input_fails_only_its_request(embedder):
     with trio.fail_after(10):
         with pytest.raises(BadRequest, match="bad input"):
