@@ -106,6 +106,7 @@ class Loader:
             num_parallel=self.settings.num_parallel,
             prefill_chunk=self.settings.prefill_chunk,
             prompt_cache_bytes=self.settings.prompt_cache_bytes,
+            device=self.settings.device,
             on_exit=lambda r, crash: on_exit(r.key, r.generation, crash, served=r.served),
             name=spec.name,
             on_cancel=self._cancel_recorder(spec.name),

@@ -34,6 +34,13 @@ CLIENT_FAULTS = {
 }
 
 
+SCHEMA = {  # structured output: every token is constrained by a grammar built from this
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "count": {"type": "integer"}},
+    "required": ["name", "count"],
+}
+
+
 @attrs.frozen
 class Template:
     """A request's identity: the same template always asks for the same answer."""
@@ -44,10 +51,12 @@ class Template:
     sampling: str  # "greedy" | "seeded"
     num_predict: int
     seed: int = 0
+    schema: bool = False  # constrain the answer to SCHEMA (format / response_format)
 
     @property
     def key(self) -> str:
-        return f"{self.route}|{self.model}|{self.sampling}|{self.seed}|{self.num_predict}|{self.text}"
+        return (f"{self.route}|{self.model}|{self.sampling}|{self.seed}|{self.num_predict}|"
+                f"{'schema' if self.schema else ''}|{self.text}")
 
     @property
     def path(self) -> str:
@@ -61,6 +70,9 @@ class Template:
                 body["temperature"] = 0
             else:
                 body.update(temperature=0.9, seed=self.seed)
+            if self.schema:
+                body["response_format"] = {"type": "json_schema",
+                                           "json_schema": {"name": "thing", "schema": SCHEMA}}
             return body
         opts: dict[str, Any] = {"num_predict": self.num_predict}
         if self.sampling == "greedy":
@@ -68,6 +80,8 @@ class Template:
         else:
             opts.update(temperature=0.9, seed=self.seed)
         body = {"model": self.model, "stream": stream, "options": opts}
+        if self.schema:
+            body["format"] = SCHEMA
         if self.route == "generate":
             body["prompt"] = self.text
         else:
@@ -265,7 +279,7 @@ def _fault_request(kind: str, t: Template) -> tuple[str, bytes | None, dict[str,
         case "raw_with_system":
             path, body = "/api/generate", {"model": t.model, "prompt": "x", "raw": True, "system": "s"}
         case "openai_n":
-            path, body = "/v1/chat/completions", {**Template("openai", t.model, "x", "greedy", 4).body(False), "n": 3}
+            path, body = "/v1/chat/completions", {**Template("openai", t.model, "x", "greedy", 4).body(False), "n": 99}
         case "empty_messages_openai":
             path, body = "/v1/chat/completions", {"model": t.model, "messages": []}
         case "foreign_host":

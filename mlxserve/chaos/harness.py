@@ -139,6 +139,9 @@ class Chaos:
                     ts.append(Template(route, TINY, rng.choice(SHORT_TEXTS), sampling,
                                        rng.choice((24, 40, 64)), seed=rng.randrange(1000)))
             ts.append(Template(route, OTHER, rng.choice(SHORT_TEXTS), "greedy", rng.choice((24, 40))))
+        for route in clients.ROUTES:  # structured outputs (a grammar constrains every token)
+            ts.append(Template(route, TINY, "Describe a thing as JSON.", rng.choice(("greedy", "seeded")), 48,
+                               seed=rng.randrange(1000), schema=True))
         ts.append(Template("generate", TINY, LONG_TEXT, "greedy", 32))
         ts.append(Template("chat", TINY, LONG_TEXT, "seeded", 32, seed=11))
         ts.append(Template("openai", OTHER, "Hello world", "seeded", 32, seed=5))

@@ -322,8 +322,15 @@ def _table(headers: tuple, rows: list[tuple]) -> None:
         click.echo("    ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
 
 
-from .transfer import COMMANDS as _T
-for _c in _T: cli.add_command(_c)
+def _register() -> None:
+    from . import bench, chaos, transfer
+
+    for module in (transfer, chaos, bench):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_register()
 
 
 def main() -> None:

@@ -8,15 +8,15 @@ global scope first and the library's own dependencies second. So an OpenBLAS loa
 Loaded *after* it has no effect (measured: libmlx stays on the reference BLAS), hence the rule:
 
     Call :func:`configure_blas` before ``mlx.core`` is imported for the first time in the
-    process (the ``mlxserve`` entry points do it first thing). Once mlx is imported the choice
+    process (entry points: first thing, before importing anything that imports mlx). Once mlx is imported the choice
     is fixed: a later call changes nothing and says so ("unchanged").
 
 Where importing order cannot be controlled, :func:`reexec_with_blas_if_needed` re-executes the
 process with ``LD_PRELOAD`` set, which has the same effect.
 
-Sources, in order: ``MLXSERVE_BLAS`` (a path, ``off`` or ``auto``); an OpenBLAS already in the
-global scope (``LD_PRELOAD``); Debian/Ubuntu's ``libopenblas0-pthread`` (or -openmp/-serial);
-other distributions' ``libopenblas.so.0``. PyPI's OpenBLAS builds (numpy's ``scipy_openblas64_``,
+Sources, in order: a BLAS already in the global scope (``LD_PRELOAD``: nothing can undo it);
+``MLXSERVE_BLAS`` (a path, ``off`` or ``auto``, the default); Debian/Ubuntu's
+``libopenblas0-pthread`` (or -openmp/-serial); other distributions' ``libopenblas.so.0``. PyPI's OpenBLAS builds (numpy's ``scipy_openblas64_``,
 ``scipy-openblas32``) prefix their symbols (``scipy_cblas_sgemm``) and cannot stand in.
 """
 
@@ -30,6 +30,7 @@ import platform
 import struct
 import sys
 import sysconfig
+import threading
 from pathlib import Path
 
 import attrs
@@ -44,7 +45,7 @@ _REEXEC_MARK = "MLXSERVE_BLAS_REEXEC"
 
 @attrs.frozen
 class BlasInfo:
-    name: str  # "openblas" | "reference" | "accelerate"
+    name: str  # "openblas" | "reference" | "other" (another BLAS) | "accelerate" (macOS)
     path: str | None
     reason: str
     threads: int | None = None
@@ -55,6 +56,7 @@ class BlasInfo:
 
 
 _info: BlasInfo | None = None
+_lock = threading.Lock()
 _handle: ctypes.CDLL | None = None  # keeps the library loaded for the process's life
 
 
@@ -135,7 +137,7 @@ def _global_provider() -> str | None:
 
 
 def _is_openblas(path: str | None) -> bool:
-    return bool(path) and "openblas" in os.path.basename(path).lower()
+    return bool(path) and "openblas" in path.lower()
 
 
 def _load(path: str) -> tuple[ctypes.CDLL | None, str]:
@@ -157,16 +159,21 @@ def _load(path: str) -> tuple[ctypes.CDLL | None, str]:
 def configure_blas() -> BlasInfo:
     """Make MLX's CPU backend use OpenBLAS when one is installed; say what was chosen.
 
-    Must run before the first ``import mlx.core`` in the process; idempotent. Honours
-    ``MLXSERVE_BLAS`` (a library path, ``off`` or ``auto``) and ``OPENBLAS_NUM_THREADS`` (set to
-    the usable core count when unset, since OpenBLAS reads it once, when it loads).
+    Must run before the first ``import mlx.core`` in the process; idempotent and thread-safe.
+    Honours ``MLXSERVE_BLAS`` (a library path, ``off`` or ``auto``) and
+    ``OPENBLAS_NUM_THREADS`` (set to the usable core count when unset, since OpenBLAS reads it
+    once, when it loads). Never raises: the reference BLAS is the fallback.
     """
-    global _info, _handle
-    if _info is not None:
+    global _info
+    with _lock:
+        if _info is None:
+            _info = _configure()
+            log.debug("BLAS: %s", _info)
         return _info
-    _info = _configure()
-    log.debug("BLAS: %s", _info)
-    return _info
+
+
+def _off(setting: str) -> bool:
+    return setting.lower() in ("off", "0", "none", "reference", "false")
 
 
 def _configure() -> BlasInfo:
@@ -178,28 +185,31 @@ def _configure() -> BlasInfo:
         bound = mlx_blas_library()
         return BlasInfo(_classify(bound), bound,
                         "unchanged: mlx.core was imported before configure_blas()", _threads())
-    if setting.lower() in ("off", "0", "none", "reference", "false"):
-        return BlasInfo("reference", None, f"{ENV_BLAS}={setting}")
 
+    # An LD_PRELOADed BLAS is in effect whatever MLXSERVE_BLAS says.
     provider = _global_provider()
     if provider:
-        name = "openblas" if _is_openblas(provider) else "other"
-        return BlasInfo(name, provider, "already in the global scope (LD_PRELOAD?)", _threads())
+        reason = "already in the global scope (LD_PRELOAD)"
+        if _off(setting):
+            reason += f"; {ENV_BLAS}={setting} cannot undo that"
+        return BlasInfo(_classify(provider), provider, reason, _threads())
+    if _off(setting):
+        return BlasInfo("reference", None, f"{ENV_BLAS}={setting}")
 
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(_cpu_count()))
     explicit = setting.lower() not in ("", "auto")
     paths = [setting] if explicit else candidate_paths()
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(_cpu_count()))
     misses = []
     for path in paths:
         lib, why = _load(path)
         if lib is not None:
             _handle = lib
-            source = f"{ENV_BLAS}" if explicit else "found"
-            return BlasInfo("openblas", os.path.realpath(path), f"{source}, loaded RTLD_GLOBAL",
-                            _threads())
-        misses.append(f"{path}: {why}")
+            real = os.path.realpath(path)
+            source = ENV_BLAS if explicit else "found"
+            return BlasInfo(_classify(real), real, f"{source}, loaded RTLD_GLOBAL", _threads())
+        misses.append(why)
     if explicit:
-        reason = f"{ENV_BLAS}={setting} unusable ({misses[0].split(': ', 1)[1]})"
+        reason = f"{ENV_BLAS}={setting} unusable ({misses[0]})"
         log.warning("BLAS: %s; using the reference BLAS", reason)
     else:
         reason = "no OpenBLAS found (install libopenblas0-pthread)"
@@ -237,7 +247,7 @@ def _elf_slot_offset(path: str, symbol: str) -> int | None:
 
         want = symbol.encode()
         for sec in sections:
-            if sec[1] != 4:  # SHT_RELA
+            if sec[1] != 4 or sec[6] == 0:  # SHT_RELA with a symbol table
                 continue
             symtab = sections[sec[6]]
             strtab = read(sections[symtab[6]])
@@ -340,7 +350,7 @@ def reexec_with_blas_if_needed(argv: list[str] | None = None) -> None:
     if not sys.platform.startswith("linux") or os.environ.get(_REEXEC_MARK):
         return
     setting = os.environ.get(ENV_BLAS, "auto").strip()
-    if setting.lower() in ("off", "0", "none", "reference", "false"):
+    if _off(setting):
         return
     if "mlx.core" not in sys.modules:
         return  # configure_blas() can still do it in-process

@@ -29,13 +29,31 @@ def grammar_for_schema(schema: Any) -> str:
     if not isinstance(schema, dict):
         raise BadRequest("a JSON schema must be an object")
     try:
-        grammar = LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+        grammar = LLMatcher.grammar_from_json_schema(close_objects(schema),
+                                                     defaults={"whitespace_flexible": False})
     except (ValueError, TypeError) as exc:
         raise BadRequest(f"invalid JSON schema: {exc}") from None
     error = LLMatcher.validate_grammar(grammar)
     if error and not error.startswith("WARNING"):
         raise BadRequest(f"unsupported JSON schema: {error}")
     return grammar
+
+
+def close_objects(schema: Any) -> Any:
+    """Objects that list their properties take no others unless the schema says so.
+
+    A schema that is silent on additionalProperties allows any extra key, and a small model will
+    happily invent keys until it runs out of tokens. Every answer under the closed schema is still
+    valid under the original one (as OpenAI's strict mode, and most constrained decoders, do).
+    """
+    if isinstance(schema, list):
+        return [close_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: close_objects(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 class TokenizerCache:

@@ -102,6 +102,19 @@ class _Seq:
     token_ids: list[int] = attrs.Factory(list)
 
 
+def resolve_device(name: Any) -> Any:
+    """"cpu" / "gpu" (MLXSERVE_DEVICE) -> an mx.Device; a GPU asked for but absent is an error."""
+    if not isinstance(name, str):
+        return name
+    if name == "gpu":
+        if not mx.is_available(mx.gpu):
+            raise RuntimeError("MLXSERVE_DEVICE=gpu but no GPU is available to MLX")
+        return mx.gpu
+    if name == "cpu":
+        return mx.cpu
+    raise ValueError(f"unknown device '{name}' (cpu or gpu)")
+
+
 class FaultSeam:
     """Fault injection for the chaos harness; inert unless MLXSERVE_FAULTS names a fault.
 
@@ -150,7 +163,7 @@ class Engine:
     def run(self) -> None:
         try:
             if self._device is not None:
-                mx.set_default_device(self._device)
+                mx.set_default_device(resolve_device(self._device))
             stream = mx.new_thread_local_stream(mx.default_device())
             with mx.stream(stream):
                 self.lm = self._load()

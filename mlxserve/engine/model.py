@@ -36,7 +36,9 @@ class LoadedModel:
 def _quantize_like(model: nn.Module, quant: dict[str, Any] | None, weights: dict[str, mx.array]):
     if not quant:
         return
-    layers = quant.get("layers")
+    # Per-layer exceptions: ours under "layers"; mlx-lm's own format puts them at the top level.
+    layers = {**{k: v for k, v in quant.items() if isinstance(v, dict) and k != "layers"},
+              **(quant.get("layers") or {})}
 
     def predicate(path: str, module: nn.Module):
         if f"{path}.scales" not in weights:

@@ -63,6 +63,23 @@ def test_list_ps_show_and_unknown_model(served):
     assert missing.returncode == 1 and "model 'nope' not found" in missing.stderr
 
 
+def test_bench_cp_stop_rm(served):
+    env, _ = served
+    out = _mlxctl(env, "bench", "smollm2:135m", "-c", "2", "-n", "8", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["requests"] == 2 and report["aggregate_decode_tok_s"] > 0
+    assert 0 < report["ttft_p50"] <= report["ttft_p99"]
+    assert _mlxctl(env, "cp", "smollm2:135m", "copy:v1").returncode == 0
+    assert "copy:v1" in _mlxctl(env, "list").stdout
+    assert _mlxctl(env, "stop", "smollm2:135m").returncode == 0
+    assert "smollm2:135m" not in _mlxctl(env, "ps").stdout
+    assert _mlxctl(env, "rm", "copy:v1").returncode == 0
+    listed = _mlxctl(env, "list").stdout
+    assert "copy:v1" not in listed and "smollm2:135m" in listed  # shared blobs survived the rm
+    assert _mlxctl(env, "verify").returncode == 0
+
+
 def test_sigterm_ends_streams_with_an_error_line_and_exits_cleanly(served):
     env, proc = served
     url = "http://" + env["MLXSERVE_HOST"]

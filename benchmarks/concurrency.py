@@ -1,0 +1,195 @@
+"""Aggregate decode tokens/s and TTFT at 1, 4, 8, 16 concurrent streams: mlxserve vs mlx_lm.server.
+
+    .venv/bin/python benchmarks/concurrency.py [--levels 1,4,8,16] [--tokens 64] [--json out.json]
+
+Both servers get the same mlx-lm model directory (written from the embedded SmolLM2 GGUF, or
+--model-dir), the same prompts and the same client: streaming /v1/chat/completions, greedy, a
+fixed max_tokens with EOS ignored (mlxserve: options via the same request; mlx_lm: its own
+defaults). Each server runs alone in its own process; the table prints both and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.", "Explain how rain forms.", "List ten fruits and their colors.",
+    "Describe the city of Paris.", "Write a poem about the sea.", "How do airplanes fly?",
+    "Tell me about the history of tea.", "What makes a good friend?",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_mlx_dir(gguf: Path, out: Path) -> Path:
+    """The GGUF as an mlx-lm directory (same quantized weights), which both servers can load."""
+    import mlx.core as mx
+
+    from mlxserve.engine import gguf as g
+    from mlxserve.engine.tokenizer import from_gguf_metadata
+
+    config, weights, metadata = g.load_gguf_weights(gguf)
+    quant = config.pop("quantization")
+    if quant:
+        config["quantization"] = {"group_size": quant["group_size"], "bits": quant["bits"], **quant["layers"]}
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "model.safetensors"), weights)
+    (out / "config.json").write_text(json.dumps(config))
+    tok = from_gguf_metadata(metadata)
+    (out / "tokenizer.json").write_text(tok.tokenizer.to_str())
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": tok.chat_template,
+        "eos_token": tok.eos_token, "bos_token": tok.bos_token, "add_bos_token": False,
+    }))
+    return out
+
+
+async def wait_up(url: str, proc: subprocess.Popen) -> None:
+    async with httpx.AsyncClient(timeout=2) as c:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                if (await c.get(url)).status_code < 500:
+                    return
+            except httpx.HTTPError:
+                pass
+            await trio.sleep(0.1)  # a process outside this loop: bounded polling is all there is
+    raise RuntimeError("server did not come up")
+
+
+async def one_stream(c: httpx.AsyncClient, model: str, prompt: str, tokens: int, extra: dict) -> tuple[int, float, float]:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
+            "temperature": 0, "stream": True, **extra}
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if obj.get("choices") and obj["choices"][0].get("delta", {}).get("content"):
+                n += 1
+                if first is None:
+                    first = time.perf_counter()
+    end = time.perf_counter()
+    return n, (first or end) - t0, end
+
+
+async def level(url: str, model: str, conc: int, tokens: int, extra: dict) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+        await one_stream(c, model, "Hi", 4, extra)  # warm: load and first compile
+        results = []
+        t0 = time.perf_counter()
+
+        async def run(i):
+            results.append(await one_stream(c, model, PROMPTS[i % len(PROMPTS)], tokens, extra))
+
+        async with trio.open_nursery() as n:
+            for i in range(conc):
+                n.start_soon(run, i)
+        wall = max(r[2] for r in results) - t0
+    total = sum(r[0] for r in results)
+    ttfts = sorted(r[1] for r in results)
+    return {"streams": conc, "tokens": total, "agg_tok_s": total / wall,
+            "ttft_p50": statistics.median(ttfts), "ttft_max": ttfts[-1]}
+
+
+def start_mlxserve(model_dir: Path, store: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "MLXSERVE_MODELS": str(store), "MLXSERVE_HOST": f"127.0.0.1:{port}",
+           "MLXSERVE_NUM_PARALLEL": "16"}
+    mf = store / "Modelfile"
+    mf.parent.mkdir(parents=True, exist_ok=True)
+    mf.write_text(f"FROM {model_dir}\n")
+    subprocess.run([BIN / "mlxctl", "create", "bench", "-f", mf, "--local"], env=env, check=True,
+                   capture_output=True)
+    proc = subprocess.Popen([BIN / "mlxctl", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def start_mlx_lm(model_dir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def bench(name: str, proc: subprocess.Popen, url: str, model: str, levels: list[int], tokens: int,
+                extra: dict) -> list[dict]:
+    try:
+        await wait_up(url + "/v1/models", proc)
+        rows = []
+        for conc in levels:
+            rows.append(await level(url, model, conc, tokens, extra))
+            print(f"  {name:<9} {conc:>3} streams: {rows[-1]['agg_tok_s']:7.1f} tok/s", flush=True)
+        return rows
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--levels", default="1,4,8,16")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--model-dir", type=Path)
+    ap.add_argument("--skip-mlx-lm", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="mlxserve-conc-"))
+    try:
+        model_dir = args.model_dir
+        if model_dir is None:
+            from mlxserve.cli.main import default_gguf_path
+
+            model_dir = write_mlx_dir(default_gguf_path(), work / "smollm2-mlx")
+        # ignore_eos keeps every stream at max_tokens so both servers do the same work.
+        ours = await bench("mlxserve", *start_mlxserve(model_dir, work / "store"), "bench", levels, args.tokens,
+                           {"stop": []})
+        theirs = [] if args.skip_mlx_lm else await bench("mlx_lm", *start_mlx_lm(model_dir), str(model_dir),
+                                                         levels, args.tokens, {})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{'streams':>8} {'mlxserve tok/s':>15} {'ttft p50':>9} {'mlx_lm tok/s':>13} {'ttft p50':>9} {'ratio':>7}")
+    for i, r in enumerate(ours):
+        t = theirs[i] if theirs else None
+        ratio = f"{r['agg_tok_s'] / t['agg_tok_s']:.2f}x" if t else "-"
+        print(f"{r['streams']:>8} {r['agg_tok_s']:>15.1f} {r['ttft_p50']:>8.2f}s "
+              f"{(t['agg_tok_s'] if t else float('nan')):>13.1f} {(t['ttft_p50'] if t else float('nan')):>8.2f}s {ratio:>7}")
+    one = ours[0]["agg_tok_s"]
+    for r in ours:
+        if r["streams"] == 8:
+            print(f"mlxserve 8-stream aggregate / 1-stream: {r['agg_tok_s'] / one:.2f}x (goal >= 5x)")
+    if args.json:
+        args.json.write_text(json.dumps({"mlxserve": ours, "mlx_lm": theirs}, indent=2))
+
+
+if __name__ == "__main__":
+    trio.run(main)
