@@ -29,10 +29,10 @@ _ALIASES = {
     "bfloat16": "bfloat16",
     "bf16": "bfloat16",
 }
-# Upper bound on how much larger float32 weights are than quantized ones: 4-bit affine with
-# f16 scale and bias per group of 32 is 5 bits a weight (6.4x); 8x covers any overhead, and
-# over-estimating only errs towards staying quantized.
-_F32_EXPANSION_BOUND = 8
+# Upper bound on how much larger float32 weights are than quantized ones when only the
+# quantized size is known: 2-bit weights grow 16x (4-bit with f16 scale and bias per 32: 6.4x).
+# Over-estimating only errs towards staying quantized; pass float32_bytes to be exact.
+_F32_EXPANSION_BOUND = 16
 
 
 def physical_memory() -> int | None:

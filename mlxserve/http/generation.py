@@ -119,16 +119,20 @@ def sampling_from(opts: Options, *, logit_bias: dict[int, float] | None = None) 
     )
 
 
-def load_spec(resolved, num_ctx: int | None) -> LoadSpec:
-    spec = resolved.spec
-    details = {
-        "parent_model": "",
+def details(spec) -> dict:
+    """Ollama's "details" object for a model."""
+    return {
+        "parent_model": spec.parent_model or "",
         "format": spec.format,
         "family": spec.family,
-        "families": [spec.family] if spec.family else None,
+        "families": spec.families or ([spec.family] if spec.family else None),
         "parameter_size": spec.parameter_size,
         "quantization_level": spec.quantization_level,
     }
+
+
+def load_spec(resolved, num_ctx: int | None) -> LoadSpec:
+    spec = resolved.spec
     ctx = num_ctx or min(spec.context_length or DEFAULT_NUM_CTX, DEFAULT_NUM_CTX)
     return LoadSpec(
         key=f"{resolved.digest}|ctx={ctx}",
@@ -136,7 +140,7 @@ def load_spec(resolved, num_ctx: int | None) -> LoadSpec:
         digest=resolved.digest,
         size=resolved.size,
         num_ctx=ctx,
-        details=details,
+        details=details(spec),
         payload=resolved,
     )
 

@@ -49,24 +49,13 @@ async def health():
                           "queued": stats.queued})
 
 
-def _details(spec) -> dict:
-    return {
-        "parent_model": "",
-        "format": spec.format,
-        "family": spec.family,
-        "families": [spec.family] if spec.family else None,
-        "parameter_size": spec.parameter_size,
-        "quantization_level": spec.quantization_level,
-    }
-
-
 @bp.get("/api/tags")
 async def tags():
     models = await runtime().store.list()
     return json_response({"models": [
         {
             "name": m.display, "model": m.display, "modified_at": _iso(m.modified_at),
-            "size": m.size, "digest": m.digest.removeprefix("sha256:"), "details": _details(m.spec),
+            "size": m.size, "digest": m.digest.removeprefix("sha256:"), "details": g.details(m.spec),
         }
         for m in models
     ]})
@@ -318,9 +307,9 @@ async def show():
         "template": spec.template or "",
         "system": spec.system or "",
         "license": spec.license or "",
-        "details": _details(spec),
-        "model_info": {"general.architecture": spec.family, "general.parameter_count": None,
-                       f"{spec.family}.context_length": spec.context_length},
+        "details": g.details(spec),
+        "model_info": spec.model_info or {"general.architecture": spec.family,
+                                          f"{spec.family}.context_length": spec.context_length},
         "capabilities": spec.capabilities,
         "modified_at": _iso(m.modified_at),
     })

@@ -113,7 +113,7 @@ def test_cpu_dequantizes_when_it_fits():
 def test_cpu_keeps_quantized_when_float32_does_not_fit():
     # 4 GiB of Q4 is ~25 GiB of f32.
     assert choose_weight_dtype("cpu", 4 * GiB, None, 16 * GiB) == "keep"
-    # The exact size, when given, beats the bound: 1.5 GiB fits in 2 GiB.
+    # The exact size, when given, beats the bound (16x, for 2-bit): 1.5 GiB fits in 2 GiB.
     q = 300 * 2**20
     assert choose_weight_dtype("cpu", q, None, 2 * GiB) == "keep"
     assert choose_weight_dtype("cpu", q, None, 2 * GiB,
@@ -122,7 +122,7 @@ def test_cpu_keeps_quantized_when_float32_does_not_fit():
 
 def test_default_budget_is_half_of_ram():
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    small, huge = ram // 64, ram  # 8x small fits in ram/2; huge never does
+    small, huge = ram // 64, ram  # 16x small fits in ram/2; huge never does
     assert choose_weight_dtype("cpu", small, None, None) == "float32"
     assert choose_weight_dtype("cpu", huge, None, None) == "keep"
 
