@@ -16,11 +16,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) system-deps
 
-# An optimized BLAS makes MLX's CPU path several times faster; optional (needs root + apt).
+# An optimized BLAS makes MLX's CPU path several times faster. Optional: installed when apt and
+# root (or passwordless sudo) are available; without it everything works, more slowly.
 system-deps:
-	@-if [ ! -e /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		(apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1)) \
-		|| echo "note: libopenblas0-pthread not installed; MLX will use its slower bundled BLAS"; \
+	@-if [ "$$(uname -s)" = Linux ] && ! ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so\.0'; then \
+	  if ! command -v apt-get >/dev/null 2>&1; then echo "note: no apt-get; install OpenBLAS (libopenblas.so.0) for a faster CPU path"; \
+	  else SUDO=""; [ "$$(id -u)" = 0 ] || { sudo -n true 2>/dev/null && SUDO="sudo -n"; } || { echo "note: not root; run: sudo apt-get install libopenblas0-pthread"; exit 0; }; \
+	    { DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 \
+	      || { $$SUDO apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1; }; } \
+	      || echo "note: libopenblas0-pthread not installed; MLX uses its slower bundled BLAS"; \
+	  fi; \
 	fi
 
 run: install

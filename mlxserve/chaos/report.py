@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 
@@ -18,17 +19,17 @@ TARGETS = {
 }
 
 
-def _pct(values: list[float], q: float) -> float | None:
+def pct(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100); None without data."""
     if not values:
         return None
     v = sorted(values)
-    k = max(0, min(len(v) - 1, int(round(q / 100 * len(v) + 0.5)) - 1))
-    return v[k]
+    return v[max(0, min(len(v), math.ceil(q / 100 * len(v))) - 1)]
 
 
 def _ms_stats(values: list[float]) -> dict:
     ms = [1000 * v for v in values]
-    return {"n": len(ms), "p50": _round(_pct(ms, 50)), "p99": _round(_pct(ms, 99)),
+    return {"n": len(ms), "p50": _round(pct(ms, 50)), "p99": _round(pct(ms, 99)),
             "max": _round(max(ms) if ms else None)}
 
 

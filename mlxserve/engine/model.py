@@ -106,20 +106,12 @@ def load_path(path: str | Path, *, weight_dtype: str | None = None) -> LoadedMod
 
 def _apply_weight_dtype(lm: LoadedModel, setting: str | None) -> None:
     """Quantized CPU kernels are slow; dequantizing to f32 (BLAS) is much faster when it fits."""
-    try:
-        from . import dtype as dtypes
-    except ImportError:  # the backend module is optional
-        return
-    choice = dtypes.choose_weight_dtype(
-        mx.default_device().type.name if hasattr(mx.default_device().type, "name") else str(mx.default_device()),
-        lm.weight_bytes, setting, None,
-    )
+    from . import dtype as dtypes
+
+    device = mx.default_device().type.name  # "cpu" or "gpu"
+    choice = dtypes.choose_weight_dtype(device, lm.weight_bytes, setting, None,
+                                        float32_bytes=dtypes.float_bytes(lm.model))
     if choice != "keep":
         dtypes.dequantize_model(lm.model, getattr(mx, choice))
-        lm.weight_bytes = sum(v.nbytes for _, v in _flatten(lm.model.parameters()))
+        lm.weight_bytes = dtypes.parameter_bytes(lm.model)
     lm.weight_dtype = choice
-
-
-def _flatten(tree):
-    from mlx.utils import tree_flatten
-    return tree_flatten(tree)
