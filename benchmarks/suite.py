@@ -1,0 +1,186 @@
+"""The benchmark suite, side by side in one run: prints tables, writes JSON, renders PNG plots.
+
+    .venv/bin/python benchmarks/suite.py [--quick] [--out docs/bench]
+
+1. overhead: single-stream decode, raw engine vs served over HTTP (overhead.py)
+2. concurrency: aggregate decode tok/s and TTFT at 1/4/8/16 streams, mlxserve vs mlx_lm.server
+3. prefix cache: TTFT of a request sharing a ~1k-token system prompt with an earlier one vs cold
+4. cancellation: client disconnect to slot free (measured inside the daemon's runtime)
+5. memory and load time: RSS of an idle daemon and with the model loaded; model load time
+Run by hand (never as a test); needs `pip install matplotlib` for the plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from mlxserve.engine.backend_setup import setup_backend  # noqa: E402
+
+BACKEND = setup_backend()
+
+import httpx  # noqa: E402
+import trio  # noqa: E402
+
+import concurrency  # noqa: E402
+import overhead  # noqa: E402
+
+SYSTEM = " ".join(f"Rule {i}: answer politely, briefly and truthfully about topic number {i}." for i in range(70))
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def prefix_and_cancel(url: str, pid: int, model: str) -> dict:
+    out: dict = {}
+    async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+        out["rss_idle_mb"] = rss_mb(pid)
+        t0 = time.perf_counter()
+        await c.post("/api/generate", json={"model": model})
+        out["load_s"] = time.perf_counter() - t0
+        out["rss_loaded_mb"] = rss_mb(pid)
+
+        async def ttft(question: str) -> tuple[float, int]:
+            body = {"model": model, "stream": True, "options": {"temperature": 0, "num_predict": 4},
+                    "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]}
+            t = time.perf_counter()
+            first = None
+            async with c.stream("POST", "/api/chat", json=body) as r:
+                async for line in r.aiter_lines():
+                    obj = json.loads(line) if line.strip() else {}
+                    if first is None and obj.get("message", {}).get("content"):
+                        first = time.perf_counter() - t
+                    if obj.get("done"):
+                        return first or time.perf_counter() - t, obj["prompt_eval_count"]
+            return float("nan"), 0
+
+        cold, n_prompt = await ttft("What is rule 3 about?")
+        warm, _ = await ttft("What is rule 5 about?")
+        out.update(prefix_prompt_tokens=n_prompt, ttft_cold_s=cold, ttft_warm_s=warm, prefix_ratio=warm / cold)
+
+        # Cancellation: leave mid-stream, then time until /api/status shows the slot free.
+        lat = []
+        for _ in range(5):
+            body = {"model": model, "prompt": "Count from one to a thousand.", "options": {"num_predict": 500}}
+            async with c.stream("POST", "/api/generate", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.strip():
+                        break
+            t = time.perf_counter()
+            while (await c.get("/api/status")).json()["running"]:
+                await trio.sleep(0.002)  # another process: bounded polling is the only view
+            lat.append(time.perf_counter() - t)
+        out["cancel_to_free_ms_p50"] = statistics.median(lat) * 1000
+        out["cancel_to_free_ms_max"] = max(lat) * 1000
+    return out
+
+
+async def daemon_measures(model_dir: Path) -> dict:
+    store = Path(tempfile.mkdtemp(prefix="mlxserve-suite-"))
+    proc, url = concurrency.start_mlxserve(model_dir, store)
+    try:
+        await concurrency.wait_up(url + "/api/version", proc)
+        return await prefix_and_cancel(url, proc.pid, "bench")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def plot(conc: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rows in conc.items():
+        if rows:
+            ax.plot([r["streams"] for r in rows], [r["agg_tok_s"] for r in rows], marker="o", label=name)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate decode tokens/s")
+    ax.set_title("SmolLM2-135M on 2 CPU cores")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "concurrency.png", dpi=110)
+    files.append("concurrency.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rows in conc.items():
+        if rows:
+            ax.plot([r["streams"] for r in rows], [r["ttft_p50"] for r in rows], marker="o", label=name)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("TTFT p50 (s)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ttft.png", dpi=110)
+    files.append("ttft.png")
+    plt.close("all")
+    return files
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer levels and tokens")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
+    ap.add_argument("--skip-mlx-lm", action="store_true")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    levels = [1, 8] if args.quick else [1, 4, 8, 16]
+    tokens = 32 if args.quick else 64
+    work = Path(tempfile.mkdtemp(prefix="mlxserve-suite-"))
+    from mlxserve.cli.main import default_gguf_path
+
+    gguf = default_gguf_path()
+    model_dir = concurrency.write_mlx_dir(gguf, work / "smollm2-mlx")
+    results: dict = {"backend": str(BACKEND), "date": time.strftime("%Y-%m-%d %H:%M"),
+                     "load_average": os.getloadavg()}
+    print("== overhead", flush=True)
+    served = await trio.to_thread.run_sync(overhead.served_decode, gguf, tokens * 2, 2)
+    raw = await trio.to_thread.run_sync(overhead.raw_decode, gguf, tokens * 2, 2)
+    results["overhead"] = {"raw_tok_s": max(raw), "served_tok_s": max(served), "ratio": max(served) / max(raw)}
+    print(json.dumps(results["overhead"]), flush=True)
+    print("== concurrency", flush=True)
+    ours = await concurrency.bench("mlxserve", *concurrency.start_mlxserve(model_dir, work / "store"), "bench",
+                                   levels, tokens, {"stop": []})
+    theirs = [] if args.skip_mlx_lm else await concurrency.bench(
+        "mlx_lm", *concurrency.start_mlx_lm(model_dir), str(model_dir), levels, tokens, {})
+    results["concurrency"] = {"mlxserve": ours, "mlx_lm": theirs}
+    print("== prefix cache, cancellation, memory", flush=True)
+    results["daemon"] = await daemon_measures(model_dir)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    files = plot(results["concurrency"], args.out)
+
+    print(f"\nbackend: {BACKEND}")
+    o = results["overhead"]
+    print(f"overhead: raw {o['raw_tok_s']:.2f} tok/s, served {o['served_tok_s']:.2f} tok/s, ratio {o['ratio']:.3f}")
+    print(f"{'streams':>8} {'mlxserve':>10} {'mlx_lm':>10} {'ratio':>7}")
+    for i, r in enumerate(ours):
+        t = theirs[i]["agg_tok_s"] if theirs else float("nan")
+        print(f"{r['streams']:>8} {r['agg_tok_s']:>10.1f} {t:>10.1f} {r['agg_tok_s'] / t if theirs else float('nan'):>6.1f}x")
+    d = results["daemon"]
+    print(f"prefix cache: {d['prefix_prompt_tokens']} prompt tokens, TTFT cold {d['ttft_cold_s']:.3f}s, "
+          f"warm {d['ttft_warm_s']:.3f}s, ratio {d['prefix_ratio']:.3f} (goal <= 0.1)")
+    print(f"cancel to slot free: p50 {d['cancel_to_free_ms_p50']:.1f} ms, max {d['cancel_to_free_ms_max']:.1f} ms")
+    print(f"memory: idle daemon {d['rss_idle_mb']:.0f} MB, loaded {d['rss_loaded_mb']:.0f} MB; load {d['load_s']:.2f}s")
+    print(f"wrote {args.out / 'results.json'} and {', '.join(files)}")
+
+
+if __name__ == "__main__":
+    trio.run(main)
