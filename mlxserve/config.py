@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import attrs
 
 from .errors import BadRequest
+
+
+FOREVER_AFTER = 100 * 365 * 86400.0
 
 
 def parse_duration(value: str | int | float | None, *, default: float | None = None) -> float | None:
@@ -27,7 +31,10 @@ def parse_duration(value: str | int | float | None, *, default: float | None = N
             seconds = float(text)
         except ValueError:
             seconds = _go_duration(text)
-    return float("inf") if seconds < 0 else seconds
+    if math.isnan(seconds):
+        raise BadRequest("invalid duration: NaN")
+    # Negative means forever (Ollama); so does anything past a century, which no clock can hold.
+    return float("inf") if seconds < 0 or seconds > FOREVER_AFTER else seconds
 
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}

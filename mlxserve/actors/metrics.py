@@ -123,16 +123,39 @@ class Metrics:
     cancelled: int = 0
     rejected: int = 0
     dropped: int = 0
+    # The request log stays open; lines are written once per batch of events (every event
+    # already in the inbox), not opened, stat'ed and closed per line: each syscall hands the GIL
+    # to a busy engine thread and waits to get it back, which the chaos harness saw in the
+    # latency of every request.
+    _pending: list[str] = attrs.field(factory=list, init=False)
+    _fh: Any = attrs.field(default=None, init=False)
+    _size: int = attrs.field(default=0, init=False)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         send, inbox = trio.open_memory_channel(4096)
         task_status.started(MetricsHandle(send, self))
-        async with inbox:
-            async for ev in inbox:
-                try:
-                    self._apply(ev)
-                except Exception:  # a malformed event must not stop the metrics
-                    log.exception("bad metrics event %r", ev)
+        try:
+            async with inbox:
+                async for ev in inbox:
+                    self._apply_safely(ev)
+                    while True:  # whatever else is waiting joins this batch
+                        try:
+                            ev = inbox.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        self._apply_safely(ev)
+                    self._flush()
+        finally:
+            self._flush()
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+    def _apply_safely(self, ev: Event) -> None:
+        try:
+            self._apply(ev)
+        except Exception:  # a malformed event must not stop the metrics
+            log.exception("bad metrics event %r", ev)
 
     def _apply(self, ev: Event) -> None:
         f = ev.fields
@@ -181,17 +204,32 @@ class Metrics:
         self._log(f)
 
     def _log(self, fields: dict) -> None:
-        if self.log_dir is None:
+        if self.log_dir is not None:
+            self._pending.append(json.dumps({"time": time.time(), **fields}, default=str) + "\n")
+
+    def _flush(self) -> None:
+        if not self._pending:
             return
+        lines, self._pending = self._pending, []
         try:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
             path = self.log_dir / REQUEST_LOG
-            if path.exists() and path.stat().st_size > self.log_max_bytes:
+            if self._fh is not None and self._size > self.log_max_bytes:
+                self._fh.close()
+                self._fh = None
                 path.replace(self.log_dir / f"{REQUEST_LOG}.1")  # size-rotated, one generation kept
-            with path.open("a") as fh:
-                fh.write(json.dumps({"time": time.time(), **fields}, default=str) + "\n")
+            if self._fh is None:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                self._fh = path.open("a")
+                self._size = self._fh.tell()
+            text = "".join(lines)
+            self._fh.write(text)
+            self._fh.flush()
+            self._size += len(text)
         except OSError as exc:  # a full disk must not fail requests
             log.warning("request log write failed: %s", exc)
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
 
 
 def count_trio_tasks() -> int:

@@ -34,6 +34,7 @@ SHORT_TEXTS = (
     'JSON: {"name":', "How are you today?", "Tell me a story about a small model.",
 )
 LONG_TEXT = "Once upon a time there was a small model that answered questions. " * 24
+WARMUP_REQUESTS = 96
 
 
 @attrs.frozen
@@ -44,6 +45,7 @@ class Config:
     storm_requests: int = 160  # short mode: requests in the storm
     storm_disconnects: int = 1000  # long mode: the storm runs until this many disconnects
     probe_rounds: int = 3  # per phase, in the phase probe
+    fault_rounds: int = 1  # each fault_* scenario runs this many times (the runner must recover each time)
     overflow_requests: int = 40
     overflow_concurrency: int = 4  # rejected clients in flight at once during the burst
     # The issue's target (p99 < 50 ms) is for the long mode; the short mode (CI, on a machine
@@ -57,7 +59,8 @@ class Config:
     @classmethod
     def for_mode(cls, long: bool, **kw) -> "Config":
         if long:
-            kw = {"storm_requests": 0, "probe_rounds": 10, "overflow_requests": 400, "overflow_p99_ms": 50.0, **kw}
+            kw = {"storm_requests": 0, "probe_rounds": 10, "overflow_requests": 400, "overflow_p99_ms": 50.0,
+                  "fault_rounds": 5, **kw}
         return cls(long=long, **kw)
 
 
@@ -103,7 +106,7 @@ class Chaos:
         self.reports: list[ScenarioReport] = []
         self.baselines: dict[str, inv.Baseline] = {}
         self.threads_at_start: dict[str, int] = {}
-        self.log_marks: dict[str, int] = {}
+        self.warmup_log: dict[str, list[range]] = {}  # request-log lines written by warm-ups
         self.main: DaemonProcess
         self.ref: DaemonProcess
         self.templates: list[Template] = []
@@ -121,6 +124,8 @@ class Chaos:
         gguf = tinymodel.write_gguf(src / "tiny.gguf")
         mlx_dir = tinymodel.write_mlx_dir(src / "tiny-mlx")
         store = self.workdir / "store-main"
+        for old in (store, self.workdir / "store-ref"):  # a reused --workdir starts afresh
+            shutil.rmtree(old, ignore_errors=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLXSERVE_")}
         env["MLXSERVE_MODELS"] = str(store)
         for name, source in (("tiny", gguf), ("tiny-mlx", mlx_dir)):
@@ -176,17 +181,32 @@ class Chaos:
             n.start_soon(self.references, self.templates)
         await self.warm(self.ref)
 
-    async def warm(self, d: DaemonProcess, take_baseline: bool = True) -> None:
-        """Load both models, run one request on each, then record the baseline at rest."""
+    async def warm(self, d: DaemonProcess) -> None:
+        """Load both models and run a warm-up round, then record the baseline at rest.
+
+        The warm-up (``WARMUP_REQUESTS`` storm-like requests, disconnects included) fills what
+        is bounded but starts empty: MLX's buffer cache, the prefix KV cache, the allocator's
+        per-thread arenas. Resident memory grows by a one-off step there (about 75 MiB with the
+        tiny model) and then stays flat; measured from a cold baseline, that step would hide
+        a real leak of the same size, so the baseline is the warm daemon (the cold RSS is
+        reported too)."""
+        from .scenarios import random_plan
+
+        first_line = len(d.request_log())
         for model in MODELS:
             await self.load(d, model)
             res = await clients.run(d.host, d.port, Plan(Template("generate", model, "warm", "greedy", 8),
                                                          stream=False, deadline=60))
             if not res.survived:
                 raise RuntimeError(f"warm-up on {d.name} failed: {res}")
-        if take_baseline:
-            self.baselines[d.name] = await inv.take_baseline(
-                d, threads_before_load=self.threads_at_start[d.name])
+        cold = d.rss_kib()
+        rng = random.Random(self.cfg.seed + 1)
+        await self.run_plans(d, [random_plan(self, rng) for _ in range(WARMUP_REQUESTS)], concurrency=16)
+        for model in MODELS:  # a warm-up client may have loaded something else; both must be in
+            await self.load(d, model)
+        self.baselines[d.name] = await inv.take_baseline(
+            d, threads_before_load=self.threads_at_start[d.name], rss_cold_kib=cold)
+        self.warmup_log.setdefault(d.name, []).append(range(first_line, len(d.request_log())))
 
     async def load(self, d: DaemonProcess, model: str) -> None:
         code, _, doc = await _post(d, "/api/generate", {"model": model})
@@ -238,7 +258,11 @@ class Chaos:
         self.out(f"-- {name}")
         marks = {d.name: len(d.request_log()) for d in (self.main, self.ref)}
         t0 = time.monotonic()
-        outcome = await fn(self)
+        try:
+            outcome = await fn(self)
+        except Exception as exc:  # a scenario that cannot finish is a violation, not the end of the run
+            outcome = Outcome(checks=[inv.Check("scenario_completed", False, _describe(exc))],
+                              daemon="ref" if name.startswith("overflow") else "main")
         d = self.daemon(outcome.daemon)
         # Survivors of requests without a precomputed reference get one now, solo, elsewhere.
         missing = {r.plan.template.key: r.plan.template for r in outcome.results
@@ -246,15 +270,22 @@ class Chaos:
         await self.references(list(missing.values()))
         if set(self.baselines[d.name].loaded) != set(MODELS):
             raise RuntimeError("baseline without both models loaded")
+        refused = []
         for model in MODELS:  # the baseline had both models loaded: compare like with like
-            await self.load(d, model)
+            try:
+                await self.load(d, model)
+            except (RuntimeError, OSError, trio.TooSlowError) as exc:
+                refused.append(str(exc))
         snap, waited, _ = await inv.settle(d, self.baselines[d.name])
         checks = list(outcome.checks)
+        checks.append(inv.Check("models_load_again", not refused,
+                                "both models load" if not refused else "; ".join(refused)))
         checks += inv.result_checks(outcome.results, self.refs, allowed_5xx_models=outcome.allowed_5xx,
                                     allow_503=outcome.allow_503)
         checks += inv.resource_checks(snap, self.baselines[d.name], waited, True)
         checks.append(await inv.liveness_check(d))
-        log = d.request_log()[marks.get(d.name, 0):]
+        log = [e for i, e in enumerate(d.request_log()) if i >= marks.get(d.name, 0)
+               and not any(i in r for r in self.warmup_log.get(d.name, ()))]
         cancels = [e for e in log if e.get("event") == "cancel"]
         server: dict[str, int] = {}
         for e in cancels:
@@ -286,6 +317,12 @@ class Chaos:
         return rep
 
 
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{exc.__class__.__name__}: {exc}"
+
+
 async def _post(d: DaemonProcess, path: str, body: dict, timeout: float = 60):
     from . import wire
 
@@ -308,7 +345,9 @@ async def run_chaos(cfg: Config, out: Callable[[str], None] = print) -> dict:
         await ch.start()
         out(f"   daemons up; {len(ch.refs)} solo references; baseline {ch.baselines['main'].as_dict()}")
         for name in selected:
-            await ch.scenario(name, scenarios.ALL[name])
+            rounds = cfg.fault_rounds if name.startswith("fault_") else 1
+            for i in range(rounds):
+                await ch.scenario(name if rounds == 1 else f"{name}#{i + 1}", scenarios.ALL[name])
     finally:
         with trio.CancelScope(shield=True):
             exit_codes = await ch.stop()

@@ -35,8 +35,9 @@ class Baseline:
     hosts: int  # engine host threads (each carries MLX's per-thread stream threads)
     per_host: int  # OS threads one more engine host brings (measured at start-up)
     tasks: int  # live trio tasks
-    rss_kib: int
+    rss_kib: int  # after the warm-up round
     loaded: tuple[str, ...]
+    rss_cold_kib: int = 0  # models loaded, before the warm-up round
 
     def as_dict(self) -> dict:
         return attrs.asdict(self)
@@ -75,14 +76,14 @@ async def snapshot(d: DaemonProcess) -> dict:
     }
 
 
-async def take_baseline(d: DaemonProcess, *, threads_before_load: int) -> Baseline:
+async def take_baseline(d: DaemonProcess, *, threads_before_load: int, rss_cold_kib: int = 0) -> Baseline:
     """Call with the models loaded and warm and no client connected."""
     s, _, _ = await wait_for(lambda: snapshot(d), lambda s: s["running"] == 0 and s["queued"] == 0
                              and s["engine_sequences"] == 0, timeout=SETTLE_S)
     hosts = max(1, s["hosts"])
     per_host = max(1, math.ceil((s["threads"] - threads_before_load) / hosts))
     return Baseline(s["threads"], s["hosts"], per_host, s["tasks"], s["rss_kib"],
-                    tuple(sorted(n for n, x in s["models"].items() if x.get("loaded"))))
+                    tuple(sorted(n for n, x in s["models"].items() if x.get("loaded"))), rss_cold_kib)
 
 
 async def settle(d: DaemonProcess, base: Baseline) -> tuple[dict, float, bool]:

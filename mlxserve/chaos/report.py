@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 
@@ -68,6 +69,8 @@ def build(ch, cfg, seconds: float, extra_checks: list[Check] = ()) -> dict:
             "faults": r.faults, "cancel_to_slot_free_ms": _ms_stats(r.cancel_seconds),
             "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in r.checks],
             "violations": len(r.violations),
+            **({"rss_mib_every_100_disconnects": r.extra["rss_mib_every_100_disconnects"]}
+               if "rss_mib_every_100_disconnects" in r.extra else {}),
         })
     violations = [{"scenario": r.name, "check": c.name, "detail": c.detail}
                   for r in ch.reports for c in r.violations]
@@ -86,6 +89,8 @@ def build(ch, cfg, seconds: float, extra_checks: list[Check] = ()) -> dict:
         "seed": cfg.seed,
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": f"{platform.system()} {platform.machine()}, {_cpus()} CPUs",
+        # Other work on the machine shows in every latency figure: the 1/5/15-minute load.
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "seconds": round(seconds, 1),
         "settings": {"streams": cfg.streams, "num_parallel": cfg.num_parallel, "prefill_chunk": cfg.prefill_chunk,
                      "overflow": {"num_parallel": 2, "max_queue": 4}},
@@ -116,8 +121,6 @@ def build(ch, cfg, seconds: float, extra_checks: list[Check] = ()) -> dict:
 
 
 def _cpus() -> int:
-    import os
-
     return os.cpu_count() or 0
 
 
@@ -141,7 +144,8 @@ def table(doc: dict) -> str:
 
     lines += [
         "",
-        f"mode {doc['mode']}, seed {doc['seed']}, {doc['seconds']:.0f} s on {doc['machine']}",
+        f"mode {doc['mode']}, seed {doc['seed']}, {doc['seconds']:.0f} s on {doc['machine']} "
+        f"(load average {' '.join(map(str, doc['load_average_at_end']))})",
         f"scenarios {t['scenarios']}   requests {t['requests']}   disconnects {t['disconnects']}",
         f"disconnects by phase: {_kv(t['disconnects_by_phase'])}",
         f"faults injected: {_kv(t['faults_injected'])}",

@@ -212,7 +212,8 @@ class Engine:
                     case Add():
                         try:
                             processors = self._processors(lm, cmd)
-                        except Exception as exc:  # a grammar the matcher rejects fails that request only
+                            sampler = sampling.make_sampler(cmd.params)
+                        except Exception as exc:  # bad settings fail that request only, never the runner
                             out.append(Chunk(cmd.seq_id, "", (), finish="error", error=str(exc),
                                              stats=SeqStats(len(cmd.prompt_ids), 0, 0, 0, 0)))
                             continue
@@ -223,7 +224,7 @@ class Engine:
                             max_tokens=[cmd.max_tokens],
                             caches=[cache] if cache is not None else None,
                             all_tokens=[cmd.prompt_ids[:cached]],
-                            samplers=[sampling.make_sampler(cmd.params)],
+                            samplers=[sampler],
                             logits_processors=[processors],
                         )[0]
                         seqs[uid] = _Seq(cmd, uid, StreamDecoder(lm.tokenizer), StopMatcher(cmd.stop),
@@ -244,6 +245,9 @@ class Engine:
                     seqs.clear()
                     by_id.clear()
                     gen = self._new_generator(lm, stream)
+                    # An exception inside a compiled sampler leaves this thread's random state
+                    # unusable for every later request; a reseed repairs it.
+                    mx.random.seed(int(time.time_ns() % (1 << 63)))
                     responses = []
                 for r in responses:
                     s = seqs.get(r.uid)

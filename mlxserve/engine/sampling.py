@@ -6,17 +6,12 @@ prompt give the same text whether or not other sequences share the batch.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import attrs
 import mlx.core as mx
-from mlx_lm.sample_utils import (
-    apply_min_p,
-    apply_top_k,
-    apply_top_p,
-    greedy_sampler,
-    make_logits_processors,
-)
+from mlx_lm.sample_utils import greedy_sampler, make_logits_processors
 
 Sampler = Callable[[mx.array], mx.array]
 
@@ -40,6 +35,32 @@ class SamplingParams:
         return self.temperature <= 0
 
 
+# Our own top-k / top-p / min-p: mlx-lm's are mx.compile'd with the value baked in, so every new
+# value recompiles (seconds on a CPU), and an exception inside the trace corrupts the thread's
+# random state. These are a few plain ops each.
+_NEG_INF = -float("inf")
+
+
+def apply_top_k(logprobs: mx.array, k: int) -> mx.array:
+    if k <= 0 or k >= logprobs.shape[-1]:
+        return logprobs
+    kth = mx.sort(logprobs, axis=-1)[..., -k:-k + 1]
+    return mx.where(logprobs >= kth, logprobs, _NEG_INF)
+
+
+def apply_top_p(logprobs: mx.array, p: float) -> mx.array:
+    order = mx.argsort(logprobs, axis=-1)  # ascending
+    ranked = mx.take_along_axis(logprobs, order, axis=-1)
+    keep = mx.cumsum(mx.exp(ranked), axis=-1) > (1.0 - p)
+    mask = mx.put_along_axis(mx.zeros(logprobs.shape, dtype=mx.bool_), order, keep, axis=-1)
+    return mx.where(mask, logprobs, _NEG_INF)
+
+
+def apply_min_p(logprobs: mx.array, min_p: float) -> mx.array:
+    threshold = mx.max(logprobs, axis=-1, keepdims=True) + math.log(min_p)
+    return mx.where(logprobs >= threshold, logprobs, _NEG_INF)
+
+
 def make_sampler(p: SamplingParams) -> Sampler:
     if p.greedy:
         return greedy_sampler  # shared object: the batch samples all greedy rows in one call
@@ -47,11 +68,12 @@ def make_sampler(p: SamplingParams) -> Sampler:
     if 0 < p.top_p < 1.0:
         methods.append(lambda x: apply_top_p(x, p.top_p))
     if p.min_p > 0:
-        methods.append(lambda x: apply_min_p(x, p.min_p, 1))
+        methods.append(lambda x: apply_min_p(x, p.min_p))
     if p.top_k > 0:
         methods.append(lambda x: apply_top_k(x, p.top_k))
     inv_temp = 1.0 / p.temperature
-    key = [mx.random.key(p.seed)] if p.seed is not None else None
+    # Any integer is a seed (Ollama sends -1 for "random"; PRNG keys take 64 unsigned bits).
+    key = [mx.random.key(p.seed % (1 << 64))] if p.seed is not None and p.seed >= 0 else None
 
     def sampler(logprobs: mx.array) -> mx.array:
         for method in methods:

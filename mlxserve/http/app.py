@@ -10,7 +10,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from quart import request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..actors.runtime import Runtime
 from ..errors import MlxserveError
@@ -20,6 +20,9 @@ from . import embeddings
 from .common import error_headers, json_response
 
 log = logging.getLogger("mlxserve.http")
+# After a refused body the rest of it may still be in flight: end the connection rather than
+# read the next request out of the middle of it.
+_CLOSE = {"Connection": "close"}
 
 
 def _error_body(status: int, message: str, kind: str):
@@ -51,6 +54,18 @@ def create_app(rt: Runtime) -> QuartTrio:
     guard_host = _loopback(rt.settings.host)
 
     @app.before_request
+    async def lift_limit_for_blobs():
+        # A model blob is gigabytes: /api/blobs streams it to disk, hashing as it goes, so the
+        # JSON body limit does not apply there. Quart fixes the limit when the request is built,
+        # hence the reach into its Body.
+        if request.path.startswith("/api/blobs/"):
+            body = request.body
+            body._max_content_length = None
+            if isinstance(body._must_raise, RequestEntityTooLarge):
+                body._must_raise = None
+        return None
+
+    @app.before_request
     async def check_host():
         # DNS rebinding: a page on evil.example resolving to 127.0.0.1 must not drive the API.
         if not guard_host:
@@ -68,14 +83,18 @@ def create_app(rt: Runtime) -> QuartTrio:
         if not getattr(exc, "recorded", False):
             rt.metrics.record_nowait("request", route=request.path, status=exc.status, error=str(exc),
                                      client=request.remote_addr or "")
-        return json_response(_error_body(exc.status, str(exc), exc.kind), exc.status, error_headers(exc))
+        headers = error_headers(exc)
+        if exc.status == 413:
+            headers = {**headers, **_CLOSE}
+        return json_response(_error_body(exc.status, str(exc), exc.kind), exc.status, headers)
 
     @app.errorhandler(HTTPException)
     async def on_http_error(exc: HTTPException):
         status = exc.code or 500
         message = {404: "not found", 405: "method not allowed", 413: "request body too large"}.get(
             status, exc.description or exc.name)
-        return json_response(_error_body(status, message, "invalid_request_error"), status)
+        return json_response(_error_body(status, message, "invalid_request_error"), status,
+                             _CLOSE if status == 413 else None)
 
     @app.errorhandler(Exception)
     async def on_bug(exc: Exception):

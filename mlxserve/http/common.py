@@ -27,12 +27,16 @@ async def json_body() -> dict:
     if not raw:
         raise BadRequest("missing request body")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"invalid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     return body
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def field(body: dict, name: str, kind: type | tuple, *, required: bool = False, default: Any = None) -> Any:

@@ -7,6 +7,7 @@ released and the sequence cancelled in ``finally`` blocks that do only synchrono
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -218,13 +219,14 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
             else:
                 prompt_ids = tok.encode(prompt_text or "", add_bos=None if not prefix_ids else False)
             if prefix_ids:  # Ollama's "context": the earlier conversation's token ids
-                if any(t < 0 or t >= tok.vocab_size for t in prefix_ids):
-                    raise BadRequest("context contains token ids outside the vocabulary")
+                check_token_ids(prefix_ids, tok.vocab_size, "context")
                 prompt_ids = list(prefix_ids) + prompt_ids
         if not prompt_ids:
             raise BadRequest("prompt is empty after tokenization")
+        check_token_ids(prompt_ids, tok.vocab_size, "prompt")
         if truncate and len(prompt_ids) >= lease.handle.context_length:
             prompt_ids = prompt_ids[-(lease.handle.context_length - 1):]
+        check_logit_bias(logit_bias, tok.vocab_size)
         n = budget(len(prompt_ids), lease.handle.context_length,
                    max_tokens if max_tokens is not None else opts.num_predict)
         gen = Generation(
@@ -288,6 +290,19 @@ def grammar_for_format(fmt: Any) -> str | None:
 
 def token_text(tok, token_id: int) -> str:
     return tok.decode([token_id], skip_special=False)
+
+
+def check_token_ids(ids: Any, vocab_size: int, what: str) -> None:
+    """Token ids from a client index the embedding table directly: out of range is a crash."""
+    if not isinstance(ids, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids
+    ):
+        raise BadRequest(f"{what} must be a list of token ids between 0 and {vocab_size - 1}")
+
+
+def check_logit_bias(bias: dict[int, float] | None, vocab_size: int) -> None:
+    if bias and not all(0 <= t < vocab_size and math.isfinite(v) for t, v in bias.items()):
+        raise BadRequest(f"logit_bias keys must be token ids between 0 and {vocab_size - 1} with finite values")
 
 
 def check_top_logprobs(n: Any) -> int:

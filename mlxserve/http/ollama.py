@@ -25,10 +25,10 @@ def _iso(ts: float | datetime | None) -> str | None:
     if ts is None:
         return None
     if isinstance(ts, (int, float)):
-        if math.isinf(ts):
-            ts = datetime(2318, 1, 1, tzinfo=timezone.utc)  # what Ollama shows for "forever"
-        else:
+        try:
             ts = datetime.fromtimestamp(ts, timezone.utc)
+        except (OverflowError, ValueError, OSError):  # inf ("forever") or past any calendar
+            ts = datetime(2318, 1, 1, tzinfo=timezone.utc)  # what Ollama shows for "forever"
     return ts.isoformat().replace("+00:00", "Z")
 
 

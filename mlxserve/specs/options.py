@@ -28,6 +28,25 @@ ALL_OPTIONS = frozenset(_KIND) | {"stop"}
 _KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
 
 
+# Ranges the engine can honour; a value outside is the client's mistake (400), never a 500.
+_RANGES: dict[str, tuple[float, float]] = {
+    "num_ctx": (1, 1 << 24), "num_predict": (-2, 1 << 24), "num_keep": (-1, 1 << 24),
+    "top_k": (0, 1 << 31), "repeat_last_n": (-1, 1 << 24),
+    "temperature": (0.0, 100.0), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0), "typical_p": (0.0, 1.0),
+    "repeat_penalty": (0.0, 100.0), "presence_penalty": (-100.0, 100.0), "frequency_penalty": (-100.0, 100.0),
+}
+
+
+def _check_range(name: str, value: Any) -> Any:
+    bounds = _RANGES.get(name)
+    if bounds is None or isinstance(value, bool):
+        return value
+    lo, hi = bounds
+    if not (lo <= value <= hi):  # also false for NaN
+        raise BadRequest(f"invalid value for option '{name}': must be between {lo} and {hi}, got {value}")
+    return value
+
+
 def _typename(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
         type(value), type(value).__name__
@@ -62,7 +81,7 @@ def coerce_option(name: str, value: Any) -> Any:
     if not ok:
         raise BadRequest(f"invalid value for option '{name}': expected {_KIND_WORDS[kind]}, "
                          f"got {_typename(value)}")
-    return value
+    return _check_range(name, value)
 
 
 def parse_option_text(name: str, text: str) -> Any:
@@ -78,8 +97,8 @@ def parse_option_text(name: str, text: str) -> Any:
                 raise ValueError
             return text.lower() == "true"
         if kind is int:
-            return int(text)
-        return float(text)
+            return _check_range(name, int(text))
+        return _check_range(name, float(text))
     except ValueError:
         raise BadRequest(f"invalid value for parameter '{name}': expected {_KIND_WORDS[kind]}, "
                          f"got {text!r}") from None

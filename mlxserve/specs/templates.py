@@ -142,5 +142,5 @@ def render_chat(
         raise BadRequest(f"template syntax error on line {exc.lineno}: {exc.message}") from None
     except jinja2.TemplateError as exc:
         raise BadRequest(f"chat template error: {exc.message or exc}") from None
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
-        raise BadRequest(f"chat template error: {exc}") from None
+    except Exception as exc:  # a template is user code: whatever it raises is the request's fault
+        raise BadRequest(f"chat template error: {exc.__class__.__name__}: {exc}") from None
