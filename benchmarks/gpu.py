@@ -199,6 +199,83 @@ def raw_child(args) -> None:
     os._exit(0)  # skip MLX's static destructors (see mlxctl serve)
 
 
+def engine_child(args) -> None:
+    """Runs in its own process: mlxserve's Engine thread (no trio, no HTTP), deliver = a queue."""
+    from mlxserve.engine.backend_setup import setup_backend
+
+    setup_backend()
+    import queue as q
+
+    import mlx.core as mx
+
+    from mlxserve.config import Settings
+    from mlxserve.engine import loop as eng
+    from mlxserve.engine import sampling
+    from mlxserve.engine.model import load_path
+
+    levels = [int(x) for x in args.streams.split(",")]
+    parallel = max(levels)
+    settings = Settings()
+    events: q.SimpleQueue = q.SimpleQueue()
+
+    def deliver(evs: list) -> None:
+        now = time.perf_counter()
+        for e in evs:
+            events.put((now, e))
+
+    engine = eng.Engine(lambda: load_path(args.model, weight_dtype=settings.weight_dtype), deliver,
+                        num_parallel=parallel, prefill_chunk=args.prefill_chunk, device=settings.device,
+                        prompt_cache_bytes=settings.prompt_cache_bytes)
+    thread = threading.Thread(target=engine.run, daemon=True)
+    thread.start()
+    _, ready = events.get()
+    if not isinstance(ready, eng.Ready):
+        raise RuntimeError(f"engine did not load: {ready}")
+    vocab = int(json.loads((Path(args.model) / "config.json").read_text())["vocab_size"])
+    params = sampling.SamplingParams(temperature=0.0, repeat_penalty=1.0)
+    seq_ids = iter(range(1, 1 << 30))
+    result: dict = {"device": str(mx.default_device()), "rows": [], "prompt_cache_bytes": settings.prompt_cache_bytes}
+
+    def one(n: int, tokens: int, seed: int) -> dict:
+        prompts = prompts_for(n, args.prompt_len, vocab, seed)
+        ids = [next(seq_ids) for _ in range(n)]
+        index = {sid: i for i, sid in enumerate(ids)}
+        first, last, counts = [0.0] * n, [0.0] * n, [0] * n
+        t0 = time.perf_counter()
+        for sid, p in zip(ids, prompts):
+            engine.submit(eng.Add(sid, p, tokens, params))
+        done = 0
+        while done < n:
+            at, e = events.get()
+            if not isinstance(e, eng.Chunk):
+                raise RuntimeError(f"unexpected event {e}")
+            i = index[e.seq_id]
+            if e.token_ids:
+                if counts[i] == 0:
+                    first[i] = at
+                counts[i] += len(e.token_ids)
+                last[i] = at
+            if e.finish is not None:
+                if e.finish not in ("length", "stop"):
+                    raise RuntimeError(f"sequence ended with {e.finish}: {e.error}")
+                done += 1
+        return summarize(n, t0, first, last, counts)
+
+    for n in levels:
+        one(n, args.tokens, seed=1000 + n)
+        runs = [one(n, args.tokens, seed=4000 + 17 * n + k) for k in range(args.runs)]
+        best = max(runs, key=lambda r: r["decode_tok_s"])
+        best["runs_decode_tok_s"] = [round(r["decode_tok_s"], 2) for r in runs]
+        result["rows"].append(best)
+        print(f"  engine {n:>3} streams: decode {best['decode_tok_s']:8.1f} tok/s  "
+              f"e2e {best['e2e_tok_s']:8.1f}  runs {best['runs_decode_tok_s']}", flush=True)
+    engine.submit(eng.Shutdown())
+    thread.join(timeout=60)
+    Path(args.child_out).write_text(json.dumps(result))
+    sys.stdout.flush()
+    os._exit(0)
+
+
 def diagnose(lm, levels: list[int], args, vocab: int) -> dict:
     """Where a decode step's time goes (run on the engine thread, inside its stream)."""
     import mlx.core as mx
@@ -265,6 +342,51 @@ def diagnose(lm, levels: list[int], args, vocab: int) -> dict:
               f"{d['graph_build_ms']:.2f}), pipelined {d['pipelined_step_ms']:.2f} ms "
               f"= {d['pipelined_tok_s']:.1f} tok/s, no-sync {d['nosync_step_ms']:.2f} ms", flush=True)
 
+    # 5) one decode step's parts, each over all layers, for every stream count
+    layers = model.model.layers
+    nl = len(layers)
+    h = int(lm.config["hidden_size"])
+    heads = int(lm.config["num_attention_heads"])
+    kvh = int(lm.config.get("num_key_value_heads") or heads)
+    hd = h // heads
+
+    def best_of(fn, reps: int = 3) -> float:
+        mx.eval(fn())  # warm: JIT
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            mx.eval(fn())
+            best = min(best, time.perf_counter() - t0)
+        return 1e3 * best
+
+    parts: dict = {}
+    for n in levels:
+        x = (0.1 * mx.random.normal((n, 1, h))).astype(mx.bfloat16)
+        prompts = mx.array(prompts_for(n, args.prompt_len, vocab, 11 + n))
+        cache = make_prompt_cache(model)
+        mx.eval(model(prompts, cache=cache), [c.state for c in cache])
+        q = mx.random.normal((n, heads, 1, hd)).astype(mx.bfloat16)
+        k = mx.random.normal((n, kvh, args.prompt_len + 64, hd)).astype(mx.bfloat16)
+        v = mx.random.normal((n, kvh, args.prompt_len + 64, hd)).astype(mx.bfloat16)
+        mx.eval(x, q, k, v)
+        a = layers[0].self_attn
+        row = {
+            "attention_block": best_of(lambda: [l.self_attn(l.input_layernorm(x), None, c) for l, c in zip(layers, cache)]),
+            "qkvo_proj": best_of(lambda: [m(x if m is not l.self_attn.o_proj else mx.zeros((n, 1, heads * hd), mx.bfloat16))
+                                          for l in layers for m in (l.self_attn.q_proj, l.self_attn.k_proj,
+                                                                    l.self_attn.v_proj, l.self_attn.o_proj)]),
+            "sdpa_only": best_of(lambda: [mx.fast.scaled_dot_product_attention(q, k, v, scale=a.scale)
+                                          for _ in range(nl)]),
+            "mlp_block": best_of(lambda: [l.mlp(l.post_attention_layernorm(x)) for l in layers]),
+            "norms": best_of(lambda: [l.input_layernorm(x) for l in layers] + [l.post_attention_layernorm(x) for l in layers]),
+            "lm_head": best_of(lambda: [model.lm_head(model.model.norm(x))]),
+            "full_step": best_of(lambda: [model(mx.zeros((n, 1), mx.uint32), cache=cache)]),
+        }
+        parts[str(n)] = row
+        print(f"  parts {n:>3} streams (ms, all {nl} layers): " +
+              ", ".join(f"{k2} {v2:.2f}" for k2, v2 in row.items()), flush=True)
+    out["parts"] = parts
+
     # 4) the 4-bit matmuls of one block alone, rotating over copies so L2 does not hold them
     h, inter = int(lm.config["hidden_size"]), int(lm.config["intermediate_size"])
     shapes = {"gate/up": (inter, h), "down": (h, inter)}
@@ -295,11 +417,12 @@ def diagnose(lm, levels: list[int], args, vocab: int) -> dict:
     return out
 
 
-def run_raw(model_dir: Path, args, env_extra: dict, diag: bool) -> dict:
+def run_raw(model_dir: Path, args, env_extra: dict, diag: bool, streams: str | None = None,
+            tokens: int | None = None, kind: str = "--child-raw") -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         child_out = f.name
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-raw", "--model", str(model_dir),
-           "--streams", args.streams, "--prompt-len", str(args.prompt_len), "--tokens", str(args.tokens),
+    cmd = [sys.executable, str(Path(__file__).resolve()), kind, "--model", str(model_dir),
+           "--streams", streams or args.streams, "--prompt-len", str(args.prompt_len), "--tokens", str(tokens or args.tokens),
            "--runs", str(args.runs), "--prefill-chunk", str(args.prefill_chunk), "--child-out", child_out]
     if diag:
         cmd.append("--diag")
@@ -447,14 +570,22 @@ def main() -> None:
     ap.add_argument("--sweep", action="append", default=[],
                     help="extra raw (and served) rows with an environment variable set, e.g. MLX_MAX_OPS_PER_BUFFER=50,200")
     ap.add_argument("--sweep-served", action="store_true", help="also run the served path for each sweep value")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the default raw/served pair (spread)")
+    ap.add_argument("--engine", action="store_true", help="add mlxserve's Engine without HTTP (deliver = queue)")
+    ap.add_argument("--scaling", default="", help="raw only, these stream counts, --scaling-tokens each")
+    ap.add_argument("--scaling-tokens", type=int, default=64)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--log-dir", type=Path)
     # internal: the raw child
     ap.add_argument("--child-raw", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child-engine", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_raw:
         raw_child(args)
+        return
+    if args.child_engine:
+        engine_child(args)
         return
 
     work = Path(tempfile.mkdtemp(prefix="mlxserve-gpu-"))
@@ -472,16 +603,27 @@ def main() -> None:
         import platform
 
         report["host"] = platform.node()
-        variants = [("default", {})] + parse_sweep(args.sweep)
+        variants = [("default" if k == 0 else f"default#{k + 1}", {}) for k in range(args.rounds)]
+        variants += parse_sweep(args.sweep)
         for name, env_extra in variants:
             print(f"== {name}", flush=True)
             row: dict = {}
+            base = name.startswith("default")
             if not args.skip_raw:
                 row["raw"] = run_raw(model_dir, args, env_extra, diag=args.diag and name == "default")
-            if not args.skip_served and (name == "default" or args.sweep_served):
-                log = args.log_dir / f"serve-{name.replace('=', '_')}.log" if args.log_dir else None
+            if args.engine and base:
+                row["engine"] = run_raw(model_dir, args, env_extra, diag=False, kind="--child-engine")
+            if not args.skip_served and (base or args.sweep_served):
+                log = args.log_dir / ("serve-" + "".join(ch if ch.isalnum() else "_" for ch in name) + ".log") \
+                    if args.log_dir else None
                 row["served"] = run_served(model_dir, args, work / f"served-{len(report['variants'])}", env_extra, log)
             report["variants"][name] = row
+            if args.json:
+                args.json.write_text(json.dumps(report, indent=1))
+        if args.scaling:
+            print("== scaling", flush=True)
+            report["variants"]["scaling"] = {"raw": run_raw(model_dir, args, {}, diag=False, streams=args.scaling,
+                                                            tokens=args.scaling_tokens)}
     finally:
         if args.json:
             args.json.write_text(json.dumps(report, indent=1))
@@ -493,21 +635,19 @@ def main() -> None:
 
 
 def print_table(report: dict, args) -> None:
-    print(f"\nprompt {args.prompt_len} tokens, {args.tokens} new tokens per stream, greedy, best of {args.runs}")
-    print(f"{'variant':<28}{'streams':>8}{'raw decode':>12}{'served dec':>12}{'ratio':>7}"
-          f"{'raw e2e':>10}{'srv e2e':>10}{'ratio':>7}")
+    print(f"\nprompt {args.prompt_len} tokens, {args.tokens} new tokens per stream ({args.scaling_tokens} for "
+          f"'scaling'), greedy, best of {args.runs}; decode tok/s (e2e tok/s)")
+    print(f"{'variant':<30}{'streams':>8}{'raw':>18}{'engine':>18}{'served':>18}{'srv/raw':>9}")
+
+    def cell(r):
+        return f"{r['decode_tok_s']:.1f} ({r['e2e_tok_s']:.1f})" if r else "-"
+
     for name, row in report["variants"].items():
-        raw = {r["streams"]: r for r in row.get("raw", {}).get("rows", [])}
-        srv = {r["streams"]: r for r in row.get("served", {}).get("rows", [])}
-        for n in sorted(set(raw) | set(srv)):
-            a, b = raw.get(n), srv.get(n)
+        cols = {k: {r["streams"]: r for r in row.get(k, {}).get("rows", [])} for k in ("raw", "engine", "served")}
+        for n in sorted(set().union(*[set(c) for c in cols.values()])):
+            a, e, b = (cols[k].get(n) for k in ("raw", "engine", "served"))
             ratio = f"{b['decode_tok_s'] / a['decode_tok_s']:.3f}" if a and b else "-"
-            ratio2 = f"{b['e2e_tok_s'] / a['e2e_tok_s']:.3f}" if a and b else "-"
-            fa = f"{a['decode_tok_s']:.1f}" if a else "-"
-            fb = f"{b['decode_tok_s']:.1f}" if b else "-"
-            ea = f"{a['e2e_tok_s']:.1f}" if a else "-"
-            eb = f"{b['e2e_tok_s']:.1f}" if b else "-"
-            print(f"{name:<28}{n:>8}{fa:>12}{fb:>12}{ratio:>7}{ea:>10}{eb:>10}{ratio2:>7}")
+            print(f"{name:<30}{n:>8}{cell(a):>18}{cell(e):>18}{cell(b):>18}{ratio:>9}")
     print("earlier, same H100 shape: raw mlx-lm 80 tok/s single / 292 at 32 streams; "
           "llama.cpp (Q4_0) 300 / 3539; goal served >= 0.97x raw")
 

@@ -29,6 +29,7 @@ import trio
 from ..config import Settings
 from ..engine import embed as eng
 from ..errors import BadRequest, EngineError, LoadError, MlxserveError, ServerBusy
+from .hosts import HOSTS
 from .mailbox import Reply, fail_pending, post
 
 log = logging.getLogger("mlxserve.embedder")
@@ -157,7 +158,8 @@ class _Worker:
     load_ns: int = 0
     weight_bytes: int = 0
     dimension: int = 0
-    thread: threading.Thread | None = None
+    # Set by the host thread when the engine has returned (hosts are reused, never joined).
+    finished: threading.Event | None = None
     load_fn: Callable[[], Any] | None = None  # set by _boot once the store has linked the files
 
 
@@ -269,8 +271,8 @@ class Embedder:
             return
         w.load_fn = self.load_fn(resolved, path, w.kind)
         log.info("loading %s for embeddings (%s)", w.name, w.kind)
-        w.thread = threading.Thread(target=w.engine.run, name=f"embed-{w.name}", daemon=True)
-        w.thread.start()
+        w.finished = threading.Event()
+        HOSTS.run(w.engine.run, w.finished.set)
 
     # ---- events from a worker thread (run on the trio thread by run_sync_soon) ----
     def _on_events(self, w: _Worker, events: list) -> None:
@@ -346,7 +348,7 @@ class Embedder:
         w.engine.submit(eng.EmbedShutdown(reason))
         self._stopping.append(w)
         # Threads that already ended need no join at shutdown.
-        self._stopping = [s for s in self._stopping if s.thread is None or s.thread.is_alive()]
+        self._stopping = [s for s in self._stopping if s.finished is None or not s.finished.is_set()]
 
     async def _stop_all(self, reason: str) -> None:
         workers = list(self.workers.values())
@@ -357,6 +359,6 @@ class Embedder:
         # Bounded and shielded: a model mid-batch finishes that batch, then its thread ends.
         with trio.move_on_after(10, shield=True):
             for w in self._stopping:
-                if w.thread is not None and w.thread.is_alive():
-                    await trio.to_thread.run_sync(w.thread.join, abandon_on_cancel=True)
+                if w.finished is not None and not w.finished.is_set():
+                    await trio.to_thread.run_sync(w.finished.wait, abandon_on_cancel=True)
         self._stopping.clear()

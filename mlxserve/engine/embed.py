@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import BadRequest, EngineError, LoadError, MlxserveError
+from .loop import thread_stream
 
 log = logging.getLogger("mlxserve.embed")
 
@@ -258,7 +259,7 @@ class EmbedEngine:
         try:
             if self._device in ("cpu", "gpu"):
                 mx.set_default_device(mx.cpu if self._device == "cpu" else mx.gpu)
-            stream = mx.new_thread_local_stream(mx.default_device())
+            stream = thread_stream(mx.default_device())
             t0 = time.perf_counter_ns()
             with mx.stream(stream):
                 self.model = self._load()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -102,6 +103,18 @@ class _Seq:
     token_ids: list[int] = attrs.Factory(list)
 
 
+_thread_streams = threading.local()
+
+
+def thread_stream(device: Any) -> Any:
+    """One MLX stream per OS thread, reused across loads: MLX starts a worker thread for every
+    stream and never stops it, so a new stream per load leaks threads on reused hosts."""
+    stream = getattr(_thread_streams, "stream", None)
+    if stream is None or stream.device != device:
+        stream = _thread_streams.stream = mx.new_thread_local_stream(device)
+    return stream
+
+
 def resolve_device(name: Any) -> Any:
     """"cpu" / "gpu" (MLXSERVE_DEVICE) -> an mx.Device; a GPU asked for but absent is an error."""
     if not isinstance(name, str):
@@ -164,7 +177,7 @@ class Engine:
         try:
             if self._device is not None:
                 mx.set_default_device(resolve_device(self._device))
-            stream = mx.new_thread_local_stream(mx.default_device())
+            stream = thread_stream(mx.default_device())
             with mx.stream(stream):
                 self.lm = self._load()
         except BaseException as exc:  # every load failure must reach the waiting requests
@@ -230,6 +243,9 @@ class Engine:
                         seqs[uid] = _Seq(cmd, uid, StreamDecoder(lm.tokenizer), StopMatcher(cmd.stop),
                                          time.perf_counter(), cached)
                         by_id[cmd.seq_id] = uid
+            if out and seqs:  # report cancellations now, not after one more step
+                self._deliver(out)
+                out = []
             if seqs:
                 if self.faults.take("thread_die"):
                     raise RuntimeError("injected fault: engine thread died")

@@ -26,9 +26,6 @@ async def run_daemon(settings: Settings, *, shutdown: trio.Event | None = None,
                      preload: list[str] | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve until a signal or ``shutdown``; ``task_status.started`` gets a DaemonInfo."""
     shutdown = trio.Event() if shutdown is None else shutdown
-    import os, sys
-    if os.environ.get("XSWITCH"):
-        sys.setswitchinterval(float(os.environ["XSWITCH"]))
     async with open_runtime(settings) as rt:
         async with trio.open_nursery() as nursery:
             signals = trio.CancelScope()

@@ -97,7 +97,7 @@ async def test_wire_decodes_chunked_bodies_and_aborts_with_rst():
             n.cancel_scope.cancel()
 
 
-async def test_client_fault_plans_expect_4xx_only():
+def test_client_fault_plans_expect_4xx_only():
     assert all(400 <= code < 500 for code in clients.CLIENT_FAULTS.values())
     for kind in clients.CLIENT_FAULTS:
         path, body, headers = clients._fault_request(kind, Template("chat", "tiny", "hi", "greedy", 4))
