@@ -16,7 +16,7 @@ from mlxserve.engine.backend_setup import setup_backend  # noqa: E402
 
 setup_backend()  # as `mlxctl serve` does, before anything imports mlx
 
-import tinymodel  # noqa: E402
+from mlxserve.testing import tinymodel  # noqa: E402
 
 TINY = "tiny:latest"
 

@@ -117,7 +117,7 @@ class Chaos:
     def build_store(self) -> Path:
         """The tiny model as GGUF ('tiny') and as an mlx directory ('tiny-mlx'), created with
         ``mlxctl create --local`` as a user would."""
-        from . import tinymodel
+        from ..testing import tinymodel
 
         src = self.modelfile_dir
         src.mkdir(parents=True, exist_ok=True)

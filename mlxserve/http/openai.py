@@ -28,6 +28,26 @@ def _sse_error(exc: MlxserveError) -> bytes:
     return _sse({"error": {"message": str(exc), "type": exc.kind, "param": None, "code": None}})
 
 
+def _sse_response(gen: g.Generation, events):
+    """An SSE body: the events, then [DONE]; a failure after streaming began becomes a final
+    error event. Recorded once, with the status the client effectively got."""
+
+    async def body():
+        try:
+            async for event in events:
+                yield event
+            yield b"data: [DONE]\n\n"
+            gen.record(200)
+        except MlxserveError as exc:
+            gen.record(exc.status, str(exc))
+            yield _sse_error(exc)
+        except trio.Cancelled:
+            gen.record(499)
+            raise
+
+    return stream_response(body(), gen.release, "text/event-stream")
+
+
 def _content_text(content, i: int) -> str:
     if content is None:
         return ""
@@ -293,36 +313,27 @@ async def chat_completions():
             return _sse({**chunk_base, "choices": [{"index": 0, "delta": d, "logprobs": lp,
                                                     "finish_reason": finish}]})
 
-        try:
-            yield delta({"role": "assistant", "content": ""})
-            async for c in g.chunks(gen):
-                if hold:  # a call must arrive whole: keep everything until the end
-                    continue
-                lp = {"content": [_lp_entry(tok, *e) for e in c.logprobs]} if top is not None and c.logprobs else None
-                if c.text or lp:
-                    yield delta({"content": c.text}, lp=lp)
-            finish = _FINISH[gen.done_reason]
-            if hold:
-                text = "".join(gen.text)
-                calls = _tool_calls(text, tools, forced, choice)
-                if calls:
-                    yield delta({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
-                    finish = "tool_calls"
-                elif text:
-                    yield delta({"content": text})
-            yield delta({}, finish)
-            if stream_options.get("include_usage"):
-                yield _sse({**chunk_base, "choices": [], "usage": _usage(gens)})
-            yield b"data: [DONE]\n\n"
-            gen.record(200)
-        except MlxserveError as exc:
-            gen.record(exc.status, str(exc))
-            yield _sse_error(exc)
-        except trio.Cancelled:
-            gen.record(499)
-            raise
+        yield delta({"role": "assistant", "content": ""})
+        async for c in g.chunks(gen):
+            if hold:  # a call must arrive whole: keep everything until the end
+                continue
+            lp = {"content": [_lp_entry(tok, *e) for e in c.logprobs]} if top is not None and c.logprobs else None
+            if c.text or lp:
+                yield delta({"content": c.text}, lp=lp)
+        finish = _FINISH[gen.done_reason]
+        if hold:
+            text = "".join(gen.text)
+            calls = _tool_calls(text, tools, forced, choice)
+            if calls:
+                yield delta({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
+                finish = "tool_calls"
+            elif text:
+                yield delta({"content": text})
+        yield delta({}, finish)
+        if stream_options.get("include_usage"):
+            yield _sse({**chunk_base, "choices": [], "usage": _usage(gens)})
 
-    return stream_response(body_iter(), gen.release, "text/event-stream")
+    return _sse_response(gen, body_iter())
 
 
 def _prompts(body: dict) -> list[str | list[int]]:
@@ -388,26 +399,17 @@ async def completions():
     gen = gens[0]
 
     async def body_iter():
-        try:
-            if echo:
-                yield _sse({**base, "choices": [{"index": 0, "text": prefix(gen), "logprobs": None,
-                                                 "finish_reason": None}]})
-            async for c in g.chunks(gen):
-                if c.text:
-                    yield _sse({**base, "choices": [{"index": 0, "text": c.text, "finish_reason": None,
-                                                     "logprobs": legacy_lp(c.logprobs) if top is not None and c.logprobs else None}]})
-            yield _sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                             "finish_reason": _FINISH[gen.done_reason]}]})
-            yield b"data: [DONE]\n\n"
-            gen.record(200)
-        except MlxserveError as exc:
-            gen.record(exc.status, str(exc))
-            yield _sse_error(exc)
-        except trio.Cancelled:
-            gen.record(499)
-            raise
+        if echo:
+            yield _sse({**base, "choices": [{"index": 0, "text": prefix(gen), "logprobs": None,
+                                             "finish_reason": None}]})
+        async for c in g.chunks(gen):
+            if c.text:
+                yield _sse({**base, "choices": [{"index": 0, "text": c.text, "finish_reason": None,
+                                                 "logprobs": legacy_lp(c.logprobs) if top is not None and c.logprobs else None}]})
+        yield _sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
+                                         "finish_reason": _FINISH[gen.done_reason]}]})
 
-    return stream_response(body_iter(), gen.release, "text/event-stream")
+    return _sse_response(gen, body_iter())
 
 
 def _model_obj(m) -> dict:

@@ -1,9 +1,8 @@
-"""The chaos harness's model: a tiny random-weight llama with a small byte-level BPE tokenizer,
-written as an mlx-lm directory and as a GGUF (F32, Q/K permuted as llama.cpp stores them).
+"""A tiny random-weight llama with a small byte-level BPE tokenizer, written as an mlx-lm
+directory and as a GGUF (F32, Q/K permuted as llama.cpp stores them).
 
-The same model as ``tests/tinymodel.py`` (same shapes, seed and tokenizer corpus), kept here
-because ``mlxctl chaos`` must not depend on the test tree. Random weights rarely emit EOS, so
-``num_predict`` sets each answer's length, which is what a disconnect storm wants.
+Used by the test suite and by ``mlxctl chaos`` (which must not depend on the test tree). Random
+weights rarely emit EOS, so ``num_predict`` sets each answer's length.
 """
 
 from __future__ import annotations

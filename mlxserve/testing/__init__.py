@@ -1,0 +1,1 @@
+"""Test and harness helpers that ship with the package (the chaos harness needs them)."""
