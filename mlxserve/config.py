@@ -81,6 +81,7 @@ class Settings:
     models_dir: Path = attrs.field(factory=lambda: Path.home() / ".mlxserve" / "models")
     keep_alive: float = 300.0
     max_loaded_models: int = 3
+    max_memory: int | None = None  # bytes; None: three quarters of physical memory
     num_parallel: int = 8
     max_queue: int = 512
     default_registry: str = "registry.ollama.ai"
@@ -109,6 +110,7 @@ class Settings:
             ("max_body_bytes", "MLXSERVE_MAX_BODY_BYTES"),
             ("prompt_cache_bytes", "MLXSERVE_PROMPT_CACHE_BYTES"),
             ("prefill_chunk", "MLXSERVE_PREFILL_CHUNK"),
+            ("max_memory", "MLXSERVE_MAX_MEMORY"),
         ):
             if v := env.get(key):
                 kw[name] = int(v)
@@ -124,6 +126,15 @@ class Settings:
             kw["device"] = v
         kw.update(overrides)
         return cls(**kw)
+
+    @property
+    def memory_budget(self) -> int | None:
+        if self.max_memory is not None:
+            return self.max_memory
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 3 // 4
+        except (ValueError, OSError, AttributeError):
+            return None
 
     @property
     def base_url(self) -> str:

@@ -56,6 +56,7 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 load_fn=loader.load,
                 num_parallel=settings.num_parallel,
                 max_loaded=settings.max_loaded_models,
+                max_memory=settings.memory_budget,
                 max_queue=settings.max_queue,
                 default_keep_alive=settings.keep_alive,
                 on_event=on_event,

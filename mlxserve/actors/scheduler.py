@@ -31,6 +31,7 @@ class LoadSpec:
     digest: str
     size: int = 0
     num_ctx: int | None = None
+    kv_bytes: int = 0  # KV cache estimate for a full batch at num_ctx
     details: dict = attrs.field(factory=dict, eq=False)
     payload: Any = attrs.field(default=None, eq=False)  # what the load_fn needs (store record)
 
@@ -93,6 +94,12 @@ class Dequeue:
     """A waiting acquire gave up (its client left): stop counting it as queued."""
 
     reply: Reply
+
+
+def _footprint(r: "Resident") -> int:
+    """What a resident model holds: its weights as loaded (f32 on a CPU may be 6x the file) plus
+    the KV estimate it was admitted with."""
+    return (getattr(r.handle, "weight_bytes", 0) or r.spec.size) + r.spec.kv_bytes
 
 
 @attrs.define
@@ -193,6 +200,7 @@ class Scheduler:
     load_fn: Callable[[LoadSpec, Callable], Awaitable[Any]]
     num_parallel: int = 8
     max_loaded: int = 3
+    max_memory: int | None = None  # bytes for resident models (weights + KV estimate); None: no cap
     max_queue: int = 512
     default_keep_alive: float = 300.0
     on_event: Callable[[str, dict], None] | None = None
@@ -343,7 +351,9 @@ class Scheduler:
         key = next(iter(self.waiting))
         spec = self.waiting[key][0].spec
         live = [r for r in self.residents.values() if not r.unloading]
-        if len(live) >= self.max_loaded:
+        over_memory = (self.max_memory is not None and live
+                       and sum(_footprint(r) for r in live) + spec.size + spec.kv_bytes > self.max_memory)
+        if len(live) >= self.max_loaded or over_memory:
             idle = [r for r in live if r.refcount == 0]
             if not idle:
                 return  # wait for a release; never evict a model with running sequences

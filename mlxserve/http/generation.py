@@ -132,10 +132,25 @@ def details(spec) -> dict:
     }
 
 
-def load_spec(resolved, num_ctx: int | None) -> LoadSpec:
+def kv_estimate(spec, ctx: int, sequences: int) -> int:
+    """K and V for every layer, a full batch at the context window, 4-byte floats (the CPU path
+    runs f32); 0 when the model's shape is unknown."""
+    info = spec.model_info or {}
+    arch = spec.family or "llama"
+    layers = info.get(f"{arch}.block_count")
+    hidden = info.get(f"{arch}.embedding_length")
+    heads = info.get(f"{arch}.attention.head_count")
+    kv_heads = info.get(f"{arch}.attention.head_count_kv", heads)
+    if not all(isinstance(v, int) and v > 0 for v in (layers, hidden, heads, kv_heads)):
+        return 0
+    return 2 * layers * kv_heads * (hidden // heads) * ctx * 4 * sequences
+
+
+def load_spec(resolved, num_ctx: int | None, num_parallel: int = 1) -> LoadSpec:
     spec = resolved.spec
     ctx = num_ctx or min(spec.context_length or DEFAULT_NUM_CTX, DEFAULT_NUM_CTX)
     return LoadSpec(
+        kv_bytes=kv_estimate(spec, ctx, num_parallel),
         key=f"{resolved.digest}|ctx={ctx}",
         name=resolved.display,
         digest=resolved.digest,
@@ -148,7 +163,7 @@ def load_spec(resolved, num_ctx: int | None) -> LoadSpec:
 
 async def acquire(rt, resolved, opts: Options, keep_alive: float) -> tuple[Lease, int]:
     t0 = time.perf_counter()
-    lease = await rt.scheduler.acquire(load_spec(resolved, opts.num_ctx), keep_alive)
+    lease = await rt.scheduler.acquire(load_spec(resolved, opts.num_ctx, rt.settings.num_parallel), keep_alive)
     waited = time.perf_counter() - t0
     load_seconds = getattr(lease.handle, "load_seconds", 0.0)
     # Report load time only to the requests that actually waited for that load.

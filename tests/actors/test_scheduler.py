@@ -209,3 +209,29 @@ async def test_crashed_runner_restarts_then_gives_up(sched, autojump_clock):
     await trio.testing.wait_all_tasks_blocked()
     with pytest.raises(EngineError, match="crashed"):
         await h.acquire(spec("m"), 300)
+
+
+async def test_memory_budget_evicts_idle_models_first(sched, autojump_clock):
+    loads, start = sched
+    s, h = await start(max_loaded=5, max_memory=100)
+
+    def sized(name: str, size: int) -> LoadSpec:
+        return LoadSpec(key=name, name=name, digest="sha256:" + name, size=size)
+
+    (await h.acquire(sized("a", 40), 300)).release()
+    await trio.sleep(1)
+    b = await h.acquire(sized("b", 40), 300)  # 80 of 100: both fit
+    assert loads.runners["a"].alive and loads.runners["b"].alive
+    c = await h.acquire(sized("c", 40), 300)  # would be 120: the idle one (a) goes, busy b stays
+    assert not loads.runners["a"].alive and loads.runners["b"].alive and c.handle.alive
+    got = []
+
+    async def want_d():
+        got.append(await h.acquire(sized("d", 40), 300))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(want_d)
+        await trio.sleep(100)
+        assert got == []  # b and c busy: never evicted, d waits
+        b.release()
+    assert got and not loads.runners["b"].alive and loads.runners["c"].alive
