@@ -70,6 +70,11 @@ class RunnerHandle:
         return self._runner.weight_bytes
 
     @property
+    def vram_bytes(self) -> int:
+        """Bytes held in GPU memory (Ollama's size_vram): the weights when the engine is on a GPU."""
+        return self._runner.weight_bytes if self._runner.device_type == "gpu" else 0
+
+    @property
     def alive(self) -> bool:
         return self._runner.alive
 
@@ -157,6 +162,7 @@ class Runner:
     loaded: LoadedModel | None = attrs.field(default=None, init=False)
     context_length: int = attrs.field(default=0, init=False)
     weight_bytes: int = attrs.field(default=0, init=False)
+    device_type: str = attrs.field(default="cpu", init=False)
     alive: bool = attrs.field(default=False, init=False)
     _engine: eng.Engine | None = attrs.field(default=None, init=False)
     _engine_done: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -297,6 +303,7 @@ class Runner:
                              info["weight_bytes"] / 1e6, self.loaded.weight_dtype, info["context_length"])
                     self.context_length = info["context_length"]
                     self.weight_bytes = info["weight_bytes"]
+                    self.device_type = info.get("device", "cpu")
                     self._ready.set()
                 case eng.LoadFailed(error=error):
                     self._load_error = error

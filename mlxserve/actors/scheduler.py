@@ -127,6 +127,7 @@ class ModelStatus:
     context_length: int
     details: dict
     engine_running: int = 0  # sequences the engine holds (a left client's stays until dropped)
+    size_vram: int = 0
 
 
 @attrs.frozen
@@ -445,6 +446,7 @@ class Scheduler:
                 min(r.refcount, self.num_parallel), max(0, r.refcount - self.num_parallel),
                 expires, getattr(r.handle, "context_length", 0), r.spec.details,
                 stats().running if stats is not None else 0,
+                getattr(r.handle, "vram_bytes", 0),
             ))
         for key, q in self.waiting.items():
             if q and key not in self.residents:

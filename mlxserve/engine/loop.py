@@ -185,7 +185,8 @@ class Engine:
             self._deliver([LoadFailed(exc)])
             return
         lm = self.lm
-        self._deliver([Ready({"weight_bytes": lm.weight_bytes, "context_length": lm.context_length})])
+        self._deliver([Ready({"weight_bytes": lm.weight_bytes, "context_length": lm.context_length,
+                              "device": mx.default_device().type.name})])
         error = None
         try:
             self._loop(lm, stream)

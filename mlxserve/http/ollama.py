@@ -68,7 +68,7 @@ async def ps():
         {
             "name": m.name, "model": m.name, "size": m.size, "digest": m.digest.removeprefix("sha256:"),
             "details": m.details, "expires_at": _iso(m.expires_at) if m.expires_at is not None else None,
-            "size_vram": 0, "context_length": m.context_length,
+            "size_vram": m.size_vram, "context_length": m.context_length,
         }
         for m in stats.models if m.loaded
     ]})
