@@ -9,6 +9,7 @@ the batch of events on the trio loop), one cross-thread hop per step rather than
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -28,6 +29,9 @@ from .stops import StopMatcher
 from .tokenizer import StreamDecoder
 
 log = logging.getLogger("mlxserve.engine")
+
+
+MIN_LOGPROB = -9999.0  # what JSON can carry for "impossible" (as llama.cpp and OpenAI report it)
 
 
 # ---- commands (trio side -> engine thread) ----
@@ -341,8 +345,10 @@ class Engine:
             idx = mx.argpartition(-row, kth=top - 1)[:top]
             vals = row[idx]
             order = mx.argsort(-vals)
-            alts = tuple(zip(idx[order].tolist(), vals[order].tolist()))
-        return (token, row[token].item(), alts)
+            # Tokens a grammar or filter ruled out have -inf: they are no alternative at all.
+            alts = tuple((i, v) for i, v in zip(idx[order].tolist(), vals[order].tolist()) if math.isfinite(v))
+        chosen = row[token].item()
+        return (token, chosen if math.isfinite(chosen) else MIN_LOGPROB, alts)
 
     @staticmethod
     def _finish(s: _Seq, finish: str, text: str, *, token_ids=(), logprobs=None, error=None) -> Chunk:

@@ -188,3 +188,19 @@ async def test_official_clients_format_tools_and_logprobs(smol_models_dir):
     assert len(entries) == 3 and all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in entries)
     jsonschema.validate(json.loads(fmt.message.content), schema)
     assert followup.message.content  # the tool result was rendered and answered
+
+
+async def test_logprobs_under_a_grammar_are_finite_numbers(daemon):
+    # Masked tokens have -inf logprobs: they must not leak out as non-JSON or null values.
+    body = {"model": "tiny", "stream": False, "format": {"type": "object", "properties": {"a": {"enum": ["x", "y"]}},
+                                                           "required": ["a"]},
+            "messages": [{"role": "user", "content": "json"}], "logprobs": True, "top_logprobs": 8,
+            "options": {"temperature": 0, "num_predict": 12}}
+    with trio.fail_after(60):
+        async with httpx.AsyncClient(base_url=daemon.url, timeout=60) as c:
+            r = await c.post("/api/chat", json=body)
+    entries = r.json()["logprobs"]
+    assert entries
+    for e in entries:
+        assert isinstance(e["logprob"], float) and e["logprob"] > -1e308
+        assert all(isinstance(a["logprob"], float) for a in e["top_logprobs"])
