@@ -1,29 +1,38 @@
-"""Decode tokens/s on an NVIDIA GPU (mlx-cuda): raw mlx-lm BatchGenerator vs mlxserve over HTTP.
+"""Decode tokens/s on an NVIDIA GPU (mlx-cuda): raw mlx-lm vs mlxserve's engine vs mlxserve over HTTP.
 
-    python benchmarks/gpu.py [--tiny] [--streams 1,32] [--prompt-len 128] [--tokens 128]
-                             [--runs 2] [--json out.json] [--diag] [--sweep VAR=v1,v2,...]
+    python benchmarks/gpu.py [--tiny] [--streams 1,32] [--prompt-len 128] [--tokens 128] [--runs 2]
+                             [--engine] [--rounds N] [--diag] [--scaling 1,2,4,8,16,32]
+                             [--sweep VAR=v1,v2 [--sweep-served]] [--keep-model DIR | --model DIR]
+                             [--json out.json] [--log-dir DIR]
 
 Builds a Llama-3-8B-shaped model with random weights (hidden 4096, 32 layers, 32 heads, 8 KV
 heads, intermediate 14336, vocab 128256, rope_theta 500000), quantized with
 ``nn.quantize(group_size=64, bits=4)``, and writes it as an mlx-lm directory (config.json,
-model.safetensors, a WordLevel tokenizer.json whose EOS id lies outside the model's vocabulary,
-so no stream ever stops early). ``--tiny`` builds a toy of the same family for a CPU dry run.
+model.safetensors, a WordLevel tokenizer.json "t0".."t128255" whose EOS id lies outside the
+model's vocabulary, so no stream ever stops early). ``--tiny`` builds a toy of the same family
+for a CPU dry run. Results and how they were obtained on an H100: docs/gpu.md.
 
-Then, in one run on one machine, side by side:
+Then, in one run on one machine, side by side (each path in its own process):
 - raw: mlx-lm's BatchGenerator driven on its own thread exactly as mlxserve's engine drives it
-  (same batch sizes and prefill chunk), in a child process so that MLX environment knobs can
-  differ per row (``--sweep``);
-- served: ``mlxctl serve`` as a subprocess (MLXSERVE_NUM_PARALLEL = the largest stream count)
-  and N concurrent streaming clients on ``/v1/completions`` whose prompts are token ids.
+  (same batch sizes and prefill chunk);
+- engine (``--engine``): mlxserve's Engine thread (engine/loop.py) with a queue as ``deliver``:
+  no trio, no HTTP;
+- served: ``mlxctl serve`` as a subprocess (MLXSERVE_NUM_PARALLEL = the largest stream count,
+  a Modelfile with temperature 0 and repeat_penalty 1) and N concurrent streaming clients on
+  ``/v1/completions`` whose prompts are token ids.
 Every stream gets a distinct random prompt of ``--prompt-len`` tokens and decodes exactly
-``--tokens`` tokens, greedy. Two figures per row: ``decode`` = sum over streams of (tokens - 1)
-divided by (last token of any stream - first token of any stream), and ``e2e`` = all tokens over
-the wall time from submission to the last token (includes prefill). The best of ``--runs`` timed
-runs is kept after one untimed warm-up run of the same shape.
+``--tokens`` tokens, greedy. Figures per row: ``decode`` = sum over streams of (tokens - 1)
+over (last token of any stream - first token of any stream); ``steady`` = tokens that arrived
+while every stream was decoding, over that window (excludes staggered admission and the tail);
+``e2e`` = all tokens over the wall time from submission to the last token (includes prefill).
+The best of ``--runs`` timed runs (by ``decode``) is kept after one untimed warm-up run.
 
-``--diag`` adds, in the raw child, a breakdown of one decode step: host time to build the graph,
-the step with a synchronous eval, a hand-written pipelined greedy loop without BatchGenerator,
-and the bandwidth of the 4-bit matmuls alone.
+``--sweep VAR=a,b`` adds rows with an environment variable set in the child processes (and the
+server with ``--sweep-served``), e.g. MLX_MAX_OPS_PER_BUFFER or MLX_CUDA_USE_CUDNN_SDPA.
+``GPU_BENCH_FLATTEN_QMM=1`` is this script's own experiment: it makes nn.QuantizedLinear feed
+``mx.quantized_matmul`` a 2-D input (see ``flatten_qmm_patch``). ``--diag`` adds, in the raw
+child, a breakdown of one decode step (graph-build time, synchronous vs pipelined vs sync-free
+steps, each block's share over all layers, and the 4-bit matmul alone on 2-D and 3-D inputs).
 """
 
 from __future__ import annotations
@@ -62,7 +71,30 @@ LLAMA3_8B = {
 TINY = {**LLAMA3_8B, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 256, "vocab_size": 1024}
 GROUP, BITS = 64, 4
-CLI = "from mlxserve.cli.main import main; main()"
+FLATTEN_ENV = "GPU_BENCH_FLATTEN_QMM"
+CLI = ("import os\nif os.environ.get('GPU_BENCH_FLATTEN_QMM'):\n"
+       "    from benchmarks.gpu import flatten_qmm_patch; flatten_qmm_patch()\n"
+       "from mlxserve.cli.main import main; main()")
+
+
+def flatten_qmm_patch() -> None:
+    """Experiment: feed quantized matmuls 2-D inputs. Decode hands every Linear a (B, 1, D) input;
+    mlx-cuda 0.32 runs that as B batched mat-vecs (weights re-read per row) instead of one
+    (B, D) x W^T product. Set GPU_BENCH_FLATTEN_QMM=1 to patch nn.QuantizedLinear in this process."""
+    import mlx.nn as nn
+
+    if getattr(nn.QuantizedLinear, "_flattened", False):
+        return
+    orig = nn.QuantizedLinear.__call__
+
+    def call(self, x):
+        if x.ndim > 2:
+            lead = x.shape[:-1]
+            return orig(self, x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
+        return orig(self, x)
+
+    nn.QuantizedLinear.__call__ = call
+    nn.QuantizedLinear._flattened = True
 
 
 # ---------------------------------------------------------------- the model directory
@@ -117,17 +149,27 @@ def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
 
 
-def summarize(streams: int, t0: float, first: list[float], last: list[float], counts: list[int]) -> dict:
+def summarize(streams: int, t0: float, first: list[float], last: list[float], counts: list[int],
+              times: list[float] | None = None) -> dict:
+    """``times``: every token's arrival time (any order). ``steady_tok_s`` counts only the window
+    in which every stream had started and none had finished, so staggered admission (served) and
+    the tail do not count against the decode rate."""
     span = max(last) - min(first)
     decoded = sum(c - 1 for c in counts)
-    return {
+    out = {
         "streams": streams,
         "tokens": sum(counts),
         "decode_tok_s": decoded / span if span > 0 else float("nan"),
         "e2e_tok_s": sum(counts) / (max(last) - t0),
         "ttft_mean_s": statistics.mean(f - t0 for f in first),
+        "ttft_max_s": max(first) - t0,
         "min_count": min(counts),
     }
+    if times:
+        lo, hi = max(first), min(last)
+        inside = sum(1 for t in times if lo < t <= hi)
+        out["steady_tok_s"] = inside / (hi - lo) if hi - lo > 0.05 and inside else float("nan")
+    return out
 
 
 # ---------------------------------------------------------------- raw mlx-lm
@@ -136,6 +178,8 @@ def raw_child(args) -> None:
     from mlxserve.engine.backend_setup import setup_backend
 
     setup_backend()
+    if os.environ.get(FLATTEN_ENV):
+        flatten_qmm_patch()
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
 
@@ -144,7 +188,7 @@ def raw_child(args) -> None:
     levels = [int(x) for x in args.streams.split(",")]
     parallel = max(max(levels), 1)
     result: dict = {"device": str(mx.default_device()), "rows": [], "diag": None,
-                    "env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")}}
+                    "env": {k: v for k, v in os.environ.items() if k.startswith(("MLX_", "GPU_BENCH_"))}}
 
     def work() -> None:
         stream = mx.new_thread_local_stream(mx.default_device())
@@ -164,6 +208,7 @@ def raw_child(args) -> None:
             uids = gen.insert(prompts, max_tokens=[tokens] * n)
             index = {u: i for i, u in enumerate(uids)}
             first, last, counts = [0.0] * n, [0.0] * n, [0] * n
+            times: list[float] = []
             done = 0
             while done < n:
                 _, resp = gen.next()
@@ -174,10 +219,11 @@ def raw_child(args) -> None:
                         first[i] = now
                     counts[i] += 1
                     last[i] = now
+                    times.append(now)
                     if r.finish_reason is not None:
                         done += 1
             gen.close()
-            return summarize(n, t0, first, last, counts)
+            return summarize(n, t0, first, last, counts, times)
 
         for n in levels:
             one(n, args.tokens, seed=1000 + n)  # warm-up: JIT compilation, allocator
@@ -186,7 +232,8 @@ def raw_child(args) -> None:
             best["runs_decode_tok_s"] = [round(r["decode_tok_s"], 2) for r in runs]
             result["rows"].append(best)
             print(f"  raw {n:>3} streams: decode {best['decode_tok_s']:8.1f} tok/s  "
-                  f"e2e {best['e2e_tok_s']:8.1f}  runs {best['runs_decode_tok_s']}", flush=True)
+                  f"e2e {best['e2e_tok_s']:8.1f}  steady {best.get('steady_tok_s', float('nan')):8.1f}  "
+                  f"ttft max {best['ttft_max_s']:.2f}s  runs {best['runs_decode_tok_s']}", flush=True)
         if args.diag:
             with mx.stream(stream):
                 result["diag"] = diagnose(lm, levels, args, vocab)
@@ -204,6 +251,8 @@ def engine_child(args) -> None:
     from mlxserve.engine.backend_setup import setup_backend
 
     setup_backend()
+    if os.environ.get(FLATTEN_ENV):
+        flatten_qmm_patch()
     import queue as q
 
     import mlx.core as mx
@@ -241,6 +290,7 @@ def engine_child(args) -> None:
         ids = [next(seq_ids) for _ in range(n)]
         index = {sid: i for i, sid in enumerate(ids)}
         first, last, counts = [0.0] * n, [0.0] * n, [0] * n
+        times: list[float] = []
         t0 = time.perf_counter()
         for sid, p in zip(ids, prompts):
             engine.submit(eng.Add(sid, p, tokens, params))
@@ -255,11 +305,12 @@ def engine_child(args) -> None:
                     first[i] = at
                 counts[i] += len(e.token_ids)
                 last[i] = at
+                times.extend([at] * len(e.token_ids))
             if e.finish is not None:
                 if e.finish not in ("length", "stop"):
                     raise RuntimeError(f"sequence ended with {e.finish}: {e.error}")
                 done += 1
-        return summarize(n, t0, first, last, counts)
+        return summarize(n, t0, first, last, counts, times)
 
     for n in levels:
         one(n, args.tokens, seed=1000 + n)
@@ -268,7 +319,8 @@ def engine_child(args) -> None:
         best["runs_decode_tok_s"] = [round(r["decode_tok_s"], 2) for r in runs]
         result["rows"].append(best)
         print(f"  engine {n:>3} streams: decode {best['decode_tok_s']:8.1f} tok/s  "
-              f"e2e {best['e2e_tok_s']:8.1f}  runs {best['runs_decode_tok_s']}", flush=True)
+              f"e2e {best['e2e_tok_s']:8.1f}  steady {best.get('steady_tok_s', float('nan')):8.1f}  "
+                  f"ttft max {best['ttft_max_s']:.2f}s  runs {best['runs_decode_tok_s']}", flush=True)
     engine.submit(eng.Shutdown())
     thread.join(timeout=60)
     Path(args.child_out).write_text(json.dumps(result))
@@ -280,6 +332,7 @@ def diagnose(lm, levels: list[int], args, vocab: int) -> dict:
     """Where a decode step's time goes (run on the engine thread, inside its stream)."""
     import mlx.core as mx
     import mlx.nn as nn
+    from mlx.utils import tree_flatten
     from mlx_lm.models.cache import make_prompt_cache
 
     model = lm.model
@@ -398,17 +451,21 @@ def diagnose(lm, levels: list[int], args, vocab: int) -> dict:
             lin = nn.QuantizedLinear(i, o, bias=False, group_size=GROUP, bits=BITS)
             mx.eval(lin.parameters())
             ws.append(lin)
-        wbytes = sum(v.nbytes for _, v in __import__("mlx.utils", fromlist=["tree_flatten"]).tree_flatten(ws[0].parameters()))
+        wbytes = sum(v.nbytes for _, v in tree_flatten(ws[0].parameters()))
         for n in sorted({1, *levels}):
-            x = mx.random.normal((n, i)).astype(mx.bfloat16)
-            mx.eval(x)
-            reps = 64
-            for _ in range(2):
-                t0 = time.perf_counter()
-                ys = [ws[k % copies](x) for k in range(reps)]
-                mx.eval(ys)
-                dt = time.perf_counter() - t0
-            mm[f"{name} {o}x{i} b{n}"] = {"us": 1e6 * dt / reps, "GB_s": wbytes * reps / dt / 1e9}
+            for shape in ((n, i), (n, 1, i)):
+                x = mx.random.normal(shape).astype(mx.bfloat16)
+                mx.eval(x)
+                reps = 64
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    ys = [mx.quantized_matmul(x, ws[k % copies]["weight"], scales=ws[k % copies]["scales"],
+                                              biases=ws[k % copies]["biases"], transpose=True,
+                                              group_size=GROUP, bits=BITS) for k in range(reps)]
+                    mx.eval(ys)
+                    dt = time.perf_counter() - t0
+                label = "x".join(map(str, shape))
+                mm[f"{name} {o}x{i} x[{label}]"] = {"us": 1e6 * dt / reps, "GB_s": wbytes * reps / dt / 1e9}
     out["qmm"] = mm
     for k, v in mm.items():
         print(f"  qmm {k}: {v['us']:.1f} us, {v['GB_s']:.0f} GB/s of weights", flush=True)
@@ -475,6 +532,7 @@ def run_served(model_dir: Path, args, work: Path, env_extra: dict, log_path: Pat
                 "stream": True}
         first = last = 0.0
         text = []
+        times: list[float] = []
         async with c.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
@@ -490,7 +548,8 @@ def run_served(model_dir: Path, args, work: Path, env_extra: dict, log_path: Pat
                     first = first or now
                     last = now
                     text.append(piece)
-        return first, last, len("".join(text).split())
+                    times.extend([now] * len(piece.split()))
+        return first, last, len("".join(text).split()), times
 
     async def one(c, n: int, seed: int) -> dict:
         prompts = prompts_for(n, args.prompt_len, vocab, seed)
@@ -503,7 +562,8 @@ def run_served(model_dir: Path, args, work: Path, env_extra: dict, log_path: Pat
         async with trio.open_nursery() as nursery:
             for i in range(n):
                 nursery.start_soon(go, i)
-        return summarize(n, t0, [o[0] for o in out], [o[1] for o in out], [o[2] for o in out])
+        return summarize(n, t0, [o[0] for o in out], [o[1] for o in out], [o[2] for o in out],
+                         [t for o in out for t in o[3]])
 
     async def main() -> None:
         limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
@@ -528,7 +588,8 @@ def run_served(model_dir: Path, args, work: Path, env_extra: dict, log_path: Pat
                 best["runs_decode_tok_s"] = [round(r["decode_tok_s"], 2) for r in runs]
                 result["rows"].append(best)
                 print(f"  served {n:>3} streams: decode {best['decode_tok_s']:8.1f} tok/s  "
-                      f"e2e {best['e2e_tok_s']:8.1f}  runs {best['runs_decode_tok_s']}  "
+                      f"e2e {best['e2e_tok_s']:8.1f}  steady {best.get('steady_tok_s', float('nan')):8.1f}  "
+                      f"ttft max {best['ttft_max_s']:.2f}s  runs {best['runs_decode_tok_s']}  "
                       f"(min tokens/stream {best['min_count']})", flush=True)
 
     try:
@@ -636,18 +697,20 @@ def main() -> None:
 
 def print_table(report: dict, args) -> None:
     print(f"\nprompt {args.prompt_len} tokens, {args.tokens} new tokens per stream ({args.scaling_tokens} for "
-          f"'scaling'), greedy, best of {args.runs}; decode tok/s (e2e tok/s)")
-    print(f"{'variant':<30}{'streams':>8}{'raw':>18}{'engine':>18}{'served':>18}{'srv/raw':>9}")
+          f"'scaling'), greedy, best of {args.runs}; tok/s as decode/steady (e2e)")
+    print(f"{'variant':<28}{'streams':>8}{'raw':>24}{'engine':>24}{'served':>24}{'srv/raw':>9}")
 
     def cell(r):
-        return f"{r['decode_tok_s']:.1f} ({r['e2e_tok_s']:.1f})" if r else "-"
+        if not r:
+            return "-"
+        return f"{r['decode_tok_s']:.1f}/{r.get('steady_tok_s', float('nan')):.1f} ({r['e2e_tok_s']:.1f})"
 
     for name, row in report["variants"].items():
         cols = {k: {r["streams"]: r for r in row.get(k, {}).get("rows", [])} for k in ("raw", "engine", "served")}
         for n in sorted(set().union(*[set(c) for c in cols.values()])):
             a, e, b = (cols[k].get(n) for k in ("raw", "engine", "served"))
             ratio = f"{b['decode_tok_s'] / a['decode_tok_s']:.3f}" if a and b else "-"
-            print(f"{name:<30}{n:>8}{cell(a):>18}{cell(e):>18}{cell(b):>18}{ratio:>9}")
+            print(f"{name:<28}{n:>8}{cell(a):>24}{cell(e):>24}{cell(b):>24}{ratio:>9}")
     print("earlier, same H100 shape: raw mlx-lm 80 tok/s single / 292 at 32 streams; "
           "llama.cpp (Q4_0) 300 / 3539; goal served >= 0.97x raw")
 
