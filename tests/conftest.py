@@ -18,7 +18,7 @@ setup_backend()  # as `mlxctl serve` does, before anything imports mlx
 
 from mlxserve.testing import tinymodel  # noqa: E402
 
-TINY = "tiny:latest"
+from support import TINY, Daemon, make_settings, start_daemon  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
@@ -81,34 +81,6 @@ def models_dir(tmp_path, tiny_store_template) -> Path:
     dst = tmp_path / "models"
     shutil.copytree(tiny_store_template, dst, copy_function=os.link, symlinks=True)
     return dst
-
-
-def make_settings(models_dir: Path, **overrides):
-    from mlxserve.config import Settings
-
-    base = dict(host="127.0.0.1", port=0, models_dir=models_dir, keep_alive=300.0)
-    base.update(overrides)
-    return Settings(**base)
-
-
-class Daemon:
-    def __init__(self, info, settings, shutdown: trio.Event):
-        self.url = info.url
-        self.runtime = info.runtime
-        self.settings = settings
-        self.shutdown = shutdown
-
-    async def runner(self, name: str = TINY):
-        return (await self.runtime.scheduler.runners())[name]
-
-
-async def start_daemon(nursery: trio.Nursery, models_dir: Path, **overrides) -> Daemon:
-    from mlxserve.http.server import run_daemon
-
-    settings = make_settings(models_dir, **overrides)
-    shutdown = trio.Event()
-    info = await nursery.start(lambda task_status: run_daemon(settings, shutdown=shutdown, task_status=task_status))
-    return Daemon(info, settings, shutdown)
 
 
 @pytest.fixture

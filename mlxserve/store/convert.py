@@ -76,7 +76,7 @@ def _convert_tensor(buf: Any, info: TensorInfo, target: str) -> tuple[dict[str, 
     if not group:
         return {target: w}, None
     bits = bits_for(qtype)
-    wq, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+    wq, scales, biases = mx.quantize(w, group_size=group, bits=bits, stream=mx.cpu)  # the exact, reproducible result
     prefix = target[: -len(".weight")]
     mx.eval(wq, scales, biases)
     return ({f"{prefix}.weight": wq, f"{prefix}.scales": scales, f"{prefix}.biases": biases},

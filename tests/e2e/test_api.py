@@ -8,7 +8,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import TINY
+from support import TINY
 
 GREEDY = {"temperature": 0, "num_predict": 12}
 

@@ -6,7 +6,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import start_daemon
+from support import start_daemon
 
 LONG = {"temperature": 0, "num_predict": 1500}
 

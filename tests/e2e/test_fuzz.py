@@ -29,7 +29,7 @@ import pytest
 import trio
 import yaml
 
-from conftest import start_daemon
+from support import start_daemon
 
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 

@@ -7,7 +7,7 @@ import json
 import httpx
 import trio
 
-from conftest import start_daemon
+from support import start_daemon
 
 OPTS = {"temperature": 0, "num_predict": 6}
 

@@ -14,7 +14,7 @@ import ollama
 import openai
 import trio
 
-from conftest import start_daemon
+from support import start_daemon
 
 S = {"type": "string", "maxLength": 24}
 SCHEMAS = [

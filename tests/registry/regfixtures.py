@@ -1,7 +1,7 @@
 """Fixtures for the registry tests: the real CNCF distribution registry (Debian's
 ``docker-registry``) on 127.0.0.1, and a small fault-injection stand-in registry.
 
-Test modules import these fixtures; this is not a conftest.py so that ``from conftest import``
+Test modules import these fixtures; this is not a conftest.py so that ``from support import``
 keeps meaning tests/conftest.py."""
 
 from __future__ import annotations
