@@ -10,11 +10,16 @@ status through its ``status`` attribute, so no handler invents its own codes.
     │   └── DigestMismatch             400  an uploaded blob whose bytes do not match its digest
     ├── NotFound                       404
     │   ├── ModelNotFound              404  "model 'x' not found"
-    │   └── BlobNotFound               404
+    │   ├── BlobNotFound               404
+    │   └── RemoteNotFound             404  a name or tag the registry does not have
     ├── Conflict                       409  the request contradicts the store's state
     ├── IntegrityError                 409  a stored blob is missing, truncated or altered
     ├── PayloadTooLarge                413  a body over the configured limit
     ├── Unprocessable                  422  well-formed but impossible (prompt over the window)
+    ├── RegistryError                  502  a registry unreachable, failing or sending bad data
+    │   ├── RegistryDigestMismatch     502  a pulled blob whose bytes do not match its digest
+    │   └── RegistryUnauthorized       401  the registry refused our credentials
+    ├── TransferCancelled              499  a pull/push whose client went away
     ├── ServerBusy                     503  the queue is full; carries retry_after seconds
     ├── ShuttingDown                   503  the daemon is stopping
     └── EngineError                    500  the model crashed while serving; the request is failed
@@ -113,4 +118,30 @@ class EngineError(MlxserveError):
 
 
 class LoadError(EngineError):
+    pass
+
+
+class RegistryError(MlxserveError):
+    status = 502
+    kind = "registry_error"
+
+
+class RegistryDigestMismatch(RegistryError):
+    pass
+
+
+class RegistryUnauthorized(RegistryError):
+    status = 401
+    kind = "authentication_error"
+
+
+class TransferCancelled(MlxserveError):
+    status = 499
+    kind = "cancelled"
+
+    def __init__(self, message: str = "transfer cancelled"):
+        super().__init__(message)
+
+
+class RemoteNotFound(NotFound):
     pass

@@ -272,21 +272,27 @@ async def fault_load_fail(ch: Chaos) -> Outcome:
     d = ch.main
     await ch.unload(d, TINY)
     await d.arm({"fault": "load_fail", "model": TINY})
-    victims: list[Result] = []
-    others: list[Result] = []
     plans = [Plan(t.template, stream=i != 1, deadline=DEADLINE) for i, t in enumerate(_serve_again(ch))]
-    async with trio.open_nursery() as n:
-        for p in plans:
-            async def v(p=p) -> None:
-                victims.append(await clients.run(d.host, d.port, p))
-            n.start_soon(v)
-        for p in _others(ch, 3):
-            async def o(p=p) -> None:
-                others.append(await clients.run(d.host, d.port, p))
-            n.start_soon(o)
+    victims, others = await _victims_and_others(d, plans, _others(ch, 3))
     after = await ch.run_plans(d, _serve_again(ch), concurrency=3)
     checks = [_clean_errors(victims, "injected fault"), _unaffected(others), _served_again(after)]
     return Outcome(victims + others + after, checks, faults={"load_fail": 1}, allowed_5xx=frozenset({TINY}))
+
+
+async def _victims_and_others(d, victim_plans, other_plans) -> tuple[list[Result], list[Result]]:
+    """Run the requests a fault should hit and the bystanders it must not, all at once."""
+    victims: list[Result] = []
+    others: list[Result] = []
+
+    async def one(plan, into: list[Result]) -> None:
+        into.append(await clients.run(d.host, d.port, plan))
+
+    async with trio.open_nursery() as n:
+        for p in victim_plans:
+            n.start_soon(one, p, victims)
+        for p in other_plans:
+            n.start_soon(one, p, others)
+    return victims, others
 
 
 async def fault_load_slow(ch: Chaos) -> Outcome:
@@ -299,18 +305,8 @@ async def fault_load_slow(ch: Chaos) -> Outcome:
     waiting = _serve_again(ch)[:2]
     leaving = [Plan(p.template, action="early", delay=0.3, reset=i == 0, deadline=DEADLINE)
                for i, p in enumerate(_serve_again(ch)[:2])]
-    victims: list[Result] = []
-    others: list[Result] = []
     t0 = time.monotonic()
-    async with trio.open_nursery() as n:
-        for p in waiting + leaving:
-            async def v(p=p) -> None:
-                victims.append(await clients.run(d.host, d.port, p))
-            n.start_soon(v)
-        for p in _others(ch, 3):
-            async def o(p=p) -> None:
-                others.append(await clients.run(d.host, d.port, p))
-            n.start_soon(o)
+    victims, others = await _victims_and_others(d, waiting + leaving, _others(ch, 3))
     waited = [r for r in victims if r.plan.action == "complete"]
     left = [r for r in victims if r.plan.action == "early"]
     checks = [
@@ -346,18 +342,8 @@ async def blob_corrupt(ch: Chaos) -> Outcome:
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
-    victims: list[Result] = []
-    others: list[Result] = []
     try:
-        async with trio.open_nursery() as n:
-            for p in _serve_again(ch):
-                async def v(p=p) -> None:
-                    victims.append(await clients.run(d.host, d.port, p))
-                n.start_soon(v)
-            for p in _others(ch, 3):
-                async def o(p=p) -> None:
-                    others.append(await clients.run(d.host, d.port, p))
-                n.start_soon(o)
+        victims, others = await _victims_and_others(d, _serve_again(ch), _others(ch, 3))
         env = {**d.env(), "MLXSERVE_MODELS": str(d.models_dir)}
         bad = await trio.to_thread.run_sync(lambda: mlxctl("verify", env=env))
     finally:

@@ -40,7 +40,15 @@ from urllib.parse import urlencode
 import attrs
 import httpx
 
-from ..errors import MlxserveError, NotFound
+from ..errors import (  # noqa: F401  (re-exported: callers import them from here too)
+    MlxserveError,
+    NotFound,
+    RegistryDigestMismatch,
+    RegistryError,
+    RegistryUnauthorized,
+    RemoteNotFound,
+    TransferCancelled,
+)
 from . import manifest as mt
 from .names import ModelName
 
@@ -52,32 +60,6 @@ MANIFEST_ACCEPT = ", ".join([mt.MANIFEST_MEDIA_TYPE, mt.DOCKER_MANIFEST_MEDIA_TY
                              OCI_INDEX + ";q=0.5", DOCKER_LIST + ";q=0.5"])
 READ_CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 4 << 20
-
-
-class RegistryError(MlxserveError):
-    status = 502
-    kind = "registry_error"
-
-
-class RegistryDigestMismatch(RegistryError):
-    pass
-
-
-class RegistryUnauthorized(RegistryError):
-    status = 401
-    kind = "authentication_error"
-
-
-class RemoteNotFound(NotFound):
-    pass
-
-
-class TransferCancelled(MlxserveError):
-    status = 499
-    kind = "cancelled"
-
-    def __init__(self, message: str = "transfer cancelled"):
-        super().__init__(message)
 
 
 class AnyEvent:
