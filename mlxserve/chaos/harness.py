@@ -53,6 +53,10 @@ class Config:
     overflow_p99_ms: float = 250.0
     num_parallel: int = 8
     prefill_chunk: int = 32
+    # survivors_match_solo compares batched outputs with solo ones byte for byte. That holds on
+    # the CPU; on a GPU a row's float32 result depends on the rows batched with it (TF32-class
+    # GEMMs), so greedy text can differ. The daemons therefore run on the CPU unless asked.
+    device: str = "cpu"
     scenarios: tuple[str, ...] = ()  # empty: all
     workdir: Path | None = None  # keep artefacts here (default: a temporary directory)
 
@@ -164,7 +168,8 @@ class Chaos:
         store = self.build_store()
         self.make_templates()
         cfg = self.cfg
-        common = {"MLXSERVE_PREFILL_CHUNK": str(cfg.prefill_chunk), "MLXSERVE_KEEP_ALIVE": "-1"}
+        common = {"MLXSERVE_PREFILL_CHUNK": str(cfg.prefill_chunk), "MLXSERVE_KEEP_ALIVE": "-1",
+                  "MLXSERVE_DEVICE": cfg.device}
         self.main = DaemonProcess("main", self.workdir, store, MLXSERVE_NUM_PARALLEL=str(cfg.num_parallel),
                                   **common)
         self.ref = DaemonProcess("ref", self.workdir, self.workdir / "store-ref", MLXSERVE_NUM_PARALLEL="2",

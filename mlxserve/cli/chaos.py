@@ -17,8 +17,10 @@ import asyncclick as click
 @click.option("--scenario", "scenarios", multiple=True, help="run only these (repeatable)")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="keep stores, daemon logs and request logs here")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="where the daemons run (exact batched-vs-solo checks hold on the CPU only)")
 async def chaos(long_: bool, json_path: Path | None, seed: int, scenarios: tuple[str, ...],
-                workdir: Path | None) -> None:
+                workdir: Path | None, device: str) -> None:
     """Disconnect storms and injected faults against real daemons; exit 1 on any violation."""
     from ..chaos import report
     from ..chaos.harness import Config, run_chaos
@@ -27,7 +29,7 @@ async def chaos(long_: bool, json_path: Path | None, seed: int, scenarios: tuple
     unknown = [s for s in scenarios if s not in ALL]
     if unknown:
         raise click.BadParameter(f"unknown scenario(s) {unknown}; known: {', '.join(ALL)}")
-    cfg = Config.for_mode(long_, seed=seed, scenarios=tuple(scenarios), workdir=workdir)
+    cfg = Config.for_mode(long_, seed=seed, scenarios=tuple(scenarios), workdir=workdir, device=device)
     doc = await run_chaos(cfg, out=lambda line: click.echo(line, err=True))
     click.echo(report.table(doc))
     if json_path is not None:

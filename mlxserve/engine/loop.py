@@ -33,6 +33,12 @@ log = logging.getLogger("mlxserve.engine")
 
 MIN_LOGPROB = -9999.0  # what JSON can carry for "impossible" (as llama.cpp and OpenAI report it)
 
+# Admission window: a request that wakes an idle engine waits for the ones arriving right behind
+# it (ADMIT_GAP_S apart, ADMIT_MAX_S at most), so a burst of clients shares one prefill batch
+# instead of the first prefilling alone while the rest queue behind it for a whole step.
+ADMIT_GAP_S = 0.003
+ADMIT_MAX_S = 0.025
+
 
 # ---- commands (trio side -> engine thread) ----
 @attrs.frozen
@@ -310,6 +316,12 @@ class Engine:
         cmds = []
         if block:
             cmds.append(self._commands.get())
+            deadline = time.monotonic() + ADMIT_MAX_S
+            while isinstance(cmds[-1], Add) and (left := deadline - time.monotonic()) > 0:
+                try:
+                    cmds.append(self._commands.get(timeout=min(ADMIT_GAP_S, left)))
+                except queue.Empty:
+                    break
         while True:
             try:
                 cmds.append(self._commands.get_nowait())

@@ -94,12 +94,14 @@ def test_decoder_mean_pooled_hidden_state(tiny_dir):
     texts = ["Hello world!", "The capital of France is Paris.", "a"]
     batched = emb.embed(texts)
     single = np.concatenate([emb.embed([t]) for t in texts])
-    np.testing.assert_allclose(batched, single, atol=1e-5)
+    # On a GPU, float32 GEMMs run at TF32-class precision and depend on the batch (gpu.md §2).
+    atol = 1e-5 if mx.default_device() == mx.cpu else 1e-3
+    np.testing.assert_allclose(batched, single, atol=atol)
     # By hand: mean of model.model(ids) over the tokens, then L2 normalised.
     ids = emb.tokenize([texts[1]])[0].ids
     h = np.array(emb.lm.model.model(mx.array([ids])).astype(mx.float32))[0]
     want = h.mean(0) / np.linalg.norm(h.mean(0))
-    np.testing.assert_allclose(batched[1], want, atol=1e-5)
+    np.testing.assert_allclose(batched[1], want, atol=atol)
     assert batched.shape == (3, emb.dimension)
     with pytest.raises(BadRequest, match=TOO_LONG):
         emb.tokenize(["x " * 50], truncate=False, limit=8)

@@ -29,9 +29,9 @@ class EngineHarness:
         for e in events:
             self.events.put(e)
 
-    def add(self, seq_id, prompt, n, params=GREEDY, stop=()):
+    def add(self, seq_id, prompt, n, params=GREEDY, stop=(), logprobs=None):
         ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt)
-        self.engine.submit(eng.Add(seq_id, ids, n, params, tuple(stop)))
+        self.engine.submit(eng.Add(seq_id, ids, n, params, tuple(stop), logprobs))
 
     def collect(self, ids: set[int], timeout=60) -> dict[int, list[eng.Chunk]]:
         out: dict[int, list[eng.Chunk]] = {i: [] for i in ids}
@@ -63,15 +63,38 @@ def harness(tiny_dir):
 PROMPTS = ["Hello world", "The capital of Italy is", "def add(a, b):", "Once upon a time there was"]
 
 
+def tokens_of(chunks):
+    return [t for c in chunks for t in c.token_ids]
+
+
+def near_tie_allowance() -> float:
+    """CPU math is batch-independent, so batched greedy must equal solo exactly. On a GPU a
+    row's float32 result depends on the rows beside it (TF32-class GEMMs, ~1e-2 on the random
+    model), so a greedy choice may flip where the solo run's top two were that close."""
+    import mlx.core as mx
+
+    return 0.0 if mx.default_device() == mx.cpu else 0.1
+
+
 def test_batched_greedy_equals_solo(harness):
     solo = {}
     for i, p in enumerate(PROMPTS):
-        harness.add(100 + i, p, 16)
-        solo[i] = text_of(harness.collect({100 + i})[100 + i])
+        harness.add(100 + i, p, 16, logprobs=2)
+        solo[i] = harness.collect({100 + i})[100 + i]
     for i, p in enumerate(PROMPTS):
         harness.add(200 + i, p, 16)
     together = harness.collect({200 + i for i in range(len(PROMPTS))})
-    assert [text_of(together[200 + i]) for i in range(len(PROMPTS))] == [solo[i] for i in range(len(PROMPTS))]
+    allowance = near_tie_allowance()
+    for i in range(len(PROMPTS)):
+        want, got = tokens_of(solo[i]), tokens_of(together[200 + i])
+        entries = [e for c in solo[i] for e in (c.logprobs or ())]
+        first_diff = next((k for k, (a, b) in enumerate(zip(want, got)) if a != b), None)
+        if first_diff is None:
+            assert text_of(together[200 + i]) == text_of(solo[i])
+            continue
+        (_, top1), (_, top2) = entries[first_diff][2][:2]
+        # Cross-talk between rows would flip clear choices, not only near-ties.
+        assert top1 - top2 < allowance, (PROMPTS[i], first_diff, top1 - top2)
     assert all(c[-1].finish == "length" and c[-1].stats.generated_tokens == 16 for c in together.values())
 
 
