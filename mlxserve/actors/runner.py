@@ -11,6 +11,7 @@ from typing import Any, Callable
 import attrs
 import trio
 
+from ..config import DEFAULT_NUM_PARALLEL
 from ..engine import loop as eng
 from ..engine.model import LoadedModel
 from ..errors import EngineError, LoadError, ShuttingDown
@@ -141,7 +142,7 @@ class Runner:
     key: str
     generation: int
     load_fn: Callable[[], LoadedModel]
-    num_parallel: int = 8
+    num_parallel: int = DEFAULT_NUM_PARALLEL
     prefill_chunk: int = 256
     on_exit: Callable[["Runner", str | None], None] | None = None
     device: Any = None

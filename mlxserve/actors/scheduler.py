@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable
 import attrs
 import trio
 
+from ..config import DEFAULT_NUM_PARALLEL
 from ..errors import EngineError, MlxserveError, ServerBusy, ShuttingDown
 from .mailbox import Reply, ask, fail_pending, post
 
@@ -199,7 +200,7 @@ class SchedulerHandle:
 @attrs.define(eq=False)
 class Scheduler:
     load_fn: Callable[[LoadSpec, Callable], Awaitable[Any]]
-    num_parallel: int = 8
+    num_parallel: int = DEFAULT_NUM_PARALLEL
     max_loaded: int = 3
     max_memory: int | None = None  # bytes for resident models (weights + KV estimate); None: no cap
     max_queue: int = 512

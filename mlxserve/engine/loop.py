@@ -22,6 +22,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
+from ..config import DEFAULT_NUM_PARALLEL
 from . import sampling
 from .constrain import GrammarProcessor, TokenizerCache
 from .model import LoadedModel
@@ -160,7 +161,7 @@ class Engine:
         load: Callable[[], LoadedModel],
         deliver: Callable[[list], None],
         *,
-        num_parallel: int = 8,
+        num_parallel: int = DEFAULT_NUM_PARALLEL,
         prefill_chunk: int = 256,
         device: Any = None,
         prompt_cache_bytes: int = 0,
