@@ -202,7 +202,7 @@ async def generate():
                "done_reason": gen.done_reason, "context": gen.prompt_ids + gen.token_ids, **gen.durations()}
         return out
 
-    return await _respond(gen, stream, lambda text: {"response": text}, final, logprobs is not None)
+    return await _respond(gen, name, stream, lambda text: {"response": text}, final, logprobs is not None)
 
 
 @bp.post("/api/chat")
@@ -227,17 +227,18 @@ async def chat():
         return {"model": name, "created_at": g.now_iso(), "message": message,
                 "done_reason": gen.done_reason, "done": True, **gen.durations()}
 
-    return await _respond(gen, stream, lambda text: {"message": {"role": "assistant", "content": text}},
+    return await _respond(gen, name, stream, lambda text: {"message": {"role": "assistant", "content": text}},
                           final, logprobs is not None, hold_calls=bool(tools) and grammar is None)
 
 
-async def _respond(gen: g.Generation, stream: bool, piece, final, with_logprobs: bool, hold_calls: bool = False):
+async def _respond(gen: g.Generation, name: str, stream: bool, piece, final, with_logprobs: bool,
+                   hold_calls: bool = False):
     """Non-streaming: one object. Streaming: NDJSON pieces, then the final object.
 
     With tools, text that may still become a tool call is held back, so a call arrives whole in
-    the final object and plain text is never shown twice.
+    the final object and plain text is never shown twice. Every line names the model as the
+    request did, as Ollama does.
     """
-    name = gen.name
     tok = gen.tokenizer
 
     if not stream:

@@ -37,6 +37,7 @@ async def test_generate_streams_ndjson_with_final_stats(daemon):
                 assert r.headers["content-type"].startswith("application/x-ndjson")
                 lines = await _lines(r)
     assert all(not line["done"] for line in lines[:-1])
+    assert {line["model"] for line in lines} == {"tiny"}  # as the request named it, every line
     final = lines[-1]
     assert final["done"] is True and final["done_reason"] == "length"
     assert final["eval_count"] == 12

@@ -181,3 +181,22 @@ def test_stop_matcher_across_boundaries(deltas, stops, expect_text, matched):
     if not hit:
         out += m.flush()
     assert (out, hit) == (expect_text, matched)
+
+
+def test_warm_up_runs_every_step_kind_and_leaves_nothing_behind(tiny_dir):
+    """The GPU warm-up (forced here on the CPU): ready only after it, no events from its rows,
+    and the first real requests, free and constrained, behave as on a cold engine."""
+    from mlxserve.http.generation import grammar_for_format
+
+    h = EngineHarness(tiny_dir, num_parallel=4, prefill_chunk=16, warm_up=True)
+    try:
+        assert h.events.empty()  # the warm-up's own rows never reach deliver
+        h.add(900, "Hello world", 8)
+        h.engine.submit(eng.Add(901, h.tokenizer.encode("A JSON object"), 6, GREEDY, (), None,
+                                grammar_for_format("json")))
+        got = h.collect({900, 901})
+        assert got[900][-1].finish == "length" and got[900][-1].stats.generated_tokens == 8
+        assert text_of(got[901]).startswith("{")
+        assert h.events.empty()
+    finally:
+        h.close()
