@@ -9,6 +9,14 @@ import trio
 TINY = "tiny:latest"
 
 
+def float_tol(cpu: float) -> float:
+    """``cpu`` on the CPU, where float32 results do not depend on the batch; 1e-3 on a GPU, where
+    GEMMs run at TF32-class precision and a row's result depends on its batch (docs/gpu.md §2)."""
+    import mlx.core as mx
+
+    return cpu if mx.default_device() == mx.cpu else max(cpu, 1e-3)
+
+
 def make_settings(models_dir: Path, **overrides):
     from mlxserve.config import Settings
 

@@ -309,13 +309,17 @@ class Engine:
         prompt = [lm.tokenizer.eos_token_ids[0] if lm.tokenizer.eos_token_ids else 0] * 4
         rows = [Add(-1, prompt, 2, sampling.SamplingParams(temperature=0), logprobs=2),
                 Add(-2, prompt, 2, sampling.SamplingParams(temperature=0.7, min_p=0.05, seed=1,
-                                                           presence_penalty=0.1, frequency_penalty=0.1),
-                    grammar=grammar_for_schema(ANY_JSON_OBJECT))]
+                                                           presence_penalty=0.1, frequency_penalty=0.1))]
+        try:  # not every tokenizer can drive a grammar; such a model simply warms up without one
+            constrained = attrs.evolve(rows[1], grammar=grammar_for_schema(ANY_JSON_OBJECT))
+            processors = [self._processors(lm, rows[0]), self._processors(lm, constrained)]
+        except Exception as exc:
+            log.debug("warm-up without a grammar: %s", exc)
+            processors = [self._processors(lm, r) for r in rows]
         gen = self._new_generator(lm, stream)
-        try:
+        try:  # a warm-up is an optimisation: it never fails the load
             gen.insert([r.prompt_ids for r in rows], max_tokens=[r.max_tokens for r in rows],
-                       samplers=[sampling.make_sampler(r.params) for r in rows],
-                       logits_processors=[self._processors(lm, r) for r in rows])
+                       samplers=[sampling.make_sampler(r.params) for r in rows], logits_processors=processors)
             done = 0
             while done < len(rows):
                 _, responses = gen.next()
@@ -323,6 +327,8 @@ class Engine:
                     if r.logprobs is not None:
                         self._logprob_entry(r.logprobs, int(r.token), 2)
                     done += r.finish_reason is not None
+        except Exception as exc:
+            log.warning("warm-up failed (requests will compile kernels on first use): %s", exc)
         finally:
             gen.close()
         log.info("warm-up steps on %s: %.2f s", stream.device, time.perf_counter() - t0)
