@@ -23,6 +23,7 @@ class SamplingParams:
     top_k: int = 40
     top_p: float = 0.9
     min_p: float = 0.0
+    typical_p: float = 1.0  # 1.0: off
     repeat_penalty: float = 1.1
     repeat_last_n: int = 64
     presence_penalty: float = 0.0
@@ -61,10 +62,27 @@ def apply_min_p(logprobs: mx.array, min_p: float) -> mx.array:
     return mx.where(logprobs >= threshold, logprobs, _NEG_INF)
 
 
+def apply_typical_p(logprobs: mx.array, mass: float) -> mx.array:
+    """Locally typical sampling (Meister et al. 2022; llama.cpp's and Ollama's ``typical_p``):
+    keep the tokens whose surprise is closest to the distribution's entropy, fewest first, until
+    they hold ``mass`` of the probability."""
+    probs = mx.exp(logprobs)
+    # Tokens already ruled out (-inf) carry no probability and no entropy (0 * -inf is nan).
+    entropy = -mx.sum(mx.where(probs > 0, probs * logprobs, 0.0), axis=-1, keepdims=True)
+    distance = mx.where(probs > 0, mx.abs(-logprobs - entropy), float("inf"))
+    order = mx.argsort(distance, axis=-1)  # most typical first
+    ranked = mx.take_along_axis(probs, order, axis=-1)
+    keep = (mx.cumsum(ranked, axis=-1) - ranked) < mass  # the one that crosses the mass stays
+    mask = mx.put_along_axis(mx.zeros(logprobs.shape, dtype=mx.bool_), order, keep, axis=-1)
+    return mx.where(mask, logprobs, _NEG_INF)
+
+
 def make_sampler(p: SamplingParams) -> Sampler:
     if p.greedy:
         return greedy_sampler  # shared object: the batch samples all greedy rows in one call
     methods: list[Callable[[mx.array], mx.array]] = []
+    if 0 < p.typical_p < 1.0:
+        methods.append(lambda x: apply_typical_p(x, p.typical_p))
     if 0 < p.top_p < 1.0:
         methods.append(lambda x: apply_top_p(x, p.top_p))
     if p.min_p > 0:

@@ -111,6 +111,7 @@ def sampling_from(opts: Options, *, logit_bias: dict[int, float] | None = None) 
         top_k=int(pick(opts.top_k, d.top_k)),
         top_p=float(pick(opts.top_p, d.top_p)),
         min_p=float(pick(opts.min_p, d.min_p)),
+        typical_p=float(pick(opts.typical_p, d.typical_p)),
         repeat_penalty=float(pick(opts.repeat_penalty, d.repeat_penalty)),
         repeat_last_n=int(pick(opts.repeat_last_n, d.repeat_last_n)),
         presence_penalty=float(pick(opts.presence_penalty, d.presence_penalty)),
