@@ -20,6 +20,7 @@ import itertools
 import logging
 import math
 import threading
+import time
 from typing import Any, Callable
 
 import attrs
@@ -66,6 +67,12 @@ class EmbedModelStats:
     weight_bytes: int
     dimension: int
     generation: int
+    digest: str = ""
+    size: int = 0  # bytes in the store
+    spec: Any = None  # ModelSpec, for /api/ps's details
+    context_length: int = 0
+    expires_unix: float | None = None  # expires_at on the wall clock (inf: never)
+    size_vram: int = 0  # the weights' bytes when the model runs on a GPU
 
 
 @attrs.frozen
@@ -134,9 +141,15 @@ class EmbedderHandle:
 
     def statistics(self) -> EmbedderStats:
         a = self._actor
+        now, wall = trio.current_time(), time.time()
+
+        def unix(t: float | None) -> float | None:
+            return t if t is None or math.isinf(t) else wall + (t - now)
+
         models = tuple(
             EmbedModelStats(w.name, w.kind, w.state, len(w.jobs), w.expires_at, w.weight_bytes,
-                            w.dimension, w.generation)
+                            w.dimension, w.generation, w.digest, w.size, w.spec, w.context_length,
+                            unix(w.expires_at), w.weight_bytes if w.device == "gpu" else 0)
             for w in a.workers.values()
         )
         return EmbedderStats(models, sum(m.active for m in models))
@@ -158,6 +171,10 @@ class _Worker:
     load_ns: int = 0
     weight_bytes: int = 0
     dimension: int = 0
+    size: int = 0
+    spec: Any = None
+    context_length: int = 0
+    device: str = "cpu"
     # Set by the host thread when the engine has returned (hosts are reused, never joined).
     finished: threading.Event | None = None
     load_fn: Callable[[], Any] | None = None  # set by _boot once the store has linked the files
@@ -253,7 +270,8 @@ class Embedder:
                 pass
 
         engine = eng.EmbedEngine(lambda: w.load_fn(), deliver, device=self.settings.device)
-        w = _Worker(key, resolved.digest, resolved.display, kind, generation, engine)
+        w = _Worker(key, resolved.digest, resolved.display, kind, generation, engine,
+                    size=resolved.size, spec=resolved.spec)
         self.workers[key] = w
         self._nursery.start_soon(self._boot, w, resolved)
         return w
@@ -283,6 +301,8 @@ class Embedder:
                     w.load_ns = info["load_ns"]
                     w.weight_bytes = info["weight_bytes"]
                     w.dimension = info["dimension"]
+                    w.context_length = info.get("context_length", 0)
+                    w.device = info.get("device", "cpu")
                     log.info("loaded %s for embeddings in %.2fs", w.name, w.load_ns / 1e9)
                 case eng.JobDone():
                     self._answer(w, ev)

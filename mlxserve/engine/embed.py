@@ -272,7 +272,8 @@ class EmbedEngine:
             return
         m = self.model
         self._deliver([Loaded({"load_ns": load_ns, "weight_bytes": m.weight_bytes,
-                               "dimension": m.dimension, "context_length": m.context_length})])
+                               "dimension": m.dimension, "context_length": m.context_length,
+                               "device": stream.device.type.name})])
         error = None
         try:
             with mx.stream(stream):

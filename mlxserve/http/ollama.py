@@ -63,14 +63,17 @@ async def tags():
 
 @bp.get("/api/ps")
 async def ps():
-    stats = await runtime().scheduler.statistics()
+    """Loaded models, generation (the Scheduler's runners) and embedding (the Embedder's)."""
+    rt = runtime()
+    stats = await rt.scheduler.statistics()
+    rows = [(m.name, m.size, m.digest, m.details, m.expires_at, m.size_vram, m.context_length)
+            for m in stats.models if m.loaded]
+    rows += [(m.name, m.size, m.digest, g.details(m.spec), m.expires_unix, m.size_vram, m.context_length)
+             for m in rt.embedder.statistics().models if m.state == "ready"]
     return json_response({"models": [
-        {
-            "name": m.name, "model": m.name, "size": m.size, "digest": m.digest.removeprefix("sha256:"),
-            "details": m.details, "expires_at": _iso(m.expires_at) if m.expires_at is not None else None,
-            "size_vram": m.size_vram, "context_length": m.context_length,
-        }
-        for m in stats.models if m.loaded
+        {"name": name, "model": name, "size": size, "digest": digest.removeprefix("sha256:"), "details": details,
+         "expires_at": _iso(expires), "size_vram": vram, "context_length": ctx}
+        for name, size, digest, details, expires, vram, ctx in rows
     ]})
 
 

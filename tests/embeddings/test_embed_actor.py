@@ -52,7 +52,7 @@ class FakeStore:
 
 
 def _model(name: str, caps=("embedding",)):
-    return SimpleNamespace(digest=f"sha256:{name}", display=f"{name}:latest",
+    return SimpleNamespace(digest=f"sha256:{name}", display=f"{name}:latest", size=1000,
                            spec=SimpleNamespace(capabilities=list(caps)))
 
 

@@ -9,6 +9,7 @@ sentence-transformers on torch, as test_embed_engine.py describes.
 from __future__ import annotations
 
 import base64
+from datetime import datetime, timezone
 
 import httpx
 import numpy as np
@@ -103,6 +104,14 @@ async def test_embed_routes(daemon, reference):
             r = await c.post("/api/embed", json={"model": MODEL, "keep_alive": "1m"})
             assert r.status_code == 200 and r.json()["load_duration"] > 0
             assert MODEL + ":latest" in {m.name for m in embedder.statistics().models}
+
+            # /api/ps shows embedding models as Ollama does, with their keep-alive deadline.
+            listed = {m["name"]: m for m in (await c.get("/api/ps")).json()["models"]}
+            mini = listed[MODEL + ":latest"]
+            assert mini["details"]["format"] and mini["size"] > 80_000_000 and len(mini["digest"]) == 64
+            assert mini["context_length"] == 256 and mini["size_vram"] >= 0  # max_seq_length
+            left = datetime.fromisoformat(mini["expires_at"].replace("Z", "+00:00")) - datetime.now(timezone.utc)
+            assert 0 < left.total_seconds() <= 60
 
 
 def short_of(v: np.ndarray, d: int) -> np.ndarray:
