@@ -14,16 +14,8 @@ import trio
 from mlxserve.chaos import report as chaos_report
 from mlxserve.chaos.harness import Config, run_chaos
 from mlxserve.chaos.scenarios import ORDER
-from mlxserve.engine import loop as engine_loop
 
 RUN_LIMIT_S = 170  # the whole short mode, start-up and shutdown of both daemons included
-
-# The one violation whose fix lies outside the runtime's own files: engine/loop.py makes a new
-# MLX stream on every load, and MLX never stops a stream's worker thread (docs/reliability.md,
-# "Open: one MLX stream per load"). Once the engine reuses its host thread's stream (the change
-# defines ``thread_stream``), the xfail below turns off and the check must pass.
-ENGINE_LEAK_PENDING = not hasattr(engine_loop, "thread_stream")
-PENDING_CHECKS = {"no_leaked_os_threads"}
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +34,11 @@ def report(tmp_path_factory) -> dict:
     return doc
 
 
-def _violations(checks: list[dict]) -> tuple[list[dict], list[dict]]:
-    bad = [c for c in checks if not c["ok"]]
-    pending = [c for c in bad if c["name"] in PENDING_CHECKS]
-    return [c for c in bad if c not in pending], pending
-
-
 @pytest.mark.parametrize("name", ORDER)
 def test_scenario_invariants_hold(report, name):
     scenario = next(s for s in report["scenarios"] if s["name"].split("#")[0] == name)
-    others, pending = _violations(scenario["checks"])
-    assert not others, "\n".join(f"{c['name']}: {c['detail']}" for c in others)
-    if pending and ENGINE_LEAK_PENDING:
-        pytest.xfail("pending engine change: " + "; ".join(c["detail"] for c in pending))
-    assert not pending, "\n".join(f"{c['name']}: {c['detail']}" for c in pending)
+    bad = [c for c in scenario["checks"] if not c["ok"]]
+    assert not bad, "\n".join(f"{c['name']}: {c['detail']}" for c in bad)
 
 
 def test_every_phase_and_fault_is_exercised(report):
