@@ -64,6 +64,15 @@ def write_mlx_dir(gguf: Path, out: Path) -> Path:
     return out
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 async def wait_up(url: str, proc: subprocess.Popen) -> None:
     async with httpx.AsyncClient(timeout=2) as c:
         for _ in range(600):
@@ -158,11 +167,7 @@ async def bench(name: str, proc: subprocess.Popen, url: str, model: str, levels:
                   f"end to end {rows[-1]['e2e_tok_s']:7.1f} tok/s", flush=True)
         return rows
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 async def main() -> None:

@@ -42,7 +42,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when imported as benchmarks.gpu
+
+from concurrency import free_port, stop_process  # noqa: E402
 
 LLAMA3_8B = {
     "model_type": "llama",
@@ -173,6 +175,17 @@ def summarize(streams: int, t0: float, first: list[float], last: list[float], co
 
 
 # ---------------------------------------------------------------- raw mlx-lm
+def keep_best(result: dict, label: str, n: int, runs: list[dict], min_count: bool = False) -> None:
+    """Keep the best run by decode rate (with every run's rate beside it) and print its row."""
+    best = max(runs, key=lambda r: r["decode_tok_s"])
+    best["runs_decode_tok_s"] = [round(r["decode_tok_s"], 2) for r in runs]
+    result["rows"].append(best)
+    print(f"  {label} {n:>3} streams: decode {best['decode_tok_s']:8.1f} tok/s  "
+          f"e2e {best['e2e_tok_s']:8.1f}  steady {best.get('steady_tok_s', float('nan')):8.1f}  "
+          f"ttft max {best['ttft_max_s']:.2f}s  runs {best['runs_decode_tok_s']}"
+          + (f"  (min tokens/stream {best['min_count']})" if min_count else ""), flush=True)
+
+
 def raw_child(args) -> None:
     """Runs in its own process: loads the model as mlxserve does, then times BatchGenerator."""
     from mlxserve.engine.backend_setup import setup_backend
@@ -227,13 +240,7 @@ def raw_child(args) -> None:
 
         for n in levels:
             one(n, args.tokens, seed=1000 + n)  # warm-up: JIT compilation, allocator
-            runs = [one(n, args.tokens, seed=2000 + 17 * n + k) for k in range(args.runs)]
-            best = max(runs, key=lambda r: r["decode_tok_s"])
-            best["runs_decode_tok_s"] = [round(r["decode_tok_s"], 2) for r in runs]
-            result["rows"].append(best)
-            print(f"  raw {n:>3} streams: decode {best['decode_tok_s']:8.1f} tok/s  "
-                  f"e2e {best['e2e_tok_s']:8.1f}  steady {best.get('steady_tok_s', float('nan')):8.1f}  "
-                  f"ttft max {best['ttft_max_s']:.2f}s  runs {best['runs_decode_tok_s']}", flush=True)
+            keep_best(result, "raw", n, [one(n, args.tokens, seed=2000 + 17 * n + k) for k in range(args.runs)])
         if args.diag:
             with mx.stream(stream):
                 result["diag"] = diagnose(lm, levels, args, vocab)
@@ -314,13 +321,7 @@ def engine_child(args) -> None:
 
     for n in levels:
         one(n, args.tokens, seed=1000 + n)
-        runs = [one(n, args.tokens, seed=4000 + 17 * n + k) for k in range(args.runs)]
-        best = max(runs, key=lambda r: r["decode_tok_s"])
-        best["runs_decode_tok_s"] = [round(r["decode_tok_s"], 2) for r in runs]
-        result["rows"].append(best)
-        print(f"  engine {n:>3} streams: decode {best['decode_tok_s']:8.1f} tok/s  "
-              f"e2e {best['e2e_tok_s']:8.1f}  steady {best.get('steady_tok_s', float('nan')):8.1f}  "
-                  f"ttft max {best['ttft_max_s']:.2f}s  runs {best['runs_decode_tok_s']}", flush=True)
+        keep_best(result, "engine", n, [one(n, args.tokens, seed=4000 + 17 * n + k) for k in range(args.runs)])
     engine.submit(eng.Shutdown())
     thread.join(timeout=60)
     Path(args.child_out).write_text(json.dumps(result))
@@ -496,12 +497,6 @@ def _pythonpath() -> str:
 
 
 # ---------------------------------------------------------------- served
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_served(model_dir: Path, args, work: Path, env_extra: dict, log_path: Path | None) -> dict:
     import httpx
     import trio
@@ -584,22 +579,12 @@ def run_served(model_dir: Path, args, work: Path, env_extra: dict, log_path: Pat
             for n in levels:
                 await one(c, n, seed=1000 + n)  # warm-up
                 runs = [await one(c, n, seed=3000 + 17 * n + k) for k in range(args.runs)]
-                best = max(runs, key=lambda r: r["decode_tok_s"])
-                best["runs_decode_tok_s"] = [round(r["decode_tok_s"], 2) for r in runs]
-                result["rows"].append(best)
-                print(f"  served {n:>3} streams: decode {best['decode_tok_s']:8.1f} tok/s  "
-                      f"e2e {best['e2e_tok_s']:8.1f}  steady {best.get('steady_tok_s', float('nan')):8.1f}  "
-                      f"ttft max {best['ttft_max_s']:.2f}s  runs {best['runs_decode_tok_s']}  "
-                      f"(min tokens/stream {best['min_count']})", flush=True)
+                keep_best(result, "served", n, runs, min_count=True)
 
     try:
         trio.run(main)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout=60)
         if log_path:
             log.close()
     return result

@@ -97,8 +97,7 @@ async def daemon_measures(model_dir: Path) -> dict:
         await concurrency.wait_up(url + "/api/version", proc)
         return await prefix_and_cancel(url, proc.pid, "bench")
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        concurrency.stop_process(proc)
 
 
 def plot(conc: dict, out: Path) -> list[str]:
@@ -107,30 +106,23 @@ def plot(conc: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, rows in conc.items():
-        if rows:
-            ax.plot([r["streams"] for r in rows], [r["agg_tok_s"] for r in rows], marker="o", label=name)
-    ax.set_xlabel("concurrent streams")
-    ax.set_ylabel("aggregate decode tokens/s")
-    ax.set_title("SmolLM2-135M on 2 CPU cores")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "concurrency.png", dpi=110)
-    files.append("concurrency.png")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, rows in conc.items():
-        if rows:
-            ax.plot([r["streams"] for r in rows], [r["ttft_p50"] for r in rows], marker="o", label=name)
-    ax.set_xlabel("concurrent streams")
-    ax.set_ylabel("TTFT p50 (s)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "ttft.png", dpi=110)
-    files.append("ttft.png")
+    def one(key: str, ylabel: str, file: str, title: str | None = None) -> str:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, rows in conc.items():
+            if rows:
+                ax.plot([r["streams"] for r in rows], [r[key] for r in rows], marker="o", label=name)
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(ylabel)
+        if title:
+            ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / file, dpi=110)
+        return file
+
+    files = [one("agg_tok_s", "aggregate decode tokens/s", "concurrency.png", "SmolLM2-135M on 2 CPU cores"),
+             one("ttft_p50", "TTFT p50 (s)", "ttft.png")]
     plt.close("all")
     return files
 
