@@ -9,12 +9,17 @@ import trio
 TINY = "tiny:latest"
 
 
-def float_tol(cpu: float) -> float:
-    """``cpu`` on the CPU, where float32 results do not depend on the batch; 1e-3 on a GPU, where
-    GEMMs run at TF32-class precision and a row's result depends on its batch (docs/gpu.md §2)."""
+def on_gpu() -> bool:
+    """Whether MLX computes on a GPU here. There float32 GEMMs run at TF32-class precision and a
+    row's result depends on the rows batched with it (docs/gpu.md §2); on the CPU it does not."""
     import mlx.core as mx
 
-    return cpu if mx.default_device() == mx.cpu else max(cpu, 1e-3)
+    return mx.default_device() != mx.cpu
+
+
+def float_tol(cpu: float) -> float:
+    """``cpu`` on the CPU, where float32 results do not depend on the batch; 1e-3 on a GPU."""
+    return max(cpu, 1e-3) if on_gpu() else cpu
 
 
 def make_settings(models_dir: Path, **overrides):

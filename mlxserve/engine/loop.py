@@ -193,7 +193,8 @@ class Engine:
             stream = thread_stream(mx.default_device())
             with mx.stream(stream):
                 self.lm = self._load()
-                if self._warm_up if self._warm_up is not None else stream.device.type == mx.gpu:
+                warm = stream.device.type == mx.gpu if self._warm_up is None else self._warm_up
+                if warm:
                     self._warm(self.lm, stream)
         except BaseException as exc:  # every load failure must reach the waiting requests
             log.debug("load failed: %s", traceback.format_exc())
@@ -301,13 +302,13 @@ class Engine:
         """Run every kind of step once before the model is reported ready: mlx-cuda compiles each
         kernel with NVRTC the first time a process meets it (on a fresh H100 the first
         grammar-constrained request took 34.5 s, the same request next 0.02 s), so the cost
-        belongs to the load, not to somebody's first request. Two rows: greedy with logprobs, and
-        seeded top-k/top-p/min-p sampling with penalties under a JSON grammar."""
+        belongs to the load, not to somebody's first request. Two rows, both through the logprob
+        path: greedy, and seeded top-k/top-p/min-p sampling with penalties under a JSON grammar."""
         from .constrain import ANY_JSON_OBJECT, grammar_for_schema
 
         t0 = time.perf_counter()
         prompt = [lm.tokenizer.eos_token_ids[0] if lm.tokenizer.eos_token_ids else 0] * 4
-        rows = [Add(-1, prompt, 2, sampling.SamplingParams(temperature=0), logprobs=2),
+        rows = [Add(-1, prompt, 2, sampling.SamplingParams(temperature=0)),
                 Add(-2, prompt, 2, sampling.SamplingParams(temperature=0.7, min_p=0.05, seed=1,
                                                            presence_penalty=0.1, frequency_penalty=0.1))]
         try:  # not every tokenizer can drive a grammar; such a model simply warms up without one
