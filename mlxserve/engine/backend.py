@@ -49,6 +49,10 @@ class BlasInfo:
     path: str | None
     reason: str
     threads: int | None = None
+    # The few-row decode kernels in front of the BLAS (smallgemm.py): their library, or None
+    # and why not.
+    small_gemm: str | None = None
+    small_gemm_reason: str | None = None
 
     @property
     def optimized(self) -> bool:
@@ -57,7 +61,7 @@ class BlasInfo:
 
 _info: BlasInfo | None = None
 _lock = threading.Lock()
-_handle: ctypes.CDLL | None = None  # keeps the library loaded for the process's life
+_handle: tuple | None = None  # keeps the libraries loaded for the process's life
 
 
 def _multiarch() -> str:
@@ -149,20 +153,46 @@ def _is_openblas(path: str | None) -> bool:
     return bool(path) and "openblas" in path.lower()
 
 
-def _load(path: str) -> tuple[ctypes.CDLL | None, str]:
+def _open(path: str) -> tuple[ctypes.CDLL | None, str]:
+    """Load ``path`` into the process without exposing its symbols yet (RTLD_LOCAL)."""
     if not os.path.exists(path):
         return None, "not found"
     try:
-        lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(path)
     except OSError as exc:
         return None, f"cannot load: {exc}"
     if not hasattr(lib, _SYMBOL):
         # Prefixed builds (scipy_cblas_sgemm) load fine but cannot serve libmlx.
         return None, f"does not export {_SYMBOL}"
+    return lib, "ok"
+
+
+def _make_global(path: str, expected: str) -> tuple[ctypes.CDLL | None, str]:
+    """Promote ``path`` to the global scope; ``cblas_sgemm`` must then resolve to ``expected``
+    (the same library, or the small-GEMM kernels loaded just before it)."""
+    lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     provider = _global_provider()
-    if provider and provider != os.path.realpath(path):
+    if provider and provider != os.path.realpath(expected):
         return None, f"global scope resolves {_SYMBOL} to {provider} instead"
     return lib, "ok"
+
+
+def _load_small_gemm(fallback: ctypes.CDLL) -> tuple[ctypes.CDLL | None, str]:
+    """Build (or find) the few-row kernels and put them in the global scope ahead of the BLAS,
+    which serves every call they do not take. (None, why) where they cannot be used."""
+    from . import smallgemm
+
+    path, why = smallgemm.build()
+    if path is None:
+        return None, why
+    try:
+        lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    except OSError as exc:
+        return None, f"cannot load: {exc}"
+    lib.mlxserve_sgemm_set_fallback.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.mlxserve_sgemm_set_fallback(ctypes.cast(getattr(fallback, _SYMBOL), ctypes.c_void_p),
+                                    smallgemm.MAX_ROWS)
+    return lib, why
 
 
 def configure_blas() -> BlasInfo:
@@ -210,13 +240,23 @@ def _configure() -> BlasInfo:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", str(default_blas_threads()))
     misses = []
     for path in paths:
-        lib, why = _load(path)
-        if lib is not None:
-            _handle = lib
-            real = os.path.realpath(path)
-            source = ENV_BLAS if explicit else "found"
-            return BlasInfo(_classify(real), real, f"{source}, loaded RTLD_GLOBAL", _threads())
-        misses.append(why)
+        lib, why = _open(path)
+        if lib is None:
+            misses.append(why)
+            continue
+        real = os.path.realpath(path)
+        # The kernels must enter the global scope before the BLAS: the first definition wins.
+        kernels, kernels_why = _load_small_gemm(lib)
+        expected = _library_of(ctypes.cast(kernels.cblas_sgemm, ctypes.c_void_p).value) if kernels else real
+        lib, why = _make_global(path, expected or real)
+        if lib is None:
+            misses.append(why)
+            continue
+        _handle = (lib, kernels)
+        source = ENV_BLAS if explicit else "found"
+        small = expected if kernels else None
+        return BlasInfo(_classify(real), real, f"{source}, loaded RTLD_GLOBAL", _threads(),
+                        small_gemm=small, small_gemm_reason=kernels_why)
     if explicit:
         reason = f"{ENV_BLAS}={setting} unusable ({misses[0]})"
         log.warning("BLAS: %s; using the reference BLAS", reason)
@@ -331,15 +371,24 @@ def describe_backend() -> dict:
         gpu = False
     info = _info or configure_blas()
     bound = mlx_blas_library()
-    name = _classify(bound) if bound is not None else info.name
+    kernels = bound is not None and bound == info.small_gemm
+    name = info.name if kernels else _classify(bound) if bound is not None else info.name
     return {
         "device": "gpu" if gpu else "cpu",
         "blas": name,
-        "blas_path": bound or info.path,
+        "blas_path": info.path if kernels else bound or info.path,
         "blas_reason": info.reason,
         "blas_threads": _threads() if name != "reference" else None,
+        # libmlx's cblas_sgemm lands in the few-row kernels (which pass the rest to the BLAS).
+        "small_gemm": kernels,
+        "small_gemm_reason": info.small_gemm_reason,
         "mlx_version": getattr(mx, "__version__", "?"),
     }
+
+
+def small_gemm_active() -> bool:
+    """Whether decode-sized products go through smallgemm's kernels in this process."""
+    return _info is not None and _info.small_gemm is not None
 
 
 # --- launcher route ---------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from . import backend
+
 KEEP = "keep"
 _ALIASES = {
     "keep": KEEP,
@@ -139,8 +141,9 @@ def dequantize_model(model: nn.Module, dtype, *, blas_layout: bool | None = None
     floating-point parameters (norms) are cast to ``dtype`` too so no op mixes precisions.
     Layers are converted and evaluated one at a time; peak memory is the float model plus the
     quantized one, which is released at the end. ``dtype``: an ``mx.Dtype`` or a name ("float32", "float16", ...).
-    ``blas_layout`` (default: for float32, the dtype BLAS serves) stores each weight in the
-    order BLAS multiplies fastest; shapes and parameter names do not change.
+    ``blas_layout`` (default: for float32, the dtype BLAS serves, unless the few-row kernels
+    of smallgemm.py are in use) stores each weight transposed, the order OpenBLAS multiplies
+    fastest; shapes and parameter names do not change.
     """
     if isinstance(dtype, str):
         name = parse_setting(dtype)
@@ -150,7 +153,9 @@ def dequantize_model(model: nn.Module, dtype, *, blas_layout: bool | None = None
     if not mx.issubdtype(dtype, mx.floating):
         raise ValueError(f"not a float dtype: {dtype}")
     if blas_layout is None:
-        blas_layout = dtype == mx.float32
+        # The few-row kernels read nn.Linear's own layout fastest (each weight row contiguous);
+        # OpenBLAS alone reads the transposed one faster.
+        blas_layout = dtype == mx.float32 and not backend.small_gemm_active()
 
     def convert(path, module):
         if not _is_quantized(module):

@@ -1,0 +1,277 @@
+"""A ``cblas_sgemm`` for the few-row products of decoding, in front of OpenBLAS.
+
+A decode step multiplies one activation row per running sequence by every weight matrix of the
+model. OpenBLAS answers a GEMM with few rows by packing the weight panel first: on the project
+machine an 8x576 @ 576x1536 f32 product took twice as long as one row, and the 576x49152 output
+head ran at a third of the memory bandwidth. The kernels here stream each weight element once,
+from memory straight into AVX-512 FMAs against every row at once, with no packing.
+
+The C source is generated below (every accumulator a named variable: GCC 12 spills arrays of
+``__m512`` to the stack on every iteration) and compiled on first use with the system C compiler
+(``-O3 -march=native``) into a cache directory keyed by the source, compiler and CPU. No compiler,
+no AVX-512 or a failed build: :func:`build` returns ``None`` and OpenBLAS serves every call, as
+before. ``backend.configure_blas`` loads the library ``RTLD_GLOBAL`` ahead of OpenBLAS and
+``libmlx.so``, so libmlx's undefined ``cblas_sgemm`` resolves here, then hands it OpenBLAS's
+``cblas_sgemm`` for everything it does not take: more than :data:`MAX_ROWS` rows (prefill),
+transposed A, column-major.
+
+Rows are never split across kernels of different shapes in a way that changes arithmetic: every
+output element is one 16-lane accumulation along K in the same order, then the same reduction,
+whatever the number of rows. A sequence decodes to the same bits alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ENV = "MLXSERVE_SMALL_GEMM"  # "off" disables it; a directory overrides the build cache
+MAX_ROWS = 16  # NUM_PARALLEL's default: every decode step of a full batch comes here
+_NN_ROWS = 8  # untransposed B: rows handled per pass
+_ACCUMULATORS = 24  # of AVX-512's 32 registers; the rest hold loaded weights and activations
+
+
+def _nt_width(rows: int) -> int:
+    return max(1, min(4, _ACCUMULATORS // rows))
+
+
+def _nn_width(rows: int) -> int:
+    return max(1, min(6, _ACCUMULATORS // rows))
+
+
+_HEAD = r"""
+#include <stddef.h>
+#include <stdint.h>
+#ifndef __AVX512F__
+#error "needs AVX-512F"
+#endif
+#include <immintrin.h>
+
+enum { RowMajor = 101, NoTrans = 111 };
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
+                         int, float, float *, int);
+typedef void (*block_fn)(int, int, float, const float *, int, const float *, int, float, float *,
+                         int);
+static sgemm_fn fallback = 0;
+static int max_rows = 0;
+static uint64_t taken = 0, passed = 0;
+
+void mlxserve_sgemm_set_fallback(sgemm_fn fn, int rows) { fallback = fn; max_rows = rows; }
+uint64_t mlxserve_sgemm_taken(void) { return __atomic_load_n(&taken, __ATOMIC_RELAXED); }
+uint64_t mlxserve_sgemm_passed(void) { return __atomic_load_n(&passed, __ATOMIC_RELAXED); }
+
+static inline void put(float *c, float v, float alpha, float beta) {
+    v *= alpha;
+    *c = beta != 0.0f ? v + beta * *c : v;
+}
+static inline void put16(float *c, __m512 acc, __mmask16 mk, float alpha, float beta) {
+    acc = _mm512_mul_ps(acc, _mm512_set1_ps(alpha));
+    if (beta != 0.0f) acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, c), _mm512_set1_ps(beta), acc);
+    _mm512_mask_storeu_ps(c, mk, acc);
+}
+"""
+
+_TAIL = r"""
+void cblas_sgemm(int order, int transa, int transb, int M, int N, int K, float alpha,
+                 const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    if (order != RowMajor || transa != NoTrans || M < 1 || M > max_rows || N < 1 || K < 1) {
+        __atomic_fetch_add(&passed, 1, __ATOMIC_RELAXED);
+        fallback(order, transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED);
+    const block_fn *blocks = transb == NoTrans ? nn_blocks : nt_blocks;
+    int step = transb == NoTrans ? NN_ROWS : NT_ROWS;
+    for (int m0 = 0; m0 < M; m0 += step) {
+        int rows = M - m0 < step ? M - m0 : step;
+        blocks[rows](N, K, alpha, A + (size_t)m0 * lda, lda, B, ldb, beta, C + (size_t)m0 * ldc, ldc);
+    }
+}
+"""
+
+
+def _nt_kernel(rows: int, width: int) -> str:
+    """C[0:rows, 0:width] from ``width`` rows of B^T (nn.Linear's weight: contiguous along K)."""
+    acc = [(i, j) for i in range(rows) for j in range(width)]
+
+    def step(load: str) -> list[str]:
+        out = [f"        __m512 b{j} = {load.format(f'w{j} + k')};" for j in range(width)]
+        for i in range(rows):
+            out.append(f"        {{ __m512 a = {load.format(f'a{i} + k')};")
+            out += [f"          c{i}_{j} = _mm512_fmadd_ps(a, b{j}, c{i}_{j});" for j in range(width)]
+            out.append("        }")
+        return out
+
+    return "\n".join([
+        f"static void nt_{rows}_{width}(int K, float alpha, const float *A, int lda, const float *W, int ldb, float beta, float *C, int ldc) {{",
+        *[f"    const float *w{j} = W + (size_t){j} * ldb;" for j in range(width)],
+        *[f"    const float *a{i} = A + (size_t){i} * lda;" for i in range(rows)],
+        *[f"    __m512 c{i}_{j} = _mm512_setzero_ps();" for i, j in acc],
+        "    int k = 0;",
+        "    for (; k + 16 <= K; k += 16) {",
+        # Four cache lines ahead of each weight stream.
+        *[f"        _mm_prefetch((const char *)(w{j} + k + 256), _MM_HINT_T0);" for j in range(width)],
+        *step("_mm512_loadu_ps({})"),
+        "    }",
+        "    if (k < K) {",
+        "        __mmask16 mk = (__mmask16)((1u << (K - k)) - 1u);",
+        *step("_mm512_maskz_loadu_ps(mk, {})"),
+        "    }",
+        *[f"    put(C + (size_t){i} * ldc + {j}, _mm512_reduce_add_ps(c{i}_{j}), alpha, beta);" for i, j in acc],
+        "}",
+    ])
+
+
+def _nt_driver(rows: int) -> str:
+    w = _nt_width(rows)
+    tail = (f"    for (; n < N; n++) nt_{rows}_1(K, alpha, A, lda, B + (size_t)n * ldb, ldb, beta, C + n, ldc);"
+            if w > 1 else "")
+    return "\n".join([
+        f"static void nt_{rows}(int N, int K, float alpha, const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {{",
+        "    int n = 0;",
+        f"    for (; n + {w} <= N; n += {w}) nt_{rows}_{w}(K, alpha, A, lda, B + (size_t)n * ldb, ldb, beta, C + n, ldc);",
+        tail,
+        "}",
+    ])
+
+
+def _nn_kernel(rows: int, width: int, masked: bool) -> str:
+    """C[0:rows, 0:16*width] from B row-major along N; the masked one is a single tail block."""
+    name = f"nn_{rows}_{'m' if masked else width}"
+    load = "_mm512_maskz_loadu_ps(mk, b + {})" if masked else "_mm512_loadu_ps(b + {})"
+    acc = [(i, j) for i in range(rows) for j in range(width)]
+    body = [f"        __m512 b{j} = {load.format(16 * j)};" for j in range(width)]
+    for i in range(rows):
+        body.append(f"        {{ __m512 a = _mm512_set1_ps(a{i}[k]);")
+        body += [f"          c{i}_{j} = _mm512_fmadd_ps(a, b{j}, c{i}_{j});" for j in range(width)]
+        body.append("        }")
+    mask = "mk" if masked else "(__mmask16)0xFFFF"
+    return "\n".join([
+        f"static void {name}(int K, float alpha, const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc{', __mmask16 mk' if masked else ''}) {{",
+        *[f"    const float *a{i} = A + (size_t){i} * lda;" for i in range(rows)],
+        *[f"    __m512 c{i}_{j} = _mm512_setzero_ps();" for i, j in acc],
+        "    const float *b = B;",
+        "    for (int k = 0; k < K; k++, b += ldb) {",
+        "        _mm_prefetch((const char *)(b + (size_t)8 * ldb), _MM_HINT_T0);",
+        *body,
+        "    }",
+        *[f"    put16(C + (size_t){i} * ldc + {16 * j}, c{i}_{j}, {mask}, alpha, beta);" for i, j in acc],
+        "}",
+    ])
+
+
+def _nn_driver(rows: int) -> str:
+    w = _nn_width(rows)
+    return "\n".join([
+        f"static void nn_{rows}(int N, int K, float alpha, const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {{",
+        "    int n = 0;",
+        f"    for (; n + {16 * w} <= N; n += {16 * w}) nn_{rows}_{w}(K, alpha, A, lda, B + n, ldb, beta, C + n, ldc);",
+        "    for (; n < N; n += 16) {",
+        "        int left = N - n;",
+        f"        nn_{rows}_m(K, alpha, A, lda, B + n, ldb, beta, C + n, ldc, left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u));",
+        "    }",
+        "}",
+    ])
+
+
+def c_source() -> str:
+    parts = [_HEAD]
+    for rows in range(1, MAX_ROWS + 1):
+        if _nt_width(rows) > 1:
+            parts.append(_nt_kernel(rows, 1))  # the driver's tail
+        parts += [_nt_kernel(rows, _nt_width(rows)), _nt_driver(rows)]
+    for rows in range(1, _NN_ROWS + 1):
+        parts += [_nn_kernel(rows, _nn_width(rows), False), _nn_kernel(rows, 1, True), _nn_driver(rows)]
+    table = lambda kind, n: ", ".join(["0"] + [f"{kind}_{r}" for r in range(1, n + 1)])  # noqa: E731
+    parts += [
+        f"#define NT_ROWS {MAX_ROWS}\n#define NN_ROWS {_NN_ROWS}",
+        f"static const block_fn nt_blocks[] = {{{table('nt', MAX_ROWS)}}};",
+        f"static const block_fn nn_blocks[] = {{{table('nn', _NN_ROWS)}}};",
+        _TAIL,
+    ]
+    return "\n\n".join(parts)
+
+
+# --- build -------------------------------------------------------------------------------------
+
+CFLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def _cache_dir() -> Path:
+    setting = os.environ.get(ENV, "")
+    if setting and setting.lower() not in ("on", "auto"):
+        return Path(setting)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mlxserve"
+
+
+def disabled() -> bool:
+    return os.environ.get(ENV, "").strip().lower() in ("off", "0", "false", "none")
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot be built here (None: they can)."""
+    if disabled():
+        return f"{ENV}=off"
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        return "not x86-64 Linux"
+    if "avx512f" not in _cpu_flags().split():
+        return "no AVX-512 on this CPU"
+    if _compiler() is None:
+        return "no C compiler (cc)"
+    return None
+
+
+def build() -> tuple[Path | None, str]:
+    """The compiled library (built now, or found in the cache) and what happened."""
+    why = unavailable_reason()
+    if why:
+        return None, why
+    cc = _compiler()
+    source = c_source()
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"compiler unusable: {exc}"
+    key = hashlib.sha256("\0".join([source, version, " ".join(CFLAGS), _cpu_flags()]).encode())
+    target = _cache_dir() / f"smallgemm-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target, "cached"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            src = Path(tmp) / "smallgemm.c"
+            src.write_text(source)
+            out = Path(tmp) / "smallgemm.so"
+            done = subprocess.run([cc, *CFLAGS, "-o", str(out), str(src)],
+                                  capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                return None, f"build failed: {done.stderr.strip()[-300:]}"
+            os.replace(out, target)  # atomic: concurrent builders write the same bytes
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"build failed: {exc}"
+    return target, "built"

@@ -1,0 +1,124 @@
+"""The few-row decode kernels in front of OpenBLAS (engine/smallgemm.py), each probe in a fresh
+interpreter: which cblas_sgemm libmlx calls is fixed per process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlxserve.engine import backend, smallgemm
+
+ROOT = Path(__file__).resolve().parents[2]
+
+KERNELS_HERE = smallgemm.unavailable_reason() is None and any(
+    os.path.exists(p) for p in backend.candidate_paths())
+needs_kernels = pytest.mark.skipif(
+    not KERNELS_HERE,
+    reason=f"small-GEMM kernels unavailable here ({smallgemm.unavailable_reason()}) or no OpenBLAS",
+)
+
+_PROBE = """
+import ctypes, json, sys
+from mlxserve.engine import backend
+info = backend.configure_blas()
+import mlx.core as mx
+import numpy as np
+
+described = backend.describe_backend()
+counters = None
+if info.small_gemm:
+    lib = ctypes.CDLL(info.small_gemm)
+    lib.mlxserve_sgemm_taken.restype = lib.mlxserve_sgemm_passed.restype = ctypes.c_uint64
+    counters = lambda: (lib.mlxserve_sgemm_taken(), lib.mlxserve_sgemm_passed())
+
+def check(y, ref, what):
+    err = float(np.abs(np.array(y, dtype=np.float64) - ref).max() / (np.abs(ref).max() + 1e-30))
+    assert err < 1e-5, (what, err)
+
+rng = np.random.default_rng(0)
+cases = 0
+with mx.stream(mx.cpu):
+    before = counters() if counters else None
+    for rows in (1, 2, 3, 5, 7, 8, 9, 12, 15, 16, 17, 24):
+        for k, n in ((1, 1), (15, 17), (16, 48), (33, 100), (100, 33), (576, 49), (1536, 97)):
+            x = rng.standard_normal((rows, k)).astype(np.float32)
+            w = rng.standard_normal((n, k)).astype(np.float32)  # nn.Linear's (out, in)
+            ref = x.astype(np.float64) @ w.astype(np.float64).T
+            check(mx.array(x) @ mx.array(w).T, ref, ("B transposed", rows, k, n))
+            check(mx.array(x) @ mx.array(np.ascontiguousarray(w.T)), ref, ("B plain", rows, k, n))
+            c = rng.standard_normal((rows, n)).astype(np.float32)
+            check(mx.addmm(mx.array(c), mx.array(x), mx.array(w).T, alpha=0.5, beta=2.0),
+                  0.5 * ref + 2.0 * c, ("alpha/beta", rows, k, n))
+            cases += 3
+    after = counters() if counters else None
+
+    # A row's result does not depend on the rows beside it (up to MAX_ROWS rows).
+    w = mx.array(rng.standard_normal((300, 576)).astype(np.float32))
+    x = mx.array(rng.standard_normal((16, 576)).astype(np.float32))
+    batched = np.array(x @ w.T)
+    alone = np.concatenate([np.array(x[i:i + 1] @ w.T) for i in range(16)])
+    invariant = bool((batched == alone).all())
+
+print(json.dumps({"small_gemm": info.small_gemm, "reason": info.small_gemm_reason,
+                  "described": described, "cases": cases, "before": before, "after": after,
+                  "invariant": invariant}))
+"""
+
+
+def _probe(env_extra: dict[str, str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MLXSERVE_BLAS", smallgemm.ENV)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@needs_kernels
+def test_kernels_take_decode_products_and_match_float64(tmp_path):
+    r = _probe({smallgemm.ENV: str(tmp_path)})  # a fresh cache: this run compiles
+    assert r["reason"] == "built"
+    assert r["small_gemm"] and r["small_gemm"].startswith(str(tmp_path))
+    assert r["described"]["small_gemm"] is True
+    assert r["described"]["blas"] == "openblas"  # the rest still goes to OpenBLAS
+    taken = r["after"][0] - r["before"][0]
+    passed = r["after"][1] - r["before"][1]
+    # Rows 1..16 come here (10 of the 12 row counts, 3 products each, 7 shapes); 17 and 24
+    # rows go on to OpenBLAS.
+    assert taken >= 10 * 3 * 7
+    assert passed >= 2 * 3 * 7
+    assert r["invariant"]
+
+    again = _probe({smallgemm.ENV: str(tmp_path)})
+    assert again["reason"] == "cached" and again["small_gemm"] == r["small_gemm"]
+
+
+@needs_kernels
+def test_off_leaves_openblas_alone():
+    r = _probe({smallgemm.ENV: "off"})
+    assert r["small_gemm"] is None and r["reason"] == f"{smallgemm.ENV}=off"
+    assert r["described"]["small_gemm"] is False and r["described"]["blas"] == "openblas"
+    assert r["cases"] > 0  # every product still checked against float64
+
+
+def test_failed_build_falls_back(tmp_path):
+    r = _probe({smallgemm.ENV: str(tmp_path), "CC": "false"})
+    assert r["small_gemm"] is None
+    assert r["described"]["small_gemm"] is False
+    assert r["cases"] > 0
+    if KERNELS_HERE:
+        assert r["reason"].startswith("build failed")
+    assert not list(tmp_path.glob("*.so"))  # nothing half-built left to load later
+
+
+def test_generated_source_has_a_kernel_for_every_row_count():
+    source = smallgemm.c_source()
+    for rows in range(1, smallgemm.MAX_ROWS + 1):
+        assert f"static void nt_{rows}(" in source
+    assert "cblas_sgemm(" in source
