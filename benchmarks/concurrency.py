@@ -35,6 +35,9 @@ PROMPTS = [
 ]
 
 
+NAN = {"agg_tok_s": float("nan"), "e2e_tok_s": float("nan"), "ttft_p50": float("nan")}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -135,10 +138,10 @@ async def level(url: str, model: str, conc: int, tokens: int, extra: dict) -> di
             "ttft_p50": statistics.median(ttfts), "ttft_max": ttfts[-1]}
 
 
-def start_mlxserve(model_dir: Path, store: Path) -> tuple[subprocess.Popen, str]:
+def start_mlxserve(model_dir: Path, store: Path, extra_env: dict | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "MLXSERVE_MODELS": str(store), "MLXSERVE_HOST": f"127.0.0.1:{port}",
-           "MLXSERVE_NUM_PARALLEL": "16"}
+           "MLXSERVE_NUM_PARALLEL": "16", **(extra_env or {})}
     mf = store / "Modelfile"
     mf.parent.mkdir(parents=True, exist_ok=True)
     mf.write_text(f"FROM {model_dir}\n")
@@ -162,7 +165,12 @@ async def bench(name: str, proc: subprocess.Popen, url: str, model: str, levels:
         await wait_up(url + "/v1/models", proc)
         rows = []
         for conc in levels:
-            rows.append(await level(url, model, conc, tokens, extra))
+            try:
+                rows.append(await level(url, model, conc, tokens, extra))
+            except (httpx.HTTPError, ExceptionGroup) as exc:  # the other server failing a level
+                print(f"  {name:<9} {conc:>3} streams: failed ({exc!r:.120})", flush=True)
+                rows.append({"streams": conc, **NAN})
+                continue
             print(f"  {name:<9} {conc:>3} streams: decode {rows[-1]['agg_tok_s']:7.1f} tok/s, "
                   f"end to end {rows[-1]['e2e_tok_s']:7.1f} tok/s", flush=True)
         return rows
@@ -177,6 +185,9 @@ async def main() -> None:
     ap.add_argument("--model-dir", type=Path)
     ap.add_argument("--skip-mlx-lm", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--ab", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+                    help="another mlxserve run in the same session with these environment settings "
+                         "(e.g. openblas:MLXSERVE_SMALL_GEMM=off); its decode rate is printed beside")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     work = Path(tempfile.mkdtemp(prefix="mlxserve-conc-"))
@@ -191,9 +202,15 @@ async def main() -> None:
                            {"stop": []})
         theirs = [] if args.skip_mlx_lm else await bench("mlx_lm", *start_mlx_lm(model_dir), str(model_dir),
                                                          levels, args.tokens, {})
+        variants = {}
+        for i, spec in enumerate(args.ab):
+            name, _, settings = spec.partition(":")
+            env = dict(kv.split("=", 1) for kv in settings.split(",") if kv)
+            variants[name] = await bench(name, *start_mlxserve(model_dir, work / f"store{i}", env), "bench",
+                                         levels, args.tokens, {"stop": []})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    nan = {"agg_tok_s": float("nan"), "e2e_tok_s": float("nan"), "ttft_p50": float("nan")}
+    nan = NAN
     print("\ndecode = aggregate decode tok/s while every stream decodes; e2e = all tokens / wall clock "
           "(prefill and TTFT included)")
     print(f"{'':>8} {'mlxserve':>26} {'mlx_lm':>26}")
@@ -204,13 +221,17 @@ async def main() -> None:
         ratio = f"{r['agg_tok_s'] / t['agg_tok_s']:.2f}x" if theirs else "-"
         print(f"{r['streams']:>8} {r['agg_tok_s']:>8.1f} {r['e2e_tok_s']:>8.1f} {r['ttft_p50']:>7.2f}s "
               f"{t['agg_tok_s']:>8.1f} {t['e2e_tok_s']:>8.1f} {t['ttft_p50']:>7.2f}s {ratio:>7}")
+    for name, rows in variants.items():
+        print(f"{name}: decode " + ", ".join(
+            f"{r['streams']} streams {r['agg_tok_s']:.1f} (mlxserve {o['agg_tok_s'] / r['agg_tok_s']:.2f}x)"
+            for r, o in zip(rows, ours)))
     one = ours[0]
     for r in ours:
         if r["streams"] == 8:
             print(f"mlxserve 8-stream / 1-stream: decode {r['agg_tok_s'] / one['agg_tok_s']:.2f}x (goal >= 5x), "
                   f"end to end {r['e2e_tok_s'] / one['e2e_tok_s']:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"mlxserve": ours, "mlx_lm": theirs}, indent=2))
+        args.json.write_text(json.dumps({"mlxserve": ours, "mlx_lm": theirs, "variants": variants}, indent=2))
 
 
 if __name__ == "__main__":

@@ -189,9 +189,9 @@ def _load_small_gemm(fallback: ctypes.CDLL) -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:
         return None, f"cannot load: {exc}"
-    lib.mlxserve_sgemm_set_fallback.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.mlxserve_sgemm_set_fallback.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 3
     lib.mlxserve_sgemm_set_fallback(ctypes.cast(getattr(fallback, _SYMBOL), ctypes.c_void_p),
-                                    smallgemm.MAX_ROWS)
+                                    smallgemm.MAX_ROWS, smallgemm.threads(), smallgemm.SPIN_US)
     return lib, why
 
 

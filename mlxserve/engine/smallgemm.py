@@ -40,6 +40,23 @@ _NN_ROWS = 8  # untransposed B: rows handled per pass
 _ACCUMULATORS = 24  # of AVX-512's 32 registers; the rest hold loaded weights and activations
 
 
+ENV_THREADS = "MLXSERVE_GEMM_THREADS"
+SPIN_US = 300  # a helper's wake-up costs more than the gap between two products of a step
+
+
+def threads() -> int:
+    """Threads per product: ``MLXSERVE_GEMM_THREADS``, else every usable core, at most 4
+    (beyond that the memory bus, not the cores, sets the pace)."""
+    value = os.environ.get(ENV_THREADS, "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
 def _nt_width(rows: int) -> int:
     return max(1, min(4, _ACCUMULATORS // rows))
 
@@ -51,6 +68,11 @@ def _nn_width(rows: int) -> int:
 _HEAD = r"""
 #include <stddef.h>
 #include <stdint.h>
+#include <pthread.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <linux/futex.h>
+#include <x86intrin.h>
 #ifndef __AVX512F__
 #error "needs AVX-512F"
 #endif
@@ -63,11 +85,11 @@ typedef void (*block_fn)(int, int, float, const float *, int, const float *, int
                          int);
 static sgemm_fn fallback = 0;
 static int max_rows = 0;
-static uint64_t taken = 0, passed = 0;
+static uint64_t taken = 0, passed = 0, helped = 0;
 
-void mlxserve_sgemm_set_fallback(sgemm_fn fn, int rows) { fallback = fn; max_rows = rows; }
 uint64_t mlxserve_sgemm_taken(void) { return __atomic_load_n(&taken, __ATOMIC_RELAXED); }
 uint64_t mlxserve_sgemm_passed(void) { return __atomic_load_n(&passed, __ATOMIC_RELAXED); }
+uint64_t mlxserve_sgemm_helped(void) { return __atomic_load_n(&helped, __ATOMIC_RELAXED); }
 
 static inline void put(float *c, float v, float alpha, float beta) {
     v *= alpha;
@@ -80,20 +102,146 @@ static inline void put16(float *c, __m512 acc, __mmask16 mk, float alpha, float 
 }
 """
 
+# Helper threads share the large products: the caller and the helpers claim chunks of the
+# output's columns from one counter, so a helper that the OS has not scheduled costs nothing
+# (the caller takes every chunk itself; a forked child, which has no helpers, likewise). The counter holds the job's sequence number in its
+# high half, so a late helper can never claim a chunk of a newer job with an older job's
+# arguments. A helper spins for a while after each job (a decode step calls in bursts), then
+# sleeps on a futex. Two cores reading weights double the bandwidth of one on the project
+# machine (two processes streaming at once each kept their one-process speed).
 _TAIL = r"""
+typedef struct {
+    block_fn fn; int nt; int rows, N, K, chunk, nchunks; float alpha; const float *A; int lda;
+    const float *B; int ldb; float beta; float *C; int ldc;
+} job_t;
+static job_t job;
+static uint64_t ticket = 0;      /* (sequence << 32) | next chunk */
+static uint32_t finished = 0;    /* chunks finished in the current job */
+static uint32_t wake_word = 0, sleeping = 0;
+static uint32_t seq = 0;
+static int helper_on = 0;
+static long min_bytes = 1 << 19; /* smaller products are not worth a second thread */
+static uint64_t spin_cycles = 0;
+
+static void run_chunk(const job_t *j, int c) {
+    int n0 = c * j->chunk;
+    int n = j->N - n0 < j->chunk ? j->N - n0 : j->chunk;
+    const float *b = j->nt ? j->B + (size_t)n0 * j->ldb : j->B + n0;
+    j->fn(n, j->K, j->alpha, j->A, j->lda, b, j->ldb, j->beta, j->C + n0, j->ldc);
+}
+
+/* Claim and run chunks of job `s` until none is left; returns how many this thread ran. */
+static int work(uint32_t s) {
+    int ran = 0;
+    for (;;) {
+        uint64_t t = __atomic_load_n(&ticket, __ATOMIC_ACQUIRE);
+        if ((uint32_t)(t >> 32) != s) return ran;
+        int c = (int)(uint32_t)t;
+        job_t local = job; /* consistent: job is rewritten only after every chunk is claimed */
+        if (c >= local.nchunks) return ran;
+        if (!__atomic_compare_exchange_n(&ticket, &t, t + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            continue;
+        run_chunk(&local, c);
+        __atomic_fetch_add(&finished, 1, __ATOMIC_RELEASE);
+        ran++;
+    }
+}
+
+static void *helper(void *arg) {
+    (void)arg;
+    uint32_t seen = 0;
+    for (;;) {
+        uint64_t start = __rdtsc();
+        uint32_t s;
+        while ((s = (uint32_t)(__atomic_load_n(&ticket, __ATOMIC_ACQUIRE) >> 32)) == seen) {
+            if (__rdtsc() - start < spin_cycles) { _mm_pause(); continue; }
+            uint32_t w = __atomic_load_n(&wake_word, __ATOMIC_SEQ_CST);
+            __atomic_fetch_add(&sleeping, 1, __ATOMIC_SEQ_CST);
+            if ((uint32_t)(__atomic_load_n(&ticket, __ATOMIC_SEQ_CST) >> 32) == seen)
+                syscall(SYS_futex, &wake_word, FUTEX_WAIT_PRIVATE, w, NULL, NULL, 0);
+            __atomic_fetch_sub(&sleeping, 1, __ATOMIC_SEQ_CST);
+            start = __rdtsc();
+        }
+        seen = s;
+        if (work(s)) __atomic_fetch_add(&helped, 1, __ATOMIC_RELAXED);
+    }
+    return NULL;
+}
+
+/* threads: the caller plus threads-1 helpers; spin_us: how long a helper stays awake after a
+   job. Called once, before any product. */
+void mlxserve_sgemm_set_fallback(sgemm_fn fn, int rows, int threads, int spin_us) {
+    fallback = fn;
+    max_rows = rows;
+    if (threads < 2 || helper_on) return;
+    uint64_t t0 = __rdtsc();
+    usleep(2000);
+    spin_cycles = (__rdtsc() - t0) / 2000 * (uint64_t)spin_us;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    for (int i = 1; i < threads; i++) {
+        pthread_t th;
+        if (pthread_create(&th, &attr, helper, NULL) == 0) helper_on++;
+    }
+    pthread_attr_destroy(&attr);
+}
+
+/* Jobs come from one thread at a time (MLX's CPU stream thread); a second caller meanwhile
+   runs its product alone. */
+static int busy = 0;
+
+static void shared(block_fn fn, int nt, int width, int N, int K, float alpha, const float *A,
+                   int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    int expected = 0;
+    if (!helper_on || (long)N * K * 4 < min_bytes
+        || !__atomic_compare_exchange_n(&busy, &expected, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+        fn(N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    /* ~128 KiB of weights a chunk, a whole number of kernel widths */
+    int chunk = (int)((128 * 1024) / ((long)K * 4));
+    chunk = chunk < width ? width : chunk - chunk % width;
+    job.fn = fn; job.nt = nt; job.N = N; job.K = K; job.chunk = chunk;
+    job.nchunks = (N + chunk - 1) / chunk;
+    job.alpha = alpha; job.A = A; job.lda = lda; job.B = B; job.ldb = ldb; job.beta = beta;
+    job.C = C; job.ldc = ldc;
+    __atomic_store_n(&finished, 0, __ATOMIC_RELAXED);
+    uint32_t s = ++seq;
+    __atomic_store_n(&ticket, (uint64_t)s << 32, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&sleeping, __ATOMIC_SEQ_CST)) {
+        __atomic_fetch_add(&wake_word, 1, __ATOMIC_SEQ_CST);
+        syscall(SYS_futex, &wake_word, FUTEX_WAKE_PRIVATE, helper_on, NULL, NULL, 0);
+    }
+    work(s);
+    while (__atomic_load_n(&finished, __ATOMIC_ACQUIRE) < (uint32_t)job.nchunks) _mm_pause();
+    __atomic_store_n(&busy, 0, __ATOMIC_RELEASE);
+}
+
+static uint64_t cycles = 0;
+uint64_t mlxserve_sgemm_cycles(void) { return __atomic_load_n(&cycles, __ATOMIC_RELAXED); }
+static void sgemm(int order, int transa, int transb, int M, int N, int K, float alpha,
+                  const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
 void cblas_sgemm(int order, int transa, int transb, int M, int N, int K, float alpha,
                  const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    uint64_t t0 = __rdtsc();
+    sgemm(order, transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    __atomic_fetch_add(&cycles, __rdtsc() - t0, __ATOMIC_RELAXED);
+}
+static void sgemm(int order, int transa, int transb, int M, int N, int K, float alpha,
+                  const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
     if (order != RowMajor || transa != NoTrans || M < 1 || M > max_rows || N < 1 || K < 1) {
         __atomic_fetch_add(&passed, 1, __ATOMIC_RELAXED);
         fallback(order, transa, transb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
     __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED);
-    const block_fn *blocks = transb == NoTrans ? nn_blocks : nt_blocks;
-    int step = transb == NoTrans ? NN_ROWS : NT_ROWS;
+    int nt = transb != NoTrans;
+    int step = nt ? NT_ROWS : NN_ROWS;
     for (int m0 = 0; m0 < M; m0 += step) {
         int rows = M - m0 < step ? M - m0 : step;
-        blocks[rows](N, K, alpha, A + (size_t)m0 * lda, lda, B, ldb, beta, C + (size_t)m0 * ldc, ldc);
+        shared(nt ? nt_blocks[rows] : nn_blocks[rows], nt, nt ? nt_widths[rows] : 16,
+               N, K, alpha, A + (size_t)m0 * lda, lda, B, ldb, beta, C + (size_t)m0 * ldc, ldc);
     }
 }
 """
@@ -196,6 +344,7 @@ def c_source() -> str:
         f"#define NT_ROWS {MAX_ROWS}\n#define NN_ROWS {_NN_ROWS}",
         f"static const block_fn nt_blocks[] = {{{table('nt', MAX_ROWS)}}};",
         f"static const block_fn nn_blocks[] = {{{table('nn', _NN_ROWS)}}};",
+        "static const int nt_widths[] = {" + ", ".join(str(_nt_width(max(r, 1))) for r in range(MAX_ROWS + 1)) + "};",
         _TAIL,
     ]
     return "\n\n".join(parts)

@@ -33,8 +33,10 @@ described = backend.describe_backend()
 counters = None
 if info.small_gemm:
     lib = ctypes.CDLL(info.small_gemm)
-    lib.mlxserve_sgemm_taken.restype = lib.mlxserve_sgemm_passed.restype = ctypes.c_uint64
-    counters = lambda: (lib.mlxserve_sgemm_taken(), lib.mlxserve_sgemm_passed())
+    for name in ("taken", "passed", "helped"):
+        getattr(lib, "mlxserve_sgemm_" + name).restype = ctypes.c_uint64
+    counters = lambda: (lib.mlxserve_sgemm_taken(), lib.mlxserve_sgemm_passed(),
+                        lib.mlxserve_sgemm_helped())
 
 def check(y, ref, what):
     err = float(np.abs(np.array(y, dtype=np.float64) - ref).max() / (np.abs(ref).max() + 1e-30))
@@ -45,7 +47,9 @@ cases = 0
 with mx.stream(mx.cpu):
     before = counters() if counters else None
     for rows in (1, 2, 3, 5, 7, 8, 9, 12, 15, 16, 17, 24):
-        for k, n in ((1, 1), (15, 17), (16, 48), (33, 100), (100, 33), (576, 49), (1536, 97)):
+        # The last three are large enough to be shared with the helper threads.
+        for k, n in ((1, 1), (15, 17), (16, 48), (33, 100), (100, 33), (576, 49), (1536, 97),
+                     (576, 1536), (1536, 577), (64, 4099)):
             x = rng.standard_normal((rows, k)).astype(np.float32)
             w = rng.standard_normal((n, k)).astype(np.float32)  # nn.Linear's (out, in)
             ref = x.astype(np.float64) @ w.astype(np.float64).T
@@ -64,14 +68,15 @@ with mx.stream(mx.cpu):
     alone = np.concatenate([np.array(x[i:i + 1] @ w.T) for i in range(16)])
     invariant = bool((batched == alone).all())
 
-print(json.dumps({"small_gemm": info.small_gemm, "reason": info.small_gemm_reason,
+from mlxserve.engine import smallgemm
+print(json.dumps({"threads": smallgemm.threads(), "small_gemm": info.small_gemm, "reason": info.small_gemm_reason,
                   "described": described, "cases": cases, "before": before, "after": after,
                   "invariant": invariant}))
 """
 
 
 def _probe(env_extra: dict[str, str]) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MLXSERVE_BLAS", smallgemm.ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MLXSERVE_BLAS", smallgemm.ENV, smallgemm.ENV_THREADS)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(env_extra)
     out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
@@ -89,14 +94,25 @@ def test_kernels_take_decode_products_and_match_float64(tmp_path):
     assert r["described"]["blas"] == "openblas"  # the rest still goes to OpenBLAS
     taken = r["after"][0] - r["before"][0]
     passed = r["after"][1] - r["before"][1]
-    # Rows 1..16 come here (10 of the 12 row counts, 3 products each, 7 shapes); 17 and 24
+    # Rows 1..16 come here (10 of the 12 row counts, 3 products each, 10 shapes); 17 and 24
     # rows go on to OpenBLAS.
-    assert taken >= 10 * 3 * 7
-    assert passed >= 2 * 3 * 7
+    assert taken >= 10 * 3 * 10
+    assert passed >= 2 * 3 * 10
     assert r["invariant"]
+    if r["threads"] > 1:
+        # 90 products large enough to share: a helper thread took part in some of them.
+        assert r["after"][2] > r["before"][2]
 
     again = _probe({smallgemm.ENV: str(tmp_path)})
     assert again["reason"] == "cached" and again["small_gemm"] == r["small_gemm"]
+
+
+@needs_kernels
+def test_one_thread_gives_the_same_products(tmp_path):
+    r = _probe({smallgemm.ENV: str(tmp_path), smallgemm.ENV_THREADS: "1"})
+    assert r["threads"] == 1 and r["small_gemm"]
+    assert r["after"][2] == r["before"][2]  # no helper thread exists
+    assert r["invariant"] and r["cases"] > 0
 
 
 @needs_kernels
