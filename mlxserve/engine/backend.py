@@ -93,7 +93,8 @@ def candidate_paths() -> list[str]:
     return [p for p in paths if not (p in seen or seen.add(p))]
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
+    """Cores this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -106,7 +107,7 @@ def default_blas_threads() -> int:
     next step's graph, the HTTP side streams tokens). Measured on the 2-core project machine,
     raw engine, SmolLM2 f32, same session: 1 thread vs 2 gave batch-8 decode steps of 106-124 ms
     vs 158-168 ms, batch-1 steps within noise, and 256-token prefill 112 vs 99-106 tok/s."""
-    return max(1, _cpu_count() - 1)
+    return max(1, cpu_count() - 1)
 
 
 def _threads() -> int | None:

@@ -15,15 +15,15 @@ before. ``backend.configure_blas`` loads the library ``RTLD_GLOBAL`` ahead of Op
 ``cblas_sgemm`` for everything it does not take: more than :data:`MAX_ROWS` rows (prefill),
 transposed A, column-major.
 
-Rows are never split across kernels of different shapes in a way that changes arithmetic: every
-output element is one 16-lane accumulation along K in the same order, then the same reduction,
-whatever the number of rows. A sequence decodes to the same bits alone or in a batch.
+Large products are shared with helper threads (:func:`threads`), which claim column chunks.
+Every output element is still one 16-lane accumulation along K in the same order, then the same
+reduction, whatever the number of rows or threads: a sequence decodes to the same bits alone or
+in a batch.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import platform
 import shutil
@@ -32,29 +32,24 @@ import sys
 import tempfile
 from pathlib import Path
 
-log = logging.getLogger(__name__)
-
 ENV = "MLXSERVE_SMALL_GEMM"  # "off" disables it; a directory overrides the build cache
 MAX_ROWS = 16  # NUM_PARALLEL's default: every decode step of a full batch comes here
 _NN_ROWS = 8  # untransposed B: rows handled per pass
 _ACCUMULATORS = 24  # of AVX-512's 32 registers; the rest hold loaded weights and activations
-
-
 ENV_THREADS = "MLXSERVE_GEMM_THREADS"
 SPIN_US = 300  # a helper's wake-up costs more than the gap between two products of a step
 
 
 def threads() -> int:
-    """Threads per product: ``MLXSERVE_GEMM_THREADS``, else every usable core, at most 4
-    (beyond that the memory bus, not the cores, sets the pace)."""
+    """Threads per product: ``MLXSERVE_GEMM_THREADS``, else every usable core, at most 4 (a
+    cap, not a measurement: only 2 cores were measured, where the second doubled the bytes
+    read)."""
     value = os.environ.get(ENV_THREADS, "").strip()
     if value.isdigit() and int(value) > 0:
         return int(value)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
+    from .backend import cpu_count
+
+    return max(1, min(4, cpu_count()))
 
 
 def _nt_width(rows: int) -> int:
