@@ -261,8 +261,10 @@ def _nt_kernel(rows: int, width: int) -> str:
         *[f"    __m512 c{i}_{j} = _mm512_setzero_ps();" for i, j in acc],
         "    int k = 0;",
         "    for (; k + 16 <= K; k += 16) {",
-        # Four cache lines ahead of each weight stream.
-        *[f"        _mm_prefetch((const char *)(w{j} + k + 256), _MM_HINT_T0);" for j in range(width)],
+        # 8 KiB ahead of each weight stream (the next rows' data, past the end of this row).
+        # Measured at 8 rows, 1 thread: 576->1536 317-335 us vs 373-409 with 1 KiB ahead;
+        # 1 row unchanged; 3-32 KiB no better.
+        *[f"        _mm_prefetch((const char *)(w{j} + k + 2048), _MM_HINT_T0);" for j in range(width)],
         *step("_mm512_loadu_ps({})"),
         "    }",
         "    if (k < K) {",
