@@ -61,6 +61,7 @@ def _nn_width(rows: int) -> int:
 
 
 _HEAD = r"""
+#define _GNU_SOURCE /* pthread_setname_np */
 #include <stddef.h>
 #include <stdint.h>
 #include <pthread.h>
@@ -177,7 +178,10 @@ void mlxserve_sgemm_set_fallback(sgemm_fn fn, int rows, int threads, int spin_us
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     for (int i = 1; i < threads; i++) {
         pthread_t th;
-        if (pthread_create(&th, &attr, helper, NULL) == 0) helper_on++;
+        if (pthread_create(&th, &attr, helper, NULL) == 0) {
+            pthread_setname_np(th, "mlxserve-gemm"); /* so /proc and profilers can tell it */
+            helper_on++;
+        }
     }
     pthread_attr_destroy(&attr);
 }

@@ -69,7 +69,9 @@ with mx.stream(mx.cpu):
     invariant = bool((batched == alone).all())
 
 from mlxserve.engine import smallgemm
-print(json.dumps({"threads": smallgemm.threads(), "small_gemm": info.small_gemm, "reason": info.small_gemm_reason,
+from pathlib import Path
+names = [(t / "comm").read_text().strip() for t in Path("/proc/self/task").iterdir()]
+print(json.dumps({"threads": smallgemm.threads(), "helpers": names.count("mlxserve-gemm"), "small_gemm": info.small_gemm, "reason": info.small_gemm_reason,
                   "described": described, "cases": cases, "before": before, "after": after,
                   "invariant": invariant}))
 """
@@ -99,6 +101,7 @@ def test_kernels_take_decode_products_and_match_float64(tmp_path):
     assert taken >= 10 * 3 * 10
     assert passed >= 2 * 3 * 10
     assert r["invariant"]
+    assert r["helpers"] == r["threads"] - 1  # named, so /proc and profilers can tell them
     if r["threads"] > 1:
         # 90 products large enough to share: a helper thread took part in some of them.
         assert r["after"][2] > r["before"][2]
@@ -111,7 +114,7 @@ def test_kernels_take_decode_products_and_match_float64(tmp_path):
 def test_one_thread_gives_the_same_products(tmp_path):
     r = _probe({smallgemm.ENV: str(tmp_path), smallgemm.ENV_THREADS: "1"})
     assert r["threads"] == 1 and r["small_gemm"]
-    assert r["after"][2] == r["before"][2]  # no helper thread exists
+    assert r["after"][2] == r["before"][2] and r["helpers"] == 0  # no helper thread exists
     assert r["invariant"] and r["cases"] > 0
 
 
