@@ -168,31 +168,35 @@ def from_directory(path: str | Path) -> TokenizerInfo:
 class StreamDecoder:
     """Turns a growing list of token ids into text deltas without splitting UTF-8 characters.
 
-    Decoding only the tokens since the last clean boundary keeps each step O(window), and text
-    ending in U+FFFD is held back until the next token completes the character.
+    Each step decodes only the tokens not yet emitted, together with the ones emitted last
+    (decoders such as SentencePiece's drop a leading space at the start of a window, so a window
+    must start on a token whose text is already out): two short decodes per token, whatever the
+    length of the text. (The window used to run back to the last text ending in a space or
+    newline, which byte-level BPE text seldom does: 17.7 us per token at 253 tokens, growing
+    with the length of the answer.) Text ending in U+FFFD is held back until the next token
+    completes the character.
     """
 
     def __init__(self, info: TokenizerInfo):
         self._info = info
         self._ids: list[int] = []
-        self._start = 0
-        self._emitted = ""  # text already emitted from ids[_start:]
+        self._prefix = 0  # start of the window: the tokens emitted last
+        self._read = 0  # first token not yet emitted
+        self._prefix_text = ""  # decode(ids[_prefix:_read])
 
     def add(self, token: int) -> str:
         self._ids.append(token)
-        text = self._info.decode(self._ids[self._start:])
-        if text.endswith("\ufffd"):
-            return ""
-        delta = text[len(self._emitted):]
-        if len(self._ids) - self._start > 8 and text and text[-1] in " \n":
-            self._start = len(self._ids)
-            self._emitted = ""
-        else:
-            self._emitted = text
+        text = self._info.decode(self._ids[self._prefix:])
+        if text.endswith("\ufffd") or len(text) <= len(self._prefix_text):
+            return ""  # an incomplete character, or nothing visible yet: wait for more
+        delta = text[len(self._prefix_text):]
+        self._prefix, self._read = self._read, len(self._ids)
+        self._prefix_text = self._info.decode(self._ids[self._prefix:self._read])
         return delta
 
     def flush(self) -> str:
-        text = self._info.decode(self._ids[self._start:])
-        delta = text[len(self._emitted):]
-        self._start, self._emitted = len(self._ids), ""
+        text = self._info.decode(self._ids[self._prefix:])
+        delta = text[len(self._prefix_text):]
+        self._prefix = self._read = len(self._ids)
+        self._prefix_text = ""
         return delta
