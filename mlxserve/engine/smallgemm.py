@@ -100,14 +100,14 @@ static inline void put16(float *c, __m512 acc, __mmask16 mk, float alpha, float 
 
 # Helper threads share the large products: the caller and the helpers claim chunks of the
 # output's columns from one counter, so a helper that the OS has not scheduled costs nothing
-# (the caller takes every chunk itself; a forked child, which has no helpers, likewise). The counter holds the job's sequence number in its
-# high half, so a late helper can never claim a chunk of a newer job with an older job's
-# arguments. A helper spins for a while after each job (a decode step calls in bursts), then
+# (the caller takes every chunk itself; a forked child, which has no helpers, likewise). The
+# counter holds the job's sequence number in its high half, so a late helper can never claim a
+# chunk of a newer job with an older job's arguments. A helper spins for a while after each job (a decode step calls in bursts), then
 # sleeps on a futex. Two cores reading weights double the bandwidth of one on the project
 # machine (two processes streaming at once each kept their one-process speed).
 _TAIL = r"""
 typedef struct {
-    block_fn fn; int nt; int rows, N, K, chunk, nchunks; float alpha; const float *A; int lda;
+    block_fn fn; int nt; int N, K, chunk, nchunks; float alpha; const float *A; int lda;
     const float *B; int ldb; float beta; float *C; int ldc;
 } job_t;
 static job_t job;
@@ -217,6 +217,8 @@ static void shared(block_fn fn, int nt, int width, int N, int K, float alpha, co
     __atomic_store_n(&busy, 0, __ATOMIC_RELEASE);
 }
 
+/* TSC cycles spent inside cblas_sgemm, all callers: how docs/performance.md splits a step into
+   products and the rest. */
 static uint64_t cycles = 0;
 uint64_t mlxserve_sgemm_cycles(void) { return __atomic_load_n(&cycles, __ATOMIC_RELAXED); }
 static void sgemm(int order, int transa, int transb, int M, int N, int K, float alpha,
