@@ -210,14 +210,13 @@ async def main() -> None:
                                          levels, args.tokens, {"stop": []})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    nan = NAN
     print("\ndecode = aggregate decode tok/s while every stream decodes; e2e = all tokens / wall clock "
           "(prefill and TTFT included)")
     print(f"{'':>8} {'mlxserve':>26} {'mlx_lm':>26}")
     print(f"{'streams':>8} {'decode':>8} {'e2e':>8} {'ttft p50':>8} {'decode':>8} {'e2e':>8} {'ttft p50':>8} "
           f"{'ratio':>7}")
     for i, r in enumerate(ours):
-        t = theirs[i] if theirs else nan
+        t = theirs[i] if theirs else NAN
         ratio = f"{r['agg_tok_s'] / t['agg_tok_s']:.2f}x" if theirs else "-"
         print(f"{r['streams']:>8} {r['agg_tok_s']:>8.1f} {r['e2e_tok_s']:>8.1f} {r['ttft_p50']:>7.2f}s "
               f"{t['agg_tok_s']:>8.1f} {t['e2e_tok_s']:>8.1f} {t['ttft_p50']:>7.2f}s {ratio:>7}")
