@@ -165,7 +165,7 @@ async def main() -> None:
     print("decode tok/s while every stream decodes (end to end, prefill included, in brackets)")
     print(f"{'streams':>8} {'mlxserve':>16} {'mlx_lm':>16} {'ratio':>7}")
     for i, r in enumerate(ours):
-        t = theirs[i] if theirs else {"agg_tok_s": float("nan"), "e2e_tok_s": float("nan")}
+        t = theirs[i] if theirs else concurrency.NAN
         print(f"{r['streams']:>8} {r['agg_tok_s']:>7.1f} ({r['e2e_tok_s']:>6.1f}) {t['agg_tok_s']:>7.1f} "
               f"({t['e2e_tok_s']:>6.1f}) {r['agg_tok_s'] / t['agg_tok_s']:>6.1f}x")
     eight = next((r for r in ours if r["streams"] == 8), None)
