@@ -251,17 +251,24 @@ static void sgemm(int order, int transa, int transb, int M, int N, int K, float 
 """
 
 
+def _fma_rows(rows: int, width: int, a_value) -> list[str]:
+    """c[i][j] += a(i) * b[j] for every row i (``a_value(i)``: the C expression of row i's
+    operand) and every loaded weight vector b0..b{width-1}: the body both kernels share."""
+    out = []
+    for i in range(rows):
+        out.append(f"        {{ __m512 a = {a_value(i)};")
+        out += [f"          c{i}_{j} = _mm512_fmadd_ps(a, b{j}, c{i}_{j});" for j in range(width)]
+        out.append("        }")
+    return out
+
+
 def _nt_kernel(rows: int, width: int) -> str:
     """C[0:rows, 0:width] from ``width`` rows of B^T (nn.Linear's weight: contiguous along K)."""
     acc = [(i, j) for i in range(rows) for j in range(width)]
 
     def step(load: str) -> list[str]:
         out = [f"        __m512 b{j} = {load.format(f'w{j} + k')};" for j in range(width)]
-        for i in range(rows):
-            out.append(f"        {{ __m512 a = {load.format(f'a{i} + k')};")
-            out += [f"          c{i}_{j} = _mm512_fmadd_ps(a, b{j}, c{i}_{j});" for j in range(width)]
-            out.append("        }")
-        return out
+        return out + _fma_rows(rows, width, lambda i: load.format(f"a{i} + k"))
 
     return "\n".join([
         f"static void nt_{rows}_{width}(int K, float alpha, const float *A, int lda, const float *W, int ldb, float beta, float *C, int ldc) {{",
@@ -304,10 +311,7 @@ def _nn_kernel(rows: int, width: int, masked: bool) -> str:
     load = "_mm512_maskz_loadu_ps(mk, b + {})" if masked else "_mm512_loadu_ps(b + {})"
     acc = [(i, j) for i in range(rows) for j in range(width)]
     body = [f"        __m512 b{j} = {load.format(16 * j)};" for j in range(width)]
-    for i in range(rows):
-        body.append(f"        {{ __m512 a = _mm512_set1_ps(a{i}[k]);")
-        body += [f"          c{i}_{j} = _mm512_fmadd_ps(a, b{j}, c{i}_{j});" for j in range(width)]
-        body.append("        }")
+    body += _fma_rows(rows, width, lambda i: f"_mm512_set1_ps(a{i}[k])")
     mask = "mk" if masked else "(__mmask16)0xFFFF"
     return "\n".join([
         f"static void {name}(int K, float alpha, const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc{', __mmask16 mk' if masked else ''}) {{",
