@@ -517,7 +517,7 @@ def run_served(model_dir: Path, args, work: Path, env_extra: dict, log_path: Pat
                    check=True, capture_output=True, cwd=ROOT)
     create_s = time.perf_counter() - t
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--preload", "bench", "--log-level", "warning"],
+    proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--preload", "bench", "--log-level", args.serve_log_level],
                             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     result: dict = {"create_s": create_s, "rows": []}
@@ -592,10 +592,11 @@ def run_served(model_dir: Path, args, work: Path, env_extra: dict, log_path: Pat
 
 # ---------------------------------------------------------------- main
 def parse_sweep(specs: list[str]) -> list[tuple[str, dict]]:
+    """``VAR=a,b,c``, or ``VAR=a;b`` where the values hold commas (MLXSERVE_ADMIT_WINDOW=3,25;10,150)."""
     variants = []
     for spec in specs:
         var, _, values = spec.partition("=")
-        for v in values.split(","):
+        for v in values.split(";" if ";" in values else ","):
             variants.append((f"{var}={v}", {var: v}))
     return variants
 
@@ -616,6 +617,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="append", default=[],
                     help="extra raw (and served) rows with an environment variable set, e.g. MLX_MAX_OPS_PER_BUFFER=50,200")
     ap.add_argument("--sweep-served", action="store_true", help="also run the served path for each sweep value")
+    ap.add_argument("--sweep-no-raw", action="store_true", help="sweep values run the served path only")
+    ap.add_argument("--serve-log-level", default="warning", help="the served daemon's --log-level")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the default raw/served pair (spread)")
     ap.add_argument("--engine", action="store_true", help="add mlxserve's Engine without HTTP (deliver = queue)")
     ap.add_argument("--scaling", default="", help="raw only, these stream counts, --scaling-tokens each")
@@ -655,11 +658,11 @@ def main() -> None:
             print(f"== {name}", flush=True)
             row: dict = {}
             base = name.startswith("default")
-            if not args.skip_raw:
+            if not args.skip_raw and (base or not args.sweep_no_raw):
                 row["raw"] = run_raw(model_dir, args, env_extra, diag=args.diag and name == "default")
             if args.engine and base:
                 row["engine"] = run_raw(model_dir, args, env_extra, diag=False, kind="--child-engine")
-            if not args.skip_served and (base or args.sweep_served):
+            if not args.skip_served and (base or args.sweep_served or args.sweep_no_raw):
                 log = args.log_dir / ("serve-" + "".join(ch if ch.isalnum() else "_" for ch in name) + ".log") \
                     if args.log_dir else None
                 row["served"] = run_served(model_dir, args, work / f"served-{len(report['variants'])}", env_extra, log)

@@ -107,6 +107,7 @@ class Loader:
             prefill_chunk=self.settings.prefill_chunk,
             prompt_cache_bytes=self.settings.prompt_cache_bytes,
             device=self.settings.device,
+            admit=self.settings.admit_window,
             on_exit=lambda r, crash: on_exit(r.key, r.generation, crash, served=r.served),
             name=spec.name,
             on_cancel=self._cancel_recorder(spec.name),

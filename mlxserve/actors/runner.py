@@ -11,7 +11,7 @@ from typing import Any, Callable
 import attrs
 import trio
 
-from ..config import DEFAULT_NUM_PARALLEL
+from ..config import DEFAULT_NUM_PARALLEL, AdmitWindow
 from ..engine import loop as eng
 from ..engine.model import LoadedModel
 from ..errors import EngineError, LoadError, ShuttingDown
@@ -147,6 +147,7 @@ class Runner:
     on_exit: Callable[["Runner", str | None], None] | None = None
     device: Any = None
     prompt_cache_bytes: int = 0
+    admit: AdmitWindow = AdmitWindow()
     name: str = ""  # the model's display name (logs and the fault seam)
     on_cancel: Callable[[CancelRecord], None] | None = None
 
@@ -191,7 +192,7 @@ class Runner:
         self._engine = eng.Engine(
             self.load_fn, deliver, num_parallel=self.num_parallel,
             prefill_chunk=self.prefill_chunk, device=self.device,
-            prompt_cache_bytes=self.prompt_cache_bytes,
+            prompt_cache_bytes=self.prompt_cache_bytes, admit=self.admit,
         )
         faults.SEAM.runner_started(self)
         # A reused host thread, not a new one per load: see hosts.py for the MLX thread leak.

@@ -83,10 +83,10 @@ async def run_bench(base_url: str, model: str, concurrency: int, tokens: int, ro
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 async def bench(model: str, concurrency: int, tokens: int, rounds: int, as_json: bool) -> None:
     """Measure decode and prompt tokens/s and time to first token against the running daemon."""
-    from ..config import Settings
+    from .main import _settings
 
     try:
-        out = await run_bench(Settings.from_env().base_url, model, concurrency, tokens, rounds)
+        out = await run_bench(_settings().base_url, model, concurrency, tokens, rounds)
     except httpx.ConnectError:
         raise click.ClickException("could not connect to mlxserve; is `mlxctl serve` running?") from None
     if as_json:

@@ -20,7 +20,10 @@ DEFAULT_MODEL = "smollm2:135m"
 def _settings():
     from ..config import Settings
 
-    return Settings.from_env()
+    try:
+        return Settings.from_env()
+    except ValueError as exc:  # a bad MLXSERVE_* value: say which, not a traceback
+        raise click.UsageError(f"bad setting: {exc}") from None
 
 
 def _client(timeout: float | None = None) -> httpx.AsyncClient:

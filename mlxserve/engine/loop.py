@@ -22,7 +22,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
-from ..config import DEFAULT_NUM_PARALLEL
+from ..config import DEFAULT_NUM_PARALLEL, AdmitWindow
 from . import sampling
 from .constrain import GrammarProcessor, TokenizerCache
 from .model import LoadedModel
@@ -33,13 +33,6 @@ log = logging.getLogger("mlxserve.engine")
 
 
 MIN_LOGPROB = -9999.0  # what JSON can carry for "impossible" (as llama.cpp and OpenAI report it)
-
-# Admission window: a request that wakes an idle engine waits for the ones arriving right behind
-# it (ADMIT_GAP_S apart, ADMIT_MAX_S at most), so a burst of clients shares one prefill batch
-# instead of the first prefilling alone while the rest queue behind it for a whole step.
-ADMIT_GAP_S = 0.003
-ADMIT_MAX_S = 0.025
-
 
 # ---- commands (trio side -> engine thread) ----
 @attrs.frozen
@@ -166,12 +159,14 @@ class Engine:
         device: Any = None,
         prompt_cache_bytes: int = 0,
         warm_up: bool | None = None,
+        admit: AdmitWindow = AdmitWindow(),
     ):
         self._load = load
         self._warm_up = warm_up  # None: on GPUs only
         self._deliver = deliver
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._num_parallel = num_parallel
+        self._admit = admit
         self._prefill_chunk = prefill_chunk
         self._device = device
         self.faults = FaultSeam()
@@ -227,7 +222,8 @@ class Engine:
         by_id: dict[int, int] = {}  # seq_id -> uid
         while True:
             out: list = []
-            for cmd in self._drain(block=not seqs):
+            cmds = self._drain(block=not seqs)
+            for cmd in cmds:
                 match cmd:
                     case Shutdown():
                         for s in seqs.values():
@@ -260,6 +256,8 @@ class Engine:
                         seqs[uid] = _Seq(cmd, uid, StreamDecoder(lm.tokenizer), StopMatcher(cmd.stop),
                                          time.perf_counter(), cached)
                         by_id[cmd.seq_id] = uid
+            if log.isEnabledFor(logging.DEBUG) and (added := sum(isinstance(c, Add) for c in cmds)):
+                log.debug("admitted %d, %d active", added, len(seqs))
             if out and seqs:  # report cancellations now, not after one more step
                 self._deliver(out)
                 out = []
@@ -356,14 +354,18 @@ class Engine:
 
     def _drain(self, block: bool) -> list:
         cmds = []
-        if block:
+        if block:  # idle: collect a burst (see AdmitWindow)
+            w = self._admit
             cmds.append(self._commands.get())
-            deadline = time.monotonic() + ADMIT_MAX_S
-            while isinstance(cmds[-1], Add) and (left := deadline - time.monotonic()) > 0:
+            adds = 1
+            deadline = time.monotonic() + w.max_s
+            while isinstance(cmds[-1], Add) and adds < self._num_parallel \
+                    and (left := deadline - time.monotonic()) > 0:
                 try:
-                    cmds.append(self._commands.get(timeout=min(ADMIT_GAP_S, left)))
+                    cmds.append(self._commands.get(timeout=min(w.first_gap_s if adds == 1 else w.gap_s, left)))
                 except queue.Empty:
                     break
+                adds += isinstance(cmds[-1], Add)
         while True:
             try:
                 cmds.append(self._commands.get_nowait())

@@ -100,3 +100,10 @@ def test_sigterm_ends_streams_with_an_error_line_and_exits_cleanly(served):
     assert "error" in lines[-1] and "shutting down" in lines[-1]["error"], (lines[-3:], stderr)
     assert code == 0, stderr
     assert "Traceback" not in stderr, stderr
+
+
+def test_bad_setting_is_a_usage_error_not_a_traceback(tmp_path):
+    env = {**os.environ, "MLXSERVE_MODELS": str(tmp_path), "MLXSERVE_ADMIT_WINDOW": "5"}
+    out = _mlxctl(env, "serve", timeout=60)
+    assert out.returncode == 2
+    assert "MLXSERVE_ADMIT_WINDOW must be GAP_MS,MAX_MS" in out.stderr and "Traceback" not in out.stderr

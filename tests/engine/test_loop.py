@@ -199,3 +199,20 @@ def test_warm_up_runs_every_step_kind_and_leaves_nothing_behind(tiny_dir):
         assert h.events.empty()
     finally:
         h.close()
+
+
+def test_admission_window_holds_neither_a_lone_request_nor_a_full_batch(tiny_dir):
+    """A window far longer than the test may take: a lone request still starts after the short
+    first gap, and a burst that fills every slot starts without waiting out the window."""
+    from mlxserve.config import AdmitWindow
+
+    h = EngineHarness(tiny_dir, num_parallel=2, prefill_chunk=16, admit=AdmitWindow(gap_s=600, max_s=600))
+    try:
+        h.add(950, "Hello world", 3)
+        assert h.collect({950}, timeout=60)[950][-1].finish == "length"
+        h.add(951, "Hello world", 3)
+        h.add(952, "The capital of Italy is", 3)
+        got = h.collect({951, 952}, timeout=60)
+        assert [got[i][-1].stats.generated_tokens for i in (951, 952)] == [3, 3]
+    finally:
+        h.close()
