@@ -592,11 +592,12 @@ def run_served(model_dir: Path, args, work: Path, env_extra: dict, log_path: Pat
 
 # ---------------------------------------------------------------- main
 def parse_sweep(specs: list[str]) -> list[tuple[str, dict]]:
-    """``VAR=a,b,c``, or ``VAR=a;b`` where the values hold commas (MLXSERVE_ADMIT_WINDOW=3,25;10,150)."""
+    """``VAR=a,b,c``; values that hold commas are separated by ``;`` instead, and one such value
+    ends with it: ``MLXSERVE_ADMIT_WINDOW=3,25;10,150`` or ``MLXSERVE_ADMIT_WINDOW=3,25;``."""
     variants = []
     for spec in specs:
         var, _, values = spec.partition("=")
-        for v in values.split(";" if ";" in values else ","):
+        for v in [v for v in values.split(";") if v] if ";" in values else values.split(","):
             variants.append((f"{var}={v}", {var: v}))
     return variants
 
