@@ -52,6 +52,10 @@ class _Host:
                     on_done()
                 except BaseException:
                     log.exception("engine on_done raised")
+                # Waiting for the next job, this frame must not hold the last one: its engine
+                # holds the model, and an unloaded model's weights stayed in memory until the
+                # host ran another load.
+                fn = on_done = None
 
 
 class EngineHosts:

@@ -15,7 +15,7 @@ from ..config import DEFAULT_NUM_PARALLEL, AdmitWindow
 from ..engine import loop as eng
 from ..engine.model import LoadedModel
 from ..errors import EngineError, LoadError, ShuttingDown
-from . import faults
+from . import faults, heap
 from .hosts import HOSTS
 from .mailbox import Reply, post
 
@@ -56,11 +56,8 @@ class RunnerHandle:
     generation: int
     _inbox: trio.MemorySendChannel
     _runner: "Runner"
+    tokenizer: Any = None  # the handle's own: the runner lets go of its model when it exits
     load_seconds: float = 0.0
-
-    @property
-    def tokenizer(self):
-        return self._runner.loaded.tokenizer
 
     @property
     def context_length(self) -> int:
@@ -86,6 +83,10 @@ class RunnerHandle:
     def finished(self) -> list[tuple[int, str, eng.SeqStats | None]]:
         """Recently ended sequences: (seq_id, finish reason, stats), oldest first."""
         return list(self._runner.finished)
+
+    async def wait_exited(self) -> None:
+        """Wait until the runner has stopped its engine and let go of the model."""
+        await self._runner.exited.wait()
 
     async def wait_until(self, predicate: Callable[[RunnerStats], bool]) -> RunnerStats:
         """Wait (without polling) until the runner's statistics satisfy ``predicate``."""
@@ -170,6 +171,7 @@ class Runner:
     _engine_done: trio.Event = attrs.field(factory=trio.Event, init=False)
     _ready: trio.Event = attrs.field(factory=trio.Event, init=False)
     _stopped: trio.Event = attrs.field(factory=trio.Event, init=False)
+    exited: trio.Event = attrs.field(factory=trio.Event, init=False)
     _load_error: BaseException | None = attrs.field(default=None, init=False)
     _crash: str | None = attrs.field(default=None, init=False)
     _stop_reason: str = attrs.field(default="model was unloaded", init=False)
@@ -202,8 +204,9 @@ class Runner:
             await self._join_thread()
             err = self._load_error
             raise err if isinstance(err, LoadError) else LoadError(f"model failed to load: {err}") from err
+        heap.freeze()  # the model's Python objects live until unload: out of the collector's way
         send, inbox = trio.open_memory_channel(1024)
-        handle = RunnerHandle(self.key, self.generation, send, self)
+        handle = RunnerHandle(self.key, self.generation, send, self, self.loaded.tokenizer)
         self.alive = True
         task_status.started(handle)
         stop_reply: Reply | None = None
@@ -238,6 +241,11 @@ class Runner:
                 self._engine.submit(eng.Shutdown())
                 await self._join_thread()
             self._report_cancelled()  # the engine is gone: every slot it held is free
+            # Handles outlive the runner (the Loader's last reply, a late request's lease): they
+            # must not keep the weights in memory.
+            self.loaded = self._engine = None  # the engine holds the model and the prefix KV cache
+            heap.reclaim()  # and the model's cycles, frozen since its load, are freed now
+            self.exited.set()
             if self.on_exit is not None:
                 self.on_exit(self, self._crash)
             if stop_reply is not None:

@@ -366,6 +366,8 @@ class Engine:
                 except queue.Empty:
                     break
                 adds += isinstance(cmds[-1], Add)
+            if adds > 1:
+                log.debug("collected %d requests in %.1f ms", adds, (time.monotonic() - deadline + w.max_s) * 1e3)
         while True:
             try:
                 cmds.append(self._commands.get_nowait())

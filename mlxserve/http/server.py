@@ -8,6 +8,7 @@ import signal
 import attrs
 import trio
 
+from ..actors import heap
 from ..actors.runtime import Runtime, open_runtime
 from ..config import Settings
 from ..errors import ShuttingDown
@@ -34,6 +35,7 @@ async def run_daemon(settings: Settings, *, shutdown: trio.Event | None = None,
             url = binds[0] if binds else settings.base_url
             for name in preload or []:
                 await _preload(rt, name)
+            heap.freeze()  # imports and the app live as long as the daemon
             task_status.started(DaemonInfo(url, rt))
             await shutdown.wait()
             # In-flight streams get a final error line: runners stop first and fail their

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import httpx
 import pytest
@@ -196,14 +198,18 @@ async def test_preload_and_unload(daemon):
         async with httpx.AsyncClient(base_url=daemon.url, timeout=60) as c:
             r = (await c.post("/api/generate", json={"model": "tiny"})).json()
             assert r["done"] and r["done_reason"] == "load"
+            runner = await daemon.runner()
+            model = weakref.ref(runner._runner.loaded)
+            assert gc.get_freeze_count() > 0  # the loaded model's objects are out of the collector's way
             ps = (await c.get("/api/ps")).json()["models"]
             assert [m["name"] for m in ps] == ["tiny:latest"]
             r = (await c.post("/api/chat", json={"model": "tiny", "messages": [], "keep_alive": 0})).json()
             assert r["done_reason"] == "unload"
-            runner = await daemon.runner() if (await daemon.runtime.scheduler.runners()) else None
-            if runner is not None:
-                await runner.wait_until(lambda s: not s.alive)
+            await runner.wait_exited()
             assert (await c.get("/api/ps")).json()["models"] == []
+            # Nothing that outlives the runner (this handle, the Loader's last reply, the idle
+            # engine host thread, the frozen heap) keeps the unloaded model's weights alive.
+            assert model() is None
 
 
 async def test_context_window_chat_drops_old_turns_generate_refuses(daemon):
