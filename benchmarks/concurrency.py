@@ -185,7 +185,7 @@ async def main() -> None:
     ap.add_argument("--model-dir", type=Path)
     ap.add_argument("--skip-mlx-lm", action="store_true")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--ab", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+    ap.add_argument("--ab", action="append", default=[], metavar="NAME:VAR=VALUE[,VAR=VALUE]|NAME:VAR=A,B;[VAR=VALUE;]",
                     help="another mlxserve run in the same session with these environment settings "
                          "(e.g. openblas:MLXSERVE_SMALL_GEMM=off); its decode rate is printed beside")
     args = ap.parse_args()
@@ -205,7 +205,8 @@ async def main() -> None:
         variants = {}
         for i, spec in enumerate(args.ab):
             name, _, settings = spec.partition(":")
-            env = dict(kv.split("=", 1) for kv in settings.split(",") if kv)
+            # VAR=VALUE pairs split on ',', or on ';' when a value holds commas (A=3,25;B=1)
+            env = dict(kv.split("=", 1) for kv in settings.split(";" if ";" in settings else ",") if kv)
             variants[name] = await bench(name, *start_mlxserve(model_dir, work / f"store{i}", env), "bench",
                                          levels, args.tokens, {"stop": []})
     finally:

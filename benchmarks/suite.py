@@ -6,7 +6,7 @@
 2. concurrency: aggregate decode tok/s and TTFT at 1/4/8/16 streams, mlxserve vs mlx_lm.server
 3. prefix cache: TTFT of a request sharing a ~1k-token system prompt with an earlier one vs cold
 4. cancellation: client disconnect to slot free (measured inside the daemon's runtime)
-5. memory and load time: RSS of an idle daemon and with the model loaded; model load time
+5. memory and load time: RSS of an idle daemon, with the model loaded and after its unload; load time
 Run by hand (never as a test); needs `pip install matplotlib` for the plots.
 """
 
@@ -87,6 +87,18 @@ async def prefix_and_cancel(url: str, pid: int, model: str) -> dict:
             lat.append(time.perf_counter() - t)
         out["cancel_to_free_ms_p50"] = statistics.median(lat) * 1000
         out["cancel_to_free_ms_max"] = max(lat) * 1000
+
+        # Unload: the runner lets go of the model after /api/ps stops listing it, so wait for
+        # the RSS to settle (another process: bounded polling is the only view).
+        await c.post("/api/generate", json={"model": model, "keep_alive": 0})
+        last, t = rss_mb(pid), time.perf_counter()
+        while time.perf_counter() - t < 10:
+            await trio.sleep(0.25)
+            now = rss_mb(pid)
+            if abs(now - last) < 1 and not (await c.get("/api/ps")).json()["models"]:
+                break
+            last = now
+        out["rss_unloaded_mb"] = rss_mb(pid)
     return out
 
 
@@ -175,7 +187,8 @@ async def main() -> None:
     print(f"prefix cache: {d['prefix_prompt_tokens']} prompt tokens, TTFT cold {d['ttft_cold_s']:.3f}s, "
           f"warm {d['ttft_warm_s']:.3f}s, ratio {d['prefix_ratio']:.3f} (goal <= 0.1)")
     print(f"cancel to slot free: p50 {d['cancel_to_free_ms_p50']:.1f} ms, max {d['cancel_to_free_ms_max']:.1f} ms")
-    print(f"memory: idle daemon {d['rss_idle_mb']:.0f} MB, loaded {d['rss_loaded_mb']:.0f} MB; load {d['load_s']:.2f}s")
+    print(f"memory: idle daemon {d['rss_idle_mb']:.0f} MB, loaded {d['rss_loaded_mb']:.0f} MB, "
+          f"after unload {d['rss_unloaded_mb']:.0f} MB; load {d['load_s']:.2f}s")
     print(f"wrote {args.out / 'results.json'} and {', '.join(files)}")
 
 

@@ -30,6 +30,7 @@ import trio
 from ..config import Settings
 from ..engine import embed as eng
 from ..errors import BadRequest, EngineError, LoadError, MlxserveError, ServerBusy
+from . import heap
 from .hosts import HOSTS
 from .mailbox import Reply, fail_pending, post
 
@@ -304,6 +305,7 @@ class Embedder:
                     w.context_length = info.get("context_length", 0)
                     w.device = info.get("device", "cpu")
                     log.info("loaded %s for embeddings in %.2fs", w.name, w.load_ns / 1e9)
+                    heap.freeze()
                 case eng.JobDone():
                     self._answer(w, ev)
                 case eng.EmbedLoadFailed(error=error):
@@ -314,6 +316,7 @@ class Embedder:
                 case eng.EmbedStopped(error=error):
                     self._drop(w)
                     self._fail_jobs(w, EngineError(error or "model was unloaded"))
+                    heap.reclaim()  # the engine let go of the model before it said so
         self._wake()
 
     def _answer(self, w: _Worker, done: eng.JobDone) -> None:

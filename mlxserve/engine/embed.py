@@ -282,6 +282,9 @@ class EmbedEngine:
             error = f"embedder crashed: {exc.__class__.__name__}: {exc}"
             log.error("%s\n%s", error, traceback.format_exc())
         self._drain_after_stop(error or "model was unloaded", None)
+        # The worker record outlives this thread (until the next unload's bookkeeping): it must
+        # not keep the weights in memory.
+        self.model = m = None
         self._deliver([EmbedStopped(error)])
 
     def _drain_after_stop(self, reason: str, error: BaseException | None) -> None:

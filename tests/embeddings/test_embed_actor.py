@@ -8,6 +8,7 @@ deadline while a thread is busy.
 from __future__ import annotations
 
 import threading
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -65,7 +66,7 @@ def clock():
 def log():
     gate = threading.Event()
     gate.set()
-    return {"batches": [], "loads": [], "gate": gate, "started": threading.Event()}
+    return {"batches": [], "loads": [], "gate": gate, "started": threading.Event(), "models": []}
 
 
 @pytest.fixture
@@ -75,7 +76,9 @@ async def embedder(log, tmp_path):
             log["loads"].append((resolved.display, kind, path))
             if resolved.display.startswith("broken"):
                 raise RuntimeError("no weights")
-            return FakeModel(log)
+            model = FakeModel(log)
+            log["models"].append(weakref.ref(model))
+            return model
         return load
 
     settings = Settings(models_dir=tmp_path, max_loaded_models=1)
@@ -184,6 +187,16 @@ async def test_unload_and_lru_eviction(embedder, log):
         assert [(s.name, s.kind) for s in embedder.statistics().models] == [("b:latest", "decoder")]
         await embedder.unload(b)
         assert embedder.statistics().models == ()
+
+
+async def test_an_unloaded_model_is_let_go(embedder, log):
+    m = _model("u")
+    with trio.fail_after(10):
+        await embedder.embed(m, EmbedRequest(("x",)), float("inf"))
+        await embedder.unload(m)
+        for w in embedder._actor._stopping:  # the worker records stay behind for a while ...
+            await trio.to_thread.run_sync(w.finished.wait)
+    assert log["models"][-1]() is None  # ... but not the model
 
 
 async def test_load_failure_is_reported_and_retried(embedder, log):
