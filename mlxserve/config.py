@@ -87,11 +87,12 @@ class AdmitWindow:
     """How long an idle engine collects arriving requests before it prefills them as one batch.
 
     A request that wakes the engine waits ``first_gap_s`` (3 ms, or ``gap_s`` if less) for a
-    second one, so a lone request starts at once. Once a second has come it is a burst: the engine keeps collecting while each
-    next request comes within ``gap_s``, for ``max_s`` in all, or until every slot is taken. HTTP
-    clients of one burst reach the engine 0-4 ms apart (32 on the 2-core machine: 7-45 ms in
-    all), so a 3 ms gap with a 25 ms cap split such a burst into two or three prefill batches,
-    and the last batch's first token came a whole prefill later than the first's.
+    second one, so a lone request starts at once. Once a second has come it is a burst: the
+    engine keeps collecting while each next request comes within ``gap_s``, for ``max_s`` in
+    all, or until every slot is taken. HTTP clients of one burst reach the engine 0-4 ms apart
+    (32 on the 2-core machine: 7-45 ms in all), so a 3 ms gap with a 25 ms cap split such a
+    burst into two or three prefill batches, and the last batch's first token came a whole
+    prefill later than the first's (on an H200, 32 streams: 0.91 s vs 0.67 s TTFT max).
     """
 
     gap_s: float = 0.010
