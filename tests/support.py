@@ -48,3 +48,16 @@ async def start_daemon(nursery: trio.Nursery, models_dir: Path, **overrides) -> 
     shutdown = trio.Event()
     info = await nursery.start(lambda task_status: run_daemon(settings, shutdown=shutdown, task_status=task_status))
     return Daemon(info, settings, shutdown)
+
+
+def python_probe(code: str, env: dict[str, str]) -> dict:
+    """Run ``code`` in a fresh interpreter (from the repository root, with ``env``); it prints
+    one JSON line last, which is returned. For what is fixed per process (the BLAS, PATH)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

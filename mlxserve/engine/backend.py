@@ -53,6 +53,8 @@ class BlasInfo:
     # and why not.
     small_gemm: str | None = None
     small_gemm_reason: str | None = None
+    # How MLX's run-time compiled CPU kernels are built (jitflags.py): "on (...)" or why not.
+    cpu_jit: str | None = None
 
     @property
     def optimized(self) -> bool:
@@ -208,6 +210,10 @@ def configure_blas() -> BlasInfo:
     with _lock:
         if _info is None:
             _info = _configure()
+            if sys.platform != "darwin":
+                from . import jitflags
+
+                _info = attrs.evolve(_info, cpu_jit=jitflags.install())
             log.debug("BLAS: %s", _info)
         return _info
 
@@ -383,6 +389,7 @@ def describe_backend() -> dict:
         # libmlx's cblas_sgemm lands in the few-row kernels (which pass the rest to the BLAS).
         "small_gemm": kernels,
         "small_gemm_reason": info.small_gemm_reason,
+        "cpu_jit": info.cpu_jit,
         "mlx_version": getattr(mx, "__version__", "?"),
     }
 

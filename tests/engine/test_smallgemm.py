@@ -3,15 +3,13 @@ interpreter: which cblas_sgemm libmlx calls is fixed per process."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from mlxserve.engine import backend, smallgemm
+from support import python_probe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,10 +82,7 @@ def _probe(env_extra: dict[str, str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MLXSERVE_BLAS", smallgemm.ENV, smallgemm.ENV_THREADS)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(env_extra)
-    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
-                         timeout=300, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return python_probe(_PROBE, env)
 
 
 @needs_kernels
