@@ -1,4 +1,4 @@
-# mlxserve: `make run` serves the embedded model; `make test` passes the suite.
+# mlxserve: `make run` serves the embedded model and answers a prompt; `make test` passes the suite.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -28,9 +28,14 @@ system-deps:
 	  fi; \
 	fi
 
+# Serve, answer one prompt once the model is loaded, then keep serving until Ctrl-C.
+PROMPT ?= What is the capital of France?
 run: install
 	$(BIN)/mlxctl import-default
-	$(BIN)/mlxctl serve --preload smollm2:135m
+	@$(BIN)/mlxctl serve --preload smollm2:135m & pid=$$!; trap 'kill $$pid 2>/dev/null; wait $$pid' INT TERM; \
+	  until $(BIN)/mlxctl ps 2>/dev/null | grep -q smollm2; do \
+	    kill -0 $$pid 2>/dev/null || { wait $$pid; exit 1; }; sleep 0.5; done; \
+	  echo ">>> $(PROMPT)"; $(BIN)/mlxctl run smollm2:135m "$(PROMPT)"; wait $$pid
 
 test: install
 	$(BIN)/python -m pytest -q
