@@ -56,11 +56,12 @@ def install() -> str:
         return "no g++ (MLX compiles no CPU kernels)"
     if is_wrapper_dir(os.path.dirname(gxx)):
         return f"on ({gxx})"  # inherited from a parent process
-    try:
-        version = subprocess.run([gxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
+    try:  # the compiler's identity without running it at every start: an upgrade changes it
+        st = os.stat(gxx)
+    except OSError as exc:
         return f"g++ unusable: {exc}"
-    key = hashlib.sha256("\0".join([gxx, version, FLAGS, smallgemm._cpu_flags()]).encode()).hexdigest()[:16]
+    ident = f"{os.path.realpath(gxx)}:{st.st_size}:{st.st_mtime_ns}"
+    key = hashlib.sha256("\0".join([ident, FLAGS, smallgemm._cpu_flags()]).encode()).hexdigest()[:16]
     folder = smallgemm._cache_dir() / f"jit-{key}"
     wrapper = folder / "g++"
     if not wrapper.exists():
