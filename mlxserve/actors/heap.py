@@ -43,6 +43,9 @@ def reclaim() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
-    mx.clear_cache()
-    _malloc_trim()
+    try:  # housekeeping: it never fails the unload that called it
+        mx.clear_cache()
+        _malloc_trim()
+    except Exception:
+        log.exception("returning freed memory to the system failed")
     log.debug("heap reclaimed in %.1f ms: %d objects frozen", (time.perf_counter() - t0) * 1e3, gc.get_freeze_count())

@@ -244,10 +244,7 @@ class Runner:
             # Handles outlive the runner (the Loader's last reply, a late request's lease): they
             # must not keep the weights in memory.
             self.loaded = self._engine = None  # the engine holds the model and the prefix KV cache
-            try:
-                heap.reclaim()  # and the model's cycles, frozen since its load, are freed now
-            except Exception:  # freeing memory is housekeeping: never skip the exit reports
-                log.exception("reclaiming memory after %s failed", self.key)
+            heap.reclaim()  # and the model's cycles, frozen since its load, are freed now
             self.exited.set()
             if self.on_exit is not None:
                 self.on_exit(self, self._crash)

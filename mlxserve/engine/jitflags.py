@@ -46,7 +46,7 @@ def plain_path(path: str) -> str:
 
 def install() -> str:
     """Put the wrapper first on PATH (building it once per compiler); say what happened."""
-    if os.environ.get(ENV, "").strip().lower() in ("off", "0", "false", "none"):
+    if smallgemm.is_off(os.environ.get(ENV)):
         os.environ["PATH"] = plain_path(os.environ.get("PATH", ""))  # off here, whatever the parent did
         return f"{ENV}=off"
     if not sys.platform.startswith("linux"):
@@ -61,8 +61,8 @@ def install() -> str:
     except OSError as exc:
         return f"g++ unusable: {exc}"
     ident = f"{os.path.realpath(gxx)}:{st.st_size}:{st.st_mtime_ns}"
-    key = hashlib.sha256("\0".join([ident, FLAGS, smallgemm._cpu_flags()]).encode()).hexdigest()[:16]
-    folder = smallgemm._cache_dir() / f"jit-{key}"
+    key = hashlib.sha256("\0".join([ident, FLAGS, smallgemm.cpu_flags()]).encode()).hexdigest()[:16]
+    folder = smallgemm.cache_dir() / f"jit-{key}"
     wrapper = folder / "g++"
     if not wrapper.exists():
         why = _build(gxx, wrapper)

@@ -365,7 +365,7 @@ def c_source() -> str:
 CFLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -380,7 +380,7 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     setting = os.environ.get(ENV, "")
     if setting and setting.lower() not in ("on", "auto"):
         return Path(setting)
@@ -388,8 +388,13 @@ def _cache_dir() -> Path:
     return Path(base) / "mlxserve"
 
 
+def is_off(value: str | None) -> bool:
+    """How an on-by-default MLXSERVE_* switch is turned off (this one, jitflags')."""
+    return (value or "").strip().lower() in ("off", "0", "false", "none")
+
+
 def disabled() -> bool:
-    return os.environ.get(ENV, "").strip().lower() in ("off", "0", "false", "none")
+    return is_off(os.environ.get(ENV))
 
 
 def unavailable_reason() -> str | None:
@@ -398,7 +403,7 @@ def unavailable_reason() -> str | None:
         return f"{ENV}=off"
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         return "not x86-64 Linux"
-    if "avx512f" not in _cpu_flags().split():
+    if "avx512f" not in cpu_flags().split():
         return "no AVX-512 on this CPU"
     if _compiler() is None:
         return "no C compiler (cc)"
@@ -416,8 +421,8 @@ def build() -> tuple[Path | None, str]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"compiler unusable: {exc}"
-    key = hashlib.sha256("\0".join([source, version, " ".join(CFLAGS), _cpu_flags()]).encode())
-    target = _cache_dir() / f"smallgemm-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256("\0".join([source, version, " ".join(CFLAGS), cpu_flags()]).encode())
+    target = cache_dir() / f"smallgemm-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target, "cached"
     try:
