@@ -8,6 +8,7 @@ The mask is computed on the CPU by llguidance and applied with ``mx.where``; the
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import mlx.core as mx
@@ -16,7 +17,24 @@ from llguidance import LLMatcher, LLTokenizer
 
 from ..errors import BadRequest
 
-ANY_JSON_OBJECT = {"type": "object"}
+# Any JSON object, spelled out so that its numbers are bounded too (see bound_numbers).
+ANY_JSON_OBJECT = {
+    "$defs": {"value": {"anyOf": [
+        {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"}},
+        {"type": "array", "items": {"$ref": "#/$defs/value"}},
+        {"type": ["string", "number", "boolean", "null"]},
+    ]}},
+    "type": "object", "additionalProperties": {"$ref": "#/$defs/value"},
+}
+
+# As llama.cpp's json-schema-to-grammar: an integral part of at most 16 digits. A small model
+# otherwise writes digits until max_tokens and the object never closes.
+INTEGRAL_BOUND = 10**16 - 1
+# At most 10 digits after the point: the finest multipleOf llguidance 1.9 takes ("too many digits").
+FRACTION_STEP = 1e-10
+_I64 = 2**63 - 1  # llguidance reads bounds as 64-bit integers
+# Keywords whose values are data, not subschemas: never rewritten.
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
 
 
 def grammar_for_schema(schema: Any) -> str:
@@ -29,7 +47,7 @@ def grammar_for_schema(schema: Any) -> str:
     if not isinstance(schema, dict):
         raise BadRequest("a JSON schema must be an object")
     try:
-        grammar = LLMatcher.grammar_from_json_schema(close_objects(schema),
+        grammar = LLMatcher.grammar_from_json_schema(bound_numbers(close_objects(schema)),
                                                      defaults={"whitespace_flexible": False})
     except (ValueError, TypeError) as exc:
         raise BadRequest(f"invalid JSON schema: {exc}") from None
@@ -50,10 +68,48 @@ def close_objects(schema: Any) -> Any:
         return [close_objects(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: close_objects(v) for k, v in schema.items()}
+    out = {k: v if k in _DATA_KEYWORDS else close_objects(v) for k, v in schema.items()}
     if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
         out["additionalProperties"] = False
     return out
+
+
+def bound_numbers(schema: Any) -> Any:
+    """Integers and numbers get a bounded length unless the schema bounds them already.
+
+    A missing minimum or maximum becomes -+(10^16-1) (moved out past the other bound when that
+    one lies beyond it), and a number without multipleOf gets a step of 1e-10, which also rules
+    out exponents. Each answer is still valid under the original schema.
+    """
+    if isinstance(schema, list):
+        return [bound_numbers(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _DATA_KEYWORDS else bound_numbers(v) for k, v in schema.items()}
+    types = out.get("type")
+    types = {types} if isinstance(types, str) else set(types) if isinstance(types, list) else set()
+    if not types & {"integer", "number"}:
+        return out
+    low = _bound(out, "minimum", "exclusiveMinimum")
+    high = _bound(out, "maximum", "exclusiveMaximum")
+    if low is None:
+        out["minimum"] = -INTEGRAL_BOUND if high is None else max(
+            min(-INTEGRAL_BOUND, math.floor(high) - INTEGRAL_BOUND), -_I64)
+    if high is None:
+        out["maximum"] = INTEGRAL_BOUND if low is None else min(
+            max(INTEGRAL_BOUND, math.ceil(low) + INTEGRAL_BOUND), _I64)
+    if "number" in types and "multipleOf" not in out:
+        out["multipleOf"] = FRACTION_STEP
+    return out
+
+
+def _bound(schema: dict, inclusive: str, exclusive: str) -> float | None:
+    """The schema's bound on one side; draft 4's boolean exclusive* only qualifies the other."""
+    for key in (inclusive, exclusive):
+        v = schema.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            return v
+    return None
 
 
 class TokenizerCache:

@@ -204,3 +204,60 @@ async def test_logprobs_under_a_grammar_are_finite_numbers(daemon):
     for e in entries:
         assert isinstance(e["logprob"], float) and e["logprob"] > -1e308
         assert all(isinstance(a["logprob"], float) for a in e["top_logprobs"])
+
+
+def _digit_bias() -> dict[str, int]:
+    """logit_bias that makes the tiny model want digits above anything else."""
+    from mlxserve.testing.tinymodel import build_tokenizer
+
+    return {str(i): 100 for t, i in build_tokenizer().get_vocab().items() if t.isdigit()}
+
+
+async def test_integers_and_numbers_under_a_schema_close_within_max_tokens(daemon):
+    # A model that only wants digits: without a bound on their count it writes them until
+    # max_tokens and the object never closes.
+    schema = {"type": "object", "properties": {"population": {"type": "integer"}, "area": {"type": "number"}},
+              "required": ["population", "area"]}
+
+    def call():
+        with openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0) as oc:
+            return oc.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "Paris as JSON"}], temperature=0,
+                max_tokens=150, logit_bias=_digit_bias(),
+                response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+
+    with trio.fail_after(120):
+        r = await trio.to_thread.run_sync(call)
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    value = json.loads(choice.message.content)
+    jsonschema.validate(value, schema)
+    assert len(str(value["population"]).lstrip("-")) <= 16
+    assert len(repr(float(value["area"])).split(".")[0].lstrip("-")) <= 16
+
+
+async def test_unusable_response_format_schemas_are_openai_400s(daemon):
+    bad = [
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": "not a schema"}},
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "integer", "minimum": 10**30}}},
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object", "oneOf": 3}}},
+        {"type": "xml"},
+    ]
+
+    def calls():
+        errors = []
+        with openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0) as oc:
+            for rf in bad:
+                try:
+                    oc.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                               max_tokens=4, response_format=rf)
+                except openai.BadRequestError as exc:
+                    errors.append(exc)
+        return errors
+
+    with trio.fail_after(60):
+        errors = await trio.to_thread.run_sync(calls)
+    assert len(errors) == len(bad)
+    for exc in errors:
+        assert exc.status_code == 400
+        assert set(exc.body) >= {"message", "type", "param", "code"} and exc.body["type"] == "invalid_request_error"
