@@ -1,19 +1,23 @@
-"""The Quart-Trio application: routes, error mapping, Host checks, and the Hypercorn server."""
+"""The Quart-Trio application: routes, error mapping, Host and Origin checks, and the Hypercorn server."""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import re
+from typing import Callable
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
-from quart import request
+from quart import Response, request
+from quart.asgi import ASGIHTTPConnection
 from quart_trio import QuartTrio
+from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..actors.runtime import Runtime
-from ..errors import MlxserveError
+from ..errors import MlxserveError, ModelNotFound
 from . import ollama, openai
 from . import transfer
 from . import embeddings
@@ -25,15 +29,28 @@ log = logging.getLogger("mlxserve.http")
 _CLOSE = {"Connection": "close"}
 
 
-def _error_body(status: int, message: str, kind: str):
+# An early answer (404, 405, 403, 400...) may come before the request body is all in. Up to this
+# much of it is read and dropped so that the connection stays usable; a larger or slower body
+# gets ``Connection: close`` instead (as Go's net/http, hence Ollama, does past 256 KiB).
+DRAIN_BYTES = 256 * 1024
+DRAIN_S = 1.0
+
+
+def _error_body(status: int, message: str, kind: str, code: str | None = None):
     if request.path.startswith("/v1/"):
-        code = {404: "model_not_found", 503: "server_busy", 413: "payload_too_large"}.get(status)
         return {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return {"error": message}
 
 
+def _openai_code(exc: MlxserveError) -> str | None:
+    # Only a missing model is model_not_found: clients report that code as a missing model.
+    if isinstance(exc, ModelNotFound):
+        return "model_not_found"
+    return {503: "server_busy", 413: "payload_too_large"}.get(exc.status)
+
+
 def _loopback(host: str) -> bool:
-    if host in ("localhost",) or host.endswith(".localhost"):
+    if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -41,8 +58,67 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _host_name(header: str) -> str:
+    """The host of a Host header, lower-cased (DNS names are case-insensitive), without port."""
+    host = header.strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return (host.rsplit(":", 1)[0] if host.count(":") == 1 else host).removesuffix(".")
+
+
+# Ollama's default OLLAMA_ORIGINS (plus [::1]): pages served from this machine, and app shells.
+DEFAULT_ORIGINS = tuple(
+    f"{scheme}://{host}{port}" for host in ("localhost", "127.0.0.1", "0.0.0.0", "[::1]")
+    for scheme in ("http", "https") for port in ("", ":*")
+) + ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
+# What a preflight may ask to send: Ollama's list, the Anthropic SDK's, and whatever else an
+# allowed origin asks for (after the origin check, a header list protects nothing more).
+ALLOW_HEADERS = (
+    "Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With", "OpenAI-Beta",
+    "x-api-key", "anthropic-version", "anthropic-beta",
+)
+ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
+
+
+def origin_policy(extra: tuple[str, ...]) -> Callable[[str], bool]:
+    """Whether a browser page of an ``Origin`` may use the API: ``DEFAULT_ORIGINS`` plus
+    ``extra`` (MLXSERVE_ORIGINS), where ``*`` matches any run of characters."""
+    patterns = DEFAULT_ORIGINS + tuple(extra)
+    rx = re.compile("|".join(".*".join(map(re.escape, p.strip().lower().split("*"))) for p in patterns))
+    return lambda origin: rx.fullmatch(origin.strip().lower()) is not None
+
+
+class _Connection(TrioASGIHTTPConnection):
+    """Quart-Trio's HTTP connection, letting Hypercorn finish a response it has fully sent.
+
+    Quart-Trio cancels the request's nursery when Hypercorn reports the stream closed; but
+    Hypercorn reports that from inside the send of the response's last chunk, and then closes the
+    socket (``Connection: close``, HTTP/1.0, an unread body) or recycles it for the next request
+    in that same call. Cancelled there, it did neither: the connection hung, half open.
+    """
+
+    async def __call__(self, receive, send) -> None:
+        self._answered = False
+
+        async def send_marking_the_end(message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self._answered = True
+            await send(message)
+
+        await super().__call__(receive, send_marking_the_end)
+
+    async def handle_messages(self, nursery: trio.Nursery, request, receive) -> None:  # type: ignore[override]
+        await ASGIHTTPConnection.handle_messages(self, request, receive)
+        if not self._answered:  # the client left mid-request: stop the handler
+            nursery.cancel_scope.cancel()
+
+
+class _App(QuartTrio):
+    asgi_http_class = _Connection
+
+
 def create_app(rt: Runtime) -> QuartTrio:
-    app = QuartTrio("mlxserve")
+    app = _App("mlxserve")
     app.config["MLXSERVE_RUNTIME"] = rt
     app.config["MAX_CONTENT_LENGTH"] = rt.settings.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # generation may take longer than any fixed limit
@@ -52,6 +128,8 @@ def create_app(rt: Runtime) -> QuartTrio:
     app.register_blueprint(transfer.bp)
     app.register_blueprint(embeddings.bp)
     guard_host = _loopback(rt.settings.host)
+    allow_any_origin = "*" in rt.settings.origins
+    origin_allowed = origin_policy(tuple(o for o in rt.settings.origins if o != "*"))
 
     @app.before_request
     async def lift_limit_for_blobs():
@@ -70,11 +148,55 @@ def create_app(rt: Runtime) -> QuartTrio:
         # DNS rebinding: a page on evil.example resolving to 127.0.0.1 must not drive the API.
         if not guard_host:
             return None
-        host = (request.headers.get("Host") or "").rsplit(":", 1)[0] if "]" not in (request.headers.get("Host") or "") \
-            else request.headers.get("Host", "").split("]")[0] + "]"
+        host = _host_name(request.headers.get("Host") or "")
         if host and not _loopback(host):
             return json_response(_error_body(403, "forbidden host", "permission_error"), 403)
         return None
+
+    def cross_origin() -> str | None:
+        """The Origin of a cross-origin browser request, or None (no Origin, or same origin)."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return None
+        host = (request.headers.get("Host") or "").strip().lower()
+        if host and origin.strip().lower() in (f"http://{host}", f"https://{host}"):
+            return None
+        return origin
+
+    @app.before_request
+    async def check_origin():
+        # Any web page can make a browser POST here (a "simple" text/plain request needs no
+        # preflight): only the origins allowed, as Ollama's OLLAMA_ORIGINS, may drive the API.
+        origin = cross_origin()
+        if origin is None:
+            return None
+        if not (allow_any_origin or origin_allowed(origin)):
+            return json_response(_error_body(403, f"origin not allowed: {origin}", "permission_error"), 403)
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            asked = request.headers.get("Access-Control-Request-Headers", "")
+            names = dict.fromkeys([*ALLOW_HEADERS, *(h.strip() for h in asked.split(",") if h.strip())])
+            return Response("", status=204, headers={
+                "Access-Control-Allow-Methods": ALLOW_METHODS,
+                "Access-Control-Allow-Headers": ", ".join(names),
+                "Access-Control-Max-Age": "43200",
+            })
+        return None
+
+    @app.after_request
+    async def allow_origin(response: Response) -> Response:
+        if (origin := cross_origin()) is not None and response.status_code != 403:
+            response.headers["Access-Control-Allow-Origin"] = "*" if allow_any_origin else origin
+            response.vary.add("Origin")
+        return response
+
+    @app.after_request
+    async def finish_body(response: Response) -> Response:
+        # Hypercorn can take the next request off a connection only once this one's body is all
+        # read; a response that leaves part of it unread must close the connection.
+        if response.headers.get("Connection", "").lower() == "close" or await _drained(request):
+            return response
+        response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(MlxserveError)
     async def on_domain_error(exc: MlxserveError):
@@ -86,15 +208,25 @@ def create_app(rt: Runtime) -> QuartTrio:
         headers = error_headers(exc)
         if exc.status == 413:
             headers = {**headers, **_CLOSE}
-        return json_response(_error_body(exc.status, str(exc), exc.kind), exc.status, headers)
+        return json_response(_error_body(exc.status, str(exc), exc.kind, _openai_code(exc)), exc.status, headers)
 
     @app.errorhandler(HTTPException)
     async def on_http_error(exc: HTTPException):
         status = exc.code or 500
-        message = {404: "not found", 405: "method not allowed", 413: "request body too large"}.get(
-            status, exc.description or exc.name)
-        return json_response(_error_body(status, message, "invalid_request_error"), status,
+        message = {404: f"not found: {request.method} {request.path}", 405: "method not allowed",
+                   413: "request body too large"}.get(status, exc.description or exc.name)
+        # An unknown route has no error code: "model_not_found" would send clients looking
+        # for a model.
+        code = "payload_too_large" if status == 413 else None
+        return json_response(_error_body(status, message, "invalid_request_error", code), status,
                              _CLOSE if status == 413 else None)
+
+    @app.errorhandler(RecursionError)
+    async def on_too_deep(exc: RecursionError):
+        # json_body bounds a body's nesting; this is the net for whatever recurses further
+        # (a self-referencing schema, say): too deep a request is the client's error.
+        return json_response(_error_body(400, "request is nested too deeply to process",
+                                         "invalid_request_error"), 400)
 
     @app.errorhandler(Exception)
     async def on_bug(exc: Exception):
@@ -102,6 +234,24 @@ def create_app(rt: Runtime) -> QuartTrio:
         return json_response(_error_body(500, f"internal error: {exc.__class__.__name__}", "server_error"), 500)
 
     return app
+
+
+async def _drained(req) -> bool:
+    """Read and drop what is left of the request body, if that is little and quick."""
+    length = req.content_length
+    if length is not None and length > DRAIN_BYTES:
+        return False
+    seen = 0
+    with trio.move_on_after(DRAIN_S):
+        try:
+            async for chunk in req.body:  # iterating drops each chunk: no buffering
+                seen += len(chunk)
+                if seen > DRAIN_BYTES:
+                    return False
+        except HTTPException:  # over the body limit, or timed out
+            return False
+        return True
+    return False
 
 
 async def serve(rt: Runtime, shutdown: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

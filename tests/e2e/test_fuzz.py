@@ -339,6 +339,7 @@ def test_document_covers_every_route():
         class settings:
             max_body_bytes = 1024
             host = "127.0.0.1"
+            origins = ()
 
     served = set()
     for rule in create_app(FakeRuntime()).url_map.iter_rules():
