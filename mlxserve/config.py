@@ -133,6 +133,9 @@ class Settings:
     weight_dtype: str | None = None  # "keep", "float32", "float16"; None = choose per backend
     device: str | None = None  # "cpu" or "gpu"; None = GPU when present
     admit_window: AdmitWindow = AdmitWindow()
+    # Browser origins allowed besides the local ones (MLXSERVE_ORIGINS, as OLLAMA_ORIGINS):
+    # patterns where ``*`` matches anything; ``"*"`` alone allows every origin.
+    origins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -170,6 +173,8 @@ class Settings:
             kw["device"] = v
         if v := env.get("MLXSERVE_ADMIT_WINDOW"):
             kw["admit_window"] = AdmitWindow.parse(v)
+        if v := env.get("MLXSERVE_ORIGINS"):
+            kw["origins"] = tuple(o.strip() for o in v.split(",") if o.strip())
         kw.update(overrides)
         return cls(**kw)
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import operator
+import re
 import weakref
+from itertools import accumulate
 from typing import Any, AsyncIterator, Callable
 
 from quart import Response, current_app, request
@@ -26,13 +29,74 @@ async def json_body() -> dict:
         raise BadRequest(f"cannot read request body: {exc}") from exc
     if not raw:
         raise BadRequest("missing request body")
+    if nested_deeper_than(raw, MAX_JSON_DEPTH):
+        raise BadRequest(f"invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         body = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"invalid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw):
+        body = _replace_lone_surrogates(body)
     return body
+
+
+# Far beyond any real request or JSON schema, far below what json.loads and the code that walks
+# a body (schemas, templates) can recurse through.
+MAX_JSON_DEPTH = 128
+# A JSON string, up to its closing quote or the end of the input: an unterminated one is still
+# consumed in one linear match, never retried from each quote inside it.
+_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_CURLY_AS_SQUARE = bytes.maketrans(b"{}", b"[]")
+_STEP = {ord("["): 1, ord("]"): -1}
+
+
+def nested_deeper_than(raw: bytes, limit: int) -> bool:
+    """Whether the brackets outside strings nest deeper than ``limit``, found without recursion.
+
+    A pass that deletes every adjacent ``[]`` takes one level off balanced brackets, so
+    ``limit`` passes empty any body within the limit; only a deeper or unbalanced one is
+    measured bracket by bracket.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    brackets = _STRING.sub(b"", raw).translate(_CURLY_AS_SQUARE, _NOT_BRACKET)
+    left = brackets
+    for _ in range(limit):
+        left = left.replace(b"[]", b"")
+        if not left:
+            return False
+    return max(accumulate(map(_STEP.__getitem__, brackets), operator.add), default=0) > limit
+
+
+# A \uD800-\uDFFF escape: json.loads keeps a lone one as a surrogate that no codec can encode.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _replace_lone_surrogates(obj: Any) -> Any:
+    """Each lone surrogate in keys and strings becomes U+FFFD, as Go's JSON decoder (Ollama) does."""
+    def fix(s: str) -> str:
+        return _LONE_SURROGATE.sub("\ufffd", s)
+
+    root = [obj]
+    stack: list = [(root, 0)]
+    while stack:  # iterative: the depth was bounded above, but there is no need to recurse
+        holder, key = stack.pop()
+        value = holder[key]
+        if isinstance(value, str):
+            holder[key] = fix(value)
+        elif isinstance(value, list):
+            stack.extend((value, i) for i in range(len(value)))
+        elif isinstance(value, dict):
+            if any(_LONE_SURROGATE.search(k) for k in value):
+                fixed = {fix(k): v for k, v in value.items()}
+                value.clear()
+                value.update(fixed)
+            stack.extend((value, k) for k in value)
+    return root[0]
 
 
 def _no_constant(name: str):
