@@ -6,8 +6,8 @@ or bytes) and the spec fields it learned; ``Store.create`` writes the blobs.
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import struct
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +16,8 @@ import attrs
 from ..errors import BadRequest
 from ..specs.modelspec import ModelSpec
 from . import convert, manifest as mt
-from .ggufmeta import GGUFHeader, read_header
+from . import safetensorsmeta
+from .ggufmeta import GGUF_ARCHITECTURES, GGUFHeader, read_header
 
 EMBEDDING_TYPES = frozenset({"bert", "nomic_bert", "nomic-bert", "xlm-roberta", "roberta",
                              "distilbert", "mpnet", "jina-bert-v2"})
@@ -104,9 +105,43 @@ def _gguf_spec(path: Path, header: GGUFHeader) -> ModelSpec:
     )
 
 
+# (metadata key under "<arch>.", tensor name with {i} for each block) that the loader needs.
+_GGUF_NEEDS_KEYS = ("embedding_length", "block_count", "feed_forward_length",
+                    "attention.head_count")
+_GGUF_NEEDS_TENSORS = ("token_embd.weight", "output_norm.weight")
+_GGUF_BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
+                       "ffn_gate", "ffn_up", "ffn_down")
+
+
+def check_gguf_runnable(path: Path, header: GGUFHeader) -> None:
+    """Refuse at create a GGUF the engine could not load, rather than fail its first request."""
+    md = header.metadata
+    arch = md.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise BadRequest(f"{path.name}: unsupported model architecture {arch!r} (GGUF models "
+                         f"mlxserve can run: {', '.join(GGUF_ARCHITECTURES)}; other "
+                         "architectures can be created from an mlx-lm safetensors directory)")
+    for key in _GGUF_NEEDS_KEYS:
+        value = md.get(f"{arch}.{key}")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise BadRequest(f"{path.name}: metadata {arch}.{key} is missing or not a positive "
+                             "integer")
+    if not isinstance(md.get("tokenizer.ggml.tokens"), list):
+        raise BadRequest(f"{path.name}: no tokenizer vocabulary (tokenizer.ggml.tokens)")
+    have = {t.name for t in header.tensors}
+    needed = [*_GGUF_NEEDS_TENSORS, *(f"blk.{i}.{part}.weight"
+                                      for i in range(md[f"{arch}.block_count"])
+                                      for part in _GGUF_BLOCK_TENSORS)]
+    missing = [n for n in needed if n not in have]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise BadRequest(f"{path.name}: tensors {', '.join(missing[:3])}{more} are missing")
+
+
 def import_gguf(path: Path, workdir: Path, progress: Callable[[dict], None]) -> Imported:
     progress({"status": "parsing GGUF"})
     header = read_header(path)
+    check_gguf_runnable(path, header)
     spec = _gguf_spec(path, header)
     vocab = [t for t in header.metadata.get("tokenizer.ggml.tokens") or [] if isinstance(t, str)]
     if not convert.needs_conversion(header):
@@ -178,21 +213,19 @@ def _safetensors_summary(files: list[Path], bits: int | None) -> tuple[int, str]
     total = 0
     by_dtype: dict[str, int] = {}
     for f in files:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+        header = safetensorsmeta.read_header(f)
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
             if name.endswith((".scales", ".biases")) and f"{name.rsplit('.', 1)[0]}.weight" in header:
                 continue
             count = 1
-            for d in meta.get("shape", []):
+            for d in meta["shape"]:
                 count *= d
-            if bits and meta.get("dtype") == "U32":
+            if bits and meta["dtype"] == "U32":
                 count = count * 32 // bits
             total += count
-            by_dtype[meta.get("dtype", "")] = by_dtype.get(meta.get("dtype", ""), 0) + count
+            by_dtype[meta["dtype"]] = by_dtype.get(meta["dtype"], 0) + count
     floats = {k: v for k, v in by_dtype.items() if k in _ST_DTYPES}
     return total, (max(floats, key=floats.__getitem__) if floats else "")
 
@@ -248,6 +281,10 @@ def import_directory(root: Path, workdir: Path, progress: Callable[[dict], None]
         raise BadRequest(f"no tokenizer.json in {root}")
     model_type = str(config.get("model_type") or "")
     embedding = model_type in EMBEDDING_TYPES or (root / "modules.json").is_file()
+    _check_runnable(root, config, embedding)
+    for r in rels:
+        if r.endswith(".safetensors"):
+            safetensorsmeta.read_header(root / r)
     layers = _directory_layers(root, rels)
     conversion = None
     if quantize is not None:
@@ -290,6 +327,35 @@ def import_directory(root: Path, workdir: Path, progress: Callable[[dict], None]
     return Imported(layers, spec, _vocab(root))
 
 
+def _mlx_lm_has_module(model_type: str) -> bool:
+    spec = importlib.util.find_spec("mlx_lm")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations or not model_type.isidentifier():
+        return False
+    return any((Path(d) / "models" / f"{model_type}.py").is_file()
+               for d in spec.submodule_search_locations)
+
+
+def _check_runnable(root: Path, config: dict[str, Any], embedding: bool) -> None:
+    """Refuse at create a directory whose model type the engine has no implementation for."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise BadRequest(f"{root.name}/config.json has no model_type")
+    if embedding:
+        if model_type != "bert":  # engine/bert.py is the one encoder
+            raise BadRequest(f"unsupported embedding model type {model_type!r} (embedding "
+                             "models mlxserve can run: bert)")
+        return
+    if _mlx_lm_has_module(model_type):
+        return  # the common case, without importing mlx-lm (seconds, for `create --local`)
+    from mlx_lm.utils import _get_classes  # what engine/model.py builds the model with
+
+    try:
+        _get_classes(config)  # knows mlx-lm's renames (mistral -> llama...)
+    except (ValueError, ImportError, KeyError, TypeError):
+        raise BadRequest(f"unsupported model type {model_type!r} (mlx-lm has no implementation "
+                         "of it; see mlx_lm/models for the model types it can run)") from None
+
+
 def _directory_model_info(config: dict[str, Any], arch: str, n_params: int) -> dict[str, Any]:
     info: dict[str, Any] = {"general.architecture": arch, "general.parameter_count": n_params}
     keys = {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
@@ -302,14 +368,3 @@ def _directory_model_info(config: dict[str, Any], arch: str, n_params: int) -> d
             info[f"{arch}.{key}"] = config[hf]
     return info
 
-
-def import_adapter(root: Path) -> list[LayerSource]:
-    """An mlx-lm LoRA adapter directory: adapter_config.json + adapters.safetensors."""
-    if not root.is_dir() or not (root / "adapter_config.json").is_file():
-        raise BadRequest(f"ADAPTER {root} is not an mlx-lm adapter directory "
-                         "(adapter_config.json and adapters.safetensors)")
-    files = sorted(p.name for p in root.iterdir() if p.is_file()
-                   and (p.name == "adapter_config.json" or p.name.endswith(".safetensors")))
-    if not any(f.endswith(".safetensors") for f in files):
-        raise BadRequest(f"ADAPTER {root} has no *.safetensors weights")
-    return [LayerSource(mt.ADAPTER, path=root / f, title=f) for f in files]

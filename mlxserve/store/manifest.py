@@ -65,15 +65,15 @@ def parse_manifest(data: bytes, where: str) -> dict:
         raise IntegrityError(f"manifest of {where} is not valid JSON: {exc}") from None
     if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
         raise IntegrityError(f"manifest of {where} is not an OCI/Docker schema 2 manifest")
-    for d in [doc.get("config"), *(doc.get("layers") or [])]:
+    if not isinstance(doc.get("layers"), list):
+        raise IntegrityError(f"manifest of {where} has no layer list")
+    for d in [doc.get("config"), *doc["layers"]]:
         if not isinstance(d, dict) or not isinstance(d.get("mediaType"), str):
             raise IntegrityError(f"manifest of {where} has a malformed descriptor")
         if not isinstance(d.get("digest"), str) or not DIGEST_RE.fullmatch(d["digest"]):
             raise IntegrityError(f"manifest of {where} has a bad digest {d.get('digest')!r}")
         if not isinstance(d.get("size"), int) or d["size"] < 0:
             raise IntegrityError(f"manifest of {where} has a bad size for {d['digest']}")
-    if not isinstance(doc.get("layers"), list):
-        raise IntegrityError(f"manifest of {where} has no layer list")
     return doc
 
 

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Iterator
 import attrs
 
 from ..errors import BadRequest, DigestMismatch, IntegrityError, ModelNotFound
-from ..specs.modelfile import parse_modelfile
+from ..specs.modelfile import Modelfile, parse_modelfile
 from ..specs.modelspec import ModelSpec
 from ..specs.templates import check_template
 from . import create as create_steps, fsutil, gc, importers, links, manifest as mt
@@ -222,7 +222,7 @@ class Store:
                     try:
                         self._verifier.check(digest, desc["size"], full=True)
                         seen[digest] = None
-                    except IntegrityError as exc:
+                    except (IntegrityError, OSError) as exc:  # OSError: an unreadable blob
                         seen[digest] = str(exc)
                 rows.append({"model": display, "digest": digest, "ok": seen[digest] is None,
                              "problem": seen[digest]})
@@ -230,7 +230,7 @@ class Store:
 
     # ------------------------------------------------------------------ writing
 
-    def _put_file(self, src: Path, progress: Progress) -> tuple[str, int]:
+    def _put_file(self, src: Path, progress: Progress, new: list[Path]) -> tuple[str, int]:
         # Hash first, so a layer the store already has costs a read and no write.
         digest, size = fsutil.hash_file(src)
         dest = self.blob_path(digest)
@@ -245,12 +245,13 @@ class Store:
             if got != digest:
                 raise BadRequest(f"{src.name} changed while it was being imported")
             fsutil.publish(tmp, dest)
+            new.append(dest)
         finally:
             tmp.unlink(missing_ok=True)
         _fault("blob")
         return digest, size
 
-    def _put_bytes(self, data: bytes, progress: Progress) -> tuple[str, int]:
+    def _put_bytes(self, data: bytes, progress: Progress, new: list[Path]) -> tuple[str, int]:
         digest = fsutil.sha256_bytes(data)
         dest = self.blob_path(digest)
         if dest.is_file() and dest.stat().st_size == len(data):
@@ -258,10 +259,11 @@ class Store:
         else:
             progress({"status": f"creating new layer {digest}"})
             fsutil.atomic_write(dest, data, self.tmp_dir)
+            new.append(dest)
             _fault("blob")
         return digest, len(data)
 
-    def _put_layer(self, src: importers.LayerSource, progress: Progress) -> dict:
+    def _put_layer(self, src: importers.LayerSource, progress: Progress, new: list[Path]) -> dict:
         if src.digest is not None:  # shared with the model this one is created FROM
             path = self.blob_path(src.digest)
             if not path.is_file() or path.stat().st_size != src.size:
@@ -269,8 +271,25 @@ class Store:
                                      "truncated; re-create or re-pull the base model")
             progress({"status": f"using existing layer {src.digest}"})
             return mt.descriptor(src.media_type, src.digest, src.size, src.title)
-        digest, size = self._put_file(src.path, progress)
+        digest, size = self._put_file(src.path, progress, new)
         return mt.descriptor(src.media_type, digest, size, src.title)
+
+    def _discard(self, blobs: list[Path]) -> None:
+        """Remove the blobs a failed create wrote, unless a manifest names one (another writer
+        may have published the same bytes meanwhile); leaves them if any manifest is unreadable
+        (prune decides then)."""
+        referenced: set[str] = set()
+        for mn, path in self._iter_manifests():
+            try:
+                doc = mt.parse_manifest(path.read_bytes(), mn.display(self.default_registry))
+            except (OSError, IntegrityError):
+                return
+            referenced |= mt.referenced_digests(doc)
+        for blob in blobs:
+            if blob.name.replace("-", ":", 1) not in referenced:
+                blob.unlink(missing_ok=True)
+        if blobs:
+            fsutil.fsync_dir(self.blobs_dir)
 
     def _write_manifest(self, mn: ModelName, data: bytes) -> None:
         path = self.manifest_path(mn)
@@ -304,39 +323,46 @@ class Store:
 
     # ------------------------------------------------------------------ create
 
-    def create(self, name: str, modelfile: str, *, base_dir: Path,
-               progress: Progress | None = None, quantize: str | None = None) -> ResolvedModel:
+    def create(self, name: str, modelfile: str | Modelfile, *, base_dir: Path,
+               progress: Progress | None = None, quantize: str | None = None,
+               files: dict[str, str] | None = None,
+               on_validated: Callable[[], None] | None = None) -> ResolvedModel:
+        """Create (or replace) ``name`` from a Modelfile (text, or parsed by an API handler).
+        ``files`` ({file name: digest} of uploaded blobs) stands for FROM. ``on_validated`` is
+        called once the source has been checked, before anything is written: a failure before
+        it is the request's fault. A failed create leaves no manifest, blob or temp file."""
         emit: Progress = progress or (lambda _status: None)
         target = self.parse(name)
         emit({"status": "parsing modelfile"})
-        mf = parse_modelfile(modelfile)
+        mf = parse_modelfile(modelfile) if isinstance(modelfile, str) else modelfile
+        if mf.adapter is not None:
+            raise BadRequest(create_steps.ADAPTERS_UNSUPPORTED)
         if mf.template is not None:
             check_template(mf.template)
         old = self.manifest_path(target)
         old_bytes = old.read_bytes() if old.is_file() else None
+        new: list[Path] = []
         with self.writing():
             workdir = Path(tempfile.mkdtemp(prefix="create-", dir=self.tmp_dir))
             try:
-                base = Path(base_dir).expanduser()
-                imported = create_steps.import_source(self, mf, base, workdir, emit, quantize)
+                imported = create_steps.import_source(self, mf, Path(base_dir).expanduser(),
+                                                      workdir, emit, quantize, files)
                 spec = create_steps.apply_modelfile(imported, mf)
-                layers = [self._put_layer(src, emit) for src in imported.layers]
-                if mf.adapter is not None:
-                    adapter_dir = create_steps.source_path(mf.adapter, base, "ADAPTER")
-                    if adapter_dir is None:
-                        raise BadRequest(f"ADAPTER {mf.adapter}: no such directory")
-                    layers = [l for l in layers if l["mediaType"] not in mt.ADAPTER_TYPES]
-                    layers += [self._put_layer(src, emit)
-                               for src in importers.import_adapter(adapter_dir)]
+                if on_validated is not None:
+                    on_validated()
+                layers = [self._put_layer(src, emit, new) for src in imported.layers]
                 for media_type, text in create_steps.text_layers(spec):
-                    digest, size = self._put_bytes(text, emit)
+                    digest, size = self._put_bytes(text, emit, new)
                     layers.append(mt.descriptor(media_type, digest, size))
-                digest, size = self._put_bytes(spec.to_json(), emit)
+                digest, size = self._put_bytes(spec.to_json(), emit, new)
                 config = mt.descriptor(mt.SPEC_MEDIA_TYPE, digest, size)
                 data = mt.build_manifest(config, layers)
                 _fault("before_manifest")
                 emit({"status": "writing manifest"})
                 self._write_manifest(target, data)
+            except BaseException:
+                self._discard(new)
+                raise
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
         if old_bytes is not None and old_bytes != data:

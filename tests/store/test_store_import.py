@@ -146,17 +146,18 @@ def test_embedding_directory(store, minilm_dir):
         store.create("x", f"FROM {minilm_dir}", base_dir=minilm_dir, quantize="q8")
 
 
-def test_adapter_layers(store, tiny_llama_dir, tmp_path):
+def test_adapter_is_refused_not_stored_and_ignored(store, tiny_llama_dir, tmp_path):
+    # The engine does not apply LoRA adapters: a model that silently ran without its adapter
+    # would answer as its base model.
     adapter = tmp_path / "lora"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"rank": 4}))
     mx.save_safetensors(str(adapter / "adapters.safetensors"), {"a": mx.zeros((2, 2))})
-    r = store.create("tiny-lora", f"FROM {tiny_llama_dir}\nADAPTER ./lora\n", base_dir=tmp_path)
-    assert r.spec.adapter is True
-    path = store.adapter_path(r)
-    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapters.safetensors"]
-    with pytest.raises(BadRequest, match="adapter"):
-        store.create("x", f"FROM {tiny_llama_dir}\nADAPTER {tiny_llama_dir}\n", base_dir=tmp_path)
+    before = sorted(store.blobs_dir.iterdir())
+    with pytest.raises(BadRequest, match="adapters are not supported"):
+        store.create("tiny-lora", f"FROM {tiny_llama_dir}\nADAPTER ./lora\n", base_dir=tmp_path)
+    assert sorted(store.blobs_dir.iterdir()) == before
+    assert "tiny-lora:latest" not in {m.display for m in store.list()}
 
 
 def test_directory_errors(store, tmp_path):
