@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import time
 import uuid
 
@@ -10,12 +12,14 @@ import trio
 from quart import Blueprint
 
 from ..engine.constrain import ANY_JSON_OBJECT, grammar_for_schema
-from ..errors import BadRequest, MlxserveError
+from ..errors import BadRequest, EngineError, MlxserveError
 from ..specs.tools import as_template_tools, call_schema, normalize_tools, parse_tool_calls
 from . import generation as g
 from .common import field, json_body, json_response, runtime, stream_response
 
 bp = Blueprint("openai", __name__)
+log = logging.getLogger("mlxserve.http")
+MAX_N = 128  # OpenAI's own cap on choices per request
 
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop", "error": "stop"}
 
@@ -28,24 +32,87 @@ def _sse_error(exc: MlxserveError) -> bytes:
     return _sse({"error": {"message": str(exc), "type": exc.kind, "param": None, "code": None}})
 
 
-def _sse_response(gen: g.Generation, events):
+def _sse_response(merge: "_Merge", events):
     """An SSE body: the events, then [DONE]; a failure after streaming began becomes a final
-    error event. Recorded once, with the status the client effectively got."""
+    error event. Each choice is recorded once, with the status the client effectively got."""
+
+    def record(status: int, error: str | None = None) -> None:
+        for x in merge.gens:
+            x.record(status, error)
 
     async def body():
         try:
             async for event in events:
                 yield event
             yield b"data: [DONE]\n\n"
-            gen.record(200)
+            record(200)
         except MlxserveError as exc:
-            gen.record(exc.status, str(exc))
+            record(exc.status, str(exc))
             yield _sse_error(exc)
         except trio.Cancelled:
-            gen.record(499)
+            record(499)
             raise
 
-    return stream_response(body(), gen.release, "text/event-stream")
+    return stream_response(body(), merge.close, "text/event-stream")
+
+
+class _Merge:
+    """A stream's choices, one chunk at a time as each comes, tagged with the choice's index.
+
+    Each choice is read by its own task in the runtime's nursery (not in the response body: an
+    async generator must not hold a nursery open across a yield); ``close`` (synchronous, the
+    body's cleanup) stops them and releases every choice's lease and sequence.
+    """
+
+    def __init__(self, nursery: trio.Nursery, gens: list[g.Generation]):
+        self.gens = gens
+        self._nursery = nursery
+        self._send, self._recv = trio.open_memory_channel(math.inf)  # bounded by the budgets
+        self._scope: trio.CancelScope | None = None
+        self._closed = False
+
+    def close(self) -> None:
+        self._closed = True
+        if self._scope is not None:
+            self._scope.cancel()
+        for x in self.gens:
+            x.release()
+
+    async def chunks(self):
+        """(index, chunk) until every choice has finished; a choice's failure is raised."""
+        if self._closed:
+            return
+        self._scope = await self._nursery.start(self._pump)
+        left = len(self.gens)
+        async with self._recv:
+            async for i, item in self._recv:
+                if isinstance(item, MlxserveError):
+                    raise item
+                yield i, item
+                if item.finish is not None:
+                    left -= 1
+        if left:
+            raise EngineError("the model stopped before finishing this request")
+
+    async def _pump(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            async with self._send, trio.open_nursery() as nursery:
+                for i, x in enumerate(self.gens):
+                    nursery.start_soon(self._forward, i, x)
+
+    async def _forward(self, i: int, gen: g.Generation) -> None:
+        try:
+            try:
+                async for c in g.chunks(gen):
+                    self._send.send_nowait((i, c))
+            except MlxserveError as exc:
+                self._send.send_nowait((i, exc))
+            except Exception as exc:  # a bug here must fail the request, not the runtime
+                log.exception("streaming choice %d failed", i)
+                self._send.send_nowait((i, EngineError(f"streaming failed: {exc}")))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client is gone
 
 
 def _content_text(content, i: int) -> str:
@@ -150,9 +217,13 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
 
 def _n(body: dict) -> int:
     n = field(body, "n", int, default=1)
-    if not 1 <= n <= 16:
-        raise BadRequest("n must be between 1 and 16")
+    if not 1 <= n <= MAX_N:
+        raise BadRequest(f"n must be between 1 and {MAX_N}")
     return n
+
+
+def _include_usage(body: dict) -> bool:
+    return bool((field(body, "stream_options", dict) or {}).get("include_usage"))
 
 
 def _top_logprobs(body: dict, legacy: bool = False) -> int | None:
@@ -191,8 +262,9 @@ def _grammar(body: dict, tools: list[dict]) -> tuple[str | None, bool]:
     return None, False
 
 
-def _usage(gens: list[g.Generation]) -> dict:
-    prompt = gens[0].durations()["prompt_eval_count"]
+def _usage(gens: list[g.Generation], n: int) -> dict:
+    """Counts for the whole request: each prompt once (gens holds n choices per prompt)."""
+    prompt = sum(x.durations()["prompt_eval_count"] for x in gens[::n])
     completion = sum(x.durations()["eval_count"] for x in gens)
     cached = max((x.final.stats.cached_tokens for x in gens if x.final and x.final.stats), default=0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
@@ -268,10 +340,8 @@ async def chat_completions():
     name = field(body, "model", str, required=True)
     messages = _messages(body)
     stream = field(body, "stream", bool, default=False)
-    stream_options = field(body, "stream_options", dict) or {}
+    include_usage = _include_usage(body)
     n = _n(body)
-    if stream and n > 1:
-        raise BadRequest("n > 1 is supported without stream only")
     tools = normalize_tools(body.get("tools"))
     choice = body.get("tool_choice", "auto" if tools else "none")
     grammar, forced = _grammar(body, tools)
@@ -284,8 +354,7 @@ async def chat_completions():
         tools=as_template_tools(tools) if tools and choice != "none" else None,
         grammar=grammar, logprobs=top, logit_bias=_logit_bias(body),
     )
-    gen = gens[0]
-    tok = gen.tokenizer
+    tok = gens[0].tokenizer
     base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": name,
             "system_fingerprint": "mlxserve"}
 
@@ -302,38 +371,45 @@ async def chat_completions():
     if not stream:
         await _drain_all(gens)
         return json_response({**base, "object": "chat.completion",
-                              "choices": [choice_of(i, x) for i, x in enumerate(gens)], "usage": _usage(gens)})
+                              "choices": [choice_of(i, x) for i, x in enumerate(gens)], "usage": _usage(gens, n)})
 
     hold = bool(tools) and choice != "none"
+    merge = _Merge(rt.nursery, gens)
 
     async def body_iter():
-        chunk_base = {**base, "object": "chat.completion.chunk"}
+        # With include_usage every chunk carries "usage": null but the last, as OpenAI's do.
+        chunk_base = {**base, "object": "chat.completion.chunk", **({"usage": None} if include_usage else {})}
 
-        def delta(d: dict, finish=None, lp=None) -> bytes:
-            return _sse({**chunk_base, "choices": [{"index": 0, "delta": d, "logprobs": lp,
+        def delta(i: int, d: dict, finish=None, lp=None) -> bytes:
+            return _sse({**chunk_base, "choices": [{"index": i, "delta": d, "logprobs": lp,
                                                     "finish_reason": finish}]})
 
-        yield delta({"role": "assistant", "content": ""})
-        async for c in g.chunks(gen):
-            if hold:  # a call must arrive whole: keep everything until the end
-                continue
-            lp = {"content": [_lp_entry(tok, *e) for e in c.logprobs]} if top is not None and c.logprobs else None
-            if c.text or lp:
-                yield delta({"content": c.text}, lp=lp)
-        finish = _FINISH[gen.done_reason]
-        if hold:
-            text = "".join(gen.text)
-            calls = _tool_calls(text, tools, forced, choice)
-            if calls:
-                yield delta({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
-                finish = "tool_calls"
-            elif text:
-                yield delta({"content": text})
-        yield delta({}, finish)
-        if stream_options.get("include_usage"):
-            yield _sse({**chunk_base, "choices": [], "usage": _usage(gens)})
+        def ending(i: int, x: g.Generation) -> list[bytes]:
+            finish, out = _FINISH[x.done_reason], []
+            if hold:  # a call must arrive whole: everything was kept until the end
+                text = "".join(x.text)
+                calls = _tool_calls(text, tools, forced, choice)
+                if calls:
+                    out.append(delta(i, {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}))
+                    finish = "tool_calls"
+                elif text:
+                    out.append(delta(i, {"content": text}))
+            return [*out, delta(i, {}, finish)]
 
-    return _sse_response(gen, body_iter())
+        for i in range(n):
+            yield delta(i, {"role": "assistant", "content": ""})
+        async for i, c in merge.chunks():
+            if not hold:
+                lp = {"content": [_lp_entry(tok, *e) for e in c.logprobs]} if top is not None and c.logprobs else None
+                if c.text or lp:
+                    yield delta(i, {"content": c.text}, lp=lp)
+            if c.finish is not None:
+                for event in ending(i, gens[i]):
+                    yield event
+        if include_usage:
+            yield _sse({**chunk_base, "choices": [], "usage": _usage(gens, n)})
+
+    return _sse_response(merge, body_iter())
 
 
 def _prompts(body: dict) -> list[str | list[int]]:
@@ -355,12 +431,13 @@ async def completions():
     name = field(body, "model", str, required=True)
     prompts = _prompts(body)
     stream = field(body, "stream", bool, default=False)
+    include_usage = _include_usage(body)
     echo = field(body, "echo", bool, default=False)
     if field(body, "suffix", str):
         raise BadRequest(f'"{name}" does not support insert (suffix)')
     n = _n(body)
-    if stream and (n > 1 or len(prompts) > 1):
-        raise BadRequest("several prompts or n > 1 are supported without stream only")
+    if len(prompts) * n > MAX_N:
+        raise BadRequest(f"prompts times n must be at most {MAX_N}")
     top = _top_logprobs(body, legacy=True)
     rt = runtime()
     resolved = await rt.store.resolve(name)
@@ -380,10 +457,17 @@ async def completions():
             "model": name}
     tok = gens[0].tokenizer
 
-    def legacy_lp(entries) -> dict:
-        return {"tokens": [g.token_text(tok, t) for t, _, _ in entries],
-                "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [{g.token_text(tok, a): alp for a, alp in alts} for _, _, alts in entries]}
+    def legacy_lp(entries, at: int) -> dict:
+        """OpenAI's legacy logprobs; text_offset counts from the start of the choice's text
+        (``at``: where these tokens begin)."""
+        tokens = [g.token_text(tok, t) for t, _, _ in entries]
+        offsets = []
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{g.token_text(tok, a): alp for a, alp in alts} for _, _, alts in entries],
+                "text_offset": offsets}
 
     def prefix(x: g.Generation) -> str:
         return tok.decode(x.prompt_ids) if echo else ""
@@ -392,24 +476,37 @@ async def completions():
         await _drain_all(gens)
         return json_response({**base, "choices": [
             {"index": i, "text": prefix(x) + "".join(x.text),
-             "logprobs": legacy_lp(x.logprob_entries) if top is not None else None,
+             "logprobs": legacy_lp(x.logprob_entries, len(prefix(x))) if top is not None else None,
              "finish_reason": _FINISH[x.done_reason]} for i, x in enumerate(gens)],
-            "usage": _usage(gens)})
+            "usage": _usage(gens, n)})
 
-    gen = gens[0]
+    merge = _Merge(rt.nursery, gens)
 
     async def body_iter():
-        if echo:
-            yield _sse({**base, "choices": [{"index": 0, "text": prefix(gen), "logprobs": None,
-                                             "finish_reason": None}]})
-        async for c in g.chunks(gen):
-            if c.text:
-                yield _sse({**base, "choices": [{"index": 0, "text": c.text, "finish_reason": None,
-                                                 "logprobs": legacy_lp(c.logprobs) if top is not None and c.logprobs else None}]})
-        yield _sse({**base, "choices": [{"index": 0, "text": "", "logprobs": None,
-                                         "finish_reason": _FINISH[gen.done_reason]}]})
+        chunk_base = {**base, **({"usage": None} if include_usage else {})}
 
-    return _sse_response(gen, body_iter())
+        def piece(i: int, text: str, lp=None, finish=None) -> bytes:
+            return _sse({**chunk_base, "choices": [{"index": i, "text": text, "logprobs": lp,
+                                                    "finish_reason": finish}]})
+
+        offsets = [0] * len(gens)  # where each choice's next logprob token begins in its text
+        for i, x in enumerate(gens):
+            if echo:
+                offsets[i] = len(prefix(x))
+                yield piece(i, prefix(x))
+        async for i, c in merge.chunks():
+            lp = None
+            if top is not None and c.logprobs:
+                lp = legacy_lp(c.logprobs, offsets[i])
+                offsets[i] += sum(len(t) for t in lp["tokens"])
+            if c.text or lp:
+                yield piece(i, c.text, lp)
+            if c.finish is not None:
+                yield piece(i, "", finish=_FINISH[gens[i].done_reason])
+        if include_usage:
+            yield _sse({**chunk_base, "choices": [], "usage": _usage(gens, n)})
+
+    return _sse_response(merge, body_iter())
 
 
 def _model_obj(m) -> dict:
