@@ -279,7 +279,7 @@ def _fault_request(kind: str, t: Template) -> tuple[str, bytes | None, dict[str,
         case "raw_with_system":
             path, body = "/api/generate", {"model": t.model, "prompt": "x", "raw": True, "system": "s"}
         case "openai_n":
-            path, body = "/v1/chat/completions", {**Template("openai", t.model, "x", "greedy", 4).body(False), "n": 99}
+            path, body = "/v1/chat/completions", {**Template("openai", t.model, "x", "greedy", 4).body(False), "n": 999}
         case "empty_messages_openai":
             path, body = "/v1/chat/completions", {"model": t.model, "messages": []}
         case "foreign_host":
