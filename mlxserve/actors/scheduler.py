@@ -214,11 +214,19 @@ class Scheduler:
     _send: trio.MemorySendChannel | None = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
 
-    # -- queue accounting: waiting for a load plus requests beyond the running slots --
+    # -- queue accounting: requests that will not run as soon as their model is ready --
     def queued(self) -> int:
-        waiting = sum(len(q) for q in self.waiting.values())
+        waiting = sum(self._queued_waiting(key, q) for key, q in self.waiting.items())
         over = sum(max(0, r.refcount - self.num_parallel) for r in self.residents.values())
         return waiting + over
+
+    def _queued_waiting(self, key: str, q: deque) -> int:
+        """Waiters for the model being loaded (or next to load) take its running slots when it is
+        ready, as requests to a loaded model do, so only those beyond the slots are queued: counting
+        them all refused a cold model's burst beyond MAX_QUEUE (4 of 50 served). Waiters behind
+        another load or an eviction all count, so the slack stays one model's."""
+        first = self.loading if self.loading is not None else next(iter(self.waiting), None)
+        return max(0, len(q) - self.num_parallel) if key == first else len(q)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         # The inbox is larger than max_queue because releases and exits must always fit.
@@ -452,6 +460,7 @@ class Scheduler:
         for key, q in self.waiting.items():
             if q and key not in self.residents:
                 s = q[0].spec
-                models.append(ModelStatus(s.name, key, s.digest, s.size, False, 0, len(q), None, 0, s.details))
+                models.append(ModelStatus(s.name, key, s.digest, s.size, False, 0, self._queued_waiting(key, q),
+                                          None, 0, s.details))
         running = sum(min(r.refcount, self.num_parallel) for r in self.residents.values())
         return SchedulerStats(tuple(models), self.queued(), running, len(self.residents))

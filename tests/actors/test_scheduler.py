@@ -235,3 +235,35 @@ async def test_memory_budget_evicts_idle_models_first(sched, autojump_clock):
         assert got == []  # b and c busy: never evicted, d waits
         b.release()
     assert got and not loads.runners["b"].alive and loads.runners["c"].alive
+
+
+async def test_a_cold_models_burst_takes_its_running_slots_before_the_queue_cap(autojump_clock, nursery):
+    """Requests waiting for a load take the model's running slots once it is ready, so they count
+    against max_queue as requests to a loaded model do: beyond num_parallel only."""
+    loads = Loads(seconds=5)
+    s = Scheduler(load_fn=loads, num_parallel=16, max_queue=34)
+    h = await nursery.start(s.run)
+
+    async def burst(n: int) -> tuple[list, int]:
+        leases, busy = [], []
+
+        async def want():
+            try:
+                leases.append(await h.acquire(spec("m"), 300))
+            except ServerBusy:
+                busy.append(1)
+
+        async with trio.open_nursery() as inner:
+            for _ in range(n):
+                inner.start_soon(want)
+            await trio.testing.wait_all_tasks_blocked()
+            assert (await h.statistics()).queued == 34  # 16 of the 50 admitted run at once
+        return leases, len(busy)
+
+    with trio.fail_after(60):
+        cold, refused = await burst(51)
+        assert loads.started == ["m"] and (len(cold), refused) == (50, 1)
+        for lease in cold:
+            lease.release()
+        warm, refused = await burst(51)  # the same burst to the loaded model: the same answer
+        assert loads.started == ["m"] and (len(warm), refused) == (50, 1)
