@@ -571,3 +571,78 @@ async def test_connection_is_usable_after_a_413(models_dir):
                         assert r.status_code == 200
             finally:
                 d.shutdown.set()
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile shapes: deep nesting, lone surrogates, foreign origins, Host spelled in capitals
+
+JSON_ROUTES = ["/api/generate", "/api/chat", "/api/show", "/api/copy", "/api/create", "/api/pull", "/api/push",
+               "/api/embed", "/api/embeddings", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+               "/api/delete"]
+
+
+def _nested_object(depth: int) -> str:
+    return '{"a": ' * depth + "1" + "}" * depth
+
+
+def _nested_schema(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+def _surrogates(path: str) -> bytes:
+    """A request of ``path`` whose strings hold lone surrogates (json.dumps writes them as
+    ``\\udXXX`` escapes, as a JavaScript or Java client can)."""
+    lone = "\ud800x\udfff"
+    body = {
+        "/api/generate": _gen(prompt=lone, system=lone),
+        "/api/chat": _chat(messages=[{"role": "system", "content": lone}, {"role": "user", "content": lone}]),
+        "/v1/chat/completions": _oai(messages=[{"role": "user", "content": lone}]),
+        "/v1/completions": {"model": "tiny", "prompt": lone, "max_tokens": 2},
+        "/api/embed": {"model": "tiny", "input": [lone]},
+        "/v1/embeddings": {"model": "tiny", "input": lone},
+        "/api/show": {"model": lone},
+    }[path]
+    return json.dumps(body).encode()
+
+
+def _hostile_requests():
+    """(label, method, path, body, headers, statuses that would be right)."""
+    json_ct = {"content-type": "application/json"}
+    for path in JSON_ROUTES:
+        method = "DELETE" if path == "/api/delete" else "POST"
+        yield "array-100k-deep", method, path, b"[" * 100_000 + b"]" * 100_000, json_ct, {400}
+        yield "object-5k-deep-in-a-field", method, path, \
+            f'{{"model": "tiny", "prompt": {_nested_object(5000)}}}'.encode(), json_ct, {400}
+    deep = _nested_schema(300)
+    for path, body in (("/api/chat", _chat(format=deep)), ("/api/generate", _gen(format=deep)),
+                       ("/v1/chat/completions", _oai(response_format={
+                           "type": "json_schema", "json_schema": {"name": "deep", "schema": deep}}))):
+        yield "schema-300-deep", "POST", path, json.dumps(body).encode(), json_ct, {400}
+    for path in ("/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions", "/api/embed",
+                 "/v1/embeddings"):
+        yield "lone-surrogates", "POST", path, _surrogates(path), json_ct, {200}
+    yield "lone-surrogate-in-a-name", "POST", "/api/show", _surrogates("/api/show"), json_ct, {400, 404}
+    yield "host-in-capitals", "POST", "/api/show", b'{"model": "tiny"}', {**json_ct, "host": "LOCALHOST"}, {200}
+    for path in JSON_ROUTES:  # last: unrefused, these would delete and copy the models above
+        # A page elsewhere posting text/plain: refused before the body is even looked at.
+        yield "foreign-origin", "DELETE" if path == "/api/delete" else "POST", path, b'{"model": "tiny"}', \
+            {"content-type": "text/plain", "origin": "https://evil.example"}, {403}
+
+
+async def test_hostile_shapes_get_dialect_errors_never_500(daemon):
+    problems = []
+    with trio.fail_after(120):
+        async with httpx.AsyncClient(base_url=daemon.url, timeout=30) as c:
+            for label, method, path, raw, headers, right in _hostile_requests():
+                r = await c.request(method, path, content=raw, headers=headers)
+                found = body_problems(path, method, r.status_code, r.headers.get("content-type", ""), r.text)
+                if r.status_code not in right or found:
+                    problems.append(f"{label}: {method} {path}: {r.status_code} {r.text[:200]} {found}")
+            # The lone surrogate became U+FFFD, as Ollama's decoder makes it.
+            r = await c.post("/api/show", content=_surrogates("/api/show"), headers={"content-type": "application/json"})
+            if "\ufffdx\ufffd" not in r.json().get("error", ""):
+                problems.append(f"lone surrogates not replaced: {r.text[:200]}")
+    assert not problems, "\n".join(problems)
