@@ -7,12 +7,13 @@ import logging
 import math
 import time
 import uuid
+from contextlib import aclosing, suppress
 
 import trio
 from quart import Blueprint
 
 from ..engine.constrain import ANY_JSON_OBJECT, grammar_for_schema
-from ..errors import BadRequest, EngineError, MlxserveError
+from ..errors import BadRequest, EngineError, MlxserveError, ShuttingDown
 from ..specs.tools import as_template_tools, call_schema, normalize_tools, parse_tool_calls
 from . import generation as g
 from .common import field, json_body, json_response, runtime, stream_response
@@ -57,11 +58,12 @@ def _sse_response(merge: "_Merge", events):
 
 
 class _Merge:
-    """A stream's choices, one chunk at a time as each comes, tagged with the choice's index.
+    """A stream's choices as one async iterator of (index, chunk), each chunk as it comes; the
+    iteration ends when every choice has finished, and a choice's failure is raised.
 
-    Each choice is read by its own task in the runtime's nursery (not in the response body: an
-    async generator must not hold a nursery open across a yield); ``close`` (synchronous, the
-    body's cleanup) stops them and releases every choice's lease and sequence.
+    Each choice is read by its own task in the runtime's nursery (an async generator must not
+    hold a nursery open across a yield); ``close`` (synchronous: the body's cleanup) stops them
+    and releases every choice's lease and sequence.
     """
 
     def __init__(self, nursery: trio.Nursery, gens: list[g.Generation]):
@@ -69,30 +71,35 @@ class _Merge:
         self._nursery = nursery
         self._send, self._recv = trio.open_memory_channel(math.inf)  # bounded by the budgets
         self._scope: trio.CancelScope | None = None
-        self._closed = False
+        self._left = len(gens)
 
     def close(self) -> None:
-        self._closed = True
+        self._recv.close()
         if self._scope is not None:
             self._scope.cancel()
         for x in self.gens:
             x.release()
 
-    async def chunks(self):
-        """(index, chunk) until every choice has finished; a choice's failure is raised."""
-        if self._closed:
-            return
-        self._scope = await self._nursery.start(self._pump)
-        left = len(self.gens)
-        async with self._recv:
-            async for i, item in self._recv:
-                if isinstance(item, MlxserveError):
-                    raise item
-                yield i, item
-                if item.finish is not None:
-                    left -= 1
-        if left:
-            raise EngineError("the model stopped before finishing this request")
+    def __aiter__(self) -> "_Merge":
+        return self
+
+    async def __anext__(self) -> tuple[int, g.Chunk]:
+        if self._scope is None:
+            try:
+                self._scope = await self._nursery.start(self._pump)
+            except RuntimeError:  # the runtime's nursery is closing
+                raise ShuttingDown() from None
+        try:
+            i, item = await self._recv.receive()
+        except trio.EndOfChannel:
+            if self._left:
+                raise EngineError("the model stopped before finishing this request") from None
+            raise StopAsyncIteration from None
+        if isinstance(item, MlxserveError):
+            raise item
+        if item.finish is not None:
+            self._left -= 1
+        return i, item
 
     async def _pump(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         with trio.CancelScope() as scope:
@@ -103,16 +110,19 @@ class _Merge:
 
     async def _forward(self, i: int, gen: g.Generation) -> None:
         try:
-            try:
-                async for c in g.chunks(gen):
+            async with aclosing(g.chunks(gen)) as chunks:
+                async for c in chunks:
                     self._send.send_nowait((i, c))
-            except MlxserveError as exc:
-                self._send.send_nowait((i, exc))
-            except Exception as exc:  # a bug here must fail the request, not the runtime
-                log.exception("streaming choice %d failed", i)
-                self._send.send_nowait((i, EngineError(f"streaming failed: {exc}")))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client is gone
+            return
+        except trio.BrokenResourceError:
+            return  # the client is gone
+        except MlxserveError as exc:
+            failure = exc
+        except Exception as exc:  # a bug here must fail the request, not the runtime
+            log.exception("streaming choice %d failed", i)
+            failure = EngineError(f"streaming failed: {exc}")
+        with suppress(trio.BrokenResourceError):
+            self._send.send_nowait((i, failure))
 
 
 def _content_text(content, i: int) -> str:
@@ -398,7 +408,7 @@ async def chat_completions():
 
         for i in range(n):
             yield delta(i, {"role": "assistant", "content": ""})
-        async for i, c in merge.chunks():
+        async for i, c in merge:
             if not hold:
                 lp = {"content": [_lp_entry(tok, *e) for e in c.logprobs]} if top is not None and c.logprobs else None
                 if c.text or lp:
@@ -494,7 +504,7 @@ async def completions():
             if echo:
                 offsets[i] = len(prefix(x))
                 yield piece(i, prefix(x))
-        async for i, c in merge.chunks():
+        async for i, c in merge:
             lp = None
             if top is not None and c.logprobs:
                 lp = legacy_lp(c.logprobs, offsets[i])
