@@ -223,8 +223,8 @@ class Scheduler:
     def _queued_waiting(self, key: str, q: deque) -> int:
         """Waiters for the model being loaded (or next to load) take its running slots when it is
         ready, as requests to a loaded model do, so only those beyond the slots are queued: counting
-        them all refused a cold model's burst beyond MAX_QUEUE (4 of 50 served). Waiters behind
-        another load or an eviction all count, so the slack stays one model's."""
+        them all refused a cold model's burst beyond MAX_QUEUE (4 of 50 served). Waiters for any
+        other model all count, so the slack stays one model's."""
         first = self.loading if self.loading is not None else next(iter(self.waiting), None)
         return max(0, len(q) - self.num_parallel) if key == first else len(q)
 

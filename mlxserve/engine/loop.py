@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import attrs
 import mlx.core as mx
+from mlx.utils import tree_map
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
@@ -132,6 +133,22 @@ def resolve_device(name: Any) -> Any:
     raise ValueError(f"unknown device '{name}' (cpu or gpu)")
 
 
+def owned(cache: list) -> list:
+    """A finished sequence's KV in buffers of its own, exactly as large as the prompt cache counts.
+
+    mlx-lm's ``extract`` returns lazy slices (``mx.contiguous`` not yet run) of the batch's KV,
+    which is every row of the batch at a length rounded up to 256. Kept unevaluated, an entry
+    held that whole buffer, and since a buffer still referenced cannot be updated in place, the
+    next step copied it: each sequence finishing on its own step pinned a batch-sized copy, 8x
+    what the cache counted. Evaluated now, ``mx.contiguous`` copies the slice out (it shares a
+    buffer only when that buffer is within 16 KiB of the slice's size).
+    """
+    for c in cache:
+        c.state = tree_map(lambda x: mx.contiguous(x) if isinstance(x, mx.array) else x, c.state)
+    mx.eval([c.state for c in cache])
+    return cache
+
+
 class FaultSeam:
     """Fault injection for the chaos harness; inert unless MLXSERVE_FAULTS names a fault.
 
@@ -222,7 +239,8 @@ class Engine:
         by_id: dict[int, int] = {}  # seq_id -> uid
         while True:
             out: list = []
-            cmds = self._drain(block=not seqs)
+            busy = bool(seqs)
+            cmds = self._drain(block=not busy)
             for cmd in cmds:
                 match cmd:
                     case Shutdown():
@@ -236,65 +254,81 @@ class Engine:
                             gen.remove([uid])
                             out.append(self._finish(seqs.pop(uid), "cancelled", ""))
                     case Add():
-                        try:
-                            processors = self._processors(lm, cmd)
-                            sampler = sampling.make_sampler(cmd.params)
-                        except Exception as exc:  # bad settings fail that request only, never the runner
-                            out.append(Chunk(cmd.seq_id, "", (), finish="error", error=str(exc),
-                                             stats=SeqStats(len(cmd.prompt_ids), 0, 0, 0, 0)))
-                            continue
-                        cache, rest = self._cached_prefix(cmd.prompt_ids)
-                        cached = len(cmd.prompt_ids) - len(rest)
-                        uid = gen.insert(
-                            [rest],
-                            max_tokens=[cmd.max_tokens],
-                            caches=[cache] if cache is not None else None,
-                            all_tokens=[cmd.prompt_ids[:cached]],
-                            samplers=[sampler],
-                            logits_processors=[processors],
-                        )[0]
-                        seqs[uid] = _Seq(cmd, uid, StreamDecoder(lm.tokenizer), StopMatcher(cmd.stop),
-                                         time.perf_counter(), cached)
-                        by_id[cmd.seq_id] = uid
+                        self._add(lm, gen, cmd, seqs, by_id, out)
             if log.isEnabledFor(logging.DEBUG) and (added := sum(isinstance(c, Add) for c in cmds)):
                 log.debug("admitted %d, %d active", added, len(seqs))
             if out and seqs:  # report cancellations now, not after one more step
                 self._deliver(out)
                 out = []
             if seqs:
-                if self.faults.take("thread_die"):
-                    raise RuntimeError("injected fault: engine thread died")
-                try:
-                    if self.faults.take("step_raise"):
-                        raise RuntimeError("injected fault: step raised")
-                    _, responses = gen.next()
-                except Exception as exc:
-                    # One bad step fails the sequences in it, not the runner: start a clean batch.
-                    log.error("step failed: %s\n%s", exc, traceback.format_exc())
-                    for s in seqs.values():
-                        out.append(self._finish(s, "error", "", error=f"generation failed: {exc}"))
-                    seqs.clear()
-                    by_id.clear()
-                    gen = self._new_generator(lm, stream)
-                    # An exception inside a compiled sampler leaves this thread's random state
-                    # unusable for every later request; a reseed repairs it.
-                    mx.random.seed(int(time.time_ns() % (1 << 63)))
-                    responses = []
-                for r in responses:
-                    s = seqs.get(r.uid)
-                    if s is None:
-                        continue
-                    chunk = self._on_token(lm, s, r)
-                    if r.finish_reason is not None and r.prompt_cache is not None and self._prefix is not None:
-                        self._prefix.insert_cache("m", list(r.all_tokens), r.prompt_cache)
-                    if chunk.finish is not None:
-                        seqs.pop(r.uid, None)
-                        by_id.pop(s.cmd.seq_id, None)
-                        if r.finish_reason is None:  # a stop string ended it, not the batch
-                            gen.remove([r.uid])
-                    out.append(chunk)
+                gen = self._step(lm, stream, gen, seqs, by_id, out)
             if out:
                 self._deliver(out)
+            if busy and not seqs:
+                # Idle now: MLX keeps every freed buffer for reuse, so the process would stay at
+                # the peak of the last burst's scratch memory until the next one.
+                mx.clear_cache()
+
+    def _add(self, lm: LoadedModel, gen: BatchGenerator, cmd: Add, seqs: dict[int, _Seq],
+             by_id: dict[int, int], out: list) -> None:
+        """Its own frame so that the reused prefix KV is not held past the call (see ``_step``)."""
+        try:
+            processors = self._processors(lm, cmd)
+            sampler = sampling.make_sampler(cmd.params)
+        except Exception as exc:  # bad settings fail that request only, never the runner
+            out.append(Chunk(cmd.seq_id, "", (), finish="error", error=str(exc),
+                             stats=SeqStats(len(cmd.prompt_ids), 0, 0, 0, 0)))
+            return
+        cache, rest = self._cached_prefix(cmd.prompt_ids)
+        cached = len(cmd.prompt_ids) - len(rest)
+        uid = gen.insert(
+            [rest],
+            max_tokens=[cmd.max_tokens],
+            caches=[cache] if cache is not None else None,
+            all_tokens=[cmd.prompt_ids[:cached]],
+            samplers=[sampler],
+            logits_processors=[processors],
+        )[0]
+        seqs[uid] = _Seq(cmd, uid, StreamDecoder(lm.tokenizer), StopMatcher(cmd.stop), time.perf_counter(), cached)
+        by_id[cmd.seq_id] = uid
+
+    def _step(self, lm: LoadedModel, stream, gen: BatchGenerator, seqs: dict[int, _Seq],
+              by_id: dict[int, int], out: list) -> BatchGenerator:
+        """One batch step; returns the generator to go on with (a new one after a failed step).
+        Its own frame so that the step's responses, whose finished rows carry lazy slices of the
+        whole batch's KV, are gone when it returns, not held while the engine waits idle."""
+        if self.faults.take("thread_die"):
+            raise RuntimeError("injected fault: engine thread died")
+        try:
+            if self.faults.take("step_raise"):
+                raise RuntimeError("injected fault: step raised")
+            _, responses = gen.next()
+        except Exception as exc:
+            # One bad step fails the sequences in it, not the runner: start a clean batch.
+            log.error("step failed: %s\n%s", exc, traceback.format_exc())
+            for s in seqs.values():
+                out.append(self._finish(s, "error", "", error=f"generation failed: {exc}"))
+            seqs.clear()
+            by_id.clear()
+            gen = self._new_generator(lm, stream)
+            # An exception inside a compiled sampler leaves this thread's random state
+            # unusable for every later request; a reseed repairs it.
+            mx.random.seed(int(time.time_ns() % (1 << 63)))
+            responses = []
+        for r in responses:
+            s = seqs.get(r.uid)
+            if s is None:
+                continue
+            chunk = self._on_token(lm, s, r)
+            if r.finish_reason is not None and r.prompt_cache is not None and self._prefix is not None:
+                self._prefix.insert_cache("m", list(r.all_tokens), owned(r.prompt_cache))
+            if chunk.finish is not None:
+                seqs.pop(r.uid, None)
+                by_id.pop(s.cmd.seq_id, None)
+                if r.finish_reason is None:  # a stop string ended it, not the batch
+                    gen.remove([r.uid])
+            out.append(chunk)
+        return gen
 
     def _warm(self, lm: LoadedModel, stream) -> None:
         """Run every kind of step once before the model is reported ready: mlx-cuda compiles each

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import random
 import threading
 
 import pytest
@@ -152,6 +153,45 @@ def test_prefix_cache_reuses_a_shared_prompt(harness):
     third = harness.collect({702})
     harness.add(703, system + [8, 9], 4)
     assert text_of(third[702]) == text_of(harness.collect({703})[703])
+
+
+def test_prompt_cache_memory_stays_within_its_budget(tiny_dir):
+    """Distinct long prompts in full batches, finishing on different steps, then a disconnect
+    storm, under a small prompt-cache budget: MLX's active memory (not the cache's own count)
+    grows by what the entries count at most, and that stays within the budget. Each entry used to
+    keep a whole batch-sized KV buffer alive (here 8.3 MB held for 2 MB counted)."""
+    import mlx.core as mx
+
+    budget = 2 << 20  # about six of these prompts' KV (tiny model: 512 bytes a token)
+    slack = 256 << 10  # the engine's own small arrays besides the entries: about 20 KB measured
+    h = EngineHarness(tiny_dir, num_parallel=16, prefill_chunk=256, prompt_cache_bytes=budget)
+    try:
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        rng = random.Random(0)
+        sid = 10_000
+        for storm in (False, False, False, True):
+            ids = []
+            for i in range(16):
+                h.add(sid, [rng.randrange(3, 90) for _ in range(600)], 4 + 3 * i)
+                ids.append(sid)
+                sid += 1
+            if storm:  # half the clients leave once tokens flow
+                first = h.events.get(timeout=120)
+                assert isinstance(first, eng.Chunk) and first.seq_id in ids
+                h.events.put(first)
+                for gone in ids[1::2]:
+                    h.engine.submit(eng.Cancel(gone))
+            got = h.collect(set(ids), timeout=120)
+            if storm:
+                assert any(got[i][-1].finish == "cancelled" for i in ids[1::2])
+            mx.clear_cache()
+            grown = mx.get_active_memory() - base
+            counted = h.engine._prefix.nbytes
+            assert 0 < counted <= budget
+            assert grown <= counted + slack, (grown, counted)  # entries own exactly what they count
+    finally:
+        h.close()
 
 
 def test_logprobs_with_alternatives(harness):
