@@ -16,6 +16,7 @@ request (0: at once; inf: never); the loop waits on the next expiry as a deadlin
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -29,13 +30,14 @@ import trio
 
 from ..config import Settings
 from ..engine import embed as eng
-from ..errors import BadRequest, EngineError, LoadError, MlxserveError, ServerBusy
+from ..errors import BadRequest, EngineError, LoadError, MlxserveError, ServerBusy, ShuttingDown
 from . import heap
 from .hosts import HOSTS
 from .mailbox import Reply, fail_pending, post
 
 log = logging.getLogger("mlxserve.embedder")
 _generations = itertools.count(1)
+_INLINE_CHARS = 16384  # texts up to this many characters in all are tokenized on the trio thread
 
 
 @attrs.frozen
@@ -74,6 +76,9 @@ class EmbedModelStats:
     context_length: int = 0
     expires_unix: float | None = None  # expires_at on the wall clock (inf: never)
     size_vram: int = 0  # the weights' bytes when the model runs on a GPU
+    computing: int = 0  # requests whose inputs the model thread is working on now
+    steps: int = 0  # checkpoints the thread has passed (one per chunk and per group)
+    cancelled: int = 0  # requests dropped because their callers had gone
 
 
 @attrs.frozen
@@ -95,6 +100,11 @@ class Embed:
 @attrs.frozen
 class Unload:
     digest: str
+    reply: Reply
+
+
+@attrs.frozen
+class StopAll:
     reply: Reply
 
 
@@ -140,6 +150,21 @@ class EmbedderHandle:
         post(self._inbox, Unload(resolved.digest, reply))
         await reply.wait()
 
+    async def stop_all(self) -> None:
+        """At shutdown: fail every request (503), and stop each model thread at its next chunk;
+        later requests are refused. Returns without waiting for the threads."""
+        reply = Reply()
+        post(self._inbox, StopAll(reply))
+        await reply.wait()
+
+    async def wait_until(self, predicate: Callable[[EmbedderStats], bool]) -> EmbedderStats:
+        """Wait (without polling) until the statistics satisfy ``predicate``."""
+        while True:
+            stats = self.statistics()
+            if predicate(stats):
+                return stats
+            await self._actor.changed.wait()
+
     def statistics(self) -> EmbedderStats:
         a = self._actor
         now, wall = trio.current_time(), time.time()
@@ -150,7 +175,8 @@ class EmbedderHandle:
         models = tuple(
             EmbedModelStats(w.name, w.kind, w.state, len(w.jobs), w.expires_at, w.weight_bytes,
                             w.dimension, w.generation, w.digest, w.size, w.spec, w.context_length,
-                            unix(w.expires_at), w.weight_bytes if w.device == "gpu" else 0)
+                            unix(w.expires_at), w.weight_bytes if w.device == "gpu" else 0,
+                            len(w.computing), w.steps, w.cancelled)
             for w in a.workers.values()
         )
         return EmbedderStats(models, sum(m.active for m in models))
@@ -176,6 +202,9 @@ class _Worker:
     spec: Any = None
     context_length: int = 0
     device: str = "cpu"
+    computing: set = attrs.Factory(set)  # id(job) of the jobs in the thread's current batch
+    steps: int = 0
+    cancelled: int = 0
     # Set by the host thread when the engine has returned (hosts are reused, never joined).
     finished: threading.Event | None = None
     load_fn: Callable[[], Any] | None = None  # set by _boot once the store has linked the files
@@ -198,6 +227,8 @@ class Embedder:
     _inbox_send: trio.MemorySendChannel | None = attrs.field(default=None, init=False)
     _token: Any = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    _closing: bool = attrs.field(default=False, init=False)  # shutting down: refuse new work
+    changed: trio.Event = attrs.field(factory=trio.Event, init=False)  # set at every event
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self._token = trio.lowlevel.current_trio_token()
@@ -219,7 +250,7 @@ class Embedder:
                 nursery.cancel_scope.cancel()
         finally:
             send.close()
-            await self._stop_all("the server is shutting down")
+            await self._stop_all("server is shutting down")
 
     async def _loop(self, inbox: trio.MemoryReceiveChannel) -> None:
         while True:
@@ -235,6 +266,9 @@ class Embedder:
                         for w in [w for w in self.workers.values() if w.digest == digest]:
                             self._stop_worker(w, "model was unloaded")
                         reply.send(None)
+                    case StopAll(reply=reply):
+                        self._stop_now("server is shutting down")
+                        reply.send(None)
                     case _Wake():
                         pass
                 continue
@@ -245,6 +279,9 @@ class Embedder:
         kind = model_kind(msg.resolved.spec)
         if kind is None:
             msg.reply.fail(BadRequest(f'"{msg.resolved.display}" does not support embeddings'))
+            return
+        if self._closing:
+            msg.reply.fail(ShuttingDown())
             return
         if sum(len(w.jobs) for w in self.workers.values()) >= self.settings.max_queue:
             msg.reply.fail(ServerBusy())
@@ -258,8 +295,47 @@ class Embedder:
         w.keep_alive = msg.keep_alive
         w.expires_at = None
         w.last_used = trio.current_time()
-        w.engine.submit(msg.job)
+        if w.state != "ready" or not msg.job.inputs:
+            w.engine.submit(msg.job)  # the thread tokenizes once the model has loaded
+        elif sum(len(x) for x in msg.job.inputs if isinstance(x, str)) <= _INLINE_CHARS:
+            self._tokenize_then_submit(w, msg, None)
+        else:
+            self._nursery.start_soon(self._tokenize_in_thread, w, msg)
         self._evict_over_cap()
+
+    # Inputs are tokenized (cut or refused when too long, token ids checked) here, before the
+    # job queues: a 400 never waits behind another request's batch.
+    def _tokenize(self, w: _Worker, msg: Embed) -> list:
+        job, m = msg.job, w.engine.model
+        if m is None:  # the thread has just ended (its report is on the way)
+            raise EngineError("model was unloaded")
+        return m.tokenize(job.inputs, truncate=job.truncate, limit=job.limit)
+
+    async def _tokenize_in_thread(self, w: _Worker, msg: Embed) -> None:
+        try:
+            tokens = await trio.to_thread.run_sync(self._tokenize, w, msg, abandon_on_cancel=True)
+        except Exception as exc:  # noqa: BLE001 - answers this request only
+            tokens = exc
+        self._tokenize_then_submit(w, msg, tokens)
+
+    def _tokenize_then_submit(self, w: _Worker, msg: Embed, tokens: list | Exception | None) -> None:
+        job = msg.job
+        if tokens is None:
+            try:
+                tokens = self._tokenize(w, msg)
+            except Exception as exc:  # noqa: BLE001
+                tokens = exc
+        if w.jobs.get(id(job)) is not msg:
+            return  # already answered (the server is stopping, or the thread ended)
+        if isinstance(tokens, Exception):
+            self._answer(w, eng.JobDone(job, None, error=tokens))
+        elif self.workers.get(w.key) is not w:  # unloaded meanwhile: its thread takes no more jobs
+            self._answer(w, eng.JobDone(job, None, error=EngineError("model was unloaded")))
+        else:
+            job.tokens = tokens
+            w.engine.submit(job)
+            return
+        self._notify()
 
     def _start_worker(self, key: str, resolved, kind: str) -> _Worker:
         generation = next(_generations)
@@ -270,7 +346,8 @@ class Embedder:
             except trio.RunFinishedError:
                 pass
 
-        engine = eng.EmbedEngine(lambda: w.load_fn(), deliver, device=self.settings.device)
+        engine = eng.EmbedEngine(lambda: w.load_fn(), deliver, device=self.settings.device,
+                                 chunk=self.settings.prefill_chunk)
         w = _Worker(key, resolved.digest, resolved.display, kind, generation, engine,
                     size=resolved.size, spec=resolved.spec)
         self.workers[key] = w
@@ -306,7 +383,13 @@ class Embedder:
                     w.device = info.get("device", "cpu")
                     log.info("loaded %s for embeddings in %.2fs", w.name, w.load_ns / 1e9)
                     heap.freeze()
-                case eng.JobDone():
+                case eng.BatchStarted(jobs=jobs):
+                    w.computing = {id(j) for j in jobs}
+                case eng.Step():
+                    w.steps += 1
+                case eng.JobDone(job=job, cancelled=cancelled):
+                    w.computing.discard(id(job))
+                    w.cancelled += cancelled
                     self._answer(w, ev)
                 case eng.EmbedLoadFailed(error=error):
                     err = error if isinstance(error, MlxserveError) \
@@ -317,7 +400,7 @@ class Embedder:
                     self._drop(w)
                     self._fail_jobs(w, EngineError(error or "model was unloaded"))
                     heap.reclaim()  # the engine let go of the model before it said so
-        self._wake()
+        self._notify()
 
     def _answer(self, w: _Worker, done: eng.JobDone) -> None:
         msg: Embed | None = w.jobs.pop(id(done.job), None)
@@ -339,6 +422,11 @@ class Embedder:
     def _drop(self, w: _Worker) -> None:
         if self.workers.get(w.key) is w:
             del self.workers[w.key]
+
+    def _notify(self) -> None:
+        self._wake()
+        self.changed.set()
+        self.changed = trio.Event()
 
     def _wake(self) -> None:
         # The loop may be waiting on a later deadline than the one just set.
@@ -365,21 +453,26 @@ class Embedder:
                 return  # everything is busy; the next expiry or completion brings it down
             self._stop_worker(min(idle, key=lambda w: w.last_used), "evicted for another model")
 
-    def _stop_worker(self, w: _Worker, reason: str) -> None:
+    def _stop_worker(self, w: _Worker, reason: str, *, now: bool = False) -> None:
         log.info("unloading %s (embeddings): %s", w.name, reason)
         self._drop(w)
-        w.engine.submit(eng.EmbedShutdown(reason))
+        w.engine.submit(eng.EmbedShutdown(reason, now=now))
         self._stopping.append(w)
         # Threads that already ended need no join at shutdown.
         self._stopping = [s for s in self._stopping if s.finished is None or not s.finished.is_set()]
 
-    async def _stop_all(self, reason: str) -> None:
+    def _stop_now(self, reason: str) -> None:
+        """Refuse new requests, fail the waiting ones, and stop every thread at its next chunk."""
+        self._closing = True
         workers = list(self.workers.values())
         for w in workers:
-            self._stop_worker(w, reason)
+            self._stop_worker(w, reason, now=True)
         for w in workers:
-            self._fail_jobs(w, EngineError(reason))
-        # Bounded and shielded: a model mid-batch finishes that batch, then its thread ends.
+            self._fail_jobs(w, ShuttingDown(reason))
+
+    async def _stop_all(self, reason: str) -> None:
+        self._stop_now(reason)
+        # Bounded and shielded: a model mid-batch stops at its next chunk, then its thread ends.
         with trio.move_on_after(10, shield=True):
             for w in self._stopping:
                 if w.finished is not None and not w.finished.is_set():

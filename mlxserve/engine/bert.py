@@ -24,7 +24,8 @@ from tokenizers import Tokenizer
 
 from ..errors import LoadError
 from .embed import (
-    EmbedInput, Tokenized, batch_groups, normalize_rows, padded, reduce_dimensions, tokenize_all,
+    EmbedInput, KeepGoing, Tokenized, batch_groups, normalize_rows, padded, reduce_dimensions,
+    tokenize_all,
 )
 
 # Padded batch size bound (rows x longest row): keeps attention scores (heads x L x L per row)
@@ -328,10 +329,15 @@ class BertEmbedder:
                             truncate=truncate, vocab_size=self.model.config.vocab_size)
 
     # -- inference --
-    def embed_ids(self, seqs: Sequence[Sequence[int]], *, dimensions: int | None = None) -> np.ndarray:
-        """(N, D) float32 vectors, in input order; batched by padded length."""
+    def embed_ids(self, seqs: Sequence[Sequence[int]], *, dimensions: int | None = None,
+                  chunk: int | None = None, keep_going: KeepGoing | None = None) -> np.ndarray:
+        """(N, D) float32 vectors, in input order; batched by padded length. Attention sees the
+        whole input, so no input is split: ``chunk`` is unused, and ``keep_going`` is asked
+        before each group (at most MAX_BATCH_TOKENS padded tokens); a dropped group stays zero."""
         out = np.zeros((len(seqs), self.dimension), dtype=np.float32)
         for idx in batch_groups([len(s) for s in seqs], MAX_BATCH_TOKENS):
+            if keep_going is not None and not keep_going(idx):
+                continue
             ids, mask = padded(seqs, idx)
             vecs = pool(self.model(ids, mask), mask, self.sentence.pooling)
             if self.sentence.normalize:

@@ -3,6 +3,9 @@
 A decoder's embedding is the mean of its last hidden state (after the final norm) over the
 input's tokens, L2-normalised. Inputs are batched right-padded: under a causal mask no real
 token attends to a pad that follows it, so padding does not change any real token's state.
+Long inputs run in column chunks over a KV cache, as generation's prefill does: memory stays
+bounded (attention is chunk x context, not context x context) and, between chunks, the engine
+can drop work whose callers have gone or stop for a shutdown.
 
 Like every model, an embedder must be loaded and run on one thread (MLX streams are per thread).
 """
@@ -26,15 +29,36 @@ from .loop import thread_stream
 log = logging.getLogger("mlxserve.embed")
 
 EmbedInput = Union[str, Sequence[int]]  # text, or token ids of the model's own vocabulary
+# Called with a group's row indices before it starts and after each chunk; False drops the group.
+KeepGoing = Callable[[Sequence[int]], bool]
 
 TOO_LONG = "input length exceeds maximum context length"
 MAX_BATCH_TOKENS = 4096
+DEFAULT_CHUNK = 256  # tokens per row per forward pass (MLXSERVE_PREFILL_CHUNK, as generation's)
 
 
 @attrs.frozen
 class Tokenized:
     ids: list[int]
     truncated: bool = False
+
+
+# Tokens past the context that a text's head must yield before its first ``room`` tokens count as
+# the whole text's: cutting the text mid-word changes only the last few tokens of the head.
+HEAD_MARGIN = 64
+
+
+def encode_head(encode: Callable[[str], list[int]], text: str, room: int) -> list[int]:
+    """The text's tokens or, for a text longer than ``room`` tokens, its first ``room + 1``:
+    a growing head of the text is encoded (8 characters per token of room first), so a
+    megabyte of input costs about a context's worth of tokenizing, not a megabyte's."""
+    size = 8 * (room + HEAD_MARGIN)
+    while size < len(text):
+        ids = encode(text[:size])
+        if len(ids) > room + HEAD_MARGIN:
+            return ids[:room + 1]
+        size *= 4
+    return encode(text)
 
 
 def tokenize_all(inputs: Sequence[EmbedInput], encode: Callable[[str], list[int]],
@@ -48,7 +72,7 @@ def tokenize_all(inputs: Sequence[EmbedInput], encode: Callable[[str], list[int]
     out = []
     for i, item in enumerate(inputs):
         if isinstance(item, str):
-            body = encode(item)
+            body = encode_head(encode, item, room)
         else:
             body = list(item)
             if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in body):
@@ -159,19 +183,57 @@ class DecoderEmbedder:
     def hidden_states(self, ids: mx.array) -> mx.array:
         return self.backbone(ids)
 
-    def embed_ids(self, seqs: Sequence[Sequence[int]], *, dimensions: int | None = None) -> np.ndarray:
+    def embed_ids(self, seqs: Sequence[Sequence[int]], *, dimensions: int | None = None,
+                  chunk: int = DEFAULT_CHUNK, keep_going: KeepGoing | None = None) -> np.ndarray:
+        """(N, D) vectors in input order. A group wider than ``chunk`` runs ``chunk`` columns at
+        a time over a KV cache; rows of a group that ``keep_going`` drops stay zero."""
         out: np.ndarray | None = None
         for idx in batch_groups([len(s) for s in seqs], MAX_BATCH_TOKENS):
+            if keep_going is not None and not keep_going(idx):
+                continue
             ids, mask = padded(seqs, idx)
-            vecs = normalize_rows(mean_pool(self.hidden_states(ids), mask))
-            mx.eval(vecs)
+            vecs = self._pooled(ids, mask, max(1, chunk), lambda: keep_going is None or keep_going(idx))
+            if vecs is None:
+                continue
             got = np.array(vecs, dtype=np.float32)
             if out is None:
                 out = np.zeros((len(seqs), got.shape[-1]), dtype=np.float32)
             out[idx] = got
         if out is None:
-            out = np.zeros((0, self.dimension), dtype=np.float32)
+            out = np.zeros((len(seqs), self.dimension), dtype=np.float32)
         return reduce_dimensions(out, dimensions)
+
+    def _pooled(self, ids: mx.array, mask: mx.array, chunk: int,
+                keep_going: Callable[[], bool]) -> mx.array | None:
+        if ids.shape[1] <= chunk:
+            vecs = normalize_rows(mean_pool(self.hidden_states(ids), mask))
+            mx.eval(vecs)
+            return vecs
+        try:
+            return self._pooled_in_chunks(ids, mask, chunk, keep_going)
+        finally:
+            # The KV cache (up to a context of K and V per row) is garbage now; MLX's buffer
+            # cache would keep its memory after the request.
+            mx.clear_cache()
+
+    def _pooled_in_chunks(self, ids: mx.array, mask: mx.array, chunk: int,
+                          keep_going: Callable[[], bool]) -> mx.array | None:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(self.lm.model)
+        m = mask.astype(mx.float32)
+        width = ids.shape[1]
+        total = None
+        for start in range(0, width, chunk):
+            h = self.backbone(ids[:, start:start + chunk], cache=cache).astype(mx.float32)
+            part = (h * m[:, start:start + chunk, None]).sum(axis=1)
+            total = part if total is None else total + part
+            mx.eval(total, [c.state for c in cache])
+            if start + chunk < width and not keep_going():
+                return None
+        vecs = normalize_rows(total / mx.maximum(m.sum(axis=1, keepdims=True), 1e-9))
+        mx.eval(vecs)
+        return vecs
 
     def embed(self, inputs: Sequence[EmbedInput], *, truncate: bool = True,
               dimensions: int | None = None) -> np.ndarray:
@@ -204,11 +266,15 @@ class EmbedJob:
     limit: int | None = None  # num_ctx: caps the context length for this request
     tag: object = None
     cancelled: bool = False
+    tokens: list[Tokenized] | None = None  # already tokenized by the owner, or None
 
 
 @attrs.frozen
 class EmbedShutdown:
     reason: str = "model was unloaded"
+    # True (the server is stopping): the batch in progress is dropped at its next chunk and its
+    # jobs fail; False (unload, expiry): it finishes first.
+    now: bool = False
 
 
 @attrs.frozen
@@ -228,6 +294,17 @@ class JobDone:
     token_counts: tuple[int, ...] = ()
     error: BaseException | None = None
     compute_ns: int = 0
+    cancelled: bool = False  # dropped because its caller had gone
+
+
+@attrs.frozen
+class BatchStarted:
+    jobs: tuple[EmbedJob, ...]  # the jobs whose inputs go to the model now
+
+
+@attrs.frozen
+class Step:
+    """One checkpoint of a running batch (before each group, after each chunk)."""
 
 
 @attrs.frozen
@@ -244,15 +321,19 @@ class EmbedEngine:
     """
 
     def __init__(self, load: Callable[[], object], deliver: Callable[[list], None], *,
-                 device: str | None = None, max_batch_inputs: int = 256):
+                 device: str | None = None, max_batch_inputs: int = 256, chunk: int = DEFAULT_CHUNK):
         self._load = load
         self._deliver = deliver
         self._device = device
         self._max_inputs = max_batch_inputs
+        self._chunk = chunk
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop_now: str | None = None  # set from the owner's thread; read between chunks
         self.model = None
 
     def submit(self, item: EmbedJob | EmbedShutdown) -> None:
+        if isinstance(item, EmbedShutdown) and item.now:
+            self._stop_now = item.reason
         self._queue.put(item)
 
     def run(self) -> None:
@@ -327,17 +408,31 @@ class EmbedEngine:
         out: list[JobDone] = []
         live: list[tuple[EmbedJob, list[list[int]]]] = []
         for job in batch:
-            if job.cancelled:
-                out.append(JobDone(job, None, error=EngineError("cancelled")))
+            if job.cancelled or self._stop_now is not None:
+                out.append(self._dropped(job))
                 continue
             try:
-                live.append((job, [t.ids for t in m.tokenize(job.inputs, truncate=job.truncate,
-                                                               limit=job.limit)]))
+                tokens = job.tokens if job.tokens is not None else \
+                    m.tokenize(job.inputs, truncate=job.truncate, limit=job.limit)
+                live.append((job, [t.ids for t in tokens]))
             except Exception as exc:  # bad input fails its own request, not the batch
                 out.append(JobDone(job, None, error=exc))
+        if out:  # refused and dropped jobs need not wait for the others' vectors
+            self._deliver(out)
+            out = []
         seqs = [ids for _, job_ids in live for ids in job_ids]
+        owners = [job for job, job_ids in live for _ in job_ids]
+
+        def keep_going(rows) -> bool:
+            # A group goes on while the server runs and one of its rows' callers still waits.
+            self._deliver([Step()])
+            return self._stop_now is None and not all(owners[r].cancelled for r in rows)
+
+        if live:
+            self._deliver([BatchStarted(tuple(job for job, _ in live))])
         try:
-            vectors = m.embed_ids(seqs) if seqs else np.zeros((0, m.dimension), np.float32)
+            vectors = m.embed_ids(seqs, chunk=self._chunk, keep_going=keep_going) if seqs \
+                else np.zeros((0, m.dimension), np.float32)
         except Exception as exc:  # noqa: BLE001
             log.error("embedding batch failed: %s\n%s", exc, traceback.format_exc())
             err = EngineError(f"embedding failed: {exc.__class__.__name__}: {exc}")
@@ -347,6 +442,9 @@ class EmbedEngine:
         for job, job_ids in live:
             mine = vectors[row:row + len(job_ids)]
             row += len(job_ids)
+            if job.cancelled or self._stop_now is not None:  # its rows may not have been computed
+                out.append(self._dropped(job))
+                continue
             try:
                 mine = reduce_dimensions(mine, job.dimensions)
             except Exception as exc:
@@ -354,3 +452,8 @@ class EmbedEngine:
                 continue
             out.append(JobDone(job, mine, tuple(len(i) for i in job_ids), compute_ns=ns))
         return out
+
+    def _dropped(self, job: EmbedJob) -> JobDone:
+        if self._stop_now is not None:
+            return JobDone(job, None, error=EngineError(self._stop_now))
+        return JobDone(job, None, error=EngineError("cancelled"), cancelled=True)

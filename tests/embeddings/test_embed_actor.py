@@ -37,7 +37,7 @@ class FakeModel:
             raise BadRequest("bad input")
         return [Tokenized([7] * len(s)) for s in inputs]
 
-    def embed_ids(self, seqs, *, dimensions=None):
+    def embed_ids(self, seqs, *, dimensions=None, chunk=None, keep_going=None):
         self.log["batches"].append(len(seqs))
         self.log["started"].set()
         assert self.log["gate"].wait(10)

@@ -105,3 +105,24 @@ def test_decoder_mean_pooled_hidden_state(tiny_dir):
     assert batched.shape == (3, emb.dimension)
     with pytest.raises(BadRequest, match=TOO_LONG):
         emb.tokenize(["x " * 50], truncate=False, limit=8)
+
+
+def test_decoder_long_inputs_run_in_chunks(tiny_dir):
+    """Inputs wider than ``chunk`` run over a KV cache, chunk by chunk: the vectors are those of
+    one whole pass, and ``keep_going`` is asked between chunks and can drop the rest."""
+    emb = DecoderEmbedder.load(tiny_dir)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(3, 300, size=n).tolist() for n in (300, 37, 129, 300, 5)]
+    whole = emb.embed_ids(seqs, chunk=4096)
+    chunked = emb.embed_ids(seqs, chunk=64)
+    np.testing.assert_allclose(chunked, whole, atol=float_tol(1e-5))
+
+    asked: list[list[int]] = []
+
+    def stop_after_two(rows) -> bool:
+        asked.append(list(rows))
+        return len(asked) < 3  # before the group, after chunk 1: go on; after chunk 2: drop
+
+    dropped = emb.embed_ids([seqs[0]], chunk=64, keep_going=stop_after_two)
+    assert asked == [[0], [0], [0]]  # three checkpoints, not one per chunk of all five
+    assert not dropped.any()  # a dropped group's rows are never half-computed vectors
