@@ -4,6 +4,11 @@
 ``biases`` triples and gives F16/F32 tensors as they are; everything here only renames tensors
 and turns GGUF metadata into an mlx-lm config. llama.cpp permutes the Q/K projections for its
 rotary layout, which is mlx's "traditional" rope, hence ``rope_traditional: True``.
+
+GGUF keeps norm weights in float32 while the quantized tensors' scales are float16. On a GPU that
+one float32 vector per norm promotes every activation after it, the KV cache included, to
+float32 (MLX promotes mixed operands), so :func:`half_floats` casts such tensors to the scales'
+half type when the model will run on a GPU. The CPU dequantizes to float32 anyway (engine/dtype.py).
 """
 
 from __future__ import annotations
@@ -102,7 +107,21 @@ def load_gguf_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, mx.ar
             weights[target] = tensor
     config["tie_word_embeddings"] = "lm_head.weight" not in weights
     config["quantization"] = quantization_of(weights)
+    if mx.default_device().type == mx.DeviceType.gpu:
+        weights = half_floats(weights)
     return config, weights, metadata
+
+
+def half_floats(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """float32 tensors cast to the half type the model otherwise holds (its quantization scales'
+    or its float16/bfloat16 weights'), so activations stay in half precision end to end. A
+    model with no half tensor at all is left as it is."""
+    half = next((w.dtype for name, w in weights.items() if name.endswith(".scales")), None)
+    if half is None:
+        half = next((w.dtype for w in weights.values() if w.dtype in (mx.float16, mx.bfloat16)), None)
+    if half is None or half == mx.float32:
+        return weights
+    return {name: w.astype(half) if w.dtype == mx.float32 else w for name, w in weights.items()}
 
 
 def quantization_of(weights: dict[str, mx.array]) -> dict[str, Any] | None:
