@@ -6,6 +6,7 @@ tokenizers are, so ids match the reference exactly for byte-level BPE models.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Iterable
@@ -50,8 +51,17 @@ class TokenizerInfo:
     def eos_token(self) -> str | None:
         return self.eos_tokens[0] if self.eos_tokens else None
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest token's text: a prompt of n characters needs at least n / this tokens
+        (byte-level tokens spell one character per byte, SentencePiece pieces one per character)."""
+        return max((len(t) for t in self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        except TypeError:  # lone surrogates ("\ud800" from a JSON escape) are not valid str for Rust
+            ids = self.tokenizer.encode(_scrub(text), add_special_tokens=False).ids
         if add_bos is None:
             add_bos = self.add_bos
         if add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
@@ -63,6 +73,11 @@ class TokenizerInfo:
 
     def id_to_token(self, i: int) -> str | None:
         return self.tokenizer.id_to_token(i)
+
+
+def _scrub(text: str) -> str:
+    """``text`` with lone surrogates replaced by U+FFFD (a surrogate pair is joined)."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def from_gguf_metadata(metadata: dict[str, Any]) -> TokenizerInfo:

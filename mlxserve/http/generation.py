@@ -7,12 +7,14 @@ released and the sequence cancelled in ``finally`` blocks that do only synchrono
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import uuid
 from typing import Any, AsyncIterator
 
 import attrs
+import trio
 from quart import request
 
 from ..actors.scheduler import Lease, LoadSpec
@@ -20,6 +22,7 @@ from ..engine.loop import Chunk
 from ..engine.sampling import SamplingParams
 from ..errors import BadRequest, EngineError, Unprocessable
 from ..specs import templates
+from ..specs import tools as tool_specs
 from ..specs.modelspec import Options
 
 DEFAULT_NUM_CTX = 4096
@@ -172,37 +175,132 @@ async def acquire(rt, resolved, opts: Options, keep_alive: float) -> tuple[Lease
     return lease, load_ns
 
 
-def chat_prompt(resolved, tokenizer, messages: list[dict], *, tools: list | None = None) -> str:
+MIN_CHARS_PER_TOKEN = 16
+
+
+def prompt_char_limit(tok, context_length: int) -> int:
+    """More characters than this cannot fit ``context_length`` tokens, whatever they say: such a
+    prompt is refused (or cut) before it is tokenized, and renders stop at twice this."""
+    return context_length * max(MIN_CHARS_PER_TOKEN, tok.max_token_chars)
+
+
+def _too_many_chars(n: int, context_length: int) -> Unprocessable:
+    return Unprocessable(f"prompt is {n} characters, more than the context window of {context_length} "
+                         f"tokens can hold; raise num_ctx or shorten the prompt")
+
+
+def _chat_messages(resolved, messages: list[dict]) -> list[dict]:
     spec = resolved.spec
-    template = spec.template or tokenizer.chat_template or templates.CHATML_TEMPLATE
     msgs = list(spec.messages or []) + list(messages)
     if spec.system and not any(m.get("role") == "system" for m in msgs):
         msgs.insert(0, {"role": "system", "content": spec.system})
-    return templates.render_chat(
-        template, msgs, add_generation_prompt=True, bos_token=tokenizer.bos_token or "",
-        eos_token=tokenizer.eos_token or "", tools=tools,
-    )
+    return msgs
 
 
-def _chat_ids(resolved, tok, messages, tools) -> list[int]:
-    ids = tok.encode(chat_prompt(resolved, tok, messages, tools=tools), add_bos=False)
+@attrs.define
+class _Renderer:
+    """One request's chat template and what every render of it needs."""
+
+    template: str
+    bos_token: str
+    eos_token: str
+    max_chars: int
+
+    @classmethod
+    def of(cls, resolved, tok, max_chars: int = templates.DEFAULT_MAX_CHARS) -> _Renderer:
+        template = resolved.spec.template or tok.chat_template or templates.CHATML_TEMPLATE
+        return cls(template, tok.bos_token or "", tok.eos_token or "", max_chars)
+
+    def __call__(self, msgs: list[dict], tools: list | None = None) -> str:
+        return templates.render_chat(self.template, msgs, add_generation_prompt=True, tools=tools,
+                                     bos_token=self.bos_token, eos_token=self.eos_token,
+                                     max_chars=self.max_chars)
+
+    def renders_tools(self, msgs: list[dict], tools: list) -> bool:
+        """Whether the template writes ``tools`` at all, tried on the messages never dropped."""
+        probe = [m for m in msgs[:-1] if m.get("role") == "system"] + msgs[-1:]
+        return self(probe, tools) != self(probe)
+
+
+def _encode_rendered(tok, text: str) -> list[int]:
+    ids = tok.encode(text, add_bos=False)
     if tok.bos_token_id is not None and tok.add_bos and (not ids or ids[0] != tok.bos_token_id):
         ids.insert(0, tok.bos_token_id)
     return ids
 
 
-def _fit_chat(resolved, tok, messages: list[dict], tools, context_length: int) -> list[int]:
-    """As Ollama: when the conversation overflows the window, drop the oldest non-system
-    messages (never the last one) until it fits, leaving room to answer."""
-    ids = _chat_ids(resolved, tok, messages, tools)
-    msgs = list(messages)
-    while len(ids) >= context_length:
-        drop = next((i for i, m in enumerate(msgs[:-1]) if m.get("role") != "system"), None)
-        if drop is None:
-            break  # only system messages and the last one are left: budget() will refuse it
-        del msgs[drop]
-        ids = _chat_ids(resolved, tok, msgs, tools)
-    return ids
+def fit_chat(resolved, tok, messages: list[dict], tools, context_length: int, *,
+             truncate: bool = False) -> list[int]:
+    """The conversation's prompt ids. As Ollama, when it overflows the window the oldest
+    non-system messages (never the last one) are dropped until it fits, leaving room to answer.
+
+    The fewest messages to drop is found by bisection: O(log n) renders, none of them longer
+    than the window could hold, so a conversation of thousands of turns costs a dozen renders.
+    A template that ignores ``tools`` gets them as a system message (``with_tool_prompt``).
+    Blocking: runs on a worker thread.
+    """
+    limit = prompt_char_limit(tok, context_length)
+    render = _Renderer.of(resolved, tok, max_chars=2 * limit)
+    msgs = _chat_messages(resolved, messages)
+    if truncate and msgs:  # generate's truncate: keep the end, as for a raw prompt
+        msgs[-1] = {**msgs[-1], "content": (msgs[-1].get("content") or "")[-limit:]}
+    kept = [m for m in msgs[:-1] if m.get("role") == "system"] + msgs[-1:]
+    kept_chars = sum(len(m.get("content") or "") for m in kept)
+    if kept_chars > limit and not truncate:
+        raise _too_many_chars(kept_chars, context_length)
+    if tools and not render.renders_tools(msgs, tools):
+        msgs, tools = tool_specs.with_tool_prompt(msgs, tools), None
+    first = len(msgs) - len(messages)  # the model's own messages are never dropped
+    droppable = [i for i in range(max(first, 0), len(msgs) - 1) if msgs[i].get("role") != "system"]
+
+    def without(k: int) -> list[dict]:
+        gone = set(droppable[:k])
+        return [m for i, m in enumerate(msgs) if i not in gone]
+
+    def fitting(k: int) -> list[int] | None:
+        try:
+            text = render(without(k), tools)
+        except templates.RenderTooLong:
+            return None
+        if len(text) > limit:
+            return None
+        ids = _encode_rendered(tok, text)
+        return ids if len(ids) < context_length else None
+
+    ids = fitting(0)
+    if ids is None:  # the fewest dropped that fits: fewer messages never make a longer prompt
+        lo, hi = 1, len(droppable)
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            found = fitting(mid)
+            if found is None:
+                lo = mid + 1
+            else:
+                ids, hi = found, mid - 1
+    if ids is not None:
+        return ids
+    # Nothing fits: the shortest prompt goes on, and budget() or truncation decides.
+    try:
+        text = render(without(len(droppable)), tools)
+    except templates.RenderTooLong:
+        if kept_chars > limit:
+            raise _too_many_chars(kept_chars, context_length) from None
+        raise
+    if len(text) > limit and not truncate:
+        raise _too_many_chars(len(text), context_length)
+    return _encode_rendered(tok, text)
+
+
+def raw_prompt_ids(tok, text: str, context_length: int, *, add_bos: bool | None,
+                   truncate: bool = False) -> list[int]:
+    """A raw prompt's ids; one too long to fit is refused, or cut to its end, before the whole
+    of it is tokenized. Blocking: runs on a worker thread."""
+    limit = prompt_char_limit(tok, context_length)
+    if len(text) > limit:
+        if not truncate:
+            raise _too_many_chars(len(text), context_length)
+        text = text[-limit:]
+    return tok.encode(text, add_bos=add_bos)
 
 
 def budget(prompt_len: int, context_length: int, num_predict: int | None, cap: int | None = None) -> int:
@@ -229,11 +327,15 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
     queue_wait_ns = int((time.perf_counter() - t_acquire) * 1e9)
     try:
         tok = lease.handle.tokenizer
+        ctx = lease.handle.context_length
         if prompt_ids is None:
+            # Rendering and tokenizing take time in proportion to the input: off the event loop.
             if messages is not None:
-                prompt_ids = _fit_chat(resolved, tok, messages, tools, lease.handle.context_length)
+                work = functools.partial(fit_chat, resolved, tok, messages, tools, ctx, truncate=truncate)
             else:
-                prompt_ids = tok.encode(prompt_text or "", add_bos=None if not prefix_ids else False)
+                work = functools.partial(raw_prompt_ids, tok, prompt_text or "", ctx,
+                                         add_bos=None if not prefix_ids else False, truncate=truncate)
+            prompt_ids = await trio.to_thread.run_sync(work, abandon_on_cancel=True)
             if prefix_ids:  # Ollama's "context": the earlier conversation's token ids
                 check_token_ids(prefix_ids, tok.vocab_size, "context")
                 prompt_ids = list(prefix_ids) + prompt_ids

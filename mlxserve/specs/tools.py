@@ -1,8 +1,9 @@
-"""Tool definitions in, tool calls out: validation, the schema that forces a call, and parsing.
+"""Tool definitions in, tool calls out: validation, the schema that forces a call, the generic
+prompt for templates that do not render tools, and parsing.
 
 Models write calls in a few shapes; we accept the common ones: ``<tool_call>{json}</tool_call>``
 blocks (Hermes, Qwen, SmolLM2), a bare JSON object ``{"name": ..., "arguments": ...}`` (also
-with "parameters"), or a JSON array of those.
+with "parameters", or wrapped as llama.cpp's ``{"tool_call": {...}}``), or a JSON array of those.
 """
 
 from __future__ import annotations
@@ -43,6 +44,50 @@ def as_template_tools(tools: list[dict]) -> list[dict]:
     return [{"type": "function", "function": t} for t in tools]
 
 
+TOOL_PROMPT = (
+    "You can call the following tools. Each is given with a JSON schema of its arguments.\n\n"
+    "{tools}\n\n"
+    "To call a tool, answer with only a JSON object of this form and nothing else:\n"
+    '{{"name": "<tool name>", "arguments": {{<arguments, as its schema says>}}}}\n'
+    "To call several tools, answer with a JSON array of such objects. "
+    "Otherwise answer the user in plain text."
+)
+
+
+def tool_prompt(tools: list[dict]) -> str:
+    """The generic tool description (as llama.cpp's "generic" chat format): the tools' schemas
+    and the call format that ``parse_tool_calls`` and a forced call's ``call_schema`` expect."""
+    plain = [t.get("function", t) if isinstance(t, dict) else t for t in tools]
+    listed = [{"name": t.get("name"), "description": t.get("description", ""),
+               "parameters": t.get("parameters", {})} for t in plain if isinstance(t, dict)]
+    return TOOL_PROMPT.format(tools=json.dumps(listed, indent=2, ensure_ascii=False))
+
+
+def with_tool_prompt(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """``messages`` for a template that ignores tools: the tool prompt joins the system message
+    (or becomes one), and earlier calls are written out as the JSON the model was asked for."""
+    text = tool_prompt(tools)
+    out = [_call_as_content(m) for m in messages]
+    if out and out[0].get("role") == "system":
+        out[0] = {**out[0], "content": f"{out[0].get('content') or ''}\n\n{text}".lstrip()}
+    else:
+        out.insert(0, {"role": "system", "content": text})
+    return out
+
+
+def _call_as_content(message: dict) -> dict:
+    calls = message.get("tool_calls")
+    if message.get("role") != "assistant" or not isinstance(calls, list) or not calls or message.get("content"):
+        return message
+    written = []
+    for c in calls:
+        fn = c.get("function", c) if isinstance(c, dict) else {}
+        fn = fn if isinstance(fn, dict) else {}
+        written.append({"name": fn.get("name"), "arguments": fn.get("arguments", {})})
+    content = json.dumps(written[0] if len(written) == 1 else written, ensure_ascii=False)
+    return {**message, "content": content}
+
+
 def call_schema(tools: list[dict], name: str | None = None) -> dict:
     """A JSON schema whose only instances are calls of the given tool (or of any tool)."""
     chosen = [t for t in tools if name is None or t["name"] == name]
@@ -66,6 +111,8 @@ def _strict(schema: dict) -> dict:
 
 
 def _as_call(obj: Any, names: set[str]) -> dict | None:
+    if isinstance(obj, dict) and isinstance(obj.get("tool_call"), dict) and len(obj) == 1:
+        obj = obj["tool_call"]
     if not isinstance(obj, dict):
         return None
     name = obj.get("name")
