@@ -21,6 +21,7 @@ from ..errors import MlxserveError, ModelNotFound
 from . import ollama, openai
 from . import transfer
 from . import embeddings
+from . import anthropic, responses
 from .common import error_headers, json_response
 
 log = logging.getLogger("mlxserve.http")
@@ -127,6 +128,8 @@ def create_app(rt: Runtime) -> QuartTrio:
     app.register_blueprint(openai.bp)
     app.register_blueprint(transfer.bp)
     app.register_blueprint(embeddings.bp)
+    app.register_blueprint(anthropic.bp)
+    app.register_blueprint(responses.bp)
     guard_host = _loopback(rt.settings.host)
     allow_any_origin = "*" in rt.settings.origins
     origin_allowed = origin_policy(tuple(o for o in rt.settings.origins if o != "*"))

@@ -1,0 +1,91 @@
+"""One generation for the Anthropic Messages and OpenAI Responses routes: start it, collect it or
+stream it as server-sent events, and read tool calls and the matched stop sequence off its end.
+
+The request's conversation arrives here already in the chat-completions shape (roles, content
+text, ``tool_calls``, ``tool_call_id``), so these routes share the chat route's rendering,
+constrained decoding and batching rather than a copy of them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import AsyncIterator, Callable
+
+import trio
+
+from ..errors import MlxserveError
+from ..specs.tools import as_template_tools, parse_tool_calls
+from . import generation as g
+from .common import stream_response
+# Private helpers of the chat route, used as they are (see the lead's report: to be made public).
+from .openai import _drain_all as drain_all  # noqa: F401  (re-exported for the dialect modules)
+from .openai import _Merge as Merge
+from .openai import _options as openai_options
+
+
+def sse(event: str, obj: dict) -> bytes:
+    """One server-sent event, named as both dialects name theirs (the ``type`` of its data)."""
+    return f"event: {event}\ndata: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+def sampling_options(temperature, top_p, stop: list[str] | None) -> dict:
+    """The chat route's option defaults (plain sampling) for these fields."""
+    return openai_options({"temperature": temperature, "top_p": top_p, "stop": stop})
+
+
+async def start(rt, resolved, request_opts: dict, *, messages: list[dict], tools: list[dict] | None,
+                grammar: str | None, max_tokens: int | None) -> g.Generation:
+    """``tools``: normalised tools to render (None when the request's tool choice is none)."""
+    opts = g.merge_options(resolved.spec.parameters, request_opts)
+    return await g.start(rt, resolved, opts, rt.settings.keep_alive, messages=messages,
+                         max_tokens=max_tokens, tools=as_template_tools(tools) if tools else None,
+                         grammar=grammar)
+
+
+def tool_calls(text: str, tools: list[dict] | None) -> list[dict] | None:
+    """[{name, arguments (an object)}] when the answer is a call of the given tools, else None."""
+    return parse_tool_calls(text, tools) if tools else None
+
+
+def matched_stop(gen: g.Generation, stops: list[str] | None) -> str | None:
+    """The stop sequence that ended ``gen``, if one did. The engine drops the matched text and
+    reports "stop" as for an end-of-sequence token; a stop string is the one case where the last
+    token was kept (an end token never is), and the decoded tokens then go on with the match."""
+    if not stops or gen.final is None or gen.final.finish != "stop" or not gen.final.token_ids:
+        return None
+    rest = gen.tokenizer.decode(gen.token_ids)[len("".join(gen.text)):]
+    found = [(rest.find(s), s) for s in stops if s and s in rest]
+    return min(found)[1] if found else None
+
+
+def usage_counts(gen: g.Generation) -> tuple[int, int, int]:
+    """(prompt tokens, generated tokens, prompt tokens reused from the cache)."""
+    d = gen.durations()
+    cached = gen.final.stats.cached_tokens if gen.final is not None and gen.final.stats else 0
+    return d["prompt_eval_count"], d["eval_count"], cached
+
+
+def sse_response(rt, gen: g.Generation, events: Callable[[AsyncIterator[g.Chunk]], AsyncIterator[bytes]],
+                 error_event: Callable[[MlxserveError], bytes]):
+    """A streamed answer: ``events`` turns the generation's chunks into the dialect's events; a
+    failure after the stream began becomes ``error_event``. The request is recorded once, with
+    the status the client effectively got; the lease and sequence go with the body."""
+    merge = Merge(rt.nursery, [gen])
+
+    async def chunks():
+        async for _, c in merge:
+            yield c
+
+    async def body():
+        try:
+            async for event in events(chunks()):
+                yield event
+            gen.record(200)
+        except MlxserveError as exc:
+            gen.record(exc.status, str(exc))
+            yield error_event(exc)
+        except trio.Cancelled:
+            gen.record(499)
+            raise
+
+    return stream_response(body(), merge.close, "text/event-stream")

@@ -1,0 +1,297 @@
+"""OpenAI's Responses API: /v1/responses, with stored responses for previous_response_id.
+
+Input items become a chat-completions conversation and run through the chat route's rendering,
+constrained decoding (tools, text.format) and batch. Errors are OpenAI's shape (the app's /v1/
+error handlers).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import OrderedDict
+
+import attrs
+from quart import Blueprint, current_app
+
+from ..engine.constrain import ANY_JSON_OBJECT, grammar_for_schema
+from ..errors import BadRequest, NotFound
+from ..specs.tools import call_schema, normalize_tools
+from . import relay
+from .common import field, json_body, json_response, runtime
+from .openai import _template_call as template_call
+
+bp = Blueprint("responses", __name__)
+STORE_KEY = "mlxserve.responses"
+
+
+@attrs.define
+class _Stored:
+    response: dict
+    history: list[dict]  # the conversation so far (input and output), without instructions
+    expires: float
+
+
+class ResponseStore:
+    """Responses kept for previous_response_id and GET: the newest ``max_items``, each for
+    ``ttl`` seconds. One per app; only the event loop touches it, so it needs no lock."""
+
+    def __init__(self, max_items: int = 1000, ttl: float = 3600.0, clock=time.monotonic):
+        self.max_items, self.ttl, self._clock = max_items, ttl, clock
+        self._items: OrderedDict[str, _Stored] = OrderedDict()
+
+    def put(self, response: dict, history: list[dict]) -> None:
+        self._items[response["id"]] = _Stored(response, history, self._clock() + self.ttl)
+        self._items.move_to_end(response["id"])
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    def get(self, rid: str) -> _Stored:
+        now = self._clock()
+        while self._items and next(iter(self._items.values())).expires <= now:
+            self._items.popitem(last=False)  # oldest first: they expire in insertion order
+        found = self._items.get(rid)
+        if found is None:
+            raise NotFound(f"response '{rid}' not found")
+        return found
+
+    def delete(self, rid: str) -> None:
+        self.get(rid)
+        del self._items[rid]
+
+
+@bp.record_once
+def _own_store(state) -> None:
+    state.app.extensions[STORE_KEY] = ResponseStore()
+
+
+def _store() -> ResponseStore:
+    return current_app.extensions[STORE_KEY]
+
+
+def _parts_text(content, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadRequest(f"{where} must be a string or an array of content parts")
+    parts = []
+    for i, p in enumerate(content):
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind in ("input_text", "output_text", "text"):
+            parts.append(str(p.get("text", "")))
+        elif kind == "refusal":
+            parts.append(str(p.get("refusal", "")))
+        elif kind == "input_image":
+            raise BadRequest("images are not supported by this model")
+        else:
+            raise BadRequest(f"{where}[{i}].type '{kind}' is not supported")
+    return "".join(parts)
+
+
+def _input(inp) -> list[dict]:
+    """input (a string or items) -> chat messages; function calls join the assistant turn."""
+    if isinstance(inp, str):
+        return [{"role": "user", "content": inp}]
+    if not isinstance(inp, list):
+        raise BadRequest("input must be a string or an array of input items")
+    out: list[dict] = []
+    for i, item in enumerate(inp):
+        if not isinstance(item, dict):
+            raise BadRequest(f"input[{i}] must be an object")
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = {"developer": "system"}.get(item.get("role"), item.get("role"))
+            if role not in ("user", "system", "assistant"):
+                raise BadRequest(f"input[{i}].role must be user, system, developer or assistant")
+            out.append({"role": role, "content": _parts_text(item.get("content"), f"input[{i}].content")})
+        elif kind == "function_call":
+            call = template_call({"id": item.get("call_id"), "function": {
+                "name": item.get("name"), "arguments": item.get("arguments", "{}")}}, i)
+            if out and out[-1]["role"] == "assistant":
+                out[-1].setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            out.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                        "content": _parts_text(item.get("output", ""), f"input[{i}].output")})
+        elif kind == "reasoning":
+            continue  # no model here reasons: earlier reasoning is not replayed
+        else:
+            raise BadRequest(f"input[{i}].type '{kind}' is not supported")
+    return out
+
+
+def _tools(body: dict) -> list[dict]:
+    tools = body.get("tools")
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise BadRequest("tools must be an array")
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict) or t.get("type") != "function":
+            kind = t.get("type") if isinstance(t, dict) else None
+            raise BadRequest(f"tools[{i}]: only function tools are supported, not '{kind}'")
+    return normalize_tools([{"type": "function", "function": t} for t in tools])
+
+
+def _grammar(body: dict, tools: list[dict]) -> str | None:
+    choice = body.get("tool_choice", "auto")
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise BadRequest("tool_choice must be none, auto, required or {type: function, name}")
+        return grammar_for_schema(call_schema(tools, choice["name"]))
+    if choice not in ("auto", "none", "required"):
+        raise BadRequest("tool_choice must be none, auto, required or {type: function, name}")
+    if choice == "required":
+        if not tools:
+            raise BadRequest("tool_choice 'required' needs tools")
+        return grammar_for_schema(call_schema(tools))
+    fmt = (field(body, "text", dict) or {}).get("format") or {"type": "text"}
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        return grammar_for_schema(ANY_JSON_OBJECT)
+    if kind == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise BadRequest("text.format.schema must be a JSON schema object")
+        return grammar_for_schema(fmt["schema"])
+    if kind != "text":
+        raise BadRequest("text.format.type must be text, json_object or json_schema")
+    return None
+
+
+@bp.post("/v1/responses")
+async def create():
+    body = await json_body()
+    name = field(body, "model", str, required=True)
+    instructions = field(body, "instructions", str)
+    previous = field(body, "previous_response_id", str)
+    stored = _store()  # the streamed body runs outside the app's context
+    history = stored.get(previous).history if previous else []
+    turn = _input(body.get("input"))
+    tools = _tools(body)
+    grammar = _grammar(body, tools)
+    active = tools if body.get("tool_choice", "auto") != "none" else None
+    max_tokens = field(body, "max_output_tokens", int)
+    if max_tokens is not None and max_tokens < 1:
+        raise BadRequest("max_output_tokens must be positive")
+    field(body, "reasoning", dict)  # accepted: no model here reasons
+    store = field(body, "store", bool, default=True)
+    stream = field(body, "stream", bool, default=False)
+    opts = relay.sampling_options(field(body, "temperature", float), field(body, "top_p", float), None)
+    conversation = [*history, *turn]
+    system = [{"role": "system", "content": instructions}] if instructions else []
+    rt = runtime()
+    resolved = await rt.store.resolve(name)
+    gen = await relay.start(rt, resolved, opts, messages=system + conversation, tools=active,
+                            grammar=grammar, max_tokens=max_tokens)
+    rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
+    msg_id = f"msg_{uuid.uuid4().hex}"
+
+    def response(status: str, output: list[dict], usage: dict | None) -> dict:
+        return {
+            "id": rid, "object": "response", "created_at": created, "status": status, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": instructions, "max_output_tokens": max_tokens, "model": name, "output": output,
+            "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": previous, "reasoning": {"effort": None, "summary": None},
+            "store": store, "temperature": opts["temperature"], "top_p": opts["top_p"],
+            "text": body.get("text") or {"format": {"type": "text"}},
+            "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
+            "truncation": "disabled", "usage": usage, "user": None, "metadata": body.get("metadata") or {},
+        }
+
+    def message_item(text: str, status: str = "completed") -> dict:
+        return {"id": msg_id, "type": "message", "status": status, "role": "assistant",
+                "content": [] if status != "completed" else [_text_part(text)]}
+
+    def finished() -> tuple[dict, list[dict]]:
+        """The final response, and the conversation to store with it."""
+        text = "".join(gen.text)
+        calls = relay.tool_calls(text, active)
+        prompt, out, cached = relay.usage_counts(gen)
+        usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+                 "output_tokens": out, "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": prompt + out}
+        if calls:
+            output = [{"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "status": "completed",
+                       "call_id": f"call_{uuid.uuid4().hex[:24]}", "name": c["name"],
+                       "arguments": json.dumps(c["arguments"], ensure_ascii=False)} for c in calls]
+            said = {"role": "assistant", "content": "", "tool_calls": [
+                template_call({"id": o["call_id"], "function": {"name": o["name"], "arguments": o["arguments"]}}, 0)
+                for o in output]}
+            status = "completed"
+        else:
+            output, said = [message_item(text)], {"role": "assistant", "content": text}
+            status = "incomplete" if gen.done_reason == "length" else "completed"
+        final = response(status, output, usage)
+        if store:
+            stored.put(final, [*conversation, said])
+        return final, output
+
+    if not stream:
+        await relay.drain_all([gen])
+        return json_response(finished()[0])
+
+    seq = iter(range(1 << 62))
+
+    def event(kind: str, **data) -> bytes:
+        return relay.sse(kind, {"type": kind, "sequence_number": next(seq), **data})
+
+    def text_events(i: int, text: str, *, opened: bool) -> list[bytes]:
+        """A message item's closing events (and its opening ones, when not yet open)."""
+        ids = {"item_id": msg_id, "output_index": i, "content_index": 0}
+        head = [] if opened else [
+            event("response.output_item.added", output_index=i, item=message_item("", "in_progress")),
+            event("response.content_part.added", **ids, part=_text_part("")),
+            *([event("response.output_text.delta", **ids, delta=text, logprobs=[])] if text else [])]
+        return [*head, event("response.output_text.done", **ids, text=text, logprobs=[]),
+                event("response.content_part.done", **ids, part=_text_part(text)),
+                event("response.output_item.done", output_index=i, item=message_item(text))]
+
+    async def events(chunks):
+        yield event("response.created", response=response("in_progress", [], None))
+        yield event("response.in_progress", response=response("in_progress", [], None))
+        if not active:  # plain text streams as it comes; a possible call must arrive whole
+            yield event("response.output_item.added", output_index=0, item=message_item("", "in_progress"))
+            yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
+                        part=_text_part(""))
+        async for c in chunks:
+            if not active and c.text:
+                yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
+                            delta=c.text, logprobs=[])
+        final, output = finished()
+        for i, item in enumerate(output):
+            if item["type"] == "message":
+                for e in text_events(i, "".join(gen.text), opened=not active):
+                    yield e
+                continue
+            yield event("response.output_item.added", output_index=i,
+                        item={**item, "arguments": "", "status": "in_progress"})
+            yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
+                        delta=item["arguments"])
+            yield event("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                        name=item["name"], arguments=item["arguments"])
+            yield event("response.output_item.done", output_index=i, item=item)
+        yield event(f"response.{final['status']}", response=final)
+
+    def error_event(exc) -> bytes:
+        err = {"message": str(exc), "type": exc.kind, "code": exc.kind, "param": None}
+        return event("error", message=str(exc), code=exc.kind, param=None, error=err)
+
+    return relay.sse_response(rt, gen, events, error_event)
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+@bp.get("/v1/responses/<rid>")
+async def retrieve(rid: str):
+    return json_response(_store().get(rid).response)
+
+
+@bp.delete("/v1/responses/<rid>")
+async def delete(rid: str):
+    _store().delete(rid)
+    return json_response({"id": rid, "object": "response.deleted", "deleted": True})
