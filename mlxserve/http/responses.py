@@ -209,6 +209,8 @@ async def create():
         """The final response, and the conversation to store with it."""
         text = "".join(gen.text)
         calls = relay.tool_calls(text, active)
+        if calls and body.get("parallel_tool_calls") is False:
+            calls = calls[:1]
         prompt, out, cached = relay.usage_counts(gen)
         usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
                  "output_tokens": out, "output_tokens_details": {"reasoning_tokens": 0},
@@ -286,12 +288,12 @@ def _text_part(text: str) -> dict:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-@bp.get("/v1/responses/<rid>")
-async def retrieve(rid: str):
-    return json_response(_store().get(rid).response)
+@bp.get("/v1/responses/<response_id>")
+async def retrieve(response_id: str):
+    return json_response(_store().get(response_id).response)
 
 
-@bp.delete("/v1/responses/<rid>")
-async def delete(rid: str):
-    _store().delete(rid)
-    return json_response({"id": rid, "object": "response.deleted", "deleted": True})
+@bp.delete("/v1/responses/<response_id>")
+async def delete(response_id: str):
+    _store().delete(response_id)
+    return json_response({"id": response_id, "object": "response.deleted", "deleted": True})
