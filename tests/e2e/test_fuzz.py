@@ -77,7 +77,17 @@ def openai_error_problem(obj) -> str | None:
     return None
 
 
+def anthropic_error_problem(obj) -> str | None:
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if not isinstance(obj, dict) or obj.get("type") != "error" or not isinstance(err, dict) \
+            or not isinstance(err.get("type"), str) or not isinstance(err.get("message"), str) or not err["message"]:
+        return f'not an Anthropic error object {{"type": "error", "error": {{"type", "message"}}}}: {_short(obj)}'
+    return None
+
+
 def error_problem(path: str, obj) -> str | None:
+    if path.startswith("/v1/messages"):
+        return anthropic_error_problem(obj)
     return (openai_error_problem if path.startswith("/v1/") else ollama_error_problem)(obj)
 
 
@@ -345,7 +355,8 @@ def test_document_covers_every_route():
     for rule in create_app(FakeRuntime()).url_map.iter_rules():
         if rule.endpoint == "static":
             continue
-        path = rule.rule.replace("<path:model_id>", "{model}").replace("<digest>", "{digest}")
+        path = rule.rule.replace("<path:model_id>", "{model}").replace("<digest>", "{digest}") \
+            .replace("<response_id>", "{response_id}")
         served |= {(m, path) for m in rule.methods - {"OPTIONS"}}
     doc = yaml.safe_load(SPEC.read_text())
     documented = {(m.upper(), p) for p, item in doc["paths"].items() for m in item if m != "parameters"}
@@ -578,7 +589,7 @@ async def test_connection_is_usable_after_a_413(models_dir):
 
 JSON_ROUTES = ["/api/generate", "/api/chat", "/api/show", "/api/copy", "/api/create", "/api/pull", "/api/push",
                "/api/embed", "/api/embeddings", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-               "/api/delete"]
+               "/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/api/delete"]
 
 
 def _nested_object(depth: int) -> str:
@@ -603,6 +614,9 @@ def _surrogates(path: str) -> bytes:
         "/v1/completions": {"model": "tiny", "prompt": lone, "max_tokens": 2},
         "/api/embed": {"model": "tiny", "input": [lone]},
         "/v1/embeddings": {"model": "tiny", "input": lone},
+        "/v1/messages": {"model": "tiny", "max_tokens": 2, "system": lone,
+                         "messages": [{"role": "user", "content": lone}]},
+        "/v1/responses": {"model": "tiny", "input": lone, "instructions": lone, "max_output_tokens": 2},
         "/api/show": {"model": lone},
     }[path]
     return json.dumps(body).encode()
@@ -622,7 +636,7 @@ def _hostile_requests():
                            "type": "json_schema", "json_schema": {"name": "deep", "schema": deep}}))):
         yield "schema-300-deep", "POST", path, json.dumps(body).encode(), json_ct, {400}
     for path in ("/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions", "/api/embed",
-                 "/v1/embeddings"):
+                 "/v1/embeddings", "/v1/messages", "/v1/responses"):
         yield "lone-surrogates", "POST", path, _surrogates(path), json_ct, {200}
     yield "lone-surrogate-in-a-name", "POST", "/api/show", _surrogates("/api/show"), json_ct, {400, 404}
     yield "host-in-capitals", "POST", "/api/show", b'{"model": "tiny"}', {**json_ct, "host": "LOCALHOST"}, {200}
