@@ -37,7 +37,7 @@ async def json_body() -> dict:
         raise BadRequest(f"invalid JSON: {exc}") from exc
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
-    if _SURROGATE_ESCAPE.search(raw):
+    if _SURROGATE_ESCAPE.search(raw):  # U+FFFD, as Ollama's Go decoder: text cut mid-pair still serves
         body = _replace_lone_surrogates(body)
     return body
 
