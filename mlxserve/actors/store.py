@@ -50,10 +50,12 @@ class StoreHandle:
     async def copy(self, src: str, dst: str) -> None:
         await self.call("copy", src, dst)
 
-    async def create(self, name: str, modelfile: str, *, base_dir, progress: Callable | None = None,
-                     quantize: str | None = None):
+    async def create(self, name: str, modelfile, *, base_dir, progress: Callable | None = None,
+                     quantize: str | None = None, files: dict | None = None,
+                     on_validated: Callable[[], None] | None = None):
+        """``modelfile``: its text or a parsed Modelfile; the rest as ``Store.create``."""
         return await self.call("create", name, modelfile, base_dir=base_dir, progress=progress,
-                               quantize=quantize)
+                               quantize=quantize, files=files, on_validated=on_validated)
 
     async def verify_for_load(self, resolved) -> None:
         await self.call("verify_for_load", resolved)

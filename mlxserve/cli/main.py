@@ -300,14 +300,20 @@ async def show(model: str, part: str | None) -> None:
 @click.argument("model", required=False)
 async def verify(model: str | None) -> None:
     """Re-hash every blob (of MODEL, or of all models) and report."""
+    from ..errors import MlxserveError
     from ..store.store import Store
 
     s = _settings()
-    rows = Store(s.models_dir, default_registry=s.default_registry).verify(model)
+    try:
+        rows = Store(s.models_dir, default_registry=s.default_registry).verify(model)
+    except MlxserveError as exc:  # a model name that is invalid or not in the store
+        _fail(str(exc))
     bad = [r for r in rows if not r["ok"]]
     for r in rows:
-        click.echo(f"{'ok ' if r['ok'] else 'BAD'} {r['model']} {r['digest'][:19]} {r.get('problem') or ''}")
-    click.echo(f"{len(rows)} blob(s) checked, {len(bad)} problem(s)")
+        # A corrupt manifest is one row without a digest: nothing of it could be checked.
+        what = r["digest"][:19] if r["digest"] else "manifest"
+        click.echo(f"{'ok ' if r['ok'] else 'BAD'} {r['model']} {what} {r.get('problem') or ''}")
+    click.echo(f"{sum(1 for r in rows if r['digest'])} blob(s) checked, {len(bad)} problem(s)")
     if bad:
         sys.exit(1)
 

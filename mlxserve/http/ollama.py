@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from datetime import datetime, timezone
 from pathlib import Path
@@ -11,7 +13,9 @@ import trio
 from quart import Blueprint, Response
 
 from .. import __version__
+from ..store.create import ADAPTERS_UNSUPPORTED
 from ..errors import BadRequest, MlxserveError
+from ..specs.modelfile import MESSAGE_ROLES, Modelfile
 from ..specs.tools import as_template_tools, might_be_call, normalize_tools, parse_tool_calls
 from . import generation as g
 from .common import (
@@ -19,6 +23,7 @@ from .common import (
 )
 
 bp = Blueprint("ollama", __name__)
+log = logging.getLogger(__name__)
 
 
 def _iso(ts: float | datetime | None) -> str | None:
@@ -56,6 +61,7 @@ async def tags():
         {
             "name": m.display, "model": m.display, "modified_at": _iso(m.modified_at),
             "size": m.size, "digest": m.digest.removeprefix("sha256:"), "details": g.details(m.spec),
+            "capabilities": m.spec.reported_capabilities(),
         }
         for m in models
     ]})
@@ -314,7 +320,8 @@ async def show():
         "details": g.details(spec),
         "model_info": spec.model_info or {"general.architecture": spec.family,
                                           f"{spec.family}.context_length": spec.context_length},
-        "capabilities": spec.capabilities,
+        "capabilities": spec.reported_capabilities(),
+        "messages": spec.messages,
         "modified_at": _iso(m.modified_at),
     })
 
@@ -341,19 +348,26 @@ async def create():
     body = await json_body()
     name = field(body, "model", str) or field(body, "name", str, required=True)
     modelfile = field(body, "modelfile", str)
+    files = field(body, "files", dict)
+    if field(body, "adapters", dict):
+        raise BadRequest(ADAPTERS_UNSUPPORTED)
     if modelfile is None:
-        modelfile = _modelfile_from_fields(body)
+        modelfile = _modelfile_from_fields(body, files is not None)
+    elif files is not None:
+        raise BadRequest("give either modelfile or files, not both")
     base_dir = Path(field(body, "path", str, default="") or ".").expanduser()
     if base_dir.is_file():
         base_dir = base_dir.parent
     quantize = field(body, "quantize", str)
     stream = field(body, "stream", bool, default=True)
     rt = runtime()
+    kwargs = dict(base_dir=base_dir, quantize=quantize, files=files)
     if not stream:
-        await rt.store.create(name, modelfile, base_dir=base_dir, quantize=quantize)
+        await rt.store.create(name, modelfile, **kwargs)
         return json_response({"status": "success"})
 
     send, recv = trio.open_memory_channel(1024)
+    validated = trio.Event()
 
     def progress(event: dict) -> None:
         try:
@@ -361,18 +375,40 @@ async def create():
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError, RuntimeError):
             pass  # progress is advisory; the create itself goes on
 
+    failure: list[MlxserveError] = []
+
     async def run_create(task_status=trio.TASK_STATUS_IGNORED):
         task_status.started()
         try:
-            await rt.store.create(name, modelfile, base_dir=base_dir, progress=progress, quantize=quantize)
-        except MlxserveError as exc:
-            send.send_nowait({"error": str(exc)})
+            await rt.store.create(name, modelfile, progress=progress,
+                                  on_validated=lambda: trio.from_thread.run_sync(validated.set),
+                                  **kwargs)
+        except Exception as exc:  # in the runtime's nursery: never let it take the daemon down
+            err = exc if isinstance(exc, MlxserveError) else MlxserveError(f"create failed: {exc}")
+            if not isinstance(exc, MlxserveError):
+                log.exception("create of %s failed", name)
+            if validated.is_set():
+                with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                    send.send_nowait({"error": str(err)})
+            else:
+                failure.append(err)
         finally:
+            validated.set()
             send.close()
 
     # The create runs in the runtime's nursery: a client leaving mid-create does not leave the
     # store half-written (the store actor finishes or rolls back on its own).
     await rt.nursery.start(run_create)
+    # A source refused before anything is written is the request's fault: answered with its
+    # status (400...), not as a line of a 200 stream.
+    try:
+        await validated.wait()
+    except BaseException:
+        recv.close()
+        raise
+    if failure:
+        recv.close()
+        raise failure[0]
 
     async def body_iter():
         async with recv:
@@ -382,18 +418,25 @@ async def create():
     return stream_response(body_iter(), recv.close, "application/x-ndjson")
 
 
-def _modelfile_from_fields(body: dict) -> str:
-    """Ollama's newer create API sends fields instead of a Modelfile."""
-    src = field(body, "from", str)
-    if not src:
-        raise BadRequest("either modelfile or from is required")
-    lines = [f"FROM {src}"]
-    if t := field(body, "template", str):
-        lines.append(f'TEMPLATE """{t}"""')
-    if s := field(body, "system", str):
-        lines.append(f'SYSTEM """{s}"""')
-    for k, v in (field(body, "parameters", dict) or {}).items():
-        for item in (v if isinstance(v, list) else [v]):
-            lines.append(f"PARAMETER {k} {item}")
-    return "\n".join(lines) + "\n"
-
+def _modelfile_from_fields(body: dict, has_files: bool) -> Modelfile:
+    """Ollama's newer create API (``ollama create``, the client libraries) sends fields instead
+    of a Modelfile; they become one without a round trip through its text syntax."""
+    src = field(body, "from", str) or ""
+    if not src and not has_files:
+        raise BadRequest("either modelfile, from or files is required")
+    license_ = body.get("license")
+    if isinstance(license_, str):
+        license_ = [license_]
+    if license_ is not None and not (
+            isinstance(license_, list) and all(isinstance(x, str) for x in license_)):
+        raise BadRequest("license must be a string or a list of strings")
+    messages = []
+    for i, m in enumerate(field(body, "messages", list) or []):
+        if not isinstance(m, dict) or m.get("role") not in MESSAGE_ROLES or not isinstance(
+                m.get("content"), str):
+            raise BadRequest(f"messages[{i}] must be an object with a role "
+                             f"({', '.join(MESSAGE_ROLES)}) and a string content")
+        messages.append({"role": m["role"], "content": m["content"]})
+    return Modelfile(from_=src, parameters=dict(field(body, "parameters", dict) or {}),
+                     template=field(body, "template", str), system=field(body, "system", str),
+                     license=[x for x in license_ or [] if x], messages=messages)

@@ -51,6 +51,19 @@ class ModelSpec:
     def is_embedding(self) -> bool:
         return "embedding" in self.capabilities
 
+    def reported_capabilities(self) -> list[str]:
+        """What /api/show and /api/tags report, in Ollama's order. ``capabilities`` stores what
+        the model is (completion, embedding); the rest says what the server does with it:
+        ``tools`` for every generative model, since every one is prompted through a chat
+        template (its own, its tokenizer's, or ChatML) and tools reach any template; never
+        ``insert`` (a ``suffix`` is refused) nor ``thinking`` (``think`` is refused)."""
+        out = [c for c in ("completion", "embedding") if c in self.capabilities]
+        if "completion" in out:
+            out.append("tools")
+        if "vision" in self.capabilities:
+            out.append("vision")
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return _converter.unstructure(self)
 
