@@ -6,7 +6,10 @@ import os
 import pytest
 
 from mlxserve.errors import BadRequest, DigestMismatch
+from mlxserve.specs.modelfile import Modelfile
 from mlxserve.store import Store
+
+NO_FROM = Modelfile(from_="")  # as /api/create builds it when ``files`` stands for FROM
 
 
 def digest_of(data: bytes) -> str:
@@ -82,3 +85,34 @@ def test_prune_keeps_partial_downloads(store):
     part.write_bytes(b"half")
     store.prune()
     assert part.read_bytes() == b"half"
+
+
+def upload(store: Store, path) -> str:
+    data = path.read_bytes()
+    store.ingest_blob(digest_of(data), [data])
+    return digest_of(data)
+
+
+def test_create_from_uploaded_files(store, kquant_gguf, tiny_llama_dir, tmp_path):
+    """``files`` of an API create: {file name: digest of an uploaded blob}."""
+    gguf = upload(store, kquant_gguf[0])
+    r = store.create("one-gguf", NO_FROM, base_dir=tmp_path, files={"model.gguf": gguf})
+    assert r.spec.family == "llama"
+    directory = {f.name: upload(store, f) for f in tiny_llama_dir.iterdir() if f.is_file()}
+    r = store.create("a-dir", NO_FROM, base_dir=tmp_path, files=directory)
+    assert r.spec.format == "safetensors" and r.spec.template is not None
+    # The uploads are the model's blobs (README.md is not part of a model).
+    assert {d for n, d in directory.items() if n != "README.md"} <= {l["digest"] for l in r.layers}
+    before = sorted(store.blobs_dir.iterdir())
+    for files, match in [
+        ({}, "files must be an object"),
+        ({"../x.gguf": gguf}, "not a plain relative file name"),
+        ({"m.gguf": "sha256:" + "0" * 64}, "not found .*upload it first"),
+        ({"m.gguf": 5}, "must be a string"),
+        ({"m.gguf": gguf, "config.json": directory["config.json"]}, "a single file"),
+    ]:
+        with pytest.raises(BadRequest, match=match):
+            store.create("x", NO_FROM, base_dir=tmp_path, files=files)
+    with pytest.raises(BadRequest, match="either from or files"):
+        store.create("x", Modelfile(from_="one-gguf"), base_dir=tmp_path, files={"m.gguf": gguf})
+    assert sorted(store.blobs_dir.iterdir()) == before

@@ -136,6 +136,7 @@ def test_quantize_at_create(store, tiny_llama_dir):
 def test_embedding_directory(store, minilm_dir):
     r = store.create("all-minilm", f"FROM {minilm_dir}", base_dir=minilm_dir)
     assert r.spec.capabilities == ["embedding"] and r.spec.model_type == "bert"
+    assert r.spec.reported_capabilities() == ["embedding"]  # no tools for an embedder
     assert r.spec.template is None and r.spec.parameter_size == "22.7M"
     root = store.model_path(r)
     for rel in ("config.json", "model.safetensors", "tokenizer.json", "modules.json",
