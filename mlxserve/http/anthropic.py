@@ -26,7 +26,6 @@ bp = Blueprint("anthropic", __name__)
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
                 429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
-IMAGES_UNSUPPORTED = "images are not supported by this model"
 
 
 def _error(status: int, message: str) -> dict:
@@ -50,20 +49,7 @@ async def anthropic_errors(response: Response) -> Response:
 
 def _text_of(blocks, where: str) -> str:
     """A string, or text blocks joined (system, tool_result content)."""
-    if isinstance(blocks, str):
-        return blocks
-    if not isinstance(blocks, list):
-        raise BadRequest(f"{where} must be a string or an array of content blocks")
-    parts = []
-    for i, b in enumerate(blocks):
-        kind = b.get("type") if isinstance(b, dict) else None
-        if kind == "text":
-            parts.append(str(b.get("text", "")))
-        elif kind == "image":
-            raise BadRequest(IMAGES_UNSUPPORTED)
-        else:
-            raise BadRequest(f"{where}[{i}].type '{kind}' is not supported here")
-    return "".join(parts)
+    return relay.parts_text(blocks, where, {"text": "text"}, ("image",))
 
 
 def _conversation(body: dict) -> list[dict]:
@@ -92,7 +78,7 @@ def _conversation(body: dict) -> list[dict]:
             if kind == "text":
                 text.append(str(b.get("text", "")))
             elif kind == "image":
-                raise BadRequest(IMAGES_UNSUPPORTED)
+                raise BadRequest(relay.IMAGES_UNSUPPORTED)
             elif kind in ("thinking", "redacted_thinking"):
                 continue  # no model here thinks: earlier thinking is not replayed
             elif kind == "tool_use" and role == "assistant":

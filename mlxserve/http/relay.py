@@ -13,7 +13,7 @@ from typing import AsyncIterator, Callable
 
 import trio
 
-from ..errors import MlxserveError
+from ..errors import BadRequest, MlxserveError
 from ..specs.tools import as_template_tools, parse_tool_calls
 from . import generation as g
 from .common import stream_response
@@ -26,6 +26,28 @@ from .openai import _options as openai_options
 def sse(event: str, obj: dict) -> bytes:
     """One server-sent event, named as both dialects name theirs (the ``type`` of its data)."""
     return f"event: {event}\ndata: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+IMAGES_UNSUPPORTED = "images are not supported by this model"
+
+
+def parts_text(content, where: str, texts: dict[str, str], images: tuple[str, ...]) -> str:
+    """A string, or content parts joined: ``texts`` maps each text part type to the key of its
+    text; an image part is a 400 (no vision model yet); any other part type is a 400."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadRequest(f"{where} must be a string or an array of content parts")
+    out = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in texts:
+            out.append(str(part.get(texts[kind], "")))
+        elif kind in images:
+            raise BadRequest(IMAGES_UNSUPPORTED)
+        else:
+            raise BadRequest(f"{where}[{i}].type '{kind}' is not supported here")
+    return "".join(out)
 
 
 def sampling_options(temperature, top_p, stop: list[str] | None) -> dict:

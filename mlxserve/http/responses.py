@@ -70,23 +70,11 @@ def _store() -> ResponseStore:
     return current_app.extensions[STORE_KEY]
 
 
+_TEXT_PARTS = {"input_text": "text", "output_text": "text", "text": "text", "refusal": "refusal"}
+
+
 def _parts_text(content, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise BadRequest(f"{where} must be a string or an array of content parts")
-    parts = []
-    for i, p in enumerate(content):
-        kind = p.get("type") if isinstance(p, dict) else None
-        if kind in ("input_text", "output_text", "text"):
-            parts.append(str(p.get("text", "")))
-        elif kind == "refusal":
-            parts.append(str(p.get("refusal", "")))
-        elif kind == "input_image":
-            raise BadRequest("images are not supported by this model")
-        else:
-            raise BadRequest(f"{where}[{i}].type '{kind}' is not supported")
-    return "".join(parts)
+    return relay.parts_text(content, where, _TEXT_PARTS, ("input_image",))
 
 
 def _input(inp) -> list[dict]:
