@@ -83,3 +83,75 @@ def test_sandbox_blocks_attribute_escapes():
 def test_default_template_follows_the_vocabulary():
     assert default_template(["<|start_header_id|>", "a"]) == LLAMA3_TEMPLATE
     assert default_template(["<|im_start|>"]) == CHATML_TEMPLATE
+
+
+# ---- limits: a template is user code ----
+from mlxserve.specs.templates import RenderTimeout, RenderTooLong, TemplateLimit  # noqa: E402
+
+CAP = 100_000
+
+
+@pytest.mark.parametrize("text", [
+    "{{ 'x' * 10**7 }}",
+    "{{ (['x' * 1000] * 10000) | join }}",
+    "{% set ns = namespace(l=['x' * 1000]) %}{% for i in range(8) %}{% set ns.l = ns.l + ns.l %}{% endfor %}"
+    "{{ ns.l | join }}",
+    "{{ 'x' | center(10**7) }}",
+    "{{ 'x'.ljust(10**7) }}",
+    "{{ '{:>9999999}'.format(1) }}",
+    "{{ '%9999999d' % 1 }}",
+    "{{ '%9999999d' | format(1) }}",
+    "{{ ('x\n' * 1000) | indent(1000, true) }}",
+    "{% set s = 'a' * 1000 %}{{ s.replace('a', 'b' * 1000) }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(24) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(24) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+    "{% set x = 'x' * 50000 %}{% for i in range(10000) %}{{ x }}{% endfor %}",
+    "{% set x = 'x' * 50000 %}{% set y %}{% for i in range(200) %}{{ x }}{% endfor %}{% endset %}{{ y|length }}",
+])
+def test_templates_cannot_build_more_than_the_cap(text):
+    with pytest.raises(RenderTooLong, match="characters"):
+        render_chat(text, MSGS, max_chars=CAP)
+
+
+@pytest.mark.parametrize("text", [
+    "{% for i in range(100000) %}{% for j in range(100) %}{% endfor %}{% endfor %}",
+    "{% for a in messages * 300 %}{% for b in messages * 300 %}{% for c in messages * 300 %}"
+    "{% endfor %}{% endfor %}{% endfor %}",  # no call, no output: only the loops tick
+])
+def test_templates_stop_at_the_deadline(text):
+    with pytest.raises(RenderTimeout, match="longer than 0.2 s"):
+        render_chat(text, MSGS, seconds=0.2)
+
+
+@pytest.mark.parametrize("text, error", [
+    ("{{ range(100000) | batch(1) | sum(start=[]) | length }}", "adds numbers only"),
+    ("{{ lipsum(3) }}", "lipsum"),
+    ("{{ 10 ** 100000 }}", "power too large"),
+    ("{{ range(10**6) | length }}", "range"),
+])
+def test_other_expensive_constructs_are_refused(text, error):
+    with pytest.raises(BadRequest, match=error) as info:
+        render_chat(text, MSGS, max_chars=CAP)
+    assert not isinstance(info.value, TemplateLimit) or "characters" in str(info.value)
+
+
+def test_the_output_itself_is_capped():
+    pieces = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    with pytest.raises(RenderTooLong, match="longer than 1000 characters"):
+        render_chat(pieces, [{"role": "user", "content": "y" * 400}] * 3, max_chars=1000)
+    # Content within the cap renders whole; the limits are per render.
+    out = render_chat(CHATML_TEMPLATE, [{"role": "user", "content": "y" * 90_000}], max_chars=CAP)
+    assert out.count("y") == 90_000
+
+
+def test_limits_keep_jinja_semantics():
+    t = ("{{ 'a' ~ 1 ~ none }}|{% for x in [1, 2] %}{{ loop.index }}/{{ loop.length }}{{ '!' if loop.last }}"
+         "{% else %}empty{% endfor %}|{% for x in [] %}x{% else %}empty{% endfor %}|"
+         "{{ messages | map(attribute='role') | join(',') }}|{{ range(3) | list }}|{{ range(3) | reverse | list }}|"
+         "{{ {'b': 1, 'a': 2} | dictsort | first | first }}|{{ messages[0] | tojson(indent=1) | length > 0 }}|"
+         "{% for m in messages if m.role == 'user' %}{{ m.content }}{% endfor %}|{{ '%s-%d' % ('x', 3) }}|"
+         "{{ '{}!'.format('hi') }}|{{ 'ab' * 2 }}|{{ 2 ** 10 }}|{{ [1] + [2] }}")
+    assert render_chat(t, MSGS) == ("a1None|1/22/2!|empty|system,user|[0, 1, 2]|[2, 1, 0]|a|True|Hi|x-3|"
+                                    "hi!|abab|1024|[1, 2]")
+    nested = "{% for m in messages recursive %}{{ m.role }}{% endfor %}"
+    assert render_chat(nested, MSGS) == "systemuser"
