@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP) system-deps
+	@-$(BIN)/python -m mlxserve.engine.cpu
 
 # An optimized BLAS makes MLX's CPU path several times faster. Optional: installed when apt and
 # root (or passwordless sudo) are available; without it everything works, more slowly.
@@ -25,6 +26,16 @@ system-deps:
 	    { DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 \
 	      || { $$SUDO apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1; }; } \
 	      || echo "note: libopenblas0-pthread not installed; MLX uses its slower bundled BLAS"; \
+	  fi; \
+	fi
+	@-# g++ and Python.h build the quantized CPU kernels (engine/cpu); without them the CPU path runs float32.
+	@-if [ "$$(uname -s)" = Linux ] && command -v apt-get >/dev/null 2>&1; then \
+	  PKGS=""; command -v g++ >/dev/null 2>&1 || PKGS="g++"; \
+	  PYBIN=$(BIN)/python; [ -x $$PYBIN ] || PYBIN=$(PY); \
+	  [ -f "$$($$PYBIN -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] || PKGS="$$PKGS python3-dev"; \
+	  if [ -n "$$PKGS" ]; then SUDO=""; [ "$$(id -u)" = 0 ] || { sudo -n true 2>/dev/null && SUDO="sudo -n"; } || { echo "note: not root; run: sudo apt-get install $$PKGS"; exit 0; }; \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$PKGS >/dev/null 2>&1 \
+	      || echo "note: $$PKGS not installed; the CPU path dequantizes quantized models to float32"; \
 	  fi; \
 	fi
 

@@ -1,7 +1,11 @@
-"""CPU fast path, side by side: {Q4, float32} weights x {reference BLAS, OpenBLAS}.
+"""CPU fast path, side by side: {Q4, float32} weights x {reference BLAS, OpenBLAS}, and the
+quantized kernels of engine/cpu (q4-kernels).
 
     PYTHONPATH=. .venv/bin/python benchmarks/cpu_path.py [MODEL] [--tokens 64] [--streams 8]
-        [--json out.json] [--variants q4-ref,f32-ref,q4-openblas,f32-openblas]
+        [--json out.json] [--variants q4-kernels,f32-openblas,q4-ref,f32-ref,q4-openblas]
+
+--streams takes a list (4,8,16): one aggregate rate per level. q4-kernels also reports the
+share of the N-stream decode spent inside the kernels' products (products_pct).
 
 BLAS selection is per process, so each variant runs in a fresh subprocess
 (``--variant NAME``), which prints one JSON line. Per variant: single-stream decode tok/s,
@@ -31,6 +35,7 @@ VARIANTS = {
     "f32-ref": ("off", "float32"),
     "q4-openblas": ("auto", "keep"),
     "f32-openblas": ("auto", "float32"),
+    "q4-kernels": ("auto", "quantized-cpu"),
 }
 SHORT_PROMPTS = [
     "Once upon a time",
@@ -50,7 +55,7 @@ LONG_TEXT = (
 )
 
 
-def run_variant(name: str, model_path: str, tokens: int, streams: int, compile_step: bool) -> dict:
+def run_variant(name: str, model_path: str, tokens: int, levels: list[int], compile_step: bool) -> dict:
     blas_setting, weight_dtype = VARIANTS[name]
     load_before = os.getloadavg()[0]
     os.environ["MLXSERVE_BLAS"] = blas_setting
@@ -66,9 +71,11 @@ def run_variant(name: str, model_path: str, tokens: int, streams: int, compile_s
     stream = mx.new_thread_local_stream(mx.cpu)
     with mx.stream(stream):
         t0 = time.perf_counter()
-        lm = load_path(model_path, weight_dtype="keep")
-        if weight_dtype != "keep":
+        lm = load_path(model_path, weight_dtype="keep" if weight_dtype != "quantized-cpu" else weight_dtype)
+        if weight_dtype not in ("keep", "quantized-cpu"):
             dtypes.dequantize_model(lm.model, weight_dtype)
+        elif weight_dtype != lm.weight_dtype:
+            raise SystemExit(f"asked for {weight_dtype}, got {lm.weight_dtype}")
         load_s = time.perf_counter() - t0
     if compile_step:
         _compile_layers(lm.model)
@@ -108,7 +115,17 @@ def run_variant(name: str, model_path: str, tokens: int, streams: int, compile_s
     short = [tok.encode(p) for p in SHORT_PROMPTS]
     generate(short[:1], 8)  # warm-up: first-call allocations
     _, n1, s1 = generate(short[:1], tokens)
-    _, nn_, sn = generate([short[i % len(short)] for i in range(streams)], tokens)
+    from mlxserve.engine import cpu
+
+    kernels = cpu.load()[0] if weight_dtype == "quantized-cpu" else None
+    agg, share = {}, None
+    for streams in levels:
+        before = kernels.stats()[1] if kernels else 0
+        t0, c0 = time.perf_counter(), kernels.tsc() if kernels else 0
+        _, nn_, sn = generate([short[i % len(short)] for i in range(streams)], tokens)
+        agg[f"agg{streams}_tok_s"] = round(nn_ / sn, 2)
+        if kernels:  # TSC cycles inside products over all TSC cycles of the run
+            share = round(100 * (kernels.stats()[1] - before) / (kernels.tsc() - c0), 1)
 
     long_ids = tok.encode(LONG_TEXT * 8)[:300]
     ttft, _, _ = generate([long_ids], 1)
@@ -117,10 +134,12 @@ def run_variant(name: str, model_path: str, tokens: int, streams: int, compile_s
         "blas": info.name,
         "blas_in_use": backend.describe_backend()["blas"],
         "weights": weight_dtype if weight_dtype != "keep" else "q4",
+        "rss_mb": round(_rss_kb() / 1024),
         "weight_mb": round(dtypes.parameter_bytes(lm.model) / 2**20),
         "load_s": round(load_s, 2),
         "single_tok_s": round(n1 / s1, 2),
-        f"agg{streams}_tok_s": round(nn_ / sn, 2),
+        **agg,
+        "products_pct": share,
         "prefill_tokens": len(long_ids),
         "prefill_tok_s": round(len(long_ids) / ttft, 1),
         "compiled": compile_step,
@@ -128,6 +147,11 @@ def run_variant(name: str, model_path: str, tokens: int, streams: int, compile_s
         # and anything else running shows up here (and in the rates).
         "load": round(load_before, 2),
     }
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 def _compile_layers(model) -> None:
@@ -153,7 +177,7 @@ def _compile_layers(model) -> None:
 
 def _run_subprocess(name: str, args) -> dict | None:
     cmd = [sys.executable, __file__, args.model, "--variant", name,
-           "--tokens", str(args.tokens), "--streams", str(args.streams)]
+           "--tokens", str(args.tokens), "--streams", args.streams]
     if args.compile:
         cmd.append("--compile")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -177,7 +201,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default=str(DEFAULT_MODEL))
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--streams", default="8", help="stream counts, comma-separated")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--compile", action="store_true", help="mx.compile each MLP (experiment)")
@@ -187,10 +211,11 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.model, args.tokens, args.streams, args.compile)))
+        levels = [int(n) for n in args.streams.split(",")]
+        print(json.dumps(run_variant(args.variant, args.model, args.tokens, levels, args.compile)))
         return
 
-    agg = f"agg{args.streams}_tok_s"
+    aggs = [f"agg{n}_tok_s" for n in args.streams.split(",")]
     best: dict[str, dict] = {}
     for _ in range(args.repeat):  # interleaved, so noise from elsewhere hits every variant
         for name in args.variants.split(","):
@@ -201,14 +226,14 @@ def main() -> None:
             if prev is None:
                 best[name] = row
             else:  # keep the best of each rate: interference only ever slows a run down
-                for key in ("single_tok_s", agg, "prefill_tok_s"):
+                for key in ("single_tok_s", *aggs, "prefill_tok_s"):
                     prev[key] = max(prev[key], row[key])
                 prev["wall_s"] = min(prev["wall_s"], row["wall_s"])
                 prev["load"] = min(prev["load"], row["load"])
     rows = list(best.values())
 
-    header = ["variant", "blas_in_use", "weight_mb", "single_tok_s", agg, "prefill_tok_s", "wall_s",
-              "load"]
+    header = ["variant", "blas_in_use", "weight_mb", "rss_mb", "single_tok_s", *aggs, "prefill_tok_s",
+              "products_pct", "wall_s", "load"]
     print(f"model: {Path(args.model).name}, {args.tokens} new tokens, greedy, "
           f"{os.cpu_count()} CPUs, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}"
           f"{', mx.compile(MLP)' if args.compile else ''}"

@@ -2,9 +2,10 @@
 
 On Linux CPUs MLX's quantized matmul kernels are slow (a 576x1536 4-bit matvec 1.2 ms; the
 float32 one through OpenBLAS 0.2 ms, through the bundled reference BLAS 0.35 ms when the weight
-is stored (in, out)), and f16/bf16 matmuls do not go through BLAS at all. So a quantized model
-served from the CPU is fastest dequantized to float32, if the 4-8x larger weights fit in
-memory. On a GPU quantized kernels are fast and weights stay as loaded.
+is stored (in, out)), and f16/bf16 matmuls do not go through BLAS at all. So on the CPU a
+quantized model runs on this project's own kernels (engine/cpu: integer dot products straight
+from the packed weights) where they build, and is otherwise dequantized to float32 if the 4-8x
+larger weights fit in memory. On a GPU quantized kernels are fast and weights stay as loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from . import backend
 
 KEEP = "keep"
+QKERNELS = "quantized-cpu"  # stay quantized, products through engine/cpu's kernels
 _ALIASES = {
+    "quantized-cpu": QKERNELS,
+    "qkernels": QKERNELS,
     "keep": KEEP,
     "quantized": KEEP,
     "native": KEEP,
@@ -52,7 +56,7 @@ def parse_setting(setting: str | None) -> str | None:
         return _ALIASES[setting.strip().lower()]
     except KeyError:
         raise ValueError(
-            f"unknown weight dtype '{setting}' (auto, keep, float32, float16, bfloat16)"
+            f"unknown weight dtype '{setting}' (auto, quantized-cpu, keep, float32, float16, bfloat16)"
         ) from None
 
 
@@ -63,12 +67,14 @@ def choose_weight_dtype(
     memory_budget: int | None,
     *,
     float32_bytes: int | None = None,
+    kernels: bool = False,
 ) -> str:
-    """"keep" (run as loaded) or the float dtype name to dequantize to.
+    """"keep" (run as loaded), "quantized-cpu" or the float dtype name to dequantize to.
 
-    ``setting`` (auto/None, keep, float32, float16, bfloat16) wins when given. Automatic: on a
-    GPU keep; on the CPU float32 when the float32 weights fit ``memory_budget`` (default half
-    the physical memory), else keep. ``float32_bytes`` is the exact float32 size if known
+    ``setting`` (auto/None, quantized-cpu, keep, float32, float16, bfloat16) wins when given.
+    Automatic: on a GPU keep; on the CPU quantized-cpu when ``kernels`` (engine/cpu built),
+    else float32 when the float32 weights fit ``memory_budget`` (default half the physical
+    memory), else keep. ``float32_bytes`` is the exact float32 size if known
     (:func:`float_bytes`); otherwise it is bounded from ``quantized_bytes``.
 
     float32 wins on the CPU with either BLAS (SmolLM2-135M Q4_1, 2 cores, decode / 8-stream /
@@ -81,6 +87,8 @@ def choose_weight_dtype(
         return explicit
     if device != "cpu":
         return KEEP
+    if kernels:
+        return QKERNELS
     if memory_budget is None:
         total = physical_memory()
         memory_budget = total // 2 if total else None
@@ -94,7 +102,91 @@ _QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
 def _is_quantized(module) -> bool:
-    return isinstance(module, _QUANTIZED)
+    return isinstance(module, _QUANTIZED) and not isinstance(module, _KernelModule)
+
+
+# --- the CPU kernels (engine/cpu) --------------------------------------------------------------
+
+
+class _KernelModule:
+    """Marks modules whose products go through engine/cpu's kernels (they stay quantized)."""
+
+    kernels = None  # the extension module, set by use_cpu_kernels
+
+
+class CpuQuantizedLinear(_KernelModule, nn.QuantizedLinear):
+    def __call__(self, x):
+        if x.dtype != mx.float32:
+            x = x.astype(mx.float32)
+        y = self.kernels.qmm_rows(x, self["weight"], self["scales"], self["biases"],
+                                  self.group_size, self.bits)
+        return y + self["bias"] if "bias" in self else y
+
+
+class CpuQuantizedEmbedding(_KernelModule, nn.QuantizedEmbedding):
+    def __call__(self, x):
+        # Rows come out in the scales' dtype (f16 for GGUF); the model runs in float32.
+        return super().__call__(x).astype(mx.float32)
+
+    def as_linear(self, x):  # tied output head
+        if x.dtype != mx.float32:
+            x = x.astype(mx.float32)
+        return self.kernels.qmm_rows(x, self["weight"], self["scales"], self["biases"],
+                                     self.group_size, self.bits)
+
+
+class CpuRMSNorm(_KernelModule, nn.RMSNorm):
+    def __call__(self, x):
+        if x.dtype != mx.float32 or self.weight.dtype != mx.float32:
+            return super().__call__(x)
+        return self.kernels.rms_norm(x, self.weight, self.eps)
+
+
+class CpuRoPE(_KernelModule, nn.RoPE):
+    def __call__(self, x, offset=0):
+        if x.dtype != mx.float32 or x.ndim not in (3, 4):
+            return super().__call__(x, offset)
+        return self.kernels.rope(x, self.dims, self.traditional, self.base, self.scale, offset)
+
+
+# On the CPU mx.fast.rms_norm and mx.fast.rope run as chains of 7 and ~20 graph ops; the
+# extension has each as one op.
+_STEP_OPS = {nn.RMSNorm: CpuRMSNorm, nn.RoPE: CpuRoPE}
+
+
+def kernels_fit(module) -> bool:
+    """Whether engine/cpu's kernels compute this quantized module's products."""
+    if getattr(module, "mode", "affine") != "affine" or "biases" not in module:
+        return False
+    if module.bits not in (4, 8) or module.group_size not in (32, 64):
+        return False
+    return module["weight"].ndim == 2 and module["scales"].dtype in (mx.float16, mx.bfloat16, mx.float32)
+
+
+def use_cpu_kernels(model: nn.Module, kernels) -> int:
+    """Route the products of every quantized module the kernels fit through them, in place.
+
+    Modules they do not fit (other bits or modes) are dequantized to float32; every other
+    floating-point parameter (norms, float linears) becomes float32 too, so activations are
+    float32 throughout. Returns how many modules now use the kernels.
+    """
+    _KernelModule.kernels = kernels
+    count = 0
+    for _, module in model.named_modules():
+        if type(module) is nn.QuantizedEmbedding or (
+            isinstance(module, nn.QuantizedLinear) and not isinstance(module, _KernelModule)
+        ):
+            if not kernels_fit(module):
+                continue
+            # Swapping the class keeps the parameter tree (and load_weights) as it was.
+            module.__class__ = (CpuQuantizedEmbedding if isinstance(module, nn.QuantizedEmbedding)
+                                else CpuQuantizedLinear)
+            count += 1
+    dequantize_model(model, mx.float32)
+    for _, module in model.named_modules():
+        if type(module) in _STEP_OPS:
+            module.__class__ = _STEP_OPS[type(module)]
+    return count
 
 
 def _dequantized_weight(module, dtype: mx.Dtype) -> mx.array:
@@ -168,6 +260,8 @@ def dequantize_model(model: nn.Module, dtype, *, blas_layout: bool | None = None
     model.update_modules(leaves)
 
     for _, module in model.named_modules():
+        if isinstance(module, _KernelModule):
+            continue  # scales and biases stay as stored: the kernels read them as they are
         for key, value in list(module.items()):
             if (
                 isinstance(value, mx.array)

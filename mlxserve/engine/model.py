@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from mlx_lm.utils import _get_classes
 
 from ..errors import LoadError
 from . import gguf, tokenizer as tok
+
+log = logging.getLogger(__name__)
 
 
 @attrs.define
@@ -124,13 +127,25 @@ def load_path(path: str | Path, *, weight_dtype: str | None = None) -> LoadedMod
 
 
 def _apply_weight_dtype(lm: LoadedModel, setting: str | None) -> None:
-    """Quantized CPU kernels are slow; dequantizing to f32 (BLAS) is much faster when it fits."""
-    from . import dtype as dtypes
+    """MLX's quantized CPU kernels are slow: on the CPU products go through engine/cpu's
+    kernels where they build, else the weights are dequantized to f32 (BLAS) when that fits."""
+    from . import cpu, dtype as dtypes
 
     device = mx.default_device().type.name  # "cpu" or "gpu"
+    kernels = None
+    if device == "cpu" and dtypes.parse_setting(setting) in (None, dtypes.QKERNELS):
+        kernels, why = cpu.load()
+        if kernels is None:
+            log.info("quantized CPU kernels unavailable (%s): dequantizing to float32", why)
     choice = dtypes.choose_weight_dtype(device, lm.weight_bytes, setting, None,
-                                        float32_bytes=dtypes.float_bytes(lm.model))
-    if choice != "keep":
+                                        float32_bytes=dtypes.float_bytes(lm.model),
+                                        kernels=kernels is not None)
+    if choice == dtypes.QKERNELS and kernels is None:
+        choice = "float32"  # asked for explicitly, but they cannot be built here
+    if choice == dtypes.QKERNELS:
+        dtypes.use_cpu_kernels(lm.model, kernels)
+        lm.weight_bytes = dtypes.parameter_bytes(lm.model)
+    elif choice != "keep":
         dtypes.dequantize_model(lm.model, getattr(mx, choice))
         lm.weight_bytes = dtypes.parameter_bytes(lm.model)
     lm.weight_dtype = choice

@@ -1,0 +1,214 @@
+"""engine/cpu's quantized products: same answers as MLX and numpy, the same bits alone or in a
+batch, on every path this CPU has, and a quantized model decoding through them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlxserve.engine import cpu
+from mlxserve.engine import dtype as dtypes
+
+kernels, why = cpu.load()
+pytestmark = pytest.mark.skipif(kernels is None, reason=f"quantized CPU kernels unavailable: {why}")
+PATHS = [
+    pytest.param(value, id=name, marks=pytest.mark.skipif(
+        kernels is None or value > kernels.best_path(), reason=f"no {name} on this CPU"))
+    for name, value in cpu.PATHS.items()
+]
+SCALE_DTYPES = [mx.float16, mx.bfloat16, mx.float32]
+
+
+def _case(rng, rows, k, n, group, bits, scale_dtype):
+    w = mx.array(rng.standard_normal((n, k)).astype(np.float32))
+    wq, s, b = mx.quantize(w, group_size=group, bits=bits)
+    x = mx.array(rng.standard_normal((rows, k)).astype(np.float32) * rng.uniform(0.1, 10))
+    return x, wq, s.astype(scale_dtype), b.astype(scale_dtype)
+
+
+def _emulated(x, wq, s, b, group, bits):
+    """float64 product of the dequantized weights with x quantized as the kernels do (int8 per
+    block of 32, scale max|x|/127, round half to even)."""
+    xs = np.array(x, dtype=np.float32).reshape(x.shape[0], -1, 32)
+    d = np.abs(xs).max(-1, keepdims=True) / np.float32(127)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), np.float32(0)).astype(np.float32)
+    xq = (np.rint(xs * inv) * d).reshape(x.shape).astype(np.float64)
+    w = np.array(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32),
+                               group_size=group, bits=bits), dtype=np.float64)
+    return xq @ w.T
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 64])
+def test_products_match_mlx_and_the_emulated_int8_product(path, bits, group):
+    rng = np.random.default_rng(bits * 100 + group + path)
+    for trial in range(6):
+        rows = int(rng.choice([1, 2, 3, 5, 8, 13, 16, 17, 40]))
+        k = group * int(rng.integers(1, 24))
+        n = int(rng.integers(1, 300))
+        x, wq, s, b = _case(rng, rows, k, n, group, bits, SCALE_DTYPES[trial % 3])
+        y = kernels.qmm_rows(x, wq, s, b, group, bits, path)
+        assert y.shape == (rows, n) and y.dtype == mx.float32
+        got = np.array(y, dtype=np.float64)
+        # Against float arithmetic on the same int8 activations: only rounding differs.
+        want = _emulated(x, wq, s, b, group, bits)
+        scale = np.abs(want).max() + 1e-6
+        assert np.abs(got - want).max() <= 1e-4 * scale, (rows, k, n)
+        # Against MLX's own quantized product at float32 activations: the int8 rounding of x
+        # costs at most a few per cent of the largest output (about 0.5% typically).
+        ref = np.array(mx.quantized_matmul(x, wq, s.astype(mx.float32), b.astype(mx.float32),
+                                           transpose=True, group_size=group, bits=bits))
+        assert np.abs(got - ref).max() <= 0.03 * np.abs(ref).max(), (rows, k, n)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_row_gets_the_same_bits_alone_or_in_a_batch(path, bits):
+    rng = np.random.default_rng(bits)
+    # N large enough that the helper threads share the product
+    x, wq, s, b = _case(rng, 13, 576, 1536, 32, bits, mx.float16)
+    batch = np.array(kernels.qmm_rows(x, wq, s, b, 32, bits, path))
+    for i in (0, 4, 12):
+        alone = np.array(kernels.qmm_rows(x[i:i + 1], wq, s, b, 32, bits, path))
+        assert np.array_equal(alone[0], batch[i])
+    # leading dimensions are rows too
+    y3 = np.array(kernels.qmm_rows(x.reshape(13, 1, 576), wq, s, b, 32, bits, path))
+    assert np.array_equal(y3[:, 0], batch)
+
+
+def test_the_fastest_path_is_the_default():
+    rng = np.random.default_rng(0)
+    x, wq, s, b = _case(rng, 3, 256, 70, 32, 4, mx.float16)
+    best = kernels.qmm_rows(x, wq, s, b, 32, 4, kernels.best_path())
+    assert np.array_equal(np.array(kernels.qmm_rows(x, wq, s, b, 32, 4)), np.array(best))
+
+
+def test_bad_inputs_are_refused():
+    rng = np.random.default_rng(0)
+    x, wq, s, b = _case(rng, 2, 128, 16, 32, 4, mx.float16)
+    with pytest.raises(ValueError, match="bits"):
+        kernels.qmm_rows(x, wq, s, b, 32, 3)
+    with pytest.raises(ValueError, match="group_size"):
+        kernels.qmm_rows(x, wq, s, b, 128, 4)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.qmm_rows(x.astype(mx.float16), wq, s, b, 32, 4)
+    with pytest.raises(ValueError, match="last dimension"):
+        kernels.qmm_rows(x[:, :96], wq, s, b, 32, 4)
+    with pytest.raises(ValueError, match="scales"):
+        kernels.qmm_rows(x, wq, s[:, :2], b, 32, 4)
+    with pytest.raises(ValueError, match="path"):
+        kernels.qmm_rows(x, wq, s, b, 32, 4, 7)
+
+
+def test_a_strided_activation_gives_the_same_product():
+    rng = np.random.default_rng(1)
+    x, wq, s, b = _case(rng, 6, 128, 40, 32, 4, mx.float16)
+    strided = mx.array(np.array(x).T.copy()).T  # same values, column-major
+    assert np.array_equal(np.array(kernels.qmm_rows(strided, wq, s, b, 32, 4)),
+                          np.array(kernels.qmm_rows(x, wq, s, b, 32, 4)))
+
+
+def test_rms_norm_matches_mlx():
+    x = mx.random.normal((3, 5, 576), key=mx.random.key(0)) * 3
+    w = mx.random.normal((576,), key=mx.random.key(1))
+    want = mx.fast.rms_norm(x, w, 1e-5)
+    assert mx.allclose(kernels.rms_norm(x, w, 1e-5), want, rtol=1e-5, atol=1e-5).item()
+    assert mx.allclose(kernels.rms_norm(x.transpose(1, 0, 2), w, 1e-5), want.transpose(1, 0, 2),
+                       rtol=1e-5, atol=1e-5).item()
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+def test_rope_matches_mlx_for_every_offset_kind(traditional):
+    x = mx.random.normal((2, 7, 3, 64), key=mx.random.key(2)).transpose(0, 2, 1, 3)  # as attention does
+    for dims in (64, 48):
+        for offset in (0, 29, mx.array(11), mx.array([4, 300])):
+            got = kernels.rope(x, dims, traditional, 10000.0, 0.5, offset)
+            want = mx.fast.rope(x, dims, traditional=traditional, base=10000.0, scale=0.5, offset=offset)
+            assert got.shape == want.shape
+            assert mx.allclose(got, want, rtol=1e-4, atol=1e-4).item(), (dims, offset)
+    with pytest.raises(ValueError, match="offset"):
+        kernels.rope(x, 64, traditional, 10000.0, 1.0, mx.array([1, 2, 3]))
+
+
+# --- a model on the kernels ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantized_tiny_dir(tmp_path_factory, tiny_dir):
+    """The tiny model quantized the mlx-lm way: 4-bit layers, an 8-bit group-64 embedding."""
+    from mlxserve.engine.model import load_path
+
+    model = load_path(tiny_dir, weight_dtype="float32").model
+    layers = {"model.embed_tokens": {"group_size": 64, "bits": 8}}
+    nn.quantize(model, group_size=32, bits=4,
+                class_predicate=lambda p, m: layers.get(p, hasattr(m, "to_quantized")))
+    out = tmp_path_factory.mktemp("tiny-q4")
+    for f in tiny_dir.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, out / f.name)
+    config = json.loads((tiny_dir / "config.json").read_text())
+    config["quantization"] = {"group_size": 32, "bits": 4, **layers}
+    (out / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    return out
+
+
+def test_a_quantized_model_loads_onto_the_kernels(quantized_tiny_dir):
+    from mlxserve.engine.model import load_path
+
+    lm = load_path(quantized_tiny_dir)
+    assert lm.weight_dtype == dtypes.QKERNELS
+    inner = lm.model.model
+    assert isinstance(inner.layers[0].mlp.up_proj, dtypes.CpuQuantizedLinear)
+    assert isinstance(inner.embed_tokens, dtypes.CpuQuantizedEmbedding)
+    assert isinstance(inner.norm, dtypes.CpuRMSNorm)
+    assert isinstance(inner.layers[0].self_attn.rope, dtypes.CpuRoPE)
+    assert inner.norm.weight.dtype == mx.float32
+    ref = load_path(quantized_tiny_dir, weight_dtype="float32")
+    prompt = mx.array([[3, 17, 42, 5, 9]])
+    a, b = lm.model(prompt), ref.model(prompt)
+    assert a.dtype == mx.float32
+    assert mx.allclose(a, b, atol=0.05 * mx.abs(b).max().item()).item(), mx.abs(a - b).max().item()
+    assert lm.weight_bytes < ref.weight_bytes / 3
+
+
+def test_unsupported_layers_are_dequantized_and_the_rest_use_the_kernels():
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=1,
+                           intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                           rms_norm_eps=1e-5, vocab_size=256, tie_word_embeddings=False)
+    model = llama.Model(args)
+    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: (
+        {"group_size": 64, "bits": 6} if p.endswith("down_proj") else hasattr(m, "to_quantized")))
+    assert dtypes.use_cpu_kernels(model, kernels) == 8  # 6 linears, the head and the embedding
+    mlp = model.model.layers[0].mlp
+    assert type(mlp.down_proj) is nn.Linear and mlp.down_proj.weight.dtype == mx.float32
+    assert isinstance(mlp.up_proj, dtypes.CpuQuantizedLinear)
+    assert model.lm_head(mx.ones((2, 128))).shape == (2, 256)
+
+
+def test_batched_greedy_equals_solo_on_the_kernels(quantized_tiny_dir):
+    from test_loop import PROMPTS, EngineHarness, tokens_of
+
+    h = EngineHarness(quantized_tiny_dir, num_parallel=4, prefill_chunk=16)
+    try:
+        assert h.engine is not None
+        solo = {}
+        for i, p in enumerate(PROMPTS):
+            h.add(100 + i, p, 16)
+            solo[i] = tokens_of(h.collect({100 + i})[100 + i])
+        for i, p in enumerate(PROMPTS):
+            h.add(200 + i, p, 16)
+        together = h.collect({200 + i for i in range(len(PROMPTS))})
+        for i in range(len(PROMPTS)):
+            assert tokens_of(together[200 + i]) == solo[i], PROMPTS[i]
+    finally:
+        h.close()
