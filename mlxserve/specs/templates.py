@@ -91,7 +91,8 @@ class _GenerationTag(Extension):
 # loops end in a 400 instead of an OOM kill or a frozen daemon.
 
 RENDER_SECONDS = 5.0
-DEFAULT_MAX_CHARS = 1 << 22  # renders that name no cap, and constants folded at compile time
+DEFAULT_MAX_CHARS = 1 << 22  # renders that name no cap
+COMPILE_MAX_CHARS = 1 << 16  # a longer constant is not folded at compile time (no deadline there)
 MAX_RANGE = 100_000  # items in one range(), as Jinja's own sandbox allows
 OUTPUT_FACTOR = 4  # all {{ }} values together (captured blocks, macros) may reach 4x the cap
 
@@ -117,7 +118,7 @@ class _Limits:
 
 
 _LIMITS: ContextVar[_Limits | None] = ContextVar("template_limits", default=None)
-_COMPILE_LIMITS = _Limits(DEFAULT_MAX_CHARS, float("inf"))
+_COMPILE_LIMITS = _Limits(COMPILE_MAX_CHARS, float("inf"))
 
 
 def _limits() -> _Limits:
