@@ -75,10 +75,11 @@ def files_source(store: Store, files: object, workdir: Path) -> Path:
 
 
 def import_source(store: Store, mf: Modelfile, base_dir: Path, workdir: Path, emit: Progress,
-                  quantize: str | None, files: object = None) -> importers.Imported:
+                  quantize: str | None, files: object = None,
+                  validated: Callable[[], None] = lambda: None) -> importers.Imported:
     """Layers and spec for the Modelfile's FROM: an uploaded blob (``@sha256:...``), a GGUF
     file, a model directory, or a model already in the store (whose weights are shared); or
-    for the uploaded ``files`` of an API create."""
+    for the uploaded ``files`` of an API create. ``validated``: see importers.import_gguf."""
     ref = mf.from_
     if files is not None:
         if ref:
@@ -94,11 +95,11 @@ def import_source(store: Store, mf: Modelfile, base_dir: Path, workdir: Path, em
         path = source_path(ref, base_dir)
     if path is not None:
         if path.is_dir():
-            return importers.import_directory(path, workdir, emit, quantize)
+            return importers.import_directory(path, workdir, emit, quantize, validated)
         if quantize is not None:
             raise BadRequest(_QUANTIZE_NEEDS_DIR)
         if is_gguf(path):
-            return importers.import_gguf(path, workdir, emit)
+            return importers.import_gguf(path, workdir, emit, validated)
         raise BadRequest(f"{f'FROM {ref}' if ref else 'files'}: not a GGUF file or a model "
                          "directory")
     if quantize is not None:

@@ -138,7 +138,14 @@ def check_gguf_runnable(path: Path, header: GGUFHeader) -> None:
         raise BadRequest(f"{path.name}: tensors {', '.join(missing[:3])}{more} are missing")
 
 
-def import_gguf(path: Path, workdir: Path, progress: Callable[[dict], None]) -> Imported:
+def _nothing() -> None:
+    pass
+
+
+def import_gguf(path: Path, workdir: Path, progress: Callable[[dict], None],
+                validated: Callable[[], None] = _nothing) -> Imported:
+    """``validated`` is called once the file is known good, before a conversion (minutes for a
+    large model) starts."""
     progress({"status": "parsing GGUF"})
     header = read_header(path)
     check_gguf_runnable(path, header)
@@ -148,6 +155,7 @@ def import_gguf(path: Path, workdir: Path, progress: Callable[[dict], None]) -> 
         return Imported([LayerSource(mt.GGUF, path=path)], spec, vocab)
     if spec.capabilities != ["completion"]:
         raise BadRequest(f"{path.name}: only llama-family GGUF models can be converted")
+    validated()
     progress({"status": "converting model"})
     out = workdir / "converted"
     config = convert.convert_gguf(path, header, out, progress)
@@ -259,6 +267,8 @@ def _chat_template(root: Path) -> str | None:
 
 def _vocab(root: Path) -> list[str]:
     tj = root / "tokenizer.json"
+    if not tj.is_file():  # absent, or a FIFO that would block the read
+        return []
     try:
         data = json.loads(tj.read_text())
     except (OSError, ValueError):
@@ -267,7 +277,9 @@ def _vocab(root: Path) -> list[str]:
 
 
 def import_directory(root: Path, workdir: Path, progress: Callable[[dict], None],
-                     quantize: str | None = None) -> Imported:
+                     quantize: str | None = None,
+                     validated: Callable[[], None] = _nothing) -> Imported:
+    """``validated`` as for import_gguf, before quantizing."""
     progress({"status": "reading model directory"})
     if not (root / "config.json").is_file():
         raise BadRequest(f"{root} has no config.json (expected an mlx-lm or Hugging Face model "
@@ -295,6 +307,7 @@ def import_directory(root: Path, workdir: Path, progress: Callable[[dict], None]
             raise BadRequest("quantize is only supported for completion models")
         if config.get("quantization") or config.get("quantization_config"):
             raise BadRequest(f"{root.name} is already quantized")
+        validated()
         progress({"status": f"quantizing model to {quantize.lower()}"})
         out = workdir / "quantized"
         config = convert.quantize_directory(root, out, bits)

@@ -32,6 +32,7 @@ import attrs
 from ..errors import BadRequest, DigestMismatch, IntegrityError, ModelNotFound
 from ..specs.modelfile import Modelfile, parse_modelfile
 from ..specs.modelspec import ModelSpec
+from ..specs.options import Options
 from ..specs.templates import check_template
 from . import create as create_steps, fsutil, gc, importers, links, manifest as mt
 from .integrity import Verifier
@@ -339,6 +340,15 @@ class Store:
             raise BadRequest(create_steps.ADAPTERS_UNSUPPORTED)
         if mf.template is not None:
             check_template(mf.template)
+        Options.from_dict(mf.parameters)  # bad parameters: refused before any slow work
+        told = False
+
+        def validated() -> None:  # once: before a conversion, else after the spec is built
+            nonlocal told
+            if not told and on_validated is not None:
+                told = True
+                on_validated()
+
         old = self.manifest_path(target)
         old_bytes = old.read_bytes() if old.is_file() else None
         new: list[Path] = []
@@ -346,10 +356,9 @@ class Store:
             workdir = Path(tempfile.mkdtemp(prefix="create-", dir=self.tmp_dir))
             try:
                 imported = create_steps.import_source(self, mf, Path(base_dir).expanduser(),
-                                                      workdir, emit, quantize, files)
+                                                      workdir, emit, quantize, files, validated)
                 spec = create_steps.apply_modelfile(imported, mf)
-                if on_validated is not None:
-                    on_validated()
+                validated()
                 layers = [self._put_layer(src, emit, new) for src in imported.layers]
                 for media_type, text in create_steps.text_layers(spec):
                     digest, size = self._put_bytes(text, emit, new)

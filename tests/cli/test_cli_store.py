@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from odd_models import write_qwen2_gguf
+from model_files import write_qwen2_gguf
 
 MLXCTL = [sys.executable, "-c", "from mlxserve.cli.main import main; main()"]
 

@@ -8,13 +8,14 @@ the capabilities clients check before sending tools.
 
 from __future__ import annotations
 
+import json
 import os
 
 import httpx
 import ollama
 import trio
 
-from odd_models import write_qwen2_gguf
+from model_files import write_kquant_gguf, write_qwen2_gguf
 from support import start_daemon
 
 OPTS = {"temperature": 0, "num_predict": 1}
@@ -132,3 +133,23 @@ async def test_create_from_uploaded_files_with_license_and_messages(daemon, tiny
     assert "not found" in missing.error and "upload" in missing.error
     assert {"from-files:latest", "from-dir-files:latest"} <= names
     assert not {"lora:latest", "missing:latest"} & names
+
+
+async def test_streamed_create_answers_client_errors_with_their_status(daemon, tmp_path):
+    kquant_gguf_path = tmp_path / "kq.gguf"
+    write_kquant_gguf(kquant_gguf_path)
+    cases = [({"from": "tiny", "parameters": {"temperature": "hot"}}, 400, "temperature"),
+             ({"from": "no-such-model"}, 404, "not found"),
+             ({"from": "tiny", "template": "{% if %}"}, 400, "template")]
+    with trio.fail_after(120):
+        async with httpx.AsyncClient(base_url=daemon.url, timeout=60) as http:
+            for fields, status, words in cases:
+                r = await http.post("/api/create", json={"model": "x", "stream": True, **fields})
+                assert r.status_code == status and words in r.json()["error"], (fields, r.text)
+            # A create that converts (K-quant GGUF) streams its progress and ends in success.
+            async with http.stream("POST", "/api/create", json={
+                    "model": "kq", "modelfile": f"FROM {kquant_gguf_path}"}) as r:
+                assert r.status_code == 200
+                statuses = [json.loads(line).get("status") async for line in r.aiter_lines()
+                            if line.strip()]
+    assert "converting model" in statuses and statuses[-1] == "success"

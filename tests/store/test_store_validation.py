@@ -15,7 +15,7 @@ import pytest
 from mlxserve.errors import BadRequest
 from mlxserve.store import Store
 from mlxserve.store.ggufmeta import GGUF_ARCHITECTURES
-from odd_models import write_qwen2_gguf
+from model_files import write_qwen2_gguf
 
 
 def patch_tensor(data: bytes, name: str, part: str, value: int) -> bytes:
