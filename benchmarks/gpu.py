@@ -591,6 +591,47 @@ def run_served(model_dir: Path, args, work: Path, env_extra: dict, log_path: Pat
 
 
 # ---------------------------------------------------------------- main
+def kernel_bench(shapes=((4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)), rows=(1, 2, 4, 8),
+                 quants=((4, 32), (4, 64), (8, 32))) -> list[dict]:
+    """Microseconds and effective GB/s (weights + scales + biases read once) of engine/cuda's qmv
+    and of mx.quantized_matmul on the same 2-D input, over 8 weight copies so L2 holds none."""
+    import mlx.core as mx
+
+    from mlxserve.engine.cuda import qmv
+
+    out = []
+    for bits, group in quants:
+        for n, k in shapes:
+            copies = []
+            for i in range(8):
+                w = mx.random.normal((n, k), key=mx.random.key(i)).astype(mx.float16)
+                copies.append(mx.quantize(w, group_size=group, bits=bits))
+            mx.eval(copies)
+            nbytes = sum(a.nbytes for a in copies[0])
+            for m in rows:
+                x = mx.random.normal((m, k)).astype(mx.float16)
+                fns = {"qmv": lambda c: qmv.qmv(x, *c, group, bits),
+                       "mx.quantized_matmul": lambda c: mx.quantized_matmul(
+                           x, *c, transpose=True, group_size=group, bits=bits)}
+                row = {"bits": bits, "group": group, "n": n, "k": k, "rows": m, "weight_bytes": nbytes}
+                for name, fn in fns.items():
+                    for _ in range(3):
+                        mx.eval([fn(c) for c in copies])
+                    best = float("inf")
+                    for _ in range(5):
+                        t = time.perf_counter()
+                        mx.eval([fn(c) for c in copies * 8])
+                        best = min(best, (time.perf_counter() - t) / 64)
+                    row[f"{name}_us"] = best * 1e6
+                    row[f"{name}_gb_s"] = nbytes / best / 1e9
+                out.append(row)
+                print(f"  {bits}-bit g{group} {n:>5}x{k:<5} rows {m}: qmv {row['qmv_us']:7.1f} us "
+                      f"{row['qmv_gb_s']:6.0f} GB/s | mx.quantized_matmul {row['mx.quantized_matmul_us']:7.1f} us "
+                      f"{row['mx.quantized_matmul_gb_s']:6.0f} GB/s", flush=True)
+            del copies
+    return out
+
+
 def parse_sweep(specs: list[str]) -> list[tuple[str, dict]]:
     """``VAR=a,b,c``; values that hold commas are separated by ``;`` instead, and one such value
     ends with it: ``MLXSERVE_ADMIT_WINDOW=3,25;10,150`` or ``MLXSERVE_ADMIT_WINDOW=3,25;``."""
@@ -624,6 +665,8 @@ def main() -> None:
     ap.add_argument("--engine", action="store_true", help="add mlxserve's Engine without HTTP (deliver = queue)")
     ap.add_argument("--scaling", default="", help="raw only, these stream counts, --scaling-tokens each")
     ap.add_argument("--scaling-tokens", type=int, default=64)
+    ap.add_argument("--kernels", action="store_true",
+                    help="only time engine/cuda's few-row quantized matmul against mx.quantized_matmul (GB/s)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--log-dir", type=Path)
     # internal: the raw child
@@ -636,6 +679,11 @@ def main() -> None:
         return
     if args.child_engine:
         engine_child(args)
+        return
+    if args.kernels:
+        rows = kernel_bench()
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
         return
 
     work = Path(tempfile.mkdtemp(prefix="mlxserve-gpu-"))

@@ -340,31 +340,37 @@ def raw_decode(model_path: Path, batches: list[int], prompt_len: int, tokens: in
     for name, v in tree_flatten(model.parameters()):
         key = f"{name.rsplit('.', 2)[-2]}.{name.rsplit('.', 1)[-1]}:{v.dtype}".replace("mlx.core.", "")
         dtypes[key] = dtypes.get(key, 0) + 1
+    print(f"  {model_path.name}: loaded in {load_s:.1f}s; parameter dtypes {sorted(set(k.split(':')[1] for k in dtypes))}; "
+          f"norms {sorted(set(k.split(':')[1] for k in dtypes if 'norm' in k))}", flush=True)
     vocab = int(lm.config["vocab_size"])
     out = {"model": str(model_path), "load_s": load_s, "f32_norms": f32_norms, "param_dtypes": dtypes, "rows": []}
     for b in batches:
         rng = random.Random(b)
         prompt = mx.array([[rng.randrange(100, vocab) for _ in range(prompt_len)] for _ in range(b)])
 
-        def run() -> tuple[float, str]:
+        def run() -> tuple[float, float, str]:
             cache = make_prompt_cache(model)
             logits = model(prompt, cache=cache)
             y = mx.argmax(logits[:, -1, :], axis=-1)
             mx.eval(y)
+            build = 0.0
             t0 = time.perf_counter()
             for _ in range(tokens):
+                tb = time.perf_counter()
                 logits = model(y[:, None], cache=cache)
                 y = mx.argmax(logits[:, -1, :], axis=-1)
+                build += time.perf_counter() - tb  # host: building the step's graph
                 mx.async_eval(y)
             mx.eval(y)
-            return time.perf_counter() - t0, str(logits.dtype)
+            return time.perf_counter() - t0, build, str(logits.dtype)
 
         run()  # compile / warm
         best = min(run() for _ in range(2))
-        out["rows"].append({"batch": b, "decode_tok_s": b * tokens / best[0], "step_ms": 1000 * best[0] / tokens,
-                            "logits_dtype": best[1]})
-        print(f"  raw {model_path.name:<28} f32_norms={f32_norms!s:<5} batch {b:>3}: "
-              f"{b * tokens / best[0]:8.1f} tok/s  {1000 * best[0] / tokens:6.2f} ms/step  logits {best[1]}",
+        row = {"batch": b, "decode_tok_s": b * tokens / best[0], "step_ms": 1000 * best[0] / tokens,
+               "graph_build_ms": 1000 * best[1] / tokens, "logits_dtype": best[2]}
+        out["rows"].append(row)
+        print(f"  raw {model_path.name:<28} f32_norms={f32_norms!s:<5} batch {b:>3}: {row['decode_tok_s']:8.1f} tok/s"
+              f"  {row['step_ms']:6.2f} ms/step (graph build {row['graph_build_ms']:.2f})  logits {best[2]}",
               flush=True)
     del model, lm
     mx.clear_cache()
