@@ -40,7 +40,10 @@ NOT_FUZZED = {
     ("POST", "/api/blobs/{digest}"),
 }
 MODELS = ["tiny", "tiny:latest", "tiny-mlx"]  # generated requests name real models
-GENERATION = {"/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions"}
+GENERATION = {"/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions", "/v1/messages",
+              "/v1/responses"}
+# How a named-event stream (Anthropic's, OpenAI Responses') that ended well ends.
+LAST_EVENTS = {"/v1/messages": {"message_stop"}, "/v1/responses": {"response.completed", "response.incomplete"}}
 MAX_TOKENS = 4  # every generated request stops after this many tokens per sequence
 SAFE_VOCAB = 256  # the tiny model's byte-level BPE has at least the 256 byte tokens
 # Each distinct top_p / min_p value costs the runner an MLX compile (1.5-3 s here): a few values.
@@ -50,7 +53,8 @@ MIN_P = [0.0, 0.05]
 # enough that the whole file stays under 90 s on two cores.
 EXAMPLES = {"positive": 12, "negative": 8}
 HEAVY_EXAMPLES = {"positive": 30, "negative": 12}
-HEAVY = GENERATION | {"/api/embed", "/v1/embeddings"}
+# The newer dialects' routes share the chat route's path past their parsing: the base count serves.
+HEAVY = GENERATION - {"/v1/messages", "/v1/responses"} | {"/api/embed", "/v1/embeddings"}
 REQUEST_TIMEOUT = (5, 20)  # (connect, read) seconds: a hang is reported, not waited out
 SLOW = 10.0
 
@@ -125,7 +129,9 @@ def body_problems(path: str, method: str, status: int, ctype: str, text: str) ->
         if isinstance(last, dict) and "error" not in last and "status" not in last and last.get("done") is not True:
             out.append(f"NDJSON stream ended without a final object: {_short(last)}")
     elif ctype.startswith("text/event-stream"):
-        events = [e[len("data: "):] for e in text.split("\n\n") if e.startswith("data: ")]
+        # Each event's data (a named event has its "event:" line first).
+        events = [line[len("data: "):] for e in text.split("\n\n") for line in e.split("\n")
+                  if line.startswith("data: ")]
         if not events:
             return ["empty event stream"]
         for data in events:
@@ -137,9 +143,13 @@ def body_problems(path: str, method: str, status: int, ctype: str, text: str) ->
                 return [f"SSE data is not JSON: {_short(data)}"]
             if isinstance(obj, dict) and "error" in obj:
                 out.append(f"stream ended with an error event: {_short(obj)}")
-                if p := openai_error_problem(obj):
+                # A Responses error event carries an OpenAI error object beside its own fields.
+                if p := error_problem(path, {"error": obj["error"]} if path == "/v1/responses" else obj):
                     out.append(p)
-        if events[-1] != "[DONE]" and not out:
+        if path in LAST_EVENTS:
+            if not out and json.loads(events[-1]).get("type") not in LAST_EVENTS[path]:
+                out.append(f"event stream did not end with one of {sorted(LAST_EVENTS[path])}")
+        elif events[-1] != "[DONE]" and not out:
             out.append("event stream did not end with [DONE]")
     return out
 
@@ -159,7 +169,7 @@ def fuzz_schema() -> dict:
     opts["num_ctx"] = {"type": "integer", "enum": [16, 512, 2048]}  # each size is a runner to load
     opts["top_p"] = {"type": "number", "enum": TOP_P}
     opts["min_p"] = {"type": "number", "enum": MIN_P}
-    for name in ("ChatCompletionRequest", "CompletionRequest"):
+    for name in ("ChatCompletionRequest", "CompletionRequest", "AnthropicMessagesRequest", "ResponsesRequest"):
         comps[name]["properties"]["top_p"] = {"type": "number", "enum": TOP_P}
     # The tiny model has no thinking, vision or insert: those fields would only ever get their
     # 400 (test_api covers it), and hide whatever else the request carries behind it.
@@ -169,6 +179,7 @@ def fuzz_schema() -> dict:
     comps["GenerateRequest"]["properties"]["suffix"]["maxLength"] = 0
     comps["CompletionRequest"]["properties"]["suffix"]["maxLength"] = 0
     comps["OpenAIContentPart"]["properties"]["type"]["enum"] = ["text"]
+    comps["AnthropicContentBlock"]["properties"]["type"]["enum"].remove("image")
     # Servers ignore unknown top-level fields: generating them only dilutes the examples.
     for item in schema["paths"].values():
         for method, op in item.items():
@@ -205,9 +216,10 @@ def bound(case) -> None:
         return
     _keep_token_ids_in_vocab(body)
     opts = body.get("options")
+    for holder in (opts, body):  # Anthropic's top_k is a top-level field
+        if isinstance(holder, dict) and _is_num(holder.get("top_k")) and holder["top_k"] >= SAFE_VOCAB:
+            holder["top_k"] = 40
     if isinstance(opts, dict):
-        if _is_num(opts.get("top_k")) and opts["top_k"] >= SAFE_VOCAB:
-            opts["top_k"] = 40
         if _is_num(opts.get("min_p")) and opts["min_p"] > 0 and opts["min_p"] not in MIN_P:
             opts["min_p"] = MIN_P[-1]
     for holder in (opts, body):
@@ -223,9 +235,10 @@ def bound(case) -> None:
             if v is None or (_is_num(v) and not 0 < v <= MAX_TOKENS):
                 opts["num_predict"] = MAX_TOKENS
         return
-    keys = [k for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None]
+    names = ("max_output_tokens",) if case.path == "/v1/responses" else ("max_tokens", "max_completion_tokens")
+    keys = [k for k in names if body.get(k) is not None]
     if not keys:
-        body["max_tokens"] = MAX_TOKENS
+        body[names[0]] = MAX_TOKENS
     for k in keys:
         if _is_num(body[k]) and body[k] > MAX_TOKENS:
             body[k] = MAX_TOKENS
@@ -375,7 +388,7 @@ async def test_schemathesis_against_live_daemon(models_dir):
                 findings, ran = await trio.to_thread.run_sync(run_schemathesis, d.url, abandon_on_cancel=True)
             finally:
                 d.shutdown.set()
-    assert len(ran) == 26 - len(NOT_FUZZED), ran
+    assert len(ran) == 31 - len(NOT_FUZZED), ran
     assert findings.requests > 250, findings.report()
     assert not findings.items, findings.report()
 
