@@ -7,10 +7,11 @@ import pytest
 
 from mlxserve.engine.cuda import available, qmv
 
-pytestmark = pytest.mark.skipif(not available(), reason="CUDA kernels: needs MLX with an NVIDIA GPU (mlx-cuda); "
+needs_cuda = pytest.mark.skipif(not available(), reason="CUDA kernels: needs MLX with an NVIDIA GPU (mlx-cuda); "
                                                         "MLX has no CUDA device here")
 
 
+@needs_cuda
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 64])
 @pytest.mark.parametrize("rows", [1, 2, 5, 8])
@@ -32,7 +33,15 @@ def test_matches_quantized_matmul(bits, group, rows, dtype):
     assert err <= (1e-2 if dtype == mx.bfloat16 else 2e-3) * scale, (err, scale)
 
 
-def test_refuses_shapes_it_does_not_cover():
+@pytest.mark.parametrize("rows,k,group,bits", [(9, 64, 32, 4), (0, 64, 32, 4), (1, 48, 32, 4), (1, 64, 32, 3),
+                                               (1, 64, 16, 4), (1, 96, 64, 8)])
+def test_refuses_shapes_it_does_not_cover(rows, k, group, bits):
+    # Checked before any kernel is built, so this runs on every machine.
+    assert not qmv.supports(rows, k, group, bits)
     with pytest.raises(ValueError, match="unsupported"):
-        qmv.qmv(mx.zeros((9, 64), mx.float16), mx.zeros((8, 8), mx.uint32), mx.zeros((8, 2), mx.float16),
-                mx.zeros((8, 2), mx.float16), 32, 4)
+        qmv.qmv(mx.zeros((rows, k), mx.float16), mx.zeros((8, 8), mx.uint32), mx.zeros((8, 2), mx.float16),
+                mx.zeros((8, 2), mx.float16), group, bits)
+
+
+def test_covers_decode_shapes():
+    assert all(qmv.supports(r, k, g, b) for r in (1, 8) for k in (4096, 14336) for g in (32, 64) for b in (4, 8))

@@ -75,7 +75,7 @@ def supports(rows: int, k: int, group_size: int, bits: int) -> bool:
     """Shapes this kernel handles: 1..MAX_ROWS rows, 4 or 8 bits, groups of 32/64/128, and K a
     whole number of groups and 16-byte words."""
     vals = 128 // bits if bits in (4, 8) else 0
-    return (1 <= rows <= MAX_ROWS and vals and group_size in (32, 64, 128) and k % group_size == 0
+    return bool(1 <= rows <= MAX_ROWS and vals and group_size in (32, 64, 128) and k % group_size == 0
             and k % vals == 0 and group_size % vals == 0)
 
 
