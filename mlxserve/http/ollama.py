@@ -438,5 +438,6 @@ def _modelfile_from_fields(body: dict, has_files: bool) -> Modelfile:
                              f"({', '.join(MESSAGE_ROLES)}) and a string content")
         messages.append({"role": m["role"], "content": m["content"]})
     return Modelfile(from_=src, parameters=dict(field(body, "parameters", dict) or {}),
-                     template=field(body, "template", str), system=field(body, "system", str),
+                     template=field(body, "template", str) or None,
+                     system=field(body, "system", str) or None,
                      license=[x for x in license_ or [] if x], messages=messages)

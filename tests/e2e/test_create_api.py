@@ -153,3 +153,23 @@ async def test_streamed_create_answers_client_errors_with_their_status(daemon, t
                 statuses = [json.loads(line).get("status") async for line in r.aiter_lines()
                             if line.strip()]
     assert "converting model" in statuses and statuses[-1] == "success"
+
+
+async def test_create_fields_are_stored_exactly(daemon):
+    # Fields used to be pasted into Modelfile text: a template with """ in it broke the syntax.
+    template = 'Say """{% for m in messages %}{{ m.content }}{% endfor %}"""'
+    system = 'Quote "exactly".\nTwo lines.'
+
+    def create(c: ollama.Client):
+        c.create(model="exact", from_="tiny", template=template, system=system,
+                 license=["First license.", "Second license."])
+        return c.show("exact")
+
+    with trio.fail_after(60):
+        shown = await trio.to_thread.run_sync(client_call, daemon.url, create)
+    assert not isinstance(shown, Exception), shown
+    assert shown.template == template and shown.modelfile.count("LICENSE") == 1
+    assert "First license." in shown.license and "Second license." in shown.license
+    async with httpx.AsyncClient(base_url=daemon.url, timeout=30) as http:
+        raw = (await http.post("/api/show", json={"model": "exact"})).json()
+    assert raw["system"] == system
