@@ -37,7 +37,7 @@ from .mailbox import Reply, fail_pending, post
 
 log = logging.getLogger("mlxserve.embedder")
 _generations = itertools.count(1)
-_INLINE_CHARS = 16384  # texts up to this many characters in all are tokenized on the trio thread
+_INLINE_CHARS = 4096  # texts up to this many characters in all are tokenized on the trio thread
 
 
 @attrs.frozen

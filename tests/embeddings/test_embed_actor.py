@@ -212,3 +212,20 @@ async def test_model_without_capability_is_refused(embedder, log):
         with pytest.raises(BadRequest, match="does not support embeddings"):
             await embedder.embed(_model("v", caps=("vision",)), EmbedRequest(("x",)), 60)
     assert log["loads"] == []
+
+
+async def test_a_refusal_does_not_wait_for_the_running_batch(embedder, log):
+    """Inputs are tokenized (and refused) when they arrive, not when the thread takes them."""
+    m = _model("e")
+    with trio.fail_after(10):
+        await embedder.embed(m, EmbedRequest(("a",)), 60)  # loaded
+        log["gate"].clear()
+        log["started"].clear()
+        async with trio.open_nursery() as n:
+            n.start_soon(embedder.embed, m, EmbedRequest(("long",)), 60)
+            await trio.to_thread.run_sync(log["started"].wait)  # the thread is busy with it
+            with pytest.raises(BadRequest, match="bad input"):
+                await embedder.embed(m, EmbedRequest(("BAD",)), 60)
+            assert not log["gate"].is_set()  # answered while the batch still ran
+            log["gate"].set()
+    assert log["batches"] == [1, 1]

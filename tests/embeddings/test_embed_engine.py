@@ -126,3 +126,36 @@ def test_decoder_long_inputs_run_in_chunks(tiny_dir):
     dropped = emb.embed_ids([seqs[0]], chunk=64, keep_going=stop_after_two)
     assert asked == [[0], [0], [0]]  # three checkpoints, not one per chunk of all five
     assert not dropped.any()  # a dropped group's rows are never half-computed vectors
+
+
+def test_bert_asks_before_each_group(minilm, reference):
+    texts = _short(reference, 3)
+    seqs = [t.ids for t in minilm.tokenize(texts)]
+    asked: list[list[int]] = []
+    got = minilm.embed_ids(seqs, keep_going=lambda rows: asked.append(sorted(rows)) or False)
+    assert sorted(r for rows in asked for r in rows) == [0, 1, 2]  # every group was offered ...
+    assert not got.any()  # ... and dropped before it ran
+
+
+def test_a_long_text_is_tokenized_by_its_head(tiny_dir):
+    """Only a head of an over-long text is encoded; its first ``room`` tokens are the text's."""
+    from mlxserve.engine.embed import encode_head
+    from mlxserve.engine.tokenizer import from_directory
+
+    tok = from_directory(tiny_dir)
+    seen: list[int] = []
+
+    def encode(text: str) -> list[int]:
+        seen.append(len(text))
+        return tok.encode(text, add_bos=False)
+
+    rng = np.random.default_rng(1)
+    words = ["the", "quick", "brown", "fox", "jumps", "über", "λόγος", "12345", "\n", "  ", "!?"]
+    text = " ".join(rng.choice(words, size=20_000))
+    full = tok.encode(text, add_bos=False)
+    for room in (1, 50, 333):
+        seen.clear()
+        head = encode_head(encode, text, room)
+        assert head == full[:room + 1] and max(seen) < len(text) // 10
+    short = "a few words"
+    assert encode_head(encode, short, 333) == tok.encode(short, add_bos=False)
