@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import anthropic
 import httpx
+import pytest
 import jsonschema
 import trio
 
@@ -159,3 +160,34 @@ async def test_tools_round_trip_with_smollm2(smol_models_dir):
     assert answer.stop_reason in ("end_turn", "max_tokens") and answer.content[0].type == "text"
     assert answer.content[0].text
     jsonschema.validate(__import__("json").loads(structured.content[0].text), schema)
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/messages", {"model": "tiny", "max_tokens": 1500, "stream": True, "temperature": 0,
+                      "messages": [{"role": "user", "content": "Hi"}]}),
+    ("/v1/messages", {"model": "tiny", "max_tokens": 1500, "temperature": 0,
+                      "messages": [{"role": "user", "content": "Hi"}]}),
+    ("/v1/responses", {"model": "tiny", "max_output_tokens": 1500, "stream": True, "temperature": 0, "input": "Hi"}),
+    ("/v1/responses", {"model": "tiny", "max_output_tokens": 1500, "temperature": 0, "input": "Hi"}),
+])
+async def test_leaving_mid_answer_cancels_the_sequence(daemon, path, body):
+    """Both newer dialects (streamed or not): a client that leaves frees its slot at once."""
+    with trio.fail_after(60):
+        async with httpx.AsyncClient(base_url=daemon.url, timeout=60) as c:
+            await c.post("/api/generate", json={"model": "tiny"})
+            runner = await daemon.runner()
+            scope = trio.CancelScope()
+
+            async def request():
+                with scope:
+                    async with c.stream("POST", path, json=body) as r:
+                        async for _ in r.aiter_lines():
+                            pass
+
+            async with trio.open_nursery() as n:
+                n.start_soon(request)
+                await runner.wait_until(lambda s: s.running == 1)
+                scope.cancel()
+            await runner.wait_until(lambda s: s.running == 0)
+    _, finish, stats = runner.finished()[-1]
+    assert finish == "cancelled" and stats.generated_tokens < 750
