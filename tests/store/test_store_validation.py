@@ -183,6 +183,7 @@ def test_from_a_fifo_is_refused_without_opening_it(store, tmp_path):
     assert len(errors) == 1 and isinstance(errors[0], BadRequest)
     assert "not a regular file" in str(errors[0])
     assert snapshot(store) == ([], [], [])
+    refused(store, "FROM /dev/null", tmp_path, "not a regular file")  # a device, likewise
 
 
 def test_a_failure_after_blobs_were_written_removes_them(store, tmp_path, tiny_llama_dir,
