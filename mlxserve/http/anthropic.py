@@ -15,7 +15,7 @@ from quart import Blueprint, Response
 
 from ..engine.constrain import grammar_for_schema
 from ..errors import BadRequest
-from ..specs.tools import as_template_tools, call_schema, normalize_tools
+from ..specs.tools import as_template_tools, call_schema
 from . import generation as g
 from . import relay
 from .common import field, json_body, json_response, runtime
@@ -102,19 +102,8 @@ def _conversation(body: dict) -> list[dict]:
 
 
 def _tools(body: dict) -> list[dict]:
-    tools = body.get("tools")
-    if tools is None:
-        return []
-    if not isinstance(tools, list):
-        raise BadRequest("tools must be an array")
-    as_functions = []
-    for i, t in enumerate(tools):
-        if not isinstance(t, dict) or t.get("type", "custom") != "custom":
-            kind = t.get("type") if isinstance(t, dict) else None
-            raise BadRequest(f"tools[{i}]: only client tools (name, input_schema) are supported, not '{kind}'")
-        as_functions.append({"type": "function", "function": {
-            "name": t.get("name"), "description": t.get("description", ""), "parameters": t.get("input_schema")}})
-    return normalize_tools(as_functions)
+    return relay.function_tools(body.get("tools"), "custom", "custom", lambda t: {
+        "name": t.get("name"), "description": t.get("description", ""), "parameters": t.get("input_schema")})
 
 
 def _tool_choice(body: dict, tools: list[dict]) -> tuple[str, str | None]:

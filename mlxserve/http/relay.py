@@ -14,7 +14,7 @@ from typing import AsyncIterator, Callable
 import trio
 
 from ..errors import BadRequest, MlxserveError
-from ..specs.tools import as_template_tools, parse_tool_calls
+from ..specs.tools import as_template_tools, normalize_tools, parse_tool_calls
 from . import generation as g
 from .common import stream_response
 # Private helpers of the chat route, used as they are (see the lead's report: to be made public).
@@ -48,6 +48,22 @@ def parts_text(content, where: str, texts: dict[str, str], images: tuple[str, ..
         else:
             raise BadRequest(f"{where}[{i}].type '{kind}' is not supported here")
     return "".join(out)
+
+
+def function_tools(tools, kind: str, default_kind: str | None, as_function: Callable[[dict], dict]) -> list[dict]:
+    """A dialect's tool list -> normalised tools. Only its client-side kind is served: a
+    provider's built-in tools (web search...) are a 400."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise BadRequest("tools must be an array")
+    out = []
+    for i, t in enumerate(tools):
+        found = t.get("type", default_kind) if isinstance(t, dict) else None
+        if found != kind:
+            raise BadRequest(f"tools[{i}]: only {kind} tools are supported, not '{found}'")
+        out.append({"type": "function", "function": as_function(t)})
+    return normalize_tools(out)
 
 
 def sampling_options(temperature, top_p, stop: list[str] | None) -> dict:

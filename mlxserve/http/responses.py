@@ -17,7 +17,7 @@ from quart import Blueprint, current_app
 
 from ..engine.constrain import ANY_JSON_OBJECT, grammar_for_schema
 from ..errors import BadRequest, NotFound
-from ..specs.tools import call_schema, normalize_tools
+from ..specs.tools import call_schema
 from . import relay
 from .common import field, json_body, json_response, runtime
 from .openai import _template_call as template_call
@@ -111,16 +111,7 @@ def _input(inp) -> list[dict]:
 
 
 def _tools(body: dict) -> list[dict]:
-    tools = body.get("tools")
-    if tools is None:
-        return []
-    if not isinstance(tools, list):
-        raise BadRequest("tools must be an array")
-    for i, t in enumerate(tools):
-        if not isinstance(t, dict) or t.get("type") != "function":
-            kind = t.get("type") if isinstance(t, dict) else None
-            raise BadRequest(f"tools[{i}]: only function tools are supported, not '{kind}'")
-    return normalize_tools([{"type": "function", "function": t} for t in tools])
+    return relay.function_tools(body.get("tools"), "function", None, lambda t: t)
 
 
 def _grammar(body: dict, tools: list[dict]) -> str | None:
