@@ -74,6 +74,31 @@ def _host_port(value: str) -> tuple[str, int]:
     return (host.strip("[]") or "127.0.0.1"), int(port)
 
 
+def parse_api_keys(value: str) -> tuple[str, ...]:
+    """MLXSERVE_API_KEYS: keys separated by commas, or ``@FILE``: one key per line of FILE
+    (blank lines and lines starting with ``#`` skipped), so keys need not sit in the environment."""
+    value = value.strip()
+    if value.startswith("@"):
+        path = Path(value[1:]).expanduser()
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"MLXSERVE_API_KEYS: cannot read {path}: {exc}") from None
+        keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        keys = [k.strip() for k in value.split(",") if k.strip()]
+    if not keys:
+        raise ValueError("MLXSERVE_API_KEYS names no key")
+    return tuple(_api_key(k, "MLXSERVE_API_KEYS") for k in keys)
+
+
+def _api_key(key: str, name: str) -> str:
+    # A key travels in an HTTP header: visible ASCII only, so that it compares byte for byte.
+    if not all("!" <= c <= "~" for c in key):
+        raise ValueError(f"{name}: a key may hold only visible ASCII characters (no spaces)")
+    return key
+
+
 # Sequences decoded together per model. On the 2-core project machine (SmolLM2, f32 + OpenBLAS)
 # a step's cost barely grows from 8 to 16 rows: benchmarks/concurrency.py gave 56.8 tok/s at 8
 # streams and 105.8 at 16 in one run (1.86x the throughput for 7% more time per token), so 16
@@ -136,6 +161,10 @@ class Settings:
     # Browser origins allowed besides the local ones (MLXSERVE_ORIGINS, as OLLAMA_ORIGINS):
     # patterns where ``*`` matches anything; ``"*"`` alone allows every origin.
     origins: tuple[str, ...] = ()
+    # Keys a client must present (MLXSERVE_API_KEYS); empty: no key is asked for.
+    api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
+    # The key mlxctl sends (MLXSERVE_API_KEY, else the first of MLXSERVE_API_KEYS).
+    api_key: str | None = attrs.field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -175,6 +204,10 @@ class Settings:
             kw["admit_window"] = AdmitWindow.parse(v)
         if v := env.get("MLXSERVE_ORIGINS"):
             kw["origins"] = tuple(o.strip() for o in v.split(",") if o.strip())
+        if v := env.get("MLXSERVE_API_KEYS"):
+            kw["api_keys"] = parse_api_keys(v)
+        if v := env.get("MLXSERVE_API_KEY", "").strip() or next(iter(kw.get("api_keys", ())), None):
+            kw["api_key"] = _api_key(v, "MLXSERVE_API_KEY")
         kw.update(overrides)
         return cls(**kw)
 

@@ -8,6 +8,7 @@ status through its ``status`` attribute, so no handler invents its own codes.
     │   ├── InvalidName                400  a model name that could escape the store
     │   ├── ModelfileError             400  a Modelfile that does not parse (carries a line number)
     │   └── DigestMismatch             400  an uploaded blob whose bytes do not match its digest
+    ├── Unauthorized                   401  no API key, or a wrong one (MLXSERVE_API_KEYS)
     ├── NotFound                       404
     │   ├── ModelNotFound              404  "model 'x' not found"
     │   ├── BlobNotFound               404
@@ -61,6 +62,11 @@ class ModelfileError(BadRequest):
 
 class DigestMismatch(BadRequest):
     pass
+
+
+class Unauthorized(MlxserveError):
+    status = 401
+    kind = "invalid_request_error"  # OpenAI's type for a missing or wrong key
 
 
 class NotFound(MlxserveError):

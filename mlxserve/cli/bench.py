@@ -50,8 +50,10 @@ async def _one(c: httpx.AsyncClient, model: str, prompt: str, tokens: int) -> di
             "eval_ns": final.get("eval_duration", 0)}
 
 
-async def run_bench(base_url: str, model: str, concurrency: int, tokens: int, rounds: int) -> dict:
-    async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(None, connect=5)) as c:
+async def run_bench(base_url: str, model: str, concurrency: int, tokens: int, rounds: int,
+                    headers: dict[str, str] | None = None) -> dict:
+    async with httpx.AsyncClient(base_url=base_url, headers=headers,
+                                 timeout=httpx.Timeout(None, connect=5)) as c:
         await _one(c, model, "Hi", 2)  # load the model and warm up outside the measurement
         results: list[dict] = []
         t0 = time.perf_counter()
@@ -83,10 +85,11 @@ async def run_bench(base_url: str, model: str, concurrency: int, tokens: int, ro
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 async def bench(model: str, concurrency: int, tokens: int, rounds: int, as_json: bool) -> None:
     """Measure decode and prompt tokens/s and time to first token against the running daemon."""
-    from .main import _settings
+    from .main import _settings, auth_headers
 
+    settings = _settings()
     try:
-        out = await run_bench(_settings().base_url, model, concurrency, tokens, rounds)
+        out = await run_bench(settings.base_url, model, concurrency, tokens, rounds, auth_headers(settings))
     except httpx.ConnectError:
         raise click.ClickException("could not connect to mlxserve; is `mlxctl serve` running?") from None
     if as_json:

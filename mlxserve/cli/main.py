@@ -26,8 +26,15 @@ def _settings():
         raise click.UsageError(f"bad setting: {exc}") from None
 
 
+def auth_headers(settings) -> dict[str, str]:
+    """The daemon's API key (MLXSERVE_API_KEY, else the first of MLXSERVE_API_KEYS), if any."""
+    return {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+
+
 def _client(timeout: float | None = None) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=_settings().base_url, timeout=httpx.Timeout(timeout, connect=5.0))
+    settings = _settings()
+    return httpx.AsyncClient(base_url=settings.base_url, headers=auth_headers(settings),
+                             timeout=httpx.Timeout(timeout, connect=5.0))
 
 
 def _fail(message: str) -> None:

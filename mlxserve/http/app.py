@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import logging
 import re
@@ -17,7 +18,7 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..actors.runtime import Runtime
-from ..errors import MlxserveError, ModelNotFound
+from ..errors import MlxserveError, ModelNotFound, Unauthorized
 from . import ollama, openai
 from . import transfer
 from . import embeddings
@@ -47,7 +48,40 @@ def _openai_code(exc: MlxserveError) -> str | None:
     # Only a missing model is model_not_found: clients report that code as a missing model.
     if isinstance(exc, ModelNotFound):
         return "model_not_found"
+    if isinstance(exc, Unauthorized):
+        return "invalid_api_key"
     return {503: "server_busy", 413: "payload_too_large"}.get(exc.status)
+
+
+# What answers without a key: liveness and version probes (load balancers, clients' checks).
+PUBLIC_PATHS = frozenset({"/", "/api/version", "/api/health"})
+
+
+def key_checker(keys: tuple[str, ...]) -> Callable[[list[str]], bool]:
+    """Whether any presented credential is one of ``keys``; every key is compared, each in
+    constant time, so the time taken tells nothing about which key came close."""
+    wanted = [k.encode() for k in keys]
+
+    def accepts(presented: list[str]) -> bool:
+        ok = False
+        for p in presented:
+            given = p.encode("utf-8", "replace")
+            for k in wanted:
+                ok |= hmac.compare_digest(given, k)
+        return ok
+
+    return accepts
+
+
+def _presented_keys(headers) -> list[str]:
+    """``Authorization: Bearer KEY`` (OpenAI's and Ollama's clients), ``x-api-key: KEY`` (Anthropic's)."""
+    out = []
+    scheme, _, token = (headers.get("Authorization") or "").strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        out.append(token.strip())
+    if key := (headers.get("x-api-key") or "").strip():
+        out.append(key)
+    return out
 
 
 def _loopback(host: str) -> bool:
@@ -184,6 +218,22 @@ def create_app(rt: Runtime) -> QuartTrio:
                 "Access-Control-Max-Age": "43200",
             })
         return None
+
+    if rt.settings.api_keys:
+        accepts = key_checker(rt.settings.api_keys)
+
+        @app.before_request
+        async def check_key():
+            # After the origin check, so that a CORS preflight (which carries no key) is answered.
+            if request.path in PUBLIC_PATHS or request.method == "OPTIONS":
+                return None
+            presented = _presented_keys(request.headers)
+            if not presented:
+                raise Unauthorized("missing API key: send it as 'Authorization: Bearer <key>' "
+                                   "(or 'x-api-key: <key>')")
+            if not accepts(presented):
+                raise Unauthorized("invalid API key")
+            return None
 
     @app.after_request
     async def allow_origin(response: Response) -> Response:

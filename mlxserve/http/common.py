@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Callable
 from quart import Response, current_app, request
 
 from ..config import parse_duration
-from ..errors import BadRequest, MlxserveError, PayloadTooLarge
+from ..errors import BadRequest, MlxserveError, PayloadTooLarge, Unauthorized
 
 
 def runtime():
@@ -137,6 +137,8 @@ def _default(o: Any) -> Any:
 
 
 def error_headers(exc: MlxserveError) -> dict:
+    if isinstance(exc, Unauthorized):  # RFC 9110: a 401 names the scheme that would do
+        return {"WWW-Authenticate": 'Bearer realm="mlxserve"'}
     retry = getattr(exc, "retry_after", None)
     return {"Retry-After": str(retry)} if retry is not None else {}
 
