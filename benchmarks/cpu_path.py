@@ -125,7 +125,7 @@ def run_variant(name: str, model_path: str, tokens: int, levels: list[int], comp
         _, nn_, sn = generate([short[i % len(short)] for i in range(streams)], tokens)
         agg[f"agg{streams}_tok_s"] = round(nn_ / sn, 2)
         if kernels:  # TSC cycles inside products over all TSC cycles of the run
-            share = round(100 * (kernels.stats()[1] - before) / (kernels.tsc() - c0), 1)
+            share = (share or "") + f"{streams}:{100 * (kernels.stats()[1] - before) / (kernels.tsc() - c0):.0f}% "
 
     long_ids = tok.encode(LONG_TEXT * 8)[:300]
     ttft, _, _ = generate([long_ids], 1)
@@ -139,7 +139,7 @@ def run_variant(name: str, model_path: str, tokens: int, levels: list[int], comp
         "load_s": round(load_s, 2),
         "single_tok_s": round(n1 / s1, 2),
         **agg,
-        "products_pct": share,
+        "products_pct": share.strip() if share else None,
         "prefill_tokens": len(long_ids),
         "prefill_tok_s": round(len(long_ids) / ttft, 1),
         "compiled": compile_step,

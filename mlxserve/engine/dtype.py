@@ -114,12 +114,19 @@ class _KernelModule:
     kernels = None  # the extension module, set by use_cpu_kernels
 
 
+def _tiles(x) -> int:
+    """Prefill (more than one token a sequence: x is (B, L, D) with L > 1) goes through
+    dequantized tiles and BLAS, decode through the int8 kernels; chosen by tokens a sequence,
+    never by batch size, so a sequence gets the same bits alone or in a batch."""
+    return int(x.ndim >= 3 and x.shape[-2] > 1)
+
+
 class CpuQuantizedLinear(_KernelModule, nn.QuantizedLinear):
     def __call__(self, x):
         if x.dtype != mx.float32:
             x = x.astype(mx.float32)
         y = self.kernels.qmm_rows(x, self["weight"], self["scales"], self["biases"],
-                                  self.group_size, self.bits)
+                                  self.group_size, self.bits, tiles=_tiles(x))
         return y + self["bias"] if "bias" in self else y
 
 
@@ -132,7 +139,7 @@ class CpuQuantizedEmbedding(_KernelModule, nn.QuantizedEmbedding):
         if x.dtype != mx.float32:
             x = x.astype(mx.float32)
         return self.kernels.qmm_rows(x, self["weight"], self["scales"], self["biases"],
-                                     self.group_size, self.bits)
+                                     self.group_size, self.bits, tiles=_tiles(x))
 
 
 class CpuRMSNorm(_KernelModule, nn.RMSNorm):

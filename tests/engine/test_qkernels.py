@@ -34,13 +34,16 @@ def _case(rng, rows, k, n, group, bits, scale_dtype):
 
 def _emulated(x, wq, s, b, group, bits):
     """float64 product of the dequantized weights with x quantized as the kernels do (int8 per
-    block of 32, scale max|x|/127, round half to even)."""
+    block of 32, scale max|x|/127, round half to even); from blas_rows rows on, x itself
+    (dequantized tiles through BLAS)."""
+    w = np.array(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32),
+                               group_size=group, bits=bits), dtype=np.float64)
+    if x.shape[0] >= kernels.blas_rows() and kernels.has_blas():
+        return np.array(x, dtype=np.float64) @ w.T
     xs = np.array(x, dtype=np.float32).reshape(x.shape[0], -1, 32)
     d = np.abs(xs).max(-1, keepdims=True) / np.float32(127)
     inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), np.float32(0)).astype(np.float32)
     xq = (np.rint(xs * inv) * d).reshape(x.shape).astype(np.float64)
-    w = np.array(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32),
-                               group_size=group, bits=bits), dtype=np.float64)
     return xq @ w.T
 
 
@@ -50,7 +53,7 @@ def _emulated(x, wq, s, b, group, bits):
 def test_products_match_mlx_and_the_emulated_int8_product(path, bits, group):
     rng = np.random.default_rng(bits * 100 + group + path)
     for trial in range(6):
-        rows = int(rng.choice([1, 2, 3, 5, 8, 13, 16, 17, 40]))
+        rows = int(rng.choice([1, 2, 3, 5, 8, 13, 16, 17, 31, 40, 64]))
         k = group * int(rng.integers(1, 24))
         n = int(rng.integers(1, 300))
         x, wq, s, b = _case(rng, rows, k, n, group, bits, SCALE_DTYPES[trial % 3])
@@ -72,14 +75,15 @@ def test_products_match_mlx_and_the_emulated_int8_product(path, bits, group):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_row_gets_the_same_bits_alone_or_in_a_batch(path, bits):
     rng = np.random.default_rng(bits)
+    rows = 13
     # N large enough that the helper threads share the product
-    x, wq, s, b = _case(rng, 13, 576, 1536, 32, bits, mx.float16)
-    batch = np.array(kernels.qmm_rows(x, wq, s, b, 32, bits, path))
-    for i in (0, 4, 12):
-        alone = np.array(kernels.qmm_rows(x[i:i + 1], wq, s, b, 32, bits, path))
+    x, wq, s, b = _case(rng, rows, 576, 1536, 32, bits, mx.float16)
+    batch = np.array(kernels.qmm_rows(x, wq, s, b, 32, bits, path, 0))  # decode's int8 kernels
+    for i in (0, rows // 2, rows - 1):
+        alone = np.array(kernels.qmm_rows(x[i:i + 1], wq, s, b, 32, bits, path, 0))
         assert np.array_equal(alone[0], batch[i])
     # leading dimensions are rows too
-    y3 = np.array(kernels.qmm_rows(x.reshape(13, 1, 576), wq, s, b, 32, bits, path))
+    y3 = np.array(kernels.qmm_rows(x.reshape(rows, 1, 576), wq, s, b, 32, bits, path, 0))
     assert np.array_equal(y3[:, 0], batch)
 
 
@@ -212,3 +216,36 @@ def test_batched_greedy_equals_solo_on_the_kernels(quantized_tiny_dir):
             assert tokens_of(together[200 + i]) == solo[i], PROMPTS[i]
     finally:
         h.close()
+
+
+# --- building, and the way back to float32 ------------------------------------------------------
+
+
+def test_a_failed_build_says_why(tmp_path, monkeypatch):
+    from mlxserve.engine.cpu import buildext as build
+
+    fake = tmp_path / "g++"
+    fake.write_text("#!/bin/sh\necho 'fake compiler: refused' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setenv("MLXSERVE_SMALL_GEMM", str(tmp_path / "cache"))  # the build cache
+    path, why = build.build()
+    assert path is None and "failed" in why and "fake compiler: refused" in why
+    monkeypatch.setenv(build.ENV, "off")
+    assert build.build() == (None, f"{build.ENV}=off")
+
+
+def test_off_loads_the_float32_path(quantized_tiny_dir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = ("import sys; from mlxserve.engine.model import load_path; "
+             "lm = load_path(sys.argv[1]); print(lm.weight_dtype, type(lm.model.model.layers[0].mlp.up_proj).__name__)")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, MLXSERVE_QKERNELS="off", PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "-c", probe, str(quantized_tiny_dir)], env=env,
+                         capture_output=True, text=True, timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["float32", "Linear"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 
-from .build import ENV, build, unavailable_reason  # noqa: F401
+from .buildext import ENV, build, unavailable_reason  # noqa: F401
 
 PATHS = {"scalar": 0, "avx2": 1}
 _lock = threading.Lock()

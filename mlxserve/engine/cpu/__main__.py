@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from . import build
+from . import buildext
 
 
 def main() -> int:
-    path, why = build.build()
+    path, why = buildext.build()
     if path is None:
         print(f"note: quantized CPU kernels not built ({why}); the CPU path dequantizes to float32")
         return 0

@@ -89,6 +89,13 @@ def _compile(args: list[str], target: Path) -> str | None:
     return None
 
 
+def _prune(cache: Path, keep: Path) -> None:
+    """Remove builds of older sources (a process that loaded one keeps its mapping)."""
+    for old in cache.glob("qkernels-*"):
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def build() -> tuple[Path | None, str]:
     """The compiled extension (built now, or found in the cache) and what happened."""
     why = unavailable_reason()
@@ -112,6 +119,7 @@ def build() -> tuple[Path | None, str]:
                         f"-L{d['mlx_lib']}", "-lmlx", f"-Wl,-rpath,{d['mlx_lib']}"], target)
         if err:
             return None, f"build failed: {err}"
+        _prune(cache, keep=target.parent)
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"build failed: {exc}"
     return target, "built"
