@@ -25,6 +25,7 @@ status through its ``status`` attribute, so no handler invents its own codes.
     ├── ShuttingDown                   503  the daemon is stopping
     └── EngineError                    500  the model crashed while serving; the request is failed
         └── LoadError                  500  the model could not be loaded
+            └── UnsupportedModel       422  a stored model of an architecture the engine has no loader for
 """
 
 from __future__ import annotations
@@ -125,6 +126,12 @@ class EngineError(MlxserveError):
 
 class LoadError(EngineError):
     pass
+
+
+class UnsupportedModel(LoadError):
+    # The model, not the server, is at fault: a client error that retrying cannot cure.
+    status = 422
+    kind = "invalid_request_error"
 
 
 class RegistryError(MlxserveError):

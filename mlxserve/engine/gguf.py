@@ -19,7 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..errors import LoadError
+from ..errors import LoadError, UnsupportedModel
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|scales|biases|bias)$")
 _LAYER_NAMES = {
@@ -68,7 +68,7 @@ def rename_tensor(name: str) -> str | None:
 def config_from_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     arch = scalar(metadata.get("general.architecture", ""))
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise LoadError(f"unsupported GGUF architecture '{arch}' (supported: llama family)")
+        raise UnsupportedModel(f"unsupported GGUF architecture '{arch}' (supported: llama family)")
 
     def meta(key: str, default: Any = None) -> Any:
         value = metadata.get(f"{arch}.{key}", default)

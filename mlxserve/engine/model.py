@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import _get_classes
 
-from ..errors import LoadError
+from ..errors import LoadError, UnsupportedModel
 from . import gguf, tokenizer as tok
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _build(config: dict[str, Any], weights: dict[str, mx.array]) -> nn.Module:
     try:
         model_class, args_class = _get_classes(config)
     except Exception as exc:
-        raise LoadError(f"unsupported model type '{config.get('model_type')}'") from exc
+        raise UnsupportedModel(f"unsupported model type '{config.get('model_type')}'") from exc
     model = model_class(args_class.from_dict(config))
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)

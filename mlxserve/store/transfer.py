@@ -356,6 +356,7 @@ def pull(store: Store, name: str, *, insecure: bool = False, progress: Progress 
     opts = options or TransferOptions.from_env()
     fetched = received = 0
     converted = False
+    refused: BadRequest | None = None
     prune_partials(store)
     old_path = store.manifest_path(mn)
     old = old_path.read_bytes() if old_path.is_file() else None
@@ -388,6 +389,8 @@ def pull(store: Store, name: str, *, insecure: bool = False, progress: Progress 
                             partial_paths(store, g.desc["digest"])[1].unlink(missing_ok=True)
                     if not all(_have(store, d) for d in descs):
                         continue  # pruned while we fetched the rest: fetch it again
+                    if (refused := _unrunnable(store, doc, mn)) is not None:
+                        break  # no manifest; its blobs are pruned below, outside this lock
                     if _needs_conversion(store, doc):
                         # The GGUF must outlive this lock until create names it: an upload
                         # marker gives it prune's grace period.
@@ -405,6 +408,9 @@ def pull(store: Store, name: str, *, insecure: bool = False, progress: Progress 
         else:
             raise RegistryError(f"pull {mn}: blobs kept disappearing from the store while "
                                 f"pulling ({_ROUNDS} rounds); is something pruning it?")
+    if refused is not None:
+        store.prune()  # as a refused create, the store is left as it was (bar partials)
+        raise refused
     # Outside the write lock: create may prune, and prune takes the lock exclusively.
     if converted:
         _convert(store, name, doc, emit)
@@ -413,6 +419,24 @@ def pull(store: Store, name: str, *, insecure: bool = False, progress: Progress 
     emit.status("success")
     resolved = store.resolve(name)
     return TransferResult(str(mn), resolved.digest, received, fetched, converted)
+
+
+def _unrunnable(store: Store, doc: dict, mn: ModelName) -> BadRequest | None:
+    """Why the engine could not load a pulled Ollama-format model (create's check: an
+    unsupported architecture, missing metadata or tensors), so that it is refused now rather
+    than stored to fail its first request."""
+    gguf = _gguf_layer(doc)
+    if doc["config"]["mediaType"] == mt.SPEC_MEDIA_TYPE or gguf is None:
+        return None  # mlxserve's own format was checked when it was created
+    from .ggufmeta import read_header
+    from .importers import check_gguf_runnable
+
+    path = store.blob_path(gguf["digest"])
+    try:
+        check_gguf_runnable(path, read_header(path))
+    except BadRequest as exc:
+        return BadRequest(f"pull {mn}: {str(exc).removeprefix(f'{path.name}: ')}; nothing was stored")
+    return None
 
 
 def _gguf_layer(doc: dict) -> dict | None:

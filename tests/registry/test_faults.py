@@ -129,8 +129,8 @@ async def test_wrong_bytes_fail_the_pull_and_commit_nothing(stand_in, models_dir
     assert not part.exists() and not rec.exists()  # the bad partial is gone
 
 
-def test_stalled_download_is_detected_and_resumed_with_range(stand_in, tmp_path):
-    data = os.urandom(4 << 20)
+def test_stalled_download_is_detected_and_resumed_with_range(stand_in, tmp_path, tiny_gguf):
+    data = tiny_gguf.read_bytes() + os.urandom(4 << 20)  # a model pull accepts, made large
     desc = {"mediaType": mt.OLLAMA_MODEL, **stand_in.add_blob(data)}
     config = {"mediaType": mt.OLLAMA_CONFIG_MEDIA_TYPE, **stand_in.add_blob(b"{}")}
     stand_in.add_manifest("a/stall", "latest", {"schemaVersion": 2, "config": config,
@@ -145,9 +145,9 @@ def test_stalled_download_is_detected_and_resumed_with_range(stand_in, tmp_path)
     assert ranges[0] is None and ranges[-1] == f"bytes={1 << 20}-"
 
 
-async def test_client_disconnect_cancels_pull_and_keeps_partial(stand_in, models_dir,
+async def test_client_disconnect_cancels_pull_and_keeps_partial(stand_in, models_dir, tiny_gguf,
                                                                 fast_retries):
-    data = os.urandom(4 << 20)
+    data = tiny_gguf.read_bytes() + os.urandom(4 << 20)  # a model pull accepts, made large
     desc = {"mediaType": mt.OLLAMA_MODEL, **stand_in.add_blob(data)}
     config = {"mediaType": mt.OLLAMA_CONFIG_MEDIA_TYPE, **stand_in.add_blob(b"{}")}
     stand_in.add_manifest("a/cancel", "latest", {"schemaVersion": 2, "config": config,
