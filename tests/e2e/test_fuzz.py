@@ -363,6 +363,7 @@ def test_document_covers_every_route():
             max_body_bytes = 1024
             host = "127.0.0.1"
             origins = ()
+            api_keys = ()
 
     served = set()
     for rule in create_app(FakeRuntime()).url_map.iter_rules():
