@@ -31,7 +31,7 @@ import trio
 from ..config import Settings
 from ..engine import embed as eng
 from ..errors import BadRequest, EngineError, LoadError, MlxserveError, ServerBusy, ShuttingDown
-from . import heap
+from . import activity, heap
 from .hosts import HOSTS
 from .mailbox import Reply, fail_pending, post
 
@@ -347,7 +347,7 @@ class Embedder:
                 pass
 
         engine = eng.EmbedEngine(lambda: w.load_fn(), deliver, device=self.settings.device,
-                                 chunk=self.settings.prefill_chunk)
+                                 chunk=self.settings.prefill_chunk, generation_idle=activity.IDLE)
         w = _Worker(key, resolved.digest, resolved.display, kind, generation, engine,
                     size=resolved.size, spec=resolved.spec)
         self.workers[key] = w

@@ -15,7 +15,7 @@ from ..config import DEFAULT_NUM_PARALLEL, AdmitWindow
 from ..engine import loop as eng
 from ..engine.model import LoadedModel
 from ..errors import EngineError, LoadError, ShuttingDown
-from . import faults, heap
+from . import activity, faults, heap
 from .hosts import HOSTS
 from .mailbox import Reply, post
 
@@ -326,6 +326,7 @@ class Runner:
                     self._notify()
 
     def _notify(self) -> None:
+        activity.report(self, self.alive and bool(self.engine_active))
         self.changed.set()
         self.changed = trio.Event()
 

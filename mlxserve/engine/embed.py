@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -35,6 +36,10 @@ KeepGoing = Callable[[Sequence[int]], bool]
 TOO_LONG = "input length exceeds maximum context length"
 MAX_BATCH_TOKENS = 4096
 DEFAULT_CHUNK = 256  # tokens per row per forward pass (MLXSERVE_PREFILL_CHUNK, as generation's)
+# While a model generates, an embedding waits between chunks up to this many times its last
+# chunk's time: computing alongside a decode slows the decode far more than a fair share, and
+# the embedding still gets a quarter of the time.
+GIVE_WAY = 3
 
 
 @attrs.frozen
@@ -184,15 +189,18 @@ class DecoderEmbedder:
         return self.backbone(ids)
 
     def embed_ids(self, seqs: Sequence[Sequence[int]], *, dimensions: int | None = None,
-                  chunk: int = DEFAULT_CHUNK, keep_going: KeepGoing | None = None) -> np.ndarray:
+                  chunk: int | Callable[[], int] = DEFAULT_CHUNK,
+                  keep_going: KeepGoing | None = None) -> np.ndarray:
         """(N, D) vectors in input order. A group wider than ``chunk`` runs ``chunk`` columns at
-        a time over a KV cache; rows of a group that ``keep_going`` drops stay zero."""
+        a time over a KV cache (a callable ``chunk`` is asked before each one); rows of a group
+        that ``keep_going`` drops stay zero."""
+        chunk_now = chunk if callable(chunk) else (lambda: chunk)
         out: np.ndarray | None = None
         for idx in batch_groups([len(s) for s in seqs], MAX_BATCH_TOKENS):
             if keep_going is not None and not keep_going(idx):
                 continue
             ids, mask = padded(seqs, idx)
-            vecs = self._pooled(ids, mask, max(1, chunk), lambda: keep_going is None or keep_going(idx))
+            vecs = self._pooled(ids, mask, chunk_now, lambda: keep_going is None or keep_going(idx))
             if vecs is None:
                 continue
             got = np.array(vecs, dtype=np.float32)
@@ -203,9 +211,9 @@ class DecoderEmbedder:
             out = np.zeros((len(seqs), self.dimension), dtype=np.float32)
         return reduce_dimensions(out, dimensions)
 
-    def _pooled(self, ids: mx.array, mask: mx.array, chunk: int,
+    def _pooled(self, ids: mx.array, mask: mx.array, chunk: Callable[[], int],
                 keep_going: Callable[[], bool]) -> mx.array | None:
-        if ids.shape[1] <= chunk:
+        if ids.shape[1] <= chunk():
             vecs = normalize_rows(mean_pool(self.hidden_states(ids), mask))
             mx.eval(vecs)
             return vecs
@@ -216,7 +224,7 @@ class DecoderEmbedder:
             # cache would keep its memory after the request.
             mx.clear_cache()
 
-    def _pooled_in_chunks(self, ids: mx.array, mask: mx.array, chunk: int,
+    def _pooled_in_chunks(self, ids: mx.array, mask: mx.array, chunk: Callable[[], int],
                           keep_going: Callable[[], bool]) -> mx.array | None:
         from mlx_lm.models.cache import make_prompt_cache
 
@@ -224,12 +232,15 @@ class DecoderEmbedder:
         m = mask.astype(mx.float32)
         width = ids.shape[1]
         total = None
-        for start in range(0, width, chunk):
-            h = self.backbone(ids[:, start:start + chunk], cache=cache).astype(mx.float32)
-            part = (h * m[:, start:start + chunk, None]).sum(axis=1)
+        start = 0
+        while start < width:
+            end = start + max(1, chunk())
+            h = self.backbone(ids[:, start:end], cache=cache).astype(mx.float32)
+            part = (h * m[:, start:end, None]).sum(axis=1)
             total = part if total is None else total + part
             mx.eval(total, [c.state for c in cache])
-            if start + chunk < width and not keep_going():
+            start = end
+            if start < width and not keep_going():
                 return None
         vecs = normalize_rows(total / mx.maximum(m.sum(axis=1, keepdims=True), 1e-9))
         mx.eval(vecs)
@@ -321,12 +332,15 @@ class EmbedEngine:
     """
 
     def __init__(self, load: Callable[[], object], deliver: Callable[[list], None], *,
-                 device: str | None = None, max_batch_inputs: int = 256, chunk: int = DEFAULT_CHUNK):
+                 device: str | None = None, max_batch_inputs: int = 256, chunk: int = DEFAULT_CHUNK,
+                 generation_idle: threading.Event | None = None):
         self._load = load
         self._deliver = deliver
         self._device = device
         self._max_inputs = max_batch_inputs
         self._chunk = chunk
+        self._generation_idle = generation_idle  # set while no model generates
+        self._since = 0.0  # when the last chunk started
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._stop_now: str | None = None  # set from the owner's thread; read between chunks
         self.model = None
@@ -426,12 +440,15 @@ class EmbedEngine:
         def keep_going(rows) -> bool:
             # A group goes on while the server runs and one of its rows' callers still waits.
             self._deliver([Step()])
-            return self._stop_now is None and not all(owners[r].cancelled for r in rows)
+            wanted = lambda: self._stop_now is None and not all(owners[r].cancelled for r in rows)  # noqa: E731
+            self._give_way(wanted)
+            return wanted()
 
+        self._since = time.perf_counter()
         if live:
             self._deliver([BatchStarted(tuple(job for job, _ in live))])
         try:
-            vectors = m.embed_ids(seqs, chunk=self._chunk, keep_going=keep_going) if seqs \
+            vectors = m.embed_ids(seqs, chunk=self._chunk_now, keep_going=keep_going) if seqs \
                 else np.zeros((0, m.dimension), np.float32)
         except Exception as exc:  # noqa: BLE001
             log.error("embedding batch failed: %s\n%s", exc, traceback.format_exc())
@@ -452,6 +469,22 @@ class EmbedEngine:
                 continue
             out.append(JobDone(job, mine, tuple(len(i) for i in job_ids), compute_ns=ns))
         return out
+
+    def _chunk_now(self) -> int:
+        # Smaller chunks while a model generates: its steps wait for no more than one of them.
+        idle = self._generation_idle
+        if idle is None or idle.is_set():
+            return self._chunk
+        return max(16, self._chunk // 8)
+
+    def _give_way(self, wanted: Callable[[], bool]) -> None:
+        idle = self._generation_idle
+        if idle is not None and not idle.is_set():
+            until = time.perf_counter() + GIVE_WAY * (time.perf_counter() - self._since)
+            # In slices, so that a shutdown or a caller that leaves is seen meanwhile.
+            while wanted() and not idle.is_set() and (left := until - time.perf_counter()) > 0:
+                idle.wait(min(left, 0.05))
+        self._since = time.perf_counter()
 
     def _dropped(self, job: EmbedJob) -> JobDone:
         if self._stop_now is not None:

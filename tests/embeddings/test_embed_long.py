@@ -165,21 +165,54 @@ async def test_sigterm_stops_a_daemon_busy_with_a_long_embedding(models_dir):
             async with httpx.AsyncClient(base_url=url, timeout=600) as c:
                 r = await c.post("/api/embed", json={"model": "smol", "input": "warm up"})
                 assert r.status_code == 200  # loaded
-                async with trio.open_nursery() as n:
-                    n.start_soon(functools.partial(c.post, "/api/embed",
-                                                   json={"model": "smol", "input": LONG_TEXT}))
-                    # A round trip on another connection lets the daemon take the long request
-                    # first (it then runs for minutes unless stopped).
-                    async with httpx.AsyncClient(base_url=url, timeout=60) as other:
-                        await other.get("/api/ps")
-                    proc.send_signal(signal.SIGTERM)
-                    n.cancel_scope.cancel()
-        # It used to wait out Hypercorn's graceful period (5 s) and the embedder's (10 s) while
-        # the thread ran on; now one chunk of 32 tokens is all that is left to wait for.
-        with trio.fail_after(10):
+        answer: list[httpx.Response] = []
+        with trio.fail_after(120):
+            async with httpx.AsyncClient(base_url=url, timeout=600) as c, trio.open_nursery() as n:
+                async def long_request():  # a client that waits for its answer throughout
+                    answer.append(await c.post("/api/embed", json={"model": "smol", "input": LONG_TEXT}))
+
+                n.start_soon(long_request)
+                # A round trip on another connection lets the daemon take the long request
+                # first (it then runs for minutes unless stopped).
+                async with httpx.AsyncClient(base_url=url, timeout=60) as other:
+                    await other.get("/api/ps")
+                proc.send_signal(signal.SIGTERM)
+                sent = trio.current_time()
+        # It used to wait out Hypercorn's graceful period (5 s) for this request, then the
+        # embedder's (10 s) while the thread ran on; now the request is answered at once and one
+        # chunk of 32 tokens is all that is left to wait for.
+        with trio.fail_at(sent + 10):
             code = await trio.to_thread.run_sync(proc.wait)
+        assert answer[0].status_code == 503
         assert code == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+async def test_embeddings_know_when_a_model_generates(models_dir):
+    """Runners report whether they generate; embedding threads give way between chunks then."""
+    from mlxserve.actors import activity
+
+    async with trio.open_nursery() as n:
+        d = await start_daemon(n, models_dir)
+        async with httpx.AsyncClient(base_url=d.url, timeout=60) as c:
+            with trio.fail_after(60):
+                await c.post("/api/generate", json={"model": "tiny"})
+                runner = await d.runner()
+                assert activity.IDLE.is_set()
+                leaver = trio.CancelScope()
+
+                async def generate():
+                    with leaver:
+                        await c.post("/api/generate", json={"model": "tiny", "prompt": "Hi", "options": {
+                            "temperature": 0, "num_predict": 1500}})
+
+                n.start_soon(generate)
+                await runner.wait_until(lambda s: s.running == 1)
+                assert not activity.IDLE.is_set()
+                leaver.cancel()
+                await runner.wait_until(lambda s: s.running == 0)
+                assert activity.IDLE.is_set()
+        d.shutdown.set()
