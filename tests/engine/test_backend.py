@@ -120,6 +120,14 @@ def test_cpu_keeps_quantized_when_float32_does_not_fit():
                                float32_bytes=int(1.5 * GiB)) == "float32"
 
 
+def test_cpu_stays_quantized_on_the_kernels_when_they_built():
+    # Even where float32 would fit: the kernels read the quantized bytes (engine/cpu).
+    assert choose_weight_dtype("cpu", 100 * 2**20, None, 8 * GiB, kernels=True) == "quantized-cpu"
+    assert choose_weight_dtype("gpu", 100 * 2**20, None, 8 * GiB, kernels=True) == "keep"
+    assert choose_weight_dtype("cpu", 1, "float32", None, kernels=True) == "float32"
+    assert choose_weight_dtype("cpu", 1, "qkernels", None) == "quantized-cpu"
+
+
 def test_default_budget_is_half_of_ram():
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     small, huge = ram // 64, ram  # 16x small fits in ram/2; huge never does
