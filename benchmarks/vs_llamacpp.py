@@ -299,8 +299,10 @@ def run_server(name: str, proc: subprocess.Popen, url: str, levels: list[int], a
                 if time.perf_counter() - t > 1800:
                     raise RuntimeError(f"{name} did not come up")
                 await trio.sleep(0.2)
+        # A new connection per request: llama-server's HTTP library closes kept-alive connections
+        # on its own schedule, and a request sent on one as it closes fails.
         async with httpx.AsyncClient(base_url=url, timeout=1800, limits=httpx.Limits(
-                max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)) as c:
+                max_connections=max(levels) + 4, max_keepalive_connections=0)) as c:
             # Loading (and any kernel compilation it leaves to the first request) is timed apart.
             await one_level(c, 1, 4, 16, vocab, seed=1)
             result["ready_s"] = time.perf_counter() - t
