@@ -10,7 +10,10 @@ from typing import Callable
 
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Updated
+from hypercorn.trio import run as hypercorn_run
 from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.trio import tcp_server as hypercorn_tcp
 from quart import Response, request
 from quart.asgi import ASGIHTTPConnection
 from quart_trio import QuartTrio
@@ -150,6 +153,27 @@ class _Connection(TrioASGIHTTPConnection):
 
 class _App(QuartTrio):
     asgi_http_class = _Connection
+
+
+class _TCPServer(hypercorn_tcp.TCPServer):
+    """Hypercorn's connection, closed as soon as the client has closed its side.
+
+    Once a response recycles a keep-alive connection, Hypercorn arms its idle timer; when the
+    client then closes, the read loop ends but the connection's task group still waits for that
+    timer (``keep_alive_timeout``), leaving the socket in CLOSE-WAIT and its tasks alive.
+    """
+
+    _reading_done = False
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        self._reading_done = True
+        await self.idle_task.stop()
+
+    async def protocol_send(self, event) -> None:
+        if isinstance(event, Updated) and event.idle and self._reading_done:
+            return  # nothing more can arrive: no idle timer to wait for
+        await super().protocol_send(event)
 
 
 def create_app(rt: Runtime) -> QuartTrio:
@@ -317,4 +341,6 @@ async def serve(rt: Runtime, shutdown: trio.Event, *, task_status=trio.TASK_STAT
     config.graceful_timeout = 5.0
     config.keep_alive_timeout = 75
     app = create_app(rt)
+    # Hypercorn has no seam for its connection class; its run loop looks the name up per call.
+    hypercorn_run.TCPServer = _TCPServer
     await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)

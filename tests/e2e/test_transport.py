@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 
 import httpx
 import ollama
@@ -170,6 +171,42 @@ async def test_server_closes_the_connection_when_asked(daemon, request_bytes):
             assert head.split(b" ")[1] in (b"200", b"404"), head
             json.loads(body)
             assert await _closed_by_server(stream), "the server kept the connection open after answering"
+
+
+def _closes_after_client_eof(host: str, port: int, requests: list[bytes]) -> bool:
+    """Blocking, on a worker thread (in the daemon's own loop the race never shows): answers
+    to ``requests`` on one connection, then shut our side; did the server close within 5 s?"""
+    with socket.create_connection((host, port), timeout=30) as s:
+        f = s.makefile("rb")
+        for request in requests:
+            s.sendall(request)
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += f.readline()
+            assert head.split(b" ")[1] == b"200" and b"connection: close" not in head.lower(), head
+            length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:")))
+            f.read(length)
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(5)
+        try:
+            return f.read() == b""
+        except TimeoutError:
+            return False
+
+
+async def test_connection_closed_by_the_client_is_closed_at_once(daemon):
+    """A client that ends a kept-alive connection after its answers must find it closed by the
+    server too, not held (CLOSE-WAIT, two live tasks) until the keep-alive timeout, 75 s."""
+    show = (b"POST /api/show HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 17\r\n\r\n{\"model\": \"tiny\"}")
+    version = b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    held = []
+    with trio.fail_after(120):
+        for requests in [[show], [version], [show, version]] * TRIALS:  # the close races the recycle
+            if not await trio.to_thread.run_sync(_closes_after_client_eof, *_host_port(daemon.url), requests):
+                held.append(len(requests))
+    assert not held, f"{len(held)} of {3 * TRIALS} connections held open after the client closed"
 
 
 async def test_body_sent_after_the_answer_never_hangs_the_connection(daemon):
