@@ -198,7 +198,8 @@ static inline float bias_term_avx2(const S* sc, const S* bi, const float* sums, 
   return hsum(t) + bias_term<BITS>(sc + g, bi + g, sums + g, ngroups - g);
 }
 
-// R activation rows by two weight rows (two independent chains per row).
+// R activation rows by two weight rows. The two rows' int32 block sums share one vector
+// (hadd: lanes 0,1,4,5 the first, 2,3,6,7 the second), so one conversion and one FMA a row.
 template <int BITS, typename S, int R>
 static inline void tile_avx2(const uint8_t* W, const S* SC, const S* BI, int n, int two, int gs,
                              const Acts& a, int m0, float* Y, int N) {
@@ -207,27 +208,30 @@ static inline void tile_avx2(const uint8_t* W, const S* SC, const S* BI, int n, 
   const uint8_t* w1 = two ? w0 + rowbytes : w0;
   const S* sc0 = SC + (size_t)n * a.ngroups;
   const S* sc1 = two ? sc0 + a.ngroups : sc0;
-  __m256 acc0[R], acc1[R];
-  for (int r = 0; r < R; r++) { acc0[r] = _mm256_setzero_ps(); acc1[r] = _mm256_setzero_ps(); }
+  __m256 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
   for (int b = 0; b < nb; b++) {
     const __m256i wa = load_block<BITS>(w0, b);
     const __m256i wb = load_block<BITS>(w1, b);
     const __m256i wa_abs = abs_block<BITS>(wa), wb_abs = abs_block<BITS>(wb);
     const float s0 = tof(sc0[b / bpg]), s1 = tof(sc1[b / bpg]);
+    const __m256 sv = _mm256_setr_ps(s0, s0, s1, s1, s0, s0, s1, s1);
     for (int r = 0; r < R; r++) {
       const size_t row = (size_t)(m0 + r);
       const __m256i x = _mm256_loadu_si256((const __m256i*)(a.q.data() + row * K + b * 32));
-      const float dx = a.d[row * nb + b];
-      acc0[r] = _mm256_fmadd_ps(_mm256_set1_ps(s0 * dx), _mm256_cvtepi32_ps(dot_block<BITS>(wa, wa_abs, x)), acc0[r]);
-      acc1[r] = _mm256_fmadd_ps(_mm256_set1_ps(s1 * dx), _mm256_cvtepi32_ps(dot_block<BITS>(wb, wb_abs, x)), acc1[r]);
+      const __m256i d = _mm256_hadd_epi32(dot_block<BITS>(wa, wa_abs, x), dot_block<BITS>(wb, wb_abs, x));
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(sv, _mm256_set1_ps(a.d[row * nb + b])), _mm256_cvtepi32_ps(d), acc[r]);
     }
   }
   for (int r = 0; r < R; r++) {
     const size_t row = (size_t)(m0 + r);
     const float* sums = a.sum.data() + row * a.ngroups;
-    Y[row * N + n] = hsum(acc0[r]) + bias_term_avx2<BITS>(sc0, BI + (size_t)n * a.ngroups, sums, a.ngroups);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    h = _mm_hadd_ps(h, h);  // [first row, second row, ...]
+    Y[row * N + n] = _mm_cvtss_f32(h) + bias_term_avx2<BITS>(sc0, BI + (size_t)n * a.ngroups, sums, a.ngroups);
     if (two)
-      Y[row * N + n + 1] = hsum(acc1[r]) + bias_term_avx2<BITS>(sc1, BI + (size_t)(n + 1) * a.ngroups, sums, a.ngroups);
+      Y[row * N + n + 1] = _mm_cvtss_f32(_mm_movehdup_ps(h)) +
+                           bias_term_avx2<BITS>(sc1, BI + (size_t)(n + 1) * a.ngroups, sums, a.ngroups);
   }
 }
 
