@@ -32,13 +32,13 @@ def _case(rng, rows, k, n, group, bits, scale_dtype):
     return x, wq, s.astype(scale_dtype), b.astype(scale_dtype)
 
 
-def _emulated(x, wq, s, b, group, bits):
+def _emulated(x, wq, s, b, group, bits, tiles=-1):
     """float64 product of the dequantized weights with x quantized as the kernels do (int8 per
     block of 32, scale max|x|/127, round half to even); from blas_rows rows on, x itself
     (dequantized tiles through BLAS)."""
     w = np.array(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32),
                                group_size=group, bits=bits), dtype=np.float64)
-    if x.shape[0] >= kernels.blas_rows() and kernels.has_blas():
+    if tiles < 0 and x.shape[0] >= kernels.blas_rows() and kernels.has_blas():
         return np.array(x, dtype=np.float64) @ w.T
     xs = np.array(x, dtype=np.float32).reshape(x.shape[0], -1, 32)
     d = np.abs(xs).max(-1, keepdims=True) / np.float32(127)
@@ -69,6 +69,20 @@ def test_products_match_mlx_and_the_emulated_int8_product(path, bits, group):
         ref = np.array(mx.quantized_matmul(x, wq, s.astype(mx.float32), b.astype(mx.float32),
                                            transpose=True, group_size=group, bits=bits))
         assert np.abs(got - ref).max() <= 0.03 * np.abs(ref).max(), (rows, k, n)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES, ids=str)
+def test_decode_kernels_at_many_rows_match_the_emulated_product(path, bits, scale_dtype):
+    # tiles=0 past blas_rows, an odd column count and 18 or 9 groups a row: the bias term's
+    # eight-group vectors and its scalar tail, and a lone last weight row, for every scale dtype
+    rng = np.random.default_rng(bits)
+    for group in (32, 64):
+        x, wq, s, b = _case(rng, 16, 576, 37, group, bits, scale_dtype)
+        got = np.array(kernels.qmm_rows(x, wq, s, b, group, bits, path, 0), dtype=np.float64)
+        want = _emulated(x, wq, s, b, group, bits, tiles=0)
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), group
 
 
 @pytest.mark.parametrize("path", PATHS)
