@@ -61,3 +61,20 @@ def python_probe(code: str, env: dict[str, str]) -> dict:
                          timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+async def leave_when(c, runner, method_body, predicate):
+    """Send a request, wait (event-driven) until ``predicate`` holds on the runner, then leave."""
+    path, body = method_body
+    scope = trio.CancelScope()
+
+    async def request():
+        with scope:
+            async with c.stream("POST", path, json=body) as r:
+                async for _ in r.aiter_lines():
+                    pass
+
+    async with trio.open_nursery() as n:
+        n.start_soon(request)
+        await runner.wait_until(predicate)
+        scope.cancel()

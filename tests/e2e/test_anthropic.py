@@ -12,7 +12,7 @@ import pytest
 import jsonschema
 import trio
 
-from support import start_daemon
+from support import leave_when, start_daemon
 
 WEATHER = {"name": "get_weather", "description": "Weather for a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
@@ -176,18 +176,7 @@ async def test_leaving_mid_answer_cancels_the_sequence(daemon, path, body):
         async with httpx.AsyncClient(base_url=daemon.url, timeout=60) as c:
             await c.post("/api/generate", json={"model": "tiny"})
             runner = await daemon.runner()
-            scope = trio.CancelScope()
-
-            async def request():
-                with scope:
-                    async with c.stream("POST", path, json=body) as r:
-                        async for _ in r.aiter_lines():
-                            pass
-
-            async with trio.open_nursery() as n:
-                n.start_soon(request)
-                await runner.wait_until(lambda s: s.running == 1)
-                scope.cancel()
+            await leave_when(c, runner, (path, body), lambda s: s.running == 1)
             await runner.wait_until(lambda s: s.running == 0)
     _, finish, stats = runner.finished()[-1]
     assert finish == "cancelled" and stats.generated_tokens < 750

@@ -6,26 +6,9 @@ import httpx
 import pytest
 import trio
 
-from support import start_daemon
+from support import leave_when, start_daemon
 
 LONG = {"temperature": 0, "num_predict": 1500}
-
-
-async def _leave_when(c, runner, method_body, predicate):
-    """Send a request, wait (event-driven) until ``predicate`` holds on the runner, then leave."""
-    path, body = method_body
-    scope = trio.CancelScope()
-
-    async def request():
-        with scope:
-            async with c.stream("POST", path, json=body) as r:
-                async for _ in r.aiter_lines():
-                    pass
-
-    async with trio.open_nursery() as n:
-        n.start_soon(request)
-        await runner.wait_until(predicate)
-        scope.cancel()
 
 
 @pytest.mark.parametrize("path,body", [
@@ -41,7 +24,7 @@ async def test_disconnect_while_decoding(daemon, path, body):
         async with httpx.AsyncClient(base_url=daemon.url, timeout=60) as c:
             await c.post("/api/generate", json={"model": "tiny"})
             runner = await daemon.runner()
-            await _leave_when(c, runner, (path, body), lambda s: s.running == 1)
+            await leave_when(c, runner, (path, body), lambda s: s.running == 1)
             await runner.wait_until(lambda s: s.running == 0)
     _, finish, stats = runner.finished()[-1]
     assert finish == "cancelled" and stats.generated_tokens < 750
@@ -65,7 +48,7 @@ async def test_disconnect_while_queued_behind_a_busy_slot(models_dir):
                     inner.start_soon(keep)
                     await runner.wait_until(lambda s: s.running == 1)
                     queued = ("/api/generate", {"model": "tiny", "prompt": "Bye", "options": LONG})
-                    await _leave_when(c, runner, queued, lambda s: s.running == 2)
+                    await leave_when(c, runner, queued, lambda s: s.running == 2)
                     await runner.wait_until(lambda s: s.running == 1)  # the queued one is gone
                     assert (await d.runtime.scheduler.statistics()).queued == 0
                 assert done[0]["eval_count"] == 300  # the survivor was not disturbed
@@ -84,7 +67,7 @@ async def test_disconnect_during_prefill(models_dir):
                 runner = await d.runner()
                 prompt = "Once upon a time there was a small model. " * 60  # ~600 tokens, 75 chunks
                 req = ("/api/generate", {"model": "tiny", "prompt": prompt, "options": LONG})
-                await _leave_when(c, runner, req, lambda s: s.running == 1)
+                await leave_when(c, runner, req, lambda s: s.running == 1)
                 await runner.wait_until(lambda s: s.running == 0)
             _, finish, stats = runner.finished()[-1]
             assert finish == "cancelled" and stats.generated_tokens == 0
