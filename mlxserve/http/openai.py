@@ -33,7 +33,7 @@ def _sse_error(exc: MlxserveError) -> bytes:
     return _sse({"error": {"message": str(exc), "type": exc.kind, "param": None, "code": None}})
 
 
-def _sse_response(merge: "_Merge", events):
+def _sse_response(merge: "Merge", events):
     """An SSE body: the events, then [DONE]; a failure after streaming began becomes a final
     error event. Each choice is recorded once, with the status the client effectively got."""
 
@@ -57,7 +57,7 @@ def _sse_response(merge: "_Merge", events):
     return stream_response(body(), merge.close, "text/event-stream")
 
 
-class _Merge:
+class Merge:
     """A stream's choices as one async iterator of (index, chunk), each chunk as it comes; the
     iteration ends when every choice has finished, and a choice's failure is raised.
 
@@ -80,7 +80,7 @@ class _Merge:
         for x in self.gens:
             x.release()
 
-    def __aiter__(self) -> "_Merge":
+    def __aiter__(self) -> "Merge":
         return self
 
     async def __anext__(self) -> tuple[int, g.Chunk]:
@@ -163,14 +163,14 @@ def _messages(body: dict) -> list[dict]:
             calls = m["tool_calls"]
             if not isinstance(calls, list):
                 raise BadRequest(f"messages[{i}].tool_calls must be an array")
-            msg["tool_calls"] = [_template_call(c, i) for c in calls]
+            msg["tool_calls"] = [template_call(c, i) for c in calls]
         if m.get("tool_call_id"):
             msg["tool_call_id"] = m["tool_call_id"]
         out.append(msg)
     return out
 
 
-def _template_call(call, i: int) -> dict:
+def template_call(call, i: int) -> dict:
     """OpenAI's call (arguments as a JSON string) -> what chat templates render (an object)."""
     fn = call.get("function") if isinstance(call, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
@@ -184,7 +184,7 @@ def _template_call(call, i: int) -> dict:
     return {"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}}
 
 
-def _options(body: dict) -> dict:
+def request_options(body: dict) -> dict:
     opts: dict = {}
     for src, kind in (("temperature", float), ("top_p", float), ("seed", int),
                       ("presence_penalty", float), ("frequency_penalty", float)):
@@ -311,7 +311,7 @@ async def _start_all(rt, resolved, opts, n: int, **kw) -> list[g.Generation]:
     return gens
 
 
-async def _drain_all(gens: list[g.Generation]) -> None:
+async def drain_all(gens: list[g.Generation]) -> None:
     """Non-streaming: collect every copy; a client leaving cancels them at any await."""
     try:
         async with trio.open_nursery() as nursery:
@@ -358,7 +358,7 @@ async def chat_completions():
     top = _top_logprobs(body)
     rt = runtime()
     resolved = await rt.store.resolve(name)
-    opts = g.merge_options(resolved.spec.parameters, _options(body))
+    opts = g.merge_options(resolved.spec.parameters, request_options(body))
     gens = await _start_all(
         rt, resolved, opts, n, messages=messages, max_tokens=_max_tokens(body),
         tools=as_template_tools(tools) if tools and choice != "none" else None,
@@ -379,12 +379,12 @@ async def chat_completions():
                 "finish_reason": "tool_calls" if calls else _FINISH[x.done_reason]}
 
     if not stream:
-        await _drain_all(gens)
+        await drain_all(gens)
         return json_response({**base, "object": "chat.completion",
                               "choices": [choice_of(i, x) for i, x in enumerate(gens)], "usage": _usage(gens, n)})
 
     hold = bool(tools) and choice != "none"
-    merge = _Merge(rt.nursery, gens)
+    merge = Merge(rt.nursery, gens)
 
     async def body_iter():
         # With include_usage every chunk carries "usage": null but the last, as OpenAI's do.
@@ -451,7 +451,7 @@ async def completions():
     top = _top_logprobs(body, legacy=True)
     rt = runtime()
     resolved = await rt.store.resolve(name)
-    opts = g.merge_options(resolved.spec.parameters, _options(body))
+    opts = g.merge_options(resolved.spec.parameters, request_options(body))
     max_tokens = _max_tokens(body) or 16  # OpenAI's documented default for completions
     gens: list[g.Generation] = []
     try:
@@ -483,14 +483,14 @@ async def completions():
         return tok.decode(x.prompt_ids) if echo else ""
 
     if not stream:
-        await _drain_all(gens)
+        await drain_all(gens)
         return json_response({**base, "choices": [
             {"index": i, "text": prefix(x) + "".join(x.text),
              "logprobs": legacy_lp(x.logprob_entries, len(prefix(x))) if top is not None else None,
              "finish_reason": _FINISH[x.done_reason]} for i, x in enumerate(gens)],
             "usage": _usage(gens, n)})
 
-    merge = _Merge(rt.nursery, gens)
+    merge = Merge(rt.nursery, gens)
 
     async def body_iter():
         chunk_base = {**base, **({"usage": None} if include_usage else {})}

@@ -18,9 +18,8 @@ from ..specs.tools import as_template_tools, normalize_tools, parse_tool_calls
 from . import generation as g
 from .common import stream_response
 # Private helpers of the chat route, used as they are (see the lead's report: to be made public).
-from .openai import _drain_all as drain_all  # noqa: F401  (re-exported for the dialect modules)
-from .openai import _Merge as Merge
-from .openai import _options as openai_options
+from .openai import Merge, drain_all  # noqa: F401  (drain_all re-exported for the dialect modules)
+from .openai import request_options as openai_options
 
 
 def sse(event: str, obj: dict) -> bytes:

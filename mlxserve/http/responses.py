@@ -20,7 +20,7 @@ from ..errors import BadRequest, NotFound
 from ..specs.tools import call_schema
 from . import relay
 from .common import field, json_body, json_response, runtime
-from .openai import _template_call as template_call
+from .openai import template_call
 
 bp = Blueprint("responses", __name__)
 STORE_KEY = "mlxserve.responses"
