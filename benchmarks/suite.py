@@ -1,6 +1,6 @@
 """The benchmark suite, side by side in one run: prints tables, writes JSON, renders PNG plots.
 
-    .venv/bin/python benchmarks/suite.py [--quick] [--out docs/bench]
+    .venv/bin/python benchmarks/suite.py [--quick] [--out benchmarks/results/suite]
 
 1. overhead: single-stream decode, raw engine vs served over HTTP (overhead.py)
 2. concurrency: aggregate decode tok/s and TTFT at 1/4/8/16 streams, mlxserve vs mlx_lm.server
@@ -142,7 +142,7 @@ def plot(conc: dict, out: Path) -> list[str]:
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer levels and tokens")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "suite")
     ap.add_argument("--skip-mlx-lm", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
