@@ -7,6 +7,7 @@ unless it turns them on; and after every scenario it checks named invariants (sl
 no leaked tasks, threads or memory, survivors' answers identical to solo runs, well-formed
 errors, nothing hung, the daemon answering, the store verifying clean).
 
+    suite.py       run_chaos: every scenario against one set of daemons, then the report
     harness.py     the daemons, the solo references, running a scenario and checking it
     scenarios.py   the storm, the phase probes, the faults, queue overflow, a crash mid-create
     clients.py     request plans and the client that drives each to its planned end

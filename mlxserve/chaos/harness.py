@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -100,8 +99,10 @@ class ScenarioReport:
 
 
 class Chaos:
-    def __init__(self, cfg: Config, workdir: Path, out: Callable[[str], None] = print):
+    def __init__(self, cfg: Config, workdir: Path, out: Callable[[str], None] = print,
+                 warmup_plan: Callable[["Chaos", random.Random], Plan] | None = None):
         self.cfg = cfg
+        self.warmup_plan = warmup_plan  # the storm's client draw (scenarios.random_plan)
         self.workdir = workdir
         self.out = out
         self.rng = random.Random(cfg.seed)
@@ -195,8 +196,6 @@ class Chaos:
         tiny model) and then stays flat; measured from a cold baseline, that step would hide
         a real leak of the same size, so the baseline is the warm daemon (the cold RSS is
         reported too)."""
-        from .scenarios import random_plan
-
         first_line = len(d.request_log())
         for model in MODELS:
             await self.load(d, model)
@@ -206,7 +205,9 @@ class Chaos:
                 raise RuntimeError(f"warm-up on {d.name} failed: {res}")
         cold = d.rss_kib()
         rng = random.Random(self.cfg.seed + 1)
-        await self.run_plans(d, [random_plan(self, rng) for _ in range(WARMUP_REQUESTS)], concurrency=16)
+        if self.warmup_plan is not None:
+            await self.run_plans(d, [self.warmup_plan(self, rng) for _ in range(WARMUP_REQUESTS)],
+                                 concurrency=16)
         for model in MODELS:  # a warm-up client may have loaded something else; both must be in
             await self.load(d, model)
         self.baselines[d.name] = await inv.take_baseline(
@@ -332,35 +333,3 @@ async def _post(d: DaemonProcess, path: str, body: dict, timeout: float = 60):
     from . import wire
 
     return await wire.request_json(d.host, d.port, "POST", path, body, timeout=timeout)
-
-
-async def run_chaos(cfg: Config, out: Callable[[str], None] = print) -> dict:
-    """Run every scenario (or ``cfg.scenarios``) and return the report (see report.py)."""
-    from . import report, scenarios
-
-    own_tmp = cfg.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="mlxserve-chaos-")) if own_tmp else Path(cfg.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ch = Chaos(cfg, workdir, out)
-    t0 = time.monotonic()
-    selected = [s for s in scenarios.ORDER if not cfg.scenarios or s in cfg.scenarios]
-    exit_codes: dict = {}
-    try:
-        out(f"chaos: {'long' if cfg.long else 'short'} mode, seed {cfg.seed}, work dir {workdir}")
-        await ch.start()
-        out(f"   daemons up; {len(ch.refs)} solo references; baseline {ch.baselines['main'].as_dict()}")
-        for name in selected:
-            rounds = cfg.fault_rounds if name.startswith("fault_") else 1
-            for i in range(rounds):
-                await ch.scenario(name if rounds == 1 else f"{name}#{i + 1}", scenarios.ALL[name])
-    finally:
-        with trio.CancelScope(shield=True):
-            exit_codes = await ch.stop()
-    shutdown = inv.Check("clean_shutdown", all(c == 0 for c in exit_codes.values()),
-                         f"SIGTERM exit codes {exit_codes}")
-    doc = report.build(ch, cfg, time.monotonic() - t0, extra_checks=[shutdown])
-    if own_tmp and doc["violations"] == 0:
-        shutil.rmtree(workdir, ignore_errors=True)
-    else:
-        doc["workdir"] = str(workdir)
-    return doc

@@ -85,7 +85,7 @@ async def run_bench(base_url: str, model: str, concurrency: int, tokens: int, ro
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 async def bench(model: str, concurrency: int, tokens: int, rounds: int, as_json: bool) -> None:
     """Measure decode and prompt tokens/s and time to first token against the running daemon."""
-    from .main import _settings, auth_headers
+    from .client import auth_headers, settings as _settings
 
     settings = _settings()
     try:

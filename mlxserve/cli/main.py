@@ -14,52 +14,14 @@ from pathlib import Path
 import asyncclick as click
 import httpx
 
+# Shared with the other command modules (transfer, bench), which import them from .client too.
+from .client import check as _check
+from .client import client as _client
+from .client import fail as _fail
+from .client import request as _request
+from .client import settings as _settings
+
 DEFAULT_MODEL = "smollm2:135m"
-
-
-def _settings():
-    from ..config import Settings
-
-    try:
-        return Settings.from_env()
-    except ValueError as exc:  # a bad MLXSERVE_* value: say which, not a traceback
-        raise click.UsageError(f"bad setting: {exc}") from None
-
-
-def auth_headers(settings) -> dict[str, str]:
-    """The daemon's API key (MLXSERVE_API_KEY, else the first of MLXSERVE_API_KEYS), if any."""
-    return {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
-
-
-def _client(timeout: float | None = None) -> httpx.AsyncClient:
-    settings = _settings()
-    return httpx.AsyncClient(base_url=settings.base_url, headers=auth_headers(settings),
-                             timeout=httpx.Timeout(timeout, connect=5.0))
-
-
-def _fail(message: str) -> None:
-    click.echo(f"Error: {message}", err=True)
-    sys.exit(1)
-
-
-async def _check(resp: httpx.Response) -> dict:
-    if resp.status_code >= 400:
-        try:
-            body = json.loads(await resp.aread())
-            msg = body.get("error")
-            msg = msg.get("message") if isinstance(msg, dict) else msg
-        except ValueError:
-            msg = resp.text
-        _fail(msg or f"HTTP {resp.status_code}")
-    return json.loads(await resp.aread()) if resp.content else {}
-
-
-async def _request(method: str, path: str, body: dict | None = None) -> dict:
-    try:
-        async with _client() as c:
-            return await _check(await c.request(method, path, json=body))
-    except httpx.ConnectError:
-        _fail(f"could not connect to mlxserve at {_settings().base_url}; is `mlxctl serve` running?")
 
 
 @click.group()

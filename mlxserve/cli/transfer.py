@@ -42,7 +42,7 @@ class _Shown:
 async def _stream(path: str, body: dict, what: str) -> None:
     import httpx
 
-    from .main import _check, _client, _fail, _settings
+    from .client import check as _check, client as _client, fail as _fail, settings as _settings
 
     cancelled = False
     with _bars() as bars:
@@ -92,7 +92,7 @@ async def push(name: str, insecure: bool) -> None:
 
 def _local_store():
     from ..store.store import Store
-    from .main import _settings
+    from .client import settings as _settings
 
     s = _settings()
     return Store(s.models_dir, default_registry=s.default_registry)
@@ -106,7 +106,7 @@ async def pack(name: str, output: str) -> None:
     """Write a model as an OCI image layout archive (for machines with no registry)."""
     from ..errors import MlxserveError
     from ..store import transfer
-    from .main import _fail
+    from .client import fail as _fail
 
     try:
         with _bars() as bars:
@@ -125,7 +125,7 @@ async def unpack(archive: str, name: str | None) -> None:
     """Import a model from an archive written by `mlxctl pack` (every blob is verified)."""
     from ..errors import MlxserveError
     from ..store import transfer
-    from .main import _fail
+    from .client import fail as _fail
 
     try:
         with _bars() as bars:

@@ -12,7 +12,8 @@ import pytest
 import trio
 
 from mlxserve.chaos import report as chaos_report
-from mlxserve.chaos.harness import Config, run_chaos
+from mlxserve.chaos.harness import Config
+from mlxserve.chaos.suite import run_chaos
 from mlxserve.chaos.scenarios import ORDER
 
 RUN_LIMIT_S = 170  # the whole short mode, start-up and shutdown of both daemons included
