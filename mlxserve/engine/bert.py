@@ -23,7 +23,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..errors import LoadError
-from .embed import (
+from .embedinputs import (
     EmbedInput, KeepGoing, Tokenized, batch_groups, normalize_rows, padded, reduce_dimensions,
     tokenize_all,
 )

@@ -23,7 +23,7 @@ STALE_RECORD_TMP_S = 3600
 def collect(store: Store) -> int:
     referenced: set[str] = set()
     live_links: set[str] = set()
-    for mn, path in store._iter_manifests():
+    for mn, path in store.iter_manifests():
         try:
             data = path.read_bytes()
             doc = mt.parse_manifest(data, mn.display(store.default_registry))

@@ -148,7 +148,7 @@ class Store:
         return spec_from_ollama(ollama_config if isinstance(ollama_config, dict) else {},
                                 doc["layers"], self._small_blob)
 
-    def _iter_manifests(self) -> Iterator[tuple[ModelName, Path]]:
+    def iter_manifests(self) -> Iterator[tuple[ModelName, Path]]:
         for path in sorted(self.manifests_dir.glob("*/*/*/*")):
             if not path.is_file():
                 continue
@@ -162,7 +162,7 @@ class Store:
 
     def list(self) -> list[ResolvedModel]:
         out = []
-        for mn, path in self._iter_manifests():
+        for mn, path in self.iter_manifests():
             try:
                 with open(path, "rb") as f:
                     out.append(self._resolved(mn, f.read(), os.fstat(f.fileno())))
@@ -207,7 +207,7 @@ class Store:
                 raise ModelNotFound(name)
             targets = [(mn, path)]
         else:
-            targets = list(self._iter_manifests())
+            targets = list(self.iter_manifests())
         seen: dict[str, str | None] = {}
         rows = []
         for mn, path in targets:
@@ -280,7 +280,7 @@ class Store:
         may have published the same bytes meanwhile); leaves them if any manifest is unreadable
         (prune decides then)."""
         referenced: set[str] = set()
-        for mn, path in self._iter_manifests():
+        for mn, path in self.iter_manifests():
             try:
                 doc = mt.parse_manifest(path.read_bytes(), mn.display(self.default_registry))
             except (OSError, IntegrityError):

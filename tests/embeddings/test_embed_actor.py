@@ -18,7 +18,7 @@ import trio.testing
 
 from mlxserve.actors.embedder import Embedder, EmbedRequest
 from mlxserve.config import Settings
-from mlxserve.engine.embed import Tokenized
+from mlxserve.engine.embedinputs import Tokenized
 from mlxserve.errors import BadRequest, LoadError
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from mlxserve.engine.bert import read_sentence_config
-from mlxserve.engine.embed import TOO_LONG, DecoderEmbedder, reduce_dimensions
+from mlxserve.engine.embed import DecoderEmbedder
+from mlxserve.engine.embedinputs import TOO_LONG, reduce_dimensions
 from mlxserve.errors import BadRequest
 from support import float_tol
 
@@ -139,7 +140,7 @@ def test_bert_asks_before_each_group(minilm, reference):
 
 def test_a_long_text_is_tokenized_by_its_head(tiny_dir):
     """Only a head of an over-long text is encoded; its first ``room`` tokens are the text's."""
-    from mlxserve.engine.embed import encode_head
+    from mlxserve.engine.embedinputs import encode_head
     from mlxserve.engine.tokenizer import from_directory
 
     tok = from_directory(tiny_dir)

@@ -8,7 +8,6 @@ behind it, and a shutdown waited for it. It now runs in chunks of MLXSERVE_PREFI
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import socket
