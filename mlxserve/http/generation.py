@@ -18,10 +18,9 @@ import trio
 from quart import request
 
 from ..actors.scheduler import Lease, LoadSpec
-from ..engine.loop import Chunk
-from ..engine.sampling import SamplingParams
+from ..actors.sequence import ANY_JSON_OBJECT, Chunk, SamplingParams, SequenceRequest, grammar_for_schema
 from ..errors import BadRequest, EngineError, Unprocessable
-from ..specs import templates
+from ..specs import templates, thinking
 from ..specs import tools as tool_specs
 from ..specs.modelspec import Options
 
@@ -48,6 +47,12 @@ class Generation:
     token_ids: list[int] = attrs.Factory(list)
     logprob_entries: list[tuple] = attrs.Factory(list)
     final: Chunk | None = None
+    # thinking: the splitter (None: none is done), the reasoning so far, and whether it is shown
+    splitter: thinking.Splitter | None = None
+    thinking: list[str] = attrs.Factory(list)
+    show_thinking: bool = False
+    think_budget: int | None = None  # a cap on reasoning tokens (Anthropic's budget_tokens)
+    thinking_tokens: int = 0
 
     @property
     def tokenizer(self):
@@ -197,6 +202,11 @@ def _chat_messages(resolved, messages: list[dict]) -> list[dict]:
     return msgs
 
 
+def chat_template(resolved, tok) -> str:
+    """The Jinja template a model's prompts are rendered with."""
+    return resolved.spec.template or tok.chat_template or templates.CHATML_TEMPLATE
+
+
 @attrs.define
 class _Renderer:
     """One request's chat template and what every render of it needs."""
@@ -205,16 +215,18 @@ class _Renderer:
     bos_token: str
     eos_token: str
     max_chars: int
+    variables: dict = attrs.Factory(dict)  # enable_thinking, reasoning_effort
 
     @classmethod
-    def of(cls, resolved, tok, max_chars: int = templates.DEFAULT_MAX_CHARS) -> _Renderer:
-        template = resolved.spec.template or tok.chat_template or templates.CHATML_TEMPLATE
-        return cls(template, tok.bos_token or "", tok.eos_token or "", max_chars)
+    def of(cls, resolved, tok, max_chars: int = templates.DEFAULT_MAX_CHARS,
+           variables: dict | None = None) -> _Renderer:
+        return cls(chat_template(resolved, tok), tok.bos_token or "", tok.eos_token or "", max_chars,
+                   dict(variables or {}))
 
     def __call__(self, msgs: list[dict], tools: list | None = None) -> str:
         return templates.render_chat(self.template, msgs, add_generation_prompt=True, tools=tools,
                                      bos_token=self.bos_token, eos_token=self.eos_token,
-                                     max_chars=self.max_chars)
+                                     max_chars=self.max_chars, **self.variables)
 
     def renders_tools(self, msgs: list[dict], tools: list) -> bool:
         """Whether the template writes ``tools`` at all, tried on the messages never dropped."""
@@ -230,7 +242,7 @@ def _encode_rendered(tok, text: str) -> list[int]:
 
 
 def fit_chat(resolved, tok, messages: list[dict], tools, context_length: int, *,
-             truncate: bool = False) -> list[int]:
+             truncate: bool = False, variables: dict | None = None) -> list[int]:
     """The conversation's prompt ids. As Ollama, when it overflows the window the oldest
     non-system messages (never the last one) are dropped until it fits, leaving room to answer.
 
@@ -240,7 +252,7 @@ def fit_chat(resolved, tok, messages: list[dict], tools, context_length: int, *,
     Blocking: runs on a worker thread.
     """
     limit = prompt_char_limit(tok, context_length)
-    render = _Renderer.of(resolved, tok, max_chars=2 * limit)
+    render = _Renderer.of(resolved, tok, max_chars=2 * limit, variables=variables)
     msgs = _chat_messages(resolved, messages)
     if truncate and msgs:  # generate's truncate: keep the end, as for a raw prompt
         msgs[-1] = {**msgs[-1], "content": (msgs[-1].get("content") or "")[-limit:]}
@@ -320,18 +332,25 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
                 prompt_ids=None, tools=None, logprobs: int | None = None,
                 logit_bias: dict[int, float] | None = None, max_tokens: int | None = None,
                 prefix_ids: list[int] | None = None, truncate: bool = False,
-                grammar: str | None = None) -> Generation:
-    """Acquire, render, tokenize and submit. The caller must ``release()`` the result."""
+                grammar: str | None = None, split_thinking: bool = False,
+                think: thinking.Think = None, think_budget: int | None = None) -> Generation:
+    """Acquire, render, tokenize and submit. The caller must ``release()`` the result.
+
+    With ``split_thinking`` the answer's reasoning is taken apart from its text (see
+    specs/thinking.py): ``think`` is the request's wish, the template decides what it can do."""
     t_start = t_acquire = time.perf_counter()
     lease, load_ns = await acquire(rt, resolved, opts, keep_alive)
     queue_wait_ns = int((time.perf_counter() - t_acquire) * 1e9)
     try:
         tok = lease.handle.tokenizer
         ctx = lease.handle.context_length
+        think_plan = thinking.plan(chat_template(resolved, tok), think, resolved.display) \
+            if split_thinking else None
         if prompt_ids is None:
             # Rendering and tokenizing take time in proportion to the input: off the event loop.
             if messages is not None:
-                work = functools.partial(fit_chat, resolved, tok, messages, tools, ctx, truncate=truncate)
+                work = functools.partial(fit_chat, resolved, tok, messages, tools, ctx, truncate=truncate,
+                                         variables=think_plan.template_vars if think_plan else None)
             else:
                 work = functools.partial(raw_prompt_ids, tok, prompt_text or "", ctx,
                                          add_bos=None if not prefix_ids else False, truncate=truncate)
@@ -354,7 +373,11 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
             metrics=rt.metrics, route=request.path, request_id=uuid.uuid4().hex[:16],
             client=request.remote_addr or "", queue_wait_ns=queue_wait_ns,
         )
-        gen.seq_id, gen.recv = lease.handle.submit_nowait(dict(
+        if think_plan is not None:
+            # Whether the answer starts inside the reasoning is in the prompt's last few tokens.
+            gen.splitter = think_plan.splitter(tok.decode(gen.prompt_ids[-8:], skip_special=False))
+            gen.show_thinking, gen.think_budget = think_plan.show, think_budget
+        gen.seq_id, gen.recv = lease.handle.submit_nowait(SequenceRequest(
             prompt_ids=gen.prompt_ids, max_tokens=n, params=gen.params, stop=gen.stop, logprobs=logprobs,
             grammar=grammar,
         ))
@@ -364,8 +387,39 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
     return gen
 
 
+@attrs.frozen
+class Piece(Chunk):
+    """A chunk whose ``text`` is answer only; ``thinking`` is the reasoning it carried (empty
+    when the request does not see reasoning)."""
+
+    thinking: str = ""
+
+
+def _split(gen: Generation, chunk: Chunk) -> Piece:
+    """The chunk's text taken apart into reasoning and answer; at the reasoning budget the
+    sequence ends as if at its token limit."""
+    was_thinking = gen.splitter.thinking
+    thought, said = gen.splitter.feed(chunk.text)
+    finish = chunk.finish
+    if was_thinking:
+        gen.thinking_tokens += len(chunk.token_ids)
+    if finish is None and gen.think_budget is not None and gen.splitter.thinking \
+            and gen.thinking_tokens >= gen.think_budget:
+        gen.lease.handle.cancel_nowait(gen.seq_id)
+        gen.seq_id, finish = None, "length"
+    if finish is not None:
+        more_thought, more_said = gen.splitter.finish()
+        thought, said = thought + more_thought, said + more_said
+    if not gen.show_thinking:
+        thought = ""
+    gen.thinking.append(thought)
+    return Piece(**{**attrs.asdict(chunk, recurse=False), "text": said, "finish": finish},
+                 thinking=thought)
+
+
 async def chunks(gen: Generation) -> AsyncIterator[Chunk]:
-    """Yields the engine's chunks; the last one carries ``finish``. Raises EngineError on failure."""
+    """Yields the engine's chunks (``Piece``s when thinking is split); the last one carries
+    ``finish``. Raises EngineError on failure."""
     recv = gen.recv
     async with recv:
         async for chunk in recv:
@@ -374,6 +428,8 @@ async def chunks(gen: Generation) -> AsyncIterator[Chunk]:
                 raise EngineError(chunk.error or "generation failed")
             if gen.t_first is None and chunk.token_ids:
                 gen.t_first = time.perf_counter()
+            if gen.splitter is not None:
+                chunk = _split(gen, chunk)
             gen.text.append(chunk.text)
             gen.token_ids.extend(chunk.token_ids)
             if chunk.logprobs:
@@ -395,8 +451,6 @@ def now_iso() -> str:
 
 def grammar_for_format(fmt: Any) -> str | None:
     """Ollama's ``format``: "json" (any JSON object) or a JSON schema; "" or None: free text."""
-    from ..engine.constrain import ANY_JSON_OBJECT, grammar_for_schema
-
     if fmt is None or fmt == "":
         return None
     if fmt == "json":

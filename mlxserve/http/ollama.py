@@ -16,6 +16,7 @@ from .. import __version__
 from ..store.create import ADAPTERS_UNSUPPORTED
 from ..errors import BadRequest, MlxserveError
 from ..specs.modelfile import MESSAGE_ROLES, Modelfile
+from ..specs.thinking import parse_think
 from ..specs.tools import as_template_tools, might_be_call, normalize_tools, parse_tool_calls
 from . import generation as g
 from .common import (
@@ -121,6 +122,8 @@ def _validate_messages(messages) -> list[dict]:
         if m.get("images"):
             raise BadRequest("model does not support images")
         msg = {"role": role, "content": content}
+        if isinstance(m.get("thinking"), str) and m["thinking"]:  # earlier reasoning, as templates name it
+            msg["thinking"] = msg["reasoning_content"] = m["thinking"]
         for extra in ("tool_calls", "tool_name", "name"):
             if m.get(extra) is not None:
                 msg[extra] = m[extra]
@@ -147,8 +150,6 @@ async def _common(body: dict):
     resolved = await rt.store.resolve(name)
     if "completion" not in (resolved.spec.capabilities or ["completion"]):
         raise BadRequest(f'"{name}" does not support generate')
-    if body.get("think"):
-        raise BadRequest(f'"{name}" does not support thinking')
     keep_alive = keep_alive_of(body)
     stream = field(body, "stream", bool, default=True)
     opts = g.merge_options(resolved.spec.parameters, field(body, "options", dict))
@@ -176,6 +177,7 @@ async def generate():
     system = field(body, "system", str)
     template = field(body, "template", str)
     context = field(body, "context", list)
+    think = parse_think(body.get("think"))
     if raw and (template or system or context):
         raise BadRequest("raw mode does not support template, system, or context")
     if body.get("images"):
@@ -204,14 +206,16 @@ async def generate():
         resolved = attrs.evolve(resolved, spec=attrs.evolve(resolved.spec, template=template))
     gen = await g.start(runtime(), resolved, opts, keep_alive, messages=messages, prompt_text=prompt_text,
                         prefix_ids=context, truncate=field(body, "truncate", bool, default=False),
-                        grammar=grammar, logprobs=logprobs)
+                        grammar=grammar, logprobs=logprobs, split_thinking=True, think=think)
 
-    def final(text: str) -> dict:
-        out = {"model": name, "created_at": g.now_iso(), "response": text, "done": True,
-               "done_reason": gen.done_reason, "context": gen.prompt_ids + gen.token_ids, **gen.durations()}
-        return out
+    def piece(text: str, thinking: str = "") -> dict:
+        return {"response": text, **({"thinking": thinking} if thinking else {})}
 
-    return await _respond(gen, name, stream, lambda text: {"response": text}, final, logprobs is not None)
+    def final(text: str, thinking: str = "") -> dict:
+        return {"model": name, "created_at": g.now_iso(), **piece(text, thinking), "done": True,
+                "done_reason": gen.done_reason, "context": gen.prompt_ids + gen.token_ids, **gen.durations()}
+
+    return await _respond(gen, name, stream, piece, final, logprobs is not None)
 
 
 @bp.post("/api/chat")
@@ -219,25 +223,31 @@ async def chat():
     body = await json_body()
     name, resolved, keep_alive, stream, opts = await _common(body)
     messages = _validate_messages(body.get("messages") or [])
+    think = parse_think(body.get("think"))
     tools = normalize_tools(body.get("tools"))
     grammar = g.grammar_for_format(body.get("format"))
     logprobs = _logprobs_request(body)
     if not messages:
         return await _preload_or_unload(name, resolved, keep_alive, "chat")
     gen = await g.start(runtime(), resolved, opts, keep_alive, messages=messages,
-                        tools=as_template_tools(tools) or None, grammar=grammar, logprobs=logprobs)
+                        tools=as_template_tools(tools) or None, grammar=grammar, logprobs=logprobs,
+                        split_thinking=True, think=think)
 
-    def final(text: str) -> dict:
-        message = {"role": "assistant", "content": text}
+    def piece(text: str, thinking: str = "") -> dict:
+        return {"message": {"role": "assistant", "content": text, **({"thinking": thinking} if thinking else {})}}
+
+    def final(text: str, thinking: str = "") -> dict:
+        out = piece(text, thinking)
         calls = parse_tool_calls(text, tools) if tools and grammar is None else None
         if calls:
-            message = {"role": "assistant", "content": "",
-                       "tool_calls": [{"function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]}
-        return {"model": name, "created_at": g.now_iso(), "message": message,
+            out["message"]["content"] = ""
+            out["message"]["tool_calls"] = [{"function": {"name": c["name"], "arguments": c["arguments"]}}
+                                            for c in calls]
+        return {"model": name, "created_at": g.now_iso(), **out,
                 "done_reason": gen.done_reason, "done": True, **gen.durations()}
 
-    return await _respond(gen, name, stream, lambda text: {"message": {"role": "assistant", "content": text}},
-                          final, logprobs is not None, hold_calls=bool(tools) and grammar is None)
+    return await _respond(gen, name, stream, piece, final, logprobs is not None,
+                          hold_calls=bool(tools) and grammar is None)
 
 
 async def _respond(gen: g.Generation, name: str, stream: bool, piece, final, with_logprobs: bool,
@@ -260,7 +270,7 @@ async def _respond(gen: g.Generation, name: str, stream: bool, piece, final, wit
         finally:
             gen.release()
         gen.record(200)
-        out = final("".join(gen.text))
+        out = final("".join(gen.text), "".join(gen.thinking))
         if with_logprobs:
             out["logprobs"] = _logprobs_out(tok, gen.logprob_entries)
         return json_response(out)
@@ -269,14 +279,17 @@ async def _respond(gen: g.Generation, name: str, stream: bool, piece, final, wit
         held: list[str] = []
         try:
             async for chunk in g.chunks(gen):
+                thought = getattr(chunk, "thinking", "")  # reasoning streams as it comes
                 if hold_calls and (held or not "".join(gen.text[:-1]).strip()) and \
                         might_be_call("".join(held) + chunk.text):
                     held.append(chunk.text)
+                    if thought:
+                        yield ndjson({"model": name, "created_at": g.now_iso(), **piece("", thought), "done": False})
                     continue
                 text = "".join(held) + chunk.text
                 held.clear()
-                if text or (with_logprobs and chunk.logprobs):
-                    line = {"model": name, "created_at": g.now_iso(), **piece(text), "done": False}
+                if text or thought or (with_logprobs and chunk.logprobs):
+                    line = {"model": name, "created_at": g.now_iso(), **piece(text, thought), "done": False}
                     if with_logprobs and chunk.logprobs:
                         line["logprobs"] = _logprobs_out(tok, chunk.logprobs)
                     yield ndjson(line)

@@ -12,8 +12,9 @@ from contextlib import aclosing, suppress
 import trio
 from quart import Blueprint
 
-from ..engine.constrain import ANY_JSON_OBJECT, grammar_for_schema
+from ..actors.sequence import ANY_JSON_OBJECT, grammar_for_schema
 from ..errors import BadRequest, EngineError, MlxserveError, ShuttingDown
+from ..specs.thinking import think_from_effort
 from ..specs.tools import as_template_tools, call_schema, normalize_tools, parse_tool_calls
 from . import generation as g
 from .common import field, json_body, json_response, runtime, stream_response
@@ -159,6 +160,9 @@ def _messages(body: dict) -> list[dict]:
         if role not in ("system", "user", "assistant", "tool"):
             raise BadRequest(f"messages[{i}].role '{role}' is not supported")
         msg = {"role": role, "content": _content_text(m.get("content"), i)}
+        reasoning = m.get("reasoning_content") or m.get("reasoning")
+        if role == "assistant" and isinstance(reasoning, str) and reasoning:  # as templates name it
+            msg["reasoning_content"] = msg["thinking"] = reasoning
         if m.get("tool_calls"):
             calls = m["tool_calls"]
             if not isinstance(calls, list):
@@ -272,6 +276,15 @@ def _grammar(body: dict, tools: list[dict]) -> tuple[str | None, bool]:
     return None, False
 
 
+def reasoning_think(body: dict):
+    """``reasoning_effort`` (or ``reasoning.effort``) as a think value; None: the model's default."""
+    effort = body.get("reasoning_effort")
+    reasoning = body.get("reasoning")
+    if effort is None and isinstance(reasoning, dict):
+        effort = reasoning.get("effort")
+    return think_from_effort(effort)
+
+
 def _usage(gens: list[g.Generation], n: int) -> dict:
     """Counts for the whole request: each prompt once (gens holds n choices per prompt)."""
     prompt = sum(x.durations()["prompt_eval_count"] for x in gens[::n])
@@ -356,13 +369,14 @@ async def chat_completions():
     choice = body.get("tool_choice", "auto" if tools else "none")
     grammar, forced = _grammar(body, tools)
     top = _top_logprobs(body)
+    think = reasoning_think(body)
     rt = runtime()
     resolved = await rt.store.resolve(name)
     opts = g.merge_options(resolved.spec.parameters, request_options(body))
     gens = await _start_all(
         rt, resolved, opts, n, messages=messages, max_tokens=_max_tokens(body),
         tools=as_template_tools(tools) if tools and choice != "none" else None,
-        grammar=grammar, logprobs=top, logit_bias=_logit_bias(body),
+        grammar=grammar, logprobs=top, logit_bias=_logit_bias(body), split_thinking=True, think=think,
     )
     tok = gens[0].tokenizer
     base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": name,
@@ -372,6 +386,8 @@ async def chat_completions():
         text = "".join(x.text)
         calls = _tool_calls(text, tools, forced, choice)
         message = {"role": "assistant", "content": None if calls else text}
+        if "".join(x.thinking):
+            message["reasoning_content"] = "".join(x.thinking)
         if calls:
             message["tool_calls"] = calls
         lp = {"content": [_lp_entry(tok, *e) for e in x.logprob_entries]} if top is not None else None
@@ -409,6 +425,8 @@ async def chat_completions():
         for i in range(n):
             yield delta(i, {"role": "assistant", "content": ""})
         async for i, c in merge:
+            if getattr(c, "thinking", ""):  # reasoning streams as it comes, even while a call is held
+                yield delta(i, {"reasoning_content": c.thinking})
             if not hold:
                 lp = {"content": [_lp_entry(tok, *e) for e in c.logprobs]} if top is not None and c.logprobs else None
                 if c.text or lp:

@@ -55,13 +55,18 @@ class ModelSpec:
         """What /api/show and /api/tags report, in Ollama's order. ``capabilities`` stores what
         the model is (completion, embedding); the rest says what the server does with it:
         ``tools`` for every generative model, since every one is prompted through a chat
-        template (its own, its tokenizer's, or ChatML) and tools reach any template; never
-        ``insert`` (a ``suffix`` is refused) nor ``thinking`` (``think`` is refused)."""
+        template (its own, its tokenizer's, or ChatML) and tools reach any template;
+        ``thinking`` when the template thinks (specs/thinking.py); never ``insert`` (a
+        ``suffix`` is refused)."""
+        from .thinking import style_of
+
         out = [c for c in ("completion", "embedding") if c in self.capabilities]
         if "completion" in out:
             out.append("tools")
         if "vision" in self.capabilities:
             out.append("vision")
+        if "completion" in out and style_of(self.template) is not None:
+            out.append("thinking")
         return out
 
     def to_dict(self) -> dict[str, Any]:
