@@ -24,7 +24,8 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from ..config import DEFAULT_NUM_PARALLEL, AdmitWindow
-from . import sampling
+from . import distributed
+from . import sampling, vision
 from .constrain import GrammarProcessor, TokenizerCache
 from .model import LoadedModel
 from .stops import StopMatcher
@@ -45,6 +46,7 @@ class Add:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; 0: chosen token only; n: with top-n alternatives
     grammar: str | None = None  # llguidance grammar that every generated token must satisfy
+    images: tuple[bytes, ...] = ()  # encoded images for a vision model (engine/vision.py)
 
 
 @attrs.frozen
@@ -177,6 +179,7 @@ class Engine:
         prompt_cache_bytes: int = 0,
         warm_up: bool | None = None,
         admit: AdmitWindow = AdmitWindow(),
+        sync: Any = None,
     ):
         self._load = load
         self._warm_up = warm_up  # None: on GPUs only
@@ -192,6 +195,11 @@ class Engine:
         # KV of finished sequences keyed by their tokens: a later prompt sharing a prefix (a
         # system prompt, an earlier turn) resumes from it instead of prefilling again.
         self._prefix = LRUPromptCache(max_size=64, max_bytes=prompt_cache_bytes) if prompt_cache_bytes > 0 else None
+        # On an mx.distributed group every rank steps in lockstep through this seam: rank 0
+        # sends the commands it drained each step, the followers run on them (engine/distributed.py).
+        self._sync = sync if sync is not None else distributed.step_sync()
+        if self._sync is not None:
+            self._sync.attach(self)
 
     # -- called from any thread --
     def submit(self, cmd: Add | Cancel | Shutdown) -> None:
@@ -240,7 +248,7 @@ class Engine:
         while True:
             out: list = []
             busy = bool(seqs)
-            cmds = self._drain(block=not busy)
+            cmds = self._drain(block=not busy) if self._sync is None else self._sync.commands(self._drain, not busy)
             for cmd in cmds:
                 match cmd:
                     case Shutdown():
@@ -272,24 +280,31 @@ class Engine:
     def _add(self, lm: LoadedModel, gen: BatchGenerator, cmd: Add, seqs: dict[int, _Seq],
              by_id: dict[int, int], out: list) -> None:
         """Its own frame so that the reused prefix KV is not held past the call (see ``_step``)."""
+        t_start = time.perf_counter()
         try:
             processors = self._processors(lm, cmd)
             sampler = sampling.make_sampler(cmd.params)
+            if cmd.images:  # vision tower and prefill here; the batch goes on from that KV
+                cache, ids = vision.prefill(lm, cmd.prompt_ids, cmd.images, self._prefill_chunk)
+                cmd = attrs.evolve(cmd, prompt_ids=ids, max_tokens=min(cmd.max_tokens, lm.context_length - len(ids)))
         except Exception as exc:  # bad settings fail that request only, never the runner
             out.append(Chunk(cmd.seq_id, "", (), finish="error", error=str(exc),
                              stats=SeqStats(len(cmd.prompt_ids), 0, 0, 0, 0)))
             return
-        cache, rest = self._cached_prefix(cmd.prompt_ids)
-        cached = len(cmd.prompt_ids) - len(rest)
+        if cmd.images:
+            rest, cached, reused = cmd.prompt_ids[-1:], 0, len(cmd.prompt_ids) - 1
+        else:
+            cache, rest = self._cached_prefix(cmd.prompt_ids)
+            cached = reused = len(cmd.prompt_ids) - len(rest)
         uid = gen.insert(
             [rest],
             max_tokens=[cmd.max_tokens],
             caches=[cache] if cache is not None else None,
-            all_tokens=[cmd.prompt_ids[:cached]],
+            all_tokens=[cmd.prompt_ids[:reused]],
             samplers=[sampler],
             logits_processors=[processors],
         )[0]
-        seqs[uid] = _Seq(cmd, uid, StreamDecoder(lm.tokenizer), StopMatcher(cmd.stop), time.perf_counter(), cached)
+        seqs[uid] = _Seq(cmd, uid, StreamDecoder(lm.tokenizer), StopMatcher(cmd.stop), t_start, cached)
         by_id[cmd.seq_id] = uid
 
     def _step(self, lm: LoadedModel, stream, gen: BatchGenerator, seqs: dict[int, _Seq],
@@ -320,7 +335,9 @@ class Engine:
             if s is None:
                 continue
             chunk = self._on_token(lm, s, r)
-            if r.finish_reason is not None and r.prompt_cache is not None and self._prefix is not None:
+            # Image tokens are alike whatever the image: a vision prompt's KV is no prefix to reuse.
+            if r.finish_reason is not None and r.prompt_cache is not None and self._prefix is not None \
+                    and not s.cmd.images:
                 self._prefix.insert_cache("m", list(r.all_tokens), owned(r.prompt_cache))
             if chunk.finish is not None:
                 seqs.pop(r.uid, None)
