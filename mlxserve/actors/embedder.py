@@ -30,6 +30,7 @@ import trio
 
 from ..config import Settings
 from ..engine import embed as eng
+from ..engine.memory import release_cached_buffers
 from ..errors import BadRequest, EngineError, LoadError, MlxserveError, ServerBusy, ShuttingDown
 from . import activity, heap
 from .hosts import HOSTS
@@ -399,7 +400,7 @@ class Embedder:
                 case eng.EmbedStopped(error=error):
                     self._drop(w)
                     self._fail_jobs(w, EngineError(error or "model was unloaded"))
-                    heap.reclaim()  # the engine let go of the model before it said so
+                    heap.reclaim(release_cached_buffers)  # the engine let go of the model first
         self._notify()
 
     def _answer(self, w: _Worker, done: eng.JobDone) -> None:

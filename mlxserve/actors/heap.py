@@ -1,12 +1,6 @@
-"""Keep the cyclic garbage collector's full passes short while requests stream.
-
-A full (generation 2) pass walks every container object the process holds: the imported
-libraries, the app, each loaded model's modules and tokenizer. On the 2-core machine those passes
-took 14-43 ms on the trio thread in the middle of a 32-client burst, long enough to split the
-burst across two prefill batches (AdmitWindow) and to stall every stream's next token. Objects
-that live as long as the daemon or a model are moved out of the collector's sight, so the passes
-in between walk only what requests create.
-"""
+"""Keep the collector's full passes short while requests stream, and give an unloaded model's
+memory back: objects that live as long as the daemon or a model are frozen out of the
+collector's sight (its full passes stalled token streams for tens of milliseconds)."""
 
 from __future__ import annotations
 
@@ -14,8 +8,7 @@ import ctypes
 import gc
 import logging
 import time
-
-import mlx.core as mx
+from typing import Callable
 
 log = logging.getLogger("mlxserve.heap")
 
@@ -34,17 +27,17 @@ def _malloc_trim() -> None:
         pass
 
 
-def reclaim() -> None:
+def reclaim(release_buffers: Callable[[], None] | None = None) -> None:
     """After an unload: one full pass over everything, frozen objects included, so the model's
-    cycles are freed, then freeze the survivors again. Then the freed weights go back to the
-    system: MLX's allocator keeps buffers for reuse and glibc keeps freed pages, so with
-    SmolLM2 (f32) the daemon stayed at 733 MB after an unload; now 186-204 MB (idle: 108 MB)."""
+    cycles are freed, then freeze the survivors again; then ``release_buffers`` (the engine's
+    buffer cache) and glibc hand the freed weights back to the system."""
     t0 = time.perf_counter()
     gc.unfreeze()
     gc.collect()
     gc.freeze()
     try:  # housekeeping: it never fails the unload that called it
-        mx.clear_cache()
+        if release_buffers is not None:
+            release_buffers()
         _malloc_trim()
     except Exception:
         log.exception("returning freed memory to the system failed")

@@ -13,11 +13,13 @@ import trio
 
 from ..config import DEFAULT_NUM_PARALLEL, AdmitWindow
 from ..engine import loop as eng
+from ..engine.memory import release_cached_buffers
 from ..engine.model import LoadedModel
 from ..errors import EngineError, LoadError, ShuttingDown
 from . import activity, faults, heap
 from .hosts import HOSTS
 from .mailbox import Reply, post
+from .sequence import SequenceRequest
 
 log = logging.getLogger("mlxserve.runner")
 _seq_ids = itertools.count(1)
@@ -96,15 +98,15 @@ class RunnerHandle:
                 return stats
             await self._runner.changed.wait()
 
-    def submit_nowait(self, cmd_fields: dict[str, Any]) -> tuple[int, trio.MemoryReceiveChannel]:
+    def submit_nowait(self, request: SequenceRequest) -> tuple[int, trio.MemoryReceiveChannel[eng.Chunk]]:
         """Queue a sequence; returns its id and the channel its chunks arrive on.
 
         The channel's buffer is the request's own token budget, so the engine never waits on a
         slow reader; closing the receive end is how a caller says it is gone.
         """
         seq_id = next(_seq_ids)
-        cmd = eng.Add(seq_id=seq_id, **cmd_fields)
-        send, recv = trio.open_memory_channel(cmd.max_tokens + 16)
+        cmd = request.command(seq_id)
+        send, recv = trio.open_memory_channel[eng.Chunk](cmd.max_tokens + 16)
         post(self._inbox, Submit(cmd, send))
         return seq_id, recv
 
@@ -244,7 +246,7 @@ class Runner:
             # Handles outlive the runner (the Loader's last reply, a late request's lease): they
             # must not keep the weights in memory.
             self.loaded = self._engine = None  # the engine holds the model and the prefix KV cache
-            heap.reclaim()  # and the model's cycles, frozen since its load, are freed now
+            heap.reclaim(release_cached_buffers)  # and the model's cycles, frozen since its load
             self.exited.set()
             if self.on_exit is not None:
                 self.on_exit(self, self._crash)

@@ -13,7 +13,7 @@ import uuid
 import trio
 from quart import Blueprint, Response
 
-from ..engine.constrain import grammar_for_schema
+from ..actors.sequence import grammar_for_schema
 from ..errors import BadRequest
 from ..specs.tools import as_template_tools, call_schema
 from . import generation as g

@@ -15,7 +15,7 @@ from collections import OrderedDict
 import attrs
 from quart import Blueprint, current_app
 
-from ..engine.constrain import ANY_JSON_OBJECT, grammar_for_schema
+from ..actors.sequence import ANY_JSON_OBJECT, grammar_for_schema
 from ..errors import BadRequest, NotFound
 from ..specs.tools import call_schema
 from . import relay
