@@ -24,7 +24,9 @@ class SequenceRequest:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; 0: the chosen token only; n: with top-n alternatives
     grammar: str | None = None  # a compiled grammar (grammar_for_schema) every token must satisfy
+    images: tuple[bytes, ...] = ()  # encoded images (PNG, JPEG...) for a vision model, in prompt order
 
     def command(self, seq_id: int) -> Add:
         return Add(seq_id=seq_id, prompt_ids=self.prompt_ids, max_tokens=self.max_tokens,
-                   params=self.params, stop=self.stop, logprobs=self.logprobs, grammar=self.grammar)
+                   params=self.params, stop=self.stop, logprobs=self.logprobs, grammar=self.grammar,
+                   images=self.images)
