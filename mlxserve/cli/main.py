@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import asyncclick as click
+import attrs
 import httpx
 
 # Shared with the other command modules (transfer, bench), which import them from .client too.
@@ -47,6 +48,16 @@ async def serve(host: str | None, log_level: str | None, preload: tuple[str, ...
     level = log_level or ("debug" if settings.debug else "info")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mlxserve").info("backend: %s", backend)
+    from ..engine import distributed
+
+    try:  # one rank of several (mlx.launch): rank 0 serves, the others follow it
+        rank, group = distributed.start(settings.models_dir)
+    except ValueError as exc:
+        raise click.UsageError(f"bad setting: {exc}") from None
+    if rank != 0:
+        distributed.follow(rank, group, settings.models_dir)
+    if group is not None:  # the group runs one sharded model at a time
+        settings = attrs.evolve(settings, max_loaded_models=1)
     import trio
 
     from ..http.server import run_daemon

@@ -24,6 +24,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from ..config import DEFAULT_NUM_PARALLEL, AdmitWindow
+from . import distributed
 from . import sampling, vision
 from .constrain import GrammarProcessor, TokenizerCache
 from .model import LoadedModel
@@ -178,6 +179,7 @@ class Engine:
         prompt_cache_bytes: int = 0,
         warm_up: bool | None = None,
         admit: AdmitWindow = AdmitWindow(),
+        sync: Any = None,
     ):
         self._load = load
         self._warm_up = warm_up  # None: on GPUs only
@@ -193,6 +195,11 @@ class Engine:
         # KV of finished sequences keyed by their tokens: a later prompt sharing a prefix (a
         # system prompt, an earlier turn) resumes from it instead of prefilling again.
         self._prefix = LRUPromptCache(max_size=64, max_bytes=prompt_cache_bytes) if prompt_cache_bytes > 0 else None
+        # On an mx.distributed group every rank steps in lockstep through this seam: rank 0
+        # sends the commands it drained each step, the followers run on them (engine/distributed.py).
+        self._sync = sync if sync is not None else distributed.step_sync()
+        if self._sync is not None:
+            self._sync.attach(self)
 
     # -- called from any thread --
     def submit(self, cmd: Add | Cancel | Shutdown) -> None:
@@ -241,7 +248,7 @@ class Engine:
         while True:
             out: list = []
             busy = bool(seqs)
-            cmds = self._drain(block=not busy)
+            cmds = self._drain(block=not busy) if self._sync is None else self._sync.commands(self._drain, not busy)
             for cmd in cmds:
                 match cmd:
                     case Shutdown():

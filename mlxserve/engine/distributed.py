@@ -1,0 +1,773 @@
+"""One model served across the ranks of an mx.distributed group (``mlx.launch``).
+
+Rank 0 is the daemon (HTTP, actors, tokenizer); every other rank is a follower that runs the same
+``Engine`` loop on the commands rank 0 drained, so everything deterministic (the batch, greedy and
+seeded sampling, grammars, stop strings, the prefix cache) stays in lockstep, and the model's
+collectives (tensor parallel ``all_sum``, pipeline ``send``/``recv``) always meet.
+
+Commands travel over a control connection of plain TCP from rank 0 to each follower, not through
+MLX collectives: a follower waiting in a collective spins a core (about half of one on the ring
+backend), one waiting on a socket sleeps. The same connection carries, back to rank 0, heartbeats,
+load results and a checksum of the tokens each step delivered; rank 0's watchdog fails the group
+when a follower goes silent, crashes or diverges, so a dead or hung rank costs requests a clean
+error within ``MLXSERVE_DIST_TIMEOUT`` rather than a hang.
+
+Only one sharded model holds the group at a time (its collectives would interleave with another's):
+``mlxctl serve`` sets MAX_LOADED_MODELS to 1 on a group. Nothing here imports MLX at module import,
+so the HTTP layer may read ``describe()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import select
+import socket
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+
+from ..errors import LoadError
+
+log = logging.getLogger("mlxserve.distributed")
+
+SPLITS = ("auto", "tensor", "pipeline")
+HEARTBEAT_S = 0.5
+
+
+class GroupDown(LoadError):
+    """The group lost a rank: its model cannot run until the ranks are started again."""
+
+    status = 503
+    kind = "server_error"
+
+
+def launched(env: dict | None = None) -> bool:
+    """Whether this process was started as one rank of several (mlx.launch's environment)."""
+    env = os.environ if env is None else env
+    return "MLX_RANK" in env and any(k in env for k in ("MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLX_JACCL_COORDINATOR",
+                                                        "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
+
+
+def _backend_name(env: dict) -> str:
+    if v := env.get("MLXSERVE_DIST_BACKEND"):
+        return v
+    if env.get("MLX_JACCL_COORDINATOR"):
+        return "jaccl"
+    if env.get("MLX_HOSTFILE"):
+        return "ring"
+    if env.get("MLX_WORLD_SIZE"):
+        return "nccl"
+    return "any"
+
+
+def _ring_hosts(env: dict) -> list[list[str]] | None:
+    path = env.get("MLX_HOSTFILE")
+    if not path:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _control_host(env: dict) -> str:
+    """Where rank 0 listens for its followers: MLXSERVE_DIST_CONTROL, else its ring address."""
+    if v := env.get("MLXSERVE_DIST_CONTROL"):
+        return v.rpartition(":")[0] or v
+    hosts = _ring_hosts(env)
+    if hosts and hosts[0]:
+        return hosts[0][0].rpartition(":")[0]
+    if v := env.get("MLX_JACCL_COORDINATOR"):
+        return v.rpartition(":")[0]
+    return "127.0.0.1"
+
+
+# ---------------------------------------------------------------------------- framing
+
+def _send(sock: socket.socket, msg: dict, lock: threading.Lock | None = None) -> None:
+    data = json.dumps(msg, separators=(",", ":")).encode()
+    frame = struct.pack("!I", len(data)) + data
+    if lock is None:
+        sock.sendall(frame)
+    else:
+        with lock:
+            sock.sendall(frame)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        part = sock.recv(n - len(buf))
+        if not part:
+            raise ConnectionError("connection closed")
+        buf += part
+    return bytes(buf)
+
+
+def _recv(sock: socket.socket) -> dict:
+    (n,) = struct.unpack("!I", _recv_exact(sock, 4))
+    return json.loads(_recv_exact(sock, n))
+
+
+def encode_command(cmd) -> dict:
+    from . import loop as eng
+
+    match cmd:
+        case eng.Add():
+            d = attrs.asdict(cmd, recurse=True)
+            if d["params"].get("logit_bias"):
+                d["params"]["logit_bias"] = [[int(k), float(v)] for k, v in d["params"]["logit_bias"].items()]
+            return {"k": "add", **d}
+        case eng.Cancel(seq_id=sid):
+            return {"k": "cancel", "seq_id": sid}
+        case eng.Shutdown():
+            return {"k": "shutdown"}
+    raise TypeError(f"cannot send {cmd!r} to the group")
+
+
+def decode_command(d: dict):
+    from . import loop as eng
+    from .sampling import SamplingParams
+
+    kind = d.pop("k")
+    if kind == "cancel":
+        return eng.Cancel(d["seq_id"])
+    if kind == "shutdown":
+        return eng.Shutdown()
+    p = d.pop("params")
+    if p.get("logit_bias"):
+        p["logit_bias"] = {int(k): float(v) for k, v in p["logit_bias"]}
+    return eng.Add(params=SamplingParams(**p), **{**d, "stop": tuple(d.get("stop") or ())})
+
+
+def _crc(crc: int, chunk) -> int:
+    return zlib.crc32(f"{chunk.seq_id}:{','.join(map(str, chunk.token_ids))}:{chunk.finish};".encode(), crc)
+
+
+# ---------------------------------------------------------------------------- sharding
+
+_loading = threading.local()  # set on the thread that loads for the group
+
+
+@attrs.frozen
+class _ShardPlan:
+    group: Any  # mx.distributed.Group
+    split: str  # what was asked: auto | tensor | pipeline
+    on_path: Callable[[Path, str | None], None] | None = None  # rank 0: tell the followers first
+    chosen: list = attrs.field(factory=list)  # the split that was used, for the caller
+
+
+def announce(path: Path, weight_dtype: str | None) -> None:
+    """model.load_path's hook: on rank 0, send the followers the model to load before loading it."""
+    plan = getattr(_loading, "plan", None)
+    if plan is not None and plan.on_path is not None:
+        plan.on_path(Path(path), weight_dtype)
+
+
+def shard(model, config: dict) -> None:
+    """model._build's hook, before the weights are evaluated: keep only this rank's part.
+
+    Tensor parallel where mlx-lm's class has ``shard()`` and the heads divide among the ranks,
+    pipeline parallel (contiguous blocks of layers) otherwise or when MLXSERVE_DIST_SPLIT asks.
+    """
+    plan = getattr(_loading, "plan", None)
+    if plan is None:
+        return
+    n = plan.group.size()
+    split = plan.split
+    if split == "auto":
+        split = "tensor" if _tensor_fits(model, config, n) else "pipeline"
+    if split == "tensor":
+        if not hasattr(model, "shard"):
+            raise LoadError(f"'{config.get('model_type')}' has no tensor-parallel split in mlx-lm; "
+                            "use MLXSERVE_DIST_SPLIT=pipeline")
+        if not _tensor_fits(model, config, n):
+            raise LoadError(f"the model's heads do not divide among {n} ranks; use MLXSERVE_DIST_SPLIT=pipeline")
+        model.shard(plan.group)
+    else:
+        _pipeline(model, plan.group)
+    plan.chosen.append(split)
+
+
+def _tensor_fits(model, config: dict, n: int) -> bool:
+    if not hasattr(model, "shard"):
+        return False
+    heads = int(config.get("num_attention_heads") or 0)
+    kv = int(config.get("num_key_value_heads") or heads)
+    inter = int(config.get("intermediate_size") or 0)
+    return heads > 0 and heads % n == 0 and kv % n == 0 and inter % n == 0
+
+
+def _pipeline(model, group) -> None:
+    """Rank r runs its own contiguous block of layers (rank 0 the first); the others' layers are
+    placeholders without weights. The hidden state goes from each block to the next with
+    send/recv, and the last block's is gathered so that every rank samples the same logits."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    if hasattr(model, "pipeline") and not hasattr(model, "shard"):
+        raise LoadError("this architecture's own pipeline split is not supported yet")
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or not isinstance(layers, list) or not hasattr(inner, "norm"):
+        raise LoadError(f"cannot split '{type(model).__module__}' into a pipeline")
+    n, r = group.size(), group.rank()
+    if len(layers) < n:
+        raise LoadError(f"{len(layers)} layers cannot be split among {n} ranks")
+    base, extra = divmod(len(layers), n)
+    sizes = [base + (1 if i < extra else 0) for i in range(n)]
+    start = sum(sizes[:r])
+    end = start + sizes[r]
+
+    class Skip(nn.Module):
+        """Another rank's layer. It keeps its cache's length in step (masks are built from a
+        layer's cache) with one-wide keys: a few bytes a token."""
+
+        def __init__(self, layer):
+            super().__init__()
+            for k, v in vars(layer).items():  # plain settings the model reads (use_sliding, ...)
+                if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None))):
+                    setattr(self, k, v)
+
+        def __call__(self, x, mask=None, cache=None):
+            if cache is not None:
+                z = mx.zeros((x.shape[0], 1, x.shape[1], 1), dtype=x.dtype)
+                cache.update_and_fetch(z, z)
+            return x
+
+    class Wrapped(nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def __getattr__(self, key):
+            try:
+                return super().__getattr__(key)
+            except AttributeError:
+                return getattr(self["layer"], key)
+
+    class First(Wrapped):
+        def __call__(self, x, *args, **kwargs):
+            return self.layer(mx.distributed.recv_like(x, r - 1, group=group), *args, **kwargs)
+
+    class Last(Wrapped):
+        def __call__(self, x, *args, **kwargs):
+            return mx.distributed.send(self.layer(x, *args, **kwargs), r + 1, group=group)
+
+    class Gather(nn.Module):
+        def __init__(self, norm):
+            super().__init__()
+            self.norm = norm
+
+        def __call__(self, x):
+            b = x.shape[0]
+            return self.norm(mx.distributed.all_gather(x, group=group)[(n - 1) * b:n * b])
+
+    for i in range(len(layers)):
+        if not start <= i < end:
+            layers[i] = Skip(layers[i])
+    if r > 0:
+        layers[start] = First(layers[start])
+    if r < n - 1:
+        layers[end - 1] = Last(layers[end - 1])
+    inner.norm = Gather(inner.norm)
+
+
+# ---------------------------------------------------------------------------- rank 0
+
+class _StepFaults:
+    """Chaos faults armed on rank 0 take effect on every rank in the same step: the followers
+    get each step's faults with its commands (a fault on one rank alone would split the batch)."""
+
+    def __init__(self, inner=None) -> None:
+        self.inner = inner
+        self.armed: set[str] = set()
+
+    def next_step(self, names=None) -> list[str]:
+        if names is None:  # rank 0: what was armed since the last step
+            names = sorted(self.inner.armed) if self.inner is not None else []
+            if self.inner is not None:
+                self.inner.armed.clear()
+        self.armed = set(names)
+        return list(names)
+
+    def take(self, name: str) -> bool:
+        if name in self.armed:
+            self.armed.discard(name)
+            return True
+        return False
+
+
+def _engine_params(engine) -> dict:
+    prefix = engine._prefix
+    return {"num_parallel": engine._num_parallel, "prefill_chunk": engine._prefill_chunk,
+            "device": engine._device if isinstance(engine._device, (str, type(None))) else engine._device.type.name,
+            "prompt_cache_bytes": prefix.max_bytes if prefix is not None else 0,
+            "warm_up": engine._warm_up}
+
+
+@attrs.define(eq=False)
+class _Peer:
+    rank: int
+    sock: socket.socket
+    last_seen: float
+    buf: bytearray = attrs.Factory(bytearray)
+
+
+class Group:
+    """Rank 0's view of the group: the control connections, the watchdog, the model holding it."""
+
+    def __init__(self, mxgroup, backend: str, split: str, timeout: float, models_dir: Path, env: dict):
+        self.mx = mxgroup
+        self.backend = backend
+        self.size = mxgroup.size()
+        self.split = split
+        self.timeout = timeout
+        self.models_dir = Path(models_dir)
+        self.env = env
+        self.peers: dict[int, _Peer] = {}
+        self.send_lock = threading.Lock()
+        self.cond = threading.Condition()
+        self.down: str | None = None
+        self.owner: _Leader | None = None
+        self.model_split: str | None = None
+        self.answers: dict[int, dict] = {}
+        self.crcs: dict[int, int] = {}
+        self.crashes: list[tuple[int, int, str, float]] = []  # followers' engine crashes: rank, step, error, when
+        self.leader_crash_step: int | None = None
+
+    # -- state for /api/ps and /api/status --
+    def describe(self) -> dict:
+        with self.cond:
+            loaded = self.owner is not None and self.model_split is not None
+            return {"backend": self.backend, "ranks": self.size, "split": self.model_split if loaded else self.split,
+                    "state": "down" if self.down else "up", "error": self.down}
+
+    # -- the watchdog thread --
+    def watch(self) -> None:
+        while self.down is None:
+            socks = {p.sock: p for p in self.peers.values()}
+            try:
+                ready, _, _ = select.select(list(socks), [], [], 0.25)
+            except (OSError, ValueError):
+                return
+            now = time.monotonic()
+            for s in ready:
+                p = socks[s]
+                try:
+                    data = s.recv(1 << 16)
+                except OSError:
+                    data = b""
+                if not data:
+                    self.fail(f"rank {p.rank} closed its connection (it exited or was killed)")
+                    return
+                p.last_seen = now
+                p.buf += data
+                while len(p.buf) >= 4:
+                    (n,) = struct.unpack("!I", p.buf[:4])
+                    if len(p.buf) < 4 + n:
+                        break
+                    msg = json.loads(bytes(p.buf[4:4 + n]))
+                    del p.buf[:4 + n]
+                    self._on_message(p, msg)
+            for p in self.peers.values():
+                if now - p.last_seen > self.timeout:
+                    self.fail(f"rank {p.rank} sent nothing for {self.timeout:g} s (hung or unreachable)")
+                    return
+            stale = None
+            with self.cond:  # a follower's engine failed: fine if rank 0's failed at that step too
+                for c in list(self.crashes):
+                    if self.leader_crash_step == c[1]:
+                        self.crashes.remove(c)
+                    elif now - c[3] > 2.0:
+                        stale = c
+            if stale is not None:
+                self.fail(f"rank {stale[0]}'s engine failed at step {stale[1]}: {stale[2]}")
+                return
+
+    def _on_message(self, p: _Peer, msg: dict) -> None:
+        match msg.get("t"):
+            case "loaded":
+                with self.cond:
+                    self.answers[p.rank] = msg
+                    self.cond.notify_all()
+            case "ack":
+                want = self.crcs.get(msg["n"])
+                if want is not None and want != msg["x"]:
+                    self.fail(f"rank {p.rank} generated other tokens than rank 0 at step {msg['n']}")
+            case "crashed":
+                with self.cond:
+                    self.crashes.append((p.rank, msg["n"], msg.get("error", ""), time.monotonic()))
+
+    def fail(self, reason: str) -> None:
+        """Tear the group down: fail the model's requests now, wake its engine thread, let the
+        followers go. The daemon stays up; the model cannot be loaded again on this group."""
+        with self.cond:
+            if self.down is not None:
+                return
+            self.down = reason
+            owner = self.owner
+            self.cond.notify_all()
+        log.error("distributed group down: %s", reason)
+        if owner is not None and owner.raw_deliver is not None:
+            from . import loop as eng
+
+            owner.raw_deliver([eng.Stopped(f"distributed group failed: {reason}")])
+        for p in self.peers.values():
+            _close(p.sock)
+        if self.backend == "ring":
+            _shutdown_ring_sockets(self.env, 0)
+
+    # -- the model holding the group --
+    def broadcast(self, msg: dict) -> None:
+        data = json.dumps(msg, separators=(",", ":")).encode()
+        frame = struct.pack("!I", len(data)) + data
+        with self.send_lock:
+            for p in self.peers.values():
+                try:
+                    p.sock.sendall(frame)
+                except OSError:
+                    pass  # the watchdog sees the closed connection and fails the group
+
+    def acquire(self, leader: "_Leader") -> None:
+        with self.cond:
+            # The previous model's engine may still be winding down after its unload.
+            self.cond.wait_for(lambda: self.owner is None or self.down is not None, timeout=30)
+            if self.down is not None:
+                raise GroupDown(f"the distributed group is down ({self.down}); restart the ranks")
+            if self.owner is not None:
+                raise LoadError("another model holds the distributed group; one sharded model at a time")
+            self.owner = leader
+            self.answers = {}
+            self.crcs = {}
+            self.crashes = []
+            self.leader_crash_step = None
+            self.model_split = None
+
+    def release(self, leader: "_Leader") -> None:
+        with self.cond:
+            if self.owner is leader:
+                self.owner = None
+                self.model_split = None
+                self.cond.notify_all()
+
+    def load(self, leader: "_Leader", load: Callable):
+        import mlx.core as mx
+
+        self.acquire(leader)
+        seed = secrets.randbits(62)
+        announced: list[bool] = []
+
+        def on_path(path: Path, weight_dtype: str | None) -> None:
+            try:
+                rel = str(path.resolve().relative_to(self.models_dir.resolve()))
+            except ValueError:
+                rel = str(path)
+            self.broadcast({"t": "load", "path": rel, "weight_dtype": weight_dtype, "split": self.split,
+                            "seed": seed, "engine": leader.params})
+            announced.append(True)
+
+        plan = _ShardPlan(self.mx, self.split, on_path)
+        _loading.plan = plan
+        try:
+            lm = load()
+            if not announced:
+                raise LoadError("this model's loader does not support a distributed group")
+            with self.cond:
+                self.cond.wait_for(lambda: len(self.answers) >= self.size - 1 or self.down is not None)
+                if self.down is not None:
+                    raise GroupDown(f"the distributed group is down ({self.down}); restart the ranks")
+                bad = sorted((r, a) for r, a in self.answers.items() if not a.get("ok"))
+            if bad:
+                r, a = bad[0]
+                raise LoadError(f"rank {r} could not load the model: {a.get('error')}")
+            splits = {a.get("split") for a in self.answers.values()} | set(plan.chosen)
+            if len(splits) != 1:
+                raise LoadError(f"the ranks split the model differently: {sorted(map(str, splits))}")
+        except BaseException:
+            if announced:
+                self.broadcast({"t": "end"})
+            self.release(leader)
+            raise
+        finally:
+            _loading.plan = None
+        mx.random.seed(seed)  # unseeded sampling draws the same numbers on every rank
+        with self.cond:
+            self.model_split = plan.chosen[0]
+        log.info("model loaded on %d ranks (%s parallel)", self.size, self.model_split)
+        return lm
+
+
+class _Leader:
+    """Rank 0's seam in one Engine (``Engine(sync=...)``): broadcasts each step's commands."""
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        self.params: dict = {}
+        self.step = 0
+        self.crc = 0
+        self.raw_deliver: Callable | None = None
+        self.faults = _StepFaults()
+
+    def attach(self, engine) -> None:
+        from . import loop as eng
+
+        self.params = _engine_params(engine)
+        load, deliver = engine._load, engine._deliver
+        self.raw_deliver = deliver
+        self.faults = _StepFaults(engine.faults)
+        engine.faults = self.faults
+
+        def deliver_and_check(events: list) -> None:
+            for ev in events:
+                if isinstance(ev, eng.Chunk):
+                    self.crc = _crc(self.crc, ev)
+                elif isinstance(ev, eng.Stopped):
+                    with self.group.cond:
+                        if ev.error is not None:
+                            self.group.leader_crash_step = self.step
+                    self.group.release(self)
+                elif isinstance(ev, eng.LoadFailed):
+                    self.group.release(self)
+            deliver(events)
+
+        engine._load = lambda: self.group.load(self, load)
+        engine._deliver = deliver_and_check
+
+    def commands(self, drain: Callable[[bool], list], block: bool) -> list:
+        g = self.group
+        if g.down is not None:
+            raise GroupDown(f"distributed group failed: {g.down}")
+        if self.step:
+            g.crcs[self.step] = self.crc
+            g.crcs.pop(self.step - 4096, None)
+        cmds = drain(block)
+        self.step += 1
+        self.crc = 0
+        faults = self.faults.next_step()
+        g.broadcast({"t": "step", "n": self.step, "c": [encode_command(c) for c in cmds], "f": faults})
+        return cmds
+
+
+GROUP: Group | None = None
+
+
+def step_sync():
+    """The seam an Engine on rank 0 steps through; None outside a group."""
+    return _Leader(GROUP) if GROUP is not None else None
+
+
+def describe() -> dict | None:
+    """The group for /api/ps and /api/status; None outside a group."""
+    return GROUP.describe() if GROUP is not None else None
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+def _shutdown_ring_sockets(env: dict, rank: int) -> None:
+    """Wake an engine thread blocked in a ring collective on a dead peer (the ring backend waits
+    for ever): shut down this process's sockets to the ring's addresses, so its send/recv fail."""
+    hosts = _ring_hosts(env) or []
+    ours = {a.rpartition(":")[2] for a in (hosts[rank] if rank < len(hosts) else [])}
+    theirs = {(a.rpartition(":")[0], a.rpartition(":")[2]) for i, h in enumerate(hosts) if i != rank for a in h}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            s = socket.socket(fileno=os.dup(int(fd)))
+        except OSError:
+            continue
+        try:
+            local, peer = s.getsockname(), s.getpeername()
+            if str(local[1]) in ours or (peer[0], str(peer[1])) in theirs:
+                s.shutdown(socket.SHUT_RDWR)
+        except (OSError, IndexError, TypeError):
+            pass
+        finally:
+            s.close()
+
+
+# ---------------------------------------------------------------------------- start-up
+
+def start(models_dir: Path, env: dict | None = None) -> tuple[int, Any]:
+    """Join the group mlx.launch described: (rank, what that rank runs). Rank 0 returns
+    (0, Group) and serves; a follower returns (rank, its control connection) for ``follow``.
+    (0, None) when this process is not one of several ranks."""
+    env = dict(os.environ if env is None else env)
+    if not launched(env):
+        return 0, None
+    import mlx.core as mx
+
+    backend = _backend_name(env)
+    split = env.get("MLXSERVE_DIST_SPLIT", "auto")
+    if split not in SPLITS:
+        raise ValueError(f"MLXSERVE_DIST_SPLIT must be one of {', '.join(SPLITS)}, not {split!r}")
+    timeout = float(env.get("MLXSERVE_DIST_TIMEOUT", "30"))
+    g = mx.distributed.init(strict=True, backend=backend)
+    if g.size() < 2:
+        return 0, None
+    rank = g.rank()
+    host = _control_host(env)
+    listener = None
+    token = b"\0" * 16
+    port = 0
+    if rank == 0:
+        listener = socket.create_server((host, 0))
+        port = listener.getsockname()[1]
+        token = secrets.token_bytes(16)
+    # The control port and the followers' pass phrase travel through the group itself, once.
+    with mx.stream(mx.cpu):
+        mine = mx.array([port, *token], dtype=mx.int32)
+        both = mx.distributed.all_sum(mine, group=g)
+        mx.eval(both)
+    port, token = int(both[0].item()), bytes(int(x) for x in both[1:].tolist())
+    if rank != 0:
+        sock = socket.create_connection((host, port), timeout=60)
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _send(sock, {"t": "hello", "rank": rank, "token": token.hex()})
+        lock = threading.Lock()
+        threading.Thread(target=_beat, args=(sock, lock), name="mlxserve-dist-heartbeat", daemon=True).start()
+        return rank, (g, sock, lock)
+    group = Group(g, backend, split, timeout, models_dir, env)
+    listener.settimeout(60)
+    try:
+        while len(group.peers) < g.size() - 1:
+            sock, _ = listener.accept()
+            sock.settimeout(10)
+            try:
+                hello = _recv(sock)
+            except (OSError, ValueError, ConnectionError):
+                _close(sock)
+                continue
+            if hello.get("token") != token.hex():
+                _close(sock)
+                continue
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            group.peers[int(hello["rank"])] = _Peer(int(hello["rank"]), sock, time.monotonic())
+    finally:
+        listener.close()
+    global GROUP
+    GROUP = group
+    threading.Thread(target=group.watch, name="mlxserve-dist-watchdog", daemon=True).start()
+    log.info("rank 0 of %d (%s backend, split %s)", g.size(), backend, split)
+    return 0, group
+
+
+# ---------------------------------------------------------------------------- followers
+
+class _Follower:
+    """A follower's seam in its Engine: the step commands come from rank 0's connection."""
+
+    def __init__(self, sock: socket.socket, lock: threading.Lock) -> None:
+        self.sock = sock
+        self.lock = lock
+        self.step = 0
+        self.crc = 0
+        self.pending: dict | None = None
+        self.faults = _StepFaults()
+        self.raw_deliver: Callable | None = None
+
+    def attach(self, engine) -> None:
+        engine.faults = self.faults
+
+    def deliver(self, events: list) -> None:
+        from . import loop as eng
+
+        for ev in events:
+            if isinstance(ev, eng.Chunk):
+                self.crc = _crc(self.crc, ev)
+            elif isinstance(ev, eng.Stopped) and ev.error is not None:
+                log.error("engine failed at step %d: %s", self.step, ev.error)
+                self._send({"t": "crashed", "n": self.step, "error": ev.error})
+
+    def _send(self, msg: dict) -> None:
+        try:
+            _send(self.sock, msg, self.lock)
+        except OSError:
+            os._exit(0)
+
+    def commands(self, drain: Callable[[bool], list], block: bool) -> list:
+        from . import loop as eng
+
+        if self.step:
+            self._send({"t": "ack", "n": self.step, "x": self.crc})
+        msg = _recv_or_exit(self.sock)
+        if msg.get("t") != "step":
+            self.pending = msg  # rank 0 moved on (a new load, or this load failed): end this engine
+            return [eng.Shutdown()]
+        self.step, self.crc = msg["n"], 0
+        self.faults.next_step(msg.get("f") or [])
+        return [decode_command(c) for c in msg["c"]]
+
+
+def _recv_or_exit(sock: socket.socket) -> dict:
+    try:
+        return _recv(sock)
+    except (OSError, ConnectionError, ValueError):
+        # Rank 0 exited or tore the group down: nothing is left to serve here.
+        log.info("rank 0 closed the group; exiting")
+        os._exit(0)
+
+
+def _beat(sock: socket.socket, lock: threading.Lock) -> None:
+    while True:
+        time.sleep(HEARTBEAT_S)
+        try:
+            _send(sock, {"t": "beat"}, lock)
+        except OSError:
+            os._exit(0)
+
+
+def follow(rank: int, conn, models_dir: Path, weight_dtype: str | None = None) -> None:
+    """A follower's life: load what rank 0 loads, step when it steps. Never returns."""
+    import mlx.core as mx
+
+    from . import loop as eng
+    from . import model as engine_model
+
+    g, sock, lock = conn
+    log.info("rank %d of %d: following rank 0", rank, g.size())
+    pending: dict | None = None
+    while True:
+        msg, pending = pending or _recv_or_exit(sock), None
+        if msg.get("t") != "load":
+            continue  # a stale step or end of an engine that is already gone
+        path = Path(msg["path"])
+        path = path if path.is_absolute() else Path(models_dir) / path
+        params = dict(msg["engine"])
+        seq = _Follower(sock, lock)
+
+        def load(path=path, msg=msg, seq=seq):
+            plan = _ShardPlan(g, msg["split"])
+            _loading.plan = plan
+            try:
+                lm = engine_model.load_path(path, weight_dtype=msg.get("weight_dtype"))
+            except BaseException as exc:
+                seq._send({"t": "loaded", "ok": False, "error": f"{exc.__class__.__name__}: {exc}"})
+                raise
+            finally:
+                _loading.plan = None
+            mx.random.seed(int(msg["seed"]))
+            seq._send({"t": "loaded", "ok": True, "split": plan.chosen[0] if plan.chosen else None})
+            return lm
+
+        engine = eng.Engine(load, seq.deliver, sync=seq, **params)
+        engine.run()
+        pending = seq.pending
+        del engine
