@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from . import backend
+from .cpu import pack as cpu_pack
 
 KEEP = "keep"
 QKERNELS = "quantized-cpu"  # stay quantized, products through engine/cpu's kernels
@@ -122,15 +123,22 @@ def _tiles(x) -> int:
 
 
 class CpuQuantizedLinear(_KernelModule, nn.QuantizedLinear):
+    """weight, scales and biases hold the kernels' packed tiles (cpu.pack), not MLX's layout."""
+
+    out_features = 0  # the weight's rows before packing
+
     def __call__(self, x):
         if x.dtype != mx.float32:
             x = x.astype(mx.float32)
         y = self.kernels.qmm_rows(x, self["weight"], self["scales"], self["biases"],
-                                  self.group_size, self.bits, tiles=_tiles(x))
+                                  self.group_size, self.bits, tiles=_tiles(x), n=self.out_features)
         return y + self["bias"] if "bias" in self else y
 
 
 class CpuQuantizedEmbedding(_KernelModule, nn.QuantizedEmbedding):
+    """Looks rows up in MLX's layout; as the tied output head it multiplies through a packed
+    copy made on first use (most embeddings are never used as a head)."""
+
     def __call__(self, x):
         # Rows come out in the scales' dtype (f16 for GGUF); the model runs in float32.
         return super().__call__(x).astype(mx.float32)
@@ -138,8 +146,13 @@ class CpuQuantizedEmbedding(_KernelModule, nn.QuantizedEmbedding):
     def as_linear(self, x):  # tied output head
         if x.dtype != mx.float32:
             x = x.astype(mx.float32)
-        return self.kernels.qmm_rows(x, self["weight"], self["scales"], self["biases"],
-                                     self.group_size, self.bits, tiles=_tiles(x))
+        head = self.__dict__.get("_packed_head")
+        if head is None:
+            head = cpu_pack(self["weight"], self["scales"], self["biases"], self.bits)
+            mx.eval(head[:3])
+            object.__setattr__(self, "_packed_head", head)  # not a parameter: a derived copy
+        w, s, b, n = head
+        return self.kernels.qmm_rows(x, w, s, b, self.group_size, self.bits, tiles=_tiles(x), n=n)
 
 
 class CpuRMSNorm(_KernelModule, nn.RMSNorm):
@@ -173,7 +186,9 @@ def kernels_fit(module) -> bool:
 def use_cpu_kernels(model: nn.Module, kernels) -> int:
     """Route the products of every quantized module the kernels fit through them, in place.
 
-    Modules they do not fit (other bits or modes) are dequantized to float32; every other
+    The linears' weight, scales and biases are replaced by the kernels' packed tiles (shapes
+    change; ``out_features`` keeps the rows). Modules they do not fit (other bits or modes) are
+    dequantized to float32; every other
     floating-point parameter (norms, float linears) becomes float32 too, so activations are
     float32 throughout. Returns how many modules now use the kernels.
     """
@@ -185,9 +200,14 @@ def use_cpu_kernels(model: nn.Module, kernels) -> int:
         ):
             if not kernels_fit(module):
                 continue
-            # Swapping the class keeps the parameter tree (and load_weights) as it was.
-            module.__class__ = (CpuQuantizedEmbedding if isinstance(module, nn.QuantizedEmbedding)
-                                else CpuQuantizedLinear)
+            if isinstance(module, nn.QuantizedEmbedding):
+                module.__class__ = CpuQuantizedEmbedding
+            else:
+                module.__class__ = CpuQuantizedLinear
+                w, s, b, module.out_features = cpu_pack(module["weight"], module["scales"],
+                                                        module["biases"], module.bits)
+                module["weight"], module["scales"], module["biases"] = w, s, b
+                mx.eval(w, s, b)  # one module's copy at a time; the unpacked arrays go
             count += 1
     dequantize_model(model, mx.float32)
     for _, module in model.named_modules():

@@ -32,6 +32,12 @@ def _case(rng, rows, k, n, group, bits, scale_dtype):
     return x, wq, s.astype(scale_dtype), b.astype(scale_dtype)
 
 
+def _qmm(x, wq, s, b, group, bits, path=-1, tiles=-1):
+    """The kernels' product of x with MLX's affine-quantized weight (packed first, as at load)."""
+    w, sp, bp, n = cpu.pack(wq, s, b, bits)
+    return kernels.qmm_rows(x, w, sp, bp, group, bits, path, tiles, n)
+
+
 def _emulated(x, wq, s, b, group, bits, tiles=-1):
     """float64 product of the dequantized weights with x quantized as the kernels do (int8 per
     block of 32, scale max|x|/127, round half to even); from blas_rows rows on, x itself
@@ -57,7 +63,7 @@ def test_products_match_mlx_and_the_emulated_int8_product(path, bits, group):
         k = group * int(rng.integers(1, 24))
         n = int(rng.integers(1, 300))
         x, wq, s, b = _case(rng, rows, k, n, group, bits, SCALE_DTYPES[trial % 3])
-        y = kernels.qmm_rows(x, wq, s, b, group, bits, path)
+        y = _qmm(x, wq, s, b, group, bits, path)
         assert y.shape == (rows, n) and y.dtype == mx.float32
         got = np.array(y, dtype=np.float64)
         # Against float arithmetic on the same int8 activations: only rounding differs.
@@ -80,7 +86,7 @@ def test_decode_kernels_at_many_rows_match_the_emulated_product(path, bits, scal
     rng = np.random.default_rng(bits)
     for group in (32, 64):
         x, wq, s, b = _case(rng, 16, 576, 37, group, bits, scale_dtype)
-        got = np.array(kernels.qmm_rows(x, wq, s, b, group, bits, path, 0), dtype=np.float64)
+        got = np.array(_qmm(x, wq, s, b, group, bits, path, 0), dtype=np.float64)
         want = _emulated(x, wq, s, b, group, bits, tiles=0)
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), group
 
@@ -92,45 +98,67 @@ def test_a_row_gets_the_same_bits_alone_or_in_a_batch(path, bits):
     rows = 13
     # N large enough that the helper threads share the product
     x, wq, s, b = _case(rng, rows, 576, 1536, 32, bits, mx.float16)
-    batch = np.array(kernels.qmm_rows(x, wq, s, b, 32, bits, path, 0))  # decode's int8 kernels
+    batch = np.array(_qmm(x, wq, s, b, 32, bits, path, 0))  # decode's int8 kernels
     for i in (0, rows // 2, rows - 1):
-        alone = np.array(kernels.qmm_rows(x[i:i + 1], wq, s, b, 32, bits, path, 0))
+        alone = np.array(_qmm(x[i:i + 1], wq, s, b, 32, bits, path, 0))
         assert np.array_equal(alone[0], batch[i])
     # leading dimensions are rows too
-    y3 = np.array(kernels.qmm_rows(x.reshape(rows, 1, 576), wq, s, b, 32, bits, path, 0))
+    y3 = np.array(_qmm(x.reshape(rows, 1, 576), wq, s, b, 32, bits, path, 0))
     assert np.array_equal(y3[:, 0], batch)
 
 
 def test_the_fastest_path_is_the_default():
     rng = np.random.default_rng(0)
     x, wq, s, b = _case(rng, 3, 256, 70, 32, 4, mx.float16)
-    best = kernels.qmm_rows(x, wq, s, b, 32, 4, kernels.best_path())
-    assert np.array_equal(np.array(kernels.qmm_rows(x, wq, s, b, 32, 4)), np.array(best))
+    best = _qmm(x, wq, s, b, 32, 4, kernels.best_path())
+    assert np.array_equal(np.array(_qmm(x, wq, s, b, 32, 4)), np.array(best))
 
 
 def test_bad_inputs_are_refused():
     rng = np.random.default_rng(0)
     x, wq, s, b = _case(rng, 2, 128, 16, 32, 4, mx.float16)
+    w, sp, bp, n = cpu.pack(wq, s, b, 4)
     with pytest.raises(ValueError, match="bits"):
-        kernels.qmm_rows(x, wq, s, b, 32, 3)
+        kernels.qmm_rows(x, w, sp, bp, 32, 3)
     with pytest.raises(ValueError, match="group_size"):
-        kernels.qmm_rows(x, wq, s, b, 128, 4)
+        kernels.qmm_rows(x, w, sp, bp, 128, 4)
     with pytest.raises(ValueError, match="float32"):
-        kernels.qmm_rows(x.astype(mx.float16), wq, s, b, 32, 4)
+        kernels.qmm_rows(x.astype(mx.float16), w, sp, bp, 32, 4)
     with pytest.raises(ValueError, match="last dimension"):
-        kernels.qmm_rows(x[:, :96], wq, s, b, 32, 4)
+        kernels.qmm_rows(x[:, :96], w, sp, bp, 32, 4)
     with pytest.raises(ValueError, match="scales"):
-        kernels.qmm_rows(x, wq, s[:, :2], b, 32, 4)
+        kernels.qmm_rows(x, w, s, b, 32, 4)  # MLX's layout, not packed
+    with pytest.raises(ValueError, match="n does not match"):
+        kernels.qmm_rows(x, w, sp, bp, 32, 4, n=17)
     with pytest.raises(ValueError, match="path"):
-        kernels.qmm_rows(x, wq, s, b, 32, 4, 7)
+        kernels.qmm_rows(x, w, sp, bp, 32, 4, 7)
+
+
+def test_helper_threads_give_the_same_bits():
+    # a product shared between the caller and a helper thread, chunk by chunk, against the
+    # caller alone, for both bit widths and both the decode kernels and the prefill tiles
+    rng = np.random.default_rng(3)
+    default = kernels.thread_macs()
+    kernels.start_threads(2, 50)
+    try:
+        for bits in (4, 8):
+            x, wq, s, b = _case(rng, 5, 576, 1000, 32, bits, mx.float16)
+            for tiles in (0, 1):
+                kernels.set_thread_macs(1 << 62)
+                alone = np.array(_qmm(x, wq, s, b, 32, bits, tiles=tiles))
+                kernels.set_thread_macs(0)
+                shared = np.array(_qmm(x, wq, s, b, 32, bits, tiles=tiles))
+                assert np.array_equal(alone, shared), (bits, tiles)
+    finally:
+        kernels.set_thread_macs(default)
 
 
 def test_a_strided_activation_gives_the_same_product():
     rng = np.random.default_rng(1)
     x, wq, s, b = _case(rng, 6, 128, 40, 32, 4, mx.float16)
     strided = mx.array(np.array(x).T.copy()).T  # same values, column-major
-    assert np.array_equal(np.array(kernels.qmm_rows(strided, wq, s, b, 32, 4)),
-                          np.array(kernels.qmm_rows(x, wq, s, b, 32, 4)))
+    assert np.array_equal(np.array(_qmm(strided, wq, s, b, 32, 4)),
+                          np.array(_qmm(x, wq, s, b, 32, 4)))
 
 
 def test_rms_norm_matches_mlx():

@@ -41,6 +41,40 @@ def _load():
     return module, why
 
 
+def pack(w, scales, biases, bits: int):
+    """MLX's affine layout (w (N, K*bits/32) uint32, scales/biases (N, K/group)) -> the kernels'
+    tiles of 8 rows (qmm.cpp, "the packed layout"): (w (T, K*bits/4) uint32, scales and biases
+    (T, K/group, 8), N), the rows padded to 8T with zeros. Lazy MLX ops."""
+    import mlx.core as mx
+
+    n = w.shape[0]
+    k = w.shape[1] * 32 // bits
+    t = -(-n // 8)
+    pad = 8 * t - n
+    b8 = mx.view(w, mx.uint8)
+    if bits == 4:
+        q = mx.stack([b8 & 15, b8 >> 4], axis=-1).reshape(n, k)
+    else:
+        q = b8.reshape(n, k)
+    if pad:
+        q = mx.concatenate([q, mx.zeros((pad, k), q.dtype)])
+        scales = mx.concatenate([scales, mx.zeros((pad, scales.shape[1]), scales.dtype)])
+        biases = mx.concatenate([biases, mx.zeros((pad, biases.shape[1]), biases.dtype)])
+    nb = k // 32
+    if bits == 4:
+        # (t, i, b, h, v, c) -> (t, b, v, i, c, h); byte = lo | hi << 4
+        q = q.reshape(t, 8, nb, 2, 4, 4).transpose(0, 2, 4, 1, 5, 3)
+        packed = q[..., 0] | (q[..., 1] << 4)
+    else:
+        # (t, i, b, j, c) -> (t, b, j, i, c), stored as q - 128
+        packed = q.reshape(t, 8, nb, 8, 4).transpose(0, 2, 3, 1, 4) ^ 128
+    packed = mx.view(mx.contiguous(packed.astype(mx.uint8)).reshape(t, -1), mx.uint32)
+    g = scales.shape[1]
+    sp = mx.contiguous(scales.reshape(t, 8, g).transpose(0, 2, 1))
+    bp = mx.contiguous(biases.reshape(t, 8, g).transpose(0, 2, 1))
+    return packed, sp, bp, n
+
+
 SPIN_US = 300  # a helper's wait for the next product before it sleeps
 
 

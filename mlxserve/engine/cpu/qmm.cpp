@@ -1,12 +1,17 @@
-// Few-row products straight from MLX's packed affine format (w = scale * q + bias, groups of
-// 32 or 64, 4 or 8 bits), as an MLX primitive so they stay in the lazy graph.
+// Few-row products straight from MLX's affine quantization (w = scale * q + bias, groups of 32
+// or 64, 4 or 8 bits), as an MLX primitive so they stay in the lazy graph.
 //
-// Each activation row is quantized to int8 per block of 32 (scale max|x|/127, llama.cpp's q8
-// idea), the integer dot with the weight block is exact, and every output element is the same
-// float accumulation over blocks whatever the number of rows or threads: a sequence decodes to
-// the same bits alone or in a batch. Prefill (many rows a sequence) goes through dequantized
-// tiles and BLAS instead; the caller says which, so that the choice never depends on the batch.
-// Paths: AVX2 (vpmaddubsw), portable scalar. Built with -march=native on the machine that runs it.
+// The weights are repacked once at load (pack() in Python) into tiles of 8 output rows: for
+// each block of 32 inputs, one 32-byte vector holds 4 consecutive weights of each of the 8 rows.
+// An activation row is quantized to int8 per block of 32 (scale max|x|/127, llama.cpp's q8
+// idea); four of its bytes broadcast against such a vector (vpmaddubsw) land in 8 lanes that are
+// 8 different outputs, so a block needs no horizontal sums, and at 4 bits the 16-bit partial sums
+// of a whole block add up without overflow before one widening (vpmaddwd). Every output element
+// is the same float accumulation over blocks whatever the number of rows or threads: a sequence
+// decodes to the same bits alone or in a batch. Prefill (many rows a sequence) goes through
+// dequantized tiles and BLAS instead; the caller says which, so that the choice never depends on
+// the batch. Paths: AVX2 (vpmaddubsw), portable scalar. Built with -march=native on the machine
+// that runs it.
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -52,18 +57,26 @@ static int best_path() {
 #endif
 }
 
+// ---- the packed layout ---------------------------------------------------------------------------
+// Tile t = output rows 8t..8t+7, block b = inputs 32b..32b+31; a tile's blocks are consecutive.
+// 4 bits, 128 bytes a block: byte v*32 + i*4 + c holds row i's weight 32b + 4v + c in its low
+// nibble and 32b + 16 + 4v + c in its high one (v < 4). 8 bits, 256 bytes a block: byte
+// j*32 + i*4 + c is row i's weight 32b + 4j + c, stored as q - 128 (signed).
+// Scales and biases: (tiles, groups, 8), row i of the tile last.
+static inline int tile_block_bytes(int bits) { return bits * 32; }
+
 // ---- activation rows, quantized ---------------------------------------------------------------
 
 struct Acts {
   int M = 0, K = 0, nblocks = 0, ngroups = 0;
-  std::vector<int8_t> q;   // M * K, 4-bit: each block of 32 stored evens first, then odds
+  std::vector<int8_t> q;   // M * K, in order, |q| <= 127
   std::vector<float> d;    // M * nblocks
   // M * ngroups: sum of the quantized x per weight group, so that the bias term and the integer
   // dot see the same x (their errors cancel; the exact sum doubles the error at 4 bits)
   std::vector<float> sum;
 };
 
-static void quantize_rows(const float* x, int M, int K, int gs, int bits, Acts& a) {
+static void quantize_rows(const float* x, int M, int K, int gs, Acts& a) {
   a.M = M; a.K = K; a.nblocks = K / 32; a.ngroups = K / gs;
   a.q.resize((size_t)M * K);
   a.d.resize((size_t)M * a.nblocks);
@@ -81,9 +94,8 @@ static void quantize_rows(const float* x, int M, int K, int gs, int bits, Acts& 
       int8_t* q = a.q.data() + (size_t)m * K + b * 32;
       int isum = 0;
       for (int k = 0; k < 32; k++) {
-        int pos = bits == 4 ? (k & 1) * 16 + (k >> 1) : k;
-        q[pos] = (int8_t)std::nearbyint(v[k] * id);
-        isum += q[pos];
+        q[k] = (int8_t)std::nearbyint(v[k] * id);
+        isum += q[k];
       }
       a.sum[(size_t)m * a.ngroups + b * 32 / gs] += d * (float)isum;
     }
@@ -100,45 +112,48 @@ template <> inline float tof<mx::float16_t>(mx::float16_t v) { return static_cas
 #endif
 template <> inline float tof<mx::bfloat16_t>(mx::bfloat16_t v) { return static_cast<float>(v); }
 
-// sum_g bias'[g] * sum_x[g], where 8-bit weights are used as q - 128 (bias' = bias + 128 scale)
-template <int BITS, typename S>
-static inline float bias_term(const S* sc, const S* bi, const float* sums, int ngroups) {
-  float t = 0.f;
-  for (int g = 0; g < ngroups; g++) {
-    float b = tof(bi[g]);
-    if (BITS == 8) b += 128.f * tof(sc[g]);
-    t += b * sums[g];
+// weight q (0..15 or 0..255) of row i, input k of the tile starting at wt
+template <int BITS>
+static inline int packed_q(const uint8_t* wt, int i, int k) {
+  const uint8_t* blk = wt + (size_t)(k / 32) * tile_block_bytes(BITS);
+  const int kk = k % 32;
+  if (BITS == 4) {
+    const int h = kk / 16, v = (kk % 16) / 4, c = kk % 4;
+    return (blk[v * 32 + i * 4 + c] >> (4 * h)) & 15;
   }
-  return t;
+  return (int)(uint8_t)(blk[(kk / 4) * 32 + i * 4 + kk % 4] ^ 0x80);
 }
 
 // ---- portable path -----------------------------------------------------------------------------
+// The same arithmetic as the AVX2 path, one output at a time: per block acc += (s*d) * dot, and
+// at the end of each group acc += bias' * sum (bias' = bias + 128 s at 8 bits, used as q - 128).
 
 template <int BITS, typename S>
-static void cols_scalar(const uint8_t* W, const S* SC, const S* BI, int n0, int n1, int gs,
-                        const Acts& a, int m0, int m1, float* Y, int N) {
-  const int K = a.K, rowbytes = K * BITS / 8, bpg = gs / 32;
-  for (int n = n0; n < n1; n++) {
-    const uint8_t* w = W + (size_t)n * rowbytes;
-    const S* sc = SC + (size_t)n * a.ngroups;
-    const S* bi = BI + (size_t)n * a.ngroups;
-    for (int m = m0; m < m1; m++) {
-      const int8_t* xq = a.q.data() + (size_t)m * K;
-      const float* dx = a.d.data() + (size_t)m * a.nblocks;
-      float acc = 0.f;
-      for (int b = 0; b < a.nblocks; b++) {
-        int dot = 0;
-        if (BITS == 4) {
-          const uint8_t* wb = w + b * 16;
-          for (int j = 0; j < 16; j++)
-            dot += (wb[j] & 15) * xq[b * 32 + j] + (wb[j] >> 4) * xq[b * 32 + 16 + j];
-        } else {
-          const uint8_t* wb = w + b * 32;
-          for (int j = 0; j < 32; j++) dot += ((int)wb[j] - 128) * xq[b * 32 + j];
+static void tiles_scalar(const uint8_t* W, const S* SC, const S* BI, int t0, int t1, int gs, const Acts& a,
+                         float* Y, int N) {
+  const int K = a.K, nb = a.nblocks, ng = a.ngroups, bpg = gs / 32;
+  for (int t = t0; t < t1; t++) {
+    const uint8_t* wt = W + (size_t)t * nb * tile_block_bytes(BITS);
+    const S* sc = SC + (size_t)t * ng * 8;
+    const S* bi = BI + (size_t)t * ng * 8;
+    for (int i = 0; i < 8 && 8 * t + i < N; i++) {
+      for (int m = 0; m < a.M; m++) {
+        const int8_t* xq = a.q.data() + (size_t)m * K;
+        float acc = 0.f;
+        for (int b = 0; b < nb; b++) {
+          int dot = 0;
+          for (int k = 32 * b; k < 32 * b + 32; k++)
+            dot += (packed_q<BITS>(wt, i, k) - (BITS == 8 ? 128 : 0)) * xq[k];
+          const int g = b / bpg;
+          acc = std::fma(tof(sc[g * 8 + i]) * a.d[(size_t)m * nb + b], (float)dot, acc);
+          if (b % bpg == bpg - 1) {
+            const float bias = BITS == 8 ? std::fma(128.f, tof(sc[g * 8 + i]), tof(bi[g * 8 + i]))
+                                         : tof(bi[g * 8 + i]);
+            acc = std::fma(bias, a.sum[(size_t)m * ng + g], acc);
+          }
         }
-        acc += tof(sc[b / bpg]) * dx[b] * (float)dot;
+        Y[(size_t)m * N + 8 * t + i] = acc;
       }
-      Y[(size_t)m * N + n] = acc + bias_term<BITS>(sc, bi, a.sum.data() + (size_t)m * a.ngroups, a.ngroups);
     }
   }
 }
@@ -146,35 +161,6 @@ static void cols_scalar(const uint8_t* W, const S* SC, const S* BI, int n0, int 
 // ---- AVX2 path ---------------------------------------------------------------------------------
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-template <int BITS>
-static inline __m256i load_block(const uint8_t* w, int b) {
-  if (BITS == 4) {
-    const __m128i raw = _mm_loadu_si128((const __m128i*)(w + b * 16));
-    const __m128i m4 = _mm_set1_epi8(15);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_and_si128(raw, m4));
-  }
-  return _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(w + b * 32)), _mm256_set1_epi8((char)0x80));
-}
-
-// 8 int32 partial sums of a 32-wide u8 (4-bit) or s8 (8-bit, q - 128) by s8 dot product.
-// wabs: |w| for 8 bits (taken once a block, shared by the rows), w itself for 4.
-template <int BITS>
-static inline __m256i dot_block(__m256i w, __m256i wabs, __m256i x) {
-  __m256i p;
-  if (BITS == 4) p = _mm256_maddubs_epi16(w, x);
-  else p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, w));
-  return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-}
-template <int BITS>
-static inline __m256i abs_block(__m256i w) { return BITS == 4 ? w : _mm256_sign_epi8(w, w); }
-
 template <typename S> static inline __m256 load8(const S* p);
 template <> inline __m256 load8<float>(const float* p) { return _mm256_loadu_ps(p); }
 template <> inline __m256 load8<mx::float16_t>(const mx::float16_t* p) {
@@ -184,87 +170,107 @@ template <> inline __m256 load8<mx::bfloat16_t>(const mx::bfloat16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 
-// bias_term eight groups at a time: the scalar sum is one chain of dependent adds per output,
-// which held each output for longer than its integer dots
-template <int BITS, typename S>
-static inline float bias_term_avx2(const S* sc, const S* bi, const float* sums, int ngroups) {
-  __m256 t = _mm256_setzero_ps();
-  int g = 0;
-  for (; g + 8 <= ngroups; g += 8) {
-    __m256 b = load8(bi + g);
-    if (BITS == 8) b = _mm256_fmadd_ps(_mm256_set1_ps(128.f), load8(sc + g), b);
-    t = _mm256_fmadd_ps(b, _mm256_loadu_ps(sums + g), t);
-  }
-  return hsum(t) + bias_term<BITS>(sc + g, bi + g, sums + g, ngroups - g);
+static inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
 }
 
-// R activation rows by two weight rows. The two rows' int32 block sums share one vector
-// (hadd: lanes 0,1,4,5 the first, 2,3,6,7 the second), so one conversion and one FMA a row.
+// R activation rows (from m0) by one tile of 8 weight rows; out: R x 8 floats.
 template <int BITS, typename S, int R>
-static inline void tile_avx2(const uint8_t* W, const S* SC, const S* BI, int n, int two, int gs,
-                             const Acts& a, int m0, float* Y, int N) {
-  const int K = a.K, rowbytes = K * BITS / 8, bpg = gs / 32, nb = a.nblocks;
-  const uint8_t* w0 = W + (size_t)n * rowbytes;
-  const uint8_t* w1 = two ? w0 + rowbytes : w0;
-  const S* sc0 = SC + (size_t)n * a.ngroups;
-  const S* sc1 = two ? sc0 + a.ngroups : sc0;
+static inline void tile_avx2(const uint8_t* wt, const S* sc, const S* bi, int gs, const Acts& a, int m0,
+                             float* out) {
+  const int K = a.K, nb = a.nblocks, ng = a.ngroups, bpg = gs / 32;
+  const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const int8_t* xq = a.q.data() + (size_t)m0 * K;
+  const float* dx = a.d.data() + (size_t)m0 * nb;
   __m256 acc[R];
   for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
   for (int b = 0; b < nb; b++) {
-    const __m256i wa = load_block<BITS>(w0, b);
-    const __m256i wb = load_block<BITS>(w1, b);
-    const __m256i wa_abs = abs_block<BITS>(wa), wb_abs = abs_block<BITS>(wb);
-    const float s0 = tof(sc0[b / bpg]), s1 = tof(sc1[b / bpg]);
-    const __m256 sv = _mm256_setr_ps(s0, s0, s1, s1, s0, s0, s1, s1);
-    for (int r = 0; r < R; r++) {
-      const size_t row = (size_t)(m0 + r);
-      const __m256i x = _mm256_loadu_si256((const __m256i*)(a.q.data() + row * K + b * 32));
-      const __m256i d = _mm256_hadd_epi32(dot_block<BITS>(wa, wa_abs, x), dot_block<BITS>(wb, wb_abs, x));
-      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(sv, _mm256_set1_ps(a.d[row * nb + b])), _mm256_cvtepi32_ps(d), acc[r]);
+    const uint8_t* wb = wt + (size_t)b * tile_block_bytes(BITS);
+    const int8_t* xb = xq + b * 32;
+    __m256i isum[R];
+    for (int r = 0; r < R; r++) isum[r] = _mm256_setzero_si256();
+    if (BITS == 4) {
+      // 16-bit partial sums: at most 8 x 2 x 15 x 127 = 30480 a lane over the block
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; v++) {
+        const __m256i raw = _mm256_loadu_si256((const __m256i*)(wb + v * 32));
+        const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+        for (int r = 0; r < R; r++) {
+          const int8_t* x = xb + (size_t)r * K;
+          isum[r] = _mm256_add_epi16(isum[r], _mm256_maddubs_epi16(lo, bcast4(x + 4 * v)));
+          isum[r] = _mm256_add_epi16(isum[r], _mm256_maddubs_epi16(hi, bcast4(x + 16 + 4 * v)));
+        }
+      }
+      for (int r = 0; r < R; r++) isum[r] = _mm256_madd_epi16(isum[r], ones);
+    } else {
+      // q - 128 signed: |w| as the unsigned operand, w's sign moved onto x
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; j++) {
+        const __m256i w = _mm256_loadu_si256((const __m256i*)(wb + j * 32));
+        const __m256i wabs = _mm256_sign_epi8(w, w);
+        for (int r = 0; r < R; r++) {
+          const __m256i p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(bcast4(xb + (size_t)r * K + 4 * j), w));
+          isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p, ones));
+        }
+      }
+    }
+    const int g = b / bpg;
+    const __m256 s = load8(sc + g * 8);
+    for (int r = 0; r < R; r++)
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_set1_ps(dx[(size_t)r * nb + b])),
+                               _mm256_cvtepi32_ps(isum[r]), acc[r]);
+    if (b % bpg == bpg - 1) {
+      __m256 bias = load8(bi + g * 8);
+      if (BITS == 8) bias = _mm256_fmadd_ps(_mm256_set1_ps(128.f), s, bias);
+      for (int r = 0; r < R; r++)
+        acc[r] = _mm256_fmadd_ps(bias, _mm256_set1_ps(a.sum[(size_t)(m0 + r) * ng + g]), acc[r]);
     }
   }
-  for (int r = 0; r < R; r++) {
-    const size_t row = (size_t)(m0 + r);
-    const float* sums = a.sum.data() + row * a.ngroups;
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-    h = _mm_hadd_ps(h, h);  // [first row, second row, ...]
-    Y[row * N + n] = _mm_cvtss_f32(h) + bias_term_avx2<BITS>(sc0, BI + (size_t)n * a.ngroups, sums, a.ngroups);
-    if (two)
-      Y[row * N + n + 1] = _mm_cvtss_f32(_mm_movehdup_ps(h)) +
-                           bias_term_avx2<BITS>(sc1, BI + (size_t)(n + 1) * a.ngroups, sums, a.ngroups);
-  }
+  for (int r = 0; r < R; r++) _mm256_storeu_ps(out + r * 8, acc[r]);
 }
 
 template <int BITS, typename S>
-static void cols_avx2(const uint8_t* W, const S* SC, const S* BI, int n0, int n1, int gs,
-                      const Acts& a, int m0, int m1, float* Y, int N) {
-  for (int n = n0; n < n1; n += 2) {
-    const int two = n + 1 < n1;
-    int m = m0;
-    for (; m + 4 <= m1; m += 4) tile_avx2<BITS, S, 4>(W, SC, BI, n, two, gs, a, m, Y, N);
-    switch (m1 - m) {
-      case 3: tile_avx2<BITS, S, 3>(W, SC, BI, n, two, gs, a, m, Y, N); break;
-      case 2: tile_avx2<BITS, S, 2>(W, SC, BI, n, two, gs, a, m, Y, N); break;
-      case 1: tile_avx2<BITS, S, 1>(W, SC, BI, n, two, gs, a, m, Y, N); break;
+static void tiles_avx2(const uint8_t* W, const S* SC, const S* BI, int t0, int t1, int gs, const Acts& a,
+                       float* Y, int N) {
+  const int nb = a.nblocks, ng = a.ngroups, M = a.M;
+  alignas(32) float out[4 * 8];
+  for (int t = t0; t < t1; t++) {
+    const uint8_t* wt = W + (size_t)t * nb * tile_block_bytes(BITS);
+    const S* sc = SC + (size_t)t * ng * 8;
+    const S* bi = BI + (size_t)t * ng * 8;
+    const int cols = std::min(8, N - 8 * t);
+    for (int m = 0; m < M; m += 4) {
+      const int R = std::min(4, M - m);
+      switch (R) {
+        case 4: tile_avx2<BITS, S, 4>(wt, sc, bi, gs, a, m, out); break;
+        case 3: tile_avx2<BITS, S, 3>(wt, sc, bi, gs, a, m, out); break;
+        case 2: tile_avx2<BITS, S, 2>(wt, sc, bi, gs, a, m, out); break;
+        default: tile_avx2<BITS, S, 1>(wt, sc, bi, gs, a, m, out); break;
+      }
+      for (int r = 0; r < R; r++) std::memcpy(Y + (size_t)(m + r) * N + 8 * t, out + r * 8, cols * sizeof(float));
     }
   }
 }
 #endif
 
 // ---- helper threads ----------------------------------------------------------------------------
-// The caller and the helpers claim chunks of output columns from one counter, so a helper the OS
+// The caller and the helpers claim chunks of output tiles from one counter, so a helper the OS
 // has not scheduled costs nothing. A helper spins a while after each job (a decode step calls in
-// bursts), then sleeps on a futex.
+// bursts), then sleeps on a futex. The caller waits for the last chunks spinning briefly, then on
+// a futex: with more runnable threads than cores, a helper holding a chunk may be descheduled,
+// and a spinning caller would keep it off the core.
 
 struct Pool {
   std::function<void(int)> fn;
   int nchunks = 0;
   std::atomic<uint64_t> ticket{0};  // (sequence << 32) | next chunk
-  std::atomic<uint32_t> finished{0}, wake{0}, sleeping{0};
+  std::atomic<uint32_t> finished{0}, wake{0}, sleeping{0}, waiting{0};
   std::atomic<int> busy{0};
   uint32_t seq = 0;
   int helpers = 0;
-  uint64_t spin_cycles = 0;
+  uint64_t spin_cycles = 0, wait_cycles = 0;
 
   void work(uint32_t s) {
     for (;;) {
@@ -272,7 +278,8 @@ struct Pool {
       if ((uint32_t)(t >> 32) != s || (int)(uint32_t)t >= nchunks) return;
       if (!ticket.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) continue;
       fn((int)(uint32_t)t);
-      finished.fetch_add(1, std::memory_order_release);
+      if (finished.fetch_add(1) + 1 == (uint32_t)nchunks && waiting.load())
+        syscall(SYS_futex, (uint32_t*)&finished, FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
     }
   }
   void helper() {
@@ -297,7 +304,9 @@ struct Pool {
     if (helpers || threads < 2) return;
     uint64_t t0 = __rdtsc();
     usleep(2000);
-    spin_cycles = (__rdtsc() - t0) / 2000 * (uint64_t)spin_us;
+    const uint64_t per_us = (__rdtsc() - t0) / 2000;
+    spin_cycles = per_us * (uint64_t)spin_us;
+    wait_cycles = per_us * 20;
     for (int i = 1; i < threads; i++) {
       std::thread t([this] { helper(); });
       pthread_setname_np(t.native_handle(), "mlxserve-qmm");  // so /proc and profilers can tell it
@@ -322,103 +331,111 @@ struct Pool {
       syscall(SYS_futex, (uint32_t*)&wake, FUTEX_WAKE_PRIVATE, helpers, nullptr, nullptr, 0);
     }
     work(s);
-    while (finished.load(std::memory_order_acquire) < (uint32_t)n) _mm_pause();
+    const uint64_t start = __rdtsc();
+    uint32_t done;
+    while ((done = finished.load(std::memory_order_acquire)) < (uint32_t)n) {
+      if (__rdtsc() - start < wait_cycles) { _mm_pause(); continue; }
+      waiting.store(1);
+      if ((done = finished.load()) < (uint32_t)n)
+        syscall(SYS_futex, (uint32_t*)&finished, FUTEX_WAIT_PRIVATE, done, nullptr, nullptr, 0);
+      waiting.store(0);
+    }
     busy.store(0);
   }
 };
 
 static Pool pool;
+// Products smaller than this (multiply-adds) stay on the calling thread: handing one over costs
+// more than it saves.
+static long THREAD_MACS = 1L << 21;
 
-// ---- many rows (prefill): dequantize a tile of weight rows, then BLAS ---------------------------
-// With many rows the integer kernel is compute-bound while sgemm is not: each tile of
-// weight rows is dequantized to float32 once (in L2) and multiplied with every row by the BLAS
-// libmlx uses. Found at run time: no BLAS, no tiles.
+// ---- many rows (prefill): dequantize the weight, then BLAS --------------------------------------
+// With many rows the integer kernel is compute-bound while sgemm is not: the weight is
+// dequantized to float32 once and multiplied with every row by the BLAS libmlx uses. Found at
+// run time: no BLAS, no tiles.
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int, const float*, int,
                          float, float*, int);
 static sgemm_fn blas_sgemm() {
   static sgemm_fn fn = (sgemm_fn)dlsym(RTLD_DEFAULT, "cblas_sgemm");
   return fn;
 }
-// With tiles=-1, from this many rows on, tiles and BLAS. AMD EPYC (Zen 1, AVX2), one thread, us: 576->1536
-// 4-bit at 8 rows int8 2137 / tiles 2126 / f32 sgemm 1930, at 16 rows 4211 / 3913 / 5022; the
-// 8-bit output head at 8 rows 99.5 / 63.2 / 70.4 ms.
+// With tiles=-1, from this many rows on, tiles and BLAS.
 static int BLAS_ROWS = 8;
 
-template <typename S>
-static void dequantize_rows(const uint8_t* W, const S* SC, const S* BI, int n0, int n1, int K, int gs,
-                            int bits, float* out) {
-  const int rowbytes = K * bits / 8, ng = K / gs;
-  for (int n = n0; n < n1; n++) {
-    const uint8_t* w = W + (size_t)n * rowbytes;
-    float* o = out + (size_t)(n - n0) * K;
-    for (int g = 0; g < ng; g++) {
-      const float s = tof(SC[(size_t)n * ng + g]), b = tof(BI[(size_t)n * ng + g]);
-      int k = g * gs;
-#if defined(__AVX2__) && defined(__FMA__)
-      const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(b);
-      for (; k + 16 <= (g + 1) * gs; k += 16) {
-        __m128i q;  // 16 weights as bytes, in order
-        if (bits == 4) {
-          const __m128i raw = _mm_loadl_epi64((const __m128i*)(w + k / 2));
-          const __m128i m4 = _mm_set1_epi8(15);
-          q = _mm_unpacklo_epi8(_mm_and_si128(raw, m4), _mm_and_si128(_mm_srli_epi16(raw, 4), m4));
-        } else {
-          q = _mm_loadu_si128((const __m128i*)(w + k));
+// Weight rows of tiles t0..t1 (all 8 rows of each, padding included) as float32 rows of K.
+template <int BITS, typename S>
+static void dequantize_tiles(const uint8_t* W, const S* SC, const S* BI, int t0, int t1, int K, int gs,
+                             float* out) {
+  const int nb = K / 32, ng = K / gs, bpg = gs / 32;
+  for (int t = t0; t < t1; t++) {
+    const uint8_t* wt = W + (size_t)t * nb * tile_block_bytes(BITS);
+    const S* sc = SC + (size_t)t * ng * 8;
+    const S* bi = BI + (size_t)t * ng * 8;
+    float* o = out + (size_t)(t - t0) * 8 * K;
+    for (int b = 0; b < nb; b++) {
+      const uint8_t* wb = wt + (size_t)b * tile_block_bytes(BITS);
+      const int g = b / bpg;
+      for (int i = 0; i < 8; i++) {
+        const float s = tof(sc[g * 8 + i]), bias = tof(bi[g * 8 + i]);
+        float* oi = o + (size_t)i * K + b * 32;
+        for (int j = 0; j < 8; j++) {
+          // 4 consecutive weights of row i
+          const uint8_t* src = wb + (BITS == 4 ? (j % 4) * 32 : j * 32) + i * 4;
+          for (int c = 0; c < 4; c++) {
+            const int q = BITS == 4 ? (src[c] >> (4 * (j / 4))) & 15 : (int)(uint8_t)(src[c] ^ 0x80);
+            oi[4 * j + c] = s * (float)q + bias;
+          }
         }
-        const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
-        const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)));
-        _mm256_storeu_ps(o + k, _mm256_fmadd_ps(vs, lo, vb));
-        _mm256_storeu_ps(o + k + 8, _mm256_fmadd_ps(vs, hi, vb));
-      }
-#endif
-      for (; k < (g + 1) * gs; k++) {
-        const int q = bits == 4 ? (w[k >> 1] >> ((k & 1) * 4)) & 15 : w[k];
-        o[k] = s * (float)q + b;
       }
     }
   }
 }
 static std::atomic<uint64_t> calls{0}, cycles{0};
-static const long CHUNK_BYTES = 32 * 1024;  // of weights per claimed chunk
+static const long CHUNK_BYTES = 16 * 1024;  // of weights per claimed chunk
 
 template <typename S>
 static void product(int path, bool tiles, const float* x, const uint8_t* W, const S* SC, const S* BI, int M,
                     int N, int K, int gs, int bits, float* Y) {
   uint64_t t0 = __rdtsc();
+  const int T = (N + 7) / 8;
+  const long tile_bytes = (long)K * bits;  // 8 rows
   if (tiles && blas_sgemm()) {
     // Wide tiles, the whole weight up to 8 MB: sgemm packs all of x again for every call, and
     // 300 rows by 576->1536 took 52 ms in tiles of 256 rows against 18 in one float32 sgemm.
-    const int chunk = (long)N * K <= (2L << 20) ? N : 256, nchunks = (N + chunk - 1) / chunk;
-    pool.run(nchunks, [&](int c) {
-      const int n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+    const int chunk = (long)N * K <= (2L << 20) ? T : 32, nchunks = (T + chunk - 1) / chunk;
+    auto run = [&](int c) {
+      const int c0 = c * chunk, c1 = std::min(T, c0 + chunk);
       thread_local std::vector<float> tile;
-      tile.resize((size_t)chunk * K);
-      dequantize_rows(W, SC, BI, n0, n1, K, gs, bits, tile.data());
-      blas_sgemm()(101, 111, 112, M, n1 - n0, K, 1.f, x, K, tile.data(), K, 0.f, Y + n0, N);
-    });
+      tile.resize((size_t)chunk * 8 * K);
+      if (bits == 4) dequantize_tiles<4, S>(W, SC, BI, c0, c1, K, gs, tile.data());
+      else dequantize_tiles<8, S>(W, SC, BI, c0, c1, K, gs, tile.data());
+      blas_sgemm()(101, 111, 112, M, std::min(N, 8 * c1) - 8 * c0, K, 1.f, x, K, tile.data(), K, 0.f,
+                   Y + 8 * c0, N);
+    };
+    if ((long)M * N * K >= THREAD_MACS) pool.run(nchunks, run);
+    else for (int c = 0; c < nchunks; c++) run(c);
     calls.fetch_add(1, std::memory_order_relaxed);
     cycles.fetch_add(__rdtsc() - t0, std::memory_order_relaxed);
     return;
   }
   thread_local Acts acts;  // the caller's; helpers read it through `a`
-  quantize_rows(x, M, K, gs, bits, acts);
+  quantize_rows(x, M, K, gs, acts);
   const Acts& a = acts;
-  long rowbytes = (long)K * bits / 8;
-  int chunk = (int)std::max(2L, (CHUNK_BYTES / rowbytes) & ~1L);
-  int nchunks = (N + chunk - 1) / chunk;
+  const int chunk = (int)std::max(1L, CHUNK_BYTES / tile_bytes), nchunks = (T + chunk - 1) / chunk;
   auto cols = [&](int c) {
-    int n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+    const int c0 = c * chunk, c1 = std::min(T, c0 + chunk);
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     if (path == AVX2) {
-      if (bits == 4) cols_avx2<4, S>(W, SC, BI, n0, n1, gs, a, 0, M, Y, N);
-      else cols_avx2<8, S>(W, SC, BI, n0, n1, gs, a, 0, M, Y, N);
+      if (bits == 4) tiles_avx2<4, S>(W, SC, BI, c0, c1, gs, a, Y, N);
+      else tiles_avx2<8, S>(W, SC, BI, c0, c1, gs, a, Y, N);
       return;
     }
 #endif
-    if (bits == 4) cols_scalar<4, S>(W, SC, BI, n0, n1, gs, a, 0, M, Y, N);
-    else cols_scalar<8, S>(W, SC, BI, n0, n1, gs, a, 0, M, Y, N);
+    if (bits == 4) tiles_scalar<4, S>(W, SC, BI, c0, c1, gs, a, Y, N);
+    else tiles_scalar<8, S>(W, SC, BI, c0, c1, gs, a, Y, N);
   };
-  pool.run(nchunks, cols);
+  if ((long)M * N * K >= THREAD_MACS) pool.run(nchunks, cols);
+  else for (int c = 0; c < nchunks; c++) cols(c);
   calls.fetch_add(1, std::memory_order_relaxed);
   cycles.fetch_add(__rdtsc() - t0, std::memory_order_relaxed);
 }
@@ -455,7 +472,7 @@ class QuantizedRows : public mx::UnaryPrimitive {
     for (const auto* a : {&w, &sc, &bi})
       if (!a->flags().row_contiguous) throw std::invalid_argument("[qmm_rows] weights must be row contiguous");
     out.set_data(mx::allocator::malloc(out.nbytes()));
-    const int K = x.shape(-1), N = w.shape(0), M = (int)(x.size() / K);
+    const int K = x.shape(-1), N = out.shape(-1), M = (int)(x.size() / K);
     auto& enc = mx::cpu::get_command_encoder(stream());
     enc.set_input_array(x); enc.set_input_array(w); enc.set_input_array(sc); enc.set_input_array(bi);
     enc.set_output_array(out);
@@ -490,28 +507,31 @@ class QuantizedRows : public mx::UnaryPrimitive {
   int gs_, bits_, path_, tiles_;
 };
 
-// x (..., K) float32 @ dequantize(w, scales, biases).T -> (..., N) float32
+// x (..., K) float32 @ dequantize(w, scales, biases).T -> (..., n) float32, with w, scales and
+// biases packed by pack() (tiles of 8 rows): w (tiles, K * bits / 4) uint32, scales and biases
+// (tiles, K / group_size, 8). n: the rows of the weight before packing (default 8 * tiles).
 static mx::array qmm_rows(const mx::array& x, const mx::array& w, const mx::array& scales,
-                          const mx::array& biases, int group_size, int bits, int path, int tiles) {
+                          const mx::array& biases, int group_size, int bits, int path, int tiles, int n) {
   if (bits != 4 && bits != 8) throw std::invalid_argument("[qmm_rows] bits must be 4 or 8");
   if (group_size != 32 && group_size != 64) throw std::invalid_argument("[qmm_rows] group_size must be 32 or 64");
   if (x.dtype() != mx::float32) throw std::invalid_argument("[qmm_rows] x must be float32");
-  if (w.ndim() != 2 || w.dtype() != mx::uint32) throw std::invalid_argument("[qmm_rows] w must be 2-D uint32");
-  const int K = x.shape(-1), N = w.shape(0);
-  if ((long)w.shape(1) * 32 / bits != K || K % group_size)
+  if (w.ndim() != 2 || w.dtype() != mx::uint32) throw std::invalid_argument("[qmm_rows] w must be 2-D uint32 (packed)");
+  const int K = x.shape(-1), T = w.shape(0);
+  if ((long)w.shape(1) * 4 / bits != K || K % group_size)
     throw std::invalid_argument("[qmm_rows] x's last dimension does not match w");
-  if (scales.shape() != mx::Shape{N, K / group_size} || biases.shape() != scales.shape() ||
+  if (scales.shape() != mx::Shape{T, K / group_size, 8} || biases.shape() != scales.shape() ||
       biases.dtype() != scales.dtype())
-    throw std::invalid_argument("[qmm_rows] scales/biases do not match w");
+    throw std::invalid_argument("[qmm_rows] scales/biases do not match w (packed: tiles, groups, 8)");
+  if (n < 0) n = 8 * T;
+  if (n > 8 * T || n <= 8 * (T - 1)) throw std::invalid_argument("[qmm_rows] n does not match w's tiles");
   if (path < 0) path = best_path();
   if (path > best_path()) throw std::invalid_argument("[qmm_rows] path not built for this CPU");
   auto shape = x.shape();
-  shape.back() = N;
+  shape.back() = n;
   auto s = mx::to_stream({});
   return mx::array(shape, mx::float32, std::make_shared<QuantizedRows>(s, group_size, bits, path, tiles),
                    {x, w, scales, biases});
 }
-
 
 // ---- the decode step's other ops -----------------------------------------------------------------
 // On the CPU, mx.fast.rms_norm and mx.fast.rope run as their fallbacks: 7 and about 20 graph ops
@@ -638,8 +658,8 @@ static mx::array rope(const mx::array& x, int dims, bool traditional, float base
 
 NB_MODULE(_qmm, m) {
   m.def("qmm_rows", &qk::qmm_rows, nb::arg("x"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"),
-        nb::arg("group_size"), nb::arg("bits"), nb::arg("path") = -1, nb::arg("tiles") = -1,
-        "x (..., K) float32 times the affine-quantized w (N, K) transposed: (..., N) float32.\n"
+        nb::arg("group_size"), nb::arg("bits"), nb::arg("path") = -1, nb::arg("tiles") = -1, nb::arg("n") = -1,
+        "x (..., K) float32 times the affine-quantized w (n, K), packed by pack(), transposed: (..., n).\n"
         "tiles: 1 dequantized tiles and BLAS, 0 the int8 kernels, -1 tiles from blas_rows() rows on");
   m.def("rms_norm", &qk::rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("eps"),
         "mx.fast.rms_norm as one CPU op (float32)");
@@ -650,6 +670,9 @@ NB_MODULE(_qmm, m) {
   m.def("has_blas", [] { return qk::blas_sgemm() != nullptr; },
         "whether products of blas_rows rows or more go through dequantized tiles and cblas_sgemm");
   m.def("best_path", &qk::best_path, "0 scalar, 1 AVX2: the fastest path built for this CPU");
+  m.def("thread_macs", [] { return qk::THREAD_MACS; }, "products of fewer multiply-adds stay on the calling thread");
+  m.def("set_thread_macs", [](long macs) { qk::THREAD_MACS = macs; },
+        "for measurements: products of fewer multiply-adds stay on the calling thread");
   m.def("start_threads", [](int threads, int spin_us) { qk::pool.start(threads, spin_us); },
         "helper threads for large products (once; later calls do nothing)");
   m.def("stats", [] { return nb::make_tuple(qk::calls.load(), qk::cycles.load()); },
