@@ -18,7 +18,7 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import mlx.core as mx
@@ -29,7 +29,9 @@ from mlx_lm.models.cache import KVCache
 
 from ..errors import LoadError, UnsupportedModel
 from . import tokenizer as tok
-from .model import LoadedModel
+
+if TYPE_CHECKING:
+    from .model import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,9 @@ def _placeholder(processor, tokenizer) -> tuple[str, int]:
     return text, ids[0]
 
 
-def load_directory(path: str | Path) -> LoadedModel:
+def load_directory(path: str | Path) -> tuple[TextModel, tok.TokenizerInfo, dict, int, int, VisionParts]:
+    """The fields of engine/model.py's LoadedModel: the language model as the batch drives it, the
+    tokenizer, the text config, weight bytes (the vision tower's too), context, the vision parts."""
     from mlx_vlm.utils import load as vlm_load
 
     path = Path(path)
@@ -112,9 +116,8 @@ def load_directory(path: str | Path) -> LoadedModel:
     placeholder, placeholder_id = _placeholder(processor, tokenizer)
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     ctx = int(text_config.get("max_position_embeddings") or 4096)
-    lm = LoadedModel(TextModel(model.language_model), tokenizer, text_config, weight_bytes, ctx)
-    lm.vision = VisionParts(model, processor, placeholder, placeholder_id)
-    return lm
+    return (TextModel(model.language_model), tokenizer, text_config, weight_bytes, ctx,
+            VisionParts(model, processor, placeholder, placeholder_id))
 
 
 def open_image(data: bytes):
@@ -170,7 +173,7 @@ def used_images(prompt_ids: list[int], placeholder_id: int, images: tuple) -> tu
     return images if n == 0 or n >= len(images) else images[len(images) - n:]
 
 
-def prefill(lm: LoadedModel, prompt_ids: list[int], images: tuple[bytes, ...], chunk: int) -> tuple[list, list[int]]:
+def prefill(lm: "LoadedModel", prompt_ids: list[int], images: tuple[bytes, ...], chunk: int) -> tuple[list, list[int]]:
     """Run the vision tower and every prompt token but the last into a new KV cache.
     Returns (cache, the prompt's ids with each image's tokens in place)."""
     v: VisionParts | None = getattr(lm, "vision", None)

@@ -43,29 +43,41 @@ VISION = {
 }
 
 
-def _random_params(config: dict, seed: int) -> dict:
-    """Every parameter of mlx-vlm's LLaVA for ``config``, drawn at random (norms stay at one)."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_vlm.models import llava
-
-    model = llava.Model(llava.ModelConfig.from_dict({
-        **config, "text_config": llava.TextConfig.from_dict(config["text_config"]),
-        "vision_config": llava.VisionConfig.from_dict(config["vision_config"])}))
+def _random_params(vocab: int, seed: int) -> dict[str, np.ndarray]:
+    """Every parameter of mlx-vlm's LLaVA (its names, MLX's conv layout), drawn at random: the
+    language model is tinymodel's llama; norms are one, biases zero."""
     rng = np.random.default_rng(seed)
-    out = {}
-    for name, p in tree_flatten(model.parameters()):
-        if "norm" in name and name.endswith("weight"):
-            out[name] = mx.ones(p.shape)
-        elif name.endswith("bias"):
-            out[name] = mx.zeros(p.shape)
-        else:
-            out[name] = mx.array((rng.standard_normal(p.shape) * 0.08).astype(np.float32))
+    h, inter, p = VISION["hidden_size"], VISION["intermediate_size"], PATCH_SIZE
+    text_h = tinymodel.CONFIG["hidden_size"]
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * 0.08).astype(np.float32)
+
+    def norm(name):
+        return {f"{name}.weight": np.ones(h, np.float32), f"{name}.bias": np.zeros(h, np.float32)}
+
+    def linear(name, out, inp):
+        return {f"{name}.weight": w(out, inp), f"{name}.bias": np.zeros(out, np.float32)}
+
+    v = "vision_tower.vision_model."
+    out = {v + "embeddings.class_embedding": w(h), v + "embeddings.patch_embedding.weight": w(h, p, p, 3),
+           v + "embeddings.position_embedding.weight": w(IMAGE_TOKENS + 1, h),
+           **norm(v + "pre_layrnorm"), **norm(v + "post_layernorm"),
+           **linear("multi_modal_projector.linear_1", text_h, h),
+           **linear("multi_modal_projector.linear_2", text_h, text_h)}
+    for i in range(VISION["num_hidden_layers"]):
+        layer = f"{v}encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            out |= linear(layer + "self_attn." + proj, h, h)
+        out |= {**norm(layer + "layer_norm1"), **norm(layer + "layer_norm2"),
+                **linear(layer + "mlp.fc1", inter, h), **linear(layer + "mlp.fc2", h, inter)}
+    text = tinymodel._weights(vocab, seed)
+    out |= {"language_model." + k: a for k, a in text.items()}
     return out
 
 
 def write_llava_dir(path: Path, seed: int = 0) -> Path:
-    import mlx.core as mx
+    from safetensors.numpy import save_file
 
     path.mkdir(parents=True, exist_ok=True)
     tok = tinymodel.build_tokenizer()
@@ -98,7 +110,7 @@ def write_llava_dir(path: Path, seed: int = 0) -> Path:
         "vision_feature_select_strategy": "default", "image_token": IMAGE_TOKEN,
         "num_additional_image_tokens": 1,
     }))
-    mx.save_safetensors(str(path / "model.safetensors"), _random_params(config, seed))
+    save_file(_random_params(vocab, seed), str(path / "model.safetensors"))
     return path
 
 
