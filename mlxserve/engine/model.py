@@ -127,7 +127,8 @@ def load_path(path: str | Path, *, weight_dtype: str | None = None) -> LoadedMod
     from . import vision  # imports mlx-vlm only for a vision model
 
     if path.is_dir() and vision.is_vision_dir(path):
-        lm = vision.load_directory(path)
+        *fields, parts = vision.load_directory(path)
+        lm = LoadedModel(*fields, vision=parts)
     else:
         lm = load_directory(path) if path.is_dir() else load_gguf(path)
     _apply_weight_dtype(lm, weight_dtype)
