@@ -293,7 +293,9 @@ def import_directory(root: Path, workdir: Path, progress: Callable[[dict], None]
         raise BadRequest(f"no tokenizer.json in {root}")
     model_type = str(config.get("model_type") or "")
     embedding = model_type in EMBEDDING_TYPES or (root / "modules.json").is_file()
-    _check_runnable(root, config, embedding)
+    vision = not embedding and _is_vision(config)
+    if not vision:
+        _check_runnable(root, config, embedding)
     for r in rels:
         if r.endswith(".safetensors"):
             safetensorsmeta.read_header(root / r)
@@ -305,6 +307,8 @@ def import_directory(root: Path, workdir: Path, progress: Callable[[dict], None]
             raise BadRequest(f"unsupported quantization '{quantize}' (use q4 or q8)")
         if embedding:
             raise BadRequest("quantize is only supported for completion models")
+        if vision:
+            raise BadRequest("quantize is not supported for vision models (quantize with mlx_vlm.convert)")
         if config.get("quantization") or config.get("quantization_config"):
             raise BadRequest(f"{root.name} is already quantized")
         validated()
@@ -322,6 +326,8 @@ def import_directory(root: Path, workdir: Path, progress: Callable[[dict], None]
     quant = config.get("quantization")
     bits = quant.get("bits") if isinstance(quant, dict) else None
     n_params, stored_dtype = _safetensors_summary(weights, bits)
+    if vision:  # the language model's sizes are the ones users ask about
+        config = {**config, **(config.get("text_config") or {}), "model_type": model_type}
     ctx = config.get("max_position_embeddings") or config.get("n_positions") or config.get(
         "max_seq_len")
     spec = ModelSpec(
@@ -331,13 +337,24 @@ def import_directory(root: Path, workdir: Path, progress: Callable[[dict], None]
         parameter_size=human_count(n_params),
         quantization_level=_dtype_level(config, stored_dtype),
         context_length=int(ctx) if isinstance(ctx, int) else None,
-        capabilities=["embedding"] if embedding else ["completion"],
+        capabilities=["embedding"] if embedding else ["completion", "vision"] if vision else ["completion"],
         template=None if embedding else _chat_template(root),
         model_type=model_type,
         model_info=_directory_model_info(config, model_type, n_params),
         conversion=conversion,
     )
     return Imported(layers, spec, _vocab(root))
+
+
+def _is_vision(config: dict[str, Any]) -> bool:
+    """A vision tower of a type mlx-vlm implements (engine/vision.py runs it), found without
+    importing mlx-vlm."""
+    model_type = config.get("model_type")
+    spec = importlib.util.find_spec("mlx_vlm")
+    if not isinstance(config.get("vision_config"), dict) or not isinstance(model_type, str) \
+            or not model_type.isidentifier() or spec is None or not spec.submodule_search_locations:
+        return False
+    return any((Path(d) / "models" / model_type).is_dir() for d in spec.submodule_search_locations)
 
 
 def _mlx_lm_has_module(model_type: str) -> bool:
