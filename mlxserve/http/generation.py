@@ -25,6 +25,45 @@ from ..specs import tools as tool_specs
 from ..specs.modelspec import Options
 
 DEFAULT_NUM_CTX = 4096
+IMAGES_UNSUPPORTED = "images are not supported by this model"
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # one decoded image; the request body's own cap comes first
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+
+
+def image_bytes(data: Any, where: str) -> bytes:
+    """A base64 image (bare, or a ``data:image/...;base64,`` URL) -> its bytes: PNG, JPEG, GIF,
+    WebP or BMP, else a 400. Nothing is fetched: any other URL is refused."""
+    import base64
+    import binascii
+
+    if not isinstance(data, str) or not data:
+        raise BadRequest(f"{where} must be a base64 string")
+    if data.startswith("data:"):
+        head, sep, data = data.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise BadRequest(f"{where} must be a base64 data URL (data:image/png;base64,...)")
+    elif data.startswith(("http://", "https://", "file:")):
+        raise BadRequest(f"{where}: image URLs are not fetched; send the image as base64 (a data URL)")
+    if len(data) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        raise BadRequest(f"{where} is larger than {MAX_IMAGE_BYTES >> 20} MiB")
+    try:
+        raw = base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{where} is not valid base64") from None
+    if not raw.startswith(_IMAGE_MAGIC) and not (raw[:4] == b"RIFF" and raw[8:12] == b"WEBP"):
+        raise BadRequest(f"{where} is not a PNG, JPEG, GIF, WebP or BMP image")
+    return raw
+
+
+def _with_image_parts(msg: dict) -> dict:
+    """A message with images as the content parts vision chat templates read (an image part per
+    image, then the text); the bytes themselves go to the engine, not the template."""
+    if "images" not in msg:
+        return msg
+    out = {k: v for k, v in msg.items() if k != "images"}
+    if msg["images"]:
+        out["content"] = [{"type": "image"} for _ in msg["images"]] + [{"type": "text", "text": msg.get("content") or ""}]
+    return out
 
 
 @attrs.define
@@ -224,6 +263,7 @@ class _Renderer:
                    dict(variables or {}))
 
     def __call__(self, msgs: list[dict], tools: list | None = None) -> str:
+        msgs = [_with_image_parts(m) for m in msgs]
         return templates.render_chat(self.template, msgs, add_generation_prompt=True, tools=tools,
                                      bos_token=self.bos_token, eos_token=self.eos_token,
                                      max_chars=self.max_chars, **self.variables)
@@ -329,6 +369,7 @@ def budget(prompt_len: int, context_length: int, num_predict: int | None, cap: i
 
 
 async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None, prompt_text=None,
+                images: list[bytes] | None = None,
                 prompt_ids=None, tools=None, logprobs: int | None = None,
                 logit_bias: dict[int, float] | None = None, max_tokens: int | None = None,
                 prefix_ids: list[int] | None = None, truncate: bool = False,
@@ -339,6 +380,10 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
     With ``split_thinking`` the answer's reasoning is taken apart from its text (see
     specs/thinking.py): ``think`` is the request's wish, the template decides what it can do."""
     t_start = t_acquire = time.perf_counter()
+    # ``images``: a raw prompt's; a message's own are under its "images" key.
+    images = list(images or []) + [i for m in messages or () for i in m.get("images") or ()]
+    if images and "vision" not in (resolved.spec.capabilities or ()):
+        raise BadRequest(f'"{resolved.display}" does not support images ({IMAGES_UNSUPPORTED})')
     lease, load_ns = await acquire(rt, resolved, opts, keep_alive)
     queue_wait_ns = int((time.perf_counter() - t_acquire) * 1e9)
     try:
@@ -379,7 +424,7 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
             gen.show_thinking, gen.think_budget = think_plan.show, think_budget
         gen.seq_id, gen.recv = lease.handle.submit_nowait(SequenceRequest(
             prompt_ids=gen.prompt_ids, max_tokens=n, params=gen.params, stop=gen.stop, logprobs=logprobs,
-            grammar=grammar,
+            grammar=grammar, images=tuple(images),
         ))
     except BaseException:
         lease.release(keep_alive)
