@@ -72,13 +72,14 @@ def _conversation(body: dict) -> list[dict]:
         if not isinstance(content, list):
             raise BadRequest(f"messages[{i}].content must be a string or an array of content blocks")
         text, calls = [], []
+        images: list[str] = []
         for k, b in enumerate(content):
             where = f"messages[{i}].content[{k}]"
             kind = b.get("type") if isinstance(b, dict) else None
             if kind == "text":
                 text.append(str(b.get("text", "")))
-            elif kind == "image":
-                raise BadRequest(relay.IMAGES_UNSUPPORTED)
+            elif kind == "image" and role == "user":
+                images.append(_image_source(b.get("source"), where))
             elif kind in ("thinking", "redacted_thinking"):
                 continue  # no model here thinks: earlier thinking is not replayed
             elif kind == "tool_use" and role == "assistant":
@@ -97,8 +98,17 @@ def _conversation(body: dict) -> list[dict]:
             msg = {"role": role, "content": "".join(text)}
             if calls:
                 msg["tool_calls"] = calls
+            if images:
+                msg["images"] = images
             out.append(msg)
     return out
+
+
+def _image_source(source, where: str) -> str:
+    """An image block's base64 source as a data URL (decoded in generation.start)."""
+    if not isinstance(source, dict) or source.get("type") != "base64" or not isinstance(source.get("data"), str):
+        raise BadRequest(f"{where}.source must be {{type: base64, media_type, data}} (image URLs are not fetched)")
+    return f"data:{source.get('media_type') or 'image/png'};base64,{source['data']}"
 
 
 def _tools(body: dict) -> list[dict]:

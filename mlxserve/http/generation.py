@@ -369,7 +369,7 @@ def budget(prompt_len: int, context_length: int, num_predict: int | None, cap: i
 
 
 async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None, prompt_text=None,
-                images: list[bytes] | None = None,
+                images: list[str] | None = None,
                 prompt_ids=None, tools=None, logprobs: int | None = None,
                 logit_bias: dict[int, float] | None = None, max_tokens: int | None = None,
                 prefix_ids: list[int] | None = None, truncate: bool = False,
@@ -380,10 +380,11 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
     With ``split_thinking`` the answer's reasoning is taken apart from its text (see
     specs/thinking.py): ``think`` is the request's wish, the template decides what it can do."""
     t_start = t_acquire = time.perf_counter()
-    # ``images``: a raw prompt's; a message's own are under its "images" key.
+    # ``images``: a raw prompt's; a message's own are under its "images" key (base64 or data URLs).
     images = list(images or []) + [i for m in messages or () for i in m.get("images") or ()]
     if images and "vision" not in (resolved.spec.capabilities or ()):
         raise BadRequest(f'"{resolved.display}" does not support images ({IMAGES_UNSUPPORTED})')
+    images = [image_bytes(x, f"image {k + 1}") for k, x in enumerate(images)]
     lease, load_ns = await acquire(rt, resolved, opts, keep_alive)
     queue_wait_ns = int((time.perf_counter() - t_acquire) * 1e9)
     try:

@@ -119,9 +119,9 @@ def _validate_messages(messages) -> list[dict]:
             content = ""
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be a string")
-        if m.get("images"):
-            raise BadRequest("model does not support images")
         msg = {"role": role, "content": content}
+        if m.get("images") is not None:
+            msg["images"] = _images(m["images"], f"messages[{i}].images")
         if isinstance(m.get("thinking"), str) and m["thinking"]:  # earlier reasoning, as templates name it
             msg["thinking"] = msg["reasoning_content"] = m["thinking"]
         for extra in ("tool_calls", "tool_name", "name"):
@@ -129,6 +129,16 @@ def _validate_messages(messages) -> list[dict]:
                 msg[extra] = m[extra]
         out.append(msg)
     return out
+
+
+def _images(value, where: str) -> list[str]:
+    """Ollama's ``images``: base64 strings (decoded in generation.start, after the model is
+    known to take images)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadRequest(f"{where} must be a list of base64 strings")
+    return value
 
 
 async def _preload_or_unload(name: str, resolved, keep_alive: float, kind: str):
@@ -180,8 +190,7 @@ async def generate():
     think = parse_think(body.get("think"))
     if raw and (template or system or context):
         raise BadRequest("raw mode does not support template, system, or context")
-    if body.get("images"):
-        raise BadRequest(f'"{name}" does not support images')
+    images = _images(body.get("images"), "images")
     if field(body, "suffix", str):
         raise BadRequest(f'"{name}" does not support insert')
     grammar = g.grammar_for_format(body.get("format"))
@@ -197,7 +206,7 @@ async def generate():
         prompt_text = prompt
     else:
         messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}
+            {"role": "user", "content": prompt, "images": images}
         ]
     if template:
         from ..specs.templates import check_template
@@ -205,6 +214,7 @@ async def generate():
         check_template(template)
         resolved = attrs.evolve(resolved, spec=attrs.evolve(resolved.spec, template=template))
     gen = await g.start(runtime(), resolved, opts, keep_alive, messages=messages, prompt_text=prompt_text,
+                        images=None if messages else images,
                         prefix_ids=context, truncate=field(body, "truncate", bool, default=False),
                         grammar=grammar, logprobs=logprobs, split_thinking=True, think=think)
 

@@ -126,7 +126,8 @@ class Merge:
             self._send.send_nowait((i, failure))
 
 
-def _content_text(content, i: int) -> str:
+def _content_text(content, i: int, images: list[str] | None = None) -> str:
+    """Text parts joined; ``image_url`` parts (data URLs) go to ``images`` where given."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -138,8 +139,14 @@ def _content_text(content, i: int) -> str:
                 raise BadRequest(f"messages[{i}].content parts must be objects with a type")
             if part["type"] == "text":
                 parts.append(str(part.get("text", "")))
+            elif part["type"] == "image_url" and images is not None:
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str):
+                    raise BadRequest(f"messages[{i}].content: image_url.url must be a string")
+                images.append(url)
             elif part["type"] in ("image_url", "input_image", "input_audio"):
-                raise BadRequest("model does not support images")
+                raise BadRequest(g.IMAGES_UNSUPPORTED if part["type"] != "input_audio" else "audio input is not supported")
             else:
                 raise BadRequest(f"unsupported content part type '{part['type']}'")
         return "".join(parts)
@@ -159,7 +166,10 @@ def _messages(body: dict) -> list[dict]:
             role = "system"
         if role not in ("system", "user", "assistant", "tool"):
             raise BadRequest(f"messages[{i}].role '{role}' is not supported")
-        msg = {"role": role, "content": _content_text(m.get("content"), i)}
+        images: list[str] = []
+        msg = {"role": role, "content": _content_text(m.get("content"), i, images if role == "user" else None)}
+        if images:
+            msg["images"] = images
         reasoning = m.get("reasoning_content") or m.get("reasoning")
         if role == "assistant" and isinstance(reasoning, str) and reasoning:  # as templates name it
             msg["reasoning_content"] = msg["thinking"] = reasoning

@@ -77,6 +77,22 @@ def _parts_text(content, where: str) -> str:
     return relay.parts_text(content, where, _TEXT_PARTS, ("input_image",))
 
 
+def _images_apart(content, where: str, role: str) -> tuple:
+    """A user message's ``input_image`` parts (data URLs, decoded in generation.start) apart from
+    the rest of its content."""
+    if role != "user" or not isinstance(content, list):
+        return content, []
+    rest, images = [], []
+    for k, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "input_image"):
+            rest.append(part)
+        elif isinstance(part.get("image_url"), str):
+            images.append(part["image_url"])
+        else:
+            raise BadRequest(f"{where}[{k}]: an input_image needs image_url (a data URL); file_id is not supported")
+    return rest, images
+
+
 def _input(inp) -> list[dict]:
     """input (a string or items) -> chat messages; function calls join the assistant turn."""
     if isinstance(inp, str):
@@ -92,7 +108,9 @@ def _input(inp) -> list[dict]:
             role = {"developer": "system"}.get(item.get("role"), item.get("role"))
             if role not in ("user", "system", "assistant"):
                 raise BadRequest(f"input[{i}].role must be user, system, developer or assistant")
-            out.append({"role": role, "content": _parts_text(item.get("content"), f"input[{i}].content")})
+            content, images = _images_apart(item.get("content"), f"input[{i}].content", role)
+            out.append({"role": role, "content": _parts_text(content, f"input[{i}].content"),
+                        **({"images": images} if images else {})})
         elif kind == "function_call":
             call = template_call({"id": item.get("call_id"), "function": {
                 "name": item.get("name"), "arguments": item.get("arguments", "{}")}}, i)
