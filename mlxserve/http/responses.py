@@ -13,7 +13,7 @@ import uuid
 from collections import OrderedDict
 
 import attrs
-from quart import Blueprint, current_app
+from quart import Blueprint, current_app, request
 
 from ..actors.sequence import ANY_JSON_OBJECT, grammar_for_schema
 from ..errors import BadRequest, NotFound
@@ -31,6 +31,7 @@ class _Stored:
     response: dict
     history: list[dict]  # the conversation so far (input and output), without instructions
     expires: float
+    input_items: list[dict] = attrs.Factory(list)  # this request's input, for GET .../input_items
 
 
 class ResponseStore:
@@ -41,8 +42,8 @@ class ResponseStore:
         self.max_items, self.ttl, self._clock = max_items, ttl, clock
         self._items: OrderedDict[str, _Stored] = OrderedDict()
 
-    def put(self, response: dict, history: list[dict]) -> None:
-        self._items[response["id"]] = _Stored(response, history, self._clock() + self.ttl)
+    def put(self, response: dict, history: list[dict], input_items: list[dict] | None = None) -> None:
+        self._items[response["id"]] = _Stored(response, history, self._clock() + self.ttl, input_items or [])
         self._items.move_to_end(response["id"])
         while len(self._items) > self.max_items:
             self._items.popitem(last=False)
@@ -225,7 +226,7 @@ async def create():
             status = "incomplete" if gen.done_reason == "length" else "completed"
         final = response(status, output, usage)
         if store:
-            stored.put(final, [*conversation, said])
+            stored.put(final, [*conversation, said], _input_items(body.get("input")))
         return final, output
 
     if not stream:
@@ -288,6 +289,49 @@ def _text_part(text: str) -> dict:
 @bp.get("/v1/responses/<response_id>")
 async def retrieve(response_id: str):
     return json_response(_store().get(response_id).response)
+
+
+_ITEM_ID_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def _input_items(inp) -> list[dict]:
+    """The request's input (already validated by ``_input``) as OpenAI lists it back: items
+    with ids, a message's text as input_text parts."""
+    out = []
+    for item in [{"role": "user", "content": inp}] if isinstance(inp, str) else inp:
+        item = {"type": "message", **item}
+        if item["type"] == "message":
+            if isinstance(item.get("content"), str):
+                item["content"] = [{"type": "input_text", "text": item["content"]}]
+            item.setdefault("status", "completed")
+        item.setdefault("id", f"{_ITEM_ID_PREFIX.get(item['type'], 'item')}_{uuid.uuid4().hex}")
+        out.append(item)
+    return out
+
+
+@bp.get("/v1/responses/<response_id>/input_items")
+async def input_items(response_id: str):
+    """OpenAI's cursor list: ``order`` (desc by default), ``limit`` (1-100, 20), ``after`` an item id."""
+    items = _store().get(response_id).input_items
+    order = request.args.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise BadRequest("order must be asc or desc")
+    try:
+        limit = int(request.args.get("limit", 20))
+    except ValueError:
+        raise BadRequest("limit must be an integer between 1 and 100") from None
+    if not 1 <= limit <= 100:
+        raise BadRequest("limit must be an integer between 1 and 100")
+    seq = items if order == "asc" else items[::-1]
+    after = request.args.get("after")
+    if after is not None:
+        at = next((i for i, x in enumerate(seq) if x["id"] == after), None)
+        if at is None:
+            raise BadRequest(f"after: response '{response_id}' has no input item '{after}'")
+        seq = seq[at + 1:]
+    page = seq[:limit]
+    return json_response({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                          "last_id": page[-1]["id"] if page else None, "has_more": len(seq) > limit})
 
 
 @bp.delete("/v1/responses/<response_id>")

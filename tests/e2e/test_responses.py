@@ -92,6 +92,45 @@ async def test_previous_response_id_retrieve_and_delete(daemon):
     assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}
 
 
+async def test_input_items_list_with_order_limit_and_after(daemon):
+    def calls():
+        with _client(daemon.url) as client:
+            r = client.responses.create(model="tiny", max_output_tokens=2, temperature=0, input=[
+                {"role": "developer", "content": "Answer in English."},
+                {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]},
+                {"role": "user", "content": "And again"}])
+            plain = client.responses.create(model="tiny", max_output_tokens=2, temperature=0, input="Hi")
+            desc = client.responses.input_items.list(r.id)
+            asc = client.responses.input_items.list(r.id, order="asc", limit=2)
+            rest = client.responses.input_items.list(r.id, order="asc", limit=2, after=asc.last_id)
+            one = client.responses.input_items.list(plain.id)
+            errors = {}
+            for key, call in {"missing": lambda: client.responses.input_items.list("resp_no"),
+                              "limit": lambda: client.responses.input_items.list(r.id, limit=0),
+                              "after": lambda: client.responses.input_items.list(r.id, after="msg_no")}.items():
+                try:
+                    call()
+                except openai.APIStatusError as exc:
+                    errors[key] = exc
+            raw = httpx.get(f"{daemon.url}/v1/responses/{r.id}/input_items", params={"order": "up"})
+            return desc, asc, rest, one, errors, raw
+
+    with trio.fail_after(60):
+        desc, asc, rest, one, errors, raw = await trio.to_thread.run_sync(calls)
+    texts = [item.content[0].text for item in desc.data]
+    assert texts == ["And again", "Hello", "Answer in English."]  # newest first by default
+    assert [i.role for i in desc.data] == ["user", "user", "developer"]
+    assert all(i.type == "message" and i.id.startswith("msg_") for i in desc.data)
+    assert len({i.id for i in desc.data}) == 3 and desc.has_more is False
+    assert desc.first_id == desc.data[0].id and desc.last_id == desc.data[-1].id
+    assert [i.id for i in asc.data] == [i.id for i in desc.data[::-1][:2]] and asc.has_more is True
+    assert [i.id for i in rest.data] == [desc.data[0].id] and rest.has_more is False
+    assert [(i.role, i.content[0].text) for i in one.data] == [("user", "Hi")]
+    assert isinstance(errors["missing"], openai.NotFoundError)
+    assert isinstance(errors["limit"], openai.BadRequestError) and isinstance(errors["after"], openai.BadRequestError)
+    assert raw.status_code == 400 and "order" in raw.json()["error"]["message"]
+
+
 def test_store_is_bounded_and_expires():
     now = [0.0]
     store = ResponseStore(max_items=2, ttl=10.0, clock=lambda: now[0])
