@@ -85,9 +85,16 @@ async def serve(host: str | None, log_level: str | None, preload: tuple[str, ...
 @click.argument("prompt", nargs=-1)
 @click.option("--verbose", is_flag=True, help="print timings after each answer")
 @click.option("--keepalive", default=None, help="how long to keep the model loaded (e.g. 5m)")
-async def run(model: str, prompt: tuple[str, ...], verbose: bool, keepalive: str | None) -> None:
+@click.option("--think", is_flag=False, flag_value="true", default=None,
+              type=click.Choice(["true", "false", "low", "medium", "high"]),
+              help="let a thinking model think (true, false, low, medium, high; alone: true)")
+@click.option("--hidethinking", is_flag=True, help="do not show the model's thinking")
+async def run(model: str, prompt: tuple[str, ...], verbose: bool, keepalive: str | None, think: str | None,
+              hidethinking: bool) -> None:
     """Answer PROMPT, or open a chat when no prompt is given on a terminal."""
     from . import repl
+
+    think_value = {"true": True, "false": False}.get(think, think)
 
     text = " ".join(prompt)
     if not text and not sys.stdin.isatty():
@@ -95,11 +102,12 @@ async def run(model: str, prompt: tuple[str, ...], verbose: bool, keepalive: str
     async with _client() as client:
         try:
             if not text:
-                await repl.repl(client, model, verbose=verbose)
+                await repl.repl(client, model, verbose=verbose, think=think_value, hide_thinking=hidethinking)
                 return
             final = await repl.stream_chat(client, model, [{"role": "user", "content": text}], {},
                                            out=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
-                                           keep_alive=keepalive)
+                                           keep_alive=keepalive, think=think_value,
+                                           hide_thinking=hidethinking)
             click.echo("")
             if verbose:
                 click.echo(repl.format_stats(final), err=True)

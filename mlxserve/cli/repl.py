@@ -30,6 +30,8 @@ SET_HELP = """Available Commands:
   /set system TEXT            Set the system message
   /set verbose                Show statistics after each answer
   /set quiet                  Hide them
+  /set think [low|medium|high]  Let the model think (its default for a model that can)
+  /set nothink                Ask it not to
 """
 SHOW_TOPICS = {"info": "details for this model", "license": "the model's license",
                "modelfile": "the Modelfile for this model", "parameters": "parameters for this model",
@@ -48,11 +50,22 @@ def _error_text(status: int, raw: bytes) -> str:
         return raw.decode("utf-8", "replace").strip() or f"HTTP {status}"
 
 
+THINKING, DONE_THINKING = "Thinking...\n", "\n...done thinking.\n\n"
+
+
 async def stream_chat(client: httpx.AsyncClient, model: str, messages: list[dict], options: dict,
-                      *, out: Callable[[str], None], keep_alive=None) -> dict:
+                      *, out: Callable[[str], None], keep_alive=None, think=None, hide_thinking: bool = False,
+                      out_thinking: Callable[[str], None] | None = None) -> dict:
+    """Streams the answer's text to ``out``; its reasoning, as ``ollama run`` shows it (between
+    "Thinking..." and "...done thinking."), to ``out_thinking`` (``out`` unless given), or nowhere
+    with ``hide_thinking``."""
     body = {"model": model, "messages": messages, "stream": True, "options": dict(options or {})}
     if keep_alive is not None:
         body["keep_alive"] = keep_alive
+    if think is not None:
+        body["think"] = think
+    show = (lambda s: None) if hide_thinking else (out_thinking or out)
+    thinking = False
     # Loading a model or reading a long prompt can hold back the first byte for minutes, and
     # tokens may pause; only connecting is allowed to time out.
     timeout = httpx.Timeout(None, connect=client.timeout.connect)
@@ -73,7 +86,16 @@ async def stream_chat(client: httpx.AsyncClient, model: str, messages: list[dict
             if obj.get("error"):
                 result = ReplError(str(obj["error"]))
                 continue
+            thought = (obj.get("message") or {}).get("thinking")
+            if thought:
+                if not thinking:
+                    show(THINKING)
+                thinking = True
+                show(thought)
             piece = (obj.get("message") or {}).get("content")
+            if thinking and (piece or obj.get("done")):
+                show(DONE_THINKING)
+                thinking = False
             if piece:
                 out(piece)
             if obj.get("done"):
@@ -167,9 +189,11 @@ def _stdout(text: str) -> None:
 
 
 class _Session:
-    def __init__(self, client, model, options, verbose, out, control, input_fn):
+    def __init__(self, client, model, options, verbose, out, control, input_fn, think=None,
+                 hide_thinking=False):
         self.client, self.model, self.options, self.verbose = client, model, options, verbose
         self.out, self.control, self.input_fn = out, control, input_fn
+        self.think, self.hide_thinking = think, hide_thinking
         self.messages: list[dict] = []
         self.system = ""
         self.prompt = ">>> "
@@ -238,7 +262,8 @@ class _Session:
         try:
             with self.control.guard():
                 final = await stream_chat(self.client, self.model, self._request_messages(),
-                                          self.options, out=sink)
+                                          self.options, out=sink, think=self.think,
+                                          hide_thinking=self.hide_thinking, out_thinking=self.out)
         except (ReplError, httpx.HTTPError) as exc:
             error = str(exc) or type(exc).__name__
         if final is None:  # failed or interrupted
@@ -287,6 +312,12 @@ class _Session:
         elif what in ("verbose", "quiet"):
             self.verbose = what == "verbose"
             self.out(f"Set '{what}' mode.\n")
+        elif what == "think" and rest in ("", "low", "medium", "high"):
+            self.think = rest or True
+            self.out(f"Set 'think' mode{f' to {rest!r}' if rest else ''}.\n")
+        elif what == "nothink":
+            self.think = False
+            self.out("Set 'nothink' mode.\n")
         else:
             self.out(SET_HELP)
 
@@ -338,10 +369,10 @@ async def _watch_sigint(signals, control: StreamControl) -> None:
 
 async def repl(client: httpx.AsyncClient, model: str, *, options: dict | None = None,
                verbose: bool = False, input_fn=None, out=None,
-               control: StreamControl | None = None) -> None:
+               control: StreamControl | None = None, think=None, hide_thinking: bool = False) -> None:
     control = control or StreamControl()
     session = _Session(client, model, dict(options or {}), verbose, out or _stdout, control,
-                       input_fn or _default_input())
+                       input_fn or _default_input(), think, hide_thinking)
     with contextlib.ExitStack() as stack:
         try:
             # Owning SIGINT for the whole session also keeps trio from raising KeyboardInterrupt

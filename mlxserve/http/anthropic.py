@@ -71,7 +71,7 @@ def _conversation(body: dict) -> list[dict]:
             continue
         if not isinstance(content, list):
             raise BadRequest(f"messages[{i}].content must be a string or an array of content blocks")
-        text, calls = [], []
+        text, calls, extra = [], [], {}
         images: list[str] = []
         for k, b in enumerate(content):
             where = f"messages[{i}].content[{k}]"
@@ -80,8 +80,12 @@ def _conversation(body: dict) -> list[dict]:
                 text.append(str(b.get("text", "")))
             elif kind == "image" and role == "user":
                 images.append(_image_source(b.get("source"), where))
-            elif kind in ("thinking", "redacted_thinking"):
-                continue  # no model here thinks: earlier thinking is not replayed
+            elif kind == "thinking" and role == "assistant":
+                thought = b.get("thinking")
+                if isinstance(thought, str) and thought:  # replayed as templates name it
+                    extra = {"thinking": thought, "reasoning_content": thought}
+            elif kind == "redacted_thinking":
+                continue  # opaque to any model here
             elif kind == "tool_use" and role == "assistant":
                 if not isinstance(b.get("name"), str) or not isinstance(b.get("input", {}), dict):
                     raise BadRequest(f"{where} needs a name and an input object")
@@ -95,7 +99,7 @@ def _conversation(body: dict) -> list[dict]:
             else:
                 raise BadRequest(f"{where}.type '{kind}' is not supported in a {role} message")
         if text or calls or not any(isinstance(b, dict) and b.get("type") == "tool_result" for b in content):
-            msg = {"role": role, "content": "".join(text)}
+            msg = {"role": role, "content": "".join(text), **extra}
             if calls:
                 msg["tool_calls"] = calls
             if images:
@@ -141,8 +145,9 @@ def _grammar(body: dict, tools: list[dict], choice: str, name: str | None) -> st
     return grammar_for_schema(fmt["schema"])
 
 
-def _thinking(body: dict) -> None:
-    """Accepted and validated; no model served here thinks, so no thinking block is written."""
+def _thinking(body: dict) -> tuple[bool | None, int | None]:
+    """(think, budget): enabled thinks within ``budget_tokens``, disabled does not, adaptive or
+    none leaves it to the model (a model that thinks does, as through Ollama's API)."""
     t = field(body, "thinking", dict)
     if t is not None and t.get("type") not in ("enabled", "disabled", "adaptive"):
         raise BadRequest("thinking.type must be enabled, disabled or adaptive")
@@ -150,6 +155,8 @@ def _thinking(body: dict) -> None:
         budget = t.get("budget_tokens")
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise BadRequest("thinking.budget_tokens must be a positive integer")
+        return True, budget
+    return (False if t is not None and t.get("type") == "disabled" else None), None
 
 
 def _stop_sequences(body: dict) -> list[str] | None:
@@ -179,7 +186,7 @@ async def messages():
     tools = _tools(body)
     choice, tool_name = _tool_choice(body, tools)
     grammar = _grammar(body, tools, choice, tool_name)
-    _thinking(body)
+    think, budget = _thinking(body)
     field(body, "metadata", dict)
     stops = _stop_sequences(body)
     opts = _sampling(body, stops)
@@ -188,20 +195,22 @@ async def messages():
     active = tools if choice != "none" else None
     rt = runtime()
     resolved = await rt.store.resolve(name)
+    # Claude Code asks every model to think: one that cannot answers without (as Ollama relaxes it).
     gen = await relay.start(rt, resolved, opts, messages=conversation, tools=active, grammar=grammar,
-                            max_tokens=max_tokens)
+                            max_tokens=max_tokens, think=think, think_budget=budget, think_strict=False)
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"
 
     def blocks_and_reason() -> tuple[list[dict], str, str | None]:
-        text = "".join(gen.text)
+        text, thought = "".join(gen.text), "".join(gen.thinking)
+        head = [_thinking_block(thought)] if thought else []
         calls = relay.tool_calls(text, active)
         if calls:
             calls = calls[:1] if single else calls
-            return [{"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": c["name"],
-                     "input": c["arguments"]} for c in calls], "tool_use", None
+            return head + [{"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": c["name"],
+                            "input": c["arguments"]} for c in calls], "tool_use", None
         stop = relay.matched_stop(gen, stops)
         reason = "max_tokens" if gen.done_reason == "length" else "stop_sequence" if stop else "end_turn"
-        return ([{"type": "text", "text": text}] if text else []), reason, stop
+        return head + ([{"type": "text", "text": text}] if text else []), reason, stop
 
     def usage() -> dict:
         prompt, out, cached = relay.usage_counts(gen)
@@ -223,16 +232,41 @@ async def messages():
         yield event("message_start", message={**message([], None, None),
                                               "usage": {**usage(), "output_tokens": 0}})
         yield event("ping")
-        if not active:  # plain text streams as it comes; a possible tool call must arrive whole
-            yield event("content_block_start", index=0, content_block={"type": "text", "text": ""})
+        # Reasoning and plain text stream as they come, each in its own block; a possible tool
+        # call must arrive whole. ``at``: the open block's index and type.
+        at: list = [-1, None]
+
+        def switch(kind: str) -> list[bytes]:
+            out = []
+            if at[1] == "thinking":
+                out.append(event("content_block_delta", index=at[0], delta={"type": "signature_delta", "signature": ""}))
+            if at[1] is not None:
+                out.append(event("content_block_stop", index=at[0]))
+            at[0], at[1] = at[0] + 1, kind
+            if kind == "thinking":
+                out.append(event("content_block_start", index=at[0], content_block=_thinking_block("")))
+            elif kind == "text":
+                out.append(event("content_block_start", index=at[0], content_block={"type": "text", "text": ""}))
+            return out
+
         async for c in chunks:
+            if getattr(c, "thinking", ""):
+                for e in switch("thinking") if at[1] != "thinking" else ():
+                    yield e
+                yield event("content_block_delta", index=at[0], delta={"type": "thinking_delta", "thinking": c.thinking})
             if not active and c.text:
-                yield event("content_block_delta", index=0, delta={"type": "text_delta", "text": c.text})
+                for e in switch("text") if at[1] != "text" else ():
+                    yield e
+                yield event("content_block_delta", index=at[0], delta={"type": "text_delta", "text": c.text})
         blocks, reason, stop = blocks_and_reason()
-        if not active:
-            yield event("content_block_stop", index=0)
-        else:
-            for i, b in enumerate(blocks):
+        if not active and at[1] is None:  # an empty answer still has its (empty) text block
+            for e in switch("text"):
+                yield e
+        for e in switch("done") if at[1] is not None else ():
+            yield e
+        if active:
+            streamed = max(at[0], 0)  # the reasoning's block, if it streamed
+            for i, b in enumerate(blocks[streamed:], start=streamed):
                 if b["type"] == "text":
                     yield event("content_block_start", index=i, content_block={"type": "text", "text": ""})
                     yield event("content_block_delta", index=i, delta={"type": "text_delta", "text": b["text"]})
@@ -246,6 +280,11 @@ async def messages():
         yield event("message_stop")
 
     return relay.sse_response(rt, gen, events, lambda exc: relay.sse("error", _error(exc.status, str(exc))))
+
+
+def _thinking_block(thought: str) -> dict:
+    """A thinking block; the signature Anthropic's models attach is empty (nothing to verify)."""
+    return {"type": "thinking", "thinking": thought, "signature": ""}
 
 
 @bp.post("/v1/messages/count_tokens")

@@ -27,7 +27,7 @@ from ..specs.modelspec import Options
 DEFAULT_NUM_CTX = 4096
 IMAGES_UNSUPPORTED = "images are not supported by this model"
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # one decoded image; the request body's own cap comes first
-_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
 
 
 def image_bytes(data: Any, where: str) -> bytes:
@@ -50,7 +50,19 @@ def image_bytes(data: Any, where: str) -> bytes:
         raw = base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest(f"{where} is not valid base64") from None
-    if not raw.startswith(_IMAGE_MAGIC) and not (raw[:4] == b"RIFF" and raw[8:12] == b"WEBP"):
+    # Headers and checksums only (no decoding): a broken image is this request's 400, never a
+    # failure in the engine.
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            kind = img.format
+            img.verify()
+    except Exception:
+        kind = None
+    if kind not in IMAGE_FORMATS:
         raise BadRequest(f"{where} is not a PNG, JPEG, GIF, WebP or BMP image")
     return raw
 
@@ -92,6 +104,7 @@ class Generation:
     show_thinking: bool = False
     think_budget: int | None = None  # a cap on reasoning tokens (Anthropic's budget_tokens)
     thinking_tokens: int = 0
+    raw_chars: int = 0  # characters the engine sent, reasoning and tags included
 
     @property
     def tokenizer(self):
@@ -374,11 +387,13 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
                 logit_bias: dict[int, float] | None = None, max_tokens: int | None = None,
                 prefix_ids: list[int] | None = None, truncate: bool = False,
                 grammar: str | None = None, split_thinking: bool = False,
-                think: thinking.Think = None, think_budget: int | None = None) -> Generation:
+                think: thinking.Think = None, think_budget: int | None = None,
+                think_strict: bool = True) -> Generation:
     """Acquire, render, tokenize and submit. The caller must ``release()`` the result.
 
     With ``split_thinking`` the answer's reasoning is taken apart from its text (see
-    specs/thinking.py): ``think`` is the request's wish, the template decides what it can do."""
+    specs/thinking.py): ``think`` is the request's wish, the template decides what it can do
+    (asking a model that cannot think is a 400 only when ``think_strict``)."""
     t_start = t_acquire = time.perf_counter()
     # ``images``: a raw prompt's; a message's own are under its "images" key (base64 or data URLs).
     images = list(images or []) + [i for m in messages or () for i in m.get("images") or ()]
@@ -390,8 +405,8 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
     try:
         tok = lease.handle.tokenizer
         ctx = lease.handle.context_length
-        think_plan = thinking.plan(chat_template(resolved, tok), think, resolved.display) \
-            if split_thinking else None
+        think_plan = thinking.plan(chat_template(resolved, tok), think, resolved.display,
+                                   strict=think_strict) if split_thinking else None
         if prompt_ids is None:
             # Rendering and tokenizing take time in proportion to the input: off the event loop.
             if messages is not None:
@@ -474,6 +489,7 @@ async def chunks(gen: Generation) -> AsyncIterator[Chunk]:
                 raise EngineError(chunk.error or "generation failed")
             if gen.t_first is None and chunk.token_ids:
                 gen.t_first = time.perf_counter()
+            gen.raw_chars += len(chunk.text)
             if gen.splitter is not None:
                 chunk = _split(gen, chunk)
             gen.text.append(chunk.text)

@@ -20,7 +20,7 @@ from ..errors import BadRequest, NotFound
 from ..specs.tools import call_schema
 from . import relay
 from .common import field, json_body, json_response, runtime
-from .openai import template_call
+from .openai import reasoning_think, template_call
 
 bp = Blueprint("responses", __name__)
 STORE_KEY = "mlxserve.responses"
@@ -173,7 +173,8 @@ async def create():
     max_tokens = field(body, "max_output_tokens", int)
     if max_tokens is not None and max_tokens < 1:
         raise BadRequest("max_output_tokens must be positive")
-    field(body, "reasoning", dict)  # accepted: no model here reasons
+    think = reasoning_think({"reasoning": field(body, "reasoning", dict)})
+    effort = (body.get("reasoning") or {}).get("effort")
     store = field(body, "store", bool, default=True)
     stream = field(body, "stream", bool, default=False)
     opts = relay.sampling_options(field(body, "temperature", float), field(body, "top_p", float), None)
@@ -182,9 +183,10 @@ async def create():
     rt = runtime()
     resolved = await rt.store.resolve(name)
     gen = await relay.start(rt, resolved, opts, messages=system + conversation, tools=active,
-                            grammar=grammar, max_tokens=max_tokens)
+                            grammar=grammar, max_tokens=max_tokens, think=think,
+                            think_strict=False)  # clients send reasoning to every model
     rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
-    msg_id = f"msg_{uuid.uuid4().hex}"
+    msg_id, rs_id = f"msg_{uuid.uuid4().hex}", f"rs_{uuid.uuid4().hex}"
 
     def response(status: str, output: list[dict], usage: dict | None) -> dict:
         return {
@@ -192,7 +194,7 @@ async def create():
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": instructions, "max_output_tokens": max_tokens, "model": name, "output": output,
             "parallel_tool_calls": body.get("parallel_tool_calls", True),
-            "previous_response_id": previous, "reasoning": {"effort": None, "summary": None},
+            "previous_response_id": previous, "reasoning": {"effort": effort, "summary": None},
             "store": store, "temperature": opts["temperature"], "top_p": opts["top_p"],
             "text": body.get("text") or {"format": {"type": "text"}},
             "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
@@ -203,15 +205,19 @@ async def create():
         return {"id": msg_id, "type": "message", "status": status, "role": "assistant",
                 "content": [] if status != "completed" else [_text_part(text)]}
 
+    def reasoning_item(thought: str, status: str = "completed") -> dict:
+        return {"id": rs_id, "type": "reasoning", "status": status, "summary": [],
+                "content": [{"type": "reasoning_text", "text": thought}] if status == "completed" else []}
+
     def finished() -> tuple[dict, list[dict]]:
         """The final response, and the conversation to store with it."""
-        text = "".join(gen.text)
+        text, thought = "".join(gen.text), "".join(gen.thinking)
         calls = relay.tool_calls(text, active)
         if calls and body.get("parallel_tool_calls") is False:
             calls = calls[:1]
         prompt, out, cached = relay.usage_counts(gen)
         usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
-                 "output_tokens": out, "output_tokens_details": {"reasoning_tokens": 0},
+                 "output_tokens": out, "output_tokens_details": {"reasoning_tokens": gen.thinking_tokens},
                  "total_tokens": prompt + out}
         if calls:
             output = [{"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "status": "completed",
@@ -224,6 +230,8 @@ async def create():
         else:
             output, said = [message_item(text)], {"role": "assistant", "content": text}
             status = "incomplete" if gen.done_reason == "length" else "completed"
+        if thought:
+            output.insert(0, reasoning_item(thought))
         final = response(status, output, usage)
         if store:
             stored.put(final, [*conversation, said], _input_items(body.get("input")))
@@ -252,18 +260,47 @@ async def create():
     async def events(chunks):
         yield event("response.created", response=response("in_progress", [], None))
         yield event("response.in_progress", response=response("in_progress", [], None))
-        if not active:  # plain text streams as it comes; a possible call must arrive whole
-            yield event("response.output_item.added", output_index=0, item=message_item("", "in_progress"))
-            yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
-                        part=_text_part(""))
+        # Reasoning (its own item, first) and plain text stream as they come; a possible call
+        # must arrive whole. ``opened``: "reasoning" while that item is open, then "message".
+        opened: list[str] = []
+
+        def open_message() -> list[bytes]:
+            out = close_reasoning()
+            i = len(opened)
+            opened.append("message")
+            return [*out, event("response.output_item.added", output_index=i, item=message_item("", "in_progress")),
+                    event("response.content_part.added", item_id=msg_id, output_index=i, content_index=0,
+                          part=_text_part(""))]
+
+        def close_reasoning() -> list[bytes]:
+            if opened != ["reasoning"]:
+                return []
+            opened[0] = "reasoning done"
+            thought = "".join(gen.thinking)
+            return [event("response.reasoning_text.done", item_id=rs_id, output_index=0, content_index=0,
+                          text=thought),
+                    event("response.output_item.done", output_index=0, item=reasoning_item(thought))]
+
         async for c in chunks:
+            if getattr(c, "thinking", ""):
+                if not opened:
+                    opened.append("reasoning")
+                    yield event("response.output_item.added", output_index=0, item=reasoning_item("", "in_progress"))
+                yield event("response.reasoning_text.delta", item_id=rs_id, output_index=0, content_index=0,
+                            delta=c.thinking)
             if not active and c.text:
-                yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
-                            delta=c.text, logprobs=[])
+                for e in open_message() if "message" not in opened else ():
+                    yield e
+                yield event("response.output_text.delta", item_id=msg_id, output_index=len(opened) - 1,
+                            content_index=0, delta=c.text, logprobs=[])
+        for e in close_reasoning():
+            yield e
         final, output = finished()
         for i, item in enumerate(output):
+            if item["type"] == "reasoning":
+                continue  # streamed above
             if item["type"] == "message":
-                for e in text_events(i, "".join(gen.text), opened=not active):
+                for e in text_events(i, "".join(gen.text), opened="message" in opened):
                     yield e
                 continue
             yield event("response.output_item.added", output_index=i,

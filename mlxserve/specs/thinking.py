@@ -93,13 +93,13 @@ class Plan:
                         thinking=prompt_tail.rstrip().endswith(self.style.open))
 
 
-def plan(template: str | None, think: Think, model: str) -> Plan:
+def plan(template: str | None, think: Think, model: str, *, strict: bool = True) -> Plan:
     """As Ollama: a model that thinks does so unless asked not to; asking one that cannot is a
-    400. ``think: false`` on a model that cannot stop thinking keeps its reasoning out of the
-    answer without returning it."""
+    400 (``strict``; else it answers without). ``think: false`` on a model that cannot stop
+    thinking keeps its reasoning out of the answer without returning it."""
     style = style_of(template)
     if style is None:
-        if think not in (None, False):
+        if strict and think not in (None, False):
             raise BadRequest(f'"{model}" does not support thinking')
         return Plan(None, False)
     show = think is None or think is not False

@@ -1,9 +1,19 @@
 """Tool definitions in, tool calls out: validation, the schema that forces a call, the generic
 prompt for templates that do not render tools, and parsing.
 
-Models write calls in a few shapes; we accept the common ones: ``<tool_call>{json}</tool_call>``
-blocks (Hermes, Qwen, SmolLM2), a bare JSON object ``{"name": ..., "arguments": ...}`` (also
-with "parameters", or wrapped as llama.cpp's ``{"tool_call": {...}}``), or a JSON array of those.
+Models write calls in the shape their chat template shows them, by family:
+
+- Hermes, Qwen 2.5/3, SmolLM: ``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` blocks;
+- Llama 3.x: a bare ``{"name": ..., "parameters": ...}`` object (after ``<|python_tag|>`` when
+  the model writes it), several separated by ``;``;
+- Mistral: ``[TOOL_CALLS]`` then a JSON array of calls, or (newer templates)
+  ``[TOOL_CALLS]name[ARGS]{...}`` for each;
+- gpt-oss (harmony): ``to=functions.name ... <|message|>{...}<|call|>``;
+- the generic prompt's (``tool_prompt``) bare object or array, also llama.cpp's
+  ``{"tool_call": {...}}`` wrapper.
+
+Every shape is read whatever the template (a fine-tune may answer in its base's shape). A
+streamed answer's calls are read as each completes (``completed_calls``).
 """
 
 from __future__ import annotations
@@ -15,7 +25,15 @@ from typing import Any
 from ..errors import BadRequest
 
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
-CALL_PREFIXES = ("<tool_call>", "{", "[")
+_HARMONY = re.compile(r"to=functions\.([\w.\-]+)(?:[^<]|<\|channel\|>|<\|constrain\|>)*?<\|message\|>(.*?)(?:<\|call\|>|$)", re.S)
+PYTHON_TAG, MISTRAL_CALLS, MISTRAL_ARGS = "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]"
+CALL_PREFIXES = ("<tool_call>", "{", "[", PYTHON_TAG, "<|channel|>", "to=functions.")
+# Tokens that open or shape a call; a tokenizer may hold them as special tokens, which decoding
+# drops, so the HTTP layer writes them back into the text (generation.py).
+MARKER_TOKENS = ("<tool_call>", "</tool_call>", PYTHON_TAG, MISTRAL_CALLS, MISTRAL_ARGS,
+                 "<|channel|>", "<|message|>", "<|call|>", "<|constrain|>", "<|start|>", "<|end|>")
+_DECODER = json.JSONDecoder()
+_NAME = re.compile(r"([A-Za-z_][\w.\-]*)\s*(?:\[ARGS\])?\s*(?=\{)")
 
 
 def normalize_tools(tools: Any) -> list[dict]:
@@ -110,9 +128,15 @@ def _strict(schema: dict) -> dict:
     return schema
 
 
-def _as_call(obj: Any, names: set[str]) -> dict | None:
+def _as_call(obj: Any, names: set[str], name: str | None = None) -> dict | None:
+    """``obj`` as a call of one of ``names`` (any name when empty); with ``name`` given, ``obj``
+    is its arguments."""
+    if name is not None:
+        obj = {"name": name, "arguments": obj}
     if isinstance(obj, dict) and isinstance(obj.get("tool_call"), dict) and len(obj) == 1:
         obj = obj["tool_call"]
+    if isinstance(obj, dict) and isinstance(obj.get("function"), dict) and "name" not in obj:
+        obj = obj["function"]  # OpenAI's own shape, as some fine-tunes write it
     if not isinstance(obj, dict):
         return None
     name = obj.get("name")
@@ -128,26 +152,108 @@ def _as_call(obj: Any, names: set[str]) -> dict | None:
 
 
 def parse_tool_calls(text: str, tools: list[dict]) -> list[dict] | None:
-    """The calls in a model's answer, or None when the answer is plain text."""
-    names = {t["name"] for t in tools}
-    stripped = text.strip()
-    candidates: list[Any] = []
-    if "<tool_call>" in stripped:
-        for block in _BLOCK.findall(stripped):
+    """The calls in a model's answer, or None when the answer is plain text (or not wholly calls)."""
+    calls, whole = _scan(text, {t["name"] for t in tools})
+    return calls if whole and calls else None
+
+
+def completed_calls(text_so_far: str, tools: list[dict]) -> list[dict]:
+    """While streaming: the calls written out in full so far (the last may still be growing)."""
+    return _scan(text_so_far, {t["name"] for t in tools})[0] or []
+
+
+def _scan(text: str, names: set[str]) -> tuple[list[dict] | None, bool]:
+    """(the calls read from the start of ``text`` until the first that is not complete, and
+    whether they make up all of it). None: not a call at all."""
+    s = text.strip()
+    if "<tool_call>" in s:
+        blocks, calls = _BLOCK.findall(s), []
+        for block in blocks:
             try:
-                candidates.append(json.loads(block))
+                call = _as_call(json.loads(block), names)
             except ValueError:
-                return None
-    elif stripped.startswith(("{", "[")):
+                return calls, False
+            if call is None:
+                return None, False
+            calls.append(call)
+        return calls, True  # text around the blocks (a preamble) is not part of any call
+    if "to=functions." in s:
+        calls = []
+        for name, args in _HARMONY.findall(s):
+            call = _as_call(_loads(args), names, name)
+            if call is None:
+                return calls, False
+            calls.append(call)
+        return calls, bool(calls)
+    mistral = s.startswith(MISTRAL_CALLS)
+    s = s.removeprefix(PYTHON_TAG).removeprefix(MISTRAL_CALLS).lstrip()
+    if not s.startswith(("{", "[")) and not (mistral and _NAME.match(s)):
+        return None, False
+    calls, at = [], 0
+    while at < len(s):
+        if s.startswith(MISTRAL_CALLS, at):
+            at = _skip(s, at + len(MISTRAL_CALLS))
+            continue
+        name = _NAME.match(s, at) if mistral else None
+        if name is not None:  # Mistral's name[ARGS]{...}
+            try:
+                args, at = _DECODER.raw_decode(s, name.end())
+            except ValueError:
+                return calls, False
+            call = _as_call(args, names, name.group(1))
+            if call is None:
+                return None, False
+            calls.append(call)
+        elif s.startswith("[", at):
+            found, at, done = _array(s, at, names)
+            if found is None:
+                return (calls or None), False
+            calls += found
+            if not done:
+                return calls, False
+        else:
+            try:
+                obj, at = _DECODER.raw_decode(s, at)
+            except ValueError:
+                return calls, False
+            call = _as_call(obj, names)
+            if call is None:
+                return (calls or None), False
+            calls.append(call)
+        at = _skip(s, at)
+    return calls, True
+
+
+def _skip(s: str, at: int) -> int:
+    """Past the whitespace and separators (Llama's ``;``, a stray comma) between calls."""
+    while at < len(s) and (s[at].isspace() or s[at] in ";,"):
+        at += 1
+    return at
+
+
+def _array(s: str, at: int, names: set[str]) -> tuple[list[dict] | None, int, bool]:
+    """A JSON array of calls read element by element: (calls, end, whether it was closed)."""
+    calls, at = [], _skip(s, at + 1)
+    while at < len(s):
+        if s[at] == "]":
+            return calls, at + 1, True
         try:
-            parsed = json.loads(stripped)
+            obj, at = _DECODER.raw_decode(s, at)
         except ValueError:
-            return None
-        candidates = parsed if isinstance(parsed, list) else [parsed]
-    calls = [_as_call(c, names) for c in candidates]
-    if not calls or any(c is None for c in calls):
+            return calls, at, False
+        call = _as_call(obj, names)
+        if call is None:
+            return None, at, False
+        calls.append(call)
+        at = _skip(s, at)
+    return calls, at, False
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
         return None
-    return calls
 
 
 def might_be_call(text_so_far: str) -> bool:

@@ -125,3 +125,79 @@ async def test_openai_reasoning_content_and_reasoning_effort(thinker):
     assert len([d for d in deltas if d]) > 1 and "".join(d for d in deltas if d) == reasoning
     assert "reasoning_content" not in (off.choices[0].message.model_extra or {})
     assert off.choices[0].message.content
+
+
+async def test_anthropic_thinking_blocks_streamed_and_capped_by_budget(thinker):
+    def calls():
+        with anthropic.Anthropic(base_url=thinker.url, api_key="unused", max_retries=0) as client:
+            kw = dict(model="thinker", max_tokens=10, messages=USER, extra_body={"temperature": 0},
+                      thinking={"type": "enabled", "budget_tokens": 1024})
+            whole = client.messages.create(**kw)
+            with client.messages.stream(**kw) as stream:
+                events = list(stream)
+                final = stream.get_final_message()
+            capped = client.messages.create(**{**kw, "thinking": {"type": "enabled", "budget_tokens": 3}})
+            plain = client.messages.create(model="tiny", max_tokens=4, messages=USER,
+                                           thinking={"type": "enabled", "budget_tokens": 1024})
+            return whole, events, final, capped, plain
+
+    with trio.fail_after(90):
+        whole, events, final, capped, plain = await _in_thread(calls)
+    assert [b.type for b in whole.content] == ["thinking"] and whole.content[0].thinking
+    assert whole.stop_reason == "max_tokens" and whole.usage.output_tokens == 10
+    deltas = [e.delta.thinking for e in events if e.type == "content_block_delta" and e.delta.type == "thinking_delta"]
+    assert len(deltas) > 1 and "".join(deltas) == whole.content[0].thinking == final.content[0].thinking
+    assert capped.stop_reason == "max_tokens" and capped.usage.output_tokens <= 4  # the budget ended it
+    assert whole.content[0].thinking.startswith(capped.content[0].thinking)
+    assert [b.type for b in plain.content] == ["text"]  # a model that cannot think just answers
+
+
+async def test_responses_reasoning_item_streamed(thinker):
+    def calls():
+        client = openai.OpenAI(base_url=f"{thinker.url}/v1", api_key="unused", max_retries=0)
+        kw = dict(model="thinker", input="Why is the sky blue?", max_output_tokens=10, temperature=0)
+        whole = client.responses.create(**kw)
+        events = list(client.responses.create(**kw, stream=True))
+        off = client.responses.create(**kw, reasoning={"effort": "none"})
+        return whole, events, off
+
+    with trio.fail_after(90):
+        whole, events, off = await _in_thread(calls)
+    reasoning = whole.output[0]
+    assert reasoning.type == "reasoning" and reasoning.content[0].text
+    assert [o.type for o in whole.output] == ["reasoning", "message"]
+    assert whole.usage.output_tokens_details.reasoning_tokens > 0
+    deltas = [e.delta for e in events if e.type == "response.reasoning_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == reasoning.content[0].text
+    assert events[-1].response.output[0].content[0].text == reasoning.content[0].text
+    assert [o.type for o in off.output] == ["message"] and off.output_text
+
+
+async def test_mlxctl_run_think_and_hidethinking(thinker):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXSERVE_")}
+    env["MLXSERVE_HOST"] = thinker.url.removeprefix("http://")
+
+    def mlxctl(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", "from mlxserve.cli.main import main; main()", *args],
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    def calls():
+        # A Modelfile's num_predict: random weights seldom end an answer on their own.
+        httpx.post(f"{thinker.url}/api/create", json={"model": "brief", "from": "always", "stream": False,
+                                                      "parameters": {"num_predict": 6, "temperature": 0}},
+                   timeout=60).raise_for_status()
+        return mlxctl("run", "brief", "hi", "--think"), mlxctl("run", "brief", "hi", "--hidethinking"), \
+            mlxctl("run", "tiny", "hi", "--think=high")
+
+    with trio.fail_after(300):
+        shown, hidden, refused = await _in_thread(calls)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("Thinking...\n") and "\n...done thinking.\n\n" in shown.stdout
+    thought = shown.stdout.removeprefix("Thinking...\n").split("\n...done thinking.")[0]
+    assert thought.strip()
+    assert hidden.returncode == 0 and "Thinking..." not in hidden.stdout and thought not in hidden.stdout
+    assert refused.returncode != 0 and "does not support thinking" in refused.stderr

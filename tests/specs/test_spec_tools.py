@@ -53,3 +53,77 @@ def test_llama_cpp_style_calls_are_parsed_too():
     wrapped = '{"tool_call": {"name": "get_weather", "arguments": {"city": "Rome"}}}'
     assert parse_tool_calls(wrapped, TOOLS) == [{"name": "get_weather", "arguments": {"city": "Rome"}}]
     assert parse_tool_calls('{"response": "It is sunny."}', TOOLS) is None
+
+
+# ---- call shapes by family: what each real template writes for an earlier call is read back ----
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from mlxserve.specs.tools import completed_calls, might_be_call  # noqa: E402
+
+TEMPLATES = Path(__file__).parent / "data" / "templates"
+PARIS = {"name": "get_weather", "arguments": {"city": "Paris"}}
+HISTORY = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "abcdefghi", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": "22 C", "tool_call_id": "abcdefghi"},
+]
+
+
+@pytest.mark.parametrize("template, start, end", [
+    ("Qwen-Qwen2.5-7B-Instruct.jinja", "<|im_start|>assistant\n", "<|im_end|>"),
+    ("Qwen-Qwen3-0.6B.jinja", "<|im_start|>assistant\n", "<|im_end|>"),
+    ("meta-llama-Llama-3.1-8B-Instruct.jinja", "assistant<|end_header_id|>\n\n", "<|eot_id|>"),
+    ("mistralai-Mistral-Nemo-Instruct-2407.jinja", "[/INST]", "</s>"),
+    ("openai-gpt-oss-120b.jinja", "<|start|>assistant", "<|start|>functions"),
+])
+def test_each_familys_own_call_shape_is_read_back(template, start, end):
+    text = render_chat((TEMPLATES / template).read_text(), HISTORY, tools=as_template_tools(TOOLS),
+                       add_generation_prompt=False, bos_token="<s>", eos_token="</s>")
+    turn = text[text.index(start, text.index("Weather in Paris?")) + len(start):]
+    turn = turn[:turn.index(end)]
+    assert parse_tool_calls(turn, TOOLS) == [PARIS], turn
+    assert might_be_call(turn[:5])  # held back while it streams
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}', [PARIS]),
+    ('{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_weather", "parameters": {"city": "Rome"}}',
+     [PARIS, {"name": "get_weather", "arguments": {"city": "Rome"}}]),
+    ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', [PARIS]),
+    ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}',
+     [PARIS, {"name": "get_weather", "arguments": {"city": "Rome"}}]),
+    ('<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>', [PARIS]),
+    ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', [PARIS]),
+])
+def test_more_shapes(text, expected):
+    assert parse_tool_calls(text, TOOLS) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "[1, 2, 3]", '{"name": "unknown_tool", "arguments": {}}', "get_weather{\"city\": \"Paris\"}",
+    '[{"name": "get_weather", "arguments": {"city": "Paris"}}] and then some prose', "Sure! Here it is.",
+])
+def test_text_that_is_not_wholly_calls_is_text(text):
+    assert parse_tool_calls(text, TOOLS) is None
+
+
+@pytest.mark.parametrize("pieces", [
+    ["<tool_call>\n", '{"name": "get_weather", ', '"arguments": {"city": "Paris"}}', "\n</tool_call>",
+     "\n<tool_call>", '{"name": "get_weather", "arguments": {"city": "Rome"}}', "</tool_call>"],
+    ["[TOOL_CALLS][", '{"name": "get_weather", "arguments": {"city": "Paris"}}', ", ",
+     '{"name": "get_weather", "arguments": {"city": "Rome"}}', "]"],
+    ['{"name": "get_weather", "parameters": {"city": "Paris"}}', '; ',
+     '{"name": "get_weather", "parameters": {"city": "Rome"}}'],
+])
+def test_streamed_calls_are_read_as_each_completes(pieces):
+    seen, so_far = [], ""
+    for p in pieces:
+        so_far += p
+        seen.append(len(completed_calls(so_far, TOOLS)))
+    assert seen[-1] == 2 and 1 in seen  # the first call was out before the second was written
+    assert seen == sorted(seen)
+    assert parse_tool_calls(so_far, TOOLS) == [PARIS, {"name": "get_weather", "arguments": {"city": "Rome"}}]
