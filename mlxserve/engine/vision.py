@@ -35,9 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # a decompression bomb is refused, not decoded
-
-
 def _mlx_vlm_types() -> set[str]:
     import importlib.util
 
@@ -124,7 +121,6 @@ def open_image(data: bytes):
     """Bytes -> an RGB PIL image; anything PIL cannot read is a ValueError."""
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
@@ -156,14 +152,15 @@ def _image_runs(v: VisionParts, images: tuple[bytes, ...]) -> tuple[list[list[in
 
 def expand(prompt_ids: list[int], placeholder_id: int, runs: list[list[int]]) -> list[int]:
     """Each image's run in place of its placeholder, last image with last placeholder; without
-    placeholders the runs go first (after a leading BOS, were there one, is the caller's)."""
+    placeholders the runs go first. A placeholder left without an image is dropped: the vision
+    model would look for an image there."""
     at = [i for i, t in enumerate(prompt_ids) if t == placeholder_id]
     if not at:
         return [t for run in runs for t in run] + list(prompt_ids)
     pairs = dict(zip(at[::-1], runs[::-1]))
     out: list[int] = []
     for i, t in enumerate(prompt_ids):
-        out.extend(pairs.get(i, (t,)))
+        out.extend(pairs.get(i, () if t == placeholder_id else (t,)))
     return out
 
 
@@ -173,9 +170,15 @@ def used_images(prompt_ids: list[int], placeholder_id: int, images: tuple) -> tu
     return images if n == 0 or n >= len(images) else images[len(images) - n:]
 
 
-def prefill(lm: "LoadedModel", prompt_ids: list[int], images: tuple[bytes, ...], chunk: int) -> tuple[list, list[int]]:
-    """Run the vision tower and every prompt token but the last into a new KV cache.
-    Returns (cache, the prompt's ids with each image's tokens in place)."""
+def prefill(lm: "LoadedModel", prompt_ids: list[int], images: tuple[bytes, ...], chunk: int,
+            stream: Any = None) -> tuple[list, list[int]]:
+    """Run the vision tower and every prompt token but the last into a new KV cache, on
+    ``stream`` (the batch's). Returns (cache, the prompt's ids with each image's tokens in place)."""
+    with mx.stream(stream if stream is not None else mx.default_stream(mx.default_device())):
+        return _prefill(lm, prompt_ids, images, chunk)
+
+
+def _prefill(lm: "LoadedModel", prompt_ids: list[int], images: tuple[bytes, ...], chunk: int) -> tuple[list, list[int]]:
     v: VisionParts | None = getattr(lm, "vision", None)
     if v is None:
         raise ValueError("this model does not take images")

@@ -125,6 +125,7 @@ def test_images_pair_with_placeholders_from_the_end():
     P = 9
     assert vision.expand([1, P, 2, P, 3], P, [[7, 7], [8]]) == [1, 7, 7, 2, 8, 3]
     assert vision.expand([1, 2], P, [[7], [8]]) == [7, 8, 1, 2]  # no placeholder: images first
+    assert vision.expand([P, 1, P], P, [[7]]) == [1, 7]  # a placeholder without an image goes
     # A dropped early message took its placeholder: the last images are the ones kept.
     assert vision.used_images([1, P, 2], P, (b"a", b"b", b"c")) == (b"c",)
     assert vision.used_images([1, 2], P, (b"a", b"b")) == (b"a", b"b")
