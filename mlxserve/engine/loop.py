@@ -285,7 +285,7 @@ class Engine:
             processors = self._processors(lm, cmd)
             sampler = sampling.make_sampler(cmd.params)
             if cmd.images:  # vision tower and prefill here; the batch goes on from that KV
-                cache, ids = vision.prefill(lm, cmd.prompt_ids, cmd.images, self._prefill_chunk)
+                cache, ids = vision.prefill(lm, cmd.prompt_ids, cmd.images, self._prefill_chunk, gen.stream)
                 cmd = attrs.evolve(cmd, prompt_ids=ids, max_tokens=min(cmd.max_tokens, lm.context_length - len(ids)))
         except Exception as exc:  # bad settings fail that request only, never the runner
             out.append(Chunk(cmd.seq_id, "", (), finish="error", error=str(exc),
