@@ -28,6 +28,7 @@ DEFAULT_NUM_CTX = 4096
 IMAGES_UNSUPPORTED = "images are not supported by this model"
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # one decoded image; the request body's own cap comes first
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # a small file can still decode to gigabytes
 
 
 def image_bytes(data: Any, where: str) -> bytes:
@@ -58,12 +59,14 @@ def image_bytes(data: Any, where: str) -> bytes:
 
     try:
         with Image.open(io.BytesIO(raw)) as img:
-            kind = img.format
+            kind, (width, height) = img.format, img.size
             img.verify()
     except Exception:
         kind = None
     if kind not in IMAGE_FORMATS:
         raise BadRequest(f"{where} is not a PNG, JPEG, GIF, WebP or BMP image")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise BadRequest(f"{where} is {width}x{height} pixels, more than {MAX_IMAGE_PIXELS >> 20} megapixels")
     return raw
 
 
