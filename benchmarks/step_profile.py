@@ -1,0 +1,361 @@
+"""Where a decode step's time goes on a GPU: host (graph building, kernel submission, the
+engine's own work) vs waiting for the GPU, and how mlx-cuda's quantized products scale with rows.
+
+    python benchmarks/step_profile.py --model PATH [--batches 1,8,32] [--tokens 64]
+        [--prompt-len 300] [--no-loops] [--no-kernels] [--no-engine] [--json out.json]
+
+Sections (one process, the model loaded once with mlxserve's loader):
+- ``loops``: hand-written decode loops per batch size: ``nosync`` (async_eval every step, never
+  wait: the GPU's pace when the host keeps ahead), ``pipe1`` (async_eval step n+1, then wait for
+  step n's tokens: what a server must do), ``sync`` (eval every step: GPU time + host time).
+  Per step: graph building (Python), submission (the async_eval call: mlx-cuda encodes and
+  launches the kernels) and waiting.
+- ``kernels``: one ``mx.quantized_matmul`` per shape of the model at 1..512 rows (8 weight
+  copies so L2 holds none), µs and GB/s of weights read; from 64 rows also dequantize + matmul.
+- ``engine``: mlxserve's Engine (no HTTP, deliver = a list) with :func:`install` timers.
+
+:func:`install` is also what ``vs_llamacpp.py`` puts into the served daemon when
+``STEP_PROFILE_OUT`` names a file: it wraps mlx-lm's GenerationBatch step and mlx calls in it
+and appends one JSON line per 32 decode steps (batch size, ms per step: wall, in the step,
+graph building, submission, waiting, and the rest of the engine loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+WINDOW = 32
+
+
+class _Timers(threading.local):
+    def __init__(self) -> None:
+        self.reset()
+        self.in_step = False
+        self.rows = 0
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.step = self.build = self.submit = self.wait = 0.0
+        self.t0 = time.perf_counter()
+
+
+def install(out_path: str | None = None, sink: list | None = None) -> None:
+    """Time mlx-lm's decode step in this process (see the module's docstring)."""
+    import importlib
+
+    import mlx.core as mx
+
+    g = importlib.import_module("mlx_lm.generate")  # the package's ``generate`` is the function
+
+    if getattr(g, "_step_profiled", False):
+        return
+    g._step_profiled = True
+    t = _Timers()
+    real_eval, real_async = mx.eval, mx.async_eval
+
+    class _Mx:  # mlx_lm.generate's ``mx`` with its two evaluation calls timed
+        def __getattr__(self, name):
+            return getattr(mx, name)
+
+        @staticmethod
+        def eval(*a, **k):
+            s = time.perf_counter()
+            real_eval(*a, **k)
+            if t.in_step:
+                t.wait += time.perf_counter() - s
+
+        @staticmethod
+        def async_eval(*a, **k):
+            s = time.perf_counter()
+            real_async(*a, **k)
+            if t.in_step:
+                t.submit += time.perf_counter() - s
+
+    g.mx = _Mx()
+    orig_step = g.GenerationBatch._step
+
+    def step(self):
+        model = self.model
+        if not getattr(type(model), "_profiled", False):
+            call = type(model).__call__
+
+            def timed(m, *a, **k):
+                s = time.perf_counter()
+                r = call(m, *a, **k)
+                if t.in_step:
+                    t.build += time.perf_counter() - s
+                return r
+
+            type(model).__call__ = timed
+            type(model)._profiled = True
+        if t.steps == 0:
+            t.t0 = time.perf_counter()
+        t.in_step = True
+        s = time.perf_counter()
+        try:
+            return orig_step(self)
+        finally:
+            t.in_step = False
+            t.step += time.perf_counter() - s
+            t.steps += 1
+            t.rows = len(self.uids)
+            if t.steps >= WINDOW:
+                wall = time.perf_counter() - t.t0
+                row = {"batch": t.rows, "steps": t.steps, "wall_ms": 1e3 * wall / t.steps}
+                for k in ("step", "build", "submit", "wait"):
+                    row[f"{k}_ms"] = 1e3 * getattr(t, k) / t.steps
+                row["outside_step_ms"] = row["wall_ms"] - row["step_ms"]
+                row["other_in_step_ms"] = row["step_ms"] - row["build_ms"] - row["submit_ms"] - row["wait_ms"]
+                if sink is not None:
+                    sink.append(row)
+                if out_path:
+                    with open(out_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                t.reset()
+
+    g.GenerationBatch._step = step
+
+
+def summarize_windows(rows: list[dict]) -> dict[int, dict]:
+    """Median of each figure per batch size (windows that span a batch change are mixed: medians
+    keep them out)."""
+    import statistics
+
+    by: dict[int, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["batch"], []).append(r)
+    return {b: {k: round(statistics.median(r[k] for r in rs), 3) for k in rs[0] if k.endswith("_ms")}
+            | {"windows": len(rs)} for b, rs in sorted(by.items())}
+
+
+# ---------------------------------------------------------------- hand loops
+def loops(lm, batches: list[int], prompt_len: int, tokens: int) -> list[dict]:
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = lm.model
+    vocab = int(lm.config["vocab_size"])
+    out = []
+    for b in batches:
+        rng = random.Random(b)
+        prompt = mx.array([[rng.randrange(100, vocab) for _ in range(prompt_len)] for _ in range(b)])
+
+        def start():
+            cache = make_prompt_cache(model)
+            y = mx.argmax(model(prompt, cache=cache)[:, -1, :], axis=-1)
+            mx.eval(y)
+            return cache, y
+
+        def nosync():
+            cache, y = start()
+            build = submit = 0.0
+            t0 = time.perf_counter()
+            for _ in range(tokens):
+                s = time.perf_counter()
+                y = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+                s2 = time.perf_counter()
+                mx.async_eval(y)
+                build += s2 - s
+                submit += time.perf_counter() - s2
+            mx.eval(y)
+            return time.perf_counter() - t0, build, submit, 0.0
+
+        def pipe1():
+            cache, y = start()
+            build = submit = wait = 0.0
+            t0 = time.perf_counter()
+            for _ in range(tokens):
+                s = time.perf_counter()
+                nxt = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+                s2 = time.perf_counter()
+                mx.async_eval(nxt)
+                s3 = time.perf_counter()
+                y.tolist()
+                build += s2 - s
+                submit += s3 - s2
+                wait += time.perf_counter() - s3
+                y = nxt
+            y.tolist()
+            return time.perf_counter() - t0, build, submit, wait
+
+        def sync():
+            cache, y = start()
+            build = wait = 0.0
+            t0 = time.perf_counter()
+            for _ in range(tokens):
+                s = time.perf_counter()
+                y = mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+                s2 = time.perf_counter()
+                y.tolist()
+                build += s2 - s
+                wait += time.perf_counter() - s2
+            return time.perf_counter() - t0, build, 0.0, wait
+
+        for name, fn in (("nosync", nosync), ("pipe1", pipe1), ("sync", sync)):
+            fn()  # warm: kernels compiled, buffers cached
+            best = min(fn() for _ in range(2))
+            row = {"loop": name, "batch": b, "tok_s": b * tokens / best[0], "step_ms": 1e3 * best[0] / tokens,
+                   "build_ms": 1e3 * best[1] / tokens, "submit_ms": 1e3 * best[2] / tokens,
+                   "wait_ms": 1e3 * best[3] / tokens}
+            out.append(row)
+            print(f"  {name:<6} batch {b:>3}: {row['tok_s']:8.1f} tok/s  {row['step_ms']:6.2f} ms/step  build "
+                  f"{row['build_ms']:5.2f}  submit {row['submit_ms']:5.2f}  wait {row['wait_ms']:5.2f}", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------- kernels
+def kernels(lm, rows=(1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 24, 32, 48, 64, 128, 300, 512)) -> list[dict]:
+    """Every distinct (out, in, bits, group) quantized linear of the model, timed alone."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    shapes: dict[tuple, nn.QuantizedLinear] = {}
+    for _, m in lm.model.named_modules():
+        if isinstance(m, nn.QuantizedLinear):
+            shapes.setdefault((*m.weight.shape, m.bits, m.group_size, m.scales.dtype), m)
+    out = []
+    for (n, _, bits, group, sdtype), m in shapes.items():
+        k = m.weight.shape[1] * 32 // bits
+        copies = [(m.weight + i * 0, m.scales + 0, m.biases + 0) for i in range(8)]  # distinct buffers
+        mx.eval(copies)
+        nbytes = sum(a.nbytes for a in copies[0])
+        for r in rows:
+            x = (mx.random.normal((r, k)) * 0.1).astype(sdtype)
+            fns = {"qmm": lambda c: mx.quantized_matmul(x, *c, transpose=True, group_size=group, bits=bits)}
+            if r >= 64:
+                fns["dequant_mm"] = lambda c: x @ mx.dequantize(*c, group_size=group, bits=bits).T
+            row = {"n": n, "k": k, "bits": bits, "group": group, "rows": r, "weight_bytes": nbytes}
+            for name, fn in fns.items():
+                reps = 8 if r < 128 else 2
+                mx.eval([fn(c) for c in copies])
+                best = float("inf")
+                for _ in range(3):
+                    s = time.perf_counter()
+                    mx.eval([fn(c) for c in copies * reps])
+                    best = min(best, (time.perf_counter() - s) / (8 * reps))
+                row[f"{name}_us"] = round(best * 1e6, 1)
+                row[f"{name}_gb_s"] = round(nbytes / best / 1e9)
+            out.append(row)
+            print(f"  {n:>6}x{k:<6} q{bits} g{group} rows {r:>3}: qmm {row['qmm_us']:8.1f} us {row['qmm_gb_s']:5d} GB/s"
+                  + (f" | dequant+mm {row['dequant_mm_us']:8.1f} us" if "dequant_mm_us" in row else ""), flush=True)
+        del copies
+    return out
+
+
+# ---------------------------------------------------------------- engine
+def engine(lm, batches: list[int], prompt_len: int, tokens: int) -> dict:
+    from mlxserve.engine import loop as eng
+    from mlxserve.engine.sampling import SamplingParams
+
+    sink: list = []
+    install(sink=sink)
+    events: list = []
+    cv = threading.Condition()
+
+    def deliver(evs):
+        with cv:
+            events.extend(evs)
+            cv.notify_all()
+
+    e = eng.Engine(lambda: lm, deliver, num_parallel=max(batches), prefill_chunk=int(
+        os.environ.get("MLXSERVE_PREFILL_CHUNK", "256")))
+    th = threading.Thread(target=e.run, daemon=True)
+    th.start()
+    params = SamplingParams(temperature=0, repeat_penalty=1.0)
+    vocab = int(lm.config["vocab_size"])
+    result: dict = {"levels": {}}
+    sid = 0
+    with cv:
+        cv.wait_for(lambda: events)
+        result["ready"] = repr(events.pop(0))[:200]
+    for b in batches:
+        for run in range(2):
+            sink.clear()
+            rng = random.Random(b * 7 + run)
+            ids = []
+            with cv:
+                events.clear()
+            t0 = time.perf_counter()
+            for _ in range(b):
+                sid += 1
+                ids.append(sid)
+                e.submit(eng.Add(sid, [rng.randrange(100, vocab) for _ in range(prompt_len)], tokens, params))
+            first: dict[int, float] = {}
+            done: set[int] = set()
+            ntok = 0
+            last = t0
+            while len(done) < b:
+                with cv:
+                    cv.wait_for(lambda: events)
+                    batch, events[:] = list(events), []
+                now = time.perf_counter()
+                for ev in batch:
+                    if isinstance(ev, eng.Chunk):
+                        if ev.token_ids:
+                            first.setdefault(ev.seq_id, now)
+                            ntok += len(ev.token_ids)
+                            last = now
+                        if ev.finish:
+                            done.add(ev.seq_id)
+            span = last - min(first.values())
+            level = {"decode_tok_s": (ntok - b) / span, "ttft_max_s": max(first.values()) - t0,
+                     "steps": summarize_windows(sink)}
+            if run == 1:
+                result["levels"][b] = level
+                print(f"  engine batch {b:>3}: {level['decode_tok_s']:8.1f} tok/s  ttft max {level['ttft_max_s']:.3f}s"
+                      f"  per step {level['steps']}", flush=True)
+    e.submit(eng.Shutdown())
+    th.join(timeout=60)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=300)
+    ap.add_argument("--no-loops", action="store_true")
+    ap.add_argument("--no-kernels", action="store_true")
+    ap.add_argument("--no-engine", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    import mlx.core as mx
+
+    from mlxserve.engine.model import load_path
+
+    batches = [int(x) for x in args.batches.split(",")]
+    report: dict = {"device": str(mx.default_device()), "args": vars(args) | {"model": str(args.model),
+                                                                              "json": str(args.json)}}
+
+    def save():
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1, default=str))
+
+    t = time.perf_counter()
+    lm = load_path(args.model)
+    report["load_s"] = time.perf_counter() - t
+    print(f"loaded {args.model.name} in {report['load_s']:.1f}s", flush=True)
+    if not args.no_loops:
+        report["loops"] = loops(lm, batches, args.prompt_len, args.tokens)
+        save()
+    if not args.no_engine:
+        report["engine"] = engine(lm, batches, args.prompt_len, args.tokens)
+        save()
+    if not args.no_kernels:
+        report["kernels"] = kernels(lm)
+        save()
+
+
+if __name__ == "__main__":
+    main()
