@@ -19,6 +19,7 @@ so the HTTP layer may read ``describe()``.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -123,6 +124,7 @@ def encode_command(cmd) -> dict:
     match cmd:
         case eng.Add():
             d = attrs.asdict(cmd, recurse=True)
+            d["images"] = [base64.b64encode(b).decode() for b in d.get("images") or ()]
             if d["params"].get("logit_bias"):
                 d["params"]["logit_bias"] = [[int(k), float(v)] for k, v in d["params"]["logit_bias"].items()]
             return {"k": "add", **d}
@@ -145,6 +147,8 @@ def decode_command(d: dict):
     p = d.pop("params")
     if p.get("logit_bias"):
         p["logit_bias"] = {int(k): float(v) for k, v in p["logit_bias"]}
+    if "images" in d:
+        d["images"] = tuple(base64.b64decode(b) for b in d["images"])
     return eng.Add(params=SamplingParams(**p), **{**d, "stop": tuple(d.get("stop") or ())})
 
 
@@ -252,6 +256,8 @@ def _pipeline(model, group) -> None:
             try:
                 return super().__getattr__(key)
             except AttributeError:
+                if "layer" not in self:
+                    raise
                 return getattr(self["layer"], key)
 
     class First(Wrapped):
@@ -259,8 +265,13 @@ def _pipeline(model, group) -> None:
             return self.layer(mx.distributed.recv_like(x, r - 1, group=group), *args, **kwargs)
 
     class Last(Wrapped):
-        def __call__(self, x, *args, **kwargs):
-            return mx.distributed.send(self.layer(x, *args, **kwargs), r + 1, group=group)
+        def __call__(self, x, mask=None, cache=None):
+            y = mx.distributed.send(self.layer(x, mask, cache), r + 1, group=group)
+            if cache is not None:
+                # A prefill chunk evaluates only the caches: the send must be part of that, or
+                # the next rank waits for ever in its recv.
+                cache.keys = mx.depends(cache.keys, y)
+            return y
 
     class Gather(nn.Module):
         def __init__(self, norm):
@@ -340,6 +351,7 @@ class Group:
         self.owner: _Leader | None = None
         self.model_split: str | None = None
         self.answers: dict[int, dict] = {}
+        self.epoch = 0  # loads so far: the followers' answers name the load they answer
         self.crcs: dict[int, int] = {}
         self.crashes: list[tuple[int, int, str, float]] = []  # followers' engine crashes: rank, step, error, when
         self.leader_crash_step: int | None = None
@@ -397,7 +409,8 @@ class Group:
         match msg.get("t"):
             case "loaded":
                 with self.cond:
-                    self.answers[p.rank] = msg
+                    if msg.get("epoch") == self.epoch:  # not a late answer to an earlier load
+                        self.answers[p.rank] = msg
                     self.cond.notify_all()
             case "ack":
                 want = self.crcs.get(msg["n"])
@@ -446,6 +459,7 @@ class Group:
             if self.owner is not None:
                 raise LoadError("another model holds the distributed group; one sharded model at a time")
             self.owner = leader
+            self.epoch += 1
             self.answers = {}
             self.crcs = {}
             self.crashes = []
@@ -472,7 +486,7 @@ class Group:
             except ValueError:
                 rel = str(path)
             self.broadcast({"t": "load", "path": rel, "weight_dtype": weight_dtype, "split": self.split,
-                            "seed": seed, "engine": leader.params})
+                            "seed": seed, "engine": leader.params, "epoch": self.epoch})
             announced.append(True)
 
         plan = _ShardPlan(self.mx, self.split, on_path)
@@ -759,12 +773,14 @@ def follow(rank: int, conn, models_dir: Path, weight_dtype: str | None = None) -
             try:
                 lm = engine_model.load_path(path, weight_dtype=msg.get("weight_dtype"))
             except BaseException as exc:
-                seq._send({"t": "loaded", "ok": False, "error": f"{exc.__class__.__name__}: {exc}"})
+                seq._send({"t": "loaded", "ok": False, "error": f"{exc.__class__.__name__}: {exc}",
+                           "epoch": msg["epoch"]})
                 raise
             finally:
                 _loading.plan = None
             mx.random.seed(int(msg["seed"]))
-            seq._send({"t": "loaded", "ok": True, "split": plan.chosen[0] if plan.chosen else None})
+            seq._send({"t": "loaded", "ok": True, "split": plan.chosen[0] if plan.chosen else None,
+                       "epoch": msg["epoch"]})
             return lm
 
         engine = eng.Engine(load, seq.deliver, sync=seq, **params)

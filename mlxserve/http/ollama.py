@@ -14,6 +14,7 @@ from quart import Blueprint, Response
 
 from .. import __version__
 from ..store.create import ADAPTERS_UNSUPPORTED
+from ..engine import distributed
 from ..errors import BadRequest, MlxserveError
 from ..specs.modelfile import MESSAGE_ROLES, Modelfile
 from ..specs.thinking import parse_think
@@ -77,9 +78,10 @@ async def ps():
             for m in stats.models if m.loaded]
     rows += [(m.name, m.size, m.digest, g.details(m.spec), m.expires_unix, m.size_vram, m.context_length)
              for m in rt.embedder.statistics().models if m.state == "ready"]
+    group = _groups(stats)
     return json_response({"models": [
         {"name": name, "model": name, "size": size, "digest": digest.removeprefix("sha256:"), "details": details,
-         "expires_at": _iso(expires), "size_vram": vram, "context_length": ctx}
+         "expires_at": _iso(expires), "size_vram": vram, "context_length": ctx, **group.get(name, {})}
         for name, size, digest, details, expires, vram, ctx in rows
     ]})
 
@@ -87,14 +89,26 @@ async def ps():
 @bp.get("/api/status")
 async def status():
     stats = await runtime().scheduler.statistics()
+    group = _groups(stats)
     return json_response({
         "running": stats.running, "queued": stats.queued, "loaded": stats.loaded,
         "models": [
             {"name": m.name, "loaded": m.loaded, "running": m.running, "queued": m.queued,
-             "expires_at": _iso(m.expires_at) if m.expires_at is not None else None}
+             "expires_at": _iso(m.expires_at) if m.expires_at is not None else None, **group.get(m.name, {})}
             for m in stats.models
         ],
+        **({"group": distributed.describe()} if distributed.describe() else {}),
     })
+
+
+def _groups(stats) -> dict[str, dict]:
+    """{name: {"group": ...}} for the loaded models an mx.distributed group serves (every
+    generation model on a group; engine/distributed.py)."""
+    group = distributed.describe()
+    if group is None:
+        return {}
+    return {m.name: {"group": group} for m in stats.models
+            if m.loaded and getattr(m, "kind", "generate") == "generate"}
 
 
 @bp.get("/metrics")
