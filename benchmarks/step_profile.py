@@ -213,6 +213,71 @@ def loops(lm, batches: list[int], prompt_len: int, tokens: int) -> list[dict]:
     return out
 
 
+# ---------------------------------------------------------------- parts of a step
+def parts(lm, batches: list[int], prompt_len: int) -> list[dict]:
+    """Each part of one decode step over all layers, evaluated alone (best of 3, ms; host
+    submission included, so small parts show their launch cost)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = lm.model
+    layers = model.model.layers
+    vocab = int(lm.config["vocab_size"])
+    h = int(lm.config["hidden_size"])
+    dtype = layers[0].input_layernorm.weight.dtype
+    out = []
+
+    def best(fn) -> float:
+        mx.eval(fn())
+        t = float("inf")
+        for _ in range(3):
+            s = time.perf_counter()
+            mx.eval(fn())
+            t = min(t, time.perf_counter() - s)
+        return round(1e3 * t, 3)
+
+    for b in batches:
+        rng = random.Random(b)
+        cache = make_prompt_cache(model)
+        mx.eval(model(mx.array([[rng.randrange(100, vocab) for _ in range(prompt_len)] for _ in range(b)]),
+                      cache=cache), [c.state for c in cache])
+        x = (0.1 * mx.random.normal((b, 1, h))).astype(dtype)
+        a = layers[0].self_attn
+        heads, kvh = a.n_heads, a.n_kv_heads
+        hd = a.q_proj.weight.shape[0] // heads
+        kv_len = cache[0].offset
+        q = mx.random.normal((b, heads, 1, hd)).astype(dtype)
+        k = mx.random.normal((b, kvh, kv_len, hd)).astype(dtype)
+        v = mx.random.normal((b, kvh, kv_len, hd)).astype(dtype)
+        kb = cache[0].keys  # the cache's own buffer, read through a slice as the model does
+        mask = mx.ones((b, 1, 1, kv_len), mx.bool_)  # what mlx-lm's BatchKVCache hands every layer
+        mx.eval(x, q, k, v, mask)
+        row = {"batch": b, "kv_len": kv_len,
+               "full_step": best(lambda: model(mx.zeros((b, 1), mx.uint32), cache=cache)),
+               "attn_block": best(lambda: [l.self_attn(l.input_layernorm(x), None, c) for l, c in zip(layers, cache)]),
+               "qkvo": best(lambda: [m(x if m is not l.self_attn.o_proj else mx.zeros((b, 1, heads * hd), dtype))
+                                     for l in layers for m in (l.self_attn.q_proj, l.self_attn.k_proj,
+                                                               l.self_attn.v_proj, l.self_attn.o_proj)]),
+               "sdpa": best(lambda: [mx.fast.scaled_dot_product_attention(q, k, v, scale=a.scale) for _ in layers]),
+               "sdpa_cache_slice": best(lambda: [mx.fast.scaled_dot_product_attention(
+                   q, kb[..., :kv_len, :], kb[..., :kv_len, :], scale=a.scale) for _ in layers]),
+               "sdpa_bool_mask": best(lambda: [mx.fast.scaled_dot_product_attention(
+                   q, k, v, scale=a.scale, mask=mask) for _ in layers]),
+               "rope": best(lambda: [a.rope(q, offset=kv_len) for _ in layers]),
+               "mlp_block": best(lambda: [l.mlp(l.post_attention_layernorm(x)) for l in layers]),
+               "gate_up_down": best(lambda: [(l.mlp.gate_proj(x), l.mlp.up_proj(x),
+                                              l.mlp.down_proj(mx.zeros((b, 1, l.mlp.down_proj.weight.shape[1] * 8),
+                                                                       dtype))) for l in layers]),
+               "norms": best(lambda: [l.input_layernorm(x) for l in layers] + [l.post_attention_layernorm(x)
+                                                                              for l in layers]),
+               "lm_head": best(lambda: model.lm_head(model.model.norm(x))),
+               }
+        out.append(row)
+        print("  parts " + ", ".join(f"{k2} {v2}" for k2, v2 in row.items()), flush=True)
+        del cache
+    return out
+
+
 # ---------------------------------------------------------------- kernels
 def kernels(lm, rows=(1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 24, 32, 48, 64, 128, 300, 512)) -> list[dict]:
     """Every distinct (out, in, bits, group) quantized linear of the model, timed alone."""
@@ -328,6 +393,7 @@ def main() -> None:
     ap.add_argument("--no-loops", action="store_true")
     ap.add_argument("--no-kernels", action="store_true")
     ap.add_argument("--no-engine", action="store_true")
+    ap.add_argument("--no-parts", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import mlx.core as mx
@@ -348,6 +414,9 @@ def main() -> None:
     print(f"loaded {args.model.name} in {report['load_s']:.1f}s", flush=True)
     if not args.no_loops:
         report["loops"] = loops(lm, batches, args.prompt_len, args.tokens)
+        save()
+    if not args.no_parts:
+        report["parts"] = parts(lm, batches, args.prompt_len)
         save()
     if not args.no_engine:
         report["engine"] = engine(lm, batches, args.prompt_len, args.tokens)
