@@ -108,6 +108,7 @@ class Generation:
     think_budget: int | None = None  # a cap on reasoning tokens (Anthropic's budget_tokens)
     thinking_tokens: int = 0
     raw_chars: int = 0  # characters the engine sent, reasoning and tags included
+    markers: dict[int, str] = attrs.Factory(dict)  # special tokens written back into the text
 
     @property
     def tokenizer(self):
@@ -437,6 +438,8 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
             metrics=rt.metrics, route=request.path, request_id=uuid.uuid4().hex[:16],
             client=request.remote_addr or "", queue_wait_ns=queue_wait_ns,
         )
+        if split_thinking or tools:
+            gen.markers = marker_tokens(tok)
         if think_plan is not None:
             # Whether the answer starts inside the reasoning is in the prompt's last few tokens.
             gen.splitter = think_plan.splitter(tok.decode(gen.prompt_ids[-8:], skip_special=False))
@@ -449,6 +452,36 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
         lease.release(keep_alive)
         raise
     return gen
+
+
+def marker_tokens(tok) -> dict[int, str]:
+    """The tokens that open or close reasoning or a tool call which this tokenizer holds as
+    special, so that decoding drops them (Mistral's [TOOL_CALLS], Llama 3's <|python_tag|>...):
+    their ids and text."""
+    out = {}
+    for text in (thinking.OPEN, thinking.CLOSE, *tool_specs.MARKER_TOKENS):
+        i = tok.tokenizer.token_to_id(text)
+        if i is not None and tok.decode([i]) == "":
+            out[i] = text
+    return out
+
+
+def _with_markers(gen: Generation, chunk: Chunk) -> Chunk:
+    """The chunk with its marker tokens written back, when its text is its tokens' alone (a
+    chunk that completes a character begun in the one before is left as it is)."""
+    if not any(t in gen.markers for t in chunk.token_ids):
+        return chunk
+    tok = gen.tokenizer
+    if tok.decode(chunk.token_ids) != chunk.text:
+        return chunk
+    parts, run = [], []
+    for t in chunk.token_ids:
+        if t in gen.markers:
+            parts += [tok.decode(run), gen.markers[t]]
+            run = []
+        else:
+            run.append(t)
+    return attrs.evolve(chunk, text="".join(parts) + tok.decode(run))
 
 
 @attrs.frozen
@@ -493,6 +526,8 @@ async def chunks(gen: Generation) -> AsyncIterator[Chunk]:
             if gen.t_first is None and chunk.token_ids:
                 gen.t_first = time.perf_counter()
             gen.raw_chars += len(chunk.text)
+            if gen.markers:
+                chunk = _with_markers(gen, chunk)
             if gen.splitter is not None:
                 chunk = _split(gen, chunk)
             gen.text.append(chunk.text)

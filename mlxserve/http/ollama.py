@@ -18,7 +18,9 @@ from ..engine import distributed
 from ..errors import BadRequest, MlxserveError
 from ..specs.modelfile import MESSAGE_ROLES, Modelfile
 from ..specs.thinking import parse_think
-from ..specs.tools import as_template_tools, might_be_call, normalize_tools, parse_tool_calls
+from ..specs.tools import (
+    as_template_tools, completed_calls, might_be_call, normalize_tools, parse_tool_calls,
+)
 from . import generation as g
 from .common import (
     field, json_body, json_response, keep_alive_of, ndjson, runtime, stream_response,
@@ -265,24 +267,28 @@ async def chat():
         calls = parse_tool_calls(text, tools) if tools and grammar is None else None
         if calls:
             out["message"]["content"] = ""
-            out["message"]["tool_calls"] = [{"function": {"name": c["name"], "arguments": c["arguments"]}}
-                                            for c in calls]
+            out["message"]["tool_calls"] = _calls_out(calls)
         return {"model": name, "created_at": g.now_iso(), **out,
                 "done_reason": gen.done_reason, "done": True, **gen.durations()}
 
     return await _respond(gen, name, stream, piece, final, logprobs is not None,
-                          hold_calls=bool(tools) and grammar is None)
+                          tools=tools if grammar is None else None)
+
+
+def _calls_out(calls: list[dict]) -> list[dict]:
+    return [{"function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
 
 
 async def _respond(gen: g.Generation, name: str, stream: bool, piece, final, with_logprobs: bool,
-                   hold_calls: bool = False):
+                   tools: list[dict] | None = None):
     """Non-streaming: one object. Streaming: NDJSON pieces, then the final object.
 
-    With tools, text that may still become a tool call is held back, so a call arrives whole in
-    the final object and plain text is never shown twice. Every line names the model as the
-    request did, as Ollama does.
+    With tools, text that may still become a tool call is held back; each call goes out in a
+    line of its own as soon as it is complete (as Ollama streams them), and plain text is never
+    shown twice. Every line names the model as the request did, as Ollama does.
     """
     tok = gen.tokenizer
+    hold_calls = bool(tools)
 
     if not stream:
         try:
@@ -299,8 +305,13 @@ async def _respond(gen: g.Generation, name: str, stream: bool, piece, final, wit
             out["logprobs"] = _logprobs_out(tok, gen.logprob_entries)
         return json_response(out)
 
+    def calls_line(calls: list[dict]) -> bytes:
+        message = {**piece("")["message"], "tool_calls": _calls_out(calls)}
+        return ndjson({"model": name, "created_at": g.now_iso(), "message": message, "done": False})
+
     async def body():
         held: list[str] = []
+        sent = 0  # calls already streamed
         try:
             async for chunk in g.chunks(gen):
                 thought = getattr(chunk, "thinking", "")  # reasoning streams as it comes
@@ -309,6 +320,10 @@ async def _respond(gen: g.Generation, name: str, stream: bool, piece, final, wit
                     held.append(chunk.text)
                     if thought:
                         yield ndjson({"model": name, "created_at": g.now_iso(), **piece("", thought), "done": False})
+                    done = completed_calls("".join(held), tools)
+                    if len(done) > sent:
+                        yield calls_line(done[sent:])
+                        sent = len(done)
                     continue
                 text = "".join(held) + chunk.text
                 held.clear()
@@ -317,12 +332,15 @@ async def _respond(gen: g.Generation, name: str, stream: bool, piece, final, wit
                     if with_logprobs and chunk.logprobs:
                         line["logprobs"] = _logprobs_out(tok, chunk.logprobs)
                     yield ndjson(line)
-            # Held text is either a tool call (final carries it) or text that was never shown.
-            out = final("".join(held)) if hold_calls else final("")
-            if hold_calls and "tool_calls" not in out.get("message", {}) and held:
+            # Held text is either calls (the rest of them go out now) or text never shown.
+            calls = (parse_tool_calls("".join(held), tools) or (completed_calls("".join(held), tools)
+                                                                 if sent else None)) if held else None
+            if calls:
+                if len(calls) > sent:
+                    yield calls_line(calls[sent:])
+            elif held:
                 yield ndjson({"model": name, "created_at": g.now_iso(), **piece("".join(held)), "done": False})
-                out = final("")
-            yield ndjson(out)
+            yield ndjson(final(""))
             gen.record(200)
         except MlxserveError as exc:
             gen.record(exc.status, str(exc))

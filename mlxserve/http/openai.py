@@ -15,7 +15,9 @@ from quart import Blueprint
 from ..actors.sequence import ANY_JSON_OBJECT, grammar_for_schema
 from ..errors import BadRequest, EngineError, MlxserveError, ShuttingDown
 from ..specs.thinking import think_from_effort
-from ..specs.tools import as_template_tools, call_schema, normalize_tools, parse_tool_calls
+from ..specs.tools import (
+    as_template_tools, call_schema, completed_calls, might_be_call, normalize_tools, parse_tool_calls,
+)
 from . import generation as g
 from .common import field, json_body, json_response, runtime, stream_response
 
@@ -317,8 +319,12 @@ def _tool_calls(text: str, tools: list[dict], forced: bool, choice) -> list[dict
     calls = parse_tool_calls(text, tools)
     if calls is None:
         return None
-    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}} for c in calls]
+    return [_call_out(c) for c in calls]
+
+
+def _call_out(call: dict) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}
 
 
 async def _start_all(rt, resolved, opts, n: int, **kw) -> list[g.Generation]:
@@ -420,16 +426,37 @@ async def chat_completions():
             return _sse({**chunk_base, "choices": [{"index": i, "delta": d, "logprobs": lp,
                                                     "finish_reason": finish}]})
 
+        # With tools, text that may become a call is held; each call goes out as it completes.
+        held: list[list[str]] = [[] for _ in gens]
+        sent = [0] * len(gens)
+        shown = [False] * len(gens)  # plain text went out: no call follows
+
+        def calls_delta(i: int, calls: list[dict]) -> bytes:
+            out = [{"index": sent[i] + k, **_call_out(c)} for k, c in enumerate(calls)]
+            sent[i] += len(calls)
+            return delta(i, {"tool_calls": out})
+
+        def held_text(i: int, c) -> list[bytes]:
+            if shown[i] or not might_be_call("".join(held[i]) + c.text):
+                text, shown[i] = "".join(held[i]) + c.text, True
+                held[i].clear()
+                return [delta(i, {"content": text})] if text else []
+            held[i].append(c.text)
+            done = completed_calls("".join(held[i]), tools)
+            return [calls_delta(i, done[sent[i]:])] if len(done) > sent[i] else []
+
         def ending(i: int, x: g.Generation) -> list[bytes]:
             finish, out = _FINISH[x.done_reason], []
-            if hold:  # a call must arrive whole: everything was kept until the end
-                text = "".join(x.text)
-                calls = _tool_calls(text, tools, forced, choice)
+            if hold and held[i]:
+                text = "".join(held[i])
+                calls = parse_tool_calls(text, tools) or (completed_calls(text, tools) if sent[i] else None)
                 if calls:
-                    out.append(delta(i, {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}))
-                    finish = "tool_calls"
+                    if len(calls) > sent[i]:
+                        out.append(calls_delta(i, calls[sent[i]:]))
                 elif text:
                     out.append(delta(i, {"content": text}))
+            if sent[i]:
+                finish = "tool_calls"
             return [*out, delta(i, {}, finish)]
 
         for i in range(n):
@@ -437,7 +464,10 @@ async def chat_completions():
         async for i, c in merge:
             if getattr(c, "thinking", ""):  # reasoning streams as it comes, even while a call is held
                 yield delta(i, {"reasoning_content": c.thinking})
-            if not hold:
+            if hold and c.text:
+                for event in held_text(i, c):
+                    yield event
+            elif not hold:
                 lp = {"content": [_lp_entry(tok, *e) for e in c.logprobs]} if top is not None and c.logprobs else None
                 if c.text or lp:
                     yield delta(i, {"content": c.text}, lp=lp)
