@@ -148,11 +148,11 @@ def write_kquant_gguf(path: Path, *, seed: int = 0) -> dict[str, object]:
 
 
 
-def write_qwen2_gguf(path: Path) -> Path:
-    """A structurally valid GGUF of an architecture the engine has no loader for."""
+def write_unsupported_gguf(path: Path) -> Path:
+    """A structurally valid GGUF of an architecture the engine has no loader for (falcon)."""
     import gguf
 
-    w = gguf.GGUFWriter(str(path), "qwen2")
+    w = gguf.GGUFWriter(str(path), "falcon")
     w.add_block_count(1)
     w.add_embedding_length(8)
     w.add_feed_forward_length(16)

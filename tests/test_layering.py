@@ -17,14 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent / "mlxserve"
 # Known exceptions that other helpers are still fixing; each entry must still be needed (a
 # stale entry fails too), so the list only shrinks.
 MLX_OUTSIDE_ENGINE: set[str] = {
-    "mlxserve.store.convert",  # weight conversion moves to engine/ (helper "arch", issue 17)
-    "mlxserve.store.importers",  # its quantize step uses MLX; moves with convert (helper "arch")
+    "mlxserve.store.importers",  # mlx-lm's model-type lookup for directories (_check_runnable)
     "mlxserve.testing.tinymodel",  # test support that writes random MLX weights (lead to decide)
 }
 HTTP_TO_ENGINE: set[tuple[str, str]] = set()
-STORE_TO_ENGINE: set[tuple[str, str]] = {  # conversion moves to engine/ (helper "arch", issue 17)
-    ("mlxserve.store.convert", "mlxserve.engine.gguf"),
-    ("mlxserve.store.convert", "mlxserve.engine.tokenizer"),
+STORE_TO_ENGINE: set[tuple[str, str]] = {  # conversion runs in engine/; to be injected (issue 19)
+    ("mlxserve.store.convert", "mlxserve.engine.convert"),
 }
 CYCLES: set[frozenset[str]] = {
     # cpu_count and the compiler probe shared by the BLAS bootstrap: helper "cpu" (issue 16)

@@ -15,7 +15,7 @@ import httpx
 import ollama
 import trio
 
-from model_files import write_kquant_gguf, write_qwen2_gguf
+from model_files import write_kquant_gguf, write_unsupported_gguf
 from support import start_daemon
 
 OPTS = {"temperature": 0, "num_predict": 1}
@@ -32,14 +32,14 @@ def client_call(url: str, fn):
 
 
 async def test_unsupported_architecture_is_refused_at_create(daemon, tmp_path):
-    qwen = write_qwen2_gguf(tmp_path / "qwen.gguf")
+    qwen = write_unsupported_gguf(tmp_path / "qwen.gguf")
     with trio.fail_after(60):
         async with httpx.AsyncClient(base_url=daemon.url, timeout=30) as http:
             # Streamed as mlxctl streams it: still a 400, not an error line in a 200 stream.
             r = await http.post("/api/create", json={"model": "qwen", "modelfile": f"FROM {qwen}",
                                                      "stream": True})
             assert r.status_code == 400, r.text
-            assert "'qwen2'" in r.json()["error"] and "llama" in r.json()["error"]
+            assert "'falcon'" in r.json()["error"] and "llama" in r.json()["error"]
 
             def through_client(c: ollama.Client):
                 digest = c.create_blob(qwen)
@@ -52,7 +52,7 @@ async def test_unsupported_architecture_is_refused_at_create(daemon, tmp_path):
             errors = await trio.to_thread.run_sync(client_call, daemon.url, through_client)
             for exc in errors:
                 assert isinstance(exc, ollama.ResponseError), exc
-                assert exc.status_code == 400 and "'qwen2'" in exc.error
+                assert exc.status_code == 400 and "'falcon'" in exc.error
             tags = (await http.get("/api/tags")).json()["models"]
             assert "qwen:latest" not in {m["name"] for m in tags}
 

@@ -15,7 +15,7 @@ import pytest
 from mlxserve.errors import BadRequest
 from mlxserve.store import Store
 from mlxserve.store.ggufmeta import GGUF_ARCHITECTURES
-from model_files import write_qwen2_gguf
+from model_files import write_unsupported_gguf
 
 
 def patch_tensor(data: bytes, name: str, part: str, value: int) -> bytes:
@@ -58,9 +58,9 @@ def test_gguf_architectures_match_the_engine():
 
 
 def test_unsupported_gguf_architecture_is_refused(store, tmp_path):
-    write_qwen2_gguf(tmp_path / "qwen.gguf")
+    write_unsupported_gguf(tmp_path / "qwen.gguf")
     message = refused(store, "FROM qwen.gguf", tmp_path, "unsupported model architecture")
-    assert "'qwen2'" in message and "llama" in message
+    assert "'falcon'" in message and "llama" in message
 
 
 def test_gguf_missing_what_the_loader_needs_is_refused(store, tmp_path, kquant_gguf):
