@@ -101,16 +101,28 @@ def _gguf_spec(path: Path, header: GGUFHeader) -> ModelSpec:
         capabilities=["embedding"] if arch in EMBEDDING_TYPES else ["completion"],
         template=template if isinstance(template, str) else None,
         model_type=arch,
-        model_info=_gguf_model_info(header, n_params),
+        model_info={**_gguf_model_info(header, n_params),
+                    "mlxserve.tensor_types": convert.describe(header)},
     )
 
 
 # (metadata key under "<arch>.", tensor name with {i} for each block) that the loader needs.
-_GGUF_NEEDS_KEYS = ("embedding_length", "block_count", "feed_forward_length",
-                    "attention.head_count")
+_GGUF_NEEDS_KEYS = ("embedding_length", "block_count", "attention.head_count")
 _GGUF_NEEDS_TENSORS = ("token_embd.weight", "output_norm.weight")
-_GGUF_BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
-                       "ffn_gate", "ffn_up", "ffn_down")
+_ATTENTION = ("attn_q", "attn_k", "attn_v")
+_DENSE_FFN = ("ffn_gate", "ffn_up", "ffn_down")
+_QK_NORMS = ("attn_q_norm", "attn_k_norm")
+_GEMMA_NORMS = ("post_attention_norm", "post_ffw_norm")
+_GGUF_BLOCK_TENSORS = {  # besides attn_norm, attn_output and ffn_norm
+    "llama": (*_ATTENTION, *_DENSE_FFN),
+    "qwen2": (*_ATTENTION, *_DENSE_FFN),
+    "qwen3": (*_ATTENTION, *_DENSE_FFN, *_QK_NORMS),
+    "qwen3moe": (*_ATTENTION, *_QK_NORMS, "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
+                 "ffn_down_exps"),
+    "gemma2": (*_ATTENTION, *_DENSE_FFN, *_GEMMA_NORMS),
+    "gemma3": (*_ATTENTION, *_DENSE_FFN, *_QK_NORMS, *_GEMMA_NORMS),
+    "phi3": ("ffn_up", "ffn_down"),  # and attn_qkv, or attn_q/k/v
+}
 
 
 def check_gguf_runnable(path: Path, header: GGUFHeader) -> None:
@@ -121,7 +133,7 @@ def check_gguf_runnable(path: Path, header: GGUFHeader) -> None:
         raise BadRequest(f"{path.name}: unsupported model architecture {arch!r} (GGUF models "
                          f"mlxserve can run: {', '.join(GGUF_ARCHITECTURES)}; other "
                          "architectures can be created from an mlx-lm safetensors directory)")
-    for key in _GGUF_NEEDS_KEYS:
+    for key in (*_GGUF_NEEDS_KEYS, *(("feed_forward_length",) if arch != "qwen3moe" else ())):
         value = md.get(f"{arch}.{key}")
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise BadRequest(f"{path.name}: metadata {arch}.{key} is missing or not a positive "
@@ -129,9 +141,13 @@ def check_gguf_runnable(path: Path, header: GGUFHeader) -> None:
     if not isinstance(md.get("tokenizer.ggml.tokens"), list):
         raise BadRequest(f"{path.name}: no tokenizer vocabulary (tokenizer.ggml.tokens)")
     have = {t.name for t in header.tensors}
+    parts = ["attn_norm", "attn_output", "ffn_norm", *_GGUF_BLOCK_TENSORS[arch]]
+    if arch == "phi3" and "blk.0.attn_qkv.weight" in have:
+        parts.append("attn_qkv")
+    elif arch == "phi3":
+        parts += _ATTENTION
     needed = [*_GGUF_NEEDS_TENSORS, *(f"blk.{i}.{part}.weight"
-                                      for i in range(md[f"{arch}.block_count"])
-                                      for part in _GGUF_BLOCK_TENSORS)]
+                                      for i in range(md[f"{arch}.block_count"]) for part in parts)]
     missing = [n for n in needed if n not in have]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -154,7 +170,7 @@ def import_gguf(path: Path, workdir: Path, progress: Callable[[dict], None],
     if not convert.needs_conversion(header):
         return Imported([LayerSource(mt.GGUF, path=path)], spec, vocab)
     if spec.capabilities != ["completion"]:
-        raise BadRequest(f"{path.name}: only llama-family GGUF models can be converted")
+        raise BadRequest(f"{path.name}: only completion GGUF models can be converted")
     validated()
     progress({"status": "converting model"})
     out = workdir / "converted"
@@ -163,10 +179,8 @@ def import_gguf(path: Path, workdir: Path, progress: Callable[[dict], None],
     spec.format = "safetensors"
     if quant:
         spec.quantization_level = f"{spec.quantization_level}->Q{quant['bits']}"
-        spec.conversion = (f"GGUF {_file_type_name(header)} dequantized and re-quantized to "
-                           f"{quant['bits']}-bit (group {quant['group_size']})")
-    else:
-        spec.conversion = f"GGUF {_file_type_name(header)} converted to float"
+    spec.conversion = f"GGUF {_file_type_name(header)} dequantized into MLX's format: " + ", ".join(
+        f"{name} -> {what}" for name, what in convert.describe(header).items())
     layers = _directory_layers(out, _scan(out))
     return Imported(layers, spec, vocab)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from model_files import write_qwen2_gguf
+from model_files import write_unsupported_gguf
 
 MLXCTL = [sys.executable, "-c", "from mlxserve.cli.main import main; main()"]
 
@@ -48,12 +48,12 @@ def test_verify_reports_a_corrupt_manifest_and_checks_the_rest(models_dir):
 
 
 async def test_create_of_an_unsupported_architecture_fails_and_stores_nothing(daemon, tmp_path):
-    write_qwen2_gguf(tmp_path / "qwen.gguf")
+    write_unsupported_gguf(tmp_path / "qwen.gguf")
     (tmp_path / "Modelfile").write_text("FROM ./qwen.gguf\n")
     with trio.fail_after(120):
         out = await trio.to_thread.run_sync(
             lambda: mlxctl("create", "qwen", "-f", "Modelfile", url=daemon.url, cwd=tmp_path))
         listed = await trio.to_thread.run_sync(lambda: mlxctl("list", url=daemon.url))
     assert out.returncode == 1, out.stdout
-    assert "unsupported model architecture 'qwen2'" in out.stderr and "llama" in out.stderr
+    assert "unsupported model architecture 'falcon'" in out.stderr and "llama" in out.stderr
     assert listed.returncode == 0 and "tiny" in listed.stdout and "qwen" not in listed.stdout

@@ -14,13 +14,13 @@ import trio
 
 from regfixtures import start_daemon, fast_retries, registry  # noqa: F401 (fixtures)
 
-from model_files import write_qwen2_gguf
+from model_files import write_unsupported_gguf
 from mlxserve.store import fsutil, manifest as mt
 from mlxserve.store.names import parse_name
 from mlxserve.store.registry import RegistryClient, TransferOptions
 from mlxserve.store.store import Store
 
-QWEN_CONFIG = {"model_format": "gguf", "model_family": "qwen2", "model_families": ["qwen2"],
+QWEN_CONFIG = {"model_format": "gguf", "model_family": "falcon", "model_families": ["falcon"],
                "model_type": "1M", "file_type": "F32"}
 
 
@@ -56,7 +56,7 @@ async def _pull_events(c: httpx.AsyncClient, name: str) -> list[dict]:
 
 async def test_pull_of_an_unsupported_architecture_is_refused_and_stores_nothing(
         registry, models_dir, tmp_path, fast_retries):
-    blobs = _push_qwen(registry.host, "library/qwen", write_qwen2_gguf(tmp_path / "q.gguf").read_bytes())
+    blobs = _push_qwen(registry.host, "library/qwen", write_unsupported_gguf(tmp_path / "q.gguf").read_bytes())
     name = f"{registry.host}/library/qwen:latest"
     with trio.fail_after(90):
         async with trio.open_nursery() as nursery:
@@ -74,9 +74,9 @@ async def test_pull_of_an_unsupported_architecture_is_refused_and_stores_nothing
             d.shutdown.set()
     assert whole.status_code == 400
     message = whole.json()["error"]
-    assert message.startswith(f"pull {name}: unsupported model architecture 'qwen2'") and "llama" in message
+    assert message.startswith(f"pull {name}: unsupported model architecture 'falcon'") and "llama" in message
     assert streamed[-1] == {"error": message}
-    assert cli.returncode == 1 and "unsupported model architecture 'qwen2'" in cli.stderr
+    assert cli.returncode == 1 and "unsupported model architecture 'falcon'" in cli.stderr
     assert not any("qwen" in m["name"] for m in tags)
     assert not store.manifest_path(store.parse(name)).exists()
     assert not any(store.has_blob(digest) for digest in blobs)  # removed, as a refused create does
@@ -85,7 +85,7 @@ async def test_pull_of_an_unsupported_architecture_is_refused_and_stores_nothing
 async def test_a_stored_unsupported_model_answers_4xx_naming_its_architecture(models_dir, tmp_path):
     # As a pull made before the check above left it: blobs and manifest in the store.
     store = Store(models_dir)
-    data, blobs = _ollama_manifest(write_qwen2_gguf(tmp_path / "q.gguf").read_bytes())
+    data, blobs = _ollama_manifest(write_unsupported_gguf(tmp_path / "q.gguf").read_bytes())
     for digest, blob in blobs.items():
         store.blob_path(digest).write_bytes(blob)
     store.write_manifest("qwen", data)
@@ -103,7 +103,7 @@ async def test_a_stored_unsupported_model_answers_4xx_naming_its_architecture(mo
             d.shutdown.set()
     for r in (ollama_gen, ollama_chat):
         assert r.status_code == 422, r.text
-        assert "unsupported" in r.json()["error"] and "'qwen2'" in r.json()["error"]
-    assert oa.status_code == 422 and "'qwen2'" in oa.json()["error"]["message"]
+        assert "unsupported" in r.json()["error"] and "'falcon'" in r.json()["error"]
+    assert oa.status_code == 422 and "'falcon'" in oa.json()["error"]["message"]
     assert oa.json()["error"]["type"] == "invalid_request_error"
     assert after.status_code == 200  # the daemon serves on
