@@ -4,6 +4,9 @@ quantized kernels of engine/cpu (q4-kernels).
     PYTHONPATH=. .venv/bin/python benchmarks/cpu_path.py [MODEL] [--tokens 64] [--streams 8]
         [--json out.json] [--variants q4-kernels,f32-openblas,q4-ref,f32-ref,q4-openblas]
 
+A variant may carry settings of its own, for an A/B in one run:
+--variants q4-kernels,q4-kernels@MLXSERVE_GEMM_THREADS=2
+
 --streams takes a list (4,8,16): one aggregate rate per level. q4-kernels also reports the
 share of the N-stream decode spent inside the kernels' products (products_pct).
 
@@ -176,12 +179,15 @@ def _compile_layers(model) -> None:
 
 
 def _run_subprocess(name: str, args) -> dict | None:
-    cmd = [sys.executable, __file__, args.model, "--variant", name,
+    # "q4-kernels@MLXSERVE_GEMM_THREADS=2": a variant with settings of its own (A/B in one run)
+    base, *settings = name.split("@")
+    cmd = [sys.executable, __file__, args.model, "--variant", base,
            "--tokens", str(args.tokens), "--streams", args.streams]
     if args.compile:
         cmd.append("--compile")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     env.pop("LD_PRELOAD", None)  # the variant itself decides the BLAS
+    env.update(setting.split("=", 1) for setting in settings)
     t = time.perf_counter()
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -192,6 +198,7 @@ def _run_subprocess(name: str, args) -> dict | None:
         print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
         return None
     row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["variant"] = name
     row["wall_s"] = round(time.perf_counter() - t, 1)
     print(f"  {name} done in {row['wall_s']}s (load {row['load']})", file=sys.stderr)
     return row

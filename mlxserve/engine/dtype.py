@@ -115,11 +115,9 @@ class _KernelModule:
     kernels = None  # the extension module, set by use_cpu_kernels
 
 
-def _tiles(x) -> int:
-    """Prefill (more than one token a sequence: x is (B, L, D) with L > 1) goes through
-    dequantized tiles and BLAS, decode through the int8 kernels; chosen by tokens a sequence,
-    never by batch size, so a sequence gets the same bits alone or in a batch."""
-    return int(x.ndim >= 3 and x.shape[-2] > 1)
+# Prefill too goes through the int8 kernels: on the packed tiles they beat dequantizing the
+# weight for BLAS at every row count measured (576->1536 at 128 rows about 1.4x, at 32 rows 5-10x).
+_INT8 = 0  # qmm_rows' tiles argument
 
 
 class CpuQuantizedLinear(_KernelModule, nn.QuantizedLinear):
@@ -131,7 +129,7 @@ class CpuQuantizedLinear(_KernelModule, nn.QuantizedLinear):
         if x.dtype != mx.float32:
             x = x.astype(mx.float32)
         y = self.kernels.qmm_rows(x, self["weight"], self["scales"], self["biases"],
-                                  self.group_size, self.bits, tiles=_tiles(x), n=self.out_features)
+                                  self.group_size, self.bits, tiles=_INT8, n=self.out_features)
         return y + self["bias"] if "bias" in self else y
 
 
@@ -152,7 +150,7 @@ class CpuQuantizedEmbedding(_KernelModule, nn.QuantizedEmbedding):
             mx.eval(head[:3])
             object.__setattr__(self, "_packed_head", head)  # not a parameter: a derived copy
         w, s, b, n = head
-        return self.kernels.qmm_rows(x, w, s, b, self.group_size, self.bits, tiles=_tiles(x), n=n)
+        return self.kernels.qmm_rows(x, w, s, b, self.group_size, self.bits, tiles=_INT8, n=n)
 
 
 class CpuRMSNorm(_KernelModule, nn.RMSNorm):

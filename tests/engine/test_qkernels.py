@@ -19,7 +19,8 @@ kernels, why = cpu.load()
 pytestmark = pytest.mark.skipif(kernels is None, reason=f"quantized CPU kernels unavailable: {why}")
 PATHS = [
     pytest.param(value, id=name, marks=pytest.mark.skipif(
-        kernels is None or value > kernels.best_path(), reason=f"no {name} on this CPU"))
+        kernels is None or value > kernels.best_path(),
+        reason=f"no {name} here" + (f" ({kernels.vnni_note()})" if kernels and "vnni" in name else "")))
     for name, value in cpu.PATHS.items()
 ]
 SCALE_DTYPES = [mx.float16, mx.bfloat16, mx.float32]
@@ -105,6 +106,18 @@ def test_a_row_gets_the_same_bits_alone_or_in_a_batch(path, bits):
     # leading dimensions are rows too
     y3 = np.array(_qmm(x.reshape(rows, 1, 576), wq, s, b, 32, bits, path, 0))
     assert np.array_equal(y3[:, 0], batch)
+
+
+@pytest.mark.skipif(kernels is None or kernels.best_path() < cpu.PATHS["avx512vnni"],
+                    reason=f"AVX-512 VNNI path not in use: {kernels.vnni_note() if kernels else why}")
+def test_the_vnni_path_gives_the_avx2_bits():
+    # vpdpbusd sums the same products as vpmaddubsw + vpmaddwd, exactly: the same int32 sums
+    rng = np.random.default_rng(5)
+    for bits in (4, 8):
+        for group in (32, 64):
+            x, wq, s, b = _case(rng, 9, 320, 77, group, bits, mx.bfloat16)
+            assert np.array_equal(np.array(_qmm(x, wq, s, b, group, bits, cpu.PATHS["avx2"], 0)),
+                                  np.array(_qmm(x, wq, s, b, group, bits, cpu.PATHS["avx512vnni"], 0)))
 
 
 def test_the_fastest_path_is_the_default():

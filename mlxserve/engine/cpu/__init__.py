@@ -11,7 +11,7 @@ import threading
 
 from .buildext import ENV, build, unavailable_reason  # noqa: F401
 
-PATHS = {"scalar": 0, "avx2": 1}
+PATHS = {"scalar": 0, "avx2": 1, "avx512vnni": 2}
 _lock = threading.Lock()
 _loaded: tuple | None = None  # (module or None, why)
 

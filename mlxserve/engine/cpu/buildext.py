@@ -23,6 +23,7 @@ from .. import smallgemm
 
 ENV = "MLXSERVE_QKERNELS"  # "off": dequantize to float32 on the CPU as before
 SOURCE = Path(__file__).with_name("qmm.cpp")
+HEADERS = [Path(__file__).with_name("qmm_tile.h")]  # included by SOURCE: part of the cache key
 FLAGS = ["-std=c++20", "-O3", "-march=native", "-fPIC", "-fvisibility=hidden",
          "-fno-strict-aliasing", "-DNDEBUG", "-DNB_DOMAIN=mlx"]
 
@@ -90,10 +91,16 @@ def _compile(args: list[str], target: Path) -> str | None:
 
 
 def _prune(cache: Path, keep: Path) -> None:
-    """Remove builds of older sources (a process that loaded one keeps its mapping)."""
+    """Remove builds of older sources (a process that loaded one keeps its mapping). Only those
+    untouched for a while: another process may be building a different source right now."""
+    import time
+
     for old in cache.glob("qkernels-*"):
-        if old != keep:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            if old != keep and time.time() - old.stat().st_mtime > 600:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def build() -> tuple[Path | None, str]:
@@ -103,7 +110,7 @@ def build() -> tuple[Path | None, str]:
         return None, why
     cxx, d = _compiler(), _dirs()
     includes = [f"-I{d[k]}" for k in ("nb_include", "nb_map", "mlx_include", "py_include")]
-    source = SOURCE.read_text()
+    source = "\0".join(p.read_text() for p in (SOURCE, *HEADERS))
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     cache = smallgemm.cache_dir()
     try:

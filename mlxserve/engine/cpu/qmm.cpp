@@ -10,8 +10,8 @@
 // is the same float accumulation over blocks whatever the number of rows or threads: a sequence
 // decodes to the same bits alone or in a batch. Prefill (many rows a sequence) goes through
 // dequantized tiles and BLAS instead; the caller says which, so that the choice never depends on
-// the batch. Paths: AVX2 (vpmaddubsw), portable scalar. Built with -march=native on the machine
-// that runs it.
+// the batch. Paths: AVX-512 VNNI (vpdpbusd, where the CPU has it), AVX2 (vpmaddubsw), portable
+// scalar. Built with -march=native on the machine that runs it.
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -35,6 +35,7 @@
 #include <variant>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 
 #include "mlx/backend/common/utils.h"
@@ -47,15 +48,9 @@ namespace nb = nanobind;
 
 namespace qk {
 
-enum Path { SCALAR = 0, AVX2 = 1 };
+enum Path { SCALAR = 0, AVX2 = 1, VNNI = 2 };
 
-static int best_path() {
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-  return AVX2;
-#else
-  return SCALAR;
-#endif
-}
+static int best_path();  // below: the VNNI path is checked against AVX2's bits first
 
 // ---- the packed layout ---------------------------------------------------------------------------
 // Tile t = output rows 8t..8t+7, block b = inputs 32b..32b+31; a tile's blocks are consecutive.
@@ -176,83 +171,35 @@ static inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
-// R activation rows (from m0) by one tile of 8 weight rows; out: R x 8 floats.
-template <int BITS, typename S, int R>
-static inline void tile_avx2(const uint8_t* wt, const S* sc, const S* bi, int gs, const Acts& a, int m0,
-                             float* out) {
-  const int K = a.K, nb = a.nblocks, ng = a.ngroups, bpg = gs / 32;
-  const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-  const int8_t* xq = a.q.data() + (size_t)m0 * K;
-  const float* dx = a.d.data() + (size_t)m0 * nb;
-  __m256 acc[R];
-  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-  for (int b = 0; b < nb; b++) {
-    const uint8_t* wb = wt + (size_t)b * tile_block_bytes(BITS);
-    const int8_t* xb = xq + b * 32;
-    __m256i isum[R];
-    for (int r = 0; r < R; r++) isum[r] = _mm256_setzero_si256();
-    if (BITS == 4) {
-      // 16-bit partial sums: at most 8 x 2 x 15 x 127 = 30480 a lane over the block
-#pragma GCC unroll 4
-      for (int v = 0; v < 4; v++) {
-        const __m256i raw = _mm256_loadu_si256((const __m256i*)(wb + v * 32));
-        const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-        for (int r = 0; r < R; r++) {
-          const int8_t* x = xb + (size_t)r * K;
-          isum[r] = _mm256_add_epi16(isum[r], _mm256_maddubs_epi16(lo, bcast4(x + 4 * v)));
-          isum[r] = _mm256_add_epi16(isum[r], _mm256_maddubs_epi16(hi, bcast4(x + 16 + 4 * v)));
-        }
-      }
-      for (int r = 0; r < R; r++) isum[r] = _mm256_madd_epi16(isum[r], ones);
-    } else {
-      // q - 128 signed: |w| as the unsigned operand, w's sign moved onto x
-#pragma GCC unroll 8
-      for (int j = 0; j < 8; j++) {
-        const __m256i w = _mm256_loadu_si256((const __m256i*)(wb + j * 32));
-        const __m256i wabs = _mm256_sign_epi8(w, w);
-        for (int r = 0; r < R; r++) {
-          const __m256i p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(bcast4(xb + (size_t)r * K + 4 * j), w));
-          isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p, ones));
-        }
-      }
-    }
-    const int g = b / bpg;
-    const __m256 s = load8(sc + g * 8);
-    for (int r = 0; r < R; r++)
-      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_set1_ps(dx[(size_t)r * nb + b])),
-                               _mm256_cvtepi32_ps(isum[r]), acc[r]);
-    if (b % bpg == bpg - 1) {
-      __m256 bias = load8(bi + g * 8);
-      if (BITS == 8) bias = _mm256_fmadd_ps(_mm256_set1_ps(128.f), s, bias);
-      for (int r = 0; r < R; r++)
-        acc[r] = _mm256_fmadd_ps(bias, _mm256_set1_ps(a.sum[(size_t)(m0 + r) * ng + g]), acc[r]);
-    }
-  }
-  for (int r = 0; r < R; r++) _mm256_storeu_ps(out + r * 8, acc[r]);
-}
+#define QK_CAT2(a, b) a##_##b
+#define QK_CAT(a, b) QK_CAT2(a, b)
 
-template <int BITS, typename S>
-static void tiles_avx2(const uint8_t* W, const S* SC, const S* BI, int t0, int t1, int gs, const Acts& a,
-                       float* Y, int N) {
-  const int nb = a.nblocks, ng = a.ngroups, M = a.M;
-  alignas(32) float out[4 * 8];
-  for (int t = t0; t < t1; t++) {
-    const uint8_t* wt = W + (size_t)t * nb * tile_block_bytes(BITS);
-    const S* sc = SC + (size_t)t * ng * 8;
-    const S* bi = BI + (size_t)t * ng * 8;
-    const int cols = std::min(8, N - 8 * t);
-    for (int m = 0; m < M; m += 4) {
-      const int R = std::min(4, M - m);
-      switch (R) {
-        case 4: tile_avx2<BITS, S, 4>(wt, sc, bi, gs, a, m, out); break;
-        case 3: tile_avx2<BITS, S, 3>(wt, sc, bi, gs, a, m, out); break;
-        case 2: tile_avx2<BITS, S, 2>(wt, sc, bi, gs, a, m, out); break;
-        default: tile_avx2<BITS, S, 1>(wt, sc, bi, gs, a, m, out); break;
-      }
-      for (int r = 0; r < R; r++) std::memcpy(Y + (size_t)(m + r) * N + 8 * t, out + r * 8, cols * sizeof(float));
-    }
-  }
-}
+// AVX2: 16-bit pair sums (vpmaddubsw) added up over the block, widened once (vpmaddwd).
+#define QK_ISA avx2
+#define QK_ACC4(sum, w, x) _mm256_add_epi16(sum, _mm256_maddubs_epi16(w, x))
+#define QK_FINISH4(sum) _mm256_madd_epi16(sum, _mm256_set1_epi16(1))
+#define QK_ACC8(sum, w, x) _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)))
+#include "qmm_tile.h"
+#undef QK_ISA
+#undef QK_ACC4
+#undef QK_FINISH4
+#undef QK_ACC8
+
+// AVX-512 VNNI (on 256-bit vectors): vpdpbusd does the four products and the sum into int32 in
+// one instruction. Compiled whatever this CPU has, used only where it has the instructions
+// (best_path) and only if it gives the AVX2 path's bits at load (vnni_agrees).
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+#define QK_ISA vnni
+#define QK_ACC4(sum, w, x) _mm256_dpbusd_epi32(sum, w, x)
+#define QK_FINISH4(sum) (sum)
+#define QK_ACC8(sum, w, x) _mm256_dpbusd_epi32(sum, w, x)
+#include "qmm_tile.h"
+#undef QK_ISA
+#undef QK_ACC4
+#undef QK_FINISH4
+#undef QK_ACC8
+#pragma GCC pop_options
 #endif
 
 // ---- helper threads ----------------------------------------------------------------------------
@@ -425,6 +372,11 @@ static void product(int path, bool tiles, const float* x, const uint8_t* W, cons
   auto cols = [&](int c) {
     const int c0 = c * chunk, c1 = std::min(T, c0 + chunk);
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    if (path == VNNI) {
+      if (bits == 4) tiles_vnni<4, S>(W, SC, BI, c0, c1, gs, a, Y, N);
+      else tiles_vnni<8, S>(W, SC, BI, c0, c1, gs, a, Y, N);
+      return;
+    }
     if (path == AVX2) {
       if (bits == 4) tiles_avx2<4, S>(W, SC, BI, c0, c1, gs, a, Y, N);
       else tiles_avx2<8, S>(W, SC, BI, c0, c1, gs, a, Y, N);
@@ -438,6 +390,63 @@ static void product(int path, bool tiles, const float* x, const uint8_t* W, cons
   else for (int c = 0; c < nchunks; c++) cols(c);
   calls.fetch_add(1, std::memory_order_relaxed);
   cycles.fetch_add(__rdtsc() - t0, std::memory_order_relaxed);
+}
+
+// ---- choosing the path ---------------------------------------------------------------------------
+// The VNNI path cannot run where this is developed (AVX2-only CPUs), so on a CPU that has it,
+// it is used only after giving the AVX2 path's bits on a product of every kind at load.
+static std::string vnni_note = "not checked";
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+static bool vnni_agrees() {
+  uint32_t state = 12345;
+  auto next = [&] { state = state * 1664525u + 1013904223u; return state >> 8; };
+  const int M = 7, N = 24, K = 192, gs = 64;
+  std::vector<float> x((size_t)M * K), sc((size_t)N * K / gs), bi(sc.size()), ya((size_t)M * N), yb(ya.size());
+  for (auto& v : x) v = (float)((int)(next() % 2001) - 1000) / 100.f;
+  for (auto& v : sc) v = (float)(next() % 1000 + 1) / 5000.f;
+  for (auto& v : bi) v = -(float)(next() % 1000) / 300.f;
+  for (int bits : {4, 8}) {
+    std::vector<uint8_t> w((size_t)N * K * bits / 8);
+    for (auto& v : w) v = (uint8_t)next();
+    Acts a;
+    quantize_rows(x.data(), M, K, gs, a);
+    if (bits == 4) {
+      tiles_avx2<4, float>(w.data(), sc.data(), bi.data(), 0, N / 8, gs, a, ya.data(), N);
+      tiles_vnni<4, float>(w.data(), sc.data(), bi.data(), 0, N / 8, gs, a, yb.data(), N);
+    } else {
+      tiles_avx2<8, float>(w.data(), sc.data(), bi.data(), 0, N / 8, gs, a, ya.data(), N);
+      tiles_vnni<8, float>(w.data(), sc.data(), bi.data(), 0, N / 8, gs, a, yb.data(), N);
+    }
+    if (std::memcmp(ya.data(), yb.data(), ya.size() * sizeof(float)) != 0) return false;
+  }
+  return true;
+}
+#endif
+
+static int choose_path() {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  __builtin_cpu_init();
+  if (!(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw"))) {
+    vnni_note = "no AVX-512 VNNI on this CPU";
+    return AVX2;
+  }
+  if (!vnni_agrees()) {
+    vnni_note = "AVX-512 VNNI path disagreed with AVX2 at load; using AVX2";
+    return AVX2;
+  }
+  vnni_note = "in use";
+  return VNNI;
+#else
+  vnni_note = "not built (no AVX2 at build time)";
+  return SCALAR;
+#endif
+}
+
+static int best_path() {
+  static const int path = choose_path();
+  return path;
 }
 
 // ---- the primitives ----------------------------------------------------------------------------
@@ -669,7 +678,8 @@ NB_MODULE(_qmm, m) {
   m.def("set_blas_rows", [](int rows) { qk::BLAS_ROWS = rows; }, "for measurements: the tile threshold");
   m.def("has_blas", [] { return qk::blas_sgemm() != nullptr; },
         "whether products of blas_rows rows or more go through dequantized tiles and cblas_sgemm");
-  m.def("best_path", &qk::best_path, "0 scalar, 1 AVX2: the fastest path built for this CPU");
+  m.def("best_path", &qk::best_path, "0 scalar, 1 AVX2, 2 AVX-512 VNNI: the fastest path this CPU runs");
+  m.def("vnni_note", [] { qk::best_path(); return qk::vnni_note; }, "whether the AVX-512 VNNI path is used, or why not");
   m.def("thread_macs", [] { return qk::THREAD_MACS; }, "products of fewer multiply-adds stay on the calling thread");
   m.def("set_thread_macs", [](long macs) { qk::THREAD_MACS = macs; },
         "for measurements: products of fewer multiply-adds stay on the calling thread");
