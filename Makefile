@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install system-deps bench clean
+.PHONY: run test lint install system-deps bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -56,6 +56,11 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# ruff (lint) on the package and tests; mypy, strict on actors/, errors and config (pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check mlxserve tests
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python benchmarks/overhead.py

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import attrs
 
 from .errors import BadRequest
-
 
 FOREVER_AFTER = 100 * 365 * 86400.0
 
@@ -128,7 +128,7 @@ class AdmitWindow:
         return min(0.003, self.gap_s)
 
     @classmethod
-    def parse(cls, text: str) -> "AdmitWindow":
+    def parse(cls, text: str) -> AdmitWindow:
         """``"GAP_MS,MAX_MS"`` (MLXSERVE_ADMIT_WINDOW); ``"0,0"`` admits whatever is queued."""
         try:
             gap, cap = (float(x) / 1e3 for x in text.split(","))
@@ -165,11 +165,16 @@ class Settings:
     api_keys: tuple[str, ...] = attrs.field(default=(), repr=False)
     # The key mlxctl sends (MLXSERVE_API_KEY, else the first of MLXSERVE_API_KEYS).
     api_key: str | None = attrs.field(default=None, repr=False)
+    # The chaos harness's faults (actors/faults.py), all off by default: its control file
+    # (MLXSERVE_FAULT_CONTROL) and the create stage that kills the daemon
+    # (MLXSERVE_FAULT_CREATE_KILL_AFTER: "blob" or "before_manifest").
+    fault_control: Path | None = None
+    fault_create_kill_after: str | None = None
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
         env = dict(os.environ if env is None else env)
-        kw: dict = {}
+        kw: dict[str, Any] = {}
         if v := env.get("MLXSERVE_HOST"):
             kw["host"], kw["port"] = _host_port(v)
         if v := env.get("MLXSERVE_MODELS"):
@@ -204,6 +209,10 @@ class Settings:
             kw["admit_window"] = AdmitWindow.parse(v)
         if v := env.get("MLXSERVE_ORIGINS"):
             kw["origins"] = tuple(o.strip() for o in v.split(",") if o.strip())
+        if v := env.get("MLXSERVE_FAULT_CONTROL"):
+            kw["fault_control"] = Path(v)
+        if v := env.get("MLXSERVE_FAULT_CREATE_KILL_AFTER"):
+            kw["fault_create_kill_after"] = v
         if v := env.get("MLXSERVE_API_KEYS"):
             kw["api_keys"] = parse_api_keys(v)
         if v := env.get("MLXSERVE_API_KEY", "").strip() or next(iter(kw.get("api_keys", ())), None):

@@ -35,7 +35,7 @@ class MlxserveError(Exception):
     status = 500
     kind = "server_error"
 
-    def __init__(self, message: str = "", **extra):
+    def __init__(self, message: str = "", **extra: object) -> None:
         super().__init__(message)
         self.message = message
         self.extra = extra

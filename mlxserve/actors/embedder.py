@@ -1,28 +1,25 @@
-"""The Embedder actor: embedding models, one dedicated OS thread each, batched, kept alive.
+"""Embeddings: batching on one engine thread per embedding model; residency is the Scheduler's.
 
-Each loaded model is a *worker*: an ``EmbedEngine`` (mlxserve.engine.embed) running on its own
-thread, which loads the model and runs every batch for its whole life (MLX streams are per
-thread). Requests reach the thread through its thread-safe queue; the thread drains whatever
-is waiting into one batch and hands the results back with one ``run_sync_soon`` per batch.
+``Embedder.embed`` leases the model from the Scheduler (which loads it, keeps it alive, evicts
+it, and counts it against the one memory budget) and hands the request to that model's
+``EmbedWorker``: an ``EmbedEngine`` (mlxserve.engine.embed) on a reused host thread, which
+loads the model and runs every batch for its whole life (MLX streams are per thread). Inputs are
+tokenized (cut or refused) before they queue, so a 400 never waits behind another request's
+batch; the thread drains whatever is waiting into one batch and answers with one
+``run_sync_soon`` per batch.
 
 BERT-style models (capability "embedding") are served by the MLX BERT encoder; decoder models
 (capability "completion") by mean-pooling their last hidden state. A decoder loaded here is a
-second copy, separate from the Scheduler's Runner for generation.
-
-Keep-alive: a worker with no job in flight expires ``keep_alive`` seconds after its last
-request (0: at once; inf: never); the loop waits on the next expiry as a deadline. At most
-``max_loaded`` workers stay resident: a new one evicts the least recently used idle worker.
+second copy, separate from the Runner that generates with it (its own Scheduler entry).
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
-import math
 import threading
-import time
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import attrs
 import numpy as np
@@ -31,19 +28,26 @@ import trio
 from ..config import Settings
 from ..engine import embed as eng
 from ..engine.memory import release_cached_buffers
-from ..errors import BadRequest, EngineError, LoadError, MlxserveError, ServerBusy, ShuttingDown
+from ..errors import BadRequest, EngineError, LoadError, MlxserveError, ShuttingDown
+from ..specs.modelspec import ModelSpec
+from ..store.store import ResolvedModel
 from . import activity, heap
 from .hosts import HOSTS
-from .mailbox import Reply, fail_pending, post
+from .mailbox import Reply
+from .scheduler import Kind, LoadSpec, OnExit, SchedulerHandle
 
 log = logging.getLogger("mlxserve.embedder")
 _generations = itertools.count(1)
 _INLINE_CHARS = 4096  # texts up to this many characters in all are tokenized on the trio thread
+EMBED_KINDS: tuple[Kind, ...] = ("bert", "decoder")
+
+# (resolved model, its linked directory, kind) -> what the engine thread calls to load it.
+EmbedLoadFn = Callable[[ResolvedModel, Path, str], Callable[[], Any]]
 
 
 @attrs.frozen
 class EmbedRequest:
-    inputs: tuple  # str or tuple[int, ...] (token ids) each
+    inputs: tuple[str | tuple[int, ...], ...]  # texts, or token ids of the model's vocabulary
     truncate: bool = True
     dimensions: int | None = None
     num_ctx: int | None = None
@@ -63,20 +67,17 @@ class EmbedResult:
 
 @attrs.frozen
 class EmbedModelStats:
+    """One embedding model's batching state (its residency is in the Scheduler's statistics)."""
+
     name: str
     kind: str
     state: str  # "loading" | "ready"
-    active: int
-    expires_at: float | None  # trio clock; None while busy; inf for "never"
+    active: int  # requests queued or computing
     weight_bytes: int
     dimension: int
     generation: int
     digest: str = ""
-    size: int = 0  # bytes in the store
-    spec: Any = None  # ModelSpec, for /api/ps's details
     context_length: int = 0
-    expires_unix: float | None = None  # expires_at on the wall clock (inf: never)
-    size_vram: int = 0  # the weights' bytes when the model runs on a GPU
     computing: int = 0  # requests whose inputs the model thread is working on now
     steps: int = 0  # checkpoints the thread has passed (one per chunk and per group)
     cancelled: int = 0  # requests dropped because their callers had gone
@@ -88,33 +89,7 @@ class EmbedderStats:
     active: int
 
 
-# ---- messages ----
-@attrs.frozen
-class Embed:
-    resolved: Any  # ResolvedModel
-    request: EmbedRequest
-    keep_alive: float
-    job: eng.EmbedJob
-    reply: Reply
-
-
-@attrs.frozen
-class Unload:
-    digest: str
-    reply: Reply
-
-
-@attrs.frozen
-class StopAll:
-    reply: Reply
-
-
-@attrs.frozen
-class _Wake:
-    pass
-
-
-def model_kind(spec) -> str | None:
+def model_kind(spec: ModelSpec) -> Kind | None:
     """"bert" for embedding models, "decoder" for completion models, None otherwise."""
     caps = spec.capabilities or []
     if "embedding" in caps:
@@ -124,39 +99,178 @@ def model_kind(spec) -> str | None:
     return None
 
 
-@attrs.define(eq=False)
-class EmbedderHandle:
-    _inbox: trio.MemorySendChannel
-    _actor: "Embedder"
+def embed_spec(resolved: ResolvedModel, kind: Kind) -> LoadSpec:
+    return LoadSpec(key=f"{resolved.digest}|embed:{kind}", name=resolved.display, digest=resolved.digest,
+                    size=resolved.size, details=_details(resolved.spec), resolved=resolved, kind=kind)
 
-    async def embed(self, resolved, request: EmbedRequest, keep_alive: float) -> EmbedResult:
-        """Embed ``request.inputs`` with the model (loading it if needed); raises BadRequest for
-        inputs the model refuses (too long with truncate false, bad token ids, dimensions)."""
-        job = eng.EmbedJob(tuple(request.inputs), request.truncate, request.dimensions,
-                           request.num_ctx)
-        reply = Reply()
-        post(self._inbox, Embed(resolved, request, keep_alive, job, reply))
+
+def _details(spec: ModelSpec) -> dict[str, Any]:
+    return {
+        "parent_model": spec.parent_model or "",
+        "format": spec.format,
+        "family": spec.family,
+        "families": spec.families or ([spec.family] if spec.family else None),
+        "parameter_size": spec.parameter_size,
+        "quantization_level": spec.quantization_level,
+    }
+
+
+@attrs.define(eq=False)
+class EmbedWorker:
+    """One loaded embedding model: its engine thread and the requests it holds (trio thread)."""
+
+    spec: LoadSpec
+    generation: int
+    engine: eng.EmbedEngine | None = None
+    state: str = "loading"  # loading -> ready -> stopping -> stopped
+    jobs: dict[int, tuple[eng.EmbedJob, Reply[eng.JobDone]]] = attrs.Factory(dict)
+    weight_bytes: int = 0
+    dimension: int = 0
+    context_length: int = 0
+    device: str = "cpu"
+    computing: set[int] = attrs.Factory(set)  # id(job) of the jobs in the thread's current batch
+    steps: int = 0
+    cancelled: int = 0
+    served: int = 0
+    crash: str | None = None
+    load_error: BaseException | None = None
+    ready: trio.Event = attrs.Factory(trio.Event)
+    stopped: trio.Event = attrs.Factory(trio.Event)
+    exited: trio.Event = attrs.Factory(trio.Event)
+    # Set by the host thread when the engine has returned (hosts are reused, never joined).
+    finished: threading.Event = attrs.Factory(threading.Event)
+
+    def stats(self) -> EmbedModelStats:
+        return EmbedModelStats(self.spec.name, self.spec.kind, self.state, len(self.jobs), self.weight_bytes,
+                               self.dimension, self.generation, self.spec.digest, self.context_length,
+                               len(self.computing), self.steps, self.cancelled)
+
+
+@attrs.define(eq=False)
+class EmbedWorkerHandle:
+    """What the Scheduler and the Embedder hold of a worker (a ``ModelHandle``)."""
+
+    _w: EmbedWorker
+    key: str
+    generation: int
+    load_seconds: float = 0.0
+
+    @property
+    def alive(self) -> bool:
+        return self._w.state == "ready"
+
+    @property
+    def weight_bytes(self) -> int:
+        return self._w.weight_bytes
+
+    @property
+    def vram_bytes(self) -> int:
+        return self._w.weight_bytes if self._w.device == "gpu" else 0
+
+    @property
+    def context_length(self) -> int:
+        return self._w.context_length
+
+    def running(self) -> int:
+        return len(self._w.jobs)
+
+    async def stop(self, reason: str = "model was unloaded", *, now: bool = False) -> None:
+        """Stop the thread (``now``: at its next chunk, failing what it holds; else after the
+        batch in progress) and wait, bounded, until it has let go of the model."""
+        w = self._w
+        if w.engine is not None and w.state not in ("stopping", "stopped"):
+            w.state = "stopping"  # out of the statistics at once: it takes no more requests
+            if now:
+                _fail_jobs(w, ShuttingDown(reason))
+            w.engine.submit(eng.EmbedShutdown(reason, now=now))
+        with trio.move_on_after(10, shield=True):
+            await w.exited.wait()
+
+    async def embed(self, request: EmbedRequest) -> tuple[eng.JobDone, str]:
+        w = self._w
+        job = eng.EmbedJob(tuple(request.inputs), request.truncate, request.dimensions, request.num_ctx)
+        if not job.inputs:
+            return eng.JobDone(job, np.zeros((0, w.dimension), np.float32), token_counts=()), w.spec.kind
+        if sum(len(x) for x in job.inputs if isinstance(x, str)) <= _INLINE_CHARS:
+            tokens = _tokenize(w, job)
+        else:
+            tokens = await trio.to_thread.run_sync(_tokenize, w, job, abandon_on_cancel=True)
+        if w.state != "ready" or w.engine is None:
+            raise EngineError("model was unloaded")
+        job.tokens = tokens
+        reply: Reply[eng.JobDone] = Reply()
+        w.jobs[id(job)] = (job, reply)
+        w.engine.submit(job)
         try:
-            return await reply.wait()
+            return await reply.wait(), w.spec.kind
         finally:
             # A caller that left (cancelled) should not cost a batch slot: the thread skips it.
             job.cancelled = True
 
-    async def load(self, resolved, keep_alive: float) -> int:
+
+# Inputs are tokenized (cut or refused when too long, token ids checked) before the job queues.
+def _tokenize(w: EmbedWorker, job: eng.EmbedJob) -> list[Any]:
+    m = w.engine.model if w.engine is not None else None
+    if m is None:  # the thread has just ended (its report is on the way)
+        raise EngineError("model was unloaded")
+    tokens: list[Any] = m.tokenize(job.inputs, truncate=job.truncate, limit=job.limit)
+    return tokens
+
+
+def _fail_jobs(w: EmbedWorker, error: BaseException) -> None:
+    jobs, w.jobs = w.jobs, {}
+    for _, reply in jobs.values():
+        reply.fail(error)
+
+
+def default_load_fn(settings: Settings) -> EmbedLoadFn:
+    def make(resolved: ResolvedModel, path: Path, kind: str) -> Callable[[], Any]:
+        return lambda: eng.load_embedder(path, kind, weight_dtype=settings.weight_dtype)
+    return make
+
+
+@attrs.define(eq=False)
+class Embedder:
+    """Starts embedding workers for the Scheduler's loads and batches requests onto them."""
+
+    settings: Settings
+    scheduler: SchedulerHandle | None = None  # set by the runtime once the Scheduler runs
+    load_fn: EmbedLoadFn | None = None
+    workers: dict[str, EmbedWorker] = attrs.field(factory=dict, init=False)  # by LoadSpec.key
+    _stopping: list[EmbedWorker] = attrs.field(factory=list, init=False)
+    changed: trio.Event = attrs.field(factory=trio.Event, init=False)  # set at every event
+
+    # ---- requests ----
+    async def embed(self, resolved: ResolvedModel, request: EmbedRequest, keep_alive: float) -> EmbedResult:
+        """Embed ``request.inputs`` with the model (loading it if needed); raises BadRequest for
+        inputs the model refuses (too long with truncate false, bad token ids, dimensions)."""
+        kind = model_kind(resolved.spec)
+        if kind is None:
+            raise BadRequest(f'"{resolved.display}" does not support embeddings')
+        assert self.scheduler is not None
+        lease = await self.scheduler.acquire(embed_spec(resolved, kind), keep_alive)
+        try:
+            handle: EmbedWorkerHandle = lease.handle
+            done, model_kind_ = await handle.embed(request)
+            load_ns = int(handle.load_seconds * 1e9) if lease.fresh else 0
+        finally:
+            lease.release(keep_alive)
+        if done.error is not None:
+            raise done.error
+        assert done.vectors is not None
+        return EmbedResult(done.vectors, tuple(done.token_counts), load_ns, model_kind_)
+
+    async def load(self, resolved: ResolvedModel, keep_alive: float) -> int:
         """Make the model resident (an embed of nothing); returns the load time in ns."""
         return (await self.embed(resolved, EmbedRequest(()), keep_alive)).load_ns
 
-    async def unload(self, resolved) -> None:
-        reply = Reply()
-        post(self._inbox, Unload(resolved.digest, reply))
-        await reply.wait()
-
-    async def stop_all(self) -> None:
-        """At shutdown: fail every request (503), and stop each model thread at its next chunk;
-        later requests are refused. Returns without waiting for the threads."""
-        reply = Reply()
-        post(self._inbox, StopAll(reply))
-        await reply.wait()
+    async def unload(self, resolved: ResolvedModel) -> None:
+        """Unload the model's embedding copy once no request holds it, and wait until its thread
+        has let go of it."""
+        assert self.scheduler is not None
+        if await self.scheduler.unload(resolved.display, kinds=EMBED_KINDS):
+            while any(w.spec.digest == resolved.digest for w in self.workers.values()):
+                await self.changed.wait()
 
     async def wait_until(self, predicate: Callable[[EmbedderStats], bool]) -> EmbedderStats:
         """Wait (without polling) until the statistics satisfy ``predicate``."""
@@ -164,226 +278,75 @@ class EmbedderHandle:
             stats = self.statistics()
             if predicate(stats):
                 return stats
-            await self._actor.changed.wait()
+            await self.changed.wait()
 
     def statistics(self) -> EmbedderStats:
-        a = self._actor
-        now, wall = trio.current_time(), time.time()
-
-        def unix(t: float | None) -> float | None:
-            return t if t is None or math.isinf(t) else wall + (t - now)
-
-        models = tuple(
-            EmbedModelStats(w.name, w.kind, w.state, len(w.jobs), w.expires_at, w.weight_bytes,
-                            w.dimension, w.generation, w.digest, w.size, w.spec, w.context_length,
-                            unix(w.expires_at), w.weight_bytes if w.device == "gpu" else 0,
-                            len(w.computing), w.steps, w.cancelled)
-            for w in a.workers.values()
-        )
+        models = tuple(w.stats() for w in self.workers.values() if w.state in ("loading", "ready"))
         return EmbedderStats(models, sum(m.active for m in models))
 
+    def stopping(self) -> Sequence[EmbedWorker]:
+        """Workers asked to stop whose threads may still run (tests wait on ``finished``)."""
+        self._stopping = [w for w in self._stopping if not w.finished.is_set()]
+        return tuple(self._stopping)
 
-@attrs.define(eq=False)
-class _Worker:
-    key: str
-    digest: str
-    name: str
-    kind: str
-    generation: int
-    engine: eng.EmbedEngine
-    state: str = "loading"  # loading -> ready -> (removed)
-    jobs: dict = attrs.Factory(dict)  # id(job) -> Embed message, until answered
-    keep_alive: float = 300.0
-    expires_at: float | None = None
-    last_used: float = 0.0
-    load_ns: int = 0
-    weight_bytes: int = 0
-    dimension: int = 0
-    size: int = 0
-    spec: Any = None
-    context_length: int = 0
-    device: str = "cpu"
-    computing: set = attrs.Factory(set)  # id(job) of the jobs in the thread's current batch
-    steps: int = 0
-    cancelled: int = 0
-    # Set by the host thread when the engine has returned (hosts are reused, never joined).
-    finished: threading.Event | None = None
-    load_fn: Callable[[], Any] | None = None  # set by _boot once the store has linked the files
+    # ---- the Scheduler's loads ----
+    async def start_worker(self, spec: LoadSpec, path: Path, on_exit: OnExit,
+                           nursery: trio.Nursery) -> EmbedWorkerHandle:
+        """Start the model's thread in ``nursery``; returns once it is loaded (raises if not)."""
+        handle: EmbedWorkerHandle = await nursery.start(self._run_worker, spec, path, on_exit)
+        return handle
 
+    async def _run_worker(self, spec: LoadSpec, path: Path, on_exit: OnExit, *,
+                          task_status: trio.TaskStatus[EmbedWorkerHandle] = trio.TASK_STATUS_IGNORED) -> None:
+        assert spec.resolved is not None
+        load_fn = (self.load_fn or default_load_fn(self.settings))(spec.resolved, path, spec.kind)
+        w = EmbedWorker(spec, next(_generations))
+        token = trio.lowlevel.current_trio_token()
 
-def default_load_fn(settings: Settings) -> Callable[[Any, Any, str], Callable[[], Any]]:
-    def make(resolved, path, kind: str) -> Callable[[], Any]:
-        return lambda: eng.load_embedder(path, kind, weight_dtype=settings.weight_dtype)
-    return make
-
-
-@attrs.define(eq=False)
-class Embedder:
-    settings: Settings
-    store: Any  # StoreHandle: blobs are verified and linked before a load
-    max_loaded: int | None = None  # default: settings.max_loaded_models
-    load_fn: Callable[[Any, Any, str], Callable[[], Any]] | None = None
-    workers: dict[str, _Worker] = attrs.field(factory=dict, init=False)
-    _stopping: list[_Worker] = attrs.field(factory=list, init=False)
-    _inbox_send: trio.MemorySendChannel | None = attrs.field(default=None, init=False)
-    _token: Any = attrs.field(default=None, init=False)
-    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
-    _closing: bool = attrs.field(default=False, init=False)  # shutting down: refuse new work
-    changed: trio.Event = attrs.field(factory=trio.Event, init=False)  # set at every event
-
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        if self.load_fn is None:
-            self.load_fn = default_load_fn(self.settings)
-        if self.max_loaded is None:
-            self.max_loaded = max(1, self.settings.max_loaded_models)
-        send, inbox = trio.open_memory_channel(max(16, self.settings.max_queue))
-        self._inbox_send = send
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started(EmbedderHandle(send, self))
-                async with inbox:
-                    try:
-                        await self._loop(inbox)
-                    finally:
-                        fail_pending(inbox)
-                nursery.cancel_scope.cancel()
-        finally:
-            send.close()
-            await self._stop_all("server is shutting down")
-
-    async def _loop(self, inbox: trio.MemoryReceiveChannel) -> None:
-        while True:
-            with trio.move_on_at(self._next_expiry()):
-                try:
-                    msg = await inbox.receive()
-                except trio.EndOfChannel:
-                    return
-                match msg:
-                    case Embed():
-                        self._on_embed(msg)
-                    case Unload(digest=digest, reply=reply):
-                        for w in [w for w in self.workers.values() if w.digest == digest]:
-                            self._stop_worker(w, "model was unloaded")
-                        reply.send(None)
-                    case StopAll(reply=reply):
-                        self._stop_now("server is shutting down")
-                        reply.send(None)
-                    case _Wake():
-                        pass
-                continue
-            self._expire()
-
-    # ---- requests ----
-    def _on_embed(self, msg: Embed) -> None:
-        kind = model_kind(msg.resolved.spec)
-        if kind is None:
-            msg.reply.fail(BadRequest(f'"{msg.resolved.display}" does not support embeddings'))
-            return
-        if self._closing:
-            msg.reply.fail(ShuttingDown())
-            return
-        if sum(len(w.jobs) for w in self.workers.values()) >= self.settings.max_queue:
-            msg.reply.fail(ServerBusy())
-            return
-        key = f"{msg.resolved.digest}|{kind}"
-        w = self.workers.get(key)
-        if w is None:
-            w = self._start_worker(key, msg.resolved, kind)
-        msg.job.tag = w.state == "loading"  # this request waits for the load: report its time
-        w.jobs[id(msg.job)] = msg
-        w.keep_alive = msg.keep_alive
-        w.expires_at = None
-        w.last_used = trio.current_time()
-        if w.state != "ready" or not msg.job.inputs:
-            w.engine.submit(msg.job)  # the thread tokenizes once the model has loaded
-        elif sum(len(x) for x in msg.job.inputs if isinstance(x, str)) <= _INLINE_CHARS:
-            self._tokenize_then_submit(w, msg, None)
-        else:
-            self._nursery.start_soon(self._tokenize_in_thread, w, msg)
-        self._evict_over_cap()
-
-    # Inputs are tokenized (cut or refused when too long, token ids checked) here, before the
-    # job queues: a 400 never waits behind another request's batch.
-    def _tokenize(self, w: _Worker, msg: Embed) -> list:
-        job, m = msg.job, w.engine.model
-        if m is None:  # the thread has just ended (its report is on the way)
-            raise EngineError("model was unloaded")
-        return m.tokenize(job.inputs, truncate=job.truncate, limit=job.limit)
-
-    async def _tokenize_in_thread(self, w: _Worker, msg: Embed) -> None:
-        try:
-            tokens = await trio.to_thread.run_sync(self._tokenize, w, msg, abandon_on_cancel=True)
-        except Exception as exc:  # noqa: BLE001 - answers this request only
-            tokens = exc
-        self._tokenize_then_submit(w, msg, tokens)
-
-    def _tokenize_then_submit(self, w: _Worker, msg: Embed, tokens: list | Exception | None) -> None:
-        job = msg.job
-        if tokens is None:
+        def deliver(events: list[Any]) -> None:
             try:
-                tokens = self._tokenize(w, msg)
-            except Exception as exc:  # noqa: BLE001
-                tokens = exc
-        if w.jobs.get(id(job)) is not msg:
-            return  # already answered (the server is stopping, or the thread ended)
-        if isinstance(tokens, Exception):
-            self._answer(w, eng.JobDone(job, None, error=tokens))
-        elif self.workers.get(w.key) is not w:  # unloaded meanwhile: its thread takes no more jobs
-            self._answer(w, eng.JobDone(job, None, error=EngineError("model was unloaded")))
-        else:
-            job.tokens = tokens
-            w.engine.submit(job)
-            return
-        self._notify()
-
-    def _start_worker(self, key: str, resolved, kind: str) -> _Worker:
-        generation = next(_generations)
-
-        def deliver(events: list) -> None:
-            try:
-                self._token.run_sync_soon(self._on_events, w, events)
+                token.run_sync_soon(self._on_events, w, events)
             except trio.RunFinishedError:
                 pass
 
-        engine = eng.EmbedEngine(lambda: w.load_fn(), deliver, device=self.settings.device,
-                                 chunk=self.settings.prefill_chunk, generation_idle=activity.IDLE)
-        w = _Worker(key, resolved.digest, resolved.display, kind, generation, engine,
-                    size=resolved.size, spec=resolved.spec)
-        self.workers[key] = w
-        self._nursery.start_soon(self._boot, w, resolved)
-        return w
-
-    async def _boot(self, w: _Worker, resolved) -> None:
-        """Verify and link the model's blobs, then start its thread (which loads it)."""
-        try:
-            await self.store.verify_for_load(resolved)
-            path = await self.store.model_path(resolved)
-        except Exception as exc:
-            self._on_events(w, [eng.EmbedLoadFailed(exc)])
-            return
-        if self.workers.get(w.key) is not w:  # unloaded while verifying
-            self._fail_jobs(w, EngineError("model was unloaded"))
-            return
-        w.load_fn = self.load_fn(resolved, path, w.kind)
-        log.info("loading %s for embeddings (%s)", w.name, w.kind)
-        w.finished = threading.Event()
+        w.engine = eng.EmbedEngine(load_fn, deliver, device=self.settings.device,
+                                   chunk=self.settings.prefill_chunk, generation_idle=activity.IDLE)
+        self.workers[spec.key] = w
+        log.info("loading %s for embeddings (%s)", spec.name, spec.kind)
         HOSTS.run(w.engine.run, w.finished.set)
+        try:
+            await w.ready.wait()
+            if w.load_error is not None:
+                err = w.load_error
+                raise err if isinstance(err, MlxserveError) else LoadError(f"model failed to load: {err}")
+            task_status.started(EmbedWorkerHandle(w, spec.key, w.generation))
+            await w.stopped.wait()
+        finally:
+            if w.state in ("loading", "ready") and w.engine is not None:  # cancelled: the runtime ends
+                w.engine.submit(eng.EmbedShutdown("server is shutting down", now=True))
+            self._stopping.append(w)
+            _fail_jobs(w, EngineError(w.crash or "model was unloaded"))
+            w.engine = None  # the engine holds the model
+            with trio.move_on_after(10, shield=True):
+                await trio.to_thread.run_sync(w.finished.wait, abandon_on_cancel=True)
+            self._drop(w)  # gone from ``workers`` only once its thread has let go of the model
+            w.exited.set()
+            self._notify()
+        on_exit(spec.key, w.generation, w.crash, w.served)
 
     # ---- events from a worker thread (run on the trio thread by run_sync_soon) ----
-    def _on_events(self, w: _Worker, events: list) -> None:
+    def _on_events(self, w: EmbedWorker, events: list[Any]) -> None:
         for ev in events:
             match ev:
                 case eng.Loaded(info=info):
                     w.state = "ready"
-                    w.load_ns = info["load_ns"]
                     w.weight_bytes = info["weight_bytes"]
                     w.dimension = info["dimension"]
                     w.context_length = info.get("context_length", 0)
                     w.device = info.get("device", "cpu")
-                    log.info("loaded %s for embeddings in %.2fs", w.name, w.load_ns / 1e9)
+                    log.info("loaded %s for embeddings in %.2fs", w.spec.name, info["load_ns"] / 1e9)
                     heap.freeze()
+                    w.ready.set()
                 case eng.BatchStarted(jobs=jobs):
                     w.computing = {id(j) for j in jobs}
                 case eng.Step():
@@ -391,91 +354,27 @@ class Embedder:
                 case eng.JobDone(job=job, cancelled=cancelled):
                     w.computing.discard(id(job))
                     w.cancelled += cancelled
-                    self._answer(w, ev)
+                    entry = w.jobs.pop(id(job), None)
+                    if entry is not None:
+                        w.served += ev.error is None
+                        entry[1].send(ev)
                 case eng.EmbedLoadFailed(error=error):
-                    err = error if isinstance(error, MlxserveError) \
-                        else LoadError(f"model failed to load: {error}")
-                    self._drop(w)
-                    self._fail_jobs(w, err)
+                    w.state = "stopped"
+                    w.load_error = error
+                    w.ready.set()
+                    w.stopped.set()
                 case eng.EmbedStopped(error=error):
-                    self._drop(w)
-                    self._fail_jobs(w, EngineError(error or "model was unloaded"))
+                    w.state = "stopped"
+                    w.crash = error
+                    _fail_jobs(w, EngineError(error or "model was unloaded"))
+                    w.stopped.set()
                     heap.reclaim(release_cached_buffers)  # the engine let go of the model first
         self._notify()
 
-    def _answer(self, w: _Worker, done: eng.JobDone) -> None:
-        msg: Embed | None = w.jobs.pop(id(done.job), None)
-        if msg is None:
-            return
-        if done.error is not None:
-            msg.reply.fail(done.error)
-        else:
-            msg.reply.send(EmbedResult(done.vectors, done.token_counts,
-                                       w.load_ns if done.job.tag else 0, w.kind))
-        if not w.jobs and self.workers.get(w.key) is w:
-            w.expires_at = trio.current_time() + w.keep_alive if w.keep_alive != math.inf else math.inf
-
-    def _fail_jobs(self, w: _Worker, error: BaseException) -> None:
-        jobs, w.jobs = w.jobs, {}
-        for msg in jobs.values():
-            msg.reply.fail(error)
-
-    def _drop(self, w: _Worker) -> None:
-        if self.workers.get(w.key) is w:
-            del self.workers[w.key]
+    def _drop(self, w: EmbedWorker) -> None:
+        if self.workers.get(w.spec.key) is w:
+            del self.workers[w.spec.key]
 
     def _notify(self) -> None:
-        self._wake()
         self.changed.set()
         self.changed = trio.Event()
-
-    def _wake(self) -> None:
-        # The loop may be waiting on a later deadline than the one just set.
-        try:
-            self._inbox_send.send_nowait(_Wake())
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # a full inbox wakes the loop anyway
-
-    # ---- keep-alive and eviction ----
-    def _next_expiry(self) -> float:
-        deadlines = [w.expires_at for w in self.workers.values() if w.expires_at is not None and not w.jobs]
-        return min(deadlines, default=math.inf)
-
-    def _expire(self) -> None:
-        now = trio.current_time()
-        for w in list(self.workers.values()):
-            if not w.jobs and w.expires_at is not None and w.expires_at <= now:
-                self._stop_worker(w, "keep_alive expired")
-
-    def _evict_over_cap(self) -> None:
-        while len(self.workers) > self.max_loaded:
-            idle = [w for w in self.workers.values() if not w.jobs]
-            if not idle:
-                return  # everything is busy; the next expiry or completion brings it down
-            self._stop_worker(min(idle, key=lambda w: w.last_used), "evicted for another model")
-
-    def _stop_worker(self, w: _Worker, reason: str, *, now: bool = False) -> None:
-        log.info("unloading %s (embeddings): %s", w.name, reason)
-        self._drop(w)
-        w.engine.submit(eng.EmbedShutdown(reason, now=now))
-        self._stopping.append(w)
-        # Threads that already ended need no join at shutdown.
-        self._stopping = [s for s in self._stopping if s.finished is None or not s.finished.is_set()]
-
-    def _stop_now(self, reason: str) -> None:
-        """Refuse new requests, fail the waiting ones, and stop every thread at its next chunk."""
-        self._closing = True
-        workers = list(self.workers.values())
-        for w in workers:
-            self._stop_worker(w, reason, now=True)
-        for w in workers:
-            self._fail_jobs(w, ShuttingDown(reason))
-
-    async def _stop_all(self, reason: str) -> None:
-        self._stop_now(reason)
-        # Bounded and shielded: a model mid-batch stops at its next chunk, then its thread ends.
-        with trio.move_on_after(10, shield=True):
-            for w in self._stopping:
-                if w.finished is not None and not w.finished.is_set():
-                    await trio.to_thread.run_sync(w.finished.wait, abandon_on_cancel=True)
-        self._stopping.clear()

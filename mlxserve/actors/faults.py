@@ -1,6 +1,7 @@
-"""Fault seam of the actor runtime, for the chaos harness. Inert unless the harness turns it on.
+"""The one fault seam, for the chaos harness. Inert unless the harness turns it on.
 
-Off by default: nothing here runs unless ``MLXSERVE_FAULT_CONTROL`` names a file. Then the
+Off by default: nothing here runs unless ``MLXSERVE_FAULT_CONTROL`` (``Settings.fault_control``)
+names a file. Then the
 runtime listens for SIGUSR1; on each signal it reads that file (JSON written by the harness),
 arms the faults it lists and writes ``<file>.ack`` holding the request's ``id``, so the harness
 knows the faults are armed before it goes on::
@@ -10,11 +11,15 @@ knows the faults are armed before it goes on::
 
 Faults (each fires once per arming; ``model`` is a display name, absent = any model):
 
-- ``step_raise``, ``thread_die``: handed to the engine's own seam (``engine.loop.FaultSeam``,
-  the one ``MLXSERVE_FAULTS`` arms at engine start) of the model's live runner, or of its next
-  runner when none is loaded: the next step raises / the engine thread exits.
+- ``step_raise``, ``thread_die``: handed to the engine (``engine.loop.EngineFaults``) of the
+  model's live runner, or of its next runner when none is loaded: the next step raises / the
+  engine thread exits.
 - ``load_fail``: the model's next load fails on its engine thread (as a bad file would).
 - ``load_slow``: the model's next load takes ``seconds`` longer on its engine thread.
+
+One fault is armed at start instead, because it kills the process: a create that reaches the
+stage ``MLXSERVE_FAULT_CREATE_KILL_AFTER`` names (``Settings.fault_create_kill_after``, handed
+to ``Store(kill_at_stage=...)``) kills the daemon there.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Any, Callable
 
 import trio
 
+from ..config import Settings
+
 log = logging.getLogger("mlxserve.faults")
 CONTROL_ENV = "MLXSERVE_FAULT_CONTROL"
 ENGINE_FAULTS = ("step_raise", "thread_die")
@@ -39,7 +46,7 @@ class FaultSeam:
     def __init__(self) -> None:
         self.pending: list[dict[str, Any]] = []
         self.fired: dict[str, int] = {}
-        self._runners: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._runners: weakref.WeakSet[Any] = weakref.WeakSet()
         self.on_fire: Callable[[str, str], None] | None = None
 
     @property
@@ -90,9 +97,8 @@ def _matches(spec: dict[str, Any], model: str) -> bool:
 SEAM = FaultSeam()
 
 
-def control_path() -> Path | None:
-    value = os.environ.get(CONTROL_ENV)
-    return Path(value) if value else None
+def control_path(settings: Settings) -> Path | None:
+    return settings.fault_control
 
 
 async def watch(path: Path) -> None:

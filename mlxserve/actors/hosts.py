@@ -33,14 +33,16 @@ class HostStats:
 
 
 class _Host:
-    def __init__(self, pool: "EngineHosts"):
+    def __init__(self, pool: EngineHosts):
         self._pool = pool
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.jobs: queue.SimpleQueue[tuple[Callable[[], None], Callable[[], None]]] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._main, name=f"engine-host-{next(_names)}", daemon=True)
 
     def _main(self) -> None:
         while True:
-            fn, on_done = self.jobs.get()
+            job: tuple[Callable[[], None], Callable[[], None]] | None = self.jobs.get()
+            assert job is not None
+            fn, on_done = job
             try:
                 fn()
             except BaseException:  # an engine must report its own failures; never lose a host
@@ -55,7 +57,7 @@ class _Host:
                 # Waiting for the next job, this frame must not hold the last one: its engine
                 # holds the model, and an unloaded model's weights stayed in memory until the
                 # host ran another load.
-                fn = on_done = None
+                job = fn = on_done = None  # type: ignore[assignment]
 
 
 class EngineHosts:

@@ -1,7 +1,9 @@
-"""The Loader actor: one load at a time; verifies blobs, then starts a Runner.
+"""Loading a model: the function the Scheduler awaits (it already runs one load at a time).
 
-The Runner is started in the runtime's runner nursery so it outlives this call; the Loader only
-waits until the engine thread reports the weights are in memory (or that loading failed).
+Blobs are verified and linked through the Store, then the model starts on an engine thread: a
+Runner for generation, an EmbedWorker (the Embedder's) for embeddings. Either is started in the
+runtime's runner nursery, so it outlives this call, which returns once the weights are in memory
+(or raises why they are not).
 """
 
 from __future__ import annotations
@@ -9,39 +11,26 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any, Callable
+from pathlib import Path
+from typing import Callable
 
-import attrs
 import trio
 
 from ..config import Settings
 from ..engine import model as engine_model
 from ..errors import LoadError
 from . import faults
-from .mailbox import Reply, ask, fail_pending
-from .runner import CancelRecord, Runner, RunnerHandle
-from .scheduler import LoadSpec
+from .embedder import Embedder
+from .metrics import MetricsHandle
+from .runner import CancelRecord, Runner
+from .scheduler import LoadFn, LoadSpec, ModelHandle, OnExit
+from .store import StoreService
 
 log = logging.getLogger("mlxserve.loader")
 _generations = itertools.count(1)
 
 
-@attrs.frozen
-class Load:
-    spec: LoadSpec
-    on_exit: Callable[[str, int, str | None], None]
-    reply: Reply
-
-
-@attrs.define(eq=False)
-class LoaderHandle:
-    _inbox: trio.MemorySendChannel
-
-    async def load(self, spec: LoadSpec, on_exit: Callable[[str, int, str | None], None]) -> RunnerHandle:
-        return await ask(self._inbox, lambda r: Load(spec, on_exit, r))
-
-
-def default_load_fn(path, settings: Settings, num_ctx: int | None) -> Callable[[], engine_model.LoadedModel]:
+def default_load_fn(path: Path, settings: Settings, num_ctx: int | None) -> Callable[[], engine_model.LoadedModel]:
     """The function the engine thread calls: build the model on that thread."""
 
     def load() -> engine_model.LoadedModel:
@@ -69,59 +58,46 @@ def _with_faults(load: Callable[[], engine_model.LoadedModel], name: str) -> Cal
     return faulty if fail is not None or slow is not None else load
 
 
-@attrs.define(eq=False)
-class Loader:
-    settings: Settings
-    store: Any  # StoreHandle
-    runner_nursery: trio.Nursery
-    metrics: Any = None  # MetricsHandle: cancel-to-slot-free timings of every runner
+def model_loader(settings: Settings, store: StoreService, runners: trio.Nursery,
+                 metrics: MetricsHandle | None = None, embedder: Embedder | None = None) -> LoadFn:
+    """The Scheduler's ``load_fn``: models start in ``runners``; cancel timings go to ``metrics``."""
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        send, inbox = trio.open_memory_channel(64)
-        task_status.started(LoaderHandle(send))
-        async with inbox:
-            try:
-                async for msg in inbox:
-                    try:
-                        handle = await self._load(msg.spec, msg.on_exit)
-                    except Exception as exc:
-                        msg.reply.fail(exc)
-                    else:
-                        msg.reply.send(handle)
-            finally:
-                fail_pending(inbox)
-
-    async def _load(self, spec: LoadSpec, on_exit) -> RunnerHandle:
-        resolved = spec.payload
-        await self.store.verify_for_load(resolved)
-        path = await self.store.model_path(resolved)
-        generation = next(_generations)
-        load_fn = default_load_fn(path, self.settings, spec.num_ctx)
+    async def load(spec: LoadSpec, on_exit: OnExit) -> ModelHandle:
+        if spec.resolved is None:
+            raise LoadError(f"model '{spec.name}' has no store record to load from")
+        path = await store.load_path(spec.resolved)
+        if spec.kind != "generate":
+            if embedder is None:
+                raise LoadError("this runtime serves no embeddings")
+            return await embedder.start_worker(spec, path, on_exit, runners)
+        load_fn = default_load_fn(path, settings, spec.num_ctx)
         if faults.SEAM.active:
             load_fn = _with_faults(load_fn, spec.name)
         runner = Runner(
             key=spec.key,
-            generation=generation,
+            generation=next(_generations),
             load_fn=load_fn,
-            num_parallel=self.settings.num_parallel,
-            prefill_chunk=self.settings.prefill_chunk,
-            prompt_cache_bytes=self.settings.prompt_cache_bytes,
-            device=self.settings.device,
-            admit=self.settings.admit_window,
-            on_exit=lambda r, crash: on_exit(r.key, r.generation, crash, served=r.served),
+            num_parallel=settings.num_parallel,
+            prefill_chunk=settings.prefill_chunk,
+            prompt_cache_bytes=settings.prompt_cache_bytes,
+            device=settings.device,
+            admit=settings.admit_window,
+            on_exit=lambda r, crash: on_exit(r.key, r.generation, crash, r.served),
             name=spec.name,
-            on_cancel=self._cancel_recorder(spec.name),
+            on_cancel=_cancel_recorder(metrics, spec.name),
         )
         log.info("loading %s", spec.name)
-        return await self.runner_nursery.start(runner.run)
+        handle: ModelHandle = await runners.start(runner.run)
+        return handle
 
-    def _cancel_recorder(self, name: str) -> Callable[[CancelRecord], None] | None:
-        metrics = self.metrics
-        if metrics is None:
-            return None
+    return load
 
-        def record(rec: CancelRecord) -> None:
-            metrics.record_nowait("cancel", model=name, phase=rec.phase, tokens=rec.tokens,
-                                  seconds=rec.seconds)
 
-        return record
+def _cancel_recorder(metrics: MetricsHandle | None, name: str) -> Callable[[CancelRecord], None] | None:
+    if metrics is None:
+        return None
+
+    def record(rec: CancelRecord) -> None:
+        metrics.record_nowait("cancel", model=name, phase=rec.phase, tokens=rec.tokens, seconds=rec.seconds)
+
+    return record

@@ -10,13 +10,16 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .hosts import HOSTS
+
+if TYPE_CHECKING:
+    from .scheduler import SchedulerStats
 
 log = logging.getLogger("mlxserve.metrics")
 REQUEST_LOG = "requests.jsonl"
@@ -25,7 +28,7 @@ REQUEST_LOG = "requests.jsonl"
 @attrs.frozen
 class Event:
     kind: str  # "request" | "scheduler"
-    fields: dict
+    fields: dict[str, Any]
 
 
 @attrs.frozen
@@ -77,8 +80,8 @@ class _Instruments:
 
 @attrs.define(eq=False)
 class MetricsHandle:
-    _inbox: trio.MemorySendChannel
-    _actor: "Metrics"
+    _inbox: trio.MemorySendChannel[Event]
+    _actor: Metrics
 
     def record_nowait(self, kind: str, **fields: Any) -> None:
         try:
@@ -93,7 +96,7 @@ class MetricsHandle:
         a = self._actor
         return MetricsStats(a.requests, a.cancelled, a.rejected, a.dropped)
 
-    def prometheus_text(self, scheduler_stats=None) -> bytes:
+    def prometheus_text(self, scheduler_stats: SchedulerStats | None = None) -> bytes:
         """Exposition text; gauges are read from a Scheduler snapshot at scrape time."""
         inst = self._actor.instruments
         if scheduler_stats is not None:
@@ -104,7 +107,7 @@ class MetricsHandle:
                 inst.queue_depth.labels(m.name).set(m.queued)
                 inst.running.labels(m.name).set(m.running)
                 if m.loaded:
-                    inst.engine_sequences.labels(m.name).set(getattr(m, "engine_running", 0))
+                    inst.engine_sequences.labels(m.name).set(m.engine_running)
             inst.loaded.set(scheduler_stats.loaded)
         inst.trio_tasks.set(count_trio_tasks())
         hosts = HOSTS.statistics()
@@ -131,8 +134,8 @@ class Metrics:
     _fh: Any = attrs.field(default=None, init=False)
     _size: int = attrs.field(default=0, init=False)
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        send, inbox = trio.open_memory_channel(4096)
+    async def run(self, *, task_status: trio.TaskStatus[MetricsHandle] = trio.TASK_STATUS_IGNORED) -> None:
+        send, inbox = trio.open_memory_channel[Event](4096)
         task_status.started(MetricsHandle(send, self))
         try:
             async with inbox:
@@ -203,7 +206,7 @@ class Metrics:
             log.debug("request %s", json.dumps(f, default=str))
         self._log(f)
 
-    def _log(self, fields: dict) -> None:
+    def _log(self, fields: dict[str, Any]) -> None:
         if self.log_dir is not None:
             self._pending.append(json.dumps({"time": time.time(), **fields}, default=str) + "\n")
 
@@ -211,6 +214,7 @@ class Metrics:
         if not self._pending:
             return
         lines, self._pending = self._pending, []
+        assert self.log_dir is not None  # lines are pending only with a log directory
         try:
             path = self.log_dir / REQUEST_LOG
             if self._fh is not None and self._size > self.log_max_bytes:

@@ -18,7 +18,7 @@ from ..engine.model import LoadedModel
 from ..errors import EngineError, LoadError, ShuttingDown
 from . import activity, faults, heap
 from .hosts import HOSTS
-from .mailbox import Reply, post
+from .mailbox import Reply, post, post_nowait_or_drop
 from .sequence import SequenceRequest
 
 log = logging.getLogger("mlxserve.runner")
@@ -28,7 +28,7 @@ _seq_ids = itertools.count(1)
 @attrs.frozen
 class Submit:
     cmd: eng.Add
-    stream: trio.MemorySendChannel
+    stream: trio.MemorySendChannel[eng.Chunk]
 
 
 @attrs.frozen
@@ -38,7 +38,7 @@ class CancelSeq:
 
 @attrs.frozen
 class StopRunner:
-    reply: Reply | None = None
+    reply: Reply[None] | None = None
     reason: str = "model was unloaded"
 
 
@@ -56,8 +56,8 @@ class RunnerHandle:
 
     key: str  # the model's manifest digest plus load options: what the Scheduler indexes by
     generation: int
-    _inbox: trio.MemorySendChannel
-    _runner: "Runner"
+    _inbox: trio.MemorySendChannel[Submit | CancelSeq | StopRunner]
+    _runner: Runner
     tokenizer: Any = None  # the handle's own: the runner lets go of its model when it exits
     load_seconds: float = 0.0
 
@@ -81,6 +81,9 @@ class RunnerHandle:
     def statistics(self) -> RunnerStats:
         r = self._runner
         return RunnerStats(len(r.engine_active), r.context_length, r.weight_bytes, r.alive)
+
+    def running(self) -> int:
+        return len(self._runner.engine_active)
 
     def finished(self) -> list[tuple[int, str, eng.SeqStats | None]]:
         """Recently ended sequences: (seq_id, finish reason, stats), oldest first."""
@@ -111,13 +114,14 @@ class RunnerHandle:
         return seq_id, recv
 
     def cancel_nowait(self, seq_id: int) -> None:
-        try:
-            self._inbox.send_nowait(CancelSeq(seq_id))
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # the runner is gone or busy; a closed stream is noticed on the next chunk anyway
+        # Dropped only when the runner is gone or swamped; a closed stream is noticed at its next
+        # chunk anyway.
+        post_nowait_or_drop(self._inbox, CancelSeq(seq_id))
 
-    async def stop(self, reason: str = "model was unloaded") -> None:
-        reply = Reply()
+    async def stop(self, reason: str = "model was unloaded", *, now: bool = False) -> None:
+        """Fail the open streams with ``reason`` and wait for the engine to let go of the model
+        (``now`` changes nothing: a runner never finishes its streams first)."""
+        reply: Reply[None] = Reply()
         try:
             post(self._inbox, StopRunner(reply, reason))
         except ShuttingDown:
@@ -147,14 +151,14 @@ class Runner:
     load_fn: Callable[[], LoadedModel]
     num_parallel: int = DEFAULT_NUM_PARALLEL
     prefill_chunk: int = 256
-    on_exit: Callable[["Runner", str | None], None] | None = None
+    on_exit: Callable[[Runner, str | None], None] | None = None
     device: Any = None
     prompt_cache_bytes: int = 0
     admit: AdmitWindow = AdmitWindow()
     name: str = ""  # the model's display name (logs and the fault seam)
     on_cancel: Callable[[CancelRecord], None] | None = None
 
-    streams: dict[int, trio.MemorySendChannel] = attrs.field(factory=dict, init=False)
+    streams: dict[int, trio.MemorySendChannel[eng.Chunk]] = attrs.field(factory=dict, init=False)
     # Sequences the engine holds (submitted, not yet reported finished), in submission order,
     # with the tokens each has produced: the true slot count, which stays up after a client
     # leaves until the engine has dropped its sequence.
@@ -162,7 +166,8 @@ class Runner:
     # Sequences cancelled and not yet dropped by the engine: seq_id -> (when, phase, tokens).
     _cancelled: dict[int, tuple[float, str, int]] = attrs.field(factory=dict, init=False)
     served: int = attrs.field(default=0, init=False)  # sequences finished with stop or length
-    finished: collections.deque = attrs.field(factory=lambda: collections.deque(maxlen=256), init=False)
+    finished: collections.deque[tuple[int, str, eng.SeqStats | None]] = attrs.field(
+        factory=lambda: collections.deque(maxlen=256), init=False)
     changed: trio.Event = attrs.field(factory=trio.Event, init=False)
     loaded: LoadedModel | None = attrs.field(default=None, init=False)
     context_length: int = attrs.field(default=0, init=False)
@@ -178,10 +183,10 @@ class Runner:
     _crash: str | None = attrs.field(default=None, init=False)
     _stop_reason: str = attrs.field(default="model was unloaded", init=False)
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[RunnerHandle] = trio.TASK_STATUS_IGNORED) -> None:
         token = trio.lowlevel.current_trio_token()
 
-        def deliver(events: list) -> None:
+        def deliver(events: list[Any]) -> None:
             try:
                 token.run_sync_soon(self._on_events, events)
             except trio.RunFinishedError:
@@ -207,11 +212,12 @@ class Runner:
             err = self._load_error
             raise err if isinstance(err, LoadError) else LoadError(f"model failed to load: {err}") from err
         heap.freeze()  # the model's Python objects live until unload: out of the collector's way
-        send, inbox = trio.open_memory_channel(1024)
+        send, inbox = trio.open_memory_channel[Submit | CancelSeq | StopRunner](1024)
+        assert self.loaded is not None  # set with the Ready report
         handle = RunnerHandle(self.key, self.generation, send, self, self.loaded.tokenizer)
         self.alive = True
         task_status.started(handle)
-        stop_reply: Reply | None = None
+        stop_reply: Reply[None] | None = None
         try:
             async with inbox:
                 async with trio.open_nursery() as nursery:
@@ -289,7 +295,8 @@ class Runner:
                 rank = next(i for i, s in enumerate(self.engine_active) if s == sid)
                 phase = "queued" if rank >= self.num_parallel else "prefill"
             self._cancelled[sid] = (time.perf_counter(), phase, tokens)
-        self._engine.submit(eng.Cancel(sid))
+        if self._engine is not None:  # None once the runner has exited: nothing left to cancel
+            self._engine.submit(eng.Cancel(sid))
 
     def _slot_freed(self, sid: int) -> None:
         entry = self._cancelled.pop(sid, None)
@@ -304,15 +311,16 @@ class Runner:
         for sid in list(self._cancelled):
             self._slot_freed(sid)
 
-    def _on_events(self, events: list) -> None:
+    def _on_events(self, events: list[Any]) -> None:
         for ev in events:
             match ev:
                 case eng.Chunk():
                     self._route(ev)
                 case eng.Ready(info=info):
-                    self.loaded = self._engine.lm
+                    assert self._engine is not None and self._engine.lm is not None
+                    self.loaded = loaded = self._engine.lm
                     log.info("loaded %s: %.1f MB of weights as %s, context %d", self.key[:19],
-                             info["weight_bytes"] / 1e6, self.loaded.weight_dtype, info["context_length"])
+                             info["weight_bytes"] / 1e6, loaded.weight_dtype, info["context_length"])
                     self.context_length = info["context_length"]
                     self.weight_bytes = info["weight_bytes"]
                     self.device_type = info.get("device", "cpu")

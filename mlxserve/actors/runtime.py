@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import attrs
 import trio
@@ -12,11 +12,11 @@ import trio
 from ..config import Settings
 from ..store.store import Store
 from . import faults
-from .embedder import Embedder, EmbedderHandle
-from .loader import Loader, LoaderHandle
+from .embedder import Embedder
+from .loader import model_loader
 from .metrics import Metrics, MetricsHandle
 from .scheduler import Scheduler, SchedulerHandle
-from .store import StoreActor, StoreHandle
+from .store import StoreService
 
 log = logging.getLogger("mlxserve.runtime")
 
@@ -24,36 +24,34 @@ log = logging.getLogger("mlxserve.runtime")
 @attrs.frozen
 class Runtime:
     settings: Settings
-    store: StoreHandle
-    loader: LoaderHandle
+    store: StoreService
     scheduler: SchedulerHandle
     metrics: MetricsHandle
     nursery: trio.Nursery  # for services that live as long as the runtime (the HTTP server)
-    embedder: EmbedderHandle | None = None
+    embedder: Embedder
 
 
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    store = Store(settings.models_dir, default_registry=settings.default_registry)
-    await trio.to_thread.run_sync(store.prune)
+    store = StoreService(Store.for_settings(settings))
+    await store.prune()
     async with trio.open_nursery() as nursery:
-        # Runners live in their own nursery, inside the outer one, so they stop before the
+        # Models run in their own nursery, inside the outer one, so they stop before the
         # actors they report to.
         async with trio.open_nursery() as runners:
             metrics = await nursery.start(Metrics(log_dir=settings.log_dir, debug=settings.debug).run)
-            store_h = await nursery.start(StoreActor(store).run)
-            loader = await nursery.start(Loader(settings, store_h, runners, metrics).run)
-            if (control := faults.control_path()) is not None:  # the chaos harness's fault seam
+            if (control := faults.control_path(settings)) is not None:  # the chaos harness's fault seam
                 faults.SEAM.on_fire = lambda name, model: metrics.record_nowait("fault", fault=name, model=model)
                 nursery.start_soon(faults.watch, control)
 
-            def on_event(kind: str, fields: dict) -> None:
+            def on_event(kind: str, fields: dict[str, Any]) -> None:
                 metrics.record_nowait("scheduler", event=kind, **fields)
                 if settings.debug:
                     log.debug("scheduler %s %s", kind, fields)
 
+            embedder = Embedder(settings)
             scheduler = await runners.start(Scheduler(
-                load_fn=loader.load,
+                load_fn=model_loader(settings, store, runners, metrics, embedder),
                 num_parallel=settings.num_parallel,
                 max_loaded=settings.max_loaded_models,
                 max_memory=settings.memory_budget,
@@ -61,9 +59,9 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 default_keep_alive=settings.keep_alive,
                 on_event=on_event,
             ).run)
-            embedder = await runners.start(Embedder(settings, store_h).run)
+            embedder.scheduler = scheduler
             try:
-                yield Runtime(settings, store_h, loader, scheduler, metrics, nursery, embedder=embedder)
+                yield Runtime(settings, store, scheduler, metrics, nursery, embedder)
             finally:
                 # Closing inboxes ends each loop on EndOfChannel; cancel whatever is left after
                 # a bounded, shielded wait.

@@ -1,7 +1,9 @@
 """The Scheduler actor: admission, queue caps, residency, keep-alive and eviction.
 
-It never touches MLX: loading goes through an injected ``load_fn`` (the Loader's, or a fake in
-tests), so every policy here is testable with trio's autojump clock.
+It owns every loaded model, generative (a Runner) or embedding (an EmbedWorker): one memory
+budget, one eviction policy, one list for /api/ps. It never touches MLX: loading goes through an
+injected ``load_fn`` (``loader.model_loader``, or a fake in tests), so every policy here is
+testable with trio's autojump clock.
 """
 
 from __future__ import annotations
@@ -10,17 +12,23 @@ import logging
 import math
 import time
 from collections import deque
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Literal, Protocol, Union
 
 import attrs
 import trio
 
 from ..config import DEFAULT_NUM_PARALLEL
 from ..errors import EngineError, MlxserveError, ServerBusy, ShuttingDown
-from .mailbox import Reply, ask, fail_pending, post
+from ..store.store import ResolvedModel
+from .mailbox import Inbox, Reply, ask, fail_pending, open_inbox
 
 log = logging.getLogger("mlxserve.scheduler")
 MAX_CRASH_RESTARTS = 3
+
+
+# What a resident model serves: generation (a Runner), or embeddings with a BERT encoder or a
+# decoder's pooled hidden states (an EmbedWorker).
+Kind = Literal["generate", "bert", "decoder"]
 
 
 @attrs.frozen
@@ -33,16 +41,57 @@ class LoadSpec:
     size: int = 0
     num_ctx: int | None = None
     kv_bytes: int = 0  # KV cache estimate for a full batch at num_ctx
-    details: dict = attrs.field(factory=dict, eq=False)
-    payload: Any = attrs.field(default=None, eq=False)  # what the load_fn needs (store record)
+    details: dict[str, Any] = attrs.field(factory=dict, eq=False)
+    resolved: ResolvedModel | None = attrs.field(default=None, eq=False)  # the store's record
+    kind: Kind = "generate"
+
+
+class ModelHandle(Protocol):
+    """What the Scheduler needs of a loaded model (RunnerHandle, EmbedWorkerHandle)."""
+
+    key: str
+    generation: int
+    load_seconds: float
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def weight_bytes(self) -> int: ...
+
+    @property
+    def vram_bytes(self) -> int: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    def running(self) -> int:
+        """Sequences or jobs its engine holds now (a gone client's stay until dropped)."""
+        ...
+
+    async def stop(self, reason: str = "model was unloaded", *, now: bool = False) -> None:
+        """Stop and wait until the engine has let go of the model; ``now``: do not finish the
+        batch in progress (shutdown)."""
+        ...
+
+
+# Called by a model when it exits: (key, generation, crash reason or None, sequences served).
+OnExit = Callable[[str, int, Union[str, None], int], None]
+LoadFn = Callable[[LoadSpec, OnExit], Awaitable[ModelHandle]]
 
 
 # ---- messages ----
 @attrs.frozen
+class Grant:
+    handle: ModelHandle
+    fresh: bool  # the request waited for this very load
+
+
+@attrs.frozen
 class Acquire:
     spec: LoadSpec
     keep_alive: float
-    reply: Reply
+    reply: Reply[Grant]
 
 
 @attrs.frozen
@@ -55,7 +104,7 @@ class Release:
 @attrs.frozen
 class LoadDone:
     spec: LoadSpec
-    handle: Any = None
+    handle: ModelHandle | None = None
     error: BaseException | None = None
 
 
@@ -70,43 +119,44 @@ class RunnerExited:
 @attrs.frozen
 class Unload:
     name: str | None  # None: all
-    reply: Reply
+    reply: Reply[int]
+    kinds: tuple[Kind, ...] | None = None  # None: every kind
 
 
 @attrs.frozen
 class StopAll:
     """Shutdown: stop every runner now (their open streams get an error chunk)."""
 
-    reply: Reply
+    reply: Reply[None]
 
 
 @attrs.frozen
 class Residents:
-    reply: Reply
+    reply: Reply[dict[str, Any]]
 
 
 @attrs.frozen
 class Snapshot:
-    reply: Reply
+    reply: Reply[SchedulerStats]
 
 
 @attrs.frozen
 class Dequeue:
     """A waiting acquire gave up (its client left): stop counting it as queued."""
 
-    reply: Reply
+    reply: Reply[Grant]
 
 
-def _footprint(r: "Resident") -> int:
+def _footprint(r: Resident) -> int:
     """What a resident model holds: its weights as loaded (f32 on a CPU may be 6x the file) plus
     the KV estimate it was admitted with."""
-    return (getattr(r.handle, "weight_bytes", 0) or r.spec.size) + r.spec.kv_bytes
+    return (r.handle.weight_bytes or r.spec.size) + r.spec.kv_bytes
 
 
 @attrs.define
 class Resident:
     spec: LoadSpec
-    handle: Any
+    handle: ModelHandle
     refcount: int = 0
     keep_alive: float = 300.0
     expires_at: float = math.inf  # trio clock; inf while busy or kept forever
@@ -126,9 +176,10 @@ class ModelStatus:
     queued: int
     expires_at: float | None  # unix time; None while busy; inf forever
     context_length: int
-    details: dict
+    details: dict[str, Any]
     engine_running: int = 0  # sequences the engine holds (a left client's stays until dropped)
     size_vram: int = 0
+    kind: Kind = "generate"
 
 
 @attrs.frozen
@@ -141,10 +192,11 @@ class SchedulerStats:
 
 @attrs.define(eq=False)
 class Lease:
-    """A claim on a loaded runner; release it (sync) when the request ends."""
+    """A claim on a loaded model; release it (sync) when the request ends."""
 
-    handle: Any
-    _scheduler: "SchedulerHandle"
+    handle: Any  # ModelHandle: a RunnerHandle for "generate" specs, an EmbedWorkerHandle else
+    _scheduler: SchedulerHandle
+    fresh: bool = False  # this request waited for the model's load
     _released: bool = False
 
     def release(self, keep_alive: float | None = None) -> None:
@@ -152,45 +204,41 @@ class Lease:
             self._released = True
             self._scheduler.release_nowait(self.handle.key, self.handle.generation, keep_alive)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
 
 @attrs.define(eq=False)
 class SchedulerHandle:
-    _inbox: trio.MemorySendChannel
+    _inbox: Inbox[Any]
 
     async def acquire(self, spec: LoadSpec, keep_alive: float) -> Lease:
-        reply = Reply()
-        post(self._inbox, Acquire(spec, keep_alive, reply))
+        reply: Reply[Grant] = Reply()
+        self._inbox.post(Acquire(spec, keep_alive, reply))
         try:
-            handle = await reply.wait()
+            grant = await reply.wait()
         except trio.Cancelled:
-            # Gave up while queued (client gone): if the lease arrives later, hand it back.
-            try:
-                self._inbox.send_nowait(Dequeue(reply))
-            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-                pass
+            # Gave up while queued (client gone): if the lease arrives later, it is handed back.
+            self._inbox.deliver(Dequeue(reply))
             raise
-        return Lease(handle, self)
+        return Lease(grant.handle, self, fresh=grant.fresh)
 
     def release_nowait(self, key: str, generation: int, keep_alive: float | None) -> None:
-        try:
-            self._inbox.send_nowait(Release(key, generation, keep_alive))
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+        self._inbox.deliver(Release(key, generation, keep_alive))  # must arrive: never dropped
 
-    async def unload(self, name: str | None = None) -> int:
-        return await ask(self._inbox, lambda r: Unload(name, r))
+    async def unload(self, name: str | None = None, kinds: tuple[Kind, ...] | None = None) -> int:
+        """Unload ``name`` (every model when None; only these kinds of it if given) as soon as
+        nothing runs on it; returns how many were marked."""
+        return await ask(self._inbox, lambda r: Unload(name, r, kinds))
 
     async def statistics(self) -> SchedulerStats:
         return await ask(self._inbox, Snapshot)
 
     async def runners(self) -> dict[str, Any]:
-        """Loaded runner handles by model name (for observability and tests)."""
+        """Loaded generation runners by model name (for observability and tests)."""
         return await ask(self._inbox, Residents)
 
     async def stop_all(self) -> None:
@@ -199,19 +247,20 @@ class SchedulerHandle:
 
 @attrs.define(eq=False)
 class Scheduler:
-    load_fn: Callable[[LoadSpec, Callable], Awaitable[Any]]
+    load_fn: LoadFn
     num_parallel: int = DEFAULT_NUM_PARALLEL
     max_loaded: int = 3
     max_memory: int | None = None  # bytes for resident models (weights + KV estimate); None: no cap
     max_queue: int = 512
     default_keep_alive: float = 300.0
-    on_event: Callable[[str, dict], None] | None = None
+    on_event: Callable[[str, dict[str, Any]], None] | None = None
 
     residents: dict[str, Resident] = attrs.field(factory=dict, init=False)
     waiting: dict[str, deque[Acquire]] = attrs.field(factory=dict, init=False)
     loading: str | None = attrs.field(default=None, init=False)
     crashes: dict[str, int] = attrs.field(factory=dict, init=False)
-    _send: trio.MemorySendChannel | None = attrs.field(default=None, init=False)
+    closing: bool = attrs.field(default=False, init=False)  # StopAll: later acquires are refused
+    _send: Inbox[Any] | None = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
 
     # -- queue accounting: requests that will not run as soon as their model is ready --
@@ -220,7 +269,7 @@ class Scheduler:
         over = sum(max(0, r.refcount - self.num_parallel) for r in self.residents.values())
         return waiting + over
 
-    def _queued_waiting(self, key: str, q: deque) -> int:
+    def _queued_waiting(self, key: str, q: deque[Acquire]) -> int:
         """Waiters for the model being loaded (or next to load) take its running slots when it is
         ready, as requests to a loaded model do, so only those beyond the slots are queued: counting
         them all refused a cold model's burst beyond MAX_QUEUE (4 of 50 served). Waiters for any
@@ -228,9 +277,9 @@ class Scheduler:
         first = self.loading if self.loading is not None else next(iter(self.waiting), None)
         return max(0, len(q) - self.num_parallel) if key == first else len(q)
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        # The inbox is larger than max_queue because releases and exits must always fit.
-        send, inbox = trio.open_memory_channel(self.max_queue * 2 + 1024)
+    async def run(self, *, task_status: trio.TaskStatus[SchedulerHandle] = trio.TASK_STATUS_IGNORED) -> None:
+        # Requests beyond this many unread are refused; releases and exits always get in.
+        send, inbox = open_inbox(self.max_queue * 2 + 1024)
         self._send = send
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -244,7 +293,7 @@ class Scheduler:
                         a.reply.fail(ShuttingDown())
             await self._unload_all()
 
-    async def _serve(self, inbox: trio.MemoryReceiveChannel) -> None:
+    async def _serve(self, inbox: trio.MemoryReceiveChannel[Any]) -> None:
         while True:
             # Keep-alive expiry is a deadline on this loop, not a sleeping task per model.
             deadline = min((r.expires_at for r in self.residents.values()), default=math.inf)
@@ -260,7 +309,7 @@ class Scheduler:
                 self._handle(msg)
             self._maybe_start_load()
 
-    def _emit(self, kind: str, **fields) -> None:
+    def _emit(self, kind: str, **fields: Any) -> None:
         if self.on_event is not None:
             self.on_event(kind, fields)
 
@@ -292,26 +341,31 @@ class Scheduler:
                     self._emit("runner_crashed", key=key, error=crash)
                 else:
                     self.crashes.pop(key, None)
-            case Unload(name=name, reply=reply):
+            case Unload(name=name, reply=reply, kinds=kinds):
                 n = 0
-                for key, r in list(self.residents.items()):
-                    if name is None or r.spec.name == name:
+                for r in list(self.residents.values()):
+                    if (name is None or r.spec.name == name) and (kinds is None or r.spec.kind in kinds) \
+                            and not r.unloading:
                         r.keep_alive = 0
                         if r.refcount == 0:
-                            r.expires_at = -math.inf
+                            self._emit("unload", model=r.spec.name)
+                            self._stop(r)
                         n += 1
                 reply.send(n)
             case Snapshot(reply=reply):
                 reply.send(self._snapshot())
             case Residents(reply=reply):
-                reply.send({r.spec.name: r.handle for r in self.residents.values() if not r.unloading})
+                reply.send({r.spec.name: r.handle for r in self.residents.values()
+                            if not r.unloading and r.spec.kind == "generate"})
             case StopAll(reply=reply):
+                self.closing = True
                 for a in (a for q in self.waiting.values() for a in q):
                     a.reply.fail(ShuttingDown())
                 self.waiting.clear()
+                assert self._nursery is not None
                 self._nursery.start_soon(self._stop_all, list(self.residents.values()), reply)
             case Dequeue(reply=reply):
-                for key, q in self.waiting.items():
+                for q in self.waiting.values():
                     for a in q:
                         if a.reply is reply:
                             q.remove(a)
@@ -319,12 +373,16 @@ class Scheduler:
                             break
                 if reply.done:  # the lease had already been granted: give it back
                     try:
-                        handle = reply.value_nowait()
+                        grant = reply.value_nowait()
                     except Exception:
                         return
-                    self._handle(Release(handle.key, handle.generation, None))
+                    if isinstance(grant, Grant):
+                        self._handle(Release(grant.handle.key, grant.handle.generation, None))
 
     def _on_acquire(self, msg: Acquire) -> None:
+        if self.closing:
+            msg.reply.fail(ShuttingDown())
+            return
         key = msg.spec.key
         r = self.residents.get(key)
         if r is not None and r.handle.alive and not r.unloading:
@@ -343,12 +401,12 @@ class Scheduler:
             return
         self.waiting.setdefault(key, deque()).append(msg)
 
-    def _grant(self, r: Resident, msg: Acquire) -> None:
+    def _grant(self, r: Resident, msg: Acquire, *, fresh: bool = False) -> None:
         r.refcount += 1
         r.keep_alive = msg.keep_alive
         r.expires_at = math.inf
         r.last_used = trio.current_time()
-        msg.reply.send(r.handle)
+        msg.reply.send(Grant(r.handle, fresh))
 
     def _maybe_start_load(self) -> None:
         if self.loading is not None:
@@ -374,26 +432,26 @@ class Scheduler:
         if any(r.unloading for r in self.residents.values()) and len(self.residents) >= self.max_loaded:
             return
         self.loading = key
+        assert self._nursery is not None
         self._nursery.start_soon(self._load_task, spec)
 
     async def _load_task(self, spec: LoadSpec) -> None:
+        assert self._send is not None
         t0 = time.perf_counter()
         try:
             handle = await self.load_fn(spec, self._runner_exited)
             handle.load_seconds = time.perf_counter() - t0
         except MlxserveError as exc:
-            self._send.send_nowait(LoadDone(spec, error=exc))
+            self._send.deliver(LoadDone(spec, error=exc))
         except Exception as exc:  # a bug in loading must still answer the waiters
             log.exception("load of %s failed", spec.name)
-            self._send.send_nowait(LoadDone(spec, error=EngineError(f"load failed: {exc}")))
+            self._send.deliver(LoadDone(spec, error=EngineError(f"load failed: {exc}")))
         else:
-            self._send.send_nowait(LoadDone(spec, handle=handle))
+            self._send.deliver(LoadDone(spec, handle=handle))
 
     def _runner_exited(self, key: str, generation: int, crash: str | None, served: int = 0) -> None:
-        try:
-            self._send.send_nowait(RunnerExited(key, generation, crash, served))
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
+        assert self._send is not None
+        self._send.deliver(RunnerExited(key, generation, crash, served))  # must arrive
 
     def _on_load_done(self, msg: LoadDone) -> None:
         key = msg.spec.key
@@ -404,12 +462,13 @@ class Scheduler:
             for a in waiters:
                 a.reply.fail(msg.error)
             return
+        assert msg.handle is not None
         r = Resident(msg.spec, msg.handle, keep_alive=self.default_keep_alive)
         r.last_used = trio.current_time()
         self.residents[key] = r
-        self._emit("loaded", model=msg.spec.name, seconds=getattr(msg.handle, "load_seconds", 0.0))
+        self._emit("loaded", model=msg.spec.name, seconds=msg.handle.load_seconds)
         for a in waiters:
-            self._grant(r, a)
+            self._grant(r, a, fresh=True)
         if not waiters:
             r.expires_at = trio.current_time() + r.keep_alive
 
@@ -422,13 +481,17 @@ class Scheduler:
     def _stop(self, r: Resident) -> None:
         r.unloading = True
         r.expires_at = math.inf
+        assert self._nursery is not None
         self._nursery.start_soon(r.handle.stop)
 
-    async def _stop_all(self, residents: list[Resident], reply: Reply) -> None:
+    async def _stop_all(self, residents: list[Resident], reply: Reply[None]) -> None:
+        async def stop(r: Resident) -> None:
+            await r.handle.stop("server is shutting down", now=True)
+
         async with trio.open_nursery() as n:
             for r in residents:
                 r.unloading = True
-                n.start_soon(r.handle.stop, "server is shutting down")
+                n.start_soon(stop, r)
         reply.send(None)
 
     async def _unload_all(self) -> None:
@@ -449,18 +512,16 @@ class Scheduler:
                 expires = math.inf
             else:
                 expires = wall + (r.expires_at - now)
-            stats = getattr(r.handle, "statistics", None)
             models.append(ModelStatus(
                 r.spec.name, key, r.spec.digest, r.spec.size, True,
                 min(r.refcount, self.num_parallel), max(0, r.refcount - self.num_parallel),
-                expires, getattr(r.handle, "context_length", 0), r.spec.details,
-                stats().running if stats is not None else 0,
-                getattr(r.handle, "vram_bytes", 0),
+                expires, r.handle.context_length, r.spec.details, r.handle.running(),
+                r.handle.vram_bytes, r.spec.kind,
             ))
         for key, q in self.waiting.items():
             if q and key not in self.residents:
                 s = q[0].spec
                 models.append(ModelStatus(s.name, key, s.digest, s.size, False, 0, self._queued_waiting(key, q),
-                                          None, 0, s.details))
+                                          None, 0, s.details, kind=s.kind))
         running = sum(min(r.refcount, self.num_parallel) for r in self.residents.values())
         return SchedulerStats(tuple(models), self.queued(), running, len(self.residents))

@@ -1,73 +1,35 @@
-"""The Store actor: the only writer of the model store.
+"""The daemon's store service: every read and write of the model store the daemon makes.
 
-The store itself (``mlxserve.store``) is blocking file code; this actor runs each call on a
-worker thread. Reads run concurrently; writes (create, copy, delete, prune, blob ingest) are
-serialized here so manifests are never written by two requests at once.
+Not an actor: there is no state here to serialize but a cache. The store (``mlxserve.store``)
+is blocking file code whose own guards keep it consistent between threads and processes (the
+CLI's offline commands write the same directory): every write is temp + fsync + atomic rename,
+blob writers hold a shared flock that prune takes exclusively. On top of that this service
+runs each call on a worker thread and keeps the daemon's manifest writes (create, copy, delete,
+prune, blob upload) one at a time, so two requests never race on one name. Pulls and pushes run
+beside them (they take minutes, and publish their manifest with one atomic rename).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
 
 import attrs
 import trio
 
-from ..store.store import Store
-from .mailbox import Reply, fail_pending, post
+from ..specs.modelfile import Modelfile
+from ..store import transfer as xfer
+from ..store.names import ModelName
+from ..store.store import Progress, ResolvedModel, Store
 
-_WRITES = {"create", "copy", "delete", "prune", "ingest_blob"}
-
-
-@attrs.frozen
-class Call:
-    method: str
-    args: tuple
-    kwargs: dict
-    reply: Reply
-
-
-@attrs.define(eq=False)
-class StoreHandle:
-    _inbox: trio.MemorySendChannel
-    store: Store  # read-only uses (paths) only; mutations go through the actor
-
-    async def call(self, method: str, *args, **kwargs) -> Any:
-        reply = Reply()
-        post(self._inbox, Call(method, args, kwargs, reply))
-        return await reply.wait()
-
-    async def resolve(self, name: str):
-        return await self.call("resolve", name)
-
-    async def list(self):
-        return await self.call("list")
-
-    async def delete(self, name: str) -> None:
-        await self.call("delete", name)
-
-    async def copy(self, src: str, dst: str) -> None:
-        await self.call("copy", src, dst)
-
-    async def create(self, name: str, modelfile, *, base_dir, progress: Callable | None = None,
-                     quantize: str | None = None, files: dict | None = None,
-                     on_validated: Callable[[], None] | None = None):
-        """``modelfile``: its text or a parsed Modelfile; the rest as ``Store.create``."""
-        return await self.call("create", name, modelfile, base_dir=base_dir, progress=progress,
-                               quantize=quantize, files=files, on_validated=on_validated)
-
-    async def verify_for_load(self, resolved) -> None:
-        await self.call("verify_for_load", resolved)
-
-    async def model_path(self, resolved):
-        return await self.call("model_path", resolved)
-
-
+T = TypeVar("T")
 _RESOLVE_CACHE_MAX = 256
 
 
-def _stat_key(path) -> tuple | None:
+def _stat_key(path: Path) -> tuple[int, ...] | None:
     try:
         st = os.stat(path)
     except OSError:
@@ -76,40 +38,78 @@ def _stat_key(path) -> tuple | None:
 
 
 @attrs.define(eq=False)
-class StoreActor:
-    store: Store
+class StoreService:
+    store: Store  # the files themselves: tests read them; the daemon goes through the methods
     _write_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
     # name -> (its manifest's stat, the ResolvedModel read from it). Every generation request
     # resolves its model; answering a known, unchanged name here instead of on a worker thread
-    # saves two GIL hand-offs, which under a busy engine thread cost several milliseconds each
-    # (the chaos harness measured 503s under queue overflow at half the latency with this).
+    # saves two GIL hand-offs, which under a busy engine thread cost several milliseconds each.
     # Any write clears it; a manifest replaced from outside changes its stat.
-    _resolved: dict[str, tuple[tuple, Any]] = attrs.field(factory=dict, init=False)
+    _resolved: dict[str, tuple[tuple[int, ...], ResolvedModel]] = attrs.field(factory=dict, init=False)
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        send, inbox = trio.open_memory_channel(256)
-        async with trio.open_nursery() as nursery:
-            task_status.started(StoreHandle(send, self.store))
-            async with inbox:
-                try:
-                    async for msg in inbox:
-                        if msg.method == "resolve" and self._answer_from_cache(msg):
-                            continue
-                        nursery.start_soon(self._serve, msg)
-                finally:
-                    fail_pending(inbox)
+    # ---- reads: concurrent, abandoned when the caller goes ----
+    async def resolve(self, name: str) -> ResolvedModel:
+        hit = self._resolved.get(name)
+        if hit is not None and _stat_key(self.store.manifest_path(hit[1].name)) == hit[0]:
+            return hit[1]
+        return await self._read(self._resolve, name)
 
-    def _answer_from_cache(self, msg: Call) -> bool:
-        hit = self._resolved.get(msg.args[0]) if len(msg.args) == 1 and not msg.kwargs else None
-        if hit is None:
-            return False
-        key, resolved = hit
-        if _stat_key(self.store.manifest_path(resolved.name)) != key:
-            return False
-        msg.reply.send(resolved)
-        return True
+    async def list(self) -> list[ResolvedModel]:
+        return await self._read(self.store.list)
 
-    def _resolve(self, name: str):
+    async def load_path(self, resolved: ResolvedModel) -> Path:
+        """Verify the model's blobs and link its files: the path an engine loads."""
+        return await self._read(self.store.load_path, resolved)
+
+    def parse(self, name: str) -> ModelName:
+        """A model name, or BadRequest (no I/O)."""
+        return self.store.parse(name)
+
+    def has_blob(self, digest: str) -> bool:
+        """BadRequest for a malformed digest (one stat)."""
+        return self.store.has_blob(digest)
+
+    # ---- writes: one at a time, finished even when the caller goes ----
+    async def delete(self, name: str) -> None:
+        await self._write(self.store.delete, name)
+
+    async def copy(self, src: str, dst: str) -> None:
+        await self._write(self.store.copy, src, dst)
+
+    async def create(self, name: str, modelfile: str | Modelfile, *, base_dir: Path,
+                     progress: Progress | None = None, quantize: str | None = None,
+                     files: dict[str, str] | None = None,
+                     on_validated: Callable[[], None] | None = None) -> ResolvedModel:
+        """``modelfile``: its text or a parsed Modelfile; the rest as ``Store.create``."""
+        return await self._write(functools.partial(
+            self.store.create, name, modelfile, base_dir=base_dir, progress=progress, quantize=quantize,
+            files=files, on_validated=on_validated))
+
+    async def ingest_blob(self, digest: str, chunks: Iterable[bytes]) -> None:
+        await self._write(self.store.ingest_blob, digest, chunks)
+
+    async def prune(self) -> int:
+        return await self._write(self.store.prune)
+
+    # ---- transfers: beside the writes above, cancelled through ``cancel`` ----
+    async def pull(self, name: str, *, insecure: bool, progress: Progress,
+                   cancel: threading.Event) -> xfer.TransferResult:
+        return await self._transfer(xfer.pull, name, insecure, progress, cancel)
+
+    async def push(self, name: str, *, insecure: bool, progress: Progress,
+                   cancel: threading.Event) -> xfer.TransferResult:
+        return await self._transfer(xfer.push, name, insecure, progress, cancel)
+
+    async def _transfer(self, fn: Callable[..., xfer.TransferResult], name: str, insecure: bool,
+                        progress: Progress, cancel: threading.Event) -> xfer.TransferResult:
+        try:
+            return await trio.to_thread.run_sync(functools.partial(
+                fn, self.store, name, insecure=insecure, progress=progress, cancel=cancel))
+        finally:
+            self._resolved.clear()
+
+    # ---- plumbing ----
+    def _resolve(self, name: str) -> ResolvedModel:
         """resolve() on a worker thread, remembering the answer if the manifest held still."""
         try:
             path = self.store.manifest_path(self.store.parse(name))
@@ -123,23 +123,14 @@ class StoreActor:
             self._resolved[name] = (before, resolved)
         return resolved
 
-    async def _serve(self, msg: Call) -> None:
-        if msg.method == "resolve" and len(msg.args) == 1 and not msg.kwargs:
-            fn = functools.partial(self._resolve, msg.args[0])
-        else:
-            fn = functools.partial(getattr(self.store, msg.method), *msg.args, **msg.kwargs)
-        try:
-            if msg.method in _WRITES:
-                async with self._write_lock:
-                    # abandon_on_cancel=False: a write that started finishes, so the store
-                    # never sees half an operation because a client went away.
-                    try:
-                        result = await trio.to_thread.run_sync(fn)
-                    finally:
-                        self._resolved.clear()
-            else:
-                result = await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
-        except Exception as exc:
-            msg.reply.fail(exc)
-        else:
-            msg.reply.send(result)
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(functools.partial(fn, *args), abandon_on_cancel=True)
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        async with self._write_lock:
+            try:
+                # Not abandoned on cancel: a write that started finishes, so the store never
+                # sees half an operation because a client went away.
+                return await trio.to_thread.run_sync(functools.partial(fn, *args))
+            finally:
+                self._resolved.clear()

@@ -60,7 +60,7 @@ class Config:
     workdir: Path | None = None  # keep artefacts here (default: a temporary directory)
 
     @classmethod
-    def for_mode(cls, long: bool, **kw) -> "Config":
+    def for_mode(cls, long: bool, **kw) -> Config:
         if long:
             kw = {"storm_requests": 0, "probe_rounds": 10, "overflow_requests": 400, "overflow_p99_ms": 50.0,
                   "fault_rounds": 5, **kw}
@@ -100,7 +100,7 @@ class ScenarioReport:
 
 class Chaos:
     def __init__(self, cfg: Config, workdir: Path, out: Callable[[str], None] = print,
-                 warmup_plan: Callable[["Chaos", random.Random], Plan] | None = None):
+                 warmup_plan: Callable[[Chaos, random.Random], Plan] | None = None):
         self.cfg = cfg
         self.warmup_plan = warmup_plan  # the storm's client draw (scenarios.random_plan)
         self.workdir = workdir
@@ -260,7 +260,7 @@ class Chaos:
                 n.start_soon(one, plan)
         return results
 
-    async def scenario(self, name: str, fn: Callable[["Chaos"], Awaitable[Outcome]]) -> ScenarioReport:
+    async def scenario(self, name: str, fn: Callable[[Chaos], Awaitable[Outcome]]) -> ScenarioReport:
         self.out(f"-- {name}")
         marks = {d.name: len(d.request_log()) for d in (self.main, self.ref)}
         t0 = time.monotonic()

@@ -12,7 +12,7 @@ from typing import Iterable
 import attrs
 
 from .clients import CLIENT_FAULTS, Result
-from .daemon import DaemonProcess, TRIO_WORKER, wait_for
+from .daemon import TRIO_WORKER, DaemonProcess, wait_for
 
 RSS_MARGIN_MIB = 64  # resident memory may grow this much over the baseline (MLX buffer cache, prefix KV)
 RSS_MARGIN_FRACTION = 0.25  # ...or this fraction of it, whichever is larger

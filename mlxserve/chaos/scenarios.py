@@ -8,6 +8,7 @@ returning); where only the daemon knows (its queue, its slots), it is bounded po
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -471,7 +472,7 @@ async def kill_during_create(ch: Chaos) -> Outcome:
                                       check=False, capture_stdout=True, capture_stderr=True)
         code = await d.wait_exit(30)
         offline = {**env, "MLXSERVE_MODELS": str(store)}
-        verify = await trio.to_thread.run_sync(lambda: mlxctl("verify", env=offline))
+        verify = await trio.to_thread.run_sync(functools.partial(mlxctl, "verify", env=offline))
         absent = not (store / "manifests" / "registry.ollama.ai" / "library" / "chaos-new").exists()
         checks += [
             Check(f"killed_during_create[{stage}]", code == -9 and proc.returncode != 0,

@@ -10,8 +10,7 @@ from typing import Callable
 
 import trio
 
-from . import invariants as inv
-from . import report, scenarios
+from . import invariants as inv, report, scenarios
 from .harness import Chaos, Config
 
 

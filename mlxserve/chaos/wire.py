@@ -34,7 +34,7 @@ class Connection:
         self._body_done = False
 
     @classmethod
-    async def open(cls, host: str, port: int, *, rcvbuf: int | None = None) -> "Connection":
+    async def open(cls, host: str, port: int, *, rcvbuf: int | None = None) -> Connection:
         sock = trio.socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
         try:
             if rcvbuf:  # before connect, so the window is small from the handshake on

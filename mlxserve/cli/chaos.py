@@ -24,8 +24,8 @@ async def chaos(long_: bool, json_path: Path | None, seed: int, scenarios: tuple
     """Disconnect storms and injected faults against real daemons; exit 1 on any violation."""
     from ..chaos import report
     from ..chaos.harness import Config
-    from ..chaos.suite import run_chaos
     from ..chaos.scenarios import ALL
+    from ..chaos.suite import run_chaos
 
     unknown = [s for s in scenarios if s not in ALL]
     if unknown:

@@ -15,7 +15,7 @@ import asyncclick as click
 import attrs
 import httpx
 
-# Shared with the other command modules (transfer, bench), which import them from .client too.
+# Shared with the other command modules (sharing, bench), which import them from .client too.
 from .client import check as _check
 from .client import client as _client
 from .client import fail as _fail
@@ -170,7 +170,7 @@ def _create_local(name: str, text: str, base_dir: Path, quantize: str | None) ->
 
     s = _settings()
     try:
-        Store(s.models_dir, default_registry=s.default_registry).create(
+        Store.for_settings(s).create(
             name, text, base_dir=base_dir, quantize=quantize,
             progress=lambda e: click.echo(e.get("status", "")),
         )
@@ -186,7 +186,7 @@ async def import_default(name: str) -> None:
     from ..store.store import Store
 
     s = _settings()
-    store = Store(s.models_dir, default_registry=s.default_registry)
+    store = Store.for_settings(s)
     try:
         store.resolve(name)
         click.echo(f"{name} is already in the store")
@@ -293,7 +293,7 @@ async def verify(model: str | None) -> None:
 
     s = _settings()
     try:
-        rows = Store(s.models_dir, default_registry=s.default_registry).verify(model)
+        rows = Store.for_settings(s).verify(model)
     except MlxserveError as exc:  # a model name that is invalid or not in the store
         _fail(str(exc))
     bad = [r for r in rows if not r["ok"]]
@@ -321,9 +321,9 @@ def _table(headers: tuple, rows: list[tuple]) -> None:
 
 
 def _register() -> None:
-    from . import bench, chaos, transfer
+    from . import bench, chaos, sharing
 
-    for module in (transfer, chaos, bench):
+    for module in (sharing, chaos, bench):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -24,7 +24,13 @@ from tokenizers import Tokenizer
 
 from ..errors import LoadError
 from .embedinputs import (
-    EmbedInput, KeepGoing, Tokenized, batch_groups, normalize_rows, padded, reduce_dimensions,
+    EmbedInput,
+    KeepGoing,
+    Tokenized,
+    batch_groups,
+    normalize_rows,
+    padded,
+    reduce_dimensions,
     tokenize_all,
 )
 
@@ -47,7 +53,7 @@ class BertConfig:
     hidden_act: str = "gelu"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BertConfig":
+    def from_dict(cls, d: dict[str, Any]) -> BertConfig:
         names = {a.name for a in attrs.fields(cls)}
         try:
             return cls(**{k: v for k, v in d.items() if k in names})
@@ -285,7 +291,7 @@ class BertEmbedder:
         return self.sentence.max_seq_length
 
     @classmethod
-    def load(cls, path: str | Path) -> "BertEmbedder":
+    def load(cls, path: str | Path) -> BertEmbedder:
         root = Path(path)
         config = _read_json(root / "config.json")
         if not isinstance(config, dict) or config.get("model_type") != "bert":

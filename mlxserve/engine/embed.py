@@ -26,7 +26,14 @@ import numpy as np
 
 from ..errors import EngineError, LoadError, MlxserveError
 from .embedinputs import (
-    EmbedInput, KeepGoing, Tokenized, batch_groups, mean_pool, normalize_rows, padded, reduce_dimensions,
+    EmbedInput,
+    KeepGoing,
+    Tokenized,
+    batch_groups,
+    mean_pool,
+    normalize_rows,
+    padded,
+    reduce_dimensions,
     tokenize_all,
 )
 from .loop import thread_stream
@@ -60,7 +67,7 @@ class DecoderEmbedder:
         self._prefix = [tok.bos_token_id] if tok.add_bos and tok.bos_token_id is not None else []
 
     @classmethod
-    def load(cls, path: str | Path, *, weight_dtype: str | None = None) -> "DecoderEmbedder":
+    def load(cls, path: str | Path, *, weight_dtype: str | None = None) -> DecoderEmbedder:
         from .model import load_path
 
         return cls(load_path(path, weight_dtype=weight_dtype))
@@ -88,7 +95,8 @@ class DecoderEmbedder:
             if keep_going is not None and not keep_going(idx):
                 continue
             ids, mask = padded(seqs, idx)
-            vecs = self._pooled(ids, mask, chunk_now, lambda: keep_going is None or keep_going(idx))
+            vecs = self._pooled(ids, mask, chunk_now,
+                                lambda idx=idx: keep_going is None or keep_going(idx))
             if vecs is None:
                 continue
             got = np.array(vecs, dtype=np.float32)

@@ -11,9 +11,7 @@ from typing import Callable
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.events import Updated
-from hypercorn.trio import run as hypercorn_run
-from hypercorn.trio import serve as hypercorn_serve
-from hypercorn.trio import tcp_server as hypercorn_tcp
+from hypercorn.trio import run as hypercorn_run, serve as hypercorn_serve, tcp_server as hypercorn_tcp
 from quart import Response, request
 from quart.asgi import ASGIHTTPConnection
 from quart_trio import QuartTrio
@@ -22,10 +20,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..actors.runtime import Runtime
 from ..errors import MlxserveError, ModelNotFound, Unauthorized
-from . import ollama, openai
-from . import transfer
-from . import embeddings
-from . import anthropic, responses
+from . import anthropic, blobs, embeddings, ollama, openai, responses
 from .common import error_headers, json_response
 
 log = logging.getLogger("mlxserve.http")
@@ -184,7 +179,7 @@ def create_app(rt: Runtime) -> QuartTrio:
     app.config["BODY_TIMEOUT"] = 60
     app.register_blueprint(ollama.bp)
     app.register_blueprint(openai.bp)
-    app.register_blueprint(transfer.bp)
+    app.register_blueprint(blobs.bp)
     app.register_blueprint(embeddings.bp)
     app.register_blueprint(anthropic.bp)
     app.register_blueprint(responses.bp)

@@ -73,13 +73,10 @@ async def tags():
 
 @bp.get("/api/ps")
 async def ps():
-    """Loaded models, generation (the Scheduler's runners) and embedding (the Embedder's)."""
-    rt = runtime()
-    stats = await rt.scheduler.statistics()
+    """Loaded models, generating and embedding alike: the Scheduler owns them all."""
+    stats = await runtime().scheduler.statistics()
     rows = [(m.name, m.size, m.digest, m.details, m.expires_at, m.size_vram, m.context_length)
             for m in stats.models if m.loaded]
-    rows += [(m.name, m.size, m.digest, g.details(m.spec), m.expires_unix, m.size_vram, m.context_length)
-             for m in rt.embedder.statistics().models if m.state == "ready"]
     group = _groups(stats)
     return json_response({"models": [
         {"name": name, "model": name, "size": size, "digest": digest.removeprefix("sha256:"), "details": details,

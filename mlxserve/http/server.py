@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 
@@ -42,9 +41,6 @@ async def run_daemon(settings: Settings, *, shutdown: trio.Event | None = None,
             # In-flight streams get a final error line: runners stop first and fail their
             # sequences, then Hypercorn's graceful shutdown lets the handlers write it.
             with trio.move_on_after(10, shield=True):
-                if rt.embedder is not None:  # first: it fails its requests without waiting
-                    with contextlib.suppress(ShuttingDown):
-                        await rt.embedder.stop_all()
                 try:
                     await rt.scheduler.stop_all()
                 except ShuttingDown:

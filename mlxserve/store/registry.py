@@ -98,7 +98,7 @@ class TransferOptions:
     chunk_size: int = 64 << 20  # uploads larger than this go as PATCH chunks of this size
 
     @classmethod
-    def from_env(cls) -> "TransferOptions":
+    def from_env(cls) -> TransferOptions:
         """Defaults, overridable by MLXSERVE_REGISTRY_{RETRIES,BACKOFF,STALL_S,PARALLEL,CHUNK}."""
         env = os.environ
         d = cls()
@@ -208,7 +208,7 @@ class RegistryClient:
             self._active.discard(resp)
         resp.close()
 
-    def __enter__(self) -> "RegistryClient":
+    def __enter__(self) -> RegistryClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -519,7 +519,7 @@ class RegistryClient:
         return location + ("&" if "?" in location else "?") + urlencode({"digest": digest})
 
 
-def sha256_file_prefix(path, length: int) -> "hashlib._Hash":
+def sha256_file_prefix(path, length: int) -> hashlib._Hash:
     """A sha256 object fed with the first ``length`` bytes of ``path`` (to resume hashing)."""
     h = hashlib.sha256()
     remaining = length

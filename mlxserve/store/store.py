@@ -23,12 +23,13 @@ import os
 import shutil
 import signal
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import attrs
 
+from ..config import Settings
 from ..errors import BadRequest, DigestMismatch, IntegrityError, ModelNotFound
 from ..specs.modelfile import Modelfile, parse_modelfile
 from ..specs.modelspec import ModelSpec
@@ -41,14 +42,7 @@ from .ollama_compat import spec_from_ollama
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "MLXSERVE_FAULT_CREATE_KILL_AFTER"
 Progress = Callable[[dict], None]
-
-
-def _fault(stage: str) -> None:
-    """Named crash-injection seam for tests; inert unless the environment names this stage."""
-    if os.environ.get(FAULT_ENV) == stage:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @attrs.frozen
@@ -64,7 +58,17 @@ class ResolvedModel:
 
 
 class Store:
-    def __init__(self, root: Path, default_registry: str = DEFAULT_REGISTRY):
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Store:
+        """The store the settings name (MLXSERVE_MODELS), as the daemon and the CLI open it."""
+        return cls(settings.models_dir, default_registry=settings.default_registry,
+                   kill_at_stage=settings.fault_create_kill_after)
+
+    def __init__(self, root: Path, default_registry: str = DEFAULT_REGISTRY, *,
+                 kill_at_stage: str | None = None):
+        """``kill_at_stage``: a fault of the chaos harness's (actors/faults.py), inert when None:
+        the process kills itself when a create reaches that stage ("blob", "before_manifest")."""
+        self.kill_at_stage = kill_at_stage
         self.root = Path(root).expanduser()
         self.default_registry = default_registry.lower()
         self.blobs_dir = self.root / "blobs"
@@ -79,6 +83,10 @@ class Store:
             d.mkdir(parents=True, exist_ok=True)
         self._lock_path = self.root / ".lock"
         self._verifier = Verifier(self.blobs_dir, self.records_dir)
+
+    def _fault(self, stage: str) -> None:
+        if self.kill_at_stage == stage:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------------ names and paths
 
@@ -119,7 +127,7 @@ class Store:
         return ResolvedModel(
             name=mn, display=display, digest=fsutil.sha256_bytes(data), manifest=doc,
             spec=self._spec_of(doc, display), size=sum(d["size"] for d in doc["layers"]),
-            modified_at=datetime.fromtimestamp(st.st_mtime, tz=timezone.utc),
+            modified_at=datetime.fromtimestamp(st.st_mtime, tz=UTC),
             layers=list(doc["layers"]),
         )
 
@@ -188,6 +196,11 @@ class Store:
 
     # ------------------------------------------------------------------ integrity
 
+    def load_path(self, resolved: ResolvedModel) -> Path:
+        """Verify every blob of the model, then give the path a loader opens (``model_path``)."""
+        self.verify_for_load(resolved)
+        return self.model_path(resolved)
+
     def verify_for_load(self, resolved: ResolvedModel) -> None:
         """Raise IntegrityError unless every blob of the model is present and intact."""
         for desc in [resolved.manifest["config"], *resolved.layers]:
@@ -249,7 +262,7 @@ class Store:
             new.append(dest)
         finally:
             tmp.unlink(missing_ok=True)
-        _fault("blob")
+        self._fault("blob")
         return digest, size
 
     def _put_bytes(self, data: bytes, progress: Progress, new: list[Path]) -> tuple[str, int]:
@@ -261,7 +274,7 @@ class Store:
             progress({"status": f"creating new layer {digest}"})
             fsutil.atomic_write(dest, data, self.tmp_dir)
             new.append(dest)
-            _fault("blob")
+            self._fault("blob")
         return digest, len(data)
 
     def _put_layer(self, src: importers.LayerSource, progress: Progress, new: list[Path]) -> dict:
@@ -366,7 +379,7 @@ class Store:
                 digest, size = self._put_bytes(spec.to_json(), emit, new)
                 config = mt.descriptor(mt.SPEC_MEDIA_TYPE, digest, size)
                 data = mt.build_manifest(config, layers)
-                _fault("before_manifest")
+                self._fault("before_manifest")
                 emit({"status": "writing manifest"})
                 self._write_manifest(target, data)
             except BaseException:

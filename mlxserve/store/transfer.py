@@ -46,8 +46,16 @@ import attrs
 from ..errors import BadRequest, IntegrityError, MlxserveError, ModelNotFound
 from . import fsutil, manifest as mt
 from .names import ModelName
-from .registry import (AnyEvent, RegistryClient, RegistryDigestMismatch, RegistryError,
-                       TransferCancelled, TransferOptions, _Retryable, sha256_file_prefix)
+from .registry import (
+    AnyEvent,
+    RegistryClient,
+    RegistryDigestMismatch,
+    RegistryError,
+    TransferCancelled,
+    TransferOptions,
+    _Retryable,
+    sha256_file_prefix,
+)
 from .store import Store
 
 log = logging.getLogger(__name__)

@@ -26,9 +26,14 @@ class FakeRunner:
         self.generation = next(_gen)
         self.alive = True
         self.context_length = 2048
+        self.weight_bytes = self.vram_bytes = 0
+        self.load_seconds = 0.0
         self.on_exit = on_exit
 
-    async def stop(self, reason: str = "unloaded"):
+    def running(self) -> int:
+        return 0
+
+    async def stop(self, reason: str = "unloaded", *, now: bool = False):
         self.alive = False
         self.on_exit(self.key, self.generation, None)
 

@@ -13,8 +13,8 @@ import trio
 
 from mlxserve.chaos import report as chaos_report
 from mlxserve.chaos.harness import Config
-from mlxserve.chaos.suite import run_chaos
 from mlxserve.chaos.scenarios import ORDER
+from mlxserve.chaos.suite import run_chaos
 
 RUN_LIMIT_S = 170  # the whole short mode, start-up and shutdown of both daemons included
 

@@ -14,7 +14,7 @@ import trio.testing
 from mlxserve.actors import faults
 from mlxserve.actors.hosts import EngineHosts
 from mlxserve.actors.scheduler import LoadSpec, Scheduler
-from mlxserve.actors.store import StoreActor
+from mlxserve.actors.store import StoreService
 from mlxserve.chaos import clients, wire
 from mlxserve.chaos.clients import Plan, Result, Template, _Reader, _wellformed_error
 from mlxserve.chaos.scenarios import pct
@@ -170,14 +170,19 @@ class _Runner:
         self.generation = next(self._gen)
         self.alive = True
         self.context_length = 64
+        self.weight_bytes = self.vram_bytes = 0
+        self.load_seconds = 0.0
 
-    async def stop(self, reason=""):
+    def running(self) -> int:
+        return 0
+
+    async def stop(self, reason="", *, now=False):
         self.alive = False
         self.on_exit(self.key, self.generation, None)
 
     def crash(self, served):
         self.alive = False
-        self.on_exit(self.key, self.generation, "engine crashed: chaos", served=served)
+        self.on_exit(self.key, self.generation, "engine crashed: chaos", served)
 
 
 async def test_crash_cap_counts_crashes_in_a_row_only(nursery):
@@ -205,10 +210,10 @@ async def test_crash_cap_counts_crashes_in_a_row_only(nursery):
             await h.acquire(spec, 300)
 
 
-async def test_store_actor_answers_known_names_without_a_thread(models_dir, nursery):
+async def test_store_service_answers_known_names_without_a_thread(models_dir):
     store = Store(models_dir)
     with trio.fail_after(30):
-        h = await nursery.start(StoreActor(store).run)
+        h = StoreService(store)
         first = await h.resolve("tiny")
         calls = []
         real = store.resolve

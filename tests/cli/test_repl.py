@@ -110,7 +110,7 @@ class ScriptedDaemon:
 async def daemon(nursery):
     d = ScriptedDaemon()
     listeners = await nursery.start(partial(trio.serve_tcp, d.handle, 0, host="127.0.0.1"))
-    d.url = "http://127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
+    d.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
     return d
 
 

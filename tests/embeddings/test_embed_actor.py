@@ -1,4 +1,5 @@
-"""The Embedder actor with an injected model (no MLX): batching, keep-alive, failures.
+"""The Embedder with an injected model (no MLX) under a real Scheduler: batching, keep-alive
+(the Scheduler's), failures.
 
 The worker threads are real, so these tests use a MockClock running at real speed (jumped by
 hand to reach keep-alive deadlines) rather than the autojump clock, which would jump to a
@@ -8,6 +9,7 @@ deadline while a thread is busy.
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from types import SimpleNamespace
 
@@ -17,6 +19,8 @@ import trio
 import trio.testing
 
 from mlxserve.actors.embedder import Embedder, EmbedRequest
+from mlxserve.actors.loader import model_loader
+from mlxserve.actors.scheduler import Scheduler
 from mlxserve.config import Settings
 from mlxserve.engine.embedinputs import Tokenized
 from mlxserve.errors import BadRequest, LoadError
@@ -45,16 +49,14 @@ class FakeModel:
 
 
 class FakeStore:
-    async def verify_for_load(self, resolved):
-        pass
-
-    async def model_path(self, resolved):
+    async def load_path(self, resolved):
         return f"/models/{resolved.display}"
 
 
 def _model(name: str, caps=("embedding",)):
-    return SimpleNamespace(digest=f"sha256:{name}", display=f"{name}:latest", size=1000,
-                           spec=SimpleNamespace(capabilities=list(caps)))
+    spec = SimpleNamespace(capabilities=list(caps), parent_model=None, format="safetensors", family="bert",
+                           families=None, parameter_size="", quantization_level="")
+    return SimpleNamespace(digest=f"sha256:{name}", display=f"{name}:latest", size=1000, spec=spec)
 
 
 @pytest.fixture
@@ -82,10 +84,12 @@ async def embedder(log, tmp_path):
         return load
 
     settings = Settings(models_dir=tmp_path, max_loaded_models=1)
-    async with trio.open_nursery() as nursery:
-        handle = await nursery.start(Embedder(settings, FakeStore(), load_fn=load_fn).run)
-        yield handle
-        nursery.cancel_scope.cancel()
+    embedder = Embedder(settings, load_fn=load_fn)
+    async with trio.open_nursery() as runners:
+        embedder.scheduler = await runners.start(Scheduler(
+            load_fn=model_loader(settings, FakeStore(), runners, None, embedder), max_loaded=1).run)
+        yield embedder
+        runners.cancel_scope.cancel()
 
 
 async def test_requests_that_arrive_together_share_a_batch(embedder, log):
@@ -161,7 +165,8 @@ async def test_keep_alive_expiry_and_zero(embedder, log, clock):
         await embedder.embed(m, EmbedRequest(("a",)), 60)
     [stats] = embedder.statistics().models
     assert stats.state == "ready" and stats.active == 0
-    assert 59 < stats.expires_at - trio.current_time() <= 60
+    [resident] = (await embedder.scheduler.statistics()).models  # residency is the Scheduler's
+    assert resident.kind == "bert" and 59 < resident.expires_at - time.time() <= 60
     clock.jump(30)
     with trio.fail_after(10):
         await trio.testing.wait_all_tasks_blocked()
@@ -194,7 +199,7 @@ async def test_an_unloaded_model_is_let_go(embedder, log):
     with trio.fail_after(10):
         await embedder.embed(m, EmbedRequest(("x",)), float("inf"))
         await embedder.unload(m)
-        for w in embedder._actor._stopping:  # the worker records stay behind for a while ...
+        for w in embedder.stopping():  # the worker records stay behind for a while ...
             await trio.to_thread.run_sync(w.finished.wait)
     assert log["models"][-1]() is None  # ... but not the model
 
@@ -229,3 +234,46 @@ async def test_a_refusal_does_not_wait_for_the_running_batch(embedder, log):
             assert not log["gate"].is_set()  # answered while the batch still ran
             log["gate"].set()
     assert log["batches"] == [1, 1]
+
+
+class _Generator:
+    """Stands in for a generation RunnerHandle: what the Scheduler reads of a resident."""
+
+    def __init__(self, key, on_exit):
+        self.key, self.on_exit, self.generation = key, on_exit, 1
+        self.alive, self.context_length, self.load_seconds = True, 64, 0.0
+        self.weight_bytes, self.vram_bytes = 100, 0
+
+    def running(self) -> int:
+        return 0
+
+    async def stop(self, reason="", *, now=False):
+        self.alive = False
+        self.on_exit(self.key, self.generation, None, 0)
+
+
+async def test_generating_and_embedding_models_share_one_budget(log, tmp_path):
+    """One residency owner: MAX_LOADED_MODELS (and the memory budget) count both kinds, so an
+    embedding model evicts an idle generating one, and /api/ps's source lists it."""
+    from mlxserve.actors.scheduler import LoadSpec
+
+    settings = Settings(models_dir=tmp_path, max_loaded_models=1)
+    embedder = Embedder(settings, load_fn=lambda resolved, path, kind: (lambda: FakeModel(log)))
+    generators: list[_Generator] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as runners:
+            embed_load = model_loader(settings, FakeStore(), runners, None, embedder)
+
+            async def load(spec, on_exit):
+                if spec.kind == "generate":
+                    generators.append(_Generator(spec.key, on_exit))
+                    return generators[-1]
+                return await embed_load(spec, on_exit)
+
+            sched = embedder.scheduler = await runners.start(Scheduler(load_fn=load, max_loaded=1).run)
+            (await sched.acquire(LoadSpec(key="gen", name="gen:latest", digest="sha256:gen"), 60)).release()
+            await embedder.embed(_model("e"), EmbedRequest(("a",)), 60)
+            stats = await sched.statistics()
+            assert [(m.name, m.kind) for m in stats.models] == [("e:latest", "bert")]
+            assert not generators[0].alive  # evicted for the embedding model
+            runners.cancel_scope.cancel()

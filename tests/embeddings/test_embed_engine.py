@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from support import float_tol
 
 from mlxserve.engine.bert import read_sentence_config
 from mlxserve.engine.embed import DecoderEmbedder
 from mlxserve.engine.embedinputs import TOO_LONG, reduce_dimensions
 from mlxserve.errors import BadRequest
-from support import float_tol
 
 MIN_COSINE = 0.999
 

@@ -9,7 +9,7 @@ sentence-transformers on torch, as test_embed_engine.py describes.
 from __future__ import annotations
 
 import base64
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 import numpy as np
@@ -110,7 +110,7 @@ async def test_embed_routes(daemon, reference):
             mini = listed[MODEL + ":latest"]
             assert mini["details"]["format"] and mini["size"] > 80_000_000 and len(mini["digest"]) == 64
             assert mini["context_length"] == 256 and mini["size_vram"] >= 0  # max_seq_length
-            left = datetime.fromisoformat(mini["expires_at"].replace("Z", "+00:00")) - datetime.now(timezone.utc)
+            left = datetime.fromisoformat(mini["expires_at"].replace("Z", "+00:00")) - datetime.now(UTC)
             assert 0 < left.total_seconds() <= 60
 
 

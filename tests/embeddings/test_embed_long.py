@@ -19,9 +19,9 @@ import httpx
 import numpy as np
 import pytest
 import trio
+from support import float_tol, start_daemon
 
 from mlxserve.actors.hosts import HOSTS
-from support import float_tol, start_daemon
 
 SMOL = "smol:latest"
 LONG_TEXT = ("The quick brown fox jumps over the lazy dog while the cat sleeps. " * 1600)[:100_000]

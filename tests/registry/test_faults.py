@@ -12,8 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-
-from regfixtures import start_daemon, StandIn, fast_retries, sha, stand_in  # noqa: F401 (fixtures)
+from regfixtures import StandIn, sha, start_daemon
 
 from mlxserve.store import manifest as mt, transfer
 from mlxserve.store.registry import RegistryDigestMismatch, TransferOptions

@@ -15,7 +15,6 @@ import pytest
 import trio
 from regfixtures import start_daemon
 
-
 from mlxserve.errors import BadRequest, DigestMismatch, ModelNotFound
 from mlxserve.store import fsutil, transfer
 from mlxserve.store.store import Store

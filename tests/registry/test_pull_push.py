@@ -11,8 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-
-from regfixtures import start_daemon, fast_retries, free_port, registry  # noqa: F401 (fixtures)
+from regfixtures import free_port, start_daemon
 
 from mlxserve.errors import MlxserveError
 from mlxserve.store import fsutil, manifest as mt, transfer

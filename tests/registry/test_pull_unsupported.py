@@ -12,7 +12,7 @@ import sys
 import httpx
 import trio
 
-from regfixtures import start_daemon, fast_retries, registry  # noqa: F401 (fixtures)
+from regfixtures import start_daemon
 
 from model_files import write_unsupported_gguf
 from mlxserve.store import fsutil, manifest as mt

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mlxserve.errors import ModelNotFound
-from mlxserve.store import FAULT_ENV, Store
+from mlxserve.store import Store
 from mlxserve.store import manifest as mt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -17,17 +17,14 @@ SCRIPT = """
 import sys
 from pathlib import Path
 from mlxserve.store import Store
-root, name, modelfile, base = sys.argv[1:5]
-Store(Path(root)).create(name, modelfile, base_dir=Path(base))
+root, name, modelfile, base, fault = sys.argv[1:6]
+Store(Path(root), kill_at_stage=fault or None).create(name, modelfile, base_dir=Path(base))
 """
 
 
 def run_create(root: Path, name: str, modelfile: str, base: Path, fault: str | None):
-    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
-    env["PYTHONPATH"] = str(REPO)
-    if fault:
-        env[FAULT_ENV] = fault
-    return subprocess.run([sys.executable, "-c", SCRIPT, str(root), name, modelfile, str(base)],
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", SCRIPT, str(root), name, modelfile, str(base), fault or ""],
                           env=env, timeout=120, capture_output=True, text=True)
 
 

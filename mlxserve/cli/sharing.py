@@ -12,8 +12,7 @@ import asyncclick as click
 
 def _bars():
     from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                     TransferSpeedColumn(), TimeRemainingColumn(),
@@ -94,8 +93,7 @@ def _local_store():
     from ..store.store import Store
     from .client import settings as _settings
 
-    s = _settings()
-    return Store(s.models_dir, default_registry=s.default_registry)
+    return Store.for_settings(_settings())
 
 
 @click.command()

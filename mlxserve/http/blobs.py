@@ -1,7 +1,7 @@
 """``/api/pull``, ``/api/push`` and ``HEAD|POST /api/blobs/<digest>``.
 
-A pull or push runs on a worker thread (``mlxserve.store.transfer`` is blocking) as a task of
-the runtime's nursery, so the HTTP handler only watches it. The client leaving (or the daemon
+A pull or push runs through the store service (on a worker thread: ``mlxserve.store.transfer``
+is blocking) as a task of the runtime's nursery, so the HTTP handler only watches it. The client leaving (or the daemon
 stopping) sets the job's ``threading.Event``: the transfer stops at its next chunk, and a pull
 keeps its partial downloads for the next attempt.
 
@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import outcome
 import trio
 from quart import Blueprint, Response, request
 
+from ..actors.mailbox import post_nowait_or_drop
+from ..actors.store import StoreService
 from ..errors import MlxserveError
-from ..store import transfer as xfer
+from ..store.transfer import TransferCancelled
 from .common import field, json_body, json_response, ndjson, runtime, stream_response
 
-log = logging.getLogger("mlxserve.http.transfer")
+log = logging.getLogger("mlxserve.http.blobs")
 
-bp = Blueprint("transfer", __name__)
+bp = Blueprint("blobs", __name__)
 
 EVENT_BUFFER = 4096
 _FIRST_STAGE = ("pulling manifest", "retrieving manifest")
@@ -35,7 +37,7 @@ _FIRST_STAGE = ("pulling manifest", "retrieving manifest")
 class _Job:
     """One pull/push on a worker thread; progress events arrive on ``events``."""
 
-    def __init__(self, fn: Callable[..., Any], name: str, insecure: bool):
+    def __init__(self, fn: Callable[..., Awaitable[Any]], name: str, insecure: bool):
         self.cancel = threading.Event()
         self.done = trio.Event()
         self.result: outcome.Outcome | None = None
@@ -46,12 +48,11 @@ class _Job:
     def _progress(self, event: dict) -> None:
         # Called on transfer threads; progress is advisory, so a full buffer drops the event.
         try:
-            trio.from_thread.run_sync(self._send.send_nowait, event, trio_token=self._token)
-        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError,
-                trio.RunFinishedError):
+            trio.from_thread.run_sync(post_nowait_or_drop, self._send, event, trio_token=self._token)
+        except trio.RunFinishedError:
             pass
 
-    async def run(self, store, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
 
         async def cancel_when_cancelled() -> None:
@@ -63,16 +64,15 @@ class _Job:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(cancel_when_cancelled)
-                self.result = await trio.to_thread.run_sync(
-                    outcome.capture, lambda: self._fn(
-                        store, self._name, insecure=self._insecure, progress=self._progress,
-                        cancel=self.cancel))
+                self.result = await outcome.acapture(
+                    self._fn, self._name, insecure=self._insecure, progress=self._progress,
+                    cancel=self.cancel)
                 nursery.cancel_scope.cancel()
         finally:
             self._send.close()
             self.done.set()
         if isinstance(self.result, outcome.Error) and not isinstance(
-                self.result.error, (MlxserveError, xfer.TransferCancelled)):
+                self.result.error, (MlxserveError, TransferCancelled)):
             log.error("transfer of %s failed", self._name, exc_info=self.result.error)
 
     def error_message(self) -> str:
@@ -89,16 +89,15 @@ class _Job:
         raise MlxserveError(self.error_message())
 
 
-async def _transfer(fn: Callable[..., Any]):
+async def _transfer(pick: Callable[[StoreService], Callable[..., Awaitable[Any]]]):
     body = await json_body()
     name = field(body, "model", str) or field(body, "name", str, required=True)
     insecure = field(body, "insecure", bool, default=False)
     stream = field(body, "stream", bool, default=True)
     rt = runtime()
-    store = rt.store.store
-    store.parse(name)  # a bad name is a 400 before anything starts
-    job = _Job(fn, name, insecure)
-    await rt.nursery.start(job.run, store)
+    rt.store.parse(name)  # a bad name is a 400 before anything starts
+    job = _Job(pick(rt.store), name, insecure)
+    await rt.nursery.start(job.run)
     finished = False
     try:
         if not stream:
@@ -146,34 +145,31 @@ async def _transfer(fn: Callable[..., Any]):
 
 @bp.post("/api/pull")
 async def pull():
-    return await _transfer(xfer.pull)
+    return await _transfer(lambda store: store.pull)
 
 
 @bp.post("/api/push")
 async def push():
-    return await _transfer(xfer.push)
+    return await _transfer(lambda store: store.push)
 
 
 @bp.route("/api/blobs/<digest>", methods=["HEAD"])
 async def blob_exists(digest: str):
-    store = runtime().store.store
-    store.blob_path(digest)  # 400 for a malformed digest
-    return Response("", status=200 if store.has_blob(digest) else 404)
+    # has_blob: 400 for a malformed digest
+    return Response("", status=200 if runtime().store.has_blob(digest) else 404)
 
 
 @bp.post("/api/blobs/<digest>")
 async def blob_upload(digest: str):
     """Stream the body into the store; it is kept only if it hashes to ``digest``."""
     rt = runtime()
-    store = rt.store.store
-    store.blob_path(digest)
-    if store.has_blob(digest):
+    if rt.store.has_blob(digest):  # 400 for a malformed digest
         return Response("", status=200)
     send, recv = trio.open_memory_channel(4)
     token = trio.lowlevel.current_trio_token()
 
     def chunks():
-        # Runs on the store actor's thread: one hop to trio per request-body chunk.
+        # Runs on the store service's thread: one hop to trio per request-body chunk.
         while True:
             try:
                 item = trio.from_thread.run(recv.receive, trio_token=token)
@@ -193,7 +189,7 @@ async def blob_upload(digest: str):
     async with trio.open_nursery() as nursery:
         nursery.start_soon(feed)
         try:
-            await rt.store.call("ingest_blob", digest, chunks())
+            await rt.store.ingest_blob(digest, chunks())
         finally:
             recv.close()
     return Response("", status=201)
