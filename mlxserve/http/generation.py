@@ -222,7 +222,7 @@ def load_spec(resolved, num_ctx: int | None, num_parallel: int = 1) -> LoadSpec:
         size=resolved.size,
         num_ctx=ctx,
         details=details(spec),
-        payload=resolved,
+        resolved=resolved,
     )
 
 
