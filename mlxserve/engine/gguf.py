@@ -303,13 +303,20 @@ def complete_weights(config: dict[str, Any], weights: dict[str, mx.array]) -> No
 def half_floats(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """float32 tensors cast to the half type the model otherwise holds (its quantization scales'
     or its float16/bfloat16 weights'), so activations stay in half precision end to end. A
-    model with no half tensor at all is left as it is."""
+    model with no half tensor at all is left as it is. MoE routers stay float32, as llama.cpp
+    keeps them: their logits only pick experts (mlx-lm casts the weighted sum back), and half
+    precision there flips near-tied choices."""
     half = next((w.dtype for name, w in weights.items() if name.endswith(".scales")), None)
     if half is None:
         half = next((w.dtype for w in weights.values() if w.dtype in (mx.float16, mx.bfloat16)), None)
     if half is None or half == mx.float32:
         return weights
-    return {name: w.astype(half) if w.dtype == mx.float32 else w for name, w in weights.items()}
+    return {name: w.astype(half) if w.dtype == mx.float32 and not is_router(name) else w
+            for name, w in weights.items()}
+
+
+def is_router(name: str) -> bool:
+    return name.endswith(".mlp.gate.weight")
 
 
 def quantization_of(weights: dict[str, mx.array]) -> dict[str, Any] | None:

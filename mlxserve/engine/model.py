@@ -130,7 +130,7 @@ def load_directory(path: str | Path) -> LoadedModel:
     for f in files:
         weights.update(mx.load(f))
     if mx.default_device().type == mx.DeviceType.gpu and config.get("quantization") and all(
-            w.ndim == 1 for w in weights.values() if w.dtype == mx.float32):
+            w.ndim == 1 or gguf.is_router(name) for name, w in weights.items() if w.dtype == mx.float32):
         # A K-quant GGUF converted at import (store/convert.py) keeps the file's float32 norm
         # vectors, which would make every activation float32 on a GPU (see gguf.half_floats).
         weights = gguf.half_floats(weights)
