@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tokenizer_vocabs as tv  # noqa: E402
 
-from mlxserve.engine.tokenizer import TokenizerInfo, from_gguf_metadata  # noqa: E402
+from mlxserve.engine.tokenizer import StreamDecoder, TokenizerInfo, from_gguf_metadata  # noqa: E402
 from mlxserve.store.ggufmeta import read_header  # noqa: E402
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "tokenizer_reference.json").read_text())
@@ -119,3 +119,16 @@ def test_saved_tokenizer_json_tokenizes_the_same(name, load):
         assert again.encode(text, add_bos=False) == r["special"], text
         assert again.encode(text, add_bos=False, parse_special=False) == r["plain"], text
         assert again.decode(r["special"]) == info.decode(r["special"]), text
+
+
+@pytest.mark.parametrize("name", ["llama-spm", "gemma-4", "deepseek-coder", "o200k"])
+def test_streamed_text_is_the_decoded_text(name, load):
+    """Token by token (byte tokens that split a character, user-defined tokens, the SentencePiece
+    leading space), the streamed deltas add up to decode() and never show half a character."""
+    info = load(name)
+    for text, r in zip(REFERENCE["texts"], REFERENCE["vocabs"][name]["results"]):
+        stream = StreamDecoder(info)
+        deltas = [stream.add(i) for i in r["special"]] + [stream.flush()]
+        assert "".join(deltas) == info.decode(r["special"]), text
+        if "\ufffd" not in text:
+            assert not any("\ufffd" in d for d in deltas), (text, deltas)

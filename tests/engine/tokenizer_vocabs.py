@@ -113,18 +113,6 @@ def sdist_cases(name: str) -> list[tuple[str, list[int]]]:
     return list(zip(texts, ids, strict=True))
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
 def _package_data(package: str) -> Path | None:
     """A package's data folder, found without importing it (mistral-common is installed without
     its dependencies: only its vocabulary files are used)."""
@@ -139,8 +127,9 @@ def _byte_level_gguf(path: Path, arch: str, pre: str, ranks: dict[bytes, int], s
     """A byte-level BPE vocabulary GGUF from tiktoken-style ranks (token id = rank + offset), as
     llama.cpp's converter writes one from the model's tokenizer.json."""
     import gguf
+    from gguf.vocab import bytes_to_unicode
 
-    b2u = _bytes_to_unicode()
+    b2u = bytes_to_unicode()
     size = max(max(ranks.values()) + offset, max(specials)) + 1
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [gguf.TokenType.UNUSED] * size
