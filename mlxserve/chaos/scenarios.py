@@ -20,6 +20,7 @@ import trio
 from . import clients, wire
 from .clients import CLIENT_FAULTS, Plan, Result, Template
 from .daemon import BIN, DaemonProcess, mlxctl, wait_for
+from .distributed import distributed
 from .harness import LONG_TEXT, OTHER, SHORT_TEXTS, TINY, Chaos, Outcome
 from .invariants import Check, snapshot, unloaded
 from .report import pct
@@ -529,5 +530,6 @@ ALL = {
     "blob_corrupt": blob_corrupt,
     "overflow": overflow,
     "kill_during_create": kill_during_create,
+    "distributed": distributed,
 }
 ORDER = tuple(ALL)

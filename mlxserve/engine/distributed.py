@@ -450,7 +450,7 @@ class Group:
                 except OSError:
                     pass  # the watchdog sees the closed connection and fails the group
 
-    def acquire(self, leader: "_Leader") -> None:
+    def acquire(self, leader: _Leader) -> None:
         with self.cond:
             # The previous model's engine may still be winding down after its unload.
             self.cond.wait_for(lambda: self.owner is None or self.down is not None, timeout=30)
@@ -466,14 +466,14 @@ class Group:
             self.leader_crash_step = None
             self.model_split = None
 
-    def release(self, leader: "_Leader") -> None:
+    def release(self, leader: _Leader) -> None:
         with self.cond:
             if self.owner is leader:
                 self.owner = None
                 self.model_split = None
                 self.cond.notify_all()
 
-    def load(self, leader: "_Leader", load: Callable):
+    def load(self, leader: _Leader, load: Callable):
         import mlx.core as mx
 
         self.acquire(leader)
@@ -752,8 +752,7 @@ def follow(rank: int, conn, models_dir: Path, weight_dtype: str | None = None) -
     """A follower's life: load what rank 0 loads, step when it steps. Never returns."""
     import mlx.core as mx
 
-    from . import loop as eng
-    from . import model as engine_model
+    from . import loop as eng, model as engine_model
 
     g, sock, lock = conn
     log.info("rank %d of %d: following rank 0", rank, g.size())

@@ -20,7 +20,6 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-
 from support import start_daemon
 
 BIN = Path(sys.executable).parent
