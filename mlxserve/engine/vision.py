@@ -35,23 +35,30 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-def _mlx_vlm_types() -> set[str]:
+def _batchable(model_type: str) -> bool:
+    """Whether mlx-vlm implements ``model_type`` with positions the batch can give: a language
+    model that keeps the image's 3-D rotary positions as its own state (Qwen-VL, GLM-4V:
+    ``rope_deltas``) would apply one sequence's to every row; one that cross-attends to the image
+    at every step (Llama 3.2 Vision) has no image in the batch. store/importers.py asks the same."""
     import importlib.util
 
     spec = importlib.util.find_spec("mlx_vlm")
-    if spec is None or not spec.submodule_search_locations:
-        return set()
-    return {p.name for d in spec.submodule_search_locations for p in (Path(d) / "models").iterdir() if p.is_dir()}
+    if spec is None or not spec.submodule_search_locations or not model_type.isidentifier():
+        return False
+    dirs = [Path(d) / "models" / model_type for d in spec.submodule_search_locations]
+    return any(d.is_dir() for d in dirs) and not any(
+        word in f.read_text(errors="replace") for d in dirs if d.is_dir() for f in d.glob("*.py")
+        for word in ("rope_deltas", "cross_attention_states"))
 
 
 def is_vision_dir(path: Path) -> bool:
-    """A directory whose config has a vision tower of a type mlx-vlm implements."""
+    """A directory whose config has a vision tower of a type mlx-vlm runs in a batch."""
     try:
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and isinstance(config.get("vision_config"), dict) \
-        and config.get("model_type") in _mlx_vlm_types()
+        and isinstance(config.get("model_type"), str) and _batchable(config["model_type"])
 
 
 class TextModel(nn.Module):
@@ -93,12 +100,26 @@ def _placeholder(processor, tokenizer) -> tuple[str, int]:
     return text, ids[0]
 
 
+def _tolerate_broken_mistral_common() -> None:
+    """transformers 5 checks every processor's tokenizer against MistralCommonBackend too, which
+    it imports whenever mistral-common is installed: one installed without its own dependencies
+    (as engine/tokenizer's vocabularies may have it) fails every processor. A class nothing is an
+    instance of stands in for it then."""
+    import transformers
+
+    try:
+        transformers.MistralCommonBackend  # noqa: B018
+    except ImportError:
+        transformers.MistralCommonBackend = type("MistralCommonBackend", (), {})
+
+
 def load_directory(path: str | Path) -> tuple[TextModel, tok.TokenizerInfo, dict, int, int, VisionParts]:
     """The fields of engine/model.py's LoadedModel: the language model as the batch drives it, the
     tokenizer, the text config, weight bytes (the vision tower's too), context, the vision parts."""
     from mlx_vlm.utils import load as vlm_load
 
     path = Path(path)
+    _tolerate_broken_mistral_common()
     try:
         model, processor = vlm_load(str(path))
     except (ValueError, FileNotFoundError, KeyError, OSError) as exc:

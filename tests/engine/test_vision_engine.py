@@ -129,3 +129,19 @@ def test_images_pair_with_placeholders_from_the_end():
     # A dropped early message took its placeholder: the last images are the ones kept.
     assert vision.used_images([1, P, 2], P, (b"a", b"b", b"c")) == (b"c",)
     assert vision.used_images([1, 2], P, (b"a", b"b")) == (b"a", b"b")
+
+
+@pytest.mark.parametrize("model_type,served", [("llava", True), ("gemma3", True), ("qwen2_5_vl", False),
+                                                ("qwen2_vl", False), ("mllama", False), ("nonesuch", False)])
+def test_vision_types_that_cannot_share_a_batch_are_refused_alike(tmp_path, model_type, served):
+    """Qwen-VL keeps an image's rotary positions as the model's own state and Llama 3.2 Vision
+    cross-attends to the image at every step: neither can decode in a shared batch. Create (no
+    MLX) and load decide alike."""
+    import json
+
+    from mlxserve.store import importers
+
+    config = {"model_type": model_type, "vision_config": {}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert vision.is_vision_dir(tmp_path) is served
+    assert importers._is_vision(config) is served
