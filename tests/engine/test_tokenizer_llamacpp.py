@@ -132,3 +132,16 @@ def test_streamed_text_is_the_decoded_text(name, load):
         assert "".join(deltas) == info.decode(r["special"]), text
         if "\ufffd" not in text:
             assert not any("\ufffd" in d for d in deltas), (text, deltas)
+
+
+def test_unknown_pre_tokenizer_is_refused_by_name():
+    """A pre-tokenizer llama.cpp names but this does not implement is refused, not replaced by
+    GPT-2's split rule (which tokenizes such a model wrongly without a word)."""
+    from mlxserve.errors import LoadError
+
+    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "kimi-k2",
+                "tokenizer.ggml.tokens": ["a", "b", "ab"], "tokenizer.ggml.merges": ["a b"]}
+    with pytest.raises(LoadError, match="pre-tokenizer 'kimi-k2'"):
+        from_gguf_metadata(metadata)
+    metadata["tokenizer.ggml.pre"] = "smollm"
+    assert from_gguf_metadata(metadata).encode("ab") == [2]
