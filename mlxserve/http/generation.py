@@ -259,8 +259,20 @@ def _chat_messages(resolved, messages: list[dict]) -> list[dict]:
 
 
 def chat_template(resolved, tok) -> str:
-    """The Jinja template a model's prompts are rendered with."""
-    return resolved.spec.template or tok.chat_template or templates.CHATML_TEMPLATE
+    """The template a model's prompts are rendered with. The Go template of a model pulled from
+    an Ollama registry gives way to the GGUF's own Jinja one when it has one; any other Go
+    template (a Modelfile's) is translated (specs/gotemplate.py)."""
+    template = resolved.spec.template
+    if template and tok.chat_template and _pulled_from_ollama(resolved) and templates.is_go_template(template):
+        return tok.chat_template
+    return template or tok.chat_template or templates.CHATML_TEMPLATE
+
+
+def _pulled_from_ollama(resolved) -> bool:
+    from ..store.manifest import SPEC_MEDIA_TYPE
+
+    config = (getattr(resolved, "manifest", None) or {}).get("config") or {}
+    return config.get("mediaType", SPEC_MEDIA_TYPE) != SPEC_MEDIA_TYPE
 
 
 @attrs.define

@@ -1,8 +1,9 @@
 """Chat templates: Jinja, rendered the way Hugging Face's ``apply_chat_template`` renders them.
 
 Templates come from tokenizer_config.json, GGUF ``tokenizer.chat_template`` or a Modelfile
-``TEMPLATE``. Ollama's Go templates are a different language; they are recognised and refused
-with a message that says so, because a partial translation would silently change prompts.
+``TEMPLATE``. Ollama's Go templates are a different language: the part of it that Ollama's
+library templates use is translated into Jinja (specs/gotemplate.py) and rendered here with
+Ollama's values; a template using more of it is refused with a message that says what.
 """
 
 from __future__ import annotations
@@ -44,12 +45,11 @@ CHATML_TEMPLATE = (
     "{%- endif %}\n"
 )
 
-GO_TEMPLATE_MESSAGE = "Ollama Go templates are not supported; use a Jinja chat template"
 
 # `{{ .Prompt }}`, `{{- if .System }}`, `{{ range .Messages }}`, `{{ end }}`, `{{ $.Tools }}`:
 # Jinja never has a dot or `$` right after `{{`, and its control flow lives in `{% %}`.
 _GO_ACTION = re.compile(
-    r"\{\{-?\s*(?:\.[A-Za-z_]|\$|(?:if|else|end|range|with|template|block|define)\b(?!\s*[\(\[\.|=+~]))"
+    r"\{\{-?\s*(?:\.[A-Za-z_]|\$|(?:if|else|end|range|with|template|block|define)\b(?!\.|\s*[\(\[|=+~]))"
 )
 
 
@@ -365,9 +365,12 @@ def _compile(template: str) -> jinja2.Template:
 
 
 def check_template(text: str) -> None:
-    """Raise BadRequest unless ``text`` is a Jinja template that compiles."""
+    """Raise BadRequest unless ``text`` is a Jinja template that compiles, or a Go template
+    that translates into one."""
     if is_go_template(text):
-        raise BadRequest(GO_TEMPLATE_MESSAGE)
+        from .gotemplate import translate
+
+        text = translate(text).jinja
     try:
         _compile(text)
     except jinja2.TemplateSyntaxError as exc:
@@ -399,9 +402,14 @@ def render_chat(
     RenderTimeout); both are 400s.
     This blocks for up to ``seconds``: servers call it on a worker thread.
     """
-    if is_go_template(template):
-        raise BadRequest(GO_TEMPLATE_MESSAGE)
     context: dict[str, Any] = {"messages": messages, "add_generation_prompt": add_generation_prompt}
+    if is_go_template(template):
+        from .gotemplate import go_context, translate
+
+        translated = translate(template)
+        template = translated.jinja
+        context.update(go_context(translated, messages, tools, extra.pop("enable_thinking", None),
+                                  extra.pop("reasoning_effort", None)))
     # Left undefined rather than None: Jinja renders None as the text "None".
     if bos_token is not None:
         context["bos_token"] = bos_token

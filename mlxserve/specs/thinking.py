@@ -61,8 +61,8 @@ def style_of(template: str | None) -> Style | None:
     strips = "split('</think>')" in template or 'split("</think>")' in template
     if not (tags or strips):
         return None
-    if "enable_thinking" in template:
-        return Style("enable_thinking")
+    if "enable_thinking" in template or ".Think" in template or ".IsThinkSet" in template:
+        return Style("enable_thinking")  # Go templates' .Think comes from enable_thinking
     if "reasoning_effort" in template:
         return Style("reasoning_effort")
     return Style()

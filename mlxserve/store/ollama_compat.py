@@ -2,8 +2,8 @@
 
 Ollama's config blob is a small JSON (model_format, model_family, file_type...) and the
 template, system prompt, parameters, license and messages live in their own layers. Its
-templates are Go templates, which mlxserve does not run: those are dropped so the model's own
-Jinja chat template (inside the GGUF) is used.
+templates are Go templates: kept as they are, the model's own Jinja chat template (inside the
+GGUF) is used in their place when it has one, else they are translated (specs/gotemplate.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Any, Callable
 from ..errors import BadRequest
 from ..specs.modelspec import ModelSpec
 from ..specs.options import ALL_OPTIONS, Options
-from ..specs.templates import is_go_template
 from . import manifest as mt
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ def spec_from_ollama(config: dict[str, Any], layers: list[dict],
         kind = layer["mediaType"]
         if kind in (mt.OLLAMA_TEMPLATE, mt.TEMPLATE):
             text = read(layer).decode("utf-8", "replace")
-            spec.template = None if is_go_template(text) else text
+            spec.template = text
         elif kind in (mt.OLLAMA_SYSTEM, mt.SYSTEM):
             spec.system = read(layer).decode("utf-8", "replace")
         elif kind in (mt.OLLAMA_LICENSE, mt.LICENSE):

@@ -71,7 +71,7 @@ async def test_ollama_format_pull_with_bearer_token_runs(stand_in, models_dir, t
             resolved = d.runtime.store.store.resolve(name)
             d.shutdown.set()
     assert resolved.manifest == doc  # stored exactly as the registry served it
-    assert resolved.spec.template is None  # the Go template is dropped: the GGUF's is used
+    assert resolved.spec.template == "{{ .System }}{{ .Prompt }}"  # kept; the GGUF's goes first at render
     assert resolved.spec.system == "You are terse."
     assert resolved.spec.parameters.stop == ["<|im_end|>"]
     assert show["details"]["format"] == "gguf"

@@ -141,8 +141,8 @@ def test_create_errors(smol_store, tmp_path):
         smol_store.create("x", "FROM ./missing.gguf", base_dir=tmp_path)
     with pytest.raises(BadRequest, match="not a GGUF file"):
         smol_store.create("x", "FROM notes.txt", base_dir=tmp_path)
-    with pytest.raises(BadRequest, match="Go templates"):
-        smol_store.create("x", "FROM smollm2:135m\nTEMPLATE {{ .Prompt }}", base_dir=tmp_path)
+    with pytest.raises(BadRequest, match="Go template uses .* does not translate"):
+        smol_store.create("x", 'FROM smollm2:135m\nTEMPLATE {{ template "x" }}', base_dir=tmp_path)
     with pytest.raises(BadRequest, match="quantize"):
         smol_store.create("x", "FROM smollm2:135m", base_dir=tmp_path, quantize="q4")
     with pytest.raises(ModelNotFound):

@@ -42,7 +42,7 @@ def test_ollama_manifest_is_read(store):
     spec = r.spec
     assert (spec.format, spec.family, spec.parameter_size, spec.quantization_level) == (
         "gguf", "llama", "135M", "Q4_1")
-    assert spec.template is None  # a Go template: the GGUF's own chat template is used instead
+    assert spec.template == "{{ .Prompt }}"  # kept: the GGUF's own template goes first at render
     assert spec.system == "be nice" and spec.license == "MIT"
     assert spec.parameters.stop == ["<|im_end|>"] and spec.parameters.temperature == 0.3
     assert store.model_path(r) == store.blob_path(layers[0]["digest"])
