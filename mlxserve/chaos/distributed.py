@@ -29,8 +29,6 @@ DIST_TIMEOUT_S = 3.0  # the group's watchdog bound (MLXSERVE_DIST_TIMEOUT)
 
 
 async def distributed(ch: Chaos) -> Outcome:
-    from .scenarios import random_plan  # the storm's own draw (scenarios imports this module)
-
     cfg = ch.cfg
     hosts = ch.workdir / "dist-hosts.json"
     hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"], [f"127.0.0.1:{free_port()}"]]))
@@ -50,7 +48,7 @@ async def distributed(ch: Chaos) -> Outcome:
         rng = random.Random(ch.rng.random())
         plans = []
         while len(plans) < max(cfg.storm_requests // 2, 16):
-            plan = random_plan(ch, rng)
+            plan = ch.warmup_plan(ch, rng)  # the storm's own draw (scenarios.random_plan)
             if plan.template.model == TINY:  # the group holds one model at a time
                 plans.append(plan)
         ch.out(f"   two ranks up; storm of {len(plans)} requests")

@@ -13,8 +13,7 @@ when a follower goes silent, crashes or diverges, so a dead or hung rank costs r
 error within ``MLXSERVE_DIST_TIMEOUT`` rather than a hang.
 
 Only one sharded model holds the group at a time (its collectives would interleave with another's):
-``mlxctl serve`` sets MAX_LOADED_MODELS to 1 on a group. Nothing here imports MLX at module import,
-so the HTTP layer may read ``describe()``.
+``mlxctl serve`` sets MAX_LOADED_MODELS to 1 on a group. Which weights a rank keeps: sharding.py.
 """
 
 from __future__ import annotations
@@ -36,10 +35,10 @@ from typing import Any, Callable
 import attrs
 
 from ..errors import LoadError
+from . import loop as eng, model as engine_model, sharding
 
 log = logging.getLogger("mlxserve.distributed")
 
-SPLITS = ("auto", "tensor", "pipeline")
 HEARTBEAT_S = 0.5
 
 
@@ -119,8 +118,6 @@ def _recv(sock: socket.socket) -> dict:
 
 
 def encode_command(cmd) -> dict:
-    from . import loop as eng
-
     match cmd:
         case eng.Add():
             d = attrs.asdict(cmd, recurse=True)
@@ -136,7 +133,6 @@ def encode_command(cmd) -> dict:
 
 
 def decode_command(d: dict):
-    from . import loop as eng
     from .sampling import SamplingParams
 
     kind = d.pop("k")
@@ -154,142 +150,6 @@ def decode_command(d: dict):
 
 def _crc(crc: int, chunk) -> int:
     return zlib.crc32(f"{chunk.seq_id}:{','.join(map(str, chunk.token_ids))}:{chunk.finish};".encode(), crc)
-
-
-# ---------------------------------------------------------------------------- sharding
-
-_loading = threading.local()  # set on the thread that loads for the group
-
-
-@attrs.frozen
-class _ShardPlan:
-    group: Any  # mx.distributed.Group
-    split: str  # what was asked: auto | tensor | pipeline
-    on_path: Callable[[Path, str | None], None] | None = None  # rank 0: tell the followers first
-    chosen: list = attrs.field(factory=list)  # the split that was used, for the caller
-
-
-def announce(path: Path, weight_dtype: str | None) -> None:
-    """model.load_path's hook: on rank 0, send the followers the model to load before loading it."""
-    plan = getattr(_loading, "plan", None)
-    if plan is not None and plan.on_path is not None:
-        plan.on_path(Path(path), weight_dtype)
-
-
-def shard(model, config: dict) -> None:
-    """model._build's hook, before the weights are evaluated: keep only this rank's part.
-
-    Tensor parallel where mlx-lm's class has ``shard()`` and the heads divide among the ranks,
-    pipeline parallel (contiguous blocks of layers) otherwise or when MLXSERVE_DIST_SPLIT asks.
-    """
-    plan = getattr(_loading, "plan", None)
-    if plan is None:
-        return
-    n = plan.group.size()
-    split = plan.split
-    if split == "auto":
-        split = "tensor" if _tensor_fits(model, config, n) else "pipeline"
-    if split == "tensor":
-        if not hasattr(model, "shard"):
-            raise LoadError(f"'{config.get('model_type')}' has no tensor-parallel split in mlx-lm; "
-                            "use MLXSERVE_DIST_SPLIT=pipeline")
-        if not _tensor_fits(model, config, n):
-            raise LoadError(f"the model's heads do not divide among {n} ranks; use MLXSERVE_DIST_SPLIT=pipeline")
-        model.shard(plan.group)
-    else:
-        _pipeline(model, plan.group)
-    plan.chosen.append(split)
-
-
-def _tensor_fits(model, config: dict, n: int) -> bool:
-    if not hasattr(model, "shard"):
-        return False
-    heads = int(config.get("num_attention_heads") or 0)
-    kv = int(config.get("num_key_value_heads") or heads)
-    inter = int(config.get("intermediate_size") or 0)
-    return heads > 0 and heads % n == 0 and kv % n == 0 and inter % n == 0
-
-
-def _pipeline(model, group) -> None:
-    """Rank r runs its own contiguous block of layers (rank 0 the first); the others' layers are
-    placeholders without weights. The hidden state goes from each block to the next with
-    send/recv, and the last block's is gathered so that every rank samples the same logits."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    if hasattr(model, "pipeline") and not hasattr(model, "shard"):
-        raise LoadError("this architecture's own pipeline split is not supported yet")
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if inner is None or not isinstance(layers, list) or not hasattr(inner, "norm"):
-        raise LoadError(f"cannot split '{type(model).__module__}' into a pipeline")
-    n, r = group.size(), group.rank()
-    if len(layers) < n:
-        raise LoadError(f"{len(layers)} layers cannot be split among {n} ranks")
-    base, extra = divmod(len(layers), n)
-    sizes = [base + (1 if i < extra else 0) for i in range(n)]
-    start = sum(sizes[:r])
-    end = start + sizes[r]
-
-    class Skip(nn.Module):
-        """Another rank's layer. It keeps its cache's length in step (masks are built from a
-        layer's cache) with one-wide keys: a few bytes a token."""
-
-        def __init__(self, layer):
-            super().__init__()
-            for k, v in vars(layer).items():  # plain settings the model reads (use_sliding, ...)
-                if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None))):
-                    setattr(self, k, v)
-
-        def __call__(self, x, mask=None, cache=None):
-            if cache is not None:
-                z = mx.zeros((x.shape[0], 1, x.shape[1], 1), dtype=x.dtype)
-                cache.update_and_fetch(z, z)
-            return x
-
-    class Wrapped(nn.Module):
-        def __init__(self, layer):
-            super().__init__()
-            self.layer = layer
-
-        def __getattr__(self, key):
-            try:
-                return super().__getattr__(key)
-            except AttributeError:
-                if "layer" not in self:
-                    raise
-                return getattr(self["layer"], key)
-
-    class First(Wrapped):
-        def __call__(self, x, *args, **kwargs):
-            return self.layer(mx.distributed.recv_like(x, r - 1, group=group), *args, **kwargs)
-
-    class Last(Wrapped):
-        def __call__(self, x, mask=None, cache=None):
-            y = mx.distributed.send(self.layer(x, mask, cache), r + 1, group=group)
-            if cache is not None:
-                # A prefill chunk evaluates only the caches: the send must be part of that, or
-                # the next rank waits for ever in its recv.
-                cache.keys = mx.depends(cache.keys, y)
-            return y
-
-    class Gather(nn.Module):
-        def __init__(self, norm):
-            super().__init__()
-            self.norm = norm
-
-        def __call__(self, x):
-            b = x.shape[0]
-            return self.norm(mx.distributed.all_gather(x, group=group)[(n - 1) * b:n * b])
-
-    for i in range(len(layers)):
-        if not start <= i < end:
-            layers[i] = Skip(layers[i])
-    if r > 0:
-        layers[start] = First(layers[start])
-    if r < n - 1:
-        layers[end - 1] = Last(layers[end - 1])
-    inner.norm = Gather(inner.norm)
 
 
 # ---------------------------------------------------------------------------- rank 0
@@ -431,9 +291,7 @@ class Group:
             self.cond.notify_all()
         log.error("distributed group down: %s", reason)
         if owner is not None and owner.raw_deliver is not None:
-            from . import loop as eng
-
-            owner.raw_deliver([eng.Stopped(f"distributed group failed: {reason}")])
+                owner.raw_deliver([eng.Stopped(f"distributed group failed: {reason}")])
         for p in self.peers.values():
             _close(p.sock)
         if self.backend == "ring":
@@ -489,10 +347,10 @@ class Group:
                             "seed": seed, "engine": leader.params, "epoch": self.epoch})
             announced.append(True)
 
-        plan = _ShardPlan(self.mx, self.split, on_path)
-        _loading.plan = plan
+        plan = sharding.ShardPlan(self.mx, self.split, on_path)
         try:
-            lm = load()
+            with sharding.loading(plan):
+                lm = load()
             if not announced:
                 raise LoadError("this model's loader does not support a distributed group")
             with self.cond:
@@ -511,8 +369,6 @@ class Group:
                 self.broadcast({"t": "end"})
             self.release(leader)
             raise
-        finally:
-            _loading.plan = None
         mx.random.seed(seed)  # unseeded sampling draws the same numbers on every rank
         with self.cond:
             self.model_split = plan.chosen[0]
@@ -532,8 +388,6 @@ class _Leader:
         self.faults = _StepFaults()
 
     def attach(self, engine) -> None:
-        from . import loop as eng
-
         self.params = _engine_params(engine)
         load, deliver = engine._load, engine._deliver
         self.raw_deliver = deliver
@@ -572,11 +426,6 @@ class _Leader:
 
 
 GROUP: Group | None = None
-
-
-def step_sync():
-    """The seam an Engine on rank 0 steps through; None outside a group."""
-    return _Leader(GROUP) if GROUP is not None else None
 
 
 def describe() -> dict | None:
@@ -628,8 +477,8 @@ def start(models_dir: Path, env: dict | None = None) -> tuple[int, Any]:
 
     backend = _backend_name(env)
     split = env.get("MLXSERVE_DIST_SPLIT", "auto")
-    if split not in SPLITS:
-        raise ValueError(f"MLXSERVE_DIST_SPLIT must be one of {', '.join(SPLITS)}, not {split!r}")
+    if split not in sharding.SPLITS:
+        raise ValueError(f"MLXSERVE_DIST_SPLIT must be one of {', '.join(sharding.SPLITS)}, not {split!r}")
     timeout = float(env.get("MLXSERVE_DIST_TIMEOUT", "30"))
     g = mx.distributed.init(strict=True, backend=backend)
     if g.size() < 2:
@@ -678,6 +527,7 @@ def start(models_dir: Path, env: dict | None = None) -> tuple[int, Any]:
         listener.close()
     global GROUP
     GROUP = group
+    eng.STEP_SYNC = lambda: _Leader(group)  # every Engine on rank 0 steps with the group
     threading.Thread(target=group.watch, name="mlxserve-dist-watchdog", daemon=True).start()
     log.info("rank 0 of %d (%s backend, split %s)", g.size(), backend, split)
     return 0, group
@@ -701,8 +551,6 @@ class _Follower:
         engine.faults = self.faults
 
     def deliver(self, events: list) -> None:
-        from . import loop as eng
-
         for ev in events:
             if isinstance(ev, eng.Chunk):
                 self.crc = _crc(self.crc, ev)
@@ -717,8 +565,6 @@ class _Follower:
             os._exit(0)
 
     def commands(self, drain: Callable[[bool], list], block: bool) -> list:
-        from . import loop as eng
-
         if self.step:
             self._send({"t": "ack", "n": self.step, "x": self.crc})
         msg = _recv_or_exit(self.sock)
@@ -752,7 +598,6 @@ def follow(rank: int, conn, models_dir: Path, weight_dtype: str | None = None) -
     """A follower's life: load what rank 0 loads, step when it steps. Never returns."""
     import mlx.core as mx
 
-    from . import loop as eng, model as engine_model
 
     g, sock, lock = conn
     log.info("rank %d of %d: following rank 0", rank, g.size())
@@ -767,16 +612,14 @@ def follow(rank: int, conn, models_dir: Path, weight_dtype: str | None = None) -
         seq = _Follower(sock, lock)
 
         def load(path=path, msg=msg, seq=seq):
-            plan = _ShardPlan(g, msg["split"])
-            _loading.plan = plan
+            plan = sharding.ShardPlan(g, msg["split"])
             try:
-                lm = engine_model.load_path(path, weight_dtype=msg.get("weight_dtype"))
+                with sharding.loading(plan):
+                    lm = engine_model.load_path(path, weight_dtype=msg.get("weight_dtype"))
             except BaseException as exc:
                 seq._send({"t": "loaded", "ok": False, "error": f"{exc.__class__.__name__}: {exc}",
                            "epoch": msg["epoch"]})
                 raise
-            finally:
-                _loading.plan = None
             mx.random.seed(int(msg["seed"]))
             seq._send({"t": "loaded", "ok": True, "split": plan.chosen[0] if plan.chosen else None,
                        "epoch": msg["epoch"]})

@@ -25,7 +25,6 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from ..config import DEFAULT_NUM_PARALLEL, AdmitWindow
-from . import distributed
 from . import sampling, vision
 from .constrain import GrammarProcessor, TokenizerCache
 from .model import LoadedModel
@@ -110,6 +109,9 @@ class _Seq:
     generated: int = 0
     token_ids: list[int] = attrs.Factory(list)
 
+
+# Set by engine/distributed.py on rank 0 of an mx.distributed group: makes each Engine's step seam.
+STEP_SYNC: Callable[[], Any] | None = None
 
 _thread_streams = threading.local()
 
@@ -207,7 +209,7 @@ class Engine:
         self._prefix = LRUPromptCache(max_size=64, max_bytes=prompt_cache_bytes) if prompt_cache_bytes > 0 else None
         # On an mx.distributed group every rank steps in lockstep through this seam: rank 0
         # sends the commands it drained each step, the followers run on them (engine/distributed.py).
-        self._sync = sync if sync is not None else distributed.step_sync()
+        self._sync = sync if sync is not None else STEP_SYNC() if STEP_SYNC is not None else None
         if self._sync is not None:
             self._sync.attach(self)
 

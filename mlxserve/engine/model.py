@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx_lm.utils import _get_classes
 
 from ..errors import LoadError, UnsupportedModel
-from . import distributed, gguf, tokenizer as tok
+from . import gguf, sharding, tokenizer as tok
 from .cuda import linear as cuda_linear
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def _build(config: dict[str, Any], weights: dict[str, mx.array]) -> nn.Module:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as exc:
         raise LoadError(f"weights do not match the model: {exc}") from exc
-    distributed.shard(model, config)  # on a group: this rank's part only, before the weights are read
+    sharding.shard(model, config)  # on a group: this rank's part only, before the weights are read
     mx.eval(model.parameters())
     _flatten_quantized_inputs(model)
     model.eval()
@@ -142,7 +142,7 @@ def load_directory(path: str | Path) -> LoadedModel:
 
 def load_path(path: str | Path, *, weight_dtype: str | None = None) -> LoadedModel:
     path = Path(path)
-    distributed.announce(path, weight_dtype)  # rank 0 of a group: the followers load it too
+    sharding.announce(path, weight_dtype)  # rank 0 of a group: the followers load it too
     from . import vision  # imports mlx-vlm only for a vision model
 
     if path.is_dir() and vision.is_vision_dir(path):

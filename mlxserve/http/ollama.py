@@ -13,8 +13,8 @@ import trio
 from quart import Blueprint, Response
 
 from .. import __version__
+from ..actors import group as dist_group
 from ..store.create import ADAPTERS_UNSUPPORTED
-from ..engine import distributed
 from ..errors import BadRequest, MlxserveError
 from ..specs.modelfile import MESSAGE_ROLES, Modelfile
 from ..specs.thinking import parse_think
@@ -96,14 +96,14 @@ async def status():
              "expires_at": _iso(m.expires_at) if m.expires_at is not None else None, **group.get(m.name, {})}
             for m in stats.models
         ],
-        **({"group": distributed.describe()} if distributed.describe() else {}),
+        **({"group": dist_group.describe()} if dist_group.describe() else {}),
     })
 
 
 def _groups(stats) -> dict[str, dict]:
     """{name: {"group": ...}} for the loaded models an mx.distributed group serves (every
     generation model on a group; engine/distributed.py)."""
-    group = distributed.describe()
+    group = dist_group.describe()
     if group is None:
         return {}
     return {m.name: {"group": group} for m in stats.models
