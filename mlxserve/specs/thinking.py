@@ -51,12 +51,15 @@ class Style:
     switch: str | None = None  # "enable_thinking" | "reasoning_effort" | None (always thinks)
     open: str = OPEN
     close: str = CLOSE
+    harmony: bool = False  # gpt-oss: channels instead of tags
 
 
 def style_of(template: str | None) -> Style | None:
     """The thinking style of a Jinja chat template, or None when it does not think."""
     if not template:
         return None
+    if "<|channel|>" in template and "analysis" in template:
+        return Style("reasoning_effort", harmony=True)
     tags = OPEN in template and CLOSE in template
     strips = "split('</think>')" in template or 'split("</think>")' in template
     if not (tags or strips):
@@ -89,6 +92,8 @@ class Plan:
         """The splitter for an answer that follows a prompt ending in ``prompt_tail``."""
         if self.style is None:
             return None
+        if self.style.harmony:
+            return HarmonySplitter()
         return Splitter(self.style.open, self.style.close,
                         thinking=prompt_tail.rstrip().endswith(self.style.open))
 
@@ -180,6 +185,60 @@ class Splitter:
         self._held = ""
         said.append(s)
         return False
+
+
+class HarmonySplitter:
+    """gpt-oss's harmony format: each message is ``<|channel|>NAME ...<|message|>TEXT<|end|>``
+    (later ones after ``<|start|>assistant``). The analysis channel is the reasoning, the final
+    channel the answer; a commentary message (a tool call) stays whole in the answer for the
+    tool-call reader. Needs the channel tokens in the text (generation.py writes them back)."""
+
+    _MESSAGE, _END = "<|message|>", "<|end|>"
+
+    def __init__(self) -> None:
+        self._held = ""
+        self._mode = "header"  # "header" | "analysis" | "final" | "other"
+
+    @property
+    def thinking(self) -> bool:
+        return self._mode == "analysis"
+
+    def feed(self, text: str) -> tuple[str, str]:
+        self._held += text
+        thought, said = [], []
+        while True:
+            s = self._held
+            if self._mode == "header":
+                at = s.find(self._MESSAGE)
+                if at < 0:
+                    if s and not s.lstrip().startswith(("<", "assistant")) :
+                        self._mode, self._held = "final", ""  # not harmony at all: plain answer
+                        said.append(s)
+                    return "".join(thought), "".join(said)
+                header, self._held = s[:at], s[at + len(self._MESSAGE):]
+                if "analysis" in header:
+                    self._mode = "analysis"
+                elif "final" in header:
+                    self._mode = "final"
+                else:  # commentary: a tool call, read later from the text as written
+                    self._mode = "other"
+                    said.append(header[header.find("<|channel|>"):] if "<|channel|>" in header else header)
+                    said.append(self._MESSAGE)
+                continue
+            at = s.find(self._END)
+            out = thought if self._mode == "analysis" else said
+            if at >= 0:
+                out.append(s[:at])
+                self._held, self._mode = s[at + len(self._END):], "header"
+                continue
+            keep = _overlap(s, self._END)
+            out.append(s[:len(s) - keep])
+            self._held = s[len(s) - keep:]
+            return "".join(thought), "".join(said)
+
+    def finish(self) -> tuple[str, str]:
+        held, self._held = self._held, ""
+        return (held, "") if self._mode == "analysis" else ("", held if self._mode != "header" else "")
 
 
 def _overlap(s: str, tag: str) -> int:

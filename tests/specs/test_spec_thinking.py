@@ -136,3 +136,35 @@ def test_the_thinking_capability_follows_the_template():
     assert think.reported_capabilities() == ["completion", "tools", "thinking"]
     assert plain.reported_capabilities() == ["completion", "tools"]
     assert "thinking" not in embed.reported_capabilities()
+
+
+HARMONY = ["<|channel|>", "analysis", "<|message|>", "The user greets.", " Reply", " kindly.<|e", "nd|>",
+           "<|start|>", "assistant", "<|channel|>", "final", "<|message|>", "Hello", "!"]
+
+
+def test_gpt_oss_harmony_channels_come_apart():
+    style = thinking.style_of(_template("openai-gpt-oss-120b.jinja"))
+    assert style.harmony and style.switch == "reasoning_effort"
+    p = thinking.plan(_template("openai-gpt-oss-120b.jinja"), "high", "m")
+    assert p.template_vars == {"reasoning_effort": "high"}
+    prompt = templates.render_chat(_template("openai-gpt-oss-120b.jinja"), [{"role": "user", "content": "hi"}],
+                                   **p.template_vars)
+    assert "Reasoning: high" in prompt
+    s = p.splitter(prompt)
+    steps = [s.feed(x) for x in HARMONY] + [s.finish()]
+    assert "".join(t for t, _ in steps) == "The user greets. Reply kindly."
+    assert "".join(c for _, c in steps) == "Hello!"
+    assert steps[3] == ("The user greets.", "")  # streamed as it comes
+
+
+def test_a_harmony_tool_call_stays_whole_for_the_tool_reader():
+    from mlxserve.specs.tools import parse_tool_calls
+
+    s = thinking.HarmonySplitter()
+    pieces = ["<|channel|>analysis<|message|>Need weather.<|end|>", "<|start|>assistant",
+              "<|channel|>commentary to=functions.get_weather <|constrain|>json", "<|message|>",
+              '{"city": "Paris"}']
+    steps = [s.feed(x) for x in pieces] + [s.finish()]
+    thought, said = "".join(t for t, _ in steps), "".join(c for _, c in steps)
+    assert thought == "Need weather."
+    assert parse_tool_calls(said, [{"name": "get_weather"}]) == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
