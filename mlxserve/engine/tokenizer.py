@@ -1,7 +1,10 @@
 """Tokenizers for served models: from tokenizer.json or rebuilt from GGUF metadata.
 
-Only the ``tokenizers`` package is used (no transformers at run time): it is what HF's fast
-tokenizers are, so ids match the reference exactly for byte-level BPE models.
+Only the ``tokenizers`` package is used (no transformers at run time). A GGUF's tokenizer is
+rebuilt as llama.cpp builds it from the same metadata (its split rules per pre-tokenizer, its
+SentencePiece merging by score, its special-token rules), entirely inside a ``tokenizers`` object
+so that a converted model's tokenizer.json keeps it; tests/engine/test_tokenizer_llamacpp.py
+checks the ids against llama.cpp's own.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ _PRE: dict[str, tuple[str, bool]] = {
 }
 # BPE pre-tokenizers whose add_bos defaults to true in llama.cpp (the GGUF's own key wins).
 _ADD_BOS_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-                "jina-v5-nano", "tekken", "chameleon"}
+                "jina-v5-nano", "tekken"}
 # llama.cpp (llama_vocab::impl::load) makes these texts control tokens whatever their GGUF type:
 # end-of-generation markers always, the EOT/EOM/FIM ones when the GGUF names no such token.
 _EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
@@ -127,9 +130,8 @@ _NAMED_TEXTS = {
 }
 # gpt-oss's harmony markers, which llama.cpp always renders (user-defined).
 _HARMONY_TEXTS = ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>")
-UNKNOWN, NORMAL, UNUSED, BYTE = 2, 1, 5, 6
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4  # tokenizer.ggml.token_type values
 SPACE = "\u2581"  # SentencePiece's escaped space
-CONTROL, USER_DEFINED = 3, 4
 
 
 class TokenizerInfo:
