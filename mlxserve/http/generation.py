@@ -20,8 +20,7 @@ from quart import request
 from ..actors.scheduler import Lease, LoadSpec
 from ..actors.sequence import ANY_JSON_OBJECT, Chunk, SamplingParams, SequenceRequest, grammar_for_schema
 from ..errors import BadRequest, EngineError, Unprocessable
-from ..specs import templates, thinking
-from ..specs import tools as tool_specs
+from ..specs import templates, thinking, tools as tool_specs
 from ..specs.modelspec import Options
 
 DEFAULT_NUM_CTX = 4096

@@ -17,9 +17,9 @@ from ..errors import BadRequest, MlxserveError
 from ..specs.tools import as_template_tools, normalize_tools, parse_tool_calls
 from . import generation as g
 from .common import stream_response
+
 # Private helpers of the chat route, used as they are (see the lead's report: to be made public).
-from .openai import Merge, drain_all  # noqa: F401  (drain_all re-exported for the dialect modules)
-from .openai import request_options as openai_options
+from .openai import Merge, drain_all, request_options as openai_options  # noqa: F401  (drain_all re-exported for the dialect modules)
 
 
 def sse(event: str, obj: dict) -> bytes:

@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Any
 
 import attrs
+from jinja2 import Undefined
 
 from ..errors import BadRequest
 
@@ -127,7 +128,7 @@ class _Translator:
     def pipeline(self, toks: list[tuple[str, str]], scope: _Scope) -> str:
         commands, cur, depth = [], [], 0
         for t in toks:
-            if t == ("op", "(") :
+            if t == ("op", "("):
                 depth += 1
             elif t == ("op", ")"):
                 depth -= 1
@@ -439,24 +440,23 @@ def translate(go: str) -> Translated:
 
 # ---- values ----
 
-class GoObject(dict):
-    """A struct's fields by their Go names; printed as Ollama prints it (its JSON)."""
+class _Shown:
+    """Printed as Ollama prints the Go value (its JSON): ``shown``."""
 
-    def __init__(self, fields: dict, shown: Any):
-        super().__init__(fields)
+    def __init__(self, value, shown: Any):
+        super().__init__(value)
         self.shown = shown
 
     def __str__(self) -> str:
         return json.dumps(self.shown, ensure_ascii=False, separators=(",", ":"))
 
 
-class GoList(list):
-    def __init__(self, items: list, shown: Any):
-        super().__init__(items)
-        self.shown = shown
+class GoObject(_Shown, dict):
+    """A struct's fields by their Go names."""
 
-    def __str__(self) -> str:
-        return json.dumps(self.shown, ensure_ascii=False, separators=(",", ":"))
+
+class GoList(_Shown, list):
+    """A slice of Go values."""
 
 
 def _str(v: Any) -> str:
@@ -464,27 +464,23 @@ def _str(v: Any) -> str:
         return ""
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, (GoObject, GoList)):
+    if isinstance(v, _Shown):
         return str(v)
     if isinstance(v, (dict, list)):
         return json.dumps(v, ensure_ascii=False, separators=(",", ":"))
-    try:
-        from jinja2 import Undefined
-        if isinstance(v, Undefined):
-            return ""
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(v, Undefined):  # a field the value does not have: Go's zero value
+        return ""
     return str(v)
 
 
 def _json(v: Any) -> str:
-    return json.dumps(v.shown if isinstance(v, (GoObject, GoList)) else v, ensure_ascii=False,
+    return json.dumps(v.shown if isinstance(v, _Shown) else v, ensure_ascii=False,
                       separators=(",", ":"))
 
 
 def _sprintf(fmt: str, *args: Any) -> str:
     fmt = re.sub(r"%v|%q", "%s", str(fmt))
-    return fmt % tuple(_str(a) if isinstance(a, (bool, GoObject, GoList, type(None))) else a for a in args)
+    return fmt % tuple(_str(a) if isinstance(a, (bool, _Shown, type(None))) else a for a in args)
 
 
 def _range(v: Any) -> list[tuple[Any, Any]]:

@@ -160,11 +160,11 @@ class Splitter:
             self._held, self._state = "", "answer"
             said.append(s)
             return False
-        if self._state == "think_lead":
+        if self._state in ("think_lead", "answer_lead"):  # whitespace after a tag is dropped
             self._held = s.lstrip()
             if not self._held:
                 return False
-            self._state = "think"
+            self._state = self._state.removesuffix("_lead")
             return True
         if self._state == "think":
             at = s.find(self.close)
@@ -176,12 +176,6 @@ class Splitter:
             thought.append(s[:len(s) - keep])
             self._held = s[len(s) - keep:]
             return False
-        if self._state == "answer_lead":
-            self._held = s.lstrip()
-            if not self._held:
-                return False
-            self._state = "answer"
-            return True
         self._held = ""
         said.append(s)
         return False
@@ -211,7 +205,7 @@ class HarmonySplitter:
             if self._mode == "header":
                 at = s.find(self._MESSAGE)
                 if at < 0:
-                    if s and not s.lstrip().startswith(("<", "assistant")) :
+                    if s and not s.lstrip().startswith(("<", "assistant")):
                         self._mode, self._held = "final", ""  # not harmony at all: plain answer
                         said.append(s)
                     return "".join(thought), "".join(said)

@@ -5,8 +5,6 @@ prompt and the answer is all content."""
 
 from __future__ import annotations
 
-import json
-
 import anthropic
 import httpx
 import ollama

@@ -2,7 +2,11 @@ import pytest
 
 from mlxserve.errors import BadRequest
 from mlxserve.specs.templates import (
-    CHATML_TEMPLATE, LLAMA3_TEMPLATE, check_template, default_template, is_go_template,
+    CHATML_TEMPLATE,
+    LLAMA3_TEMPLATE,
+    check_template,
+    default_template,
+    is_go_template,
     render_chat,
 )
 

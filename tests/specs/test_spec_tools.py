@@ -6,7 +6,12 @@ import json
 
 from mlxserve.specs.templates import CHATML_TEMPLATE, render_chat
 from mlxserve.specs.tools import (
-    as_template_tools, call_schema, normalize_tools, parse_tool_calls, tool_prompt, with_tool_prompt,
+    as_template_tools,
+    call_schema,
+    normalize_tools,
+    parse_tool_calls,
+    tool_prompt,
+    with_tool_prompt,
 )
 
 WEATHER = {"type": "function", "function": {
