@@ -37,11 +37,16 @@ def mlxserve_path(gguf: Path, tmp_path: Path) -> Path:
 
 
 def agreement(model, case: dict) -> tuple[int, float]:
-    """(smallest top-5 overlap over the prompts, mean |delta logprob| of llama.cpp's top 5)."""
+    """(smallest top-5 overlap over the prompts, mean |delta logprob| of llama.cpp's top 5).
+    All prompts go in one batch, padded at the end: a causal model's logits at a prompt's last
+    token do not see the padding after it."""
+    prompts = REFERENCE["prompts"]
+    width = max(map(len, prompts))
+    logits = model(mx.array([ids + [ids[-1]] * (width - len(ids)) for ids in prompts]))
     overlaps, deltas = [], []
-    for ids, ref in zip(REFERENCE["prompts"], case["top5"]):
-        logits = model(mx.array([ids]))[0, -1].astype(mx.float32)
-        logprobs = logits - mx.logsumexp(logits)
+    for i, (ids, ref) in enumerate(zip(prompts, case["top5"])):
+        row = logits[i, len(ids) - 1].astype(mx.float32)
+        logprobs = row - mx.logsumexp(row)
         ours = set(mx.argsort(-logprobs)[:5].tolist())
         overlaps.append(len(ours & {tok for tok, _ in ref}))
         deltas += [abs(logprobs[tok].item() - lp) for tok, lp in ref]
