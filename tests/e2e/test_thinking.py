@@ -199,3 +199,25 @@ async def test_mlxctl_run_think_and_hidethinking(thinker):
     assert thought.strip()
     assert hidden.returncode == 0 and "Thinking..." not in hidden.stdout and thought not in hidden.stdout
     assert refused.returncode != 0 and "does not support thinking" in refused.stderr
+
+
+async def test_repl_set_think_and_nothink(thinker):
+    from mlxserve.cli.repl import repl
+
+    lines = iter(["/set nothink", "hi", "/set think", "hi"])
+    shown: list[str] = []
+
+    def read(prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    with trio.fail_after(120):
+        async with httpx.AsyncClient(base_url=thinker.url, timeout=60) as client:
+            await repl(client, "always", options={"num_predict": 6, "temperature": 0}, input_fn=read,
+                       out=shown.append)
+    text = "".join(shown)
+    first, second = text.split("Set 'think' mode.")
+    assert "Set 'nothink' mode." in first and "Thinking..." not in first
+    assert second.count("Thinking...\n") == 1 and "...done thinking." in second
