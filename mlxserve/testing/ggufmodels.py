@@ -129,9 +129,9 @@ def _llama3_rope_freqs(base: float, dims: int, factor: float, low: float, high: 
     return np.array(out, np.float32)
 
 
-def write(path: Path, arch: str, quant: str = "Q8_0", seed: int = 0) -> Path:
+def write(path: Path, arch: str, quant: str = "Q8_0", seed: int = 0, drop: tuple[str, ...] = ()) -> Path:
     """A tiny ``arch`` model with every matrix in ``quant`` (1-D tensors and the MoE router stay
-    float32, as llama.cpp's quantizer leaves them)."""
+    float32, as llama.cpp's quantizer leaves them); ``drop``: tensor names to leave out."""
     if arch not in ARCHITECTURES or quant not in QUANT_TYPES:
         raise ValueError(f"no test model {arch}/{quant}")
     rng = np.random.default_rng(seed)
@@ -189,6 +189,8 @@ def write(path: Path, arch: str, quant: str = "Q8_0", seed: int = 0) -> Path:
     w.add_rope_dimension_count(rope_dim)
     _add_tokenizer(w, tok)
     for name, x in tensors.items():
+        if name in drop:
+            continue
         if x.ndim == 1 or name.endswith("ffn_gate_inp.weight") or quant == "F32":
             w.add_tensor(name, x)
         elif quant == "BF16":

@@ -63,6 +63,17 @@ def test_unsupported_gguf_architecture_is_refused(store, tmp_path):
     assert "'falcon'" in message and "llama" in message
 
 
+@pytest.mark.parametrize("arch,missing", [
+    ("gemma2", "blk.1.post_ffw_norm.weight"), ("qwen3", "blk.0.attn_k_norm.weight"),
+    ("qwen3moe", "blk.1.ffn_up_exps.weight"), ("phi3", "blk.0.ffn_up.weight")])
+def test_gguf_missing_an_architecture_tensor_is_refused(store, tmp_path, arch, missing):
+    from mlxserve.testing import ggufmodels
+
+    ggufmodels.write(tmp_path / "m.gguf", arch, "Q8_0", drop=(missing,))
+    message = refused(store, "FROM m.gguf", tmp_path, "are missing")
+    assert missing in message
+
+
 def test_gguf_missing_what_the_loader_needs_is_refused(store, tmp_path, kquant_gguf):
     import gguf
 
