@@ -196,6 +196,43 @@ def test_rope_matches_mlx_for_every_offset_kind(traditional):
         kernels.rope(x, 64, traditional, 10000.0, 1.0, mx.array([1, 2, 3]))
 
 
+def _kv(rng, b, heads, s, d, spare=0):
+    """(b, heads, s, d) float32 as a slice of a longer buffer, as the KV cache hands it over."""
+    return mx.array(rng.standard_normal((b, heads, s + spare, d)).astype(np.float32))[:, :, :s]
+
+
+def test_decode_attention_matches_mlx():
+    rng = np.random.default_rng(6)
+    for b, h, hk, s, d in [(1, 9, 3, 1, 64), (4, 9, 3, 37, 64), (3, 4, 4, 130, 32), (2, 8, 2, 5, 12)]:
+        q = mx.array(rng.standard_normal((b, h, 1, d)).astype(np.float32))
+        k, v = _kv(rng, b, hk, s, d, spare=20), _kv(rng, b, hk, s, d, spare=3)
+        pad = mx.array(rng.integers(0, max(1, s // 2), b))
+        left_padded = (mx.arange(s)[None] >= pad[:, None]).reshape(b, 1, 1, s)
+        additive = mx.array(rng.standard_normal((1, h, 1, s)).astype(np.float32))
+        for mask in (None, left_padded, additive):
+            want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+            got = kernels.decode_attention(q, k, v, 0.125, mask)
+            assert got.shape == want.shape
+            assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item(), (b, h, hk, s, d, mask)
+    with pytest.raises(ValueError, match="shapes"):
+        kernels.decode_attention(mx.zeros((1, 9, 2, 64)), mx.zeros((1, 3, 4, 64)), mx.zeros((1, 3, 4, 64)), 1.0)
+
+
+def test_decode_attention_gives_a_sequence_the_same_bits_alone_or_left_padded_in_a_batch():
+    rng = np.random.default_rng(7)
+    s, pad = 20, 7
+    q = mx.array(rng.standard_normal((2, 9, 1, 64)).astype(np.float32))
+    k, v = _kv(rng, 1, 3, s, 64), _kv(rng, 1, 3, s, 64)
+    alone = kernels.decode_attention(q[:1], k, v, 0.125)
+    other_k, other_v = _kv(rng, 1, 3, s + pad, 64), _kv(rng, 1, 3, s + pad, 64)
+    zeros = mx.zeros((1, 3, pad, 64))
+    batch_k = mx.concatenate([mx.concatenate([zeros, k], axis=2), other_k])
+    batch_v = mx.concatenate([mx.concatenate([zeros, v], axis=2), other_v])
+    mask = mx.array([[[[False] * pad + [True] * s]], [[[True] * (s + pad)]]])
+    batch = kernels.decode_attention(q, batch_k, batch_v, 0.125, mask)
+    assert np.array_equal(np.array(alone[0]), np.array(batch[0]))
+
+
 # --- a model on the kernels ---------------------------------------------------------------------
 
 
@@ -229,6 +266,9 @@ def test_a_quantized_model_loads_onto_the_kernels(quantized_tiny_dir):
     assert isinstance(inner.embed_tokens, dtypes.CpuQuantizedEmbedding)
     assert isinstance(inner.norm, dtypes.CpuRMSNorm)
     assert isinstance(inner.layers[0].self_attn.rope, dtypes.CpuRoPE)
+    import sys
+    source = sys.modules[type(inner.layers[0].self_attn).__module__]
+    assert hasattr(source.scaled_dot_product_attention, "cpu_original")  # decode attention routed
     assert inner.norm.weight.dtype == mx.float32
     ref = load_path(quantized_tiny_dir, weight_dtype="float32")
     prompt = mx.array([[3, 17, 42, 5, 9]])

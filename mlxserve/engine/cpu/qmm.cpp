@@ -32,9 +32,11 @@
 #include <x86intrin.h>
 #endif
 
+#include <optional>
 #include <variant>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 
@@ -261,10 +263,18 @@ struct Pool {
       helpers++;
     }
   }
+  // When the caller keeps waiting for helpers longer than it worked itself (the helpers do not
+  // get a core: a busy machine), products run alone for a while, then sharing is tried again.
+  std::atomic<int> alone{0};
+  int strikes = 0;
+  static constexpr int STRIKES = 3, ALONE = 500;
+
   // Runs fn(0..n-1), shared with the helpers when there are any and no other job is running.
   void run(int n, const std::function<void(int)>& f) {
     int expected = 0;
-    if (!helpers || n < 2 || !busy.compare_exchange_strong(expected, 1)) {
+    if (!helpers || n < 2 || alone.load(std::memory_order_relaxed) > 0 ||
+        !busy.compare_exchange_strong(expected, 1)) {
+      if (alone.load(std::memory_order_relaxed) > 0) alone.fetch_sub(1, std::memory_order_relaxed);
       for (int c = 0; c < n; c++) f(c);
       return;
     }
@@ -277,6 +287,7 @@ struct Pool {
       wake.fetch_add(1);
       syscall(SYS_futex, (uint32_t*)&wake, FUTEX_WAKE_PRIVATE, helpers, nullptr, nullptr, 0);
     }
+    const uint64_t begin = __rdtsc();
     work(s);
     const uint64_t start = __rdtsc();
     uint32_t done;
@@ -286,6 +297,12 @@ struct Pool {
       if ((done = finished.load()) < (uint32_t)n)
         syscall(SYS_futex, (uint32_t*)&finished, FUTEX_WAIT_PRIVATE, done, nullptr, nullptr, 0);
       waiting.store(0);
+    }
+    const uint64_t end = __rdtsc();
+    if (end - start > (start - begin) / 2 + wait_cycles) {
+      if (++strikes >= STRIKES) { alone.store(ALONE); strikes = 0; }
+    } else if (strikes > 0) {
+      strikes--;
     }
     busy.store(0);
   }
@@ -663,6 +680,137 @@ static mx::array rope(const mx::array& x, int dims, bool traditional, float base
   return mx::array(x.shape(), mx::float32, std::make_shared<Rotary>(s, dims, traditional, base, scale, 0), {x, o});
 }
 
+
+// ---- decode attention ------------------------------------------------------------------------
+// One query token a sequence (decode): softmax(scale q.k + mask) v for every head as one op, in
+// place of the CPU fallback of mx.fast.scaled_dot_product_attention (a GQA reshape, two matmuls
+// of one row per head through BLAS, a mask op and a softmax: ~7 ops a layer). Sums over the
+// keys run in key order, one key at a time, so masked (left-padded) keys add exact zeros and a
+// sequence gets the same bits alone or in a batch.
+
+struct Strided4 {  // a 4-d float view: shape and strides in elements
+  const float* p;
+  int64_t s[4];
+  int n[4];
+  explicit Strided4(const mx::array& a) : p(a.data<float>()) {
+    for (int i = 0; i < 4; i++) { s[i] = a.strides()[i]; n[i] = a.shape(i); }
+  }
+};
+
+static inline float dot_row(const float* a, const float* b, int D) {
+  int d = 0;
+  float t = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  t = _mm_cvtss_f32(h);
+#endif
+  for (; d < D; d++) t = std::fma(a[d], b[d], t);
+  return t;
+}
+
+static inline void axpy_row(float a, const float* x, float* y, int D) {
+  int d = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 va = _mm256_set1_ps(a);
+  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(y + d, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
+#endif
+  for (; d < D; d++) y[d] = std::fma(a, x[d], y[d]);
+}
+
+class DecodeAttention : public mx::UnaryPrimitive {
+ public:
+  DecodeAttention(mx::Stream s, float scale, int mask_kind) : mx::UnaryPrimitive(s), scale_(scale), mask_(mask_kind) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    const Strided4 q(in[0]), k(in[1]), v(in[2]);
+    // the mask as (B, H, 1, S) with stride 0 where it broadcasts
+    const void* mp = nullptr;
+    int64_t ms[4] = {0, 0, 0, 0};
+    if (mask_) {
+      const mx::array& m = in[3];
+      mp = mask_ == 1 ? (const void*)m.data<bool>() : (const void*)m.data<float>();
+      for (int i = 0; i < 4; i++) ms[i] = m.shape(i) == 1 ? 0 : m.strides()[i];
+    }
+    enc.dispatch([=, yp = out.data<float>(), scale = scale_, kind = mask_] {
+      const int B = q.n[0], H = q.n[1], D = q.n[3], Hk = k.n[1], S = k.n[2], Dv = v.n[3];
+      const int group = H / Hk;
+      std::vector<float> w(S);
+      for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+          const float* qp = q.p + b * q.s[0] + h * q.s[1];
+          const float* kp = k.p + b * k.s[0] + (h / group) * k.s[1];
+          const float* vp = v.p + b * v.s[0] + (h / group) * v.s[1];
+          float top = -INFINITY;
+          for (int j = 0; j < S; j++) {
+            float x = scale * dot_row(qp, kp + j * k.s[2], D);
+            if (kind == 1) {
+              if (!((const bool*)mp)[b * ms[0] + h * ms[1] + j * ms[3]]) x = -INFINITY;
+            } else if (kind == 2) {
+              x += ((const float*)mp)[b * ms[0] + h * ms[1] + j * ms[3]];
+            }
+            w[j] = x;
+            top = std::fmax(top, x);
+          }
+          float* y = yp + ((size_t)b * H + h) * Dv;
+          std::fill_n(y, Dv, 0.f);
+          float total = 0.f;
+          for (int j = 0; j < S; j++) {
+            const float e = top == -INFINITY ? 0.f : std::exp(w[j] - top);
+            total += e;
+            if (e != 0.f) axpy_row(e, vp + j * v.s[2], y, Dv);
+          }
+          const float inv = total > 0.f ? 1.f / total : 0.f;
+          for (int d = 0; d < Dv; d++) y[d] *= inv;
+        }
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { throw std::runtime_error("CPU only"); }
+  const char* name() const override { return "DecodeAttention"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const DecodeAttention&>(other);
+    return scale_ == o.scale_ && mask_ == o.mask_;
+  }
+
+ private:
+  float scale_;
+  int mask_;  // 0 none, 1 bool (true: attend), 2 additive float
+};
+
+// mx.fast.scaled_dot_product_attention for one query token: q (B, H, 1, D), k (B, Hk, S, D),
+// v (B, Hk, S, Dv) float32 with unit last strides, H a multiple of Hk; mask None or a 4-d bool
+// or float32 array broadcastable to (B, H, 1, S).
+static mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
+                                  std::optional<mx::array> mask) {
+  for (const auto* a : {&q, &k, &v})
+    if (a->dtype() != mx::float32 || a->ndim() != 4)
+      throw std::invalid_argument("[decode_attention] float32 q, k, v of 4 dimensions");
+  const int B = q.shape(0), H = q.shape(1), Hk = k.shape(1), S = k.shape(2);
+  if (q.shape(2) != 1 || k.shape(0) != B || v.shape(0) != B || v.shape(1) != Hk || v.shape(2) != S ||
+      k.shape(3) != q.shape(3) || Hk == 0 || H % Hk)
+    throw std::invalid_argument("[decode_attention] shapes: q (B, H, 1, D), k (B, Hk, S, D), v (B, Hk, S, Dv)");
+  auto s = mx::to_stream({});
+  std::vector<mx::array> inputs = {q, k, v};
+  for (auto& a : inputs)
+    if (a.strides().back() != 1 && a.shape(-1) > 1) a = mx::contiguous(a, false, s);
+  int kind = 0;
+  if (mask) {
+    const mx::array& m = *mask;
+    if (m.ndim() != 4 || (m.dtype() != mx::bool_ && m.dtype() != mx::float32) || m.shape(2) != 1 ||
+        (m.shape(0) != 1 && m.shape(0) != B) || (m.shape(1) != 1 && m.shape(1) != H) || m.shape(3) != S)
+      throw std::invalid_argument("[decode_attention] mask: bool or float32, broadcastable to (B, H, 1, S)");
+    kind = m.dtype() == mx::bool_ ? 1 : 2;
+    inputs.push_back(m);
+  }
+  return mx::array({B, H, 1, v.shape(3)}, mx::float32, std::make_shared<DecodeAttention>(s, scale, kind), inputs);
+}
+
 }  // namespace qk
 
 NB_MODULE(_qmm, m) {
@@ -674,6 +822,9 @@ NB_MODULE(_qmm, m) {
         "mx.fast.rms_norm as one CPU op (float32)");
   m.def("rope", &qk::rope, nb::arg("x"), nb::arg("dims"), nb::arg("traditional"), nb::arg("base"),
         nb::arg("scale"), nb::arg("offset"), "mx.fast.rope as one CPU op (float32, default frequencies)");
+  m.def("decode_attention", &qk::decode_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("scale"),
+        nb::arg("mask").none() = nb::none(),
+        "mx.fast.scaled_dot_product_attention for one query token a sequence, as one CPU op (float32)");
   m.def("blas_rows", [] { return qk::BLAS_ROWS; }, "products of this many rows or more use tiles and BLAS");
   m.def("set_blas_rows", [](int rows) { qk::BLAS_ROWS = rows; }, "for measurements: the tile threshold");
   m.def("has_blas", [] { return qk::blas_sgemm() != nullptr; },
@@ -685,6 +836,8 @@ NB_MODULE(_qmm, m) {
         "for measurements: products of fewer multiply-adds stay on the calling thread");
   m.def("start_threads", [](int threads, int spin_us) { qk::pool.start(threads, spin_us); },
         "helper threads for large products (once; later calls do nothing)");
+  m.def("sharing", [] { return qk::pool.helpers > 0 && qk::pool.alone.load() == 0; },
+        "whether products are shared with helper threads now (not backed off on a busy machine)");
   m.def("stats", [] { return nb::make_tuple(qk::calls.load(), qk::cycles.load()); },
         "(products run, TSC cycles inside them)");
   m.def("tsc", [] { return (uint64_t)__rdtsc(); }, "the time-stamp counter, to scale stats()");
