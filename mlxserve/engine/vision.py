@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache
 
 from ..errors import LoadError, UnsupportedModel
+from ..specs.visiontypes import served_vision_type
 from . import tokenizer as tok
 
 if TYPE_CHECKING:
@@ -35,30 +36,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-def _batchable(model_type: str) -> bool:
-    """Whether mlx-vlm implements ``model_type`` with positions the batch can give: a language
-    model that keeps the image's 3-D rotary positions as its own state (Qwen-VL, GLM-4V:
-    ``rope_deltas``) would apply one sequence's to every row; one that cross-attends to the image
-    at every step (Llama 3.2 Vision) has no image in the batch. store/importers.py asks the same."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("mlx_vlm")
-    if spec is None or not spec.submodule_search_locations or not model_type.isidentifier():
-        return False
-    dirs = [Path(d) / "models" / model_type for d in spec.submodule_search_locations]
-    return any(d.is_dir() for d in dirs) and not any(
-        word in f.read_text(errors="replace") for d in dirs if d.is_dir() for f in d.glob("*.py")
-        for word in ("rope_deltas", "cross_attention_states"))
-
-
 def is_vision_dir(path: Path) -> bool:
-    """A directory whose config has a vision tower of a type mlx-vlm runs in a batch."""
+    """A directory whose config has a vision tower of a type served here (specs/visiontypes.py)."""
     try:
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and isinstance(config.get("vision_config"), dict) \
-        and isinstance(config.get("model_type"), str) and _batchable(config["model_type"])
+    return served_vision_type(config)
 
 
 class TextModel(nn.Module):

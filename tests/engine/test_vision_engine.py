@@ -144,4 +144,4 @@ def test_vision_types_that_cannot_share_a_batch_are_refused_alike(tmp_path, mode
     config = {"model_type": model_type, "vision_config": {}}
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert vision.is_vision_dir(tmp_path) is served
-    assert importers._is_vision(config) is served
+    assert importers.served_vision_type(config) is served
