@@ -15,6 +15,7 @@ import attrs
 
 from ..errors import BadRequest
 from ..specs.modelspec import ModelSpec
+from ..specs.visiontypes import served_vision_type
 from . import convert, manifest as mt
 from . import safetensorsmeta
 from .ggufmeta import GGUF_ARCHITECTURES, GGUFHeader, read_header
@@ -307,7 +308,7 @@ def import_directory(root: Path, workdir: Path, progress: Callable[[dict], None]
         raise BadRequest(f"no tokenizer.json in {root}")
     model_type = str(config.get("model_type") or "")
     embedding = model_type in EMBEDDING_TYPES or (root / "modules.json").is_file()
-    vision = not embedding and _is_vision(config)
+    vision = not embedding and served_vision_type(config)  # mlx-lm may still serve it as text
     if not vision:
         _check_runnable(root, config, embedding)
     for r in rels:
@@ -358,23 +359,6 @@ def import_directory(root: Path, workdir: Path, progress: Callable[[dict], None]
         conversion=conversion,
     )
     return Imported(layers, spec, _vocab(root))
-
-
-def _is_vision(config: dict[str, Any]) -> bool:
-    """A vision tower of a type mlx-vlm implements (engine/vision.py runs it), found without
-    importing mlx-vlm. Types whose language model keeps the image's 3-D rotary positions as its
-    own state (Qwen-VL, GLM-4V: ``rope_deltas``) or reads the image at every step (cross-attention:
-    Llama 3.2 Vision) cannot share a batch, so they are not vision models here (mlx-lm serves some
-    of them as text)."""
-    model_type = config.get("model_type")
-    spec = importlib.util.find_spec("mlx_vlm")
-    if not isinstance(config.get("vision_config"), dict) or not isinstance(model_type, str) \
-            or not model_type.isidentifier() or spec is None or not spec.submodule_search_locations:
-        return False
-    dirs = [Path(d) / "models" / model_type for d in spec.submodule_search_locations]
-    return any(d.is_dir() for d in dirs) and not any(
-        word in f.read_text(errors="replace") for d in dirs if d.is_dir() for f in d.glob("*.py")
-        for word in ("rope_deltas", "cross_attention_states"))
 
 
 def _mlx_lm_has_module(model_type: str) -> bool:
