@@ -77,7 +77,13 @@ def _tensor_fits(model, config: dict, n: int) -> bool:
     heads = int(config.get("num_attention_heads") or 0)
     kv = int(config.get("num_key_value_heads") or heads)
     inter = int(config.get("intermediate_size") or 0)
-    return heads > 0 and heads % n == 0 and kv % n == 0 and inter % n == 0
+    hidden = int(config.get("hidden_size") or 0)
+    head_dim = int(config.get("head_dim") or (hidden // heads if heads else 0))
+    if not (heads > 0 and heads % n == 0 and kv % n == 0 and inter % n == 0):
+        return False
+    # Quantized weights split along their input (o_proj, down_proj) in whole groups only.
+    group = int((config.get("quantization") or {}).get("group_size") or 1)
+    return (heads * head_dim // n) % group == 0 and (inter // n) % group == 0
 
 
 def _pipeline(model, group) -> None:
