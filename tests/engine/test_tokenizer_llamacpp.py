@@ -62,10 +62,10 @@ def _mismatches(encode, cases) -> list[tuple[str, list[int], list[int]]]:
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n in tv.SDIST_VOCABS])
 def test_llamacpp_own_test_cases(name, load):
+    info = load(name)
     cases = tv.sdist_cases(name)
     if not cases:
         pytest.skip(f"llama.cpp ships no .inp/.out test cases for {name}")
-    info = load(name)
     # test-tokenizer-0: no BOS, special tokens' text read as text
     assert _mismatches(lambda t: info.encode(t, add_bos=False, parse_special=False), cases) == []
 
