@@ -153,6 +153,9 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024
     prompt_cache_bytes: int = 512 * 1024 * 1024
     prefill_chunk: int = 256
+    # SIGTERM's drain (MLXSERVE_DRAIN_SECONDS): how long requests in flight may take to finish
+    # while /api/ready answers 503 and new work is refused; then what is left gets an error.
+    drain_seconds: float = 10.0
     log_dir: Path | None = None
     debug: bool = False
     weight_dtype: str | None = None  # "keep", "float32", "float16"; None = choose per backend
@@ -195,6 +198,13 @@ class Settings:
                     kw[name] = int(v)
                 except ValueError:
                     raise ValueError(f"{key} must be a whole number, not {v!r}") from None
+        if v := env.get("MLXSERVE_DRAIN_SECONDS"):
+            try:
+                kw["drain_seconds"] = float(v)
+            except ValueError:
+                raise ValueError(f"MLXSERVE_DRAIN_SECONDS must be a number of seconds, not {v!r}") from None
+            if not 0 <= kw["drain_seconds"] < FOREVER_AFTER:
+                raise ValueError(f"MLXSERVE_DRAIN_SECONDS must be 0 or more seconds, not {v!r}")
         if v := env.get("MLXSERVE_REGISTRY"):
             kw["default_registry"] = v
         if v := env.get("MLXSERVE_LOG_DIR"):
