@@ -40,6 +40,8 @@ from . import loop as eng, model as engine_model, sharding
 log = logging.getLogger("mlxserve.distributed")
 
 HEARTBEAT_S = 0.5
+STEP_FAILED = "generation failed:"  # loop.Engine._step's error for a step that raised
+STEP_FAILED_GRACE_S = 1.0
 
 
 class GroupDown(LoadError):
@@ -156,23 +158,24 @@ def _crc(crc: int, chunk) -> int:
 
 class _StepFaults:
     """Chaos faults armed on rank 0 take effect on every rank in the same step: the followers
-    get each step's faults with its commands (a fault on one rank alone would split the batch)."""
+    get each step's faults with its commands (a fault on one rank alone would split the batch).
+    ``armed`` is where the Runner arms them (as on FaultSeam); a step takes them from there."""
 
-    def __init__(self, inner=None) -> None:
-        self.inner = inner
-        self.armed: set[str] = set()
+    def __init__(self, armed: set[str] | None = None) -> None:
+        self.armed: set[str] = armed if armed is not None else set()
+        self.step: set[str] = set()
 
     def next_step(self, names=None) -> list[str]:
-        if names is None:  # rank 0: what was armed since the last step
-            names = sorted(self.inner.armed) if self.inner is not None else []
-            if self.inner is not None:
-                self.inner.armed.clear()
-        self.armed = set(names)
-        return list(names)
+        if names is None:  # rank 0: what was armed since the last step (pop: the Runner may arm now)
+            names = set()
+            while self.armed:
+                names.add(self.armed.pop())
+        self.step = set(names)
+        return sorted(names)
 
     def take(self, name: str) -> bool:
-        if name in self.armed:
-            self.armed.discard(name)
+        if name in self.step:
+            self.step.discard(name)
             return True
         return False
 
@@ -212,7 +215,7 @@ class Group:
         self.model_split: str | None = None
         self.answers: dict[int, dict] = {}
         self.epoch = 0  # loads so far: the followers' answers name the load they answer
-        self.crcs: dict[int, int] = {}
+        self.sums: dict[int, dict[int, int]] = {}  # step -> rank -> checksum of its tokens
         self.crashes: list[tuple[int, int, str, float]] = []  # followers' engine crashes: rank, step, error, when
         self.leader_crash_step: int | None = None
 
@@ -273,12 +276,24 @@ class Group:
                         self.answers[p.rank] = msg
                     self.cond.notify_all()
             case "ack":
-                want = self.crcs.get(msg["n"])
-                if want is not None and want != msg["x"]:
-                    self.fail(f"rank {p.rank} generated other tokens than rank 0 at step {msg['n']}")
+                if msg.get("e") == self.epoch:
+                    self.record(p.rank, msg["n"], msg["x"])
             case "crashed":
                 with self.cond:
                     self.crashes.append((p.rank, msg["n"], msg.get("error", ""), time.monotonic()))
+
+    def record(self, rank: int, step: int, crc: int) -> None:
+        """A rank's checksum of the tokens it delivered in ``step``; compared once all have one."""
+        with self.cond:
+            got = self.sums.setdefault(step, {})
+            got[rank] = crc
+            self.sums.pop(step - 4096, None)  # a rank that never reports is the watchdog's business
+            if len(got) < self.size:
+                return
+            del self.sums[step]
+        odd = sorted(r for r, x in got.items() if x != got[0])
+        if odd:
+            self.fail(f"rank {odd[0]} generated other tokens than rank 0 at step {step}")
 
     def fail(self, reason: str) -> None:
         """Tear the group down: fail the model's requests now, wake its engine thread, let the
@@ -319,7 +334,7 @@ class Group:
             self.owner = leader
             self.epoch += 1
             self.answers = {}
-            self.crcs = {}
+            self.sums = {}
             self.crashes = []
             self.leader_crash_step = None
             self.model_split = None
@@ -391,7 +406,7 @@ class _Leader:
         self.params = _engine_params(engine)
         load, deliver = engine._load, engine._deliver
         self.raw_deliver = deliver
-        self.faults = _StepFaults(engine.faults)
+        self.faults = _StepFaults(engine.faults.armed)
         engine.faults = self.faults
 
         def deliver_and_check(events: list) -> None:
@@ -405,18 +420,31 @@ class _Leader:
                     self.group.release(self)
                 elif isinstance(ev, eng.LoadFailed):
                     self.group.release(self)
+            if any(isinstance(ev, eng.Chunk) and (ev.error or "").startswith(STEP_FAILED) for ev in events):
+                events = self._step_failure(events)
             deliver(events)
 
         engine._load = lambda: self.group.load(self, load)
         engine._deliver = deliver_and_check
+
+    def _step_failure(self, events: list) -> list:
+        """A step that fails on a group is most often a rank gone (its collective broke): give the
+        watchdog a moment to tell, so the requests learn that rather than a transport error."""
+        g = self.group
+        with g.cond:
+            g.cond.wait_for(lambda: g.down is not None, timeout=STEP_FAILED_GRACE_S)
+            down = g.down
+        if down is None:
+            return events
+        return [attrs.evolve(ev, error=f"distributed group failed: {down}")
+                if isinstance(ev, eng.Chunk) and (ev.error or "").startswith(STEP_FAILED) else ev for ev in events]
 
     def commands(self, drain: Callable[[bool], list], block: bool) -> list:
         g = self.group
         if g.down is not None:
             raise GroupDown(f"distributed group failed: {g.down}")
         if self.step:
-            g.crcs[self.step] = self.crc
-            g.crcs.pop(self.step - 4096, None)
+            g.record(0, self.step, self.crc)
         cmds = drain(block)
         self.step += 1
         self.crc = 0
@@ -538,14 +566,14 @@ def start(models_dir: Path, env: dict | None = None) -> tuple[int, Any]:
 class _Follower:
     """A follower's seam in its Engine: the step commands come from rank 0's connection."""
 
-    def __init__(self, sock: socket.socket, lock: threading.Lock) -> None:
+    def __init__(self, sock: socket.socket, lock: threading.Lock, epoch: int) -> None:
         self.sock = sock
         self.lock = lock
+        self.epoch = epoch  # the load this engine serves: rank 0 ignores an earlier one's acks
         self.step = 0
         self.crc = 0
         self.pending: dict | None = None
         self.faults = _StepFaults()
-        self.raw_deliver: Callable | None = None
 
     def attach(self, engine) -> None:
         engine.faults = self.faults
@@ -566,7 +594,7 @@ class _Follower:
 
     def commands(self, drain: Callable[[bool], list], block: bool) -> list:
         if self.step:
-            self._send({"t": "ack", "n": self.step, "x": self.crc})
+            self._send({"t": "ack", "n": self.step, "x": self.crc, "e": self.epoch})
         msg = _recv_or_exit(self.sock)
         if msg.get("t") != "step":
             self.pending = msg  # rank 0 moved on (a new load, or this load failed): end this engine
@@ -609,7 +637,7 @@ def follow(rank: int, conn, models_dir: Path, weight_dtype: str | None = None) -
         path = Path(msg["path"])
         path = path if path.is_absolute() else Path(models_dir) / path
         params = dict(msg["engine"])
-        seq = _Follower(sock, lock)
+        seq = _Follower(sock, lock, msg["epoch"])
 
         def load(path=path, msg=msg, seq=seq):
             plan = sharding.ShardPlan(g, msg["split"])
