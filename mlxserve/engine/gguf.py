@@ -116,9 +116,13 @@ class _Meta:
     def __init__(self, metadata: Mapping[str, Any], arch: str):
         self.md, self.arch = metadata, arch
 
-    def __call__(self, key: str, default: Any = None) -> Any:
-        value = self.md.get(f"{self.arch}.{key}")
-        return default if value is None else scalar(value)
+    def __call__(self, key: str, default: Any = None, *aliases: str) -> Any:
+        """``<arch>.<key>``, else ``<arch>.text.<key>`` or an alias (Ollama's converters)."""
+        for k in (key, f"text.{key}", *aliases):
+            value = self.md.get(f"{self.arch}.{k}")
+            if value is not None:
+                return scalar(value)
+        return default
 
     def need(self, key: str) -> int:
         value = self(key)
@@ -194,7 +198,8 @@ def config_from_metadata(metadata: Mapping[str, Any], shapes: Mapping[str, tuple
         "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
         "vocab_size": int(vocab),
         "max_position_embeddings": int(meta("context_length", 4096)),
-        "rope_theta": float(meta("rope.freq_base", 10000.0)),
+        "rope_theta": float(meta("rope.freq_base", 1e6 if arch == "gemma3" else 1e4,
+                                 "rope.global.freq_base")),
         "tie_word_embeddings": "output.weight" not in shapes,
     }
     if int(meta("expert_count", 0) or 0) and arch != "qwen3moe":
@@ -214,13 +219,14 @@ def config_from_metadata(metadata: Mapping[str, Any], shapes: Mapping[str, tuple
         if scaling is not None and (arch == "gemma2" or scaling["rope_type"] != "linear"):
             raise UnsupportedModel(f"{arch}: rope scaling {scaling['rope_type']} is not supported")
         # llama.cpp: 27B scales queries by hidden/heads, the others by the head size
-        config["query_pre_attn_scalar"] = hidden / heads if layers in (46, 62) else head_dim
+        config["query_pre_attn_scalar"] = (hidden / heads if layers == {"gemma2": 46, "gemma3": 62}[arch]
+                                           else head_dim)
     if arch == "gemma2":
         config["attn_logit_softcapping"] = float(meta("attn_logit_softcapping", 50.0))
         config["final_logit_softcapping"] = float(meta("final_logit_softcapping", 30.0))
     elif arch == "gemma3":
-        if float(meta("final_logit_softcapping", 0.0) or 0.0):
-            raise UnsupportedModel("gemma3 with final logit soft-capping is not supported")
+        # final_logit_softcapping is ignored: Gemma 3 has none (some Ollama files carry a
+        # stray 30 that Ollama itself does not apply), and mlx-lm's gemma3_text has no cap.
         window = int(meta("attention.sliding_window", 0) or 0)
         pattern = meta("attention.sliding_window_pattern", 6)
         if isinstance(pattern, list):  # one bool a layer: must be mlx-lm's periodic pattern
@@ -228,7 +234,8 @@ def config_from_metadata(metadata: Mapping[str, Any], shapes: Mapping[str, tuple
             if [bool(s) for s in pattern] != [(i + 1) % period != 0 for i in range(layers)]:
                 raise UnsupportedModel("gemma3: this sliding-window layer pattern is not supported")
             pattern = period
-        config |= {"rope_local_base_freq": float(meta("rope.freq_base_swa", 10000.0)),
+        config |= {"rope_local_base_freq": float(meta("rope.freq_base_swa", 10000.0,
+                                                      "rope.local.freq_base")),
                    "sliding_window": window or config["max_position_embeddings"],
                    "sliding_window_pattern": int(pattern) if window else 1}
     elif arch == "qwen3moe":
