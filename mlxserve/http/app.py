@@ -19,9 +19,10 @@ from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ..actors.runtime import Runtime
-from ..errors import MlxserveError, ModelNotFound, Unauthorized
+from ..errors import MlxserveError, ModelNotFound, ShuttingDown, Unauthorized
 from . import anthropic, blobs, embeddings, ollama, openai, responses
 from .common import error_headers, json_response
+from .drain import READ_METHODS, Drain
 
 log = logging.getLogger("mlxserve.http")
 # After a refused body the rest of it may still be in flight: end the connection rather than
@@ -51,8 +52,8 @@ def _openai_code(exc: MlxserveError) -> str | None:
     return {503: "server_busy", 413: "payload_too_large"}.get(exc.status)
 
 
-# What answers without a key: liveness and version probes (load balancers, clients' checks).
-PUBLIC_PATHS = frozenset({"/", "/api/version", "/api/health"})
+# What answers without a key: liveness, readiness and version probes (load balancers, clients' checks).
+PUBLIC_PATHS = frozenset({"/", "/api/version", "/api/health", "/api/ready"})
 
 
 def key_checker(keys: tuple[str, ...]) -> Callable[[list[str]], bool]:
@@ -138,7 +139,8 @@ class _Connection(TrioASGIHTTPConnection):
                 self._answered = True
             await send(message)
 
-        await super().__call__(receive, send_marking_the_end)
+        with self.app.config["MLXSERVE_DRAIN"].request():  # a drain waits for it to finish
+            await super().__call__(receive, send_marking_the_end)
 
     async def handle_messages(self, nursery: trio.Nursery, request, receive) -> None:  # type: ignore[override]
         await ASGIHTTPConnection.handle_messages(self, request, receive)
@@ -171,9 +173,10 @@ class _TCPServer(hypercorn_tcp.TCPServer):
         await super().protocol_send(event)
 
 
-def create_app(rt: Runtime) -> QuartTrio:
+def create_app(rt: Runtime, drain: Drain | None = None) -> QuartTrio:
     app = _App("mlxserve")
     app.config["MLXSERVE_RUNTIME"] = rt
+    app.config["MLXSERVE_DRAIN"] = drain = Drain() if drain is None else drain
     app.config["MAX_CONTENT_LENGTH"] = rt.settings.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # generation may take longer than any fixed limit
     app.config["BODY_TIMEOUT"] = 60
@@ -254,6 +257,13 @@ def create_app(rt: Runtime) -> QuartTrio:
                 raise Unauthorized("invalid API key")
             return None
 
+    @app.before_request
+    async def refuse_while_draining():
+        # Another daemon takes new work (a balancer retries a 503 there); reads still answer.
+        if drain.draining and request.method not in READ_METHODS:
+            raise ShuttingDown("server is draining: send new requests to another server")
+        return None
+
     @app.after_request
     async def allow_origin(response: Response) -> Response:
         if (origin := cross_origin()) is not None and response.status_code != 403:
@@ -278,7 +288,7 @@ def create_app(rt: Runtime) -> QuartTrio:
             rt.metrics.record_nowait("request", route=request.path, status=exc.status, error=str(exc),
                                      client=request.remote_addr or "")
         headers = error_headers(exc)
-        if exc.status == 413:
+        if exc.status == 413 or isinstance(exc, ShuttingDown):  # no more requests down this one
             headers = {**headers, **_CLOSE}
         return json_response(_error_body(exc.status, str(exc), exc.kind, _openai_code(exc)), exc.status, headers)
 
@@ -326,7 +336,8 @@ async def _drained(req) -> bool:
     return False
 
 
-async def serve(rt: Runtime, shutdown: trio.Event, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve(rt: Runtime, shutdown: trio.Event, drain: Drain | None = None, *,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run Hypercorn on the runtime's settings until ``shutdown`` is set; started() gets the URLs."""
     config = HypercornConfig()
     host = rt.settings.host
@@ -335,7 +346,7 @@ async def serve(rt: Runtime, shutdown: trio.Event, *, task_status=trio.TASK_STAT
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 5.0
     config.keep_alive_timeout = 75
-    app = create_app(rt)
+    app = create_app(rt, drain)
     # Hypercorn has no seam for its connection class; its run loop looks the name up per call.
     hypercorn_run.TCPServer = _TCPServer
     await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)

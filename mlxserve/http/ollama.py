@@ -10,7 +10,7 @@ from pathlib import Path
 
 import attrs
 import trio
-from quart import Blueprint, Response
+from quart import Blueprint, Response, current_app
 
 from .. import __version__
 from ..actors import group as dist_group
@@ -56,6 +56,14 @@ async def health():
     stats = await runtime().scheduler.statistics()
     return json_response({"status": "ok", "loaded": stats.loaded, "running": stats.running,
                           "queued": stats.queued})
+
+
+@bp.route("/api/ready", methods=["GET", "HEAD"])
+async def ready():
+    """A load balancer's probe: 200 while this daemon takes new requests, 503 once it drains."""
+    if current_app.config["MLXSERVE_DRAIN"].draining:
+        return json_response({"status": "draining"}, 503)
+    return json_response({"status": "ready"})
 
 
 @bp.get("/api/tags")

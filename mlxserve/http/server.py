@@ -1,4 +1,4 @@
-"""The daemon: runtime + Hypercorn in one nursery, stopped by SIGINT/SIGTERM or an event."""
+"""The daemon: runtime + Hypercorn in one nursery, drained by SIGINT/SIGTERM, stopped by an event."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ..actors.runtime import Runtime, open_runtime
 from ..config import Settings
 from ..errors import ShuttingDown
 from .app import serve
+from .drain import Drain
 
 log = logging.getLogger("mlxserve")
 
@@ -21,22 +22,29 @@ log = logging.getLogger("mlxserve")
 class DaemonInfo:
     url: str
     runtime: Runtime
+    drain: Drain
 
 
 async def run_daemon(settings: Settings, *, shutdown: trio.Event | None = None,
                      preload: list[str] | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until a signal or ``shutdown``; ``task_status.started`` gets a DaemonInfo."""
+    """Serve until a signal or ``shutdown``; ``task_status.started`` gets a DaemonInfo.
+
+    A signal (or ``DaemonInfo.drain.start()``) drains first: readiness answers 503, new work is
+    refused, and the requests in flight get ``settings.drain_seconds`` to finish; a second signal
+    ends the drain at once. ``shutdown`` stops without a drain.
+    """
     shutdown = trio.Event() if shutdown is None else shutdown
+    drain = Drain()
     async with open_runtime(settings) as rt:
         async with trio.open_nursery() as nursery:
             signals = trio.CancelScope()
-            nursery.start_soon(_watch_signals, shutdown, signals)
-            binds = await nursery.start(serve, rt, shutdown)
+            nursery.start_soon(_watch_signals, drain, settings.drain_seconds, shutdown, signals)
+            binds = await nursery.start(serve, rt, shutdown, drain)
             url = binds[0] if binds else settings.base_url
             for name in preload or []:
                 await _preload(rt, name)
             heap.freeze()  # imports and the app live as long as the daemon
-            task_status.started(DaemonInfo(url, rt))
+            task_status.started(DaemonInfo(url, rt, drain))
             await shutdown.wait()
             # In-flight streams get a final error line: runners stop first and fail their
             # sequences, then Hypercorn's graceful shutdown lets the handlers write it.
@@ -59,17 +67,26 @@ async def _preload(rt, name: str) -> None:
     lease.release(rt.settings.keep_alive)
 
 
-async def _watch_signals(shutdown: trio.Event, scope: trio.CancelScope) -> None:
+async def _watch_signals(drain: Drain, seconds: float, shutdown: trio.Event, scope: trio.CancelScope) -> None:
     with scope:
-        await _wait_signal(shutdown)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_wait_signal, drain, shutdown)
+            await drain.started.wait()
+            log.info("draining: %d request(s) in flight get up to %gs to finish", drain.inflight, seconds)
+            with trio.move_on_after(seconds):
+                await drain.wait_until(lambda n: n == 0)
+            shutdown.set()
 
 
-async def _wait_signal(shutdown: trio.Event) -> None:
+async def _wait_signal(drain: Drain, shutdown: trio.Event) -> None:
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for sig in signals:
-                log.info("received %s, shutting down", signal.Signals(sig).name)
-                shutdown.set()
-                return
-    except ValueError:  # not the main thread (tests): the caller sets ``shutdown`` instead
+                if drain.draining:
+                    log.info("received %s again, shutting down now", signal.Signals(sig).name)
+                    shutdown.set()
+                    return
+                log.info("received %s, draining then shutting down", signal.Signals(sig).name)
+                drain.start()
+    except ValueError:  # not the main thread (tests): the caller starts the drain or sets ``shutdown``
         await trio.sleep_forever()
