@@ -135,7 +135,7 @@ def check_gguf_runnable(path: Path, header: GGUFHeader) -> None:
                          f"mlxserve can run: {', '.join(GGUF_ARCHITECTURES)}; other "
                          "architectures can be created from an mlx-lm safetensors directory)")
     for key in (*_GGUF_NEEDS_KEYS, *(("feed_forward_length",) if arch != "qwen3moe" else ())):
-        value = md.get(f"{arch}.{key}")
+        value = md.get(f"{arch}.{key}", md.get(f"{arch}.text.{key}"))  # .text.: older Ollama files
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise BadRequest(f"{path.name}: metadata {arch}.{key} is missing or not a positive "
                              "integer")
