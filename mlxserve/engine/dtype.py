@@ -134,23 +134,32 @@ class CpuQuantizedLinear(_KernelModule, nn.QuantizedLinear):
 
 
 class CpuQuantizedEmbedding(_KernelModule, nn.QuantizedEmbedding):
-    """Looks rows up in MLX's layout; as the tied output head it multiplies through a packed
-    copy made on first use (most embeddings are never used as a head)."""
+    """Looks rows up in MLX's layout until it is first used as the tied output head; then its
+    weight, scales and biases become the kernels' packed tiles (cpu.pack) for both uses, so
+    one copy is kept (most embeddings are never used as a head and are never packed)."""
+
+    out_features = 0  # rows before packing; 0: not packed
 
     def __call__(self, x):
+        if self.out_features:
+            return self.kernels.packed_rows(x, self["weight"], self["scales"], self["biases"],
+                                            self.group_size, self.bits)
         # Rows come out in the scales' dtype (f16 for GGUF); the model runs in float32.
         return super().__call__(x).astype(mx.float32)
+
+    def pack(self):
+        w, s, b, n = cpu_pack(self["weight"], self["scales"], self["biases"], self.bits)
+        mx.eval(w, s, b)
+        self["weight"], self["scales"], self["biases"], self.out_features = w, s, b, n
 
     def as_linear(self, x):  # tied output head
         if x.dtype != mx.float32:
             x = x.astype(mx.float32)
-        head = self.__dict__.get("_packed_head")
-        if head is None:
-            head = cpu_pack(self["weight"], self["scales"], self["biases"], self.bits)
-            mx.eval(head[:3])
-            object.__setattr__(self, "_packed_head", head)  # not a parameter: a derived copy
-        w, s, b, n = head
-        return self.kernels.qmm_rows(x, w, s, b, self.group_size, self.bits, tiles=_INT8, n=n)
+        if not self.out_features:  # a model that ties without saying so in its args
+            self.pack()  # a lookup already in this step's graph keeps the arrays it read
+            mx.clear_cache()  # the packing's temporaries
+        return self.kernels.qmm_rows(x, self["weight"], self["scales"], self["biases"],
+                                     self.group_size, self.bits, tiles=_INT8, n=self.out_features)
 
 
 class CpuRMSNorm(_KernelModule, nn.RMSNorm):
@@ -230,6 +239,8 @@ def use_cpu_kernels(model: nn.Module, kernels) -> int:
                 continue
             if isinstance(module, nn.QuantizedEmbedding):
                 module.__class__ = CpuQuantizedEmbedding
+                if getattr(getattr(model, "args", None), "tie_word_embeddings", False):
+                    module.pack()  # the output head too: one packed copy for both
             else:
                 module.__class__ = CpuQuantizedLinear
                 w, s, b, module.out_features = cpu_pack(module["weight"], module["scales"],
@@ -242,6 +253,7 @@ def use_cpu_kernels(model: nn.Module, kernels) -> int:
         if type(module) in _STEP_OPS:
             module.__class__ = _STEP_OPS[type(module)]
     _route_attention(model, kernels)
+    mx.clear_cache()  # the packing's temporaries, held by MLX's buffer cache otherwise
     return count
 
 

@@ -196,6 +196,20 @@ def test_rope_matches_mlx_for_every_offset_kind(traditional):
         kernels.rope(x, 64, traditional, 10000.0, 1.0, mx.array([1, 2, 3]))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_rows_are_the_embedding_rows(bits):
+    rng = np.random.default_rng(bits + 10)
+    for group, n, scale_dtype in ((32, 50, mx.float16), (64, 16, mx.bfloat16)):
+        _, wq, s, b = _case(rng, 1, 192, n, group, bits, scale_dtype)
+        ids = mx.array(rng.integers(0, n, (3, 5)).astype(np.int32))
+        want = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=group, bits=bits)[ids]
+        w, sp, bp, _ = cpu.pack(wq, s, b, bits)
+        got = kernels.packed_rows(ids, w, sp, bp, group, bits)
+        assert got.shape == (3, 5, 192) and got.dtype == mx.float32
+        assert mx.allclose(got, want, rtol=1e-6, atol=1e-6).item()
+        assert mx.array_equal(kernels.packed_rows(ids.T, w, sp, bp, group, bits), got.transpose(1, 0, 2)).item()
+
+
 def _kv(rng, b, heads, s, d, spare=0):
     """(b, heads, s, d) float32 as a slice of a longer buffer, as the KV cache hands it over."""
     return mx.array(rng.standard_normal((b, heads, s + spare, d)).astype(np.float32))[:, :, :s]
@@ -264,6 +278,8 @@ def test_a_quantized_model_loads_onto_the_kernels(quantized_tiny_dir):
     inner = lm.model.model
     assert isinstance(inner.layers[0].mlp.up_proj, dtypes.CpuQuantizedLinear)
     assert isinstance(inner.embed_tokens, dtypes.CpuQuantizedEmbedding)
+    if lm.model.args.tie_word_embeddings:  # one packed copy for the lookups and the head
+        assert inner.embed_tokens.out_features == lm.model.args.vocab_size
     assert isinstance(inner.norm, dtypes.CpuRMSNorm)
     assert isinstance(inner.layers[0].self_attn.rope, dtypes.CpuRoPE)
     import sys
@@ -292,6 +308,23 @@ def test_unsupported_layers_are_dequantized_and_the_rest_use_the_kernels():
     assert type(mlp.down_proj) is nn.Linear and mlp.down_proj.weight.dtype == mx.float32
     assert isinstance(mlp.up_proj, dtypes.CpuQuantizedLinear)
     assert model.lm_head(mx.ones((2, 128))).shape == (2, 256)
+
+
+def test_a_tied_embedding_keeps_one_packed_copy_for_lookups_and_the_head():
+    from mlx_lm.models import llama
+
+    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=1,
+                           intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                           rms_norm_eps=1e-5, vocab_size=300, tie_word_embeddings=True)
+    model = llama.Model(args)
+    nn.quantize(model, group_size=64, bits=8)
+    prompt = mx.array([[3, 17, 42, 5, 299]])
+    want = model(prompt)
+    assert dtypes.use_cpu_kernels(model, kernels) == 8  # 7 linears and the embedding
+    embed = model.model.embed_tokens
+    assert embed.out_features == 300 and embed["weight"].shape == (38, 128 * 8 // 4)  # packed, padded
+    got = model(prompt)
+    assert mx.allclose(got, want, atol=0.03 * mx.abs(want).max().item()).item(), mx.abs(got - want).max().item()
 
 
 def test_batched_greedy_equals_solo_on_the_kernels(quantized_tiny_dir):

@@ -326,33 +326,32 @@ static sgemm_fn blas_sgemm() {
 // With tiles=-1, from this many rows on, tiles and BLAS.
 static int BLAS_ROWS = 8;
 
+// Weight row n (0 .. 8 * tiles - 1) as K floats.
+template <int BITS, typename S>
+static void dequantize_row(const uint8_t* W, const S* SC, const S* BI, long n, int K, int gs, float* out) {
+  const int nb = K / 32, ng = K / gs, bpg = gs / 32, i = (int)(n % 8);
+  const uint8_t* wt = W + (size_t)(n / 8) * nb * tile_block_bytes(BITS);
+  const S* sc = SC + (size_t)(n / 8) * ng * 8;
+  const S* bi = BI + (size_t)(n / 8) * ng * 8;
+  for (int b = 0; b < nb; b++) {
+    const uint8_t* wb = wt + (size_t)b * tile_block_bytes(BITS);
+    const float s = tof(sc[b / bpg * 8 + i]), bias = tof(bi[b / bpg * 8 + i]);
+    for (int j = 0; j < 8; j++) {  // 4 consecutive weights of row i
+      const uint8_t* src = wb + (BITS == 4 ? (j % 4) * 32 : j * 32) + i * 4;
+      for (int c = 0; c < 4; c++) {
+        const int q = BITS == 4 ? (src[c] >> (4 * (j / 4))) & 15 : (int)(uint8_t)(src[c] ^ 0x80);
+        out[b * 32 + 4 * j + c] = s * (float)q + bias;
+      }
+    }
+  }
+}
+
 // Weight rows of tiles t0..t1 (all 8 rows of each, padding included) as float32 rows of K.
 template <int BITS, typename S>
 static void dequantize_tiles(const uint8_t* W, const S* SC, const S* BI, int t0, int t1, int K, int gs,
                              float* out) {
-  const int nb = K / 32, ng = K / gs, bpg = gs / 32;
-  for (int t = t0; t < t1; t++) {
-    const uint8_t* wt = W + (size_t)t * nb * tile_block_bytes(BITS);
-    const S* sc = SC + (size_t)t * ng * 8;
-    const S* bi = BI + (size_t)t * ng * 8;
-    float* o = out + (size_t)(t - t0) * 8 * K;
-    for (int b = 0; b < nb; b++) {
-      const uint8_t* wb = wt + (size_t)b * tile_block_bytes(BITS);
-      const int g = b / bpg;
-      for (int i = 0; i < 8; i++) {
-        const float s = tof(sc[g * 8 + i]), bias = tof(bi[g * 8 + i]);
-        float* oi = o + (size_t)i * K + b * 32;
-        for (int j = 0; j < 8; j++) {
-          // 4 consecutive weights of row i
-          const uint8_t* src = wb + (BITS == 4 ? (j % 4) * 32 : j * 32) + i * 4;
-          for (int c = 0; c < 4; c++) {
-            const int q = BITS == 4 ? (src[c] >> (4 * (j / 4))) & 15 : (int)(uint8_t)(src[c] ^ 0x80);
-            oi[4 * j + c] = s * (float)q + bias;
-          }
-        }
-      }
-    }
-  }
+  for (long n = 8L * t0; n < 8L * t1; n++)
+    dequantize_row<BITS, S>(W, SC, BI, n, K, gs, out + (size_t)(n - 8L * t0) * K);
 }
 static std::atomic<uint64_t> calls{0}, cycles{0};
 static const long CHUNK_BYTES = 16 * 1024;  // of weights per claimed chunk
@@ -681,6 +680,66 @@ static mx::array rope(const mx::array& x, int dims, bool traditional, float base
 }
 
 
+// ---- embedding rows from the packed tiles ---------------------------------------------------------
+// A tied embedding multiplies as the output head through its packed tiles; looking its rows up
+// there too saves keeping MLX's copy (SmolLM2: 32 MB).
+
+class PackedRows : public mx::UnaryPrimitive {
+ public:
+  PackedRows(mx::Stream s, int group_size, int bits) : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    const mx::array &ids = in[0], &w = in[1], &sc = in[2], &bi = in[3];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    const int K = out.shape(-1), gs = gs_, bits = bits_;
+    const long rows = 8L * w.shape(0);
+    // ids (possibly strided) are read when the task runs, once they are computed
+    auto run = [=, ip = ids.data<int32_t>(), count = ids.size(), shape = ids.shape(), strides = ids.strides(),
+                wp = (const uint8_t*)w.data<uint32_t>(), yp = out.data<float>()](auto s, auto b) {
+      using S = std::remove_const_t<std::remove_pointer_t<decltype(s)>>;
+      for (size_t r = 0; r < count; r++) {
+        const long n = ip[mx::elem_to_loc((int)r, shape, strides)];
+        if (n < 0 || n >= rows) { std::fill_n(yp + r * K, K, NAN); continue; }
+        if (bits == 4) dequantize_row<4, S>(wp, s, b, n, K, gs, yp + r * K);
+        else dequantize_row<8, S>(wp, s, b, n, K, gs, yp + r * K);
+      }
+    };
+    if (sc.dtype() == mx::float16)
+      enc.dispatch([=] { run(sc.data<mx::float16_t>(), bi.data<mx::float16_t>()); });
+    else if (sc.dtype() == mx::bfloat16)
+      enc.dispatch([=] { run(sc.data<mx::bfloat16_t>(), bi.data<mx::bfloat16_t>()); });
+    else
+      enc.dispatch([=] { run(sc.data<float>(), bi.data<float>()); });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { throw std::runtime_error("CPU only"); }
+  const char* name() const override { return "PackedRows"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const PackedRows&>(other);
+    return gs_ == o.gs_ && bits_ == o.bits_;
+  }
+
+ private:
+  int gs_, bits_;
+};
+
+// Rows ids (any shape, integers) of the weight packed by pack(): ids.shape + (K,) float32.
+static mx::array packed_rows(const mx::array& ids, const mx::array& w, const mx::array& scales,
+                             const mx::array& biases, int group_size, int bits) {
+  if ((bits != 4 && bits != 8) || (group_size != 32 && group_size != 64))
+    throw std::invalid_argument("[packed_rows] bits 4 or 8, group_size 32 or 64");
+  if (w.ndim() != 2 || w.dtype() != mx::uint32 || scales.ndim() != 3 || scales.shape(0) != w.shape(0) ||
+      biases.shape() != scales.shape() || (long)w.shape(1) * 4 / bits != (long)scales.shape(1) * group_size)
+    throw std::invalid_argument("[packed_rows] w, scales and biases as pack() makes them");
+  if (!mx::issubdtype(ids.dtype(), mx::integer)) throw std::invalid_argument("[packed_rows] integer ids");
+  auto s = mx::to_stream({});
+  auto shape = ids.shape();
+  shape.push_back(w.shape(1) * 4 / bits);
+  return mx::array(shape, mx::float32, std::make_shared<PackedRows>(s, group_size, bits),
+                   {mx::astype(ids, mx::int32, s), w, scales, biases});
+}
+
 // ---- decode attention ------------------------------------------------------------------------
 // One query token a sequence (decode): softmax(scale q.k + mask) v for every head as one op, in
 // place of the CPU fallback of mx.fast.scaled_dot_product_attention (a GQA reshape, two matmuls
@@ -822,6 +881,8 @@ NB_MODULE(_qmm, m) {
         "mx.fast.rms_norm as one CPU op (float32)");
   m.def("rope", &qk::rope, nb::arg("x"), nb::arg("dims"), nb::arg("traditional"), nb::arg("base"),
         nb::arg("scale"), nb::arg("offset"), "mx.fast.rope as one CPU op (float32, default frequencies)");
+  m.def("packed_rows", &qk::packed_rows, nb::arg("ids"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"),
+        nb::arg("group_size"), nb::arg("bits"), "rows ids of a weight packed by pack(), as float32 (an embedding lookup)");
   m.def("decode_attention", &qk::decode_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("scale"),
         nb::arg("mask").none() = nb::none(),
         "mx.fast.scaled_dot_product_attention for one query token a sequence, as one CPU op (float32)");
