@@ -27,6 +27,7 @@ from jinja2 import Undefined
 
 from ..errors import BadRequest
 
+MAX_NESTING = 64  # blocks inside blocks; library templates nest 4 or 5 deep
 FUNCS = {"eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "len", "index", "slice", "printf",
          "print", "json", "currentDate", "yesterdayDate"}
 _CMP = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
@@ -87,10 +88,10 @@ _TOKEN = re.compile(r"""\s*(?:
 def _tokens(text: str) -> list[tuple[str, str]]:
     out, at = [], 0
     while at < len(text):
-        if text[at:].strip() == "":
-            break
         m = _TOKEN.match(text, at)
         if m is None:
+            if text[at:].isspace():
+                break
             raise _refuse(f"the expression {text.strip()[:40]!r}")
         kind = m.lastgroup
         value = m.group(kind)
@@ -108,6 +109,11 @@ def _tokens(text: str) -> list[tuple[str, str]]:
             at = f.end()
             continue
         out.append((kind, value))
+    depth = 0
+    for kind, value in out:
+        depth += {"(": 1, ")": -1}.get(value, 0) if kind == "op" else 0
+        if depth > MAX_NESTING:
+            raise _refuse(f"parentheses nested more than {MAX_NESTING} deep")
     return out
 
 
@@ -244,10 +250,13 @@ def _parse(items: list[tuple[str, str]]) -> list:
     """Nested nodes: ("text", s) | ("print", toks) | ("set", name, toks) | ("if", [(cond, body)],
     else_body) | ("range", keyvars, toks, body, else) | ("with", toks, body, else) | ("break",) |
     ("continue",)."""
-    pos = 0
+    pos, depth = 0, 0
 
     def block(stop: tuple[str, ...]) -> tuple[list, str]:
-        nonlocal pos
+        nonlocal pos, depth
+        depth += 1
+        if depth > MAX_NESTING:
+            raise _refuse(f"blocks nested more than {MAX_NESTING} deep")
         nodes = []
         while pos < len(items):
             kind, body = items[pos]
@@ -257,6 +266,7 @@ def _parse(items: list[tuple[str, str]]) -> list:
                 continue
             word = body.split(None, 1)[0] if body else ""
             if word in stop:
+                depth -= 1
                 return nodes, body
             if word in ("define", "template", "block"):
                 raise _refuse(f"{{{{ {word} }}}}")

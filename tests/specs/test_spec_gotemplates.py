@@ -114,3 +114,13 @@ def test_the_rest_is_refused_with_what_it_uses(text, what):
 def test_translation_is_cached():
     text = (DATA / "chatml.gotmpl").read_text()
     assert translate(text) is translate(text)
+
+
+def test_deep_nesting_and_long_actions_are_refused_quickly():
+    deep = "{{ if .System }}" * 500 + "x" + "{{ end }}" * 500
+    with pytest.raises(BadRequest, match="nested more than"):
+        check_template(deep)
+    with pytest.raises(BadRequest, match="does not translate"):
+        check_template("{{ .Prompt " + "+" * 200_000 + " }}")
+    with pytest.raises(BadRequest, match="nested more than"):
+        check_template("{{ " + "(" * 2000 + ".Prompt" + ")" * 2000 + " }}")
