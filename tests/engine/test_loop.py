@@ -258,3 +258,18 @@ def test_admission_window_holds_neither_a_lone_request_nor_a_full_batch(tiny_dir
         assert [got[i][-1].stats.generated_tokens for i in (951, 952)] == [3, 3]
     finally:
         h.close()
+
+
+def test_decode_steps_of_unpadded_rows_take_no_mask():
+    """mlx-cuda's one-query attention kernel takes no array mask (engine/loop.py): a decode step
+    gets none where no row is padded, and keeps it where one is, or for a prompt chunk."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import BatchKVCache
+
+    kv = mx.zeros((2, 1, 3, 4))
+    unpadded, padded = BatchKVCache([0, 0]), BatchKVCache([0, 2])
+    for c in (unpadded, padded):
+        c.update_and_fetch(kv, kv)
+    assert unpadded.make_mask(1) is None
+    assert padded.make_mask(1).tolist()[1][0][0] == [False, False, True, True]
+    assert unpadded.make_mask(2) is not None and unpadded.make_mask(1, window_size=2) is not None
