@@ -42,11 +42,13 @@ def bits_for(qtype: T) -> int:
 
 
 def describe_type(qtype: T) -> str:
-    """What one GGUF tensor type becomes in mlxserve, e.g. "4-bit group 32 (exact)"."""
+    """What one GGUF tensor type becomes in mlxserve, e.g. "4-bit group 32 (exact), 5 bits a
+    weight" (a float16 scale and bias per group of 32 add one bit a weight)."""
     if qtype in FLOAT_TYPES:
         return {T.BF16: "bfloat16", T.F16: "float16"}.get(qtype, "float32")
     how = "exact" if qtype in EXACT_BITS else "re-quantized"
-    return f"{bits_for(qtype)}-bit group {GGUF_GROUP} ({how})"
+    bits = bits_for(qtype)
+    return f"{bits}-bit group {GGUF_GROUP} ({how}), {bits + 32 // GGUF_GROUP} bits a weight"
 
 
 def describe(header: GGUFHeader) -> dict[str, str]:

@@ -47,7 +47,8 @@ async def test_each_architecture_is_created_shown_and_served(daemon, tmp_path):
         assert d.quantization_level == {"Q4_K": "Q4_K_S->Q4", "Q8_0": "Q8_0"}[QUANT[arch]], arch
         assert d.parameter_size.endswith("M"), (arch, d.parameter_size)
         assert "completion" in shown.capabilities, arch
-        what = "4-bit group 32 (exact)" if QUANT[arch] == "Q4_K" else "8-bit group 32 (exact)"
+        what = ("4-bit group 32 (exact), 5 bits a weight" if QUANT[arch] == "Q4_K"
+                else "8-bit group 32 (exact), 9 bits a weight")
         assert shown.modelinfo["mlxserve.tensor_types"][QUANT[arch]] == what, arch
         # random weights may pick the end token early
         assert chat.message.role == "assistant" and 1 <= chat.eval_count <= 3, arch
