@@ -375,6 +375,8 @@ def check_template(text: str) -> None:
         _compile(text)
     except jinja2.TemplateSyntaxError as exc:
         raise BadRequest(f"template syntax error on line {exc.lineno}: {exc.message}") from None
+    except RecursionError:  # Jinja's parser recurses once per nesting level
+        raise BadRequest("template nests too deeply") from None
 
 
 def default_template(vocab: Iterable[str] = ()) -> str:

@@ -123,4 +123,6 @@ def test_deep_nesting_and_long_actions_are_refused_quickly():
     with pytest.raises(BadRequest, match="does not translate"):
         check_template("{{ .Prompt " + "+" * 200_000 + " }}")
     with pytest.raises(BadRequest, match="nested more than"):
-        check_template("{{ " + "(" * 2000 + ".Prompt" + ")" * 2000 + " }}")
+        check_template("{{ .System }}{{ " + "(" * 2000 + ".Prompt" + ")" * 2000 + " }}")
+    with pytest.raises(BadRequest, match="nests too deeply"):  # the same in Jinja
+        check_template("{{ " + "(" * 2000 + "x" + ")" * 2000 + " }}")
