@@ -20,8 +20,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import mlx.core as mx
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES
-from gguf.constants import GGMLQuantizationType as T
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from . import gguf, ggufquant
 from .tokenizer import from_gguf_metadata

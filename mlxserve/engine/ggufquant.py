@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES
-from gguf.constants import GGMLQuantizationType as T
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 GROUP = 32

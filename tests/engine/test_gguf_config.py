@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlxserve.errors import UnsupportedModel
 from mlxserve.engine.gguf import config_from_metadata
+from mlxserve.errors import UnsupportedModel
 from mlxserve.testing.ggufmodels import _llama3_rope_freqs
 
 SHAPES = {"token_embd.weight": (1000, 64), "output_norm.weight": (64,)}

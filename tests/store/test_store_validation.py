@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from model_files import write_unsupported_gguf
 
 from mlxserve.errors import BadRequest
 from mlxserve.store import Store
 from mlxserve.store.ggufmeta import GGUF_ARCHITECTURES
-from model_files import write_unsupported_gguf
 
 
 def patch_tensor(data: bytes, name: str, part: str, value: int) -> bytes:
