@@ -394,6 +394,8 @@ def main() -> None:
     ap.add_argument("--no-kernels", action="store_true")
     ap.add_argument("--no-engine", action="store_true")
     ap.add_argument("--no-parts", action="store_true")
+    ap.add_argument("--masked-decode", action="store_true",
+                    help="engine: mlx-lm's attention mask on every decode step, as before engine/loop.py dropped it")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import mlx.core as mx
@@ -419,6 +421,11 @@ def main() -> None:
         report["parts"] = parts(lm, batches, args.prompt_len)
         save()
     if not args.no_engine:
+        if args.masked_decode:
+            from mlx_lm.models.cache import BatchKVCache
+
+            import mlxserve.engine.loop  # noqa: F401  (its wrapper first, then undone)
+            BatchKVCache.make_mask = BatchKVCache.make_mask.__wrapped__
         report["engine"] = engine(lm, batches, args.prompt_len, args.tokens)
         save()
     if not args.no_kernels:

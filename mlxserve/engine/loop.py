@@ -126,6 +126,7 @@ def _unmasked_decode(make_mask: Callable) -> Callable:
         return make_mask(self, N, return_array=return_array, **kwargs)
 
     wrapped.unmasked_decode = True
+    wrapped.__wrapped__ = make_mask
     return wrapped
 
 
