@@ -19,7 +19,7 @@ import time
 
 import trio
 
-from . import clients
+from . import clients, wire
 from .clients import Plan, Result, Template
 from .daemon import BIN, DaemonProcess, free_port
 from .harness import LONG_TEXT, TINY, Chaos, Outcome
@@ -57,6 +57,7 @@ async def distributed(ch: Chaos) -> Outcome:
         group = status.get("group") or {}
         checks.append(Check("group_up_after_storm", group.get("state") == "up" and group.get("ranks") == 2,
                             f"/api/status group {group}"))
+        checks += await _fault_on_every_rank(ch, rank0)
         checks += await _kill_follower(rank0, follower)
     finally:
         with trio.CancelScope(shield=True):
@@ -66,6 +67,34 @@ async def distributed(ch: Chaos) -> Outcome:
             code = await rank0.stop()
     checks.append(Check("rank0_clean_shutdown", code == 0, f"rank 0 exit code {code} on SIGTERM"))
     return Outcome(results, checks=checks, extra={"ranks": 2})
+
+
+async def _fault_on_every_rank(ch: Chaos, rank0: DaemonProcess) -> list[Check]:
+    """A step fault armed on rank 0 fails that step on every rank; unseeded sampling after it must
+    keep the ranks in step (each reseeds alike), so the group stays up and serves."""
+    await rank0.arm({"fault": "step_raise", "model": TINY})
+    def body(i: int, options: dict) -> dict:
+        return {"model": TINY, "prompt": f"[{i}] Once upon a time", "stream": False, "options": options}
+
+    code, _, doc = await wire.request_json(rank0.host, rank0.port, "POST", "/api/generate",
+                                           body(0, {"temperature": 0, "num_predict": 16}), timeout=60)
+    hit = [(code, str(doc.get("error", "")))]
+    statuses: list[int] = []
+
+    async def unseeded(i: int) -> None:  # no seed: drawn from the generator every rank reseeded
+        c, _, _ = await wire.request_json(rank0.host, rank0.port, "POST", "/api/generate",
+                                          body(i, {"temperature": 0.9, "num_predict": 24}), timeout=60)
+        statuses.append(c)
+
+    async with trio.open_nursery() as n:
+        for i in range(1, 5):
+            n.start_soon(unseeded, i)
+    group = (await rank0.status()).get("group") or {}
+    return [
+        Check("step_fault_fails_cleanly", hit[0][0] == 500 and "injected fault" in hit[0][1], f"answer {hit[0]}"),
+        Check("ranks_in_step_after_fault", statuses == [200] * 4 and group.get("state") == "up",
+              f"statuses {statuses}, group {group}"),
+    ]
 
 
 async def _kill_follower(rank0: DaemonProcess, follower) -> list[Check]:

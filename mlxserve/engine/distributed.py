@@ -150,6 +150,18 @@ def decode_command(d: dict):
     return eng.Add(params=SamplingParams(**p), **{**d, "stop": tuple(d.get("stop") or ())})
 
 
+def _step_failed(events: list) -> bool:
+    return any(isinstance(ev, eng.Chunk) and (ev.error or "").startswith(STEP_FAILED) for ev in events)
+
+
+def _reseed(seed: int, step: int) -> None:
+    """After a failed step the engine reseeds from the clock; every rank reseeds alike instead,
+    or unseeded sampling would part the ranks (it runs right after, on the engine thread)."""
+    import mlx.core as mx
+
+    mx.random.seed((seed ^ step) & ((1 << 62) - 1))
+
+
 def _crc(crc: int, chunk) -> int:
     return zlib.crc32(f"{chunk.seq_id}:{','.join(map(str, chunk.token_ids))}:{chunk.finish};".encode(), crc)
 
@@ -350,7 +362,7 @@ class Group:
         import mlx.core as mx
 
         self.acquire(leader)
-        seed = secrets.randbits(62)
+        seed = leader.seed = secrets.randbits(62)
         announced: list[bool] = []
 
         def on_path(path: Path, weight_dtype: str | None) -> None:
@@ -401,6 +413,7 @@ class _Leader:
         self.crc = 0
         self.raw_deliver: Callable | None = None
         self.faults = _StepFaults()
+        self.seed = 0  # the load's: every rank seeds unseeded sampling with it
 
     def attach(self, engine) -> None:
         self.params = _engine_params(engine)
@@ -420,7 +433,8 @@ class _Leader:
                     self.group.release(self)
                 elif isinstance(ev, eng.LoadFailed):
                     self.group.release(self)
-            if any(isinstance(ev, eng.Chunk) and (ev.error or "").startswith(STEP_FAILED) for ev in events):
+            if _step_failed(events):
+                _reseed(self.seed, self.step)
                 events = self._step_failure(events)
             deliver(events)
 
@@ -566,10 +580,11 @@ def start(models_dir: Path, env: dict | None = None) -> tuple[int, Any]:
 class _Follower:
     """A follower's seam in its Engine: the step commands come from rank 0's connection."""
 
-    def __init__(self, sock: socket.socket, lock: threading.Lock, epoch: int) -> None:
+    def __init__(self, sock: socket.socket, lock: threading.Lock, epoch: int, seed: int) -> None:
         self.sock = sock
         self.lock = lock
         self.epoch = epoch  # the load this engine serves: rank 0 ignores an earlier one's acks
+        self.seed = seed
         self.step = 0
         self.crc = 0
         self.pending: dict | None = None
@@ -579,6 +594,8 @@ class _Follower:
         engine.faults = self.faults
 
     def deliver(self, events: list) -> None:
+        if _step_failed(events):
+            _reseed(self.seed, self.step)
         for ev in events:
             if isinstance(ev, eng.Chunk):
                 self.crc = _crc(self.crc, ev)
@@ -637,7 +654,7 @@ def follow(rank: int, conn, models_dir: Path, weight_dtype: str | None = None) -
         path = Path(msg["path"])
         path = path if path.is_absolute() else Path(models_dir) / path
         params = dict(msg["engine"])
-        seq = _Follower(sock, lock, msg["epoch"])
+        seq = _Follower(sock, lock, msg["epoch"], int(msg["seed"]))
 
         def load(path=path, msg=msg, seq=seq):
             plan = sharding.ShardPlan(g, msg["split"])

@@ -39,13 +39,13 @@ def _free_ports(n: int) -> list[int]:
 class Group:
     """Two ranks of ``mlxctl serve`` in their own process group (so teardown reaches both)."""
 
-    def __init__(self, models_dir: Path, tmp: Path, *, launcher: bool, timeout_s: float = 30.0) -> None:
+    def __init__(self, models_dir: Path, tmp: Path, *, launcher: bool, timeout_s: float = 30.0, **env_extra) -> None:
         http, ring0, ring1 = _free_ports(3)
         self.url = f"http://127.0.0.1:{http}"
         env = {**os.environ, "MLXSERVE_MODELS": str(models_dir), "MLXSERVE_HOST": f"127.0.0.1:{http}",
                "MLXSERVE_DIST_TIMEOUT": str(timeout_s), "MLXSERVE_KEEP_ALIVE": "10m",
                # BLAS float32 on both sides of a comparison (and no kernel build on a fresh cache)
-               "MLXSERVE_WEIGHT_DTYPE": "float32"}
+               "MLXSERVE_WEIGHT_DTYPE": "float32", **env_extra}
         self.procs: list[subprocess.Popen] = []
         self.logs = [tmp / "rank0.log", tmp / "rank1.log"]
         if launcher:  # the documented way: mlx.launch starts both ranks
@@ -185,18 +185,52 @@ async def test_cancellation_and_disconnect_storm_keeps_ranks_in_step(group):
     assert status["group"] == {"backend": "ring", "ranks": 2, "split": "tensor", "state": "up", "error": None}
 
 
+async def _arm(pid: int, control: Path, fault: str) -> None:
+    """Arm an engine fault through the daemon's fault seam (actors/faults.py) and wait for its ack."""
+    control.write_text(json.dumps({"id": 1, "faults": [{"fault": fault, "model": "tiny:latest"}]}))
+    os.kill(pid, signal.SIGUSR1)
+    ack = control.with_name(control.name + ".ack")
+
+    def acked() -> bool:
+        try:
+            return json.loads(ack.read_text()).get("id") == 1
+        except (OSError, ValueError):
+            return False
+
+    with trio.fail_after(10):
+        while not acked():
+            await trio.sleep(0.02)  # bounded polling: the ack is a file the daemon writes
+
+
 @pytest.mark.parametrize("fault", ["kill", "hang"])
 async def test_a_lost_rank_fails_its_requests_cleanly_and_rank_0_stays_up(models_dir, tmp_path, fault):
     """SIGKILL (the connection drops) or SIGSTOP (the rank goes silent; the ring backend would
     wait for ever) on rank 1 mid-stream: the stream ends with an error within the watchdog's
     bound, the daemon answers, /api/status says the group is down and why, and the model's next
-    request is a clean 503."""
-    g = Group(models_dir, tmp_path, launcher=False, timeout_s=2.0)
+    request is a clean 503.
+
+    The killed group's first step raises (a chaos fault armed on rank 0): every rank must fail
+    that step and reseed alike, or the unseeded sampling after it would part them."""
+    control = tmp_path / "faults.json"
+    g = Group(models_dir, tmp_path, launcher=False, timeout_s=2.0, MLXSERVE_FAULT_CONTROL=str(control))
     try:
         g.wait_ready()
         with trio.fail_after(120):
             async with httpx.AsyncClient(base_url=g.url, timeout=60) as c:
                 await _generate(c, "tiny", "warm", 2)
+                if fault == "kill":
+                    await _arm(g.procs[0].pid, control, "step_raise")
+                first = await c.post("/api/generate", json={"model": "tiny", "prompt": "warm", "stream": False,
+                                                            "options": {"num_predict": 2}})
+                sampled = []
+                async with trio.open_nursery() as nursery:
+                    for i in range(3):
+                        async def one(i=i):
+                            sampled.append(await c.post("/api/generate", json={
+                                "model": "tiny", "prompt": f"{i} go on", "stream": False,
+                                "options": {"temperature": 0.9, "num_predict": 20}}))
+                        nursery.start_soon(one)
+                before = (await c.get("/api/status")).json()["group"]
                 body = {"model": "tiny", "prompt": "Tell me a long story", "options": {"num_predict": 100000}}
                 lines = []
                 async with c.stream("POST", "/api/generate", json=body) as r:
@@ -215,6 +249,10 @@ async def test_a_lost_rank_fails_its_requests_cleanly_and_rank_0_stays_up(models
         if fault == "hang" and g.procs[1].poll() is None:
             os.kill(g.follower_pid(), signal.SIGCONT)
         g.stop()
+    if fault == "kill":
+        assert first.status_code == 500 and "injected fault" in first.json()["error"]
+    assert [r.status_code for r in sampled] == [200] * 3
+    assert before["state"] == "up", before
     assert "distributed group failed" in lines[-1].get("error", ""), lines[-1]
     assert waited < 2.0 + 8.0  # the watchdog's bound plus its own half-second polls, on a busy box
     assert version.status_code == 200

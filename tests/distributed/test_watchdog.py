@@ -15,8 +15,7 @@ import time
 
 import pytest
 
-from mlxserve.engine import distributed as dist
-from mlxserve.engine import loop as eng
+from mlxserve.engine import distributed as dist, loop as eng
 
 
 class FakeMxGroup:
