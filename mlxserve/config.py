@@ -140,6 +140,36 @@ class AdmitWindow:
 
 
 @attrs.frozen
+class TransferOptions:
+    """How pulls and pushes talk to a registry (MLXSERVE_REGISTRY_*)."""
+
+    retries: int = 5  # attempts after the first
+    backoff: float = 0.5  # first backoff in seconds; doubles, with jitter, up to backoff_max
+    backoff_max: float = 15.0
+    stall_timeout: float = 30.0  # no byte for this long: the connection is dropped and retried
+    connect_timeout: float = 10.0
+    parallel: int = 3  # blob transfers at once
+    chunk_size: int = 64 << 20  # uploads larger than this go as PATCH chunks of this size
+    auth: str | None = attrs.field(default=None, repr=False)  # "user:password" for token endpoints
+
+    @classmethod
+    def parse(cls, env: dict[str, str]) -> TransferOptions:
+        """Defaults, overridden by MLXSERVE_REGISTRY_{RETRIES,BACKOFF,STALL_S,PARALLEL,CHUNK,AUTH}."""
+        d = cls()
+        try:
+            return cls(
+                retries=int(env.get("MLXSERVE_REGISTRY_RETRIES", d.retries)),
+                backoff=float(env.get("MLXSERVE_REGISTRY_BACKOFF", d.backoff)),
+                stall_timeout=float(env.get("MLXSERVE_REGISTRY_STALL_S", d.stall_timeout)),
+                parallel=max(1, int(env.get("MLXSERVE_REGISTRY_PARALLEL", d.parallel))),
+                chunk_size=max(1 << 20, int(env.get("MLXSERVE_REGISTRY_CHUNK", d.chunk_size))),
+                auth=env.get("MLXSERVE_REGISTRY_AUTH") or None,
+            )
+        except ValueError as exc:
+            raise ValueError(f"MLXSERVE_REGISTRY_*: {exc}") from None
+
+
+@attrs.frozen
 class Settings:
     host: str = "127.0.0.1"
     port: int = 11434
@@ -173,6 +203,7 @@ class Settings:
     # (MLXSERVE_FAULT_CREATE_KILL_AFTER: "blob" or "before_manifest").
     fault_control: Path | None = None
     fault_create_kill_after: str | None = None
+    transfer: TransferOptions = TransferOptions()  # pulls and pushes (MLXSERVE_REGISTRY_*)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -219,6 +250,7 @@ class Settings:
             kw["admit_window"] = AdmitWindow.parse(v)
         if v := env.get("MLXSERVE_ORIGINS"):
             kw["origins"] = tuple(o.strip() for o in v.split(",") if o.strip())
+        kw["transfer"] = TransferOptions.parse(env)
         if v := env.get("MLXSERVE_FAULT_CONTROL"):
             kw["fault_control"] = Path(v)
         if v := env.get("MLXSERVE_FAULT_CREATE_KILL_AFTER"):

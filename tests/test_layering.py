@@ -178,3 +178,39 @@ def test_imports_point_one_way(layer, forbidden):
     edges = sorted((m, d) for m, deps in GRAPH.items() if m.startswith(layer)
                    for d in deps if d.startswith(forbidden))
     assert edges == [], f"{layer} imports upward: {edges}"
+
+
+# Modules that may name MLXSERVE_* variables besides config.py (which reads them into Settings).
+SETTING_NAMES_ALLOWED = {
+    "mlxserve.chaos": "the harness sets them for the daemons it starts (the whole package)",
+    "mlxserve.cli.main": "serve --host sets MLXSERVE_HOST for the daemon",
+    "mlxserve.actors.faults": "the control file's variable name, for the harness to set",
+    # Read before mlx.core is first imported (the BLAS and JIT bootstrap): helper "cpu" (issue 16)
+    "mlxserve.engine.backend": "cpu",
+    "mlxserve.engine.cpu.buildext": "cpu",
+    "mlxserve.engine.jitflags": "cpu",
+    "mlxserve.engine.smallgemm": "cpu",
+    "mlxserve.engine.distributed": "read on every rank before Settings: helper \"dist\" (issue 20)",
+}
+
+
+def test_settings_are_read_in_config():
+    """Every MLXSERVE_* variable is read by config.Settings, so one table lists them all."""
+    import re
+
+    named = set()
+    for path in ROOT.rglob("*.py"):
+        mod = _module_name(path)
+        if mod == "mlxserve.config":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        # Keys of the app's config (app.config["MLXSERVE_RUNTIME"]) are not variables.
+        keys = {id(n.slice) for n in ast.walk(tree)
+                if isinstance(n, ast.Subscript) and ast.unparse(n.value).endswith("config")}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in keys \
+                    and re.fullmatch(r"MLXSERVE_[A-Z0-9_]+", node.value):
+                named.add(mod)
+    allowed = tuple(SETTING_NAMES_ALLOWED)
+    outside = sorted(m for m in named if not m.startswith(allowed))
+    assert outside == [], f"MLXSERVE_* read outside config.py: {outside}"

@@ -101,18 +101,7 @@ def model_kind(spec: ModelSpec) -> Kind | None:
 
 def embed_spec(resolved: ResolvedModel, kind: Kind) -> LoadSpec:
     return LoadSpec(key=f"{resolved.digest}|embed:{kind}", name=resolved.display, digest=resolved.digest,
-                    size=resolved.size, details=_details(resolved.spec), resolved=resolved, kind=kind)
-
-
-def _details(spec: ModelSpec) -> dict[str, Any]:
-    return {
-        "parent_model": spec.parent_model or "",
-        "format": spec.format,
-        "family": spec.family,
-        "families": spec.families or ([spec.family] if spec.family else None),
-        "parameter_size": spec.parameter_size,
-        "quantization_level": spec.quantization_level,
-    }
+                    size=resolved.size, details=resolved.spec.details(), resolved=resolved, kind=kind)
 
 
 @attrs.define(eq=False)
@@ -133,6 +122,7 @@ class EmbedWorker:
     cancelled: int = 0
     served: int = 0
     crash: str | None = None
+    stop_error: MlxserveError | None = None  # what requests that come too late are told
     load_error: BaseException | None = None
     ready: trio.Event = attrs.Factory(trio.Event)
     stopped: trio.Event = attrs.Factory(trio.Event)
@@ -180,8 +170,9 @@ class EmbedWorkerHandle:
         w = self._w
         if w.engine is not None and w.state not in ("stopping", "stopped"):
             w.state = "stopping"  # out of the statistics at once: it takes no more requests
+            w.stop_error = ShuttingDown(reason) if now else EngineError(reason)
             if now:
-                _fail_jobs(w, ShuttingDown(reason))
+                _fail_jobs(w, w.stop_error)
             w.engine.submit(eng.EmbedShutdown(reason, now=now))
         with trio.move_on_after(10, shield=True):
             await w.exited.wait()
@@ -195,8 +186,8 @@ class EmbedWorkerHandle:
             tokens = _tokenize(w, job)
         else:
             tokens = await trio.to_thread.run_sync(_tokenize, w, job, abandon_on_cancel=True)
-        if w.state != "ready" or w.engine is None:
-            raise EngineError("model was unloaded")
+        if w.state != "ready" or w.engine is None:  # stopped while the inputs were tokenized
+            raise w.stop_error or EngineError("model was unloaded")
         job.tokens = tokens
         reply: Reply[eng.JobDone] = Reply()
         w.jobs[id(job)] = (job, reply)
@@ -215,6 +206,12 @@ def _tokenize(w: EmbedWorker, job: eng.EmbedJob) -> list[Any]:
         raise EngineError("model was unloaded")
     tokens: list[Any] = m.tokenize(job.inputs, truncate=job.truncate, limit=job.limit)
     return tokens
+
+
+def _exit_error(w: EmbedWorker) -> MlxserveError:
+    if w.crash is not None:
+        return EngineError(w.crash)
+    return w.stop_error or EngineError("model was unloaded")
 
 
 def _fail_jobs(w: EmbedWorker, error: BaseException) -> None:
@@ -325,7 +322,7 @@ class Embedder:
             if w.state in ("loading", "ready") and w.engine is not None:  # cancelled: the runtime ends
                 w.engine.submit(eng.EmbedShutdown("server is shutting down", now=True))
             self._stopping.append(w)
-            _fail_jobs(w, EngineError(w.crash or "model was unloaded"))
+            _fail_jobs(w, _exit_error(w))
             w.engine = None  # the engine holds the model
             with trio.move_on_after(10, shield=True):
                 await trio.to_thread.run_sync(w.finished.wait, abandon_on_cancel=True)
@@ -366,7 +363,7 @@ class Embedder:
                 case eng.EmbedStopped(error=error):
                     w.state = "stopped"
                     w.crash = error
-                    _fail_jobs(w, EngineError(error or "model was unloaded"))
+                    _fail_jobs(w, _exit_error(w))
                     w.stopped.set()
                     heap.reclaim(release_cached_buffers)  # the engine let go of the model first
         self._notify()

@@ -33,7 +33,7 @@ class Runtime:
 
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    store = StoreService(Store.for_settings(settings))
+    store = StoreService(Store.for_settings(settings), settings.transfer)
     await store.prune()
     async with trio.open_nursery() as nursery:
         # Models run in their own nursery, inside the outer one, so they stop before the

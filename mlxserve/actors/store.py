@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import attrs
 import trio
 
+from ..config import TransferOptions
 from ..specs.modelfile import Modelfile
 from ..store import transfer as xfer
 from ..store.names import ModelName
@@ -40,6 +41,7 @@ def _stat_key(path: Path) -> tuple[int, ...] | None:
 @attrs.define(eq=False)
 class StoreService:
     store: Store  # the files themselves: tests read them; the daemon goes through the methods
+    transfer_options: TransferOptions = TransferOptions()  # pulls and pushes (MLXSERVE_REGISTRY_*)
     _write_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
     # name -> (its manifest's stat, the ResolvedModel read from it). Every generation request
     # resolves its model; answering a known, unchanged name here instead of on a worker thread
@@ -104,7 +106,8 @@ class StoreService:
                         progress: Progress, cancel: threading.Event) -> xfer.TransferResult:
         try:
             return await trio.to_thread.run_sync(functools.partial(
-                fn, self.store, name, insecure=insecure, progress=progress, cancel=cancel))
+                fn, self.store, name, insecure=insecure, progress=progress, cancel=cancel,
+                options=self.transfer_options))
         finally:
             self._resolved.clear()
 

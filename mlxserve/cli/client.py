@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import AsyncIterator, Callable
 
 import asyncclick as click
 import httpx
@@ -44,6 +45,28 @@ async def check(resp: httpx.Response) -> dict:
             msg = resp.text
         fail(msg or f"HTTP {resp.status_code}")
     return json.loads(await resp.aread()) if resp.content else {}
+
+
+async def events(path: str, body: dict, *, before_fail: Callable[[], None] = lambda: None) -> AsyncIterator[dict]:
+    """POST ``path`` and yield its NDJSON events; an error status or error event ends the command
+    (``before_fail`` runs first, e.g. to stop progress bars)."""
+    try:
+        async with client() as c:
+            async with c.stream("POST", path, json=body) as resp:
+                if resp.status_code >= 400:
+                    before_fail()
+                    await check(resp)
+                async for line in resp.aiter_lines():
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    if "error" in event:
+                        before_fail()
+                        fail(event["error"])
+                    yield event
+    except httpx.ConnectError:
+        before_fail()
+        fail(f"could not connect to mlxserve at {settings().base_url}; is `mlxctl serve` running?")
 
 
 async def request(method: str, path: str, body: dict | None = None) -> dict:

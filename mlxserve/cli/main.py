@@ -6,7 +6,6 @@ Heavy modules (mlx, the HTTP app) are imported inside the commands that need the
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,8 +15,8 @@ import attrs
 import httpx
 
 # Shared with the other command modules (sharing, bench), which import them from .client too.
-from .client import check as _check
 from .client import client as _client
+from .client import events as _events
 from .client import fail as _fail
 from .client import request as _request
 from .client import settings as _settings
@@ -148,20 +147,8 @@ async def create(name: str, modelfile: str, quantize: str | None, local: bool) -
     body = {"model": name, "modelfile": text, "path": str(path.parent), "stream": True}
     if quantize:
         body["quantize"] = quantize
-    async with _client() as client:
-        try:
-            async with client.stream("POST", "/api/create", json=body) as resp:
-                if resp.status_code >= 400:
-                    await _check(resp)
-                async for line in resp.aiter_lines():
-                    if not line.strip():
-                        continue
-                    event = json.loads(line)
-                    if "error" in event:
-                        _fail(event["error"])
-                    click.echo(event.get("status", ""))
-        except httpx.ConnectError:
-            _fail(f"could not connect to mlxserve at {_settings().base_url}; is `mlxctl serve` running?")
+    async for event in _events("/api/create", body):
+        click.echo(event.get("status", ""))
 
 
 def _create_local(name: str, text: str, base_dir: Path, quantize: str | None) -> None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -39,30 +38,14 @@ class _Shown:
 
 
 async def _stream(path: str, body: dict, what: str) -> None:
-    import httpx
-
-    from .client import check as _check, client as _client, fail as _fail, settings as _settings
+    from .client import events
 
     cancelled = False
     with _bars() as bars:
         show = _Shown(bars)
         try:
-            async with _client(timeout=None) as client:
-                async with client.stream("POST", path, json=body) as resp:
-                    if resp.status_code >= 400:
-                        await _check(resp)
-                    async for line in resp.aiter_lines():
-                        if not line.strip():
-                            continue
-                        event = json.loads(line)
-                        if "error" in event:
-                            bars.stop()
-                            _fail(event["error"])
-                        show(event)
-        except httpx.ConnectError:
-            bars.stop()
-            _fail(f"could not connect to mlxserve at {_settings().base_url}; "
-                  "is `mlxctl serve` running?")
+            async for event in events(path, body, before_fail=bars.stop):
+                show(event)
         except KeyboardInterrupt:
             cancelled = True  # leaving closes the connection: the daemon stops the transfer
     if cancelled:

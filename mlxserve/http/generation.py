@@ -186,14 +186,7 @@ def sampling_from(opts: Options, *, logit_bias: dict[int, float] | None = None) 
 
 def details(spec) -> dict:
     """Ollama's "details" object for a model."""
-    return {
-        "parent_model": spec.parent_model or "",
-        "format": spec.format,
-        "family": spec.family,
-        "families": spec.families or ([spec.family] if spec.family else None),
-        "parameter_size": spec.parameter_size,
-        "quantization_level": spec.quantization_level,
-    }
+    return spec.details()
 
 
 def kv_estimate(spec, ctx: int, sequences: int) -> int:

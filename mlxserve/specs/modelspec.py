@@ -69,6 +69,17 @@ class ModelSpec:
             out.append("thinking")
         return out
 
+    def details(self) -> dict[str, Any]:
+        """Ollama's "details" object for the model (/api/tags, /api/show, /api/ps)."""
+        return {
+            "parent_model": self.parent_model or "",
+            "format": self.format,
+            "family": self.family,
+            "families": self.families or ([self.family] if self.family else None),
+            "parameter_size": self.parameter_size,
+            "quantization_level": self.quantization_level,
+        }
+
     def to_dict(self) -> dict[str, Any]:
         return _converter.unstructure(self)
 

@@ -8,7 +8,7 @@
 
 A registry may answer 401 with ``WWW-Authenticate: Bearer realm=...,service=...,scope=...``;
 the client then fetches an anonymous token from the realm (with basic credentials when
-``MLXSERVE_REGISTRY_AUTH=user:password`` is set) and repeats the request.
+``TransferOptions.auth``, ``MLXSERVE_REGISTRY_AUTH=user:password``, is set) and repeats the request.
 
 Transient failures (connection errors, 5xx, 429, a read that stalls longer than
 ``stall_timeout``) are retried with exponential backoff. Every wait checks ``cancel``, a
@@ -28,7 +28,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import os
 import random
 import re
 import socket
@@ -37,9 +36,9 @@ import time
 from typing import BinaryIO, Callable, Iterator
 from urllib.parse import urlencode
 
-import attrs
 import httpx
 
+from ..config import TransferOptions  # noqa: F401  (defined with the settings; imported from here too)
 from ..errors import (  # noqa: F401  (re-exported: callers import them from here too)
     MlxserveError,
     NotFound,
@@ -85,30 +84,6 @@ class AnyEvent:
 
 class _Retryable(Exception):
     """A failure worth another try (wraps the reason for the final error message)."""
-
-
-@attrs.frozen
-class TransferOptions:
-    retries: int = 5  # attempts after the first
-    backoff: float = 0.5  # first backoff in seconds; doubles, with jitter, up to backoff_max
-    backoff_max: float = 15.0
-    stall_timeout: float = 30.0  # no byte for this long: the connection is dropped and retried
-    connect_timeout: float = 10.0
-    parallel: int = 3  # blob transfers at once
-    chunk_size: int = 64 << 20  # uploads larger than this go as PATCH chunks of this size
-
-    @classmethod
-    def from_env(cls) -> TransferOptions:
-        """Defaults, overridable by MLXSERVE_REGISTRY_{RETRIES,BACKOFF,STALL_S,PARALLEL,CHUNK}."""
-        env = os.environ
-        d = cls()
-        return cls(
-            retries=int(env.get("MLXSERVE_REGISTRY_RETRIES", d.retries)),
-            backoff=float(env.get("MLXSERVE_REGISTRY_BACKOFF", d.backoff)),
-            stall_timeout=float(env.get("MLXSERVE_REGISTRY_STALL_S", d.stall_timeout)),
-            parallel=max(1, int(env.get("MLXSERVE_REGISTRY_PARALLEL", d.parallel))),
-            chunk_size=max(1 << 20, int(env.get("MLXSERVE_REGISTRY_CHUNK", d.chunk_size))),
-        )
 
 
 class Stats:
@@ -165,7 +140,7 @@ class RegistryClient:
                  transport: httpx.BaseTransport | None = None):
         self.registry = registry
         self.base = base_url(registry, insecure)
-        self.options = options or TransferOptions.from_env()
+        self.options = options or TransferOptions()
         self.cancel = cancel if cancel is not None else AnyEvent()
         o = self.options
         self._http = httpx.Client(
@@ -266,7 +241,7 @@ class RegistryClient:
             query["service"] = params["service"]
         realm = params["realm"]
         headers = {}
-        if creds := os.environ.get("MLXSERVE_REGISTRY_AUTH"):
+        if creds := self.options.auth:
             headers["Authorization"] = "Basic " + base64.b64encode(creds.encode()).decode()
         try:
             resp = self._http.get(realm + ("&" if "?" in realm else "?") + urlencode(query),

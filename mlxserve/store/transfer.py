@@ -361,7 +361,7 @@ def pull(store: Store, name: str, *, insecure: bool = False, progress: Progress 
     emit = _Emitter(progress, "pulling")
     abort = threading.Event()
     stop = AnyEvent(*(e for e in (cancel, abort) if e is not None))
-    opts = options or TransferOptions.from_env()
+    opts = options or TransferOptions()
     fetched = received = 0
     converted = False
     refused: BadRequest | None = None
@@ -506,7 +506,7 @@ def push(store: Store, name: str, *, insecure: bool = False, progress: Progress 
     emit = _Emitter(progress, "pushing")
     abort = threading.Event()
     stop = AnyEvent(*(e for e in (cancel, abort) if e is not None))
-    opts = options or TransferOptions.from_env()
+    opts = options or TransferOptions()
     emit.status("retrieving manifest")
     try:
         data = store.manifest_path(mn).read_bytes()

@@ -24,6 +24,7 @@ from mlxserve.actors.scheduler import Scheduler
 from mlxserve.config import Settings
 from mlxserve.engine.embedinputs import Tokenized
 from mlxserve.errors import BadRequest, LoadError
+from mlxserve.specs.modelspec import ModelSpec
 
 
 class FakeModel:
@@ -54,8 +55,7 @@ class FakeStore:
 
 
 def _model(name: str, caps=("embedding",)):
-    spec = SimpleNamespace(capabilities=list(caps), parent_model=None, format="safetensors", family="bert",
-                           families=None, parameter_size="", quantization_level="")
+    spec = ModelSpec(format="safetensors", capabilities=list(caps))
     return SimpleNamespace(digest=f"sha256:{name}", display=f"{name}:latest", size=1000, spec=spec)
 
 

@@ -1,8 +1,8 @@
 """Fixtures for the registry tests: the real CNCF distribution registry (Debian's
 ``docker-registry``) on 127.0.0.1, and a small fault-injection stand-in registry.
 
-Test modules import these fixtures; this is not a conftest.py so that ``from support import``
-keeps meaning tests/conftest.py."""
+conftest.py here hands the fixtures to pytest and test modules import the helpers; this module
+is not itself a conftest.py so that ``from support import`` keeps meaning tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from mlxserve.config import TransferOptions
 
 REGISTRY_BIN = shutil.which("docker-registry")
 
@@ -90,12 +93,15 @@ def registry(tmp_path):
     reg.kill()
 
 
+# What start_daemon's daemons pull and push with (Settings.transfer); fast_retries changes it.
+DAEMON_TRANSFER = TransferOptions()
+
+
 @pytest.fixture
 def fast_retries(monkeypatch):
     """Transfers made by a daemon in these tests give up (or notice a stall) quickly."""
-    monkeypatch.setenv("MLXSERVE_REGISTRY_RETRIES", "2")
-    monkeypatch.setenv("MLXSERVE_REGISTRY_BACKOFF", "0.05")
-    monkeypatch.setenv("MLXSERVE_REGISTRY_STALL_S", "10")
+    monkeypatch.setattr(sys.modules[__name__], "DAEMON_TRANSFER",
+                        TransferOptions(retries=2, backoff=0.05, stall_timeout=10))
 
 
 # ---------------------------------------------------------------------- fault-injection stand-in
@@ -245,7 +251,8 @@ async def start_daemon(nursery, models_dir: Path) -> Daemon:
     from mlxserve.config import Settings
     from mlxserve.http.server import run_daemon
 
-    settings = Settings(host="127.0.0.1", port=0, models_dir=models_dir, keep_alive=300.0)
+    settings = Settings(host="127.0.0.1", port=0, models_dir=models_dir, keep_alive=300.0,
+                        transfer=DAEMON_TRANSFER)
     shutdown = trio.Event()
     info = await nursery.start(
         lambda task_status: run_daemon(settings, shutdown=shutdown, task_status=task_status))
