@@ -24,7 +24,7 @@ from .embedder import Embedder
 from .metrics import MetricsHandle
 from .runner import CancelRecord, Runner
 from .scheduler import LoadFn, LoadSpec, ModelHandle, OnExit
-from .store import StoreService
+from .store_service import StoreService
 
 log = logging.getLogger("mlxserve.loader")
 _generations = itertools.count(1)

@@ -16,7 +16,7 @@ from .embedder import Embedder
 from .loader import model_loader
 from .metrics import Metrics, MetricsHandle
 from .scheduler import Scheduler, SchedulerHandle
-from .store import StoreService
+from .store_service import StoreService
 
 log = logging.getLogger("mlxserve.runtime")
 

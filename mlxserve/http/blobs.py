@@ -21,7 +21,7 @@ import trio
 from quart import Blueprint, Response, request
 
 from ..actors.mailbox import post_nowait_or_drop
-from ..actors.store import StoreService
+from ..actors.store_service import StoreService
 from ..errors import MlxserveError
 from ..store.transfer import TransferCancelled
 from .common import field, json_body, json_response, ndjson, runtime, stream_response

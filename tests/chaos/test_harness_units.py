@@ -14,7 +14,7 @@ import trio.testing
 from mlxserve.actors import faults
 from mlxserve.actors.hosts import EngineHosts
 from mlxserve.actors.scheduler import LoadSpec, Scheduler
-from mlxserve.actors.store import StoreService
+from mlxserve.actors.store_service import StoreService
 from mlxserve.chaos import clients, wire
 from mlxserve.chaos.clients import Plan, Result, Template, _Reader, _wellformed_error
 from mlxserve.chaos.scenarios import pct
