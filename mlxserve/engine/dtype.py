@@ -181,6 +181,36 @@ class CpuRoPE(_KernelModule, nn.RoPE):
 _STEP_OPS = {nn.RMSNorm: CpuRMSNorm, nn.RoPE: CpuRoPE}
 
 
+def _swiglu_call(self, x):
+    gate, up = self.gate_proj, self.up_proj
+    if (isinstance(gate, CpuQuantizedLinear) and isinstance(up, CpuQuantizedLinear) and "bias" not in gate
+            and "bias" not in up and (gate.group_size, gate.bits) == (up.group_size, up.bits)):
+        if x.dtype != mx.float32:
+            x = x.astype(mx.float32)
+        h = self.kernels.qmm_swiglu(x, gate["weight"], gate["scales"], gate["biases"], up["weight"],
+                                    up["scales"], up["biases"], gate.group_size, gate.bits, gate.out_features)
+        return self.down_proj(h)
+    return super(type(self), self).__call__(x)
+
+
+_SWIGLU_CLASSES: dict[type, type] = {}
+
+
+def _swiglu_class(cls) -> type | None:
+    """A subclass computing silu(gate(x)) * up(x) as one op, for MLP classes whose __call__ is
+    mlx-lm llama's ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` (same bytecode, same swiglu)."""
+    if cls not in _SWIGLU_CLASSES:
+        from mlx_lm.models import activations, llama
+
+        ref, fn = llama.MLP.__call__, getattr(cls, "__call__", None)
+        same = (fn is not None and getattr(fn, "__code__", None) is not None
+                and fn.__code__.co_code == ref.__code__.co_code and fn.__code__.co_names == ref.__code__.co_names
+                and fn.__globals__.get("swiglu") is activations.swiglu)
+        _SWIGLU_CLASSES[cls] = (type(f"CpuSwiGLU{cls.__name__}", (_KernelModule, cls), {"__call__": _swiglu_call})
+                                if same else None)
+    return _SWIGLU_CLASSES[cls]
+
+
 def _decode_attention(original, kernels):
     """mlx-lm's scaled_dot_product_attention, with one query token a sequence on the CPU in
     float32 (decode) as the extension's one op instead of the ~7 of MLX's CPU fallback."""
@@ -252,6 +282,10 @@ def use_cpu_kernels(model: nn.Module, kernels) -> int:
     for _, module in model.named_modules():
         if type(module) in _STEP_OPS:
             module.__class__ = _STEP_OPS[type(module)]
+    for _, module in model.named_modules():
+        fused = None if isinstance(module, _KernelModule) else _swiglu_class(type(module))
+        if fused is not None:
+            module.__class__ = fused
     _route_attention(model, kernels)
     mx.clear_cache()  # the packing's temporaries, held by MLX's buffer cache otherwise
     return count

@@ -210,6 +210,23 @@ def test_packed_rows_are_the_embedding_rows(bits):
         assert mx.array_equal(kernels.packed_rows(ids.T, w, sp, bp, group, bits), got.transpose(1, 0, 2)).item()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_swiglu_is_silu_of_the_gate_product_times_the_up_product(bits):
+    rng = np.random.default_rng(bits + 20)
+    x, gq, gs, gb = _case(rng, 6, 256, 100, 32, bits, mx.float16)
+    _, uq, us, ub = _case(rng, 6, 256, 100, 32, bits, mx.float16)
+    gate, up = _qmm(x, gq, gs, gb, 32, bits, tiles=0), _qmm(x, uq, us, ub, 32, bits, tiles=0)
+    g, u = cpu.pack(gq, gs, gb, bits), cpu.pack(uq, us, ub, bits)
+    got = kernels.qmm_swiglu(x, *g[:3], *u[:3], 32, bits, 100)
+    assert got.shape == (6, 100)
+    assert mx.allclose(got, nn.silu(gate) * up, rtol=1e-5, atol=1e-5).item()
+    alone = kernels.qmm_swiglu(x[2:3], *g[:3], *u[:3], 32, bits, 100)
+    assert mx.array_equal(alone[0], got[2]).item()  # the same bits alone or in a batch
+    with pytest.raises(ValueError, match="differ"):
+        kernels.qmm_swiglu(x, *g[:3], *cpu.pack(uq, us.astype(mx.bfloat16), ub.astype(mx.bfloat16), bits)[:3],
+                           32, bits, 100)
+
+
 def _kv(rng, b, heads, s, d, spare=0):
     """(b, heads, s, d) float32 as a slice of a longer buffer, as the KV cache hands it over."""
     return mx.array(rng.standard_normal((b, heads, s + spare, d)).astype(np.float32))[:, :, :s]
@@ -282,6 +299,7 @@ def test_a_quantized_model_loads_onto_the_kernels(quantized_tiny_dir):
         assert inner.embed_tokens.out_features == lm.model.args.vocab_size
     assert isinstance(inner.norm, dtypes.CpuRMSNorm)
     assert isinstance(inner.layers[0].self_attn.rope, dtypes.CpuRoPE)
+    assert type(inner.layers[0].mlp).__name__ == "CpuSwiGLUMLP"  # gate and up as one op
     import sys
     source = sys.modules[type(inner.layers[0].self_attn).__module__]
     assert hasattr(source.scaled_dot_product_attention, "cpu_original")  # decode attention routed

@@ -558,6 +558,66 @@ static mx::array qmm_rows(const mx::array& x, const mx::array& w, const mx::arra
                    {x, w, scales, biases});
 }
 
+// silu(x @ gate^T) * (x @ up^T) as one op: both products from one quantization of x (the
+// same bits as two qmm_rows calls), then the SwiGLU elementwise, in place of two products,
+// two slices and MLX's compiled (scalar exp) SiLU-times-up kernel.
+class QuantizedSwiGLU : public mx::UnaryPrimitive {
+ public:
+  QuantizedSwiGLU(mx::Stream s, int group_size, int bits) : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    const mx::array& x = in[0];
+    for (size_t i = 1; i < in.size(); i++)
+      if (!in[i].flags().row_contiguous) throw std::invalid_argument("[qmm_swiglu] weights must be row contiguous");
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    const int K = x.shape(-1), N = out.shape(-1), M = (int)(x.size() / K);
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    const View xv(x);
+    const int gs = gs_, bits = bits_, path = best_path();
+    auto run = [=, wg = (const uint8_t*)in[1].data<uint32_t>(), wu = (const uint8_t*)in[4].data<uint32_t>(),
+                yp = out.data<float>()](auto sg, auto bg, auto su, auto bu) {
+      std::vector<float> buf, up((size_t)M * N);
+      const float* xp = xv.gather(buf);
+      product(path, false, xp, wg, sg, bg, M, N, K, gs, bits, yp);
+      product(path, false, xp, wu, su, bu, M, N, K, gs, bits, up.data());
+      for (size_t i = 0; i < up.size(); i++) yp[i] = yp[i] / (1.f + std::exp(-yp[i])) * up[i];
+    };
+    // pointers only: the task must not hold arrays (see "the primitives")
+    const mx::Dtype dt = in[2].dtype();
+    if (dt == mx::float16)
+      enc.dispatch([=, a = in[2].data<mx::float16_t>(), b = in[3].data<mx::float16_t>(),
+                    c = in[5].data<mx::float16_t>(), d = in[6].data<mx::float16_t>()] { run(a, b, c, d); });
+    else if (dt == mx::bfloat16)
+      enc.dispatch([=, a = in[2].data<mx::bfloat16_t>(), b = in[3].data<mx::bfloat16_t>(),
+                    c = in[5].data<mx::bfloat16_t>(), d = in[6].data<mx::bfloat16_t>()] { run(a, b, c, d); });
+    else
+      enc.dispatch([=, a = in[2].data<float>(), b = in[3].data<float>(), c = in[5].data<float>(),
+                    d = in[6].data<float>()] { run(a, b, c, d); });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { throw std::runtime_error("CPU only"); }
+  const char* name() const override { return "QuantizedSwiGLU"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const QuantizedSwiGLU&>(other);
+    return gs_ == o.gs_ && bits_ == o.bits_;
+  }
+
+ private:
+  int gs_, bits_;
+};
+
+static mx::array qmm_swiglu(const mx::array& x, const mx::array& wg, const mx::array& sg, const mx::array& bg,
+                            const mx::array& wu, const mx::array& su, const mx::array& bu, int group_size, int bits,
+                            int n) {
+  // the checks of qmm_rows, for both weights
+  const mx::array gate = qmm_rows(x, wg, sg, bg, group_size, bits, -1, 0, n);
+  const mx::array up = qmm_rows(x, wu, su, bu, group_size, bits, -1, 0, n);
+  if (wg.shape() != wu.shape() || sg.dtype() != su.dtype())
+    throw std::invalid_argument("[qmm_swiglu] gate and up differ in shape or scale dtype");
+  return mx::array(gate.shape(), mx::float32, std::make_shared<QuantizedSwiGLU>(mx::to_stream({}), group_size, bits),
+                   {x, wg, sg, bg, wu, su, bu});
+}
+
 // ---- the decode step's other ops -----------------------------------------------------------------
 // On the CPU, mx.fast.rms_norm and mx.fast.rope run as their fallbacks: 7 and about 20 graph ops
 // a call (SmolLM2: 61 norms and 60 ropes, 1600 of a decode step's 3900 ops). One primitive each.
@@ -877,6 +937,10 @@ NB_MODULE(_qmm, m) {
         nb::arg("group_size"), nb::arg("bits"), nb::arg("path") = -1, nb::arg("tiles") = -1, nb::arg("n") = -1,
         "x (..., K) float32 times the affine-quantized w (n, K), packed by pack(), transposed: (..., n).\n"
         "tiles: 1 dequantized tiles and BLAS, 0 the int8 kernels, -1 tiles from blas_rows() rows on");
+  m.def("qmm_swiglu", &qk::qmm_swiglu, nb::arg("x"), nb::arg("gate_w"), nb::arg("gate_scales"),
+        nb::arg("gate_biases"), nb::arg("up_w"), nb::arg("up_scales"), nb::arg("up_biases"), nb::arg("group_size"),
+        nb::arg("bits"), nb::arg("n") = -1,
+        "silu(x @ gate.T) * (x @ up.T) with both weights packed by pack(): one CPU op, int8 products");
   m.def("rms_norm", &qk::rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("eps"),
         "mx.fast.rms_norm as one CPU op (float32)");
   m.def("rope", &qk::rope, nb::arg("x"), nb::arg("dims"), nb::arg("traditional"), nb::arg("base"),
