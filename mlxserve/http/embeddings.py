@@ -1,8 +1,9 @@
 """Embedding routes: Ollama's /api/embed and legacy /api/embeddings, OpenAI's /v1/embeddings.
 
 Models with the "embedding" capability (BERT sentence encoders) and decoder models ("completion":
-mean-pooled last hidden state) both embed; every vector is L2-normalised. The work happens in
-the Embedder actor, which batches requests that arrive together.
+mean-pooled last hidden state) both embed; every vector is L2-normalised. The Embedder leases
+the model from the Scheduler (which loads and keeps it) and batches requests that arrive
+together on the model's thread.
 """
 
 from __future__ import annotations
