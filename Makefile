@@ -44,6 +44,13 @@ system-deps:
 	      || echo "note: $$PKGS not installed; the CPU path dequantizes quantized models to float32"; \
 	  fi; \
 	fi
+	@-# HAProxy sits in front of two daemons in tests/e2e/test_balancer.py (which skips without it).
+	@-if [ "$$(uname -s)" = Linux ] && command -v apt-get >/dev/null 2>&1 && ! command -v haproxy >/dev/null 2>&1; then \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || { sudo -n true 2>/dev/null && SUDO="sudo -n"; } || { echo "note: not root; run: sudo apt-get install haproxy"; exit 0; }; \
+	  { DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q haproxy >/dev/null 2>&1 \
+	    || { $$SUDO apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q haproxy >/dev/null 2>&1; }; } \
+	    || echo "note: haproxy not installed; the load balancer tests skip"; \
+	fi
 
 # Serve, answer one prompt once the model is loaded, then keep serving until Ctrl-C.
 PROMPT ?= What is the capital of France?
