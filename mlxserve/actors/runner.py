@@ -15,6 +15,7 @@ from ..config import DEFAULT_NUM_PARALLEL, AdmitWindow
 from ..engine import loop as eng
 from ..engine.memory import release_cached_buffers
 from ..engine.model import LoadedModel
+from ..engine.tokenizer import TokenizerInfo
 from ..errors import EngineError, LoadError, ShuttingDown
 from . import activity, faults, heap
 from .hosts import HOSTS
@@ -58,7 +59,7 @@ class RunnerHandle:
     generation: int
     _inbox: trio.MemorySendChannel[Submit | CancelSeq | StopRunner]
     _runner: Runner
-    tokenizer: Any = None  # the handle's own: the runner lets go of its model when it exits
+    tokenizer: TokenizerInfo | None = None  # the handle's own: the runner lets go of its model
     load_seconds: float = 0.0
 
     @property
@@ -152,7 +153,7 @@ class Runner:
     num_parallel: int = DEFAULT_NUM_PARALLEL
     prefill_chunk: int = 256
     on_exit: Callable[[Runner, str | None], None] | None = None
-    device: Any = None
+    device: str | None = None  # "cpu" or "gpu" (MLXSERVE_DEVICE); None: the GPU when present
     prompt_cache_bytes: int = 0
     admit: AdmitWindow = AdmitWindow()
     name: str = ""  # the model's display name (logs and the fault seam)
