@@ -389,7 +389,7 @@ async def test_schemathesis_against_live_daemon(models_dir):
                 findings, ran = await trio.to_thread.run_sync(run_schemathesis, d.url, abandon_on_cancel=True)
             finally:
                 d.shutdown.set()
-    assert len(ran) == 32 - len(NOT_FUZZED), ran
+    assert len(ran) == 34 - len(NOT_FUZZED), ran
     assert findings.requests > 250, findings.report()
     assert not findings.items, findings.report()
 
