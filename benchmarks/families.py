@@ -61,7 +61,8 @@ _BASE = {
 _FAMILY = {
     "tiny": {"qwen3moe": {"experts": 4, "experts_used": 2, "expert_ffn": 256},
              "gemma2": {"heads": 2, "kv_heads": 1, "head_dim": 128, "window": 4096},
-             "gemma3": {"heads": 2, "kv_heads": 1, "head_dim": 128, "window": 8}},
+             # mlx-lm's gemma3_text reads the cache of layer pattern - 1: fewer layers than 6 need a shorter pattern
+             "gemma3": {"heads": 2, "kv_heads": 1, "head_dim": 128, "window": 8, "swa_pattern": 2}},
     "smol": {"llama": {"rope_theta": 100000.0},
              "qwen2": {"rope_theta": 1e6}, "qwen3": {"rope_theta": 1e6},
              "qwen3moe": {"rope_theta": 1e6, "experts": 8, "experts_used": 2, "expert_ffn": 768},
@@ -199,7 +200,7 @@ def write_family_gguf(out: Path, family: str, shape: str, quant: str, seed: int 
         w.add_sliding_window(s["window"])
     elif family == "gemma3":
         w.add_sliding_window(s["window"])
-        w.add_uint32(f"{family}.attention.sliding_window_pattern", 6)
+        w.add_uint32(f"{family}.attention.sliding_window_pattern", s.get("swa_pattern", 6))
         w.add_float32(f"{family}.rope.freq_base_swa", 10000.0)
     elif family == "qwen3moe":
         w.add_expert_count(s["experts"])
@@ -336,6 +337,8 @@ def main() -> None:
                 report["families"][family] = run_family(family, args, binary, cuda, gguf_dir, logs)
             except Exception as exc:  # one family failing must not lose the others' rows
                 traceback.print_exc()
+                while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                    exc = exc.exceptions[0]  # trio's nursery wraps the stream's error
                 report["families"][family] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             report["families"][family]["total_s"] = round(time.perf_counter() - t, 1)
             if not args.gguf_dir:
