@@ -8,9 +8,8 @@
 // 8 different outputs, so a block needs no horizontal sums, and at 4 bits the 16-bit partial sums
 // of a whole block add up without overflow before one widening (vpmaddwd). Every output element
 // is the same float accumulation over blocks whatever the number of rows or threads: a sequence
-// decodes to the same bits alone or in a batch. Prefill (many rows a sequence) goes through
-// dequantized tiles and BLAS instead; the caller says which, so that the choice never depends on
-// the batch. Paths: AVX-512 VNNI (vpdpbusd, where the CPU has it), AVX2 (vpmaddubsw), portable
+// decodes to the same bits alone or in a batch. Prefill uses the same kernels (they beat
+// dequantizing the weight for BLAS, which stays as tiles=1 to compare against). Paths: AVX-512 VNNI (vpdpbusd, where the CPU has it), AVX2 (vpmaddubsw), portable
 // scalar. Built with -march=native on the machine that runs it.
 #include <atomic>
 #include <cmath>
@@ -313,10 +312,10 @@ static Pool pool;
 // more than it saves.
 static long THREAD_MACS = 1L << 21;
 
-// ---- many rows (prefill): dequantize the weight, then BLAS --------------------------------------
-// With many rows the integer kernel is compute-bound while sgemm is not: the weight is
-// dequantized to float32 once and multiplied with every row by the BLAS libmlx uses. Found at
-// run time: no BLAS, no tiles.
+// ---- dequantize the weight, then BLAS (tiles=1) ------------------------------------------------
+// The way prefill went before the packed int8 kernels overtook it, kept to compare against: the
+// weight is dequantized to float32 once and multiplied with every row by the BLAS libmlx uses.
+// Found at run time: no BLAS, no tiles.
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int, const float*, int,
                          float, float*, int);
 static sgemm_fn blas_sgemm() {
@@ -469,6 +468,15 @@ static int best_path() {
 // Tasks capture pointers, shapes and strides, never an mx::array: an array's graph belongs to the
 // thread that builds it, and a copy released on the stream thread races with it.
 
+// f(S{}) with S the C++ type of the scales' dtype (float16, bfloat16 or float32): a task is
+// built per dtype, and takes typed pointers, never the arrays.
+template <typename F>
+static void by_scale_type(mx::Dtype dt, F&& f) {
+  if (dt == mx::float16) f(mx::float16_t{});
+  else if (dt == mx::bfloat16) f(mx::bfloat16_t{});
+  else f(0.f);
+}
+
 struct View {
   const float* p;
   bool contiguous;
@@ -508,16 +516,11 @@ class QuantizedRows : public mx::UnaryPrimitive {
     float* yp = out.data<float>();
     const int gs = gs_, bits = bits_, path = path_;
     const bool tiles = tiles_ > 0 || (tiles_ < 0 && M >= BLAS_ROWS);
-    if (sc.dtype() == mx::float16) {
-      enc.dispatch([=, s = sc.data<mx::float16_t>(), b = bi.data<mx::float16_t>()] {
+    by_scale_type(sc.dtype(), [&](auto tag) {
+      using S = decltype(tag);
+      enc.dispatch([=, s = sc.data<S>(), b = bi.data<S>()] {
         std::vector<float> buf; product(path, tiles, xv.gather(buf), wp, s, b, M, N, K, gs, bits, yp); });
-    } else if (sc.dtype() == mx::bfloat16) {
-      enc.dispatch([=, s = sc.data<mx::bfloat16_t>(), b = bi.data<mx::bfloat16_t>()] {
-        std::vector<float> buf; product(path, tiles, xv.gather(buf), wp, s, b, M, N, K, gs, bits, yp); });
-    } else {
-      enc.dispatch([=, s = sc.data<float>(), b = bi.data<float>()] {
-        std::vector<float> buf; product(path, tiles, xv.gather(buf), wp, s, b, M, N, K, gs, bits, yp); });
-    }
+    });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     throw std::runtime_error("[qmm_rows] CPU only");
@@ -583,17 +586,11 @@ class QuantizedSwiGLU : public mx::UnaryPrimitive {
       product(path, false, xp, wu, su, bu, M, N, K, gs, bits, up.data());
       for (size_t i = 0; i < up.size(); i++) yp[i] = yp[i] / (1.f + std::exp(-yp[i])) * up[i];
     };
-    // pointers only: the task must not hold arrays (see "the primitives")
-    const mx::Dtype dt = in[2].dtype();
-    if (dt == mx::float16)
-      enc.dispatch([=, a = in[2].data<mx::float16_t>(), b = in[3].data<mx::float16_t>(),
-                    c = in[5].data<mx::float16_t>(), d = in[6].data<mx::float16_t>()] { run(a, b, c, d); });
-    else if (dt == mx::bfloat16)
-      enc.dispatch([=, a = in[2].data<mx::bfloat16_t>(), b = in[3].data<mx::bfloat16_t>(),
-                    c = in[5].data<mx::bfloat16_t>(), d = in[6].data<mx::bfloat16_t>()] { run(a, b, c, d); });
-    else
-      enc.dispatch([=, a = in[2].data<float>(), b = in[3].data<float>(), c = in[5].data<float>(),
-                    d = in[6].data<float>()] { run(a, b, c, d); });
+    by_scale_type(in[2].dtype(), [&](auto tag) {
+      using S = decltype(tag);
+      enc.dispatch([=, a = in[2].data<S>(), b = in[3].data<S>(), c = in[5].data<S>(), d = in[6].data<S>()] {
+        run(a, b, c, d); });
+    });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override { throw std::runtime_error("CPU only"); }
   const char* name() const override { return "QuantizedSwiGLU"; }
@@ -766,12 +763,10 @@ class PackedRows : public mx::UnaryPrimitive {
         else dequantize_row<8, S>(wp, s, b, n, K, gs, yp + r * K);
       }
     };
-    if (sc.dtype() == mx::float16)
-      enc.dispatch([=] { run(sc.data<mx::float16_t>(), bi.data<mx::float16_t>()); });
-    else if (sc.dtype() == mx::bfloat16)
-      enc.dispatch([=] { run(sc.data<mx::bfloat16_t>(), bi.data<mx::bfloat16_t>()); });
-    else
-      enc.dispatch([=] { run(sc.data<float>(), bi.data<float>()); });
+    by_scale_type(sc.dtype(), [&](auto tag) {
+      using S = decltype(tag);
+      enc.dispatch([=, s = sc.data<S>(), b = bi.data<S>()] { run(s, b); });
+    });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override { throw std::runtime_error("CPU only"); }
   const char* name() const override { return "PackedRows"; }
