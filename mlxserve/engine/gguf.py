@@ -54,10 +54,15 @@ _ARCH_LAYER_NAMES = {
                  "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
                  "ffn_up_exps": "mlp.switch_mlp.up_proj",
                  "ffn_down_exps": "mlp.switch_mlp.down_proj"},
+    "gpt-oss": {**_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
+                "attn_sinks": "self_attn.sinks", "ffn_gate_inp": "mlp.router",
+                "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
+                "ffn_down_exps": "mlp.experts.down_proj"},
 }
+_BARE = ("self_attn.sinks",)  # parameters that are arrays, not modules with a .weight
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
-               "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3"}
+               "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3", "gpt-oss": "gpt_oss"}
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 _GEMMA = ("gemma2", "gemma3")
 
@@ -93,6 +98,8 @@ def rename_tensor(name: str, arch: str = "llama") -> str | None:
         target = _ARCH_LAYER_NAMES.get(arch, _LAYER_NAMES).get(part)
         if target is None:
             return None
+        if target in _BARE:
+            return f"model.layers.{layer}.{target}"
         return f"model.layers.{layer}.{target}.{suffix}"
     base, _, suffix = name.rpartition(".")
     if base == "output" and arch == "gemma2":
@@ -202,7 +209,7 @@ def config_from_metadata(metadata: Mapping[str, Any], shapes: Mapping[str, tuple
                                  "rope.global.freq_base")),
         "tie_word_embeddings": "output.weight" not in shapes,
     }
-    if int(meta("expert_count", 0) or 0) and arch != "qwen3moe":
+    if int(meta("expert_count", 0) or 0) and arch not in ("qwen3moe", "gpt-oss"):
         raise UnsupportedModel(f"mixture-of-experts {arch} GGUF models are not supported")
     if rope_dim != head_dim and arch != "phi3":
         raise UnsupportedModel(f"{arch}: partial rotary embeddings ({rope_dim} of {head_dim}) are "
@@ -246,6 +253,19 @@ def config_from_metadata(metadata: Mapping[str, Any], shapes: Mapping[str, tuple
                    "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True}
         if float(meta("expert_weights_scale", 0.0) or 0.0) not in (0.0, 1.0):
             raise UnsupportedModel("qwen3moe with expert_weights_scale is not supported")
+    elif arch == "gpt-oss":
+        window = int(meta("attention.sliding_window", 0) or 0)
+        pattern = meta("attention.sliding_window_pattern", 2)
+        is_swa = pattern if isinstance(pattern, list) else [i % int(pattern) < int(pattern) - 1
+                                                            for i in range(layers)]
+        if not window or len(set(is_swa)) != 2:
+            raise UnsupportedModel("gpt-oss: it needs sliding and full attention layers")
+        config |= {"num_local_experts": meta.need("expert_count"),
+                   "num_experts_per_tok": meta.need("expert_used_count"),
+                   "intermediate_size": int(meta("expert_feed_forward_length", 0)
+                                            or shapes["blk.0.ffn_gate_exps.weight"][1]),
+                   "sliding_window": window,
+                   "layer_types": ["sliding_attention" if s else "full_attention" for s in is_swa]}
     elif arch == "phi3":
         config["partial_rotary_factor"] = rope_dim / head_dim
         if "rope_factors_short.weight" in shapes:
@@ -313,7 +333,8 @@ def half_floats(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     model with no half tensor at all is left as it is. MoE routers stay float32, as llama.cpp
     keeps them: their logits only pick experts (mlx-lm casts the weighted sum back), and half
     precision there flips near-tied choices."""
-    half = next((w.dtype for name, w in weights.items() if name.endswith(".scales")), None)
+    half = next((w.dtype for name, w in weights.items()
+                 if name.endswith(".scales") and w.dtype != mx.uint8), None)  # uint8: MXFP4
     if half is None:
         half = next((w.dtype for w in weights.values() if w.dtype in (mx.float16, mx.bfloat16)), None)
     if half is None or half == mx.float32:
@@ -323,7 +344,7 @@ def half_floats(weights: dict[str, mx.array]) -> dict[str, mx.array]:
 
 
 def is_router(name: str) -> bool:
-    return name.endswith(".mlp.gate.weight")
+    return name.endswith((".mlp.gate.weight", ".mlp.router.weight"))
 
 
 def quantization_of(weights: dict[str, mx.array]) -> dict[str, Any] | None:
@@ -337,6 +358,8 @@ def quantization_of(weights: dict[str, mx.array]) -> dict[str, Any] | None:
         in_features = scales.shape[-1] * 32
         bits = packed.shape[-1] * 32 // in_features
         layers[prefix] = {"group_size": 32, "bits": bits}
+        if scales.dtype == mx.uint8:  # E8M0 scales: MXFP4 (gpt-oss's experts)
+            layers[prefix]["mode"] = "mxfp4"
     return quantization_config(layers)
 
 
@@ -347,8 +370,10 @@ def quantization_config(layers: dict[str, dict]) -> dict[str, Any] | None:
         return None
     counts: dict[tuple[int, int], int] = {}
     for q in layers.values():
-        key = (q["group_size"], q["bits"])
-        counts[key] = counts.get(key, 0) + 1
-    group, bits = max(counts, key=counts.__getitem__)
-    exceptions = {k: v for k, v in layers.items() if (v["group_size"], v["bits"]) != (group, bits)}
+        if "mode" not in q:
+            key = (q["group_size"], q["bits"])
+            counts[key] = counts.get(key, 0) + 1
+    group, bits = max(counts, key=counts.__getitem__) if counts else (32, 4)
+    exceptions = {k: v for k, v in layers.items()
+                  if (v["group_size"], v["bits"]) != (group, bits) or "mode" in v}
     return {"group_size": group, "bits": bits, **exceptions, "layers": exceptions}

@@ -100,6 +100,12 @@ def tensor_arrays(raw: np.ndarray, qtype: T, shape: tuple[int, ...],
         bits16 = raw.view(np.uint16).reshape(shape).astype(np.uint32) << 16
         return {"weight": mx.array(bits16.view(np.float32)).astype(mx.bfloat16)}
     blocks = raw.reshape(rows * cols // GGML_QUANT_SIZES[qtype][0], -1)
+    if qtype == T.MXFP4 and len(shape) >= 2:
+        # MLX's mxfp4 has the same E8M0 scale byte and E2M1 codes (ggml's table is the
+        # E2M1 values doubled, its scale halved): only the nibble order differs
+        codes = _nibbles(blocks[:, None, 1:]).reshape(*shape[:-1], cols)
+        return {"weight": mx.array(_pack(codes, 4)),
+                "scales": mx.array(np.ascontiguousarray(blocks[:, 0]).reshape(*shape[:-1], cols // GROUP))}
     if len(shape) < 2:  # a quantized vector (never in practice): as float
         return {"weight": mx.array(dequantize(blocks, qtype).reshape(shape))}
     if NATIVE_BITS.get(qtype, 99) <= bits:

@@ -20,7 +20,8 @@ from .ggufmeta import GGUFHeader
 KEPT_TYPES = frozenset({T.F32, T.F16, T.Q4_0, T.Q4_1, T.Q8_0})
 FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16, T.F64})
 # Q* -> bits that become MLX's affine form code for code (group 32, scales rounded to float16).
-EXACT_BITS = {T.Q4_0: 4, T.Q4_1: 4, T.Q4_K: 4, T.Q8_0: 8, T.Q5_0: 8, T.Q5_1: 8, T.Q5_K: 8}
+EXACT_BITS = {T.Q4_0: 4, T.Q4_1: 4, T.Q4_K: 4, T.Q8_0: 8, T.Q5_0: 8, T.Q5_1: 8, T.Q5_K: 8,
+              T.MXFP4: 4}
 GROUP_SIZE = 64  # --quantize of a safetensors directory
 GGUF_GROUP = 32
 
@@ -46,6 +47,8 @@ def describe_type(qtype: T) -> str:
     weight" (a float16 scale and bias per group of 32 add one bit a weight)."""
     if qtype in FLOAT_TYPES:
         return {T.BF16: "bfloat16", T.F16: "float16"}.get(qtype, "float32")
+    if qtype == T.MXFP4:  # MLX's own mxfp4 mode: one E8M0 byte a group of 32
+        return f"mxfp4 group {GGUF_GROUP} (exact), 4.25 bits a weight"
     how = "exact" if qtype in EXACT_BITS else "re-quantized"
     bits = bits_for(qtype)
     return f"{bits}-bit group {GGUF_GROUP} ({how}), {bits + 32 // GGUF_GROUP} bits a weight"

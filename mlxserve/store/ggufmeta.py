@@ -29,7 +29,7 @@ STRING, ARRAY = 8, 9
 _MAX_NESTING = 8  # arrays of arrays: deeper than this is a crafted file, not a model
 GGML_MAX_DIMS = 4
 # What engine/gguf.py builds (the store must not import the engine); a test keeps them equal.
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "gpt-oss")
 
 
 @attrs.frozen

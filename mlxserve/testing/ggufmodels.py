@@ -19,7 +19,7 @@ from gguf.constants import GGMLQuantizationType as T
 
 from .tinymodel import CHATML, SPECIALS, build_tokenizer
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3", "phi3", "gpt-oss")
 QUANT_TYPES = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K")
 HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 256, 512, 4, 2, 64, 2
 EXPERTS, EXPERTS_USED, EXPERT_FFN = 4, 2, 256
@@ -80,7 +80,10 @@ def _tensors(arch: str, vocab: int, rng: np.random.Generator) -> dict[str, np.nd
     for i in range(LAYERS):
         p = f"blk.{i}."
         t[p + "attn_norm.weight"] = norm(HIDDEN)
-        t[p + "ffn_norm.weight"] = norm(HIDDEN)
+        if arch == "gpt-oss":
+            t[p + "post_attention_norm.weight"] = norm(HIDDEN)  # its pre-FFN norm
+        else:
+            t[p + "ffn_norm.weight"] = norm(HIDDEN)
         if arch == "phi3":
             t[p + "attn_qkv.weight"] = mat(q_out + 2 * kv_out, HIDDEN)
             t[p + "ffn_up.weight"] = mat(2 * FFN, HIDDEN)
@@ -89,7 +92,7 @@ def _tensors(arch: str, vocab: int, rng: np.random.Generator) -> dict[str, np.nd
             t[p + "attn_k.weight"] = mat(kv_out, HIDDEN)
             t[p + "attn_v.weight"] = mat(kv_out, HIDDEN)
         t[p + "attn_output.weight"] = mat(HIDDEN, q_out)
-        if arch == "qwen2":
+        if arch in ("qwen2", "gpt-oss"):
             for part, n in (("attn_q", q_out), ("attn_k", kv_out), ("attn_v", kv_out)):
                 t[p + f"{part}.bias"] = (0.1 * rng.standard_normal(n)).astype(np.float32)
         if arch in ("qwen3", "qwen3moe", "gemma3"):
@@ -100,7 +103,14 @@ def _tensors(arch: str, vocab: int, rng: np.random.Generator) -> dict[str, np.nd
             # sub-layer outputs keep the next token from being the input token, always
             t[p + "post_attention_norm.weight"] = norm(HIDDEN, 24.0)
             t[p + "post_ffw_norm.weight"] = norm(HIDDEN, 24.0)
-        if arch == "qwen3moe":
+        if arch == "gpt-oss":
+            t[p + "attn_output.bias"] = (0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)
+            t[p + "attn_sinks.weight"] = rng.standard_normal(HEADS).astype(np.float32)
+            t[p + "ffn_gate_inp.bias"] = (0.5 * rng.standard_normal(EXPERTS)).astype(np.float32)
+            for part, n in (("ffn_gate_exps", EXPERT_FFN), ("ffn_up_exps", EXPERT_FFN),
+                            ("ffn_down_exps", HIDDEN)):
+                t[p + f"{part}.bias"] = (0.1 * rng.standard_normal((EXPERTS, n))).astype(np.float32)
+        if arch in ("qwen3moe", "gpt-oss"):
             t[p + "ffn_gate_inp.weight"] = mat(EXPERTS, HIDDEN, 2.0)
             t[p + "ffn_gate_exps.weight"] = np.stack([mat(EXPERT_FFN, HIDDEN) for _ in range(EXPERTS)])
             t[p + "ffn_up_exps.weight"] = np.stack([mat(EXPERT_FFN, HIDDEN) for _ in range(EXPERTS)])
@@ -172,6 +182,15 @@ def write(path: Path, arch: str, quant: str = "Q8_0", seed: int = 0, drop: tuple
         w.add_float32(f"{arch}.rope.freq_base_swa", 10000.0)
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(8.0)
+    elif arch == "gpt-oss":
+        base = 150000.0
+        w.add_expert_count(EXPERTS)
+        w.add_expert_used_count(EXPERTS_USED)
+        w.add_expert_feed_forward_length(EXPERT_FFN)
+        w.add_sliding_window(8)  # shorter than the prompts; layer 0 slides, layer 1 is full
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(32.0)
+        w.add_rope_scaling_orig_ctx_len(64)
     elif arch == "qwen3moe":
         w.add_expert_count(EXPERTS)
         w.add_expert_used_count(EXPERTS_USED)
@@ -191,8 +210,10 @@ def write(path: Path, arch: str, quant: str = "Q8_0", seed: int = 0, drop: tuple
     for name, x in tensors.items():
         if name in drop:
             continue
-        if x.ndim == 1 or name.endswith("ffn_gate_inp.weight") or quant == "F32":
+        if x.ndim <= 2 and name.endswith(".bias") or x.ndim == 1 or name.endswith("ffn_gate_inp.weight"):
             w.add_tensor(name, x)
+        elif arch == "gpt-oss" and "_exps." in name:  # gpt-oss ships its experts in MXFP4
+            w.add_tensor(name, gguf.quants.quantize(x, T.MXFP4), raw_dtype=T.MXFP4)
         elif quant == "BF16":
             w.add_tensor(name, gguf.quants.quantize(x, T.BF16), raw_dtype=T.BF16)
         else:

@@ -12,7 +12,7 @@ from mlxserve.testing import ggufmodels
 
 # Q8_0 files are served as they are, Q4_K ones converted at create: both paths, every arch
 QUANT = {"llama": "Q4_K", "qwen2": "Q8_0", "qwen3": "Q4_K", "qwen3moe": "Q8_0",
-         "gemma2": "Q4_K", "gemma3": "Q8_0", "phi3": "Q4_K"}
+         "gemma2": "Q4_K", "gemma3": "Q8_0", "phi3": "Q4_K", "gpt-oss": "Q4_K"}  # + MXFP4 experts
 
 
 def serve_all(url: str, paths: dict) -> dict:
@@ -50,6 +50,9 @@ async def test_each_architecture_is_created_shown_and_served(daemon, tmp_path):
         what = ("4-bit group 32 (exact), 5 bits a weight" if QUANT[arch] == "Q4_K"
                 else "8-bit group 32 (exact), 9 bits a weight")
         assert shown.modelinfo["mlxserve.tensor_types"][QUANT[arch]] == what, arch
+        if arch == "gpt-oss":
+            assert shown.modelinfo["mlxserve.tensor_types"]["MXFP4"] == (
+                "mxfp4 group 32 (exact), 4.25 bits a weight")
         # random weights may pick the end token early
         assert chat.message.role == "assistant" and 1 <= chat.eval_count <= 3, arch
         assert 1 <= done.usage.completion_tokens <= 2, arch

@@ -59,6 +59,17 @@ def test_sixteen_value_sub_blocks_are_requantized_within_a_step(qtype):
     assert (np.abs(ours - ref).reshape(-1, 32).max(-1) <= bound).all()
 
 
+def test_mxfp4_is_mlx_mxfp4_code_for_code():
+    from gguf.quants import quantize
+
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    raw = quantize(x, T.MXFP4)
+    out = tensor_arrays(raw.reshape(-1), T.MXFP4, SHAPE, bits_for(T.MXFP4))
+    assert set(out) == {"weight", "scales"} and out["scales"].dtype == mx.uint8
+    ours = mx.dequantize(out["weight"], out["scales"], None, group_size=32, bits=4, mode="mxfp4")
+    np.testing.assert_array_equal(np.array(ours.astype(mx.float32)), dequantize(raw, T.MXFP4))
+
+
 def test_float_types_are_exact():
     rng = np.random.default_rng(0)
     x = rng.standard_normal(SHAPE).astype(np.float32)
