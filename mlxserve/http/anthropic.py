@@ -15,7 +15,7 @@ from quart import Blueprint, Response
 
 from ..actors.sequence import grammar_for_schema
 from ..errors import BadRequest
-from ..specs.tools import as_template_tools, call_schema
+from ..specs.tools import CallStream, as_template_tools, call_schema
 from . import generation as g
 from . import relay
 from .common import field, json_body, json_response, runtime
@@ -232,21 +232,33 @@ async def messages():
         yield event("message_start", message={**message([], None, None),
                                               "usage": {**usage(), "output_tokens": 0}})
         yield event("ping")
-        # Reasoning and plain text stream as they come, each in its own block; a possible tool
-        # call must arrive whole. ``at``: the open block's index and type.
+        # Reasoning, text and each tool call stream as they come, each in its own block (text
+        # that may become a call is held). ``at``: the open block's index and type.
         at: list = [-1, None]
+        calls_in = CallStream(active) if active else None
 
-        def switch(kind: str) -> list[bytes]:
+        def switch(kind: str, block: dict | None = None) -> list[bytes]:
             out = []
             if at[1] == "thinking":
                 out.append(event("content_block_delta", index=at[0], delta={"type": "signature_delta", "signature": ""}))
             if at[1] is not None:
                 out.append(event("content_block_stop", index=at[0]))
             at[0], at[1] = at[0] + 1, kind
-            if kind == "thinking":
-                out.append(event("content_block_start", index=at[0], content_block=_thinking_block("")))
-            elif kind == "text":
-                out.append(event("content_block_start", index=at[0], content_block={"type": "text", "text": ""}))
+            start = block or {"thinking": _thinking_block(""), "text": {"type": "text", "text": ""}}.get(kind)
+            if start is not None:
+                out.append(event("content_block_start", index=at[0], content_block=start))
+            return out
+
+        def text_and_calls(text: str, calls: list[dict]) -> list[bytes]:
+            out = []
+            if text:
+                out += switch("text") if at[1] != "text" else []
+                out.append(event("content_block_delta", index=at[0], delta={"type": "text_delta", "text": text}))
+            for c in calls[:max(0, 1 - calls_in.sent + len(calls))] if single else calls:
+                out += switch("tool_use", {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}",
+                                           "name": c["name"], "input": {}})
+                out.append(event("content_block_delta", index=at[0], delta={
+                    "type": "input_json_delta", "partial_json": json.dumps(c["arguments"], ensure_ascii=False)}))
             return out
 
         async for c in chunks:
@@ -254,27 +266,16 @@ async def messages():
                 for e in switch("thinking") if at[1] != "thinking" else ():
                     yield e
                 yield event("content_block_delta", index=at[0], delta={"type": "thinking_delta", "thinking": c.thinking})
-            if not active and c.text:
-                for e in switch("text") if at[1] != "text" else ():
-                    yield e
-                yield event("content_block_delta", index=at[0], delta={"type": "text_delta", "text": c.text})
+            for e in text_and_calls(*calls_in.feed(c.text)) if calls_in else text_and_calls(c.text, []):
+                yield e
+        for e in text_and_calls(*calls_in.finish()) if calls_in else ():
+            yield e
         blocks, reason, stop = blocks_and_reason()
-        if not active and at[1] is None:  # an empty answer still has its (empty) text block
+        if at[1] is None:  # an empty answer still has its (empty) text block
             for e in switch("text"):
                 yield e
-        for e in switch("done") if at[1] is not None else ():
+        for e in switch("done"):
             yield e
-        if active:
-            streamed = max(at[0], 0)  # the reasoning's block, if it streamed
-            for i, b in enumerate(blocks[streamed:], start=streamed):
-                if b["type"] == "text":
-                    yield event("content_block_start", index=i, content_block={"type": "text", "text": ""})
-                    yield event("content_block_delta", index=i, delta={"type": "text_delta", "text": b["text"]})
-                else:
-                    yield event("content_block_start", index=i, content_block={**b, "input": {}})
-                    yield event("content_block_delta", index=i, delta={
-                        "type": "input_json_delta", "partial_json": json.dumps(b["input"], ensure_ascii=False)})
-                yield event("content_block_stop", index=i)
         yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": stop},
                     usage={"output_tokens": usage()["output_tokens"]})
         yield event("message_stop")

@@ -18,9 +18,7 @@ from ..store.create import ADAPTERS_UNSUPPORTED
 from ..errors import BadRequest, MlxserveError
 from ..specs.modelfile import MESSAGE_ROLES, Modelfile
 from ..specs.thinking import parse_think
-from ..specs.tools import (
-    as_template_tools, completed_calls, might_be_call, normalize_tools, parse_tool_calls,
-)
+from ..specs.tools import CallStream, as_template_tools, normalize_tools, parse_tool_calls
 from . import generation as g
 from .common import (
     field, json_body, json_response, keep_alive_of, ndjson, runtime, stream_response,
@@ -315,36 +313,24 @@ async def _respond(gen: g.Generation, name: str, stream: bool, piece, final, wit
         return ndjson({"model": name, "created_at": g.now_iso(), "message": message, "done": False})
 
     async def body():
-        held: list[str] = []
-        sent = 0  # calls already streamed
+        calls_in = CallStream(tools) if hold_calls else None
         try:
             async for chunk in g.chunks(gen):
                 thought = getattr(chunk, "thinking", "")  # reasoning streams as it comes
-                if hold_calls and (held or not "".join(gen.text[:-1]).strip()) and \
-                        might_be_call("".join(held) + chunk.text):
-                    held.append(chunk.text)
-                    if thought:
-                        yield ndjson({"model": name, "created_at": g.now_iso(), **piece("", thought), "done": False})
-                    done = completed_calls("".join(held), tools)
-                    if len(done) > sent:
-                        yield calls_line(done[sent:])
-                        sent = len(done)
-                    continue
-                text = "".join(held) + chunk.text
-                held.clear()
+                text, calls = calls_in.feed(chunk.text) if calls_in else (chunk.text, [])
                 if text or thought or (with_logprobs and chunk.logprobs):
                     line = {"model": name, "created_at": g.now_iso(), **piece(text, thought), "done": False}
                     if with_logprobs and chunk.logprobs:
                         line["logprobs"] = _logprobs_out(tok, chunk.logprobs)
                     yield ndjson(line)
-            # Held text is either calls (the rest of them go out now) or text never shown.
-            calls = (parse_tool_calls("".join(held), tools) or (completed_calls("".join(held), tools)
-                                                                 if sent else None)) if held else None
+                if calls:
+                    yield calls_line(calls)
+            # What was held is either the rest of the calls or text never shown.
+            text, calls = calls_in.finish() if calls_in else ("", [])
+            if text:
+                yield ndjson({"model": name, "created_at": g.now_iso(), **piece(text), "done": False})
             if calls:
-                if len(calls) > sent:
-                    yield calls_line(calls[sent:])
-            elif held:
-                yield ndjson({"model": name, "created_at": g.now_iso(), **piece("".join(held)), "done": False})
+                yield calls_line(calls)
             yield ndjson(final(""))
             gen.record(200)
         except MlxserveError as exc:

@@ -15,9 +15,7 @@ from quart import Blueprint
 from ..actors.sequence import ANY_JSON_OBJECT, grammar_for_schema
 from ..errors import BadRequest, EngineError, MlxserveError, ShuttingDown
 from ..specs.thinking import think_from_effort
-from ..specs.tools import (
-    as_template_tools, call_schema, completed_calls, might_be_call, normalize_tools, parse_tool_calls,
-)
+from ..specs.tools import CallStream, as_template_tools, call_schema, normalize_tools, parse_tool_calls
 from . import generation as g
 from .common import field, json_body, json_response, runtime, stream_response
 
@@ -427,36 +425,19 @@ async def chat_completions():
                                                     "finish_reason": finish}]})
 
         # With tools, text that may become a call is held; each call goes out as it completes.
-        held: list[list[str]] = [[] for _ in gens]
-        sent = [0] * len(gens)
-        shown = [False] * len(gens)  # plain text went out: no call follows
+        streams = [CallStream(tools) for _ in gens] if hold else []
 
-        def calls_delta(i: int, calls: list[dict]) -> bytes:
-            out = [{"index": sent[i] + k, **_call_out(c)} for k, c in enumerate(calls)]
-            sent[i] += len(calls)
-            return delta(i, {"tool_calls": out})
-
-        def held_text(i: int, c) -> list[bytes]:
-            if shown[i] or not might_be_call("".join(held[i]) + c.text):
-                text, shown[i] = "".join(held[i]) + c.text, True
-                held[i].clear()
-                return [delta(i, {"content": text})] if text else []
-            held[i].append(c.text)
-            done = completed_calls("".join(held[i]), tools)
-            return [calls_delta(i, done[sent[i]:])] if len(done) > sent[i] else []
+        def text_and_calls(i: int, text: str, calls: list[dict]) -> list[bytes]:
+            first = streams[i].sent - len(calls)
+            return ([delta(i, {"content": text})] if text else []) + ([delta(i, {"tool_calls": [
+                {"index": first + k, **_call_out(c)} for k, c in enumerate(calls)]})] if calls else [])
 
         def ending(i: int, x: g.Generation) -> list[bytes]:
             finish, out = _FINISH[x.done_reason], []
-            if hold and held[i]:
-                text = "".join(held[i])
-                calls = parse_tool_calls(text, tools) or (completed_calls(text, tools) if sent[i] else None)
-                if calls:
-                    if len(calls) > sent[i]:
-                        out.append(calls_delta(i, calls[sent[i]:]))
-                elif text:
-                    out.append(delta(i, {"content": text}))
-            if sent[i]:
-                finish = "tool_calls"
+            if hold:
+                out = text_and_calls(i, *streams[i].finish())
+                if streams[i].sent:
+                    finish = "tool_calls"
             return [*out, delta(i, {}, finish)]
 
         for i in range(n):
@@ -465,7 +446,7 @@ async def chat_completions():
             if getattr(c, "thinking", ""):  # reasoning streams as it comes, even while a call is held
                 yield delta(i, {"reasoning_content": c.thinking})
             if hold and c.text:
-                for event in held_text(i, c):
+                for event in text_and_calls(i, *streams[i].feed(c.text)):
                     yield event
             elif not hold:
                 lp = {"content": [_lp_entry(tok, *e) for e in c.logprobs]} if top is not None and c.logprobs else None

@@ -256,6 +256,53 @@ def _loads(text: str) -> Any:
         return None
 
 
+# Tags that open a call even after some text (a model may say what it is about to do first).
+_CALL_TAGS = ("<tool_call>", MISTRAL_CALLS, PYTHON_TAG, "<|channel|>")
+
+
+def _call_start(text: str) -> int:
+    """Where a tagged call may begin in ``text`` (a tag, or the start of one at its end); else
+    its length."""
+    found = [i for i in (text.find(t) for t in _CALL_TAGS) if i >= 0]
+    if found:
+        return min(found)
+    for n in range(min(len(text), max(map(len, _CALL_TAGS)) - 1), 0, -1):
+        if any(t.startswith(text[-n:]) for t in _CALL_TAGS):
+            return len(text) - n
+    return len(text)
+
+
+class CallStream:
+    """A streamed answer's text in; out, the text that can be shown now and the calls completed
+    now. An answer that may be a call from its start is held; later, text is held from where a
+    tagged call may begin. ``finish`` gives the rest: the calls not yet out, or the held text."""
+
+    def __init__(self, tools: list[dict]):
+        self.tools = tools
+        self._held = ""
+        self._shown = False  # some text went out: only a tagged call can follow
+        self.sent = 0  # calls out so far
+
+    def feed(self, text: str) -> tuple[str, list[dict]]:
+        buf, out = self._held + text, ""
+        if self._shown or not might_be_call(buf):
+            k = _call_start(buf)
+            out, buf = buf[:k], buf[k:]
+            self._shown = self._shown or bool(out)
+        self._held = buf
+        return out, self._new(completed_calls(buf, self.tools) if buf else [])
+
+    def finish(self) -> tuple[str, list[dict]]:
+        held, self._held = self._held, ""
+        calls = parse_tool_calls(held, self.tools) or (completed_calls(held, self.tools) if self.sent else None)
+        return ("", self._new(calls)) if calls else (held, [])
+
+    def _new(self, calls: list[dict]) -> list[dict]:
+        new = calls[self.sent:]
+        self.sent = max(self.sent, len(calls))
+        return new
+
+
 def might_be_call(text_so_far: str) -> bool:
     """While streaming: hold text back when it could still turn into a tool call."""
     s = text_so_far.lstrip()

@@ -132,3 +132,18 @@ def test_streamed_calls_are_read_as_each_completes(pieces):
     assert seen[-1] == 2 and 1 in seen  # the first call was out before the second was written
     assert seen == sorted(seen)
     assert parse_tool_calls(so_far, TOOLS) == [PARIS, {"name": "get_weather", "arguments": {"city": "Rome"}}]
+
+
+def test_call_stream_shows_text_and_each_call_as_it_completes():
+    from mlxserve.specs.tools import CallStream
+
+    s = CallStream(TOOLS)
+    steps = [s.feed(p) for p in ["Let me ", "check.\n<tool", '_call>\n{"name": "get_weather", ',
+                                 '"arguments": {"city": "Paris"}}\n</tool_call>', "\n<tool_call>",
+                                 '{"name": "get_weather", "arguments": {"city": "Rome"}}']]
+    steps.append(s.finish())
+    assert [t for t, _ in steps] == ["Let me ", "check.\n", "", "", "", "", ""]  # the tag is held
+    assert [len(c) for _, c in steps] == [0, 0, 0, 1, 0, 1, 0]  # each call once, when its JSON is whole
+    plain = CallStream(TOOLS)
+    assert plain.feed("{curly") == ("", []) and plain.finish() == ("{curly", [])  # not a call after all
+    assert CallStream(TOOLS).feed("Paris is") == ("Paris is", [])
