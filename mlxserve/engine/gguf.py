@@ -1,7 +1,8 @@
 """GGUF models onto mlx-lm's model classes: tensor names, config from metadata, weight fixes.
 
 Architectures (GGUF name -> mlx-lm module): llama -> llama, qwen2 -> qwen2, qwen3 -> qwen3,
-qwen3moe -> qwen3_moe, gemma2 -> gemma2, gemma3 -> gemma3_text, phi3 -> phi3. What llama.cpp's
+qwen3moe -> qwen3_moe, gemma2 -> gemma2, gemma3 -> gemma3_text, phi3 -> phi3, gpt-oss ->
+gpt_oss. What llama.cpp's
 converter changed is undone or mirrored here: it permutes llama's Q/K projections for its
 interleaved rope (mlx's "traditional" rope; the other architectures use llama.cpp's NEOX rope,
 mlx's default), stores gemma's norm weights as 1 + w (mlx-lm's gemma norms add the 1 again), and

@@ -6,7 +6,8 @@ float16, as ``mx.load`` stores them): Q4_0, Q4_1 and Q4_K become 4-bit, Q8_0, Q5
 8-bit (MLX has 5-bit too, but the CPU kernels of engine/cpu run 4 and 8 bits only). Types with
 16-value sub-blocks (Q6_K, Q3_K, Q2_K) and the IQ types are dequantized with the ``gguf``
 package (the reference decoder; ``mx.load`` gets Q4_K wrong and cannot read Q5_K) and
-re-quantized. Which bits each type gets is the caller's choice (store/convert.py).
+re-quantized. MXFP4 (gpt-oss's experts) is MLX's own mxfp4 mode, code for code. Which bits
+each type gets is the caller's choice (store/convert.py).
 """
 
 from __future__ import annotations

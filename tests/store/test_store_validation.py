@@ -65,7 +65,8 @@ def test_unsupported_gguf_architecture_is_refused(store, tmp_path):
 
 @pytest.mark.parametrize("arch,missing", [
     ("gemma2", "blk.1.post_ffw_norm.weight"), ("qwen3", "blk.0.attn_k_norm.weight"),
-    ("qwen3moe", "blk.1.ffn_up_exps.weight"), ("phi3", "blk.0.ffn_up.weight")])
+    ("qwen3moe", "blk.1.ffn_up_exps.weight"), ("phi3", "blk.0.ffn_up.weight"),
+    ("gpt-oss", "blk.0.attn_sinks.weight")])
 def test_gguf_missing_an_architecture_tensor_is_refused(store, tmp_path, arch, missing):
     from mlxserve.testing import ggufmodels
 
