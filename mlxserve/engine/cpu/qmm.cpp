@@ -82,17 +82,45 @@ static void quantize_rows(const float* x, int M, int K, int gs, Acts& a) {
     std::fill_n(a.sum.data() + (size_t)m * a.ngroups, a.ngroups, 0.f);
     for (int b = 0; b < a.nblocks; b++) {
       const float* v = row + b * 32;
-      float amax = 0.f;
-      for (int k = 0; k < 32; k++) amax = std::fmax(amax, std::fabs(v[k]));
-      float d = amax / 127.f;
-      float id = d > 0.f ? 1.f / d : 0.f;
-      a.d[(size_t)m * a.nblocks + b] = d;
       int8_t* q = a.q.data() + (size_t)m * K + b * 32;
       int isum = 0;
+      float d;
+#if defined(__AVX2__)
+      // the scalar loop's arithmetic, 8 at a time (cvtps rounds to nearest even, as nearbyint)
+      const __m256 sign = _mm256_set1_ps(-0.f);
+      __m256 vx[4], m8 = _mm256_setzero_ps();
+      for (int j = 0; j < 4; j++) {
+        vx[j] = _mm256_loadu_ps(v + 8 * j);
+        m8 = _mm256_max_ps(m8, _mm256_andnot_ps(sign, vx[j]));
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+      d = _mm_cvtss_f32(m4) / 127.f;
+      const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+      __m256i qi[4];
+      for (int j = 0; j < 4; j++) qi[j] = _mm256_cvtps_epi32(_mm256_mul_ps(vx[j], id));
+      const __m256i s16 = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s16), _mm256_extracti128_si256(s16, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+      isum = _mm_cvtsi128_si32(s4);
+      // int32 -> int8 in order: packs interleave 128-bit lanes, the permute puts them back
+      const __m256i p16a = _mm256_packs_epi32(qi[0], qi[1]), p16b = _mm256_packs_epi32(qi[2], qi[3]);
+      const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b),
+                                                     _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256((__m256i*)q, p8);
+#else
+      float amax = 0.f;
+      for (int k = 0; k < 32; k++) amax = std::fmax(amax, std::fabs(v[k]));
+      d = amax / 127.f;
+      const float id = d > 0.f ? 1.f / d : 0.f;
       for (int k = 0; k < 32; k++) {
         q[k] = (int8_t)std::nearbyint(v[k] * id);
         isum += q[k];
       }
+#endif
+      a.d[(size_t)m * a.nblocks + b] = d;
       a.sum[(size_t)m * a.ngroups + b * 32 / gs] += d * (float)isum;
     }
   }
