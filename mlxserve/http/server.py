@@ -72,7 +72,8 @@ async def _watch_signals(drain: Drain, seconds: float, shutdown: trio.Event, sco
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_wait_signal, drain, shutdown)
             await drain.started.wait()
-            log.info("draining: %d request(s) in flight get up to %gs to finish", drain.inflight, seconds)
+            log.info("draining: %d request(s) in flight get up to %gs to finish (a second signal stops now)",
+                     drain.inflight, seconds)
             with trio.move_on_after(seconds):
                 await drain.wait_until(lambda n: n == 0)
             shutdown.set()
