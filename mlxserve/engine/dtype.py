@@ -202,8 +202,8 @@ def _swiglu_class(cls) -> type | None:
     if cls not in _SWIGLU_CLASSES:
         from mlx_lm.models import activations, llama
 
-        ref, fn = llama.MLP.__call__, getattr(cls, "__call__", None)
-        same = (fn is not None and getattr(fn, "__code__", None) is not None
+        ref, fn = llama.MLP.__call__, cls.__call__  # every nn.Module has one
+        same = (getattr(fn, "__code__", None) is not None
                 and fn.__code__.co_code == ref.__code__.co_code and fn.__code__.co_names == ref.__code__.co_names
                 and fn.__globals__.get("swiglu") is activations.swiglu)
         _SWIGLU_CLASSES[cls] = (type(f"CpuSwiGLU{cls.__name__}", (_KernelModule, cls), {"__call__": _swiglu_call})

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlxserve.engine import cpu
-from mlxserve.engine import dtype as dtypes
+from mlxserve.engine import cpu, dtype as dtypes
 
 kernels, why = cpu.load()
 pytestmark = pytest.mark.skipif(kernels is None, reason=f"quantized CPU kernels unavailable: {why}")
