@@ -200,7 +200,10 @@ def kv_estimate(spec, ctx: int, sequences: int) -> int:
     kv_heads = info.get(f"{arch}.attention.head_count_kv", heads)
     if not all(isinstance(v, int) and v > 0 for v in (layers, hidden, heads, kv_heads)):
         return 0
-    return 2 * layers * kv_heads * (hidden // heads) * ctx * 4 * sequences
+    # gemma, qwen3 and gpt-oss heads are not hidden / heads wide: GGUF says so in key/value_length
+    k_dim = info.get(f"{arch}.attention.key_length") or hidden // heads
+    v_dim = info.get(f"{arch}.attention.value_length") or k_dim
+    return layers * kv_heads * (k_dim + v_dim) * ctx * 4 * sequences
 
 
 def load_spec(resolved, num_ctx: int | None, num_parallel: int = 1) -> LoadSpec:
