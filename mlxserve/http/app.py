@@ -139,7 +139,9 @@ class _Connection(TrioASGIHTTPConnection):
                 self._answered = True
             await send(message)
 
-        with self.app.config["MLXSERVE_DRAIN"].request():  # a drain waits for it to finish
+        drain = self.app.config["MLXSERVE_DRAIN"]
+        self.scope["mlxserve.late"] = drain.draining  # what came before a drain is served
+        with drain.request():  # and the drain waits for it to finish
             await super().__call__(receive, send_marking_the_end)
 
     async def handle_messages(self, nursery: trio.Nursery, request, receive) -> None:  # type: ignore[override]
@@ -176,7 +178,7 @@ class _TCPServer(hypercorn_tcp.TCPServer):
 def create_app(rt: Runtime, drain: Drain | None = None) -> QuartTrio:
     app = _App("mlxserve")
     app.config["MLXSERVE_RUNTIME"] = rt
-    app.config["MLXSERVE_DRAIN"] = drain = Drain() if drain is None else drain
+    app.config["MLXSERVE_DRAIN"] = Drain() if drain is None else drain
     app.config["MAX_CONTENT_LENGTH"] = rt.settings.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # generation may take longer than any fixed limit
     app.config["BODY_TIMEOUT"] = 60
@@ -260,7 +262,7 @@ def create_app(rt: Runtime, drain: Drain | None = None) -> QuartTrio:
     @app.before_request
     async def refuse_while_draining():
         # Another daemon takes new work (a balancer retries a 503 there); reads still answer.
-        if drain.draining and request.method not in READ_METHODS:
+        if request.scope.get("mlxserve.late") and request.method not in READ_METHODS:
             raise ShuttingDown("server is draining: send new requests to another server")
         return None
 
