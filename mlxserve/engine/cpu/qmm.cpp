@@ -589,6 +589,42 @@ static mx::array qmm_rows(const mx::array& x, const mx::array& w, const mx::arra
                    {x, w, scales, biases});
 }
 
+// exp of n floats in place, every element by the same function whatever its position (so a
+// value gets the same bits alone or in a batch): Cephes' expf polynomial 8 at a time with
+// AVX2 (about 1 ulp; exactly 0 from -88.4 down, -inf included), std::exp without.
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+static void exp_inplace(float* x, size_t n) {
+  size_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp8(_mm256_loadu_ps(x + i)));
+  if (i < n) {
+    alignas(32) float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(tail, x + i, (n - i) * sizeof(float));
+    _mm256_store_ps(tail, exp8(_mm256_load_ps(tail)));
+    std::memcpy(x + i, tail, (n - i) * sizeof(float));
+    i = n;
+  }
+#endif
+  for (; i < n; i++) x[i] = std::exp(x[i]);
+}
+
 // silu(x @ gate^T) * (x @ up^T) as one op: both products from one quantization of x (the
 // same bits as two qmm_rows calls), then the SwiGLU elementwise, in place of two products,
 // two slices and MLX's compiled (scalar exp) SiLU-times-up kernel.
@@ -612,7 +648,10 @@ class QuantizedSwiGLU : public mx::UnaryPrimitive {
       const float* xp = xv.gather(buf);
       product(path, false, xp, wg, sg, bg, M, N, K, gs, bits, yp);
       product(path, false, xp, wu, su, bu, M, N, K, gs, bits, up.data());
-      for (size_t i = 0; i < up.size(); i++) yp[i] = yp[i] / (1.f + std::exp(-yp[i])) * up[i];
+      std::vector<float> e((size_t)M * N);
+      for (size_t i = 0; i < e.size(); i++) e[i] = -yp[i];
+      exp_inplace(e.data(), e.size());
+      for (size_t i = 0; i < e.size(); i++) yp[i] = yp[i] / (1.f + e[i]) * up[i];
     };
     by_scale_type(in[2].dtype(), [&](auto tag) {
       using S = decltype(tag);
@@ -903,8 +942,10 @@ class DecodeAttention : public mx::UnaryPrimitive {
           float* y = yp + ((size_t)b * H + h) * Dv;
           std::fill_n(y, Dv, 0.f);
           float total = 0.f;
+          for (int j = 0; j < S; j++) w[j] = top == -INFINITY ? -INFINITY : w[j] - top;
+          exp_inplace(w.data(), S);
           for (int j = 0; j < S; j++) {
-            const float e = top == -INFINITY ? 0.f : std::exp(w[j] - top);
+            const float e = w[j];
             total += e;
             if (e != 0.f) axpy_row(e, vp + j * v.s[2], y, Dv);
           }
