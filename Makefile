@@ -45,7 +45,7 @@ system-deps:
 	  fi; \
 	fi
 	@-# HAProxy sits in front of two daemons in tests/e2e/test_balancer.py (which skips without it).
-	@-if [ "$$(uname -s)" = Linux ] && command -v apt-get >/dev/null 2>&1 && ! command -v haproxy >/dev/null 2>&1; then \
+	@-if [ "$$(uname -s)" = Linux ] && command -v apt-get >/dev/null 2>&1 && ! command -v haproxy >/dev/null 2>&1 && ! test -x /usr/sbin/haproxy; then \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || { sudo -n true 2>/dev/null && SUDO="sudo -n"; } || { echo "note: not root; run: sudo apt-get install haproxy"; exit 0; }; \
 	  { DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q haproxy >/dev/null 2>&1 \
 	    || { $$SUDO apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q haproxy >/dev/null 2>&1; }; } \

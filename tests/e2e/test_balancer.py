@@ -140,7 +140,7 @@ def test_drain_seconds_setting():
 
 # ---- two daemons behind HAProxy -------------------------------------------------------------
 
-HAPROXY = shutil.which("haproxy")
+HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")  # not on every PATH
 needs_haproxy = pytest.mark.skipif(
     HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy; `make test` installs it)")
 
