@@ -16,8 +16,7 @@ import attrs
 from ..errors import BadRequest
 from ..specs.modelspec import ModelSpec
 from ..specs.visiontypes import served_vision_type
-from . import convert, manifest as mt
-from . import safetensorsmeta
+from . import convert, manifest as mt, safetensorsmeta
 from .ggufmeta import GGUF_ARCHITECTURES, GGUFHeader, read_header
 
 EMBEDDING_TYPES = frozenset({"bert", "nomic_bert", "nomic-bert", "xlm-roberta", "roberta",
@@ -123,6 +122,8 @@ _GGUF_BLOCK_TENSORS = {  # besides attn_norm, attn_output and ffn_norm
     "gemma2": (*_ATTENTION, *_DENSE_FFN, *_GEMMA_NORMS),
     "gemma3": (*_ATTENTION, *_DENSE_FFN, *_QK_NORMS, *_GEMMA_NORMS),
     "phi3": ("ffn_up", "ffn_down"),  # and attn_qkv, or attn_q/k/v
+    "gpt-oss": (*_ATTENTION, "attn_sinks", "post_attention_norm", "ffn_gate_inp",
+                "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"),
 }
 
 
@@ -134,7 +135,7 @@ def check_gguf_runnable(path: Path, header: GGUFHeader) -> None:
         raise BadRequest(f"{path.name}: unsupported model architecture {arch!r} (GGUF models "
                          f"mlxserve can run: {', '.join(GGUF_ARCHITECTURES)}; other "
                          "architectures can be created from an mlx-lm safetensors directory)")
-    for key in (*_GGUF_NEEDS_KEYS, *(("feed_forward_length",) if arch != "qwen3moe" else ())):
+    for key in (*_GGUF_NEEDS_KEYS, *(("feed_forward_length",) if arch not in ("qwen3moe", "gpt-oss") else ())):
         value = md.get(f"{arch}.{key}", md.get(f"{arch}.text.{key}"))  # .text.: older Ollama files
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise BadRequest(f"{path.name}: metadata {arch}.{key} is missing or not a positive "
@@ -142,7 +143,8 @@ def check_gguf_runnable(path: Path, header: GGUFHeader) -> None:
     if not isinstance(md.get("tokenizer.ggml.tokens"), list):
         raise BadRequest(f"{path.name}: no tokenizer vocabulary (tokenizer.ggml.tokens)")
     have = {t.name for t in header.tensors}
-    parts = ["attn_norm", "attn_output", "ffn_norm", *_GGUF_BLOCK_TENSORS[arch]]
+    parts = ["attn_norm", "attn_output", *(() if arch == "gpt-oss" else ("ffn_norm",)),
+             *_GGUF_BLOCK_TENSORS[arch]]
     if arch == "phi3" and "blk.0.attn_qkv.weight" in have:
         parts.append("attn_qkv")
     elif arch == "phi3":
