@@ -25,7 +25,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, smollm2_gguf):
     models = tmp_path_factory.mktemp("smol-models")
-    env = {**os.environ, "MLXSERVE_MODELS": str(models), "MLXSERVE_HOST": f"127.0.0.1:{_free_port()}"}
+    env = {**os.environ, "MLXSERVE_MODELS": str(models), "MLXSERVE_HOST": f"127.0.0.1:{_free_port()}",
+           "MLXSERVE_DRAIN_SECONDS": "1"}  # SIGTERM below: a stream outlasts the drain, then ends with the error line
     mf = tmp_path_factory.mktemp("smol-mf") / "Modelfile"
     # Greedy, so the answer is reproducible; the model itself is what `make run` imports.
     mf.write_text(f"FROM {smollm2_gguf}\nPARAMETER temperature 0\n")
