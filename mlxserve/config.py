@@ -99,11 +99,8 @@ def _api_key(key: str, name: str) -> str:
     return key
 
 
-# Sequences decoded together per model. On the 2-core project machine (SmolLM2, f32 + OpenBLAS)
-# a step's cost barely grows from 8 to 16 rows: benchmarks/concurrency.py gave 56.8 tok/s at 8
-# streams and 105.8 at 16 in one run (1.86x the throughput for 7% more time per token), so 16
-# serves twice the clients at nearly the same per-stream speed. Memory is lazy (KV grows with the
-# tokens actually held); the scheduler's estimate counts all 16 at num_ctx when it packs models.
+# Sequences decoded together per model: a step's cost barely grows from 8 to 16 rows, so 16 serves
+# twice the clients at nearly the same per-stream speed (docs/performance.md). KV memory is lazy.
 DEFAULT_NUM_PARALLEL = 16
 
 
@@ -114,10 +111,9 @@ class AdmitWindow:
     A request that wakes the engine waits ``first_gap_s`` (3 ms, or ``gap_s`` if less) for a
     second one, so a lone request starts at once. Once a second has come it is a burst: the
     engine keeps collecting while each next request comes within ``gap_s``, for ``max_s`` in
-    all, or until every slot is taken. HTTP clients of one burst reach the engine 0-4 ms apart
-    (32 on the 2-core machine: 7-45 ms in all), so a 3 ms gap with a 25 ms cap split such a
-    burst into two or three prefill batches, and the last batch's first token came a whole
-    prefill later than the first's (on an H200, 32 streams: 0.91 s vs 0.67 s TTFT max).
+    all, or until every slot is taken. Clients of one burst reach the engine several ms apart on a
+    busy machine; a shorter window splits the burst into several prefills, and its last requests
+    wait a whole prefill longer for their first token.
     """
 
     gap_s: float = 0.010
