@@ -14,6 +14,7 @@ from quart import Blueprint, Response, current_app
 
 from .. import __version__
 from ..actors import group as dist_group
+from ..actors.mailbox import post_nowait_or_drop
 from ..store.create import ADAPTERS_UNSUPPORTED
 from ..errors import BadRequest, MlxserveError
 from ..specs.modelfile import MESSAGE_ROLES, Modelfile
@@ -416,10 +417,9 @@ async def create():
     validated = trio.Event()
 
     def progress(event: dict) -> None:
-        try:
-            trio.from_thread.run_sync(send.send_nowait, event)
-        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError, RuntimeError):
-            pass  # progress is advisory; the create itself goes on
+        # Progress is advisory: a full buffer drops it and the create itself goes on.
+        with contextlib.suppress(trio.RunFinishedError):
+            trio.from_thread.run_sync(post_nowait_or_drop, send, event)
 
     failure: list[MlxserveError] = []
 
@@ -434,8 +434,7 @@ async def create():
             if not isinstance(exc, MlxserveError):
                 log.exception("create of %s failed", name)
             if validated.is_set():
-                with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
-                    send.send_nowait({"error": str(err)})
+                post_nowait_or_drop(send, {"error": str(err)})
             else:
                 failure.append(err)
         finally:
