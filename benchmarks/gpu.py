@@ -10,7 +10,7 @@ heads, intermediate 14336, vocab 128256, rope_theta 500000), quantized with
 ``nn.quantize(group_size=64, bits=4)``, and writes it as an mlx-lm directory (config.json,
 model.safetensors, a WordLevel tokenizer.json "t0".."t128255" whose EOS id lies outside the
 model's vocabulary, so no stream ever stops early). ``--tiny`` builds a toy of the same family
-for a CPU dry run. Results and how they were obtained on an H100: docs/gpu.md.
+for a CPU dry run. Results: docs/nvidia.md; earlier runs: benchmarks/results/history-gpu.md.
 
 Then, in one run on one machine, side by side (each path in its own process):
 - raw: mlx-lm's BatchGenerator driven on its own thread exactly as mlxserve's engine drives it

@@ -11,7 +11,7 @@ TINY = "tiny:latest"
 
 def on_gpu() -> bool:
     """Whether MLX computes on a GPU here. There float32 GEMMs run at TF32-class precision and a
-    row's result depends on the rows batched with it (docs/gpu.md §2); on the CPU it does not."""
+    row's result depends on the rows batched with it (docs/nvidia.md, Limits); on the CPU it does not."""
     import mlx.core as mx
 
     return mx.default_device() != mx.cpu

@@ -57,7 +57,7 @@ def _quantize_like(model: nn.Module, quant: dict[str, Any] | None, weights: dict
 
 class _FlatQuantizedLinear(nn.QuantizedLinear):
     """mlx-cuda 0.32 runs quantized_matmul on a (B, 1, D) input (every decode step) about 20x
-    slower than on (B, D) (H100: 3.76 ms vs 0.19 ms at B=32; docs/gpu.md): hand it 2-D inputs."""
+    slower than on (B, D) (benchmarks/results/history-gpu.md): hand it 2-D inputs."""
 
     def __call__(self, x):
         if x.ndim > 2:
