@@ -3,7 +3,7 @@
     python benchmarks/families.py [--shape smol|8b|tiny] [--quant Q4_0|Q8_0|Q4_K]
         [--families llama,qwen2,...] [--streams 1,8] [--tokens 128] [--prompt-len 300] [--runs 2]
         [--cuda auto|on|off] [--only llama|mlxserve] [--llama-server BIN] [--gguf-dir DIR]
-        [--write-only] [--log-dir DIR] [--json out.json]
+        [--vocab-from GGUF] [--write-only] [--log-dir DIR] [--json out.json]
 
 For each family a random-weight GGUF of a realistic shape is written (tensor names, layouts and
 metadata as llama.cpp's converter writes them; SmolLM2's 49k vocabulary and tokenizer metadata
@@ -160,23 +160,24 @@ def tensor_plan(family: str, s: dict, vocab: int) -> list[tuple[str, tuple[int, 
 
 
 @functools.cache
-def smollm2_tokenizer() -> tuple[list[tuple], list[int]]:
-    """SmolLM2's tokenizer.* metadata as (key, value, type, array item type), and its token
-    types (parsing the GGUF is slow: once per run)."""
+def tokenizer_of(vocab_from: Path | None = None) -> tuple[list[tuple], list[int]]:
+    """The tokenizer.* metadata of ``vocab_from`` (default: the embedded SmolLM2) as (key, value,
+    type, array item type), and its token types (parsing a GGUF is slow: once per run)."""
     from gguf import GGUFReader, GGUFValueType as V
 
-    reader = GGUFReader(str(vs.smollm2_gguf()))
+    reader = GGUFReader(str(vocab_from or vs.smollm2_gguf()))
     fields = [(name, f.contents(), f.types[0], f.types[1] if f.types[0] == V.ARRAY else None)
               for name, f in reader.fields.items() if name.startswith("tokenizer.")]
     return fields, list(reader.fields["tokenizer.ggml.token_type"].contents())
 
 
-def write_family_gguf(out: Path, family: str, shape: str, quant: str, seed: int = 0) -> Path:
+def write_family_gguf(out: Path, family: str, shape: str, quant: str, vocab_from: Path | None = None,
+                      seed: int = 0) -> Path:
     """Streams the tensors to ``out`` one at a time (an 8B file never sits in memory)."""
     from gguf import GGMLQuantizationType as T, GGUFWriter
 
     s = shape_of(family, shape)
-    fields, token_types = smollm2_tokenizer()
+    fields, token_types = tokenizer_of(vocab_from)
     vocab = len(token_types)
     control = [i for i, t in enumerate(token_types) if t == 3]
     head = "token_embd.weight" if family in TIED else "output.weight"
@@ -251,14 +252,14 @@ def run_family(result: dict, family: str, args, binary: Path | None, cuda: bool,
         result["write_s"] = 0.0
     else:
         t = time.perf_counter()
-        write_family_gguf(gguf, family, args.shape, args.quant)
+        write_family_gguf(gguf, family, args.shape, args.quant, args.vocab_from)
         result["write_s"] = round(time.perf_counter() - t, 1)
     result["gguf_gb"] = round(gguf.stat().st_size / 1e9, 3)
     print(f"== {family}: {gguf.name} ({result['gguf_gb']:.2f} GB, written in {result['write_s']}s)", flush=True)
     if args.write_only:
         return
     levels = [int(x) for x in args.streams.split(",")]
-    vocab = len(smollm2_tokenizer()[1])
+    vocab = len(tokenizer_of(args.vocab_from)[1])
     ctx = args.prompt_len + args.tokens + 64
     work = Path(tempfile.mkdtemp(prefix=f"families-{family}-"))
     try:
@@ -308,6 +309,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--gguf-dir", type=Path, help="write the GGUFs here and keep them (reused when present); "
                     "default: a temporary directory, each file deleted after its family")
+    ap.add_argument("--vocab-from", type=Path, help="copy the tokenizer from this GGUF (default: the embedded SmolLM2)")
     ap.add_argument("--write-only", action="store_true", help="write the GGUFs (into --gguf-dir) and exit")
     ap.add_argument("--log-dir", type=Path)
     ap.add_argument("--json", type=Path)
@@ -340,8 +342,8 @@ def main() -> None:
                 run_family(result, family, args, binary, cuda, gguf_dir, logs)
             except Exception as exc:  # one family failing must not lose the others' rows
                 traceback.print_exc()
-                while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-                    exc = exc.exceptions[0]  # trio's nursery wraps the stream's error
+                while isinstance(exc, BaseExceptionGroup):
+                    exc = exc.exceptions[0]  # trio's nursery wraps the streams' errors
                 result["error"] = f"{type(exc).__name__}: {exc}"[:500]
             result["total_s"] = round(time.perf_counter() - t, 1)
             if not args.gguf_dir:
