@@ -10,7 +10,8 @@ metadata as llama.cpp's converter writes them; SmolLM2's 49k vocabulary and toke
 for all), then served by llama-server and by mlxserve one after the other, alone, through
 benchmarks/vs_llamacpp.py (same build of llama-server, same streaming ``/v1/completions``
 client, same warm-up and best-of-``--runs``). Per family and stream count: decode tok/s of
-each, mlxserve / llama-server, TTFT p50 of each, and the fewest tokens any stream got.
+each, mlxserve / llama-server, TTFT p50 and max of each (vs_llamacpp's table), and a line
+where any stream got fewer than ``--tokens``.
 
 Shapes (``--shape``): ``smol`` (the CPU default) is SmolLM2-135M's (hidden 576, 30 layers, ffn
 1536, 9 heads, 3 KV heads) with each family's own parts: qwen2's Q/K/V biases, qwen3's q/k
@@ -276,21 +277,16 @@ def run_family(result: dict, family: str, args, binary: Path | None, cuda: bool,
 
 
 def print_table(report: dict, tokens: int) -> None:
-    print("\ndecode tok/s (all streams); ratio = mlxserve / llama-server; TTFT p50 in s; "
-          f"min tokens: fewest any stream got (of {tokens})")
-    print(f"{'family':<9} {'streams':>7} | {'llama-server':>12} | {'mlxserve':>9} | {'ratio':>6} | "
-          f"{'TTFT p50 llama/mlx':>19} | {'min tokens':>10}")
-    nan = {"decode_tok_s": float("nan"), "ttft_p50_s": float("nan"), "min_count": "-"}
+    """vs_llamacpp's table for each family, and any stream that got fewer than ``tokens``."""
     for family, res in report["families"].items():
+        print(f"\n== {family} ({res.get('quant', '')}, {res.get('gguf_gb', '?')} GB)")
         if "error" in res:
-            print(f"{family:<9} FAILED: {res['error']}")
-        ll = {r["streams"]: r for r in res.get("llama", {}).get("rows", [])}
-        ms = {r["streams"]: r for r in res.get("mlxserve", {}).get("rows", [])}
-        for n in sorted(set(ll) | set(ms)):
-            a, b = ll.get(n, nan), ms.get(n, nan)
-            ratio = b["decode_tok_s"] / a["decode_tok_s"] if a["decode_tok_s"] else float("nan")
-            print(f"{family:<9} {n:>7} | {a['decode_tok_s']:>12.1f} | {b['decode_tok_s']:>9.1f} | {ratio:>5.2f}x | "
-                  f"{a['ttft_p50_s']:>8.3f} / {b['ttft_p50_s']:<8.3f} | {str(a['min_count']):>4} / {str(b['min_count']):<4}")
+            print(f"FAILED: {res['error']}")
+        vs.print_table(res)
+        short = [f"{name} {r['streams']} streams: {r['min_count']}" for name in ("llama", "mlxserve")
+                 for r in res.get(name, {}).get("rows", []) if r["min_count"] < tokens]
+        if short:
+            print(f"streams ended early (fewest tokens): {'; '.join(short)}")
 
 
 def main() -> None:
