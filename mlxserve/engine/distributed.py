@@ -179,7 +179,9 @@ class _StepFaults:
 
     def next_step(self, names=None) -> list[str]:
         if names is None:  # rank 0: what was armed since the last step (pop: the Runner may arm now)
-            names = set()
+            # A loop pass that ran no batch step took nothing: keep it for the next one, which
+            # the followers then get again with its commands.
+            names = set(self.step)
             while self.armed:
                 names.add(self.armed.pop())
         self.step = set(names)

@@ -171,3 +171,14 @@ def test_a_step_failure_with_every_rank_alive_is_left_as_it_is(watched):
     failed = eng.Chunk(4, "", (), finish="error", error="generation failed: boom")
     _send(follower, {"t": "beat"})
     assert group.owner._step_failure([failed]) == [failed]
+
+
+def test_a_fault_survives_loop_passes_that_ran_no_step():
+    # rank 0 wakes without a batch step (an admission window, an empty drain): the fault armed
+    # before must still fail the next step that runs, on every rank
+    faults = dist._StepFaults()
+    faults.armed.add("step_raise")
+    assert faults.next_step() == ["step_raise"]  # a pass that takes nothing
+    assert faults.next_step() == ["step_raise"]  # still this step's, and sent to the followers again
+    assert faults.take("step_raise")
+    assert faults.next_step() == []
