@@ -67,6 +67,7 @@ test: install
 # ruff (lint) on the package and tests; mypy, strict on actors/, errors and config (pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check mlxserve tests
+	$(BIN)/ruff format --check mlxserve tests
 	$(BIN)/mypy
 
 bench: install

@@ -53,7 +53,7 @@ def _go_duration(text: str) -> float:
             num += c
             i += 1
             continue
-        unit = rest[i:i + 2] if rest[i:i + 2] in _UNITS else c
+        unit = rest[i : i + 2] if rest[i : i + 2] in _UNITS else c
         if unit not in _UNITS or not num:
             raise BadRequest(f"invalid duration '{text}'")
         total += float(num) * _UNITS[unit]

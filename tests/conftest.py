@@ -16,9 +16,9 @@ from mlxserve.engine.backend_setup import setup_backend  # noqa: E402
 
 setup_backend()  # as `mlxctl serve` does, before anything imports mlx
 
-from mlxserve.testing import tinymodel  # noqa: E402
-
 from support import TINY, Daemon, make_settings, start_daemon  # noqa: E402,F401
+
+from mlxserve.testing import tinymodel  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -54,10 +54,14 @@ def _make_store(root: Path, entries: dict[str, str], base_dir: Path) -> Path:
 def tiny_store_template(tmp_path_factory, tiny_dir, tiny_gguf) -> Path:
     """A store with the tiny model as GGUF ('tiny') and as an mlx directory ('tiny-mlx')."""
     root = tmp_path_factory.mktemp("store-template")
-    return _make_store(root, {
-        "tiny": f"FROM {tiny_gguf}\n",
-        "tiny-mlx": f"FROM {tiny_dir}\n",
-    }, root)
+    return _make_store(
+        root,
+        {
+            "tiny": f"FROM {tiny_gguf}\n",
+            "tiny-mlx": f"FROM {tiny_dir}\n",
+        },
+        root,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,7 @@ import numpy as np
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table (what byte-level BPE vocabularies use)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -30,9 +29,11 @@ def byte_vocab() -> list[str]:
     return SPECIALS + [c for _, c in sorted(_bytes_to_unicode().items())]
 
 
-TINY_CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-               "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
-               "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+TINY_CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def write_tiny_llama_dir(path: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
@@ -45,11 +46,20 @@ def write_tiny_llama_dir(path: Path, *, hidden: int = 64, layers: int = 2, seed:
     path.mkdir(parents=True, exist_ok=True)
     vocab = byte_vocab()
     config = {
-        "model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
-        "intermediate_size": hidden * 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-        "rms_norm_eps": 1e-5, "vocab_size": len(vocab), "max_position_embeddings": 256,
-        "rope_theta": 10000.0, "tie_word_embeddings": True, "torch_dtype": "float16",
-        "bos_token_id": 0, "eos_token_id": 2,
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": hidden * 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": len(vocab),
+        "max_position_embeddings": 256,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float16",
+        "bos_token_id": 0,
+        "eos_token_id": 2,
     }
     mx.random.seed(seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))
@@ -61,9 +71,15 @@ def write_tiny_llama_dir(path: Path, *, hidden: int = 64, layers: int = 2, seed:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "chat_template": TINY_CHATML,
-    }))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|endoftext|>",
+                "eos_token": "<|im_end|>",
+                "chat_template": TINY_CHATML,
+            }
+        )
+    )
     (path / "README.md").write_text("not a model file\n")
     return path
 
@@ -83,12 +99,12 @@ def _random_blocks(rng: np.random.Generator, qtype, rows: int, cols: int) -> np.
 
     if qtype in (T.Q4_K, T.Q5_K, T.Q2_K):
         off = 0 if qtype != T.Q2_K else size - 4
-        raw[:, :, off:off + 2] = f16(0.001, 0.01)   # d
-        raw[:, :, off + 2:off + 4] = f16(0.0, 0.005)  # dmin
+        raw[:, :, off : off + 2] = f16(0.001, 0.01)  # d
+        raw[:, :, off + 2 : off + 4] = f16(0.0, 0.005)  # dmin
     elif qtype == T.Q6_K:
-        raw[:, :, size - 2:] = f16(0.0005, 0.003)
+        raw[:, :, size - 2 :] = f16(0.0005, 0.003)
     elif qtype == T.Q3_K:
-        raw[:, :, size - 2:] = f16(0.001, 0.01)
+        raw[:, :, size - 2 :] = f16(0.001, 0.01)
     elif qtype in (T.Q8_0, T.Q4_0, T.Q5_0):
         raw[:, :, 0:2] = f16(0.001, 0.01)
     else:
@@ -145,7 +161,6 @@ def write_kquant_gguf(path: Path, *, seed: int = 0) -> dict[str, object]:
     w.write_tensors_to_file()
     w.close()
     return {name: qtype for name, (qtype, _, _) in types.items()}
-
 
 
 def write_unsupported_gguf(path: Path) -> Path:

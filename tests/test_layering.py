@@ -143,40 +143,46 @@ def test_graph_sees_the_package():
 
 def test_no_import_cycles():
     cycles = set(_cycles(RUNTIME_GRAPH))
-    assert cycles - CYCLES == set(), "import cycles: " + "; ".join(
-        " <-> ".join(sorted(c)) for c in cycles - CYCLES)
+    assert cycles - CYCLES == set(), "import cycles: " + "; ".join(" <-> ".join(sorted(c)) for c in cycles - CYCLES)
     assert CYCLES - cycles == set(), f"allowlisted cycles that are gone (remove them): {CYCLES - cycles}"
 
 
 def test_mlx_only_in_engine():
     ext = _external(GRAPH)
-    offenders = {m for m, deps in ext.items()
-                 if not m.startswith("mlxserve.engine")
-                 and any(d == "mlx" or d.startswith(("mlx.", "mlx_lm", "mlx_vlm")) for d in deps)}
+    offenders = {
+        m
+        for m, deps in ext.items()
+        if not m.startswith("mlxserve.engine")
+        and any(d == "mlx" or d.startswith(("mlx.", "mlx_lm", "mlx_vlm")) for d in deps)
+    }
     assert offenders - MLX_OUTSIDE_ENGINE == set(), f"MLX imported outside engine/: {sorted(offenders)}"
-    assert MLX_OUTSIDE_ENGINE - offenders == set(), \
+    assert MLX_OUTSIDE_ENGINE - offenders == set(), (
         f"allowlisted modules that no longer import MLX (remove them): {MLX_OUTSIDE_ENGINE - offenders}"
+    )
 
 
 @pytest.mark.parametrize("layer,allowed", [("mlxserve.http", HTTP_TO_ENGINE), ("mlxserve.store", STORE_TO_ENGINE)])
 def test_does_not_import_engine(layer, allowed):
     """HTTP reaches the engine only through the actors; the store gets conversion injected."""
-    edges = {(m, d) for m, deps in GRAPH.items() if m.startswith(layer)
-             for d in deps if d.startswith("mlxserve.engine")}
+    edges = {
+        (m, d) for m, deps in GRAPH.items() if m.startswith(layer) for d in deps if d.startswith("mlxserve.engine")
+    }
     assert edges - allowed == set(), f"{layer} imports engine/: {sorted(edges - allowed)}"
     assert allowed - edges == set(), f"stale allowlist entries (remove them): {allowed - edges}"
 
 
-@pytest.mark.parametrize("layer,forbidden", [
-    ("mlxserve.engine", ("mlxserve.actors", "mlxserve.http", "mlxserve.cli")),
-    ("mlxserve.store", ("mlxserve.actors", "mlxserve.http", "mlxserve.cli")),
-    ("mlxserve.specs", ("mlxserve.actors", "mlxserve.http", "mlxserve.cli")),
-    ("mlxserve.actors", ("mlxserve.http", "mlxserve.cli")),
-    ("mlxserve.http", ("mlxserve.cli",)),
-])
+@pytest.mark.parametrize(
+    "layer,forbidden",
+    [
+        ("mlxserve.engine", ("mlxserve.actors", "mlxserve.http", "mlxserve.cli")),
+        ("mlxserve.store", ("mlxserve.actors", "mlxserve.http", "mlxserve.cli")),
+        ("mlxserve.specs", ("mlxserve.actors", "mlxserve.http", "mlxserve.cli")),
+        ("mlxserve.actors", ("mlxserve.http", "mlxserve.cli")),
+        ("mlxserve.http", ("mlxserve.cli",)),
+    ],
+)
 def test_imports_point_one_way(layer, forbidden):
-    edges = sorted((m, d) for m, deps in GRAPH.items() if m.startswith(layer)
-                   for d in deps if d.startswith(forbidden))
+    edges = sorted((m, d) for m, deps in GRAPH.items() if m.startswith(layer) for d in deps if d.startswith(forbidden))
     assert edges == [], f"{layer} imports upward: {edges}"
 
 
@@ -190,7 +196,7 @@ SETTING_NAMES_ALLOWED = {
     "mlxserve.engine.cpu.buildext": "cpu",
     "mlxserve.engine.jitflags": "cpu",
     "mlxserve.engine.smallgemm": "cpu",
-    "mlxserve.engine.distributed": "read on every rank before Settings: helper \"dist\" (issue 20)",
+    "mlxserve.engine.distributed": 'read on every rank before Settings: helper "dist" (issue 20)',
 }
 
 
@@ -205,11 +211,18 @@ def test_settings_are_read_in_config():
             continue
         tree = ast.parse(path.read_text(), str(path))
         # Keys of the app's config (app.config["MLXSERVE_RUNTIME"]) are not variables.
-        keys = {id(n.slice) for n in ast.walk(tree)
-                if isinstance(n, ast.Subscript) and ast.unparse(n.value).endswith("config")}
+        keys = {
+            id(n.slice)
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Subscript) and ast.unparse(n.value).endswith("config")
+        }
         for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in keys \
-                    and re.fullmatch(r"MLXSERVE_[A-Z0-9_]+", node.value):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and id(node) not in keys
+                and re.fullmatch(r"MLXSERVE_[A-Z0-9_]+", node.value)
+            ):
                 named.add(mod)
     allowed = tuple(SETTING_NAMES_ALLOWED)
     outside = sorted(m for m in named if not m.startswith(allowed))

@@ -90,7 +90,7 @@ class EmbedderStats:
 
 
 def model_kind(spec: ModelSpec) -> Kind | None:
-    """"bert" for embedding models, "decoder" for completion models, None otherwise."""
+    """ "bert" for embedding models, "decoder" for completion models, None otherwise."""
     caps = spec.capabilities or []
     if "embedding" in caps:
         return "bert"
@@ -100,8 +100,15 @@ def model_kind(spec: ModelSpec) -> Kind | None:
 
 
 def embed_spec(resolved: ResolvedModel, kind: Kind) -> LoadSpec:
-    return LoadSpec(key=f"{resolved.digest}|embed:{kind}", name=resolved.display, digest=resolved.digest,
-                    size=resolved.size, details=resolved.spec.details(), resolved=resolved, kind=kind)
+    return LoadSpec(
+        key=f"{resolved.digest}|embed:{kind}",
+        name=resolved.display,
+        digest=resolved.digest,
+        size=resolved.size,
+        details=resolved.spec.details(),
+        resolved=resolved,
+        kind=kind,
+    )
 
 
 @attrs.define(eq=False)
@@ -131,9 +138,20 @@ class EmbedWorker:
     finished: threading.Event = attrs.Factory(threading.Event)
 
     def stats(self) -> EmbedModelStats:
-        return EmbedModelStats(self.spec.name, self.spec.kind, self.state, len(self.jobs), self.weight_bytes,
-                               self.dimension, self.generation, self.spec.digest, self.context_length,
-                               len(self.computing), self.steps, self.cancelled)
+        return EmbedModelStats(
+            self.spec.name,
+            self.spec.kind,
+            self.state,
+            len(self.jobs),
+            self.weight_bytes,
+            self.dimension,
+            self.generation,
+            self.spec.digest,
+            self.context_length,
+            len(self.computing),
+            self.steps,
+            self.cancelled,
+        )
 
 
 @attrs.define(eq=False)
@@ -223,6 +241,7 @@ def _fail_jobs(w: EmbedWorker, error: BaseException) -> None:
 def default_load_fn(settings: Settings) -> EmbedLoadFn:
     def make(resolved: ResolvedModel, path: Path, kind: str) -> Callable[[], Any]:
         return lambda: eng.load_embedder(path, kind, weight_dtype=settings.weight_dtype)
+
     return make
 
 
@@ -287,14 +306,21 @@ class Embedder:
         return tuple(self._stopping)
 
     # ---- the Scheduler's loads ----
-    async def start_worker(self, spec: LoadSpec, path: Path, on_exit: OnExit,
-                           nursery: trio.Nursery) -> EmbedWorkerHandle:
+    async def start_worker(
+        self, spec: LoadSpec, path: Path, on_exit: OnExit, nursery: trio.Nursery
+    ) -> EmbedWorkerHandle:
         """Start the model's thread in ``nursery``; returns once it is loaded (raises if not)."""
         handle: EmbedWorkerHandle = await nursery.start(self._run_worker, spec, path, on_exit)
         return handle
 
-    async def _run_worker(self, spec: LoadSpec, path: Path, on_exit: OnExit, *,
-                          task_status: trio.TaskStatus[EmbedWorkerHandle] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _run_worker(
+        self,
+        spec: LoadSpec,
+        path: Path,
+        on_exit: OnExit,
+        *,
+        task_status: trio.TaskStatus[EmbedWorkerHandle] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         assert spec.resolved is not None
         load_fn = (self.load_fn or default_load_fn(self.settings))(spec.resolved, path, spec.kind)
         w = EmbedWorker(spec, next(_generations))
@@ -306,8 +332,13 @@ class Embedder:
             except trio.RunFinishedError:
                 pass
 
-        w.engine = eng.EmbedEngine(load_fn, deliver, device=self.settings.device,
-                                   chunk=self.settings.prefill_chunk, generation_idle=activity.IDLE)
+        w.engine = eng.EmbedEngine(
+            load_fn,
+            deliver,
+            device=self.settings.device,
+            chunk=self.settings.prefill_chunk,
+            generation_idle=activity.IDLE,
+        )
         self.workers[spec.key] = w
         log.info("loading %s for embeddings (%s)", spec.name, spec.kind)
         HOSTS.run(w.engine.run, w.finished.set)

@@ -58,8 +58,13 @@ def _with_faults(load: Callable[[], engine_model.LoadedModel], name: str) -> Cal
     return faulty if fail is not None or slow is not None else load
 
 
-def model_loader(settings: Settings, store: StoreService, runners: trio.Nursery,
-                 metrics: MetricsHandle | None = None, embedder: Embedder | None = None) -> LoadFn:
+def model_loader(
+    settings: Settings,
+    store: StoreService,
+    runners: trio.Nursery,
+    metrics: MetricsHandle | None = None,
+    embedder: Embedder | None = None,
+) -> LoadFn:
     """The Scheduler's ``load_fn``: models start in ``runners``; cancel timings go to ``metrics``."""
 
     async def load(spec: LoadSpec, on_exit: OnExit) -> ModelHandle:

@@ -47,18 +47,38 @@ class _Instruments:
         self.requests = Counter("mlxserve_requests", "HTTP requests", ["route", "status"], registry=r)
         self.prompt_tokens = Counter("mlxserve_prompt_tokens", "prompt tokens processed", ["model"], registry=r)
         self.generated_tokens = Counter("mlxserve_generated_tokens", "tokens generated", ["model"], registry=r)
-        self.cached_tokens = Counter("mlxserve_cached_prompt_tokens", "prompt tokens served from the prefix cache",
-                                     ["model"], registry=r)
-        self.ttft = Histogram("mlxserve_time_to_first_token_seconds", "time to first token", ["model"],
-                              buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
-        self.decode_rate = Histogram("mlxserve_decode_tokens_per_second", "per-request decode rate", ["model"],
-                                     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000), registry=r)
-        self.queue_wait = Histogram("mlxserve_queue_wait_seconds", "time waiting for a runner", ["model"],
-                                    buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 15, 60), registry=r)
-        self.load_seconds = Histogram("mlxserve_load_duration_seconds", "model load time", ["model"],
-                                      buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r)
-        self.cancellations = Counter("mlxserve_cancellations", "requests whose client went away", ["route"],
-                                     registry=r)
+        self.cached_tokens = Counter(
+            "mlxserve_cached_prompt_tokens", "prompt tokens served from the prefix cache", ["model"], registry=r
+        )
+        self.ttft = Histogram(
+            "mlxserve_time_to_first_token_seconds",
+            "time to first token",
+            ["model"],
+            buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.decode_rate = Histogram(
+            "mlxserve_decode_tokens_per_second",
+            "per-request decode rate",
+            ["model"],
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "mlxserve_queue_wait_seconds",
+            "time waiting for a runner",
+            ["model"],
+            buckets=(0.001, 0.01, 0.1, 0.5, 1, 5, 15, 60),
+            registry=r,
+        )
+        self.load_seconds = Histogram(
+            "mlxserve_load_duration_seconds",
+            "model load time",
+            ["model"],
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.cancellations = Counter("mlxserve_cancellations", "requests whose client went away", ["route"], registry=r)
         self.rejected = Counter("mlxserve_rejected", "requests refused with 503", ["route"], registry=r)
         self.scheduler_events = Counter("mlxserve_scheduler_events", "scheduler decisions", ["event"], registry=r)
         self.queue_depth = Gauge("mlxserve_queue_depth", "requests waiting", ["model"], registry=r)
@@ -67,15 +87,17 @@ class _Instruments:
         self.dropped = Counter("mlxserve_metrics_dropped", "metric events dropped under load", registry=r)
         self.cancel_to_free = Histogram(
             "mlxserve_cancel_to_slot_free_seconds",
-            "from a request's cancel to its engine slot being free", ["model", "phase"],
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 5), registry=r)
-        self.engine_sequences = Gauge("mlxserve_engine_sequences",
-                                      "sequences the engine holds (its batch plus its queue)", ["model"],
-                                      registry=r)
+            "from a request's cancel to its engine slot being free",
+            ["model", "phase"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 5),
+            registry=r,
+        )
+        self.engine_sequences = Gauge(
+            "mlxserve_engine_sequences", "sequences the engine holds (its batch plus its queue)", ["model"], registry=r
+        )
         self.trio_tasks = Gauge("mlxserve_trio_tasks", "live trio tasks in the daemon", registry=r)
         self.engine_hosts = Gauge("mlxserve_engine_host_threads", "engine host threads", ["state"], registry=r)
-        self.faults = Counter("mlxserve_faults_injected", "faults armed through the fault seam", ["fault"],
-                              registry=r)
+        self.faults = Counter("mlxserve_faults_injected", "faults armed through the fault seam", ["fault"], registry=r)
 
 
 @attrs.define(eq=False)
@@ -168,8 +190,16 @@ class Metrics:
             if f.get("event") == "loaded":
                 inst.load_seconds.labels(f.get("model", "")).observe(float(f.get("seconds") or 0))
             if f.get("event") == "dequeued":  # left while waiting for a load: nothing to free
-                self._log({"event": "cancel", "model": f.get("model"), "phase": "queued", "tokens": 0,
-                           "seconds": 0.0, "waiting_for": "load"})
+                self._log(
+                    {
+                        "event": "cancel",
+                        "model": f.get("model"),
+                        "phase": "queued",
+                        "tokens": 0,
+                        "seconds": 0.0,
+                        "waiting_for": "load",
+                    }
+                )
             if self.debug:
                 log.debug("scheduler %s", json.dumps(f, default=str))
             return

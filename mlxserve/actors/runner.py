@@ -168,7 +168,8 @@ class Runner:
     _cancelled: dict[int, tuple[float, str, int]] = attrs.field(factory=dict, init=False)
     served: int = attrs.field(default=0, init=False)  # sequences finished with stop or length
     finished: collections.deque[tuple[int, str, eng.SeqStats | None]] = attrs.field(
-        factory=lambda: collections.deque(maxlen=256), init=False)
+        factory=lambda: collections.deque(maxlen=256), init=False
+    )
     changed: trio.Event = attrs.field(factory=trio.Event, init=False)
     loaded: LoadedModel | None = attrs.field(default=None, init=False)
     context_length: int = attrs.field(default=0, init=False)
@@ -200,9 +201,13 @@ class Runner:
                 pass
 
         self._engine = eng.Engine(
-            self.load_fn, deliver, num_parallel=self.num_parallel,
-            prefill_chunk=self.prefill_chunk, device=self.device,
-            prompt_cache_bytes=self.prompt_cache_bytes, admit=self.admit,
+            self.load_fn,
+            deliver,
+            num_parallel=self.num_parallel,
+            prefill_chunk=self.prefill_chunk,
+            device=self.device,
+            prompt_cache_bytes=self.prompt_cache_bytes,
+            admit=self.admit,
         )
         faults.SEAM.runner_started(self)
         # A reused host thread, not a new one per load: see hosts.py for the MLX thread leak.
@@ -320,8 +325,13 @@ class Runner:
                 case eng.Ready(info=info):
                     assert self._engine is not None and self._engine.lm is not None
                     self.loaded = loaded = self._engine.lm
-                    log.info("loaded %s: %.1f MB of weights as %s, context %d", self.key[:19],
-                             info["weight_bytes"] / 1e6, loaded.weight_dtype, info["context_length"])
+                    log.info(
+                        "loaded %s: %.1f MB of weights as %s, context %d",
+                        self.key[:19],
+                        info["weight_bytes"] / 1e6,
+                        loaded.weight_dtype,
+                        info["context_length"],
+                    )
                     self.context_length = info["context_length"]
                     self.weight_bytes = info["weight_bytes"]
                     self.device_type = info.get("device", "cpu")

@@ -50,15 +50,17 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                     log.debug("scheduler %s %s", kind, fields)
 
             embedder = Embedder(settings)
-            scheduler = await runners.start(Scheduler(
-                load_fn=model_loader(settings, store, runners, metrics, embedder),
-                num_parallel=settings.num_parallel,
-                max_loaded=settings.max_loaded_models,
-                max_memory=settings.memory_budget,
-                max_queue=settings.max_queue,
-                default_keep_alive=settings.keep_alive,
-                on_event=on_event,
-            ).run)
+            scheduler = await runners.start(
+                Scheduler(
+                    load_fn=model_loader(settings, store, runners, metrics, embedder),
+                    num_parallel=settings.num_parallel,
+                    max_loaded=settings.max_loaded_models,
+                    max_memory=settings.memory_budget,
+                    max_queue=settings.max_queue,
+                    default_keep_alive=settings.keep_alive,
+                    on_event=on_event,
+                ).run
+            )
             embedder.scheduler = scheduler
             try:
                 yield Runtime(settings, store, scheduler, metrics, nursery, embedder)

@@ -344,8 +344,11 @@ class Scheduler:
             case Unload(name=name, reply=reply, kinds=kinds):
                 n = 0
                 for r in list(self.residents.values()):
-                    if (name is None or r.spec.name == name) and (kinds is None or r.spec.kind in kinds) \
-                            and not r.unloading:
+                    if (
+                        (name is None or r.spec.name == name)
+                        and (kinds is None or r.spec.kind in kinds)
+                        and not r.unloading
+                    ):
                         r.keep_alive = 0
                         if r.refcount == 0:
                             self._emit("unload", model=r.spec.name)
@@ -355,8 +358,13 @@ class Scheduler:
             case Snapshot(reply=reply):
                 reply.send(self._snapshot())
             case Residents(reply=reply):
-                reply.send({r.spec.name: r.handle for r in self.residents.values()
-                            if not r.unloading and r.spec.kind == "generate"})
+                reply.send(
+                    {
+                        r.spec.name: r.handle
+                        for r in self.residents.values()
+                        if not r.unloading and r.spec.kind == "generate"
+                    }
+                )
             case StopAll(reply=reply):
                 self.closing = True
                 for a in (a for q in self.waiting.values() for a in q):
@@ -419,8 +427,11 @@ class Scheduler:
         key = next(iter(self.waiting))
         spec = self.waiting[key][0].spec
         live = [r for r in self.residents.values() if not r.unloading]
-        over_memory = (self.max_memory is not None and live
-                       and sum(_footprint(r) for r in live) + spec.size + spec.kv_bytes > self.max_memory)
+        over_memory = (
+            self.max_memory is not None
+            and live
+            and sum(_footprint(r) for r in live) + spec.size + spec.kv_bytes > self.max_memory
+        )
         if len(live) >= self.max_loaded or over_memory:
             idle = [r for r in live if r.refcount == 0]
             if not idle:
@@ -512,16 +523,40 @@ class Scheduler:
                 expires = math.inf
             else:
                 expires = wall + (r.expires_at - now)
-            models.append(ModelStatus(
-                r.spec.name, key, r.spec.digest, r.spec.size, True,
-                min(r.refcount, self.num_parallel), max(0, r.refcount - self.num_parallel),
-                expires, r.handle.context_length, r.spec.details, r.handle.running(),
-                r.handle.vram_bytes, r.spec.kind,
-            ))
+            models.append(
+                ModelStatus(
+                    r.spec.name,
+                    key,
+                    r.spec.digest,
+                    r.spec.size,
+                    True,
+                    min(r.refcount, self.num_parallel),
+                    max(0, r.refcount - self.num_parallel),
+                    expires,
+                    r.handle.context_length,
+                    r.spec.details,
+                    r.handle.running(),
+                    r.handle.vram_bytes,
+                    r.spec.kind,
+                )
+            )
         for key, q in self.waiting.items():
             if q and key not in self.residents:
                 s = q[0].spec
-                models.append(ModelStatus(s.name, key, s.digest, s.size, False, 0, self._queued_waiting(key, q),
-                                          None, 0, s.details, kind=s.kind))
+                models.append(
+                    ModelStatus(
+                        s.name,
+                        key,
+                        s.digest,
+                        s.size,
+                        False,
+                        0,
+                        self._queued_waiting(key, q),
+                        None,
+                        0,
+                        s.details,
+                        kind=s.kind,
+                    )
+                )
         running = sum(min(r.refcount, self.num_parallel) for r in self.residents.values())
         return SchedulerStats(tuple(models), self.queued(), running, len(self.residents))

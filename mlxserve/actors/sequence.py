@@ -27,6 +27,13 @@ class SequenceRequest:
     images: tuple[bytes, ...] = ()  # encoded images (PNG, JPEG...) for a vision model, in prompt order
 
     def command(self, seq_id: int) -> Add:
-        return Add(seq_id=seq_id, prompt_ids=self.prompt_ids, max_tokens=self.max_tokens,
-                   params=self.params, stop=self.stop, logprobs=self.logprobs, grammar=self.grammar,
-                   images=self.images)
+        return Add(
+            seq_id=seq_id,
+            prompt_ids=self.prompt_ids,
+            max_tokens=self.max_tokens,
+            params=self.params,
+            stop=self.stop,
+            logprobs=self.logprobs,
+            grammar=self.grammar,
+            images=self.images,
+        )

@@ -78,14 +78,30 @@ class StoreService:
     async def copy(self, src: str, dst: str) -> None:
         await self._write(self.store.copy, src, dst)
 
-    async def create(self, name: str, modelfile: str | Modelfile, *, base_dir: Path,
-                     progress: Progress | None = None, quantize: str | None = None,
-                     files: dict[str, str] | None = None,
-                     on_validated: Callable[[], None] | None = None) -> ResolvedModel:
+    async def create(
+        self,
+        name: str,
+        modelfile: str | Modelfile,
+        *,
+        base_dir: Path,
+        progress: Progress | None = None,
+        quantize: str | None = None,
+        files: dict[str, str] | None = None,
+        on_validated: Callable[[], None] | None = None,
+    ) -> ResolvedModel:
         """``modelfile``: its text or a parsed Modelfile; the rest as ``Store.create``."""
-        return await self._write(functools.partial(
-            self.store.create, name, modelfile, base_dir=base_dir, progress=progress, quantize=quantize,
-            files=files, on_validated=on_validated))
+        return await self._write(
+            functools.partial(
+                self.store.create,
+                name,
+                modelfile,
+                base_dir=base_dir,
+                progress=progress,
+                quantize=quantize,
+                files=files,
+                on_validated=on_validated,
+            )
+        )
 
     async def ingest_blob(self, digest: str, chunks: Iterable[bytes]) -> None:
         await self._write(self.store.ingest_blob, digest, chunks)
@@ -94,20 +110,36 @@ class StoreService:
         return await self._write(self.store.prune)
 
     # ---- transfers: beside the writes above, cancelled through ``cancel`` ----
-    async def pull(self, name: str, *, insecure: bool, progress: Progress,
-                   cancel: threading.Event) -> xfer.TransferResult:
+    async def pull(
+        self, name: str, *, insecure: bool, progress: Progress, cancel: threading.Event
+    ) -> xfer.TransferResult:
         return await self._transfer(xfer.pull, name, insecure, progress, cancel)
 
-    async def push(self, name: str, *, insecure: bool, progress: Progress,
-                   cancel: threading.Event) -> xfer.TransferResult:
+    async def push(
+        self, name: str, *, insecure: bool, progress: Progress, cancel: threading.Event
+    ) -> xfer.TransferResult:
         return await self._transfer(xfer.push, name, insecure, progress, cancel)
 
-    async def _transfer(self, fn: Callable[..., xfer.TransferResult], name: str, insecure: bool,
-                        progress: Progress, cancel: threading.Event) -> xfer.TransferResult:
+    async def _transfer(
+        self,
+        fn: Callable[..., xfer.TransferResult],
+        name: str,
+        insecure: bool,
+        progress: Progress,
+        cancel: threading.Event,
+    ) -> xfer.TransferResult:
         try:
-            return await trio.to_thread.run_sync(functools.partial(
-                fn, self.store, name, insecure=insecure, progress=progress, cancel=cancel,
-                options=self.transfer_options))
+            return await trio.to_thread.run_sync(
+                functools.partial(
+                    fn,
+                    self.store,
+                    name,
+                    insecure=insecure,
+                    progress=progress,
+                    cancel=cancel,
+                    options=self.transfer_options,
+                )
+            )
         finally:
             self._resolved.clear()
 

@@ -55,8 +55,10 @@ class Template:
 
     @property
     def key(self) -> str:
-        return (f"{self.route}|{self.model}|{self.sampling}|{self.seed}|{self.num_predict}|"
-                f"{'schema' if self.schema else ''}|{self.text}")
+        return (
+            f"{self.route}|{self.model}|{self.sampling}|{self.seed}|{self.num_predict}|"
+            f"{'schema' if self.schema else ''}|{self.text}"
+        )
 
     @property
     def path(self) -> str:
@@ -64,15 +66,18 @@ class Template:
 
     def body(self, stream: bool) -> dict[str, Any]:
         if self.route == "openai":
-            body: dict[str, Any] = {"model": self.model, "messages": [{"role": "user", "content": self.text}],
-                                    "stream": stream, "max_tokens": self.num_predict}
+            body: dict[str, Any] = {
+                "model": self.model,
+                "messages": [{"role": "user", "content": self.text}],
+                "stream": stream,
+                "max_tokens": self.num_predict,
+            }
             if self.sampling == "greedy":
                 body["temperature"] = 0
             else:
                 body.update(temperature=0.9, seed=self.seed)
             if self.schema:
-                body["response_format"] = {"type": "json_schema",
-                                           "json_schema": {"name": "thing", "schema": SCHEMA}}
+                body["response_format"] = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
             return body
         opts: dict[str, Any] = {"num_predict": self.num_predict}
         if self.sampling == "greedy":
@@ -161,8 +166,14 @@ def _wellformed_error(route: str, doc: Any) -> str | None:
         return None
     err = doc.get("error")
     if route == "openai":
-        if isinstance(err, dict) and isinstance(err.get("message"), str) and err["message"] \
-                and isinstance(err.get("type"), str) and "param" in err and "code" in err:
+        if (
+            isinstance(err, dict)
+            and isinstance(err.get("message"), str)
+            and err["message"]
+            and isinstance(err.get("type"), str)
+            and "param" in err
+            and "code" in err
+        ):
             return err["message"]
         return None
     return err if isinstance(err, str) and err else None

@@ -29,8 +29,7 @@ def free_port() -> int:
 
 
 def mlxctl(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "mlxctl"), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([str(BIN / "mlxctl"), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 class DaemonProcess:
@@ -63,13 +62,15 @@ class DaemonProcess:
 
     def env(self, **more: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLXSERVE_")}
-        env.update({
-            "MLXSERVE_HOST": f"127.0.0.1:{self.port}",
-            "MLXSERVE_MODELS": str(self.models_dir),
-            "MLXSERVE_LOG_DIR": str(self.log_dir),
-            CONTROL_ENV: str(self.control),
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "MLXSERVE_HOST": f"127.0.0.1:{self.port}",
+                "MLXSERVE_MODELS": str(self.models_dir),
+                "MLXSERVE_LOG_DIR": str(self.log_dir),
+                CONTROL_ENV: str(self.control),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         env.update(self.extra_env)
         env.update(more)
         return env
@@ -81,7 +82,10 @@ class DaemonProcess:
         self.starts += 1
         stderr = open(self.workdir / f"{self.name}-{self.starts}.stderr", "wb")
         self.proc = await trio.lowlevel.open_process(
-            [str(BIN / "mlxctl"), "serve"], env=self.env(**env), stdout=subprocess.PIPE, stderr=stderr,
+            [str(BIN / "mlxctl"), "serve"],
+            env=self.env(**env),
+            stdout=subprocess.PIPE,
+            stderr=stderr,
         )
         stderr.close()
         out = b""

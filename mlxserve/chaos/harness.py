@@ -29,8 +29,13 @@ from .daemon import DaemonProcess, mlxctl
 MODELS = ("tiny:latest", "tiny-mlx:latest")
 TINY, OTHER = MODELS
 SHORT_TEXTS = (
-    "Hello world", "The capital of France is", "Once upon a time", "def add(a, b):",
-    'JSON: {"name":', "How are you today?", "Tell me a story about a small model.",
+    "Hello world",
+    "The capital of France is",
+    "Once upon a time",
+    "def add(a, b):",
+    'JSON: {"name":',
+    "How are you today?",
+    "Tell me a story about a small model.",
 )
 LONG_TEXT = "Once upon a time there was a small model that answered questions. " * 24
 WARMUP_REQUESTS = 96
@@ -62,8 +67,14 @@ class Config:
     @classmethod
     def for_mode(cls, long: bool, **kw) -> Config:
         if long:
-            kw = {"storm_requests": 0, "probe_rounds": 10, "overflow_requests": 400, "overflow_p99_ms": 50.0,
-                  "fault_rounds": 5, **kw}
+            kw = {
+                "storm_requests": 0,
+                "probe_rounds": 10,
+                "overflow_requests": 400,
+                "overflow_p99_ms": 50.0,
+                "fault_rounds": 5,
+                **kw,
+            }
         return cls(long=long, **kw)
 
 
@@ -99,8 +110,13 @@ class ScenarioReport:
 
 
 class Chaos:
-    def __init__(self, cfg: Config, workdir: Path, out: Callable[[str], None] = print,
-                 warmup_plan: Callable[[Chaos, random.Random], Plan] | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        workdir: Path,
+        out: Callable[[str], None] = print,
+        warmup_plan: Callable[[Chaos, random.Random], Plan] | None = None,
+    ):
         self.cfg = cfg
         self.warmup_plan = warmup_plan  # the storm's client draw (scenarios.random_plan)
         self.workdir = workdir
@@ -150,12 +166,29 @@ class Chaos:
         for route in clients.ROUTES:
             for sampling in ("greedy", "seeded"):
                 for _ in range(2):
-                    ts.append(Template(route, TINY, rng.choice(SHORT_TEXTS), sampling,
-                                       rng.choice((24, 40, 64)), seed=rng.randrange(1000)))
+                    ts.append(
+                        Template(
+                            route,
+                            TINY,
+                            rng.choice(SHORT_TEXTS),
+                            sampling,
+                            rng.choice((24, 40, 64)),
+                            seed=rng.randrange(1000),
+                        )
+                    )
             ts.append(Template(route, OTHER, rng.choice(SHORT_TEXTS), "greedy", rng.choice((24, 40))))
         for route in clients.ROUTES:  # structured outputs (a grammar constrains every token)
-            ts.append(Template(route, TINY, "Describe a thing as JSON.", rng.choice(("greedy", "seeded")), 48,
-                               seed=rng.randrange(1000), schema=True))
+            ts.append(
+                Template(
+                    route,
+                    TINY,
+                    "Describe a thing as JSON.",
+                    rng.choice(("greedy", "seeded")),
+                    48,
+                    seed=rng.randrange(1000),
+                    schema=True,
+                )
+            )
         ts.append(Template("generate", TINY, LONG_TEXT, "greedy", 32))
         ts.append(Template("chat", TINY, LONG_TEXT, "seeded", 32, seed=11))
         ts.append(Template("openai", OTHER, "Hello world", "seeded", 32, seed=5))
@@ -169,12 +202,15 @@ class Chaos:
         store = self.build_store()
         self.make_templates()
         cfg = self.cfg
-        common = {"MLXSERVE_PREFILL_CHUNK": str(cfg.prefill_chunk), "MLXSERVE_KEEP_ALIVE": "-1",
-                  "MLXSERVE_DEVICE": cfg.device}
-        self.main = DaemonProcess("main", self.workdir, store, MLXSERVE_NUM_PARALLEL=str(cfg.num_parallel),
-                                  **common)
-        self.ref = DaemonProcess("ref", self.workdir, self.workdir / "store-ref", MLXSERVE_NUM_PARALLEL="2",
-                                 MLXSERVE_MAX_QUEUE="4", **common)
+        common = {
+            "MLXSERVE_PREFILL_CHUNK": str(cfg.prefill_chunk),
+            "MLXSERVE_KEEP_ALIVE": "-1",
+            "MLXSERVE_DEVICE": cfg.device,
+        }
+        self.main = DaemonProcess("main", self.workdir, store, MLXSERVE_NUM_PARALLEL=str(cfg.num_parallel), **common)
+        self.ref = DaemonProcess(
+            "ref", self.workdir, self.workdir / "store-ref", MLXSERVE_NUM_PARALLEL="2", MLXSERVE_MAX_QUEUE="4", **common
+        )
         async with trio.open_nursery() as n:
             # The create-kill fault seam is read by the store at each create; armed on the main
             # daemon from its start (nothing else creates models through it).
@@ -199,19 +235,20 @@ class Chaos:
         first_line = len(d.request_log())
         for model in MODELS:
             await self.load(d, model)
-            res = await clients.run(d.host, d.port, Plan(Template("generate", model, "warm", "greedy", 8),
-                                                         stream=False, deadline=60))
+            res = await clients.run(
+                d.host, d.port, Plan(Template("generate", model, "warm", "greedy", 8), stream=False, deadline=60)
+            )
             if not res.survived:
                 raise RuntimeError(f"warm-up on {d.name} failed: {res}")
         cold = d.rss_kib()
         rng = random.Random(self.cfg.seed + 1)
         if self.warmup_plan is not None:
-            await self.run_plans(d, [self.warmup_plan(self, rng) for _ in range(WARMUP_REQUESTS)],
-                                 concurrency=16)
+            await self.run_plans(d, [self.warmup_plan(self, rng) for _ in range(WARMUP_REQUESTS)], concurrency=16)
         for model in MODELS:  # a warm-up client may have loaded something else; both must be in
             await self.load(d, model)
         self.baselines[d.name] = await inv.take_baseline(
-            d, threads_before_load=self.threads_at_start[d.name], rss_cold_kib=cold)
+            d, threads_before_load=self.threads_at_start[d.name], rss_cold_kib=cold
+        )
         self.warmup_log.setdefault(d.name, []).append(range(first_line, len(d.request_log())))
 
     async def load(self, d: DaemonProcess, model: str) -> None:
@@ -267,12 +304,17 @@ class Chaos:
         try:
             outcome = await fn(self)
         except Exception as exc:  # a scenario that cannot finish is a violation, not the end of the run
-            outcome = Outcome(checks=[inv.Check("scenario_completed", False, _describe(exc))],
-                              daemon="ref" if name.startswith("overflow") else "main")
+            outcome = Outcome(
+                checks=[inv.Check("scenario_completed", False, _describe(exc))],
+                daemon="ref" if name.startswith("overflow") else "main",
+            )
         d = self.daemon(outcome.daemon)
         # Survivors of requests without a precomputed reference get one now, solo, elsewhere.
-        missing = {r.plan.template.key: r.plan.template for r in outcome.results
-                   if r.survived and r.plan.template.key not in self.refs and r.plan.action != "client_fault"}
+        missing = {
+            r.plan.template.key: r.plan.template
+            for r in outcome.results
+            if r.survived and r.plan.template.key not in self.refs and r.plan.action != "client_fault"
+        }
         await self.references(list(missing.values()))
         if set(self.baselines[d.name].loaded) != set(MODELS):
             raise RuntimeError("baseline without both models loaded")
@@ -284,14 +326,19 @@ class Chaos:
                 refused.append(str(exc))
         snap, waited, _ = await inv.settle(d, self.baselines[d.name])
         checks = list(outcome.checks)
-        checks.append(inv.Check("models_load_again", not refused,
-                                "both models load" if not refused else "; ".join(refused)))
-        checks += inv.result_checks(outcome.results, self.refs, allowed_5xx_models=outcome.allowed_5xx,
-                                    allow_503=outcome.allow_503)
+        checks.append(
+            inv.Check("models_load_again", not refused, "both models load" if not refused else "; ".join(refused))
+        )
+        checks += inv.result_checks(
+            outcome.results, self.refs, allowed_5xx_models=outcome.allowed_5xx, allow_503=outcome.allow_503
+        )
         checks += inv.resource_checks(snap, self.baselines[d.name], waited, True)
         checks.append(await inv.liveness_check(d))
-        log = [e for i, e in enumerate(d.request_log()) if i >= marks.get(d.name, 0)
-               and not any(i in r for r in self.warmup_log.get(d.name, ()))]
+        log = [
+            e
+            for i, e in enumerate(d.request_log())
+            if i >= marks.get(d.name, 0) and not any(i in r for r in self.warmup_log.get(d.name, ()))
+        ]
         cancels = [e for e in log if e.get("event") == "cancel"]
         server: dict[str, int] = {}
         for e in cancels:
@@ -303,22 +350,33 @@ class Chaos:
                 client[r.disconnected] = client.get(r.disconnected, 0) + 1
         fired = sum(1 for e in log if e.get("event") == "fault")
         if outcome.faults:
-            want = sum(v for k, v in outcome.faults.items() if k in ("step_raise", "thread_die", "load_fail",
-                                                                      "load_slow"))
-            checks.append(inv.Check("faults_fired", fired == want,
-                                    f"daemon reports {fired} fault(s) armed, harness injected {want}"))
+            want = sum(
+                v for k, v in outcome.faults.items() if k in ("step_raise", "thread_die", "load_fail", "load_slow")
+            )
+            checks.append(
+                inv.Check(
+                    "faults_fired", fired == want, f"daemon reports {fired} fault(s) armed, harness injected {want}"
+                )
+            )
         rep = ScenarioReport(
-            name=name, seconds=time.monotonic() - t0, requests=len(outcome.results),
-            survivors=sum(1 for r in outcome.results if r.survived), client_disconnects=client,
-            server_cancels=server, faults=dict(outcome.faults), checks=checks,
+            name=name,
+            seconds=time.monotonic() - t0,
+            requests=len(outcome.results),
+            survivors=sum(1 for r in outcome.results if r.survived),
+            client_disconnects=client,
+            server_cancels=server,
+            faults=dict(outcome.faults),
+            checks=checks,
             cancel_seconds=[float(e["seconds"]) for e in cancels if e.get("waiting_for") != "load"],
             extra=outcome.extra,
         )
         for c in checks:
             if not c.ok:
                 self.out(f"   VIOLATION {c.name}: {c.detail}")
-        self.out(f"   {rep.requests} requests, {rep.survivors} survivors, disconnects {client}, "
-                 f"runtime cancels {server}, {len(rep.violations)} violation(s), {rep.seconds:.1f}s")
+        self.out(
+            f"   {rep.requests} requests, {rep.survivors} survivors, disconnects {client}, "
+            f"runtime cancels {server}, {len(rep.violations)} violation(s), {rep.seconds:.1f}s"
+        )
         self.reports.append(rep)
         return rep
 

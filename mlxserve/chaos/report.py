@@ -30,8 +30,12 @@ def pct(values: list[float], q: float) -> float | None:
 
 def _ms_stats(values: list[float]) -> dict:
     ms = [1000 * v for v in values]
-    return {"n": len(ms), "p50": _round(pct(ms, 50)), "p99": _round(pct(ms, 99)),
-            "max": _round(max(ms) if ms else None)}
+    return {
+        "n": len(ms),
+        "p50": _round(pct(ms, 50)),
+        "p99": _round(pct(ms, 99)),
+        "max": _round(max(ms) if ms else None),
+    }
 
 
 def _round(v):
@@ -63,17 +67,26 @@ def build(ch, cfg, seconds: float, extra_checks: list[Check] = ()) -> dict:
             probe_by_phase.setdefault(phase, []).extend(vals)
             probe += vals
         overflow += r.extra.get("overflow_503_s", [])
-        scenarios.append({
-            "name": r.name, "seconds": round(r.seconds, 2), "requests": r.requests, "survivors": r.survivors,
-            "client_disconnects": r.client_disconnects, "runtime_cancels": r.server_cancels,
-            "faults": r.faults, "cancel_to_slot_free_ms": _ms_stats(r.cancel_seconds),
-            "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in r.checks],
-            "violations": len(r.violations),
-            **({"rss_mib_every_100_disconnects": r.extra["rss_mib_every_100_disconnects"]}
-               if "rss_mib_every_100_disconnects" in r.extra else {}),
-        })
-    violations = [{"scenario": r.name, "check": c.name, "detail": c.detail}
-                  for r in ch.reports for c in r.violations]
+        scenarios.append(
+            {
+                "name": r.name,
+                "seconds": round(r.seconds, 2),
+                "requests": r.requests,
+                "survivors": r.survivors,
+                "client_disconnects": r.client_disconnects,
+                "runtime_cancels": r.server_cancels,
+                "faults": r.faults,
+                "cancel_to_slot_free_ms": _ms_stats(r.cancel_seconds),
+                "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in r.checks],
+                "violations": len(r.violations),
+                **(
+                    {"rss_mib_every_100_disconnects": r.extra["rss_mib_every_100_disconnects"]}
+                    if "rss_mib_every_100_disconnects" in r.extra
+                    else {}
+                ),
+            }
+        )
+    violations = [{"scenario": r.name, "check": c.name, "detail": c.detail} for r in ch.reports for c in r.violations]
     violations += [{"scenario": "-", "check": c.name, "detail": c.detail} for c in extra_checks if not c.ok]
     by_phase = {
         "queued": server.get("queued", 0),
@@ -92,8 +105,12 @@ def build(ch, cfg, seconds: float, extra_checks: list[Check] = ()) -> dict:
         # Other work on the machine shows in every latency figure: the 1/5/15-minute load.
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "seconds": round(seconds, 1),
-        "settings": {"streams": cfg.streams, "num_parallel": cfg.num_parallel, "prefill_chunk": cfg.prefill_chunk,
-                     "overflow": {"num_parallel": 2, "max_queue": 4}},
+        "settings": {
+            "streams": cfg.streams,
+            "num_parallel": cfg.num_parallel,
+            "prefill_chunk": cfg.prefill_chunk,
+            "overflow": {"num_parallel": 2, "max_queue": 4},
+        },
         "baseline": {k: v.as_dict() for k, v in ch.baselines.items()},
         "scenarios": scenarios,
         "totals": {
@@ -109,8 +126,10 @@ def build(ch, cfg, seconds: float, extra_checks: list[Check] = ()) -> dict:
             "disconnects_without_runtime_cancel": client_total - runtime_total,
             "faults_injected": faults,
             "cancel_to_slot_free_ms": _ms_stats(cancel),
-            "disconnect_to_slot_free_ms": {**_ms_stats(probe), "by_phase": {
-                k: _ms_stats(v) for k, v in probe_by_phase.items()}},
+            "disconnect_to_slot_free_ms": {
+                **_ms_stats(probe),
+                "by_phase": {k: _ms_stats(v) for k, v in probe_by_phase.items()},
+            },
             "overflow_503_ms": _ms_stats(overflow),
         },
         "targets": TARGETS,
@@ -128,10 +147,18 @@ def table(doc: dict) -> str:
     """The report as text: one row per scenario, then the totals."""
     rows = [("scenario", "secs", "reqs", "ok", "disconnects (client view)", "runtime cancels", "faults", "viol")]
     for s in doc["scenarios"]:
-        rows.append((
-            s["name"], f"{s['seconds']:.1f}", str(s["requests"]), str(s["survivors"]),
-            _kv(s["client_disconnects"]), _kv(s["runtime_cancels"]), _kv(s["faults"]), str(s["violations"]),
-        ))
+        rows.append(
+            (
+                s["name"],
+                f"{s['seconds']:.1f}",
+                str(s["requests"]),
+                str(s["survivors"]),
+                _kv(s["client_disconnects"]),
+                _kv(s["runtime_cancels"]),
+                _kv(s["faults"]),
+                str(s["violations"]),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -34,11 +34,17 @@ def _nonce(rng: random.Random) -> str:
 
 # ---------------------------------------------------------------------------- the storm
 
+
 def random_plan(ch: Chaos, rng: random.Random) -> Plan:
     """One client of the storm: route, stream, sampling and fate all drawn at random."""
     if rng.random() < 0.06:
-        return Plan(rng.choice(ch.templates), stream=False, action="client_fault",
-                    fault=rng.choice(sorted(CLIENT_FAULTS)), deadline=DEADLINE)
+        return Plan(
+            rng.choice(ch.templates),
+            stream=False,
+            action="client_fault",
+            fault=rng.choice(sorted(CLIENT_FAULTS)),
+            deadline=DEADLINE,
+        )
     pool = [t for t in ch.templates if t.model == (TINY if rng.random() < 0.8 else OTHER)]
     t = rng.choice(pool)
     stream = rng.random() < 0.75
@@ -54,13 +60,19 @@ def random_plan(ch: Chaos, rng: random.Random) -> Plan:
                 t = Template(t.route, TINY, _nonce(rng) + LONG_TEXT, "greedy", 24)
             return Plan(t, action="early", delay=rng.uniform(0.0, 0.3), reset=reset, deadline=DEADLINE)
         case "decode":
-            return Plan(t, action="decode", after_tokens=rng.randint(1, max(1, t.num_predict * 3 // 4)),
-                        reset=reset, deadline=DEADLINE)
+            return Plan(
+                t,
+                action="decode",
+                after_tokens=rng.randint(1, max(1, t.num_predict * 3 // 4)),
+                reset=reset,
+                deadline=DEADLINE,
+            )
         case "after_last":
             return Plan(t, action="after_last", reset=reset, deadline=DEADLINE)
         case "slow":
-            return Plan(t, action="slow", stall_after=rng.randint(1, 4), stall_s=rng.uniform(0.1, 0.8),
-                        deadline=DEADLINE)
+            return Plan(
+                t, action="slow", stall_after=rng.randint(1, 4), stall_s=rng.uniform(0.1, 0.8), deadline=DEADLINE
+            )
     return Plan(t, deadline=DEADLINE)
 
 
@@ -101,14 +113,14 @@ async def storm(ch: Chaos) -> Outcome:
 
 # ---------------------------------------------------------------------------- phase probes
 
+
 async def _engine_state(d: DaemonProcess) -> tuple[float, float, float]:
     m = await d.metrics()
 
     def total(name: str) -> float:
         return sum(v for k, v in m.items() if k.startswith(name + "{"))
 
-    return (total("mlxserve_running_sequences"), total("mlxserve_queue_depth"),
-            total("mlxserve_engine_sequences"))
+    return (total("mlxserve_running_sequences"), total("mlxserve_queue_depth"), total("mlxserve_engine_sequences"))
 
 
 async def _time_to_free(d: DaemonProcess, res: Result, want: tuple[float, float, float]) -> float | None:
@@ -140,11 +152,26 @@ async def phases(ch: Chaos) -> Outcome:
 
     for _ in range(rounds):
         t = rng.choice(short)
-        await probe("decode", Plan(Template(t.route, TINY, t.text, "greedy", 1500), action="decode",
-                                   after_tokens=rng.randint(1, 5), reset=rng.random() < 0.5, deadline=DEADLINE),
-                    (0, 0, 0))
-        await probe("prefill", Plan(Template(rng.choice(clients.ROUTES), TINY, _nonce(rng) + LONG_TEXT * 2,
-                                             "greedy", 64), action="at_head", deadline=DEADLINE), (0, 0, 0))
+        await probe(
+            "decode",
+            Plan(
+                Template(t.route, TINY, t.text, "greedy", 1500),
+                action="decode",
+                after_tokens=rng.randint(1, 5),
+                reset=rng.random() < 0.5,
+                deadline=DEADLINE,
+            ),
+            (0, 0, 0),
+        )
+        await probe(
+            "prefill",
+            Plan(
+                Template(rng.choice(clients.ROUTES), TINY, _nonce(rng) + LONG_TEXT * 2, "greedy", 64),
+                action="at_head",
+                deadline=DEADLINE,
+            ),
+            (0, 0, 0),
+        )
         await probe("after_last", Plan(rng.choice(short), action="after_last", deadline=DEADLINE), (0, 0, 0))
 
     # Queued: every slot busy with a long stream, then a newcomer that leaves while it waits.
@@ -161,8 +188,13 @@ async def phases(ch: Chaos) -> Outcome:
     async with trio.open_nursery() as n:
         for i in range(npar):
             t = short[i % len(short)]
-            plan = Plan(Template(t.route, TINY, t.text, "greedy", 1500), action="decode", after_tokens=1,
-                        hold=hold, deadline=DEADLINE * 2)
+            plan = Plan(
+                Template(t.route, TINY, t.text, "greedy", 1500),
+                action="decode",
+                after_tokens=1,
+                hold=hold,
+                deadline=DEADLINE * 2,
+            )
 
             async def blocker(plan=plan) -> None:
                 blockers.append(await clients.run(d.host, d.port, plan, on_piece))
@@ -171,23 +203,32 @@ async def phases(ch: Chaos) -> Outcome:
         with trio.fail_after(DEADLINE):
             await first.wait()
         for _ in range(rounds):
-            await probe("queued", Plan(rng.choice(short), action="at_head", deadline=DEADLINE),
-                        (npar, 0, npar))
+            await probe("queued", Plan(rng.choice(short), action="at_head", deadline=DEADLINE), (npar, 0, npar))
         hold.set()
     results += blockers
-    checks.append(Check("probes_measured", all(len(v) == rounds for v in timings.values())
-                        and all(x != float("inf") for v in timings.values() for x in v),
-                        "every probe saw its slot freed within 5 s: "
-                        + ", ".join(f"{k}={len(v)}" for k, v in timings.items())))
+    checks.append(
+        Check(
+            "probes_measured",
+            all(len(v) == rounds for v in timings.values())
+            and all(x != float("inf") for v in timings.values() for x in v),
+            "every probe saw its slot freed within 5 s: " + ", ".join(f"{k}={len(v)}" for k, v in timings.items()),
+        )
+    )
     return Outcome(results, checks, extra={"disconnect_to_free_s": timings})
 
 
 # ---------------------------------------------------------------------------- injected faults
 
+
 def _victims(ch: Chaos, n: int, num_predict: int = 600) -> list[Plan]:
     """Long greedy streams on the model a fault will hit."""
-    return [Plan(Template(clients.ROUTES[i % 3], TINY, SHORT_TEXTS[i % len(SHORT_TEXTS)], "greedy", num_predict),
-                 deadline=DEADLINE) for i in range(n)]
+    return [
+        Plan(
+            Template(clients.ROUTES[i % 3], TINY, SHORT_TEXTS[i % len(SHORT_TEXTS)], "greedy", num_predict),
+            deadline=DEADLINE,
+        )
+        for i in range(n)
+    ]
 
 
 def _others(ch: Chaos, n: int) -> list[Plan]:
@@ -203,22 +244,37 @@ def _serve_again(ch: Chaos) -> list[Plan]:
 def _clean_errors(victims: list[Result], needle: str) -> Check:
     bad = [r for r in victims if not (r.error and needle in r.error) and not r.survived]
     failed = [r for r in victims if r.error]
-    return Check("fault_fails_cleanly", not bad and bool(failed),
-                 f"{len(failed)}/{len(victims)} affected requests failed with an error naming "
-                 f"'{needle}'" + (f"; {len(bad)} did not: " + "; ".join(
-                     f"{r.status} {r.error!r} {r.problems[:1]}" for r in bad[:3]) if bad else ""))
+    return Check(
+        "fault_fails_cleanly",
+        not bad and bool(failed),
+        f"{len(failed)}/{len(victims)} affected requests failed with an error naming "
+        f"'{needle}'"
+        + (
+            f"; {len(bad)} did not: " + "; ".join(f"{r.status} {r.error!r} {r.problems[:1]}" for r in bad[:3])
+            if bad
+            else ""
+        ),
+    )
 
 
 def _unaffected(others: list[Result], label: str = "the other model") -> Check:
     bad = [r for r in others if not r.survived]
-    return Check("others_unaffected", not bad, f"{len(others) - len(bad)}/{len(others)} requests to "
-                 f"{label} completed" + ("; " + "; ".join(f"{r.status} {r.error!r}" for r in bad[:3]) if bad else ""))
+    return Check(
+        "others_unaffected",
+        not bad,
+        f"{len(others) - len(bad)}/{len(others)} requests to "
+        f"{label} completed" + ("; " + "; ".join(f"{r.status} {r.error!r}" for r in bad[:3]) if bad else ""),
+    )
 
 
 def _served_again(after: list[Result]) -> Check:
     bad = [r for r in after if not r.survived]
-    return Check("serves_again", not bad, f"{len(after) - len(bad)}/{len(after)} requests after the fault "
-                 "completed" + ("; " + "; ".join(f"{r.status} {r.error!r}" for r in bad[:3]) if bad else ""))
+    return Check(
+        "serves_again",
+        not bad,
+        f"{len(after) - len(bad)}/{len(after)} requests after the fault "
+        "completed" + ("; " + "; ".join(f"{r.status} {r.error!r}" for r in bad[:3]) if bad else ""),
+    )
 
 
 async def _engine_fault(ch: Chaos, fault: str, needle: str) -> Outcome:
@@ -237,23 +293,32 @@ async def _engine_fault(ch: Chaos, fault: str, needle: str) -> Outcome:
     crashed_before = (await d.metrics()).get('mlxserve_scheduler_events_total{event="runner_crashed"}', 0.0)
     async with trio.open_nursery() as n:
         for p in victims_plans:
+
             async def v(p=p) -> None:
                 victims.append(await clients.run(d.host, d.port, p, on_piece))
                 on_piece(victims[-1])
+
             n.start_soon(v)
         with trio.fail_after(DEADLINE):
             await all_started.wait()  # every victim is decoding (or already failed)
         for p in _others(ch, 4):
+
             async def o(p=p) -> None:
                 others.append(await clients.run(d.host, d.port, p))
+
             n.start_soon(o)
         await d.arm({"fault": fault, "model": TINY})
     after = await ch.run_plans(d, _serve_again(ch), concurrency=3)
     checks = [_clean_errors(victims, needle), _unaffected(others), _served_again(after)]
     if fault == "thread_die":
         crashed = (await d.metrics()).get('mlxserve_scheduler_events_total{event="runner_crashed"}', 0.0)
-        checks.append(Check("crash_seen_by_scheduler", crashed == crashed_before + 1,
-                            f"runner_crashed events {crashed_before:.0f} -> {crashed:.0f}"))
+        checks.append(
+            Check(
+                "crash_seen_by_scheduler",
+                crashed == crashed_before + 1,
+                f"runner_crashed events {crashed_before:.0f} -> {crashed:.0f}",
+            )
+        )
     return Outcome(victims + others + after, checks, faults={fault: 1}, allowed_5xx=frozenset({TINY}))
 
 
@@ -305,21 +370,31 @@ async def fault_load_slow(ch: Chaos) -> Outcome:
     await ch.unload(d, TINY)
     await d.arm({"fault": "load_slow", "model": TINY, "seconds": seconds})
     waiting = _serve_again(ch)[:2]
-    leaving = [Plan(p.template, action="early", delay=0.3, reset=i == 0, deadline=DEADLINE)
-               for i, p in enumerate(_serve_again(ch)[:2])]
+    leaving = [
+        Plan(p.template, action="early", delay=0.3, reset=i == 0, deadline=DEADLINE)
+        for i, p in enumerate(_serve_again(ch)[:2])
+    ]
     t0 = time.monotonic()
     victims, others = await _victims_and_others(d, waiting + leaving, _others(ch, 3))
     waited = [r for r in victims if r.plan.action == "complete"]
     left = [r for r in victims if r.plan.action == "early"]
     checks = [
-        Check("waiters_answered", all(r.survived for r in waited),
-              f"{sum(r.survived for r in waited)}/{len(waited)} requests that waited for the slow load completed"),
-        Check("leavers_left_while_loading", all(r.disconnected == "before_response" for r in left),
-              f"{sum(r.disconnected == 'before_response' for r in left)}/{len(left)} left before the load ended"),
+        Check(
+            "waiters_answered",
+            all(r.survived for r in waited),
+            f"{sum(r.survived for r in waited)}/{len(waited)} requests that waited for the slow load completed",
+        ),
+        Check(
+            "leavers_left_while_loading",
+            all(r.disconnected == "before_response" for r in left),
+            f"{sum(r.disconnected == 'before_response' for r in left)}/{len(left)} left before the load ended",
+        ),
         _unaffected(others),
-        Check("others_not_blocked_by_load", all(r.t_end - t0 < seconds for r in others),
-              "the other model answered during the slow load: "
-              + ", ".join(f"{r.t_end - t0:.2f}s" for r in others)),
+        Check(
+            "others_not_blocked_by_load",
+            all(r.t_end - t0 < seconds for r in others),
+            "the other model answered during the slow load: " + ", ".join(f"{r.t_end - t0:.2f}s" for r in others),
+        ),
     ]
     return Outcome(victims + others, checks, faults={"load_slow": 1})
 
@@ -356,14 +431,26 @@ async def blob_corrupt(ch: Chaos) -> Outcome:
     good = await trio.to_thread.run_sync(lambda: mlxctl("verify", env=env))
     refused = [r for r in victims if r.status == 409 and r.error and digest in r.error]
     checks = [
-        Check("integrity_409_names_blob", len(refused) == len(victims),
-              f"{len(refused)}/{len(victims)} got 409 naming {digest[:19]}…"
-              + ("" if len(refused) == len(victims) else "; got " + "; ".join(
-                  f"{r.status} {r.error!r}" for r in victims if r not in refused)[:300])),
-        Check("verify_reports_damage", bad.returncode == 1 and digest[:19] in bad.stdout,
-              f"mlxctl verify exit {bad.returncode}: {bad.stdout.strip().splitlines()[-1] if bad.stdout else bad.stderr[-200:]}"),
-        Check("store_verifies_clean", good.returncode == 0,
-              f"mlxctl verify after repair: exit {good.returncode} {good.stdout.strip().splitlines()[-1:]}"),
+        Check(
+            "integrity_409_names_blob",
+            len(refused) == len(victims),
+            f"{len(refused)}/{len(victims)} got 409 naming {digest[:19]}…"
+            + (
+                ""
+                if len(refused) == len(victims)
+                else "; got " + "; ".join(f"{r.status} {r.error!r}" for r in victims if r not in refused)[:300]
+            ),
+        ),
+        Check(
+            "verify_reports_damage",
+            bad.returncode == 1 and digest[:19] in bad.stdout,
+            f"mlxctl verify exit {bad.returncode}: {bad.stdout.strip().splitlines()[-1] if bad.stdout else bad.stderr[-200:]}",
+        ),
+        Check(
+            "store_verifies_clean",
+            good.returncode == 0,
+            f"mlxctl verify after repair: exit {good.returncode} {good.stdout.strip().splitlines()[-1:]}",
+        ),
         _unaffected(others),
         _served_again(after),
     ]
@@ -371,6 +458,7 @@ async def blob_corrupt(ch: Chaos) -> Outcome:
 
 
 # ---------------------------------------------------------------------------- queue overflow
+
 
 async def overflow(ch: Chaos) -> Outcome:
     """NUM_PARALLEL 2, MAX_QUEUE 4: with both slots and the whole queue taken, every further
@@ -395,26 +483,51 @@ async def overflow(ch: Chaos) -> Outcome:
     p99 = pct(lat, 99)
     completed = [r for r in held if r.plan.action == "complete"]
     checks = [
-        Check("queue_full_during_burst", not not_full,
-              f"{waves - len(not_full)}/{waves} waves ran against a full queue (running 2, queued 4)"
-              + (f"; not: {'; '.join(not_full[:3])}" if not_full else "")),
-        Check("overflow_all_503", len(rejected) == len(burst),
-              f"{len(rejected)}/{len(burst)} answered 503 with Retry-After and an error body"),
-        Check("overflow_503_p99", p99 is not None and p99 * 1000 < ch.cfg.overflow_p99_ms,
-              f"p50 {1000 * (pct(lat, 50) or 0):.1f} ms, p99 {1000 * (p99 or 0):.1f} ms over {len(lat)} "
-              f"({ch.cfg.overflow_concurrency} at a time; target p99 < {ch.cfg.overflow_p99_ms:.0f} ms)"),
-        Check("queued_served_after_overflow", all(r.survived for r in completed),
-              f"{sum(r.survived for r in completed)}/{len(completed)} queued requests completed"),
+        Check(
+            "queue_full_during_burst",
+            not not_full,
+            f"{waves - len(not_full)}/{waves} waves ran against a full queue (running 2, queued 4)"
+            + (f"; not: {'; '.join(not_full[:3])}" if not_full else ""),
+        ),
+        Check(
+            "overflow_all_503",
+            len(rejected) == len(burst),
+            f"{len(rejected)}/{len(burst)} answered 503 with Retry-After and an error body",
+        ),
+        Check(
+            "overflow_503_p99",
+            p99 is not None and p99 * 1000 < ch.cfg.overflow_p99_ms,
+            f"p50 {1000 * (pct(lat, 50) or 0):.1f} ms, p99 {1000 * (p99 or 0):.1f} ms over {len(lat)} "
+            f"({ch.cfg.overflow_concurrency} at a time; target p99 < {ch.cfg.overflow_p99_ms:.0f} ms)",
+        ),
+        Check(
+            "queued_served_after_overflow",
+            all(r.survived for r in completed),
+            f"{sum(r.survived for r in completed)}/{len(completed)} queued requests completed",
+        ),
     ]
-    return Outcome(held + burst, checks, daemon="ref", allow_503=True,
-                   extra={"overflow_503_s": lat, "overflow_requests": len(burst)})
+    return Outcome(
+        held + burst,
+        checks,
+        daemon="ref",
+        allow_503=True,
+        extra={"overflow_503_s": lat, "overflow_requests": len(burst)},
+    )
 
 
 OVERFLOW_WAVE = 40
 
 
-async def _overflow_wave(ch: Chaos, d: DaemonProcess, rng: random.Random, short: list[Template], n_wave: int,
-                         held: list[Result], burst: list[Result], not_full: list[str]) -> None:
+async def _overflow_wave(
+    ch: Chaos,
+    d: DaemonProcess,
+    rng: random.Random,
+    short: list[Template],
+    n_wave: int,
+    held: list[Result],
+    burst: list[Result],
+    not_full: list[str],
+) -> None:
     hold = trio.Event()
     started = trio.Event()
     firsts: set[int] = set()
@@ -426,8 +539,13 @@ async def _overflow_wave(ch: Chaos, d: DaemonProcess, rng: random.Random, short:
 
     async with trio.open_nursery() as n:
         for i in range(2):  # both slots: long streams that leave once the wave is over
-            plan = Plan(Template(clients.ROUTES[i], TINY, short[i].text, "greedy", 1900), action="decode",
-                        after_tokens=1, hold=hold, deadline=DEADLINE * 2)
+            plan = Plan(
+                Template(clients.ROUTES[i], TINY, short[i].text, "greedy", 1900),
+                action="decode",
+                after_tokens=1,
+                hold=hold,
+                deadline=DEADLINE * 2,
+            )
 
             async def blocker(plan=plan) -> None:
                 held.append(await clients.run(d.host, d.port, plan, on_piece))
@@ -450,12 +568,14 @@ async def _overflow_wave(ch: Chaos, d: DaemonProcess, rng: random.Random, short:
         burst += await ch.run_plans(d, plans, concurrency=ch.cfg.overflow_concurrency)
         after = await d.status()
         if not full or after["running"] != 2 or after["queued"] != 4:
-            not_full.append(f"before: {'full' if full else 'NOT full'}, after: running={after['running']} "
-                            f"queued={after['queued']}")
+            not_full.append(
+                f"before: {'full' if full else 'NOT full'}, after: running={after['running']} queued={after['queued']}"
+            )
         hold.set()
 
 
 # ---------------------------------------------------------------------------- crash during create
+
 
 async def kill_during_create(ch: Chaos) -> Outcome:
     """The daemon is SIGKILLed in the middle of ``mlxctl create`` (store fault seam
@@ -469,17 +589,28 @@ async def kill_during_create(ch: Chaos) -> Outcome:
     for i, stage in enumerate(stages):
         mf.write_text(f"FROM tiny\nSYSTEM chaos run {ch.rng.randrange(10**9)}\n")
         env = d.env()
-        proc = await trio.run_process([str(BIN / "mlxctl"), "create", "chaos-new", "-f", str(mf)], env=env,
-                                      check=False, capture_stdout=True, capture_stderr=True)
+        proc = await trio.run_process(
+            [str(BIN / "mlxctl"), "create", "chaos-new", "-f", str(mf)],
+            env=env,
+            check=False,
+            capture_stdout=True,
+            capture_stderr=True,
+        )
         code = await d.wait_exit(30)
         offline = {**env, "MLXSERVE_MODELS": str(store)}
         verify = await trio.to_thread.run_sync(functools.partial(mlxctl, "verify", env=offline))
         absent = not (store / "manifests" / "registry.ollama.ai" / "library" / "chaos-new").exists()
         checks += [
-            Check(f"killed_during_create[{stage}]", code == -9 and proc.returncode != 0,
-                  f"daemon exit {code}, mlxctl create exit {proc.returncode}"),
-            Check(f"store_verifies_after_kill[{stage}]", verify.returncode == 0,
-                  f"mlxctl verify: exit {verify.returncode} {verify.stdout.strip().splitlines()[-1:]}"),
+            Check(
+                f"killed_during_create[{stage}]",
+                code == -9 and proc.returncode != 0,
+                f"daemon exit {code}, mlxctl create exit {proc.returncode}",
+            ),
+            Check(
+                f"store_verifies_after_kill[{stage}]",
+                verify.returncode == 0,
+                f"mlxctl verify: exit {verify.returncode} {verify.stdout.strip().splitlines()[-1:]}",
+            ),
             Check(f"half_created_model_absent[{stage}]", absent, "no manifest for chaos-new"),
         ]
         nxt = {"MLXSERVE_FAULT_CREATE_KILL_AFTER": stages[i + 1]} if i + 1 < len(stages) else {}
@@ -488,24 +619,41 @@ async def kill_during_create(ch: Chaos) -> Outcome:
         refs = _referenced(store)
         blobs = {p.name.replace("-", ":", 1) for p in (store / "blobs").iterdir()}
         leftovers = list((store / "tmp").iterdir())
-        checks.append(Check(f"no_orphans_after_restart[{stage}]", blobs == refs and not leftovers,
-                            f"{len(blobs - refs)} orphan blob(s), {len(refs - blobs)} missing, "
-                            f"{len(leftovers)} temp file(s)"))
+        checks.append(
+            Check(
+                f"no_orphans_after_restart[{stage}]",
+                blobs == refs and not leftovers,
+                f"{len(blobs - refs)} orphan blob(s), {len(refs - blobs)} missing, {len(leftovers)} temp file(s)",
+            )
+        )
         await ch.warm(d)  # a new process: a new baseline
-    proc = await trio.run_process([str(BIN / "mlxctl"), "create", "chaos-new", "-f", str(mf)], env=d.env(),
-                                  check=False, capture_stdout=True, capture_stderr=True)
-    answer = await clients.run(d.host, d.port, Plan(Template("generate", "chaos-new", "Hi", "greedy", 8), stream=False,
-                                                    deadline=DEADLINE))
-    code, _, _ = await wire.request_json(d.host, d.port, "POST", "/api/generate",
-                                         {"model": "chaos-new", "keep_alive": 0})
+    proc = await trio.run_process(
+        [str(BIN / "mlxctl"), "create", "chaos-new", "-f", str(mf)],
+        env=d.env(),
+        check=False,
+        capture_stdout=True,
+        capture_stderr=True,
+    )
+    answer = await clients.run(
+        d.host, d.port, Plan(Template("generate", "chaos-new", "Hi", "greedy", 8), stream=False, deadline=DEADLINE)
+    )
+    code, _, _ = await wire.request_json(
+        d.host, d.port, "POST", "/api/generate", {"model": "chaos-new", "keep_alive": 0}
+    )
     await unloaded(d, "chaos-new:latest")
     verify = await trio.to_thread.run_sync(lambda: mlxctl("verify", env={**d.env(), "MLXSERVE_MODELS": str(store)}))
     after = await ch.run_plans(d, _serve_again(ch) + _others(ch, 2), concurrency=3)
     checks += [
-        Check("create_again_succeeds", proc.returncode == 0 and answer.survived,
-              f"mlxctl create exit {proc.returncode}; chaos-new answered {answer.status}"),
-        Check("store_verifies_clean", verify.returncode == 0,
-              f"mlxctl verify: exit {verify.returncode} {verify.stdout.strip().splitlines()[-1:]}"),
+        Check(
+            "create_again_succeeds",
+            proc.returncode == 0 and answer.survived,
+            f"mlxctl create exit {proc.returncode}; chaos-new answered {answer.status}",
+        ),
+        Check(
+            "store_verifies_clean",
+            verify.returncode == 0,
+            f"mlxctl verify: exit {verify.returncode} {verify.stdout.strip().splitlines()[-1:]}",
+        ),
         _served_again(after),
     ]
     return Outcome(after, checks, faults={"create_kill": len(stages)})

@@ -34,8 +34,7 @@ async def run_chaos(cfg: Config, out: Callable[[str], None] = print) -> dict:
     finally:
         with trio.CancelScope(shield=True):
             exit_codes = await ch.stop()
-    shutdown = inv.Check("clean_shutdown", all(c == 0 for c in exit_codes.values()),
-                         f"SIGTERM exit codes {exit_codes}")
+    shutdown = inv.Check("clean_shutdown", all(c == 0 for c in exit_codes.values()), f"SIGTERM exit codes {exit_codes}")
     doc = report.build(ch, cfg, time.monotonic() - t0, extra_checks=[shutdown])
     if own_tmp and doc["violations"] == 0:
         shutil.rmtree(workdir, ignore_errors=True)

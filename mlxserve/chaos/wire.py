@@ -47,8 +47,15 @@ class Connection:
         return cls(trio.SocketStream(sock))
 
     # ---- sending ----
-    async def send(self, method: str, path: str, body: bytes | None = None, *,
-                   headers: dict[str, str] | None = None, host: str = "127.0.0.1") -> None:
+    async def send(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         h = {"Host": host, "Connection": "close", "User-Agent": "mlxserve-chaos"}
         if body is not None:
             h["Content-Type"] = "application/json"
@@ -73,7 +80,7 @@ class Connection:
             i = self._buf.find(sep)
             if i >= 0:
                 out = bytes(self._buf[:i])
-                del self._buf[:i + len(sep)]
+                del self._buf[: i + len(sep)]
                 return out
             if len(self._buf) > limit:
                 raise ProtocolError("header or chunk line too long")
@@ -130,8 +137,8 @@ class Connection:
                 return None
             if not self._buf and not await self._fill():
                 raise ProtocolError("connection closed mid-body")
-            data = bytes(self._buf[:self._remaining])
-            del self._buf[:len(data)]
+            data = bytes(self._buf[: self._remaining])
+            del self._buf[: len(data)]
             self._remaining -= len(data)
             return data
         if not self._buf and not await self._fill():
@@ -173,8 +180,9 @@ class Connection:
         return self.closed_at
 
 
-async def request_json(host: str, port: int, method: str, path: str, body: dict | None = None,
-                       *, timeout: float = 30.0) -> tuple[int, dict, dict]:
+async def request_json(
+    host: str, port: int, method: str, path: str, body: dict | None = None, *, timeout: float = 30.0
+) -> tuple[int, dict, dict]:
     """One small request, fully read: (status, headers, parsed JSON body or {})."""
     with trio.fail_after(timeout):
         conn = await Connection.open(host, port)

@@ -11,9 +11,14 @@ import httpx
 import trio
 
 PROMPTS = [
-    "Write a short story about a lighthouse keeper.", "Explain how rain forms.",
-    "List ten fruits and their colors.", "Describe the city of Paris.", "Write a poem about the sea.",
-    "How do airplanes fly?", "Tell me about the history of tea.", "What makes a good friend?",
+    "Write a short story about a lighthouse keeper.",
+    "Explain how rain forms.",
+    "List ten fruits and their colors.",
+    "Describe the city of Paris.",
+    "Write a poem about the sea.",
+    "How do airplanes fly?",
+    "Tell me about the history of tea.",
+    "What makes a good friend?",
 ]
 
 
@@ -26,8 +31,7 @@ def percentile(values: list[float], p: float) -> float:
 
 
 async def _one(c: httpx.AsyncClient, model: str, prompt: str, tokens: int) -> dict:
-    body = {"model": model, "prompt": prompt, "stream": True,
-            "options": {"num_predict": tokens, "temperature": 0}}
+    body = {"model": model, "prompt": prompt, "stream": True, "options": {"num_predict": tokens, "temperature": 0}}
     t0 = time.perf_counter()
     first = None
     final: dict = {}
@@ -45,15 +49,20 @@ async def _one(c: httpx.AsyncClient, model: str, prompt: str, tokens: int) -> di
             elif first is None and obj.get("response"):
                 first = time.perf_counter()
     end = time.perf_counter()
-    return {"ttft": (first or end) - t0, "end": end, "prompt_n": final.get("prompt_eval_count", 0),
-            "prompt_ns": final.get("prompt_eval_duration", 0), "eval_n": final.get("eval_count", 0),
-            "eval_ns": final.get("eval_duration", 0)}
+    return {
+        "ttft": (first or end) - t0,
+        "end": end,
+        "prompt_n": final.get("prompt_eval_count", 0),
+        "prompt_ns": final.get("prompt_eval_duration", 0),
+        "eval_n": final.get("eval_count", 0),
+        "eval_ns": final.get("eval_duration", 0),
+    }
 
 
-async def run_bench(base_url: str, model: str, concurrency: int, tokens: int, rounds: int,
-                    headers: dict[str, str] | None = None) -> dict:
-    async with httpx.AsyncClient(base_url=base_url, headers=headers,
-                                 timeout=httpx.Timeout(None, connect=5)) as c:
+async def run_bench(
+    base_url: str, model: str, concurrency: int, tokens: int, rounds: int, headers: dict[str, str] | None = None
+) -> dict:
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=httpx.Timeout(None, connect=5)) as c:
         await _one(c, model, "Hi", 2)  # load the model and warm up outside the measurement
         results: list[dict] = []
         t0 = time.perf_counter()
@@ -69,11 +78,15 @@ async def run_bench(base_url: str, model: str, concurrency: int, tokens: int, ro
     ttfts = [r["ttft"] for r in results]
     eval_n = sum(r["eval_n"] for r in results)
     return {
-        "model": model, "concurrency": concurrency, "requests": len(results),
+        "model": model,
+        "concurrency": concurrency,
+        "requests": len(results),
         "aggregate_decode_tok_s": eval_n / wall,
         "per_stream_decode_tok_s": statistics.mean(r["eval_n"] / (r["eval_ns"] / 1e9) for r in results if r["eval_ns"]),
         "prompt_tok_s": statistics.mean(r["prompt_n"] / (r["prompt_ns"] / 1e9) for r in results if r["prompt_ns"]),
-        "ttft_p50": percentile(ttfts, 50), "ttft_p90": percentile(ttfts, 90), "ttft_p99": percentile(ttfts, 99),
+        "ttft_p50": percentile(ttfts, 50),
+        "ttft_p90": percentile(ttfts, 90),
+        "ttft_p99": percentile(ttfts, 99),
     }
 
 
@@ -97,8 +110,11 @@ async def bench(model: str, concurrency: int, tokens: int, rounds: int, as_json:
         return
     click.echo(f"model {model}, {concurrency} stream(s) x {rounds} request(s), {tokens} tokens each")
     for label, key, unit in (
-        ("aggregate decode", "aggregate_decode_tok_s", "tok/s"), ("per-stream decode", "per_stream_decode_tok_s", "tok/s"),
-        ("prompt eval", "prompt_tok_s", "tok/s"), ("TTFT p50", "ttft_p50", "s"), ("TTFT p90", "ttft_p90", "s"),
+        ("aggregate decode", "aggregate_decode_tok_s", "tok/s"),
+        ("per-stream decode", "per_stream_decode_tok_s", "tok/s"),
+        ("prompt eval", "prompt_tok_s", "tok/s"),
+        ("TTFT p50", "ttft_p50", "s"),
+        ("TTFT p90", "ttft_p90", "s"),
         ("TTFT p99", "ttft_p99", "s"),
     ):
         click.echo(f"  {label:<18} {out[key]:>10.3f} {unit}")

@@ -11,16 +11,24 @@ import asyncclick as click
 
 @click.command()
 @click.option("--long", "long_", is_flag=True, help="1000 random disconnects across 16 streams (minutes)")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="write the report here as JSON")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="write the report here as JSON"
+)
 @click.option("--seed", default=7, show_default=True, type=int)
 @click.option("--scenario", "scenarios", multiple=True, help="run only these (repeatable)")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
-              help="keep stores, daemon logs and request logs here")
-@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
-              help="where the daemons run (exact batched-vs-solo checks hold on the CPU only)")
-async def chaos(long_: bool, json_path: Path | None, seed: int, scenarios: tuple[str, ...],
-                workdir: Path | None, device: str) -> None:
+@click.option(
+    "--workdir", type=click.Path(file_okay=False, path_type=Path), help="keep stores, daemon logs and request logs here"
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "gpu"]),
+    default="cpu",
+    show_default=True,
+    help="where the daemons run (exact batched-vs-solo checks hold on the CPU only)",
+)
+async def chaos(
+    long_: bool, json_path: Path | None, seed: int, scenarios: tuple[str, ...], workdir: Path | None, device: str
+) -> None:
     """Disconnect storms and injected faults against real daemons; exit 1 on any violation."""
     from ..chaos import report
     from ..chaos.harness import Config

@@ -26,8 +26,7 @@ def auth_headers(settings) -> dict[str, str]:
 
 def client(timeout: float | None = None) -> httpx.AsyncClient:
     s = settings()
-    return httpx.AsyncClient(base_url=s.base_url, headers=auth_headers(s),
-                             timeout=httpx.Timeout(timeout, connect=5.0))
+    return httpx.AsyncClient(base_url=s.base_url, headers=auth_headers(s), timeout=httpx.Timeout(timeout, connect=5.0))
 
 
 def fail(message: str) -> None:

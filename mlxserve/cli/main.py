@@ -15,11 +15,7 @@ import attrs
 import httpx
 
 # Shared with the other command modules (sharing, bench), which import them from .client too.
-from .client import client as _client
-from .client import events as _events
-from .client import fail as _fail
-from .client import request as _request
-from .client import settings as _settings
+from .client import client as _client, events as _events, fail as _fail, request as _request, settings as _settings
 
 DEFAULT_MODEL = "smollm2:135m"
 
@@ -63,8 +59,9 @@ async def serve(host: str | None, log_level: str | None, preload: tuple[str, ...
 
     async def main() -> None:
         async with trio.open_nursery() as n:
-            info = await n.start(lambda task_status: run_daemon(settings, preload=list(preload),
-                                                                task_status=task_status))
+            info = await n.start(
+                lambda task_status: run_daemon(settings, preload=list(preload), task_status=task_status)
+            )
             url = info.url
             click.echo(f"mlxserve listening on {url} (models in {settings.models_dir})")
             click.echo(f"  chat:  mlxctl run {preload[0] if preload else DEFAULT_MODEL}")
@@ -84,12 +81,18 @@ async def serve(host: str | None, log_level: str | None, preload: tuple[str, ...
 @click.argument("prompt", nargs=-1)
 @click.option("--verbose", is_flag=True, help="print timings after each answer")
 @click.option("--keepalive", default=None, help="how long to keep the model loaded (e.g. 5m)")
-@click.option("--think", is_flag=False, flag_value="true", default=None,
-              type=click.Choice(["true", "false", "low", "medium", "high"]),
-              help="let a thinking model think (true, false, low, medium, high; alone: true)")
+@click.option(
+    "--think",
+    is_flag=False,
+    flag_value="true",
+    default=None,
+    type=click.Choice(["true", "false", "low", "medium", "high"]),
+    help="let a thinking model think (true, false, low, medium, high; alone: true)",
+)
 @click.option("--hidethinking", is_flag=True, help="do not show the model's thinking")
-async def run(model: str, prompt: tuple[str, ...], verbose: bool, keepalive: str | None, think: str | None,
-              hidethinking: bool) -> None:
+async def run(
+    model: str, prompt: tuple[str, ...], verbose: bool, keepalive: str | None, think: str | None, hidethinking: bool
+) -> None:
     """Answer PROMPT, or open a chat when no prompt is given on a terminal."""
     from . import repl
 
@@ -103,10 +106,16 @@ async def run(model: str, prompt: tuple[str, ...], verbose: bool, keepalive: str
             if not text:
                 await repl.repl(client, model, verbose=verbose, think=think_value, hide_thinking=hidethinking)
                 return
-            final = await repl.stream_chat(client, model, [{"role": "user", "content": text}], {},
-                                           out=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
-                                           keep_alive=keepalive, think=think_value,
-                                           hide_thinking=hidethinking)
+            final = await repl.stream_chat(
+                client,
+                model,
+                [{"role": "user", "content": text}],
+                {},
+                out=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+                keep_alive=keepalive,
+                think=think_value,
+                hide_thinking=hidethinking,
+            )
             click.echo("")
             if verbose:
                 click.echo(repl.format_stats(final), err=True)
@@ -158,7 +167,10 @@ def _create_local(name: str, text: str, base_dir: Path, quantize: str | None) ->
     s = _settings()
     try:
         Store.for_settings(s).create(
-            name, text, base_dir=base_dir, quantize=quantize,
+            name,
+            text,
+            base_dir=base_dir,
+            quantize=quantize,
             progress=lambda e: click.echo(e.get("status", "")),
         )
     except MlxserveError as exc:
@@ -201,8 +213,10 @@ def default_gguf_path() -> Path | None:
 async def list_() -> None:
     """List models in the store."""
     body = await _request("GET", "/api/tags")
-    rows = [(m["name"], m["digest"][:12], _size(m["size"]), m["modified_at"][:19].replace("T", " "))
-            for m in body.get("models", [])]
+    rows = [
+        (m["name"], m["digest"][:12], _size(m["size"]), m["modified_at"][:19].replace("T", " "))
+        for m in body.get("models", [])
+    ]
     _table(("NAME", "ID", "SIZE", "MODIFIED"), rows)
 
 
@@ -213,9 +227,16 @@ cli.add_command(list_, "ls")
 async def ps() -> None:
     """List loaded models."""
     body = await _request("GET", "/api/ps")
-    rows = [(m["name"], m["digest"][:12], _size(m["size"]), str(m.get("context_length", "")),
-             "Forever" if (m.get("expires_at") or "").startswith("2318") else (m.get("expires_at") or "busy"))
-            for m in body.get("models", [])]
+    rows = [
+        (
+            m["name"],
+            m["digest"][:12],
+            _size(m["size"]),
+            str(m.get("context_length", "")),
+            "Forever" if (m.get("expires_at") or "").startswith("2318") else (m.get("expires_at") or "busy"),
+        )
+        for m in body.get("models", [])
+    ]
     _table(("NAME", "ID", "SIZE", "CONTEXT", "UNTIL"), rows)
 
 
@@ -259,8 +280,12 @@ async def show(model: str, part: str | None) -> None:
         return
     d = body.get("details", {})
     click.echo("  Model")
-    for k, v in (("architecture", d.get("family")), ("parameters", d.get("parameter_size")),
-                 ("quantization", d.get("quantization_level")), ("format", d.get("format"))):
+    for k, v in (
+        ("architecture", d.get("family")),
+        ("parameters", d.get("parameter_size")),
+        ("quantization", d.get("quantization_level")),
+        ("format", d.get("format")),
+    ):
         click.echo(f"    {k:<16}{v}")
     click.echo("  Capabilities")
     for c in body.get("capabilities") or []:

@@ -33,9 +33,14 @@ SET_HELP = """Available Commands:
   /set think [low|medium|high]  Let the model think (its default for a model that can)
   /set nothink                Ask it not to
 """
-SHOW_TOPICS = {"info": "details for this model", "license": "the model's license",
-               "modelfile": "the Modelfile for this model", "parameters": "parameters for this model",
-               "system": "the system message", "template": "the prompt template"}
+SHOW_TOPICS = {
+    "info": "details for this model",
+    "license": "the model's license",
+    "modelfile": "the Modelfile for this model",
+    "parameters": "parameters for this model",
+    "system": "the system message",
+    "template": "the prompt template",
+}
 SHOW_HELP = "Available Commands:\n" + "".join(f"  /show {k:<12} Show {v}\n" for k, v in SHOW_TOPICS.items())
 
 
@@ -53,9 +58,18 @@ def _error_text(status: int, raw: bytes) -> str:
 THINKING, DONE_THINKING = "Thinking...\n", "\n...done thinking.\n\n"
 
 
-async def stream_chat(client: httpx.AsyncClient, model: str, messages: list[dict], options: dict,
-                      *, out: Callable[[str], None], keep_alive=None, think=None, hide_thinking: bool = False,
-                      out_thinking: Callable[[str], None] | None = None) -> dict:
+async def stream_chat(
+    client: httpx.AsyncClient,
+    model: str,
+    messages: list[dict],
+    options: dict,
+    *,
+    out: Callable[[str], None],
+    keep_alive=None,
+    think=None,
+    hide_thinking: bool = False,
+    out_thinking: Callable[[str], None] | None = None,
+) -> dict:
     """Streams the answer's text to ``out``; its reasoning, as ``ollama run`` shows it (between
     "Thinking..." and "...done thinking."), to ``out_thinking`` (``out`` unless given), or nowhere
     with ``hide_thinking``."""
@@ -107,6 +121,7 @@ async def stream_chat(client: httpx.AsyncClient, model: str, messages: list[dict
 
 def _go_duration(ns: int) -> str:
     """time.Duration's String(), which is what ollama prints, e.g. 1.234567s, 10ms, 1m2.5s."""
+
     def frac(value: int, unit: int) -> str:
         whole, rest = divmod(value, unit)
         digits = str(rest).rjust(len(str(unit)) - 1, "0").rstrip("0")
@@ -189,8 +204,7 @@ def _stdout(text: str) -> None:
 
 
 class _Session:
-    def __init__(self, client, model, options, verbose, out, control, input_fn, think=None,
-                 hide_thinking=False):
+    def __init__(self, client, model, options, verbose, out, control, input_fn, think=None, hide_thinking=False):
         self.client, self.model, self.options, self.verbose = client, model, options, verbose
         self.out, self.control, self.input_fn = out, control, input_fn
         self.think, self.hide_thinking = think, hide_thinking
@@ -261,9 +275,16 @@ class _Session:
         final, error = None, None
         try:
             with self.control.guard():
-                final = await stream_chat(self.client, self.model, self._request_messages(),
-                                          self.options, out=sink, think=self.think,
-                                          hide_thinking=self.hide_thinking, out_thinking=self.out)
+                final = await stream_chat(
+                    self.client,
+                    self.model,
+                    self._request_messages(),
+                    self.options,
+                    out=sink,
+                    think=self.think,
+                    hide_thinking=self.hide_thinking,
+                    out_thinking=self.out,
+                )
         except (ReplError, httpx.HTTPError) as exc:
             error = str(exc) or type(exc).__name__
         if final is None:  # failed or interrupted
@@ -345,9 +366,12 @@ def _render_show(what: str, info: dict, user_options: dict) -> str:
     if what == "info":
         details, model_info = info.get("details") or {}, info.get("model_info") or {}
         ctx = next((v for k, v in model_info.items() if k.endswith(".context_length")), None)
-        rows = [("architecture", model_info.get("general.architecture") or details.get("family")),
-                ("parameters", details.get("parameter_size")), ("context length", ctx),
-                ("quantization", details.get("quantization_level"))]
+        rows = [
+            ("architecture", model_info.get("general.architecture") or details.get("family")),
+            ("parameters", details.get("parameter_size")),
+            ("context length", ctx),
+            ("quantization", details.get("quantization_level")),
+        ]
         text = "  Model\n" + "".join(f"    {k:<16}{v}\n" for k, v in rows if v not in (None, ""))
         caps = info.get("capabilities") or []
         if caps:
@@ -367,12 +391,30 @@ async def _watch_sigint(signals, control: StreamControl) -> None:
         control.interrupt()
 
 
-async def repl(client: httpx.AsyncClient, model: str, *, options: dict | None = None,
-               verbose: bool = False, input_fn=None, out=None,
-               control: StreamControl | None = None, think=None, hide_thinking: bool = False) -> None:
+async def repl(
+    client: httpx.AsyncClient,
+    model: str,
+    *,
+    options: dict | None = None,
+    verbose: bool = False,
+    input_fn=None,
+    out=None,
+    control: StreamControl | None = None,
+    think=None,
+    hide_thinking: bool = False,
+) -> None:
     control = control or StreamControl()
-    session = _Session(client, model, dict(options or {}), verbose, out or _stdout, control,
-                       input_fn or _default_input(), think, hide_thinking)
+    session = _Session(
+        client,
+        model,
+        dict(options or {}),
+        verbose,
+        out or _stdout,
+        control,
+        input_fn or _default_input(),
+        think,
+        hide_thinking,
+    )
     with contextlib.ExitStack() as stack:
         try:
             # Owning SIGINT for the whole session also keeps trio from raising KeyboardInterrupt

@@ -13,9 +13,15 @@ def _bars():
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                    TransferSpeedColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), transient=False)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
 
 
 class _Shown:
@@ -30,8 +36,7 @@ class _Shown:
         if digest and event.get("total") is not None:
             task = self.tasks.get(digest)
             if task is None:
-                task = self.tasks[digest] = self.bars.add_task(
-                    event.get("status", digest[7:19]), total=event["total"])
+                task = self.tasks[digest] = self.bars.add_task(event.get("status", digest[7:19]), total=event["total"])
             self.bars.update(task, completed=event.get("completed", 0))
         elif event.get("status"):
             self.bars.console.print(event["status"])
@@ -56,8 +61,7 @@ async def _stream(path: str, body: dict, what: str) -> None:
 
 @click.command()
 @click.argument("name")
-@click.option("--insecure", is_flag=True,
-              help="allow a plain-HTTP registry (localhost registries always may)")
+@click.option("--insecure", is_flag=True, help="allow a plain-HTTP registry (localhost registries always may)")
 async def pull(name: str, insecure: bool) -> None:
     """Pull a model from a registry (resumes an interrupted pull)."""
     await _stream("/api/pull", {"model": name, "insecure": insecure, "stream": True}, "pull")
@@ -65,8 +69,7 @@ async def pull(name: str, insecure: bool) -> None:
 
 @click.command()
 @click.argument("name")
-@click.option("--insecure", is_flag=True,
-              help="allow a plain-HTTP registry (localhost registries always may)")
+@click.option("--insecure", is_flag=True, help="allow a plain-HTTP registry (localhost registries always may)")
 async def push(name: str, insecure: bool) -> None:
     """Push a model to the registry its name points at (registry/namespace/name:tag)."""
     await _stream("/api/push", {"model": name, "insecure": insecure, "stream": True}, "push")
@@ -81,8 +84,7 @@ def _local_store():
 
 @click.command()
 @click.argument("name")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="the .tar file to write")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="the .tar file to write")
 async def pack(name: str, output: str) -> None:
     """Write a model as an OCI image layout archive (for machines with no registry)."""
     from ..errors import MlxserveError

@@ -193,8 +193,12 @@ def _load_small_gemm(fallback: ctypes.CDLL) -> tuple[ctypes.CDLL | None, str]:
     except OSError as exc:
         return None, f"cannot load: {exc}"
     lib.mlxserve_sgemm_set_fallback.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 3
-    lib.mlxserve_sgemm_set_fallback(ctypes.cast(getattr(fallback, _SYMBOL), ctypes.c_void_p),
-                                    smallgemm.MAX_ROWS, smallgemm.threads(), smallgemm.SPIN_US)
+    lib.mlxserve_sgemm_set_fallback(
+        ctypes.cast(getattr(fallback, _SYMBOL), ctypes.c_void_p),
+        smallgemm.MAX_ROWS,
+        smallgemm.threads(),
+        smallgemm.SPIN_US,
+    )
     return lib, why
 
 
@@ -229,8 +233,7 @@ def _configure() -> BlasInfo:
     setting = os.environ.get(ENV_BLAS, "auto").strip()
     if "mlx.core" in sys.modules:
         bound = mlx_blas_library()
-        return BlasInfo(_classify(bound), bound,
-                        "unchanged: mlx.core was imported before configure_blas()", _threads())
+        return BlasInfo(_classify(bound), bound, "unchanged: mlx.core was imported before configure_blas()", _threads())
 
     # An LD_PRELOADed BLAS is in effect whatever MLXSERVE_BLAS says.
     provider = _global_provider()
@@ -262,8 +265,14 @@ def _configure() -> BlasInfo:
         _handle = (lib, kernels)
         source = ENV_BLAS if explicit else "found"
         small = expected if kernels else None
-        return BlasInfo(_classify(real), real, f"{source}, loaded RTLD_GLOBAL", _threads(),
-                        small_gemm=small, small_gemm_reason=kernels_why)
+        return BlasInfo(
+            _classify(real),
+            real,
+            f"{source}, loaded RTLD_GLOBAL",
+            _threads(),
+            small_gemm=small,
+            small_gemm_reason=kernels_why,
+        )
     if explicit:
         reason = f"{ENV_BLAS}={setting} unusable ({misses[0]})"
         log.warning("BLAS: %s; using the reference BLAS", reason)
@@ -291,7 +300,7 @@ def _elf_slot_offset(path: str, symbol: str) -> int | None:
         head = f.read(64)
         if head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
             return None
-        shoff, = struct.unpack_from("<Q", head, 0x28)
+        (shoff,) = struct.unpack_from("<Q", head, 0x28)
         shentsize, shnum = struct.unpack_from("<HH", head, 0x3A)
         f.seek(shoff)
         table = f.read(shentsize * shnum)
@@ -311,7 +320,7 @@ def _elf_slot_offset(path: str, symbol: str) -> int | None:
             relas = read(sec)
             for off in range(0, len(relas), 24):
                 r_offset, r_info = struct.unpack_from("<QQ", relas, off)
-                st_name, = struct.unpack_from("<I", syms, (r_info >> 32) * 24)
+                (st_name,) = struct.unpack_from("<I", syms, (r_info >> 32) * 24)
                 end = strtab.find(b"\0", st_name)
                 if strtab[st_name:end] == want:
                     return r_offset

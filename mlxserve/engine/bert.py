@@ -179,7 +179,7 @@ def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     out = {}
     for k, v in weights.items():
         if k.startswith("bert."):
-            k = k[len("bert."):]
+            k = k[len("bert.") :]
         if k.startswith(("pooler.", "cls.")) or k.endswith("position_ids"):
             continue
         if ".LayerNorm." in k:
@@ -241,8 +241,11 @@ def _pooling_modes(cfg: dict[str, Any]) -> tuple[str, ...]:
         named = {"mean_sqrt_len_tokens": "mean_sqrt_len", "weightedmean": "weightedmean"}
         chosen = {named.get(cfg["pooling_mode"], cfg["pooling_mode"])}
     else:
-        chosen = {m for m in (*POOLING_MODES, "weightedmean")
-                  if cfg.get(f"pooling_mode_{m}_tokens") or cfg.get(f"pooling_mode_{m}")}
+        chosen = {
+            m
+            for m in (*POOLING_MODES, "weightedmean")
+            if cfg.get(f"pooling_mode_{m}_tokens") or cfg.get(f"pooling_mode_{m}")
+        }
     unknown = chosen - set(POOLING_MODES)
     if unknown:
         raise LoadError(f"unsupported pooling mode(s): {', '.join(sorted(unknown))}")
@@ -277,8 +280,7 @@ class BertEmbedder:
 
     kind = "bert"
 
-    def __init__(self, model: BertModel, tokenizer: Tokenizer, sentence: SentenceConfig, *,
-                 weight_bytes: int):
+    def __init__(self, model: BertModel, tokenizer: Tokenizer, sentence: SentenceConfig, *, weight_bytes: int):
         self.model = model
         self.tokenizer = tokenizer
         self.sentence = sentence
@@ -295,8 +297,10 @@ class BertEmbedder:
         root = Path(path)
         config = _read_json(root / "config.json")
         if not isinstance(config, dict) or config.get("model_type") != "bert":
-            raise LoadError(f"not a BERT model (model_type '{config.get('model_type')}'); only BERT "
-                            "encoders are supported for embeddings")
+            raise LoadError(
+                f"not a BERT model (model_type '{config.get('model_type')}'); only BERT "
+                "encoders are supported for embeddings"
+            )
         c = BertConfig.from_dict(config)
         files = sorted(root.glob("*.safetensors"))
         if not files:
@@ -326,17 +330,31 @@ class BertEmbedder:
     def _encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def tokenize(self, inputs: Sequence[EmbedInput], *, truncate: bool = True,
-                 limit: int | None = None) -> list[Tokenized]:
+    def tokenize(
+        self, inputs: Sequence[EmbedInput], *, truncate: bool = True, limit: int | None = None
+    ) -> list[Tokenized]:
         """Ids with [CLS]/[SEP] framing, cut to ``max_seq_length`` (or ``limit`` if smaller);
         an over-long input raises BadRequest when ``truncate`` is false."""
         max_len = min(limit, self.context_length) if limit else self.context_length
-        return tokenize_all(inputs, self._encode_text, self._prefix, self._suffix, max_len,
-                            truncate=truncate, vocab_size=self.model.config.vocab_size)
+        return tokenize_all(
+            inputs,
+            self._encode_text,
+            self._prefix,
+            self._suffix,
+            max_len,
+            truncate=truncate,
+            vocab_size=self.model.config.vocab_size,
+        )
 
     # -- inference --
-    def embed_ids(self, seqs: Sequence[Sequence[int]], *, dimensions: int | None = None,
-                  chunk: int | None = None, keep_going: KeepGoing | None = None) -> np.ndarray:
+    def embed_ids(
+        self,
+        seqs: Sequence[Sequence[int]],
+        *,
+        dimensions: int | None = None,
+        chunk: int | None = None,
+        keep_going: KeepGoing | None = None,
+    ) -> np.ndarray:
         """(N, D) float32 vectors, in input order; batched by padded length. Attention sees the
         whole input, so no input is split: ``chunk`` is unused, and ``keep_going`` is asked
         before each group (at most MAX_BATCH_TOKENS padded tokens); a dropped group stays zero."""
@@ -352,10 +370,10 @@ class BertEmbedder:
             out[idx] = np.array(vecs, dtype=np.float32)
         return reduce_dimensions(out, dimensions)
 
-    def embed(self, inputs: Sequence[EmbedInput], *, truncate: bool = True,
-              dimensions: int | None = None) -> np.ndarray:
-        return self.embed_ids([t.ids for t in self.tokenize(inputs, truncate=truncate)],
-                              dimensions=dimensions)
+    def embed(
+        self, inputs: Sequence[EmbedInput], *, truncate: bool = True, dimensions: int | None = None
+    ) -> np.ndarray:
+        return self.embed_ids([t.ids for t in self.tokenize(inputs, truncate=truncate)], dimensions=dimensions)
 
 
 def _special_frame(tok: Tokenizer) -> tuple[list[int], list[int]]:
@@ -363,7 +381,6 @@ def _special_frame(tok: Tokenizer) -> tuple[list[int], list[int]]:
     bare = tok.encode("a", add_special_tokens=False).ids
     framed = tok.encode("a", add_special_tokens=True).ids
     for start in range(len(framed) - len(bare) + 1):
-        if framed[start:start + len(bare)] == bare:
-            return framed[:start], framed[start + len(bare):]
+        if framed[start : start + len(bare)] == bare:
+            return framed[:start], framed[start + len(bare) :]
     return [], []
-

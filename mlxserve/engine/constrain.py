@@ -19,12 +19,17 @@ from ..errors import BadRequest
 
 # Any JSON object, spelled out so that its numbers are bounded too (see bound_numbers).
 ANY_JSON_OBJECT = {
-    "$defs": {"value": {"anyOf": [
-        {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"}},
-        {"type": "array", "items": {"$ref": "#/$defs/value"}},
-        {"type": ["string", "number", "boolean", "null"]},
-    ]}},
-    "type": "object", "additionalProperties": {"$ref": "#/$defs/value"},
+    "$defs": {
+        "value": {
+            "anyOf": [
+                {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"}},
+                {"type": "array", "items": {"$ref": "#/$defs/value"}},
+                {"type": ["string", "number", "boolean", "null"]},
+            ]
+        }
+    },
+    "type": "object",
+    "additionalProperties": {"$ref": "#/$defs/value"},
 }
 
 # As llama.cpp's json-schema-to-grammar: an integral part of at most 16 digits. A small model
@@ -47,8 +52,9 @@ def grammar_for_schema(schema: Any) -> str:
     if not isinstance(schema, dict):
         raise BadRequest("a JSON schema must be an object")
     try:
-        grammar = LLMatcher.grammar_from_json_schema(bound_numbers(close_objects(schema)),
-                                                     defaults={"whitespace_flexible": False})
+        grammar = LLMatcher.grammar_from_json_schema(
+            bound_numbers(close_objects(schema)), defaults={"whitespace_flexible": False}
+        )
     except (ValueError, TypeError) as exc:
         raise BadRequest(f"invalid JSON schema: {exc}") from None
     error = LLMatcher.validate_grammar(grammar)
@@ -93,11 +99,13 @@ def bound_numbers(schema: Any) -> Any:
     low = _bound(out, "minimum", "exclusiveMinimum")
     high = _bound(out, "maximum", "exclusiveMaximum")
     if low is None:
-        out["minimum"] = -INTEGRAL_BOUND if high is None else max(
-            min(-INTEGRAL_BOUND, math.floor(high) - INTEGRAL_BOUND), -_I64)
+        out["minimum"] = (
+            -INTEGRAL_BOUND if high is None else max(min(-INTEGRAL_BOUND, math.floor(high) - INTEGRAL_BOUND), -_I64)
+        )
     if high is None:
-        out["maximum"] = INTEGRAL_BOUND if low is None else min(
-            max(INTEGRAL_BOUND, math.ceil(low) + INTEGRAL_BOUND), _I64)
+        out["maximum"] = (
+            INTEGRAL_BOUND if low is None else min(max(INTEGRAL_BOUND, math.ceil(low) + INTEGRAL_BOUND), _I64)
+        )
     if "number" in types and "multipleOf" not in out:
         out["multipleOf"] = FRACTION_STEP
     return out
@@ -121,7 +129,8 @@ class TokenizerCache:
     def get(self, tokenizer_info, n_vocab: int) -> LLTokenizer:
         if self._tok is None:
             self._tok = LLTokenizer(
-                tokenizer_info.tokenizer.to_str(), n_vocab=n_vocab,
+                tokenizer_info.tokenizer.to_str(),
+                n_vocab=n_vocab,
                 eos_token=tokenizer_info.eos_token_ids or None,
             )
         return self._tok
@@ -147,7 +156,7 @@ class GrammarProcessor:
         if self._seen is None:
             self._seen = len(ids)  # the prompt: nothing to feed
         else:
-            for t in ids[self._seen:]:
+            for t in ids[self._seen :]:
                 self.matcher.consume_token(int(t))
             self._seen = len(ids)
         if self.matcher.is_error():

@@ -43,9 +43,14 @@ def _raw(buf: Any, info: TensorInfo) -> np.ndarray:
     return np.frombuffer(buf, dtype=np.uint8, count=_nbytes(info), offset=info.offset)
 
 
-def convert_gguf(path: Path, metadata: dict[str, Any], tensors: Sequence[TensorInfo],
-                 out_dir: Path, bits_for: Callable[[T], int],
-                 progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
+def convert_gguf(
+    path: Path,
+    metadata: dict[str, Any],
+    tensors: Sequence[TensorInfo],
+    out_dir: Path,
+    bits_for: Callable[[T], int],
+    progress: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
     """Write config.json, model.safetensors, tokenizer.json and tokenizer_config.json for the
     GGUF at ``path`` into ``out_dir``, each quantized type at ``bits_for(type)`` bits; returns
     the config."""

@@ -54,8 +54,10 @@ class GroupDown(LoadError):
 def launched(env: dict | None = None) -> bool:
     """Whether this process was started as one rank of several (mlx.launch's environment)."""
     env = os.environ if env is None else env
-    return "MLX_RANK" in env and any(k in env for k in ("MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLX_JACCL_COORDINATOR",
-                                                        "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
+    return "MLX_RANK" in env and any(
+        k in env
+        for k in ("MLX_HOSTFILE", "MLX_WORLD_SIZE", "MLX_JACCL_COORDINATOR", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+    )
 
 
 def _backend_name(env: dict) -> str:
@@ -93,6 +95,7 @@ def _control_host(env: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- framing
+
 
 def _send(sock: socket.socket, msg: dict, lock: threading.Lock | None = None) -> None:
     data = json.dumps(msg, separators=(",", ":")).encode()
@@ -168,6 +171,7 @@ def _crc(crc: int, chunk) -> int:
 
 # ---------------------------------------------------------------------------- rank 0
 
+
 class _StepFaults:
     """Chaos faults armed on rank 0 take effect on every rank in the same step: the followers
     get each step's faults with its commands (a fault on one rank alone would split the batch).
@@ -196,10 +200,13 @@ class _StepFaults:
 
 def _engine_params(engine) -> dict:
     prefix = engine._prefix
-    return {"num_parallel": engine._num_parallel, "prefill_chunk": engine._prefill_chunk,
-            "device": engine._device if isinstance(engine._device, (str, type(None))) else engine._device.type.name,
-            "prompt_cache_bytes": prefix.max_bytes if prefix is not None else 0,
-            "warm_up": engine._warm_up}
+    return {
+        "num_parallel": engine._num_parallel,
+        "prefill_chunk": engine._prefill_chunk,
+        "device": engine._device if isinstance(engine._device, (str, type(None))) else engine._device.type.name,
+        "prompt_cache_bytes": prefix.max_bytes if prefix is not None else 0,
+        "warm_up": engine._warm_up,
+    }
 
 
 @attrs.define(eq=False)
@@ -237,8 +244,13 @@ class Group:
     def describe(self) -> dict:
         with self.cond:
             loaded = self.owner is not None and self.model_split is not None
-            return {"backend": self.backend, "ranks": self.size, "split": self.model_split if loaded else self.split,
-                    "state": "down" if self.down else "up", "error": self.down}
+            return {
+                "backend": self.backend,
+                "ranks": self.size,
+                "split": self.model_split if loaded else self.split,
+                "state": "down" if self.down else "up",
+                "error": self.down,
+            }
 
     # -- the watchdog thread --
     def watch(self) -> None:
@@ -264,8 +276,8 @@ class Group:
                     (n,) = struct.unpack("!I", p.buf[:4])
                     if len(p.buf) < 4 + n:
                         break
-                    msg = json.loads(bytes(p.buf[4:4 + n]))
-                    del p.buf[:4 + n]
+                    msg = json.loads(bytes(p.buf[4 : 4 + n]))
+                    del p.buf[: 4 + n]
                     self._on_message(p, msg)
             for p in self.peers.values():
                 if now - p.last_seen > self.timeout:
@@ -320,7 +332,7 @@ class Group:
             self.cond.notify_all()
         log.error("distributed group down: %s", reason)
         if owner is not None and owner.raw_deliver is not None:
-                owner.raw_deliver([eng.Stopped(f"distributed group failed: {reason}")])
+            owner.raw_deliver([eng.Stopped(f"distributed group failed: {reason}")])
         for p in self.peers.values():
             _close(p.sock)
         if self.backend == "ring":
@@ -372,8 +384,17 @@ class Group:
                 rel = str(path.resolve().relative_to(self.models_dir.resolve()))
             except ValueError:
                 rel = str(path)
-            self.broadcast({"t": "load", "path": rel, "weight_dtype": weight_dtype, "split": self.split,
-                            "seed": seed, "engine": leader.params, "epoch": self.epoch})
+            self.broadcast(
+                {
+                    "t": "load",
+                    "path": rel,
+                    "weight_dtype": weight_dtype,
+                    "split": self.split,
+                    "seed": seed,
+                    "engine": leader.params,
+                    "epoch": self.epoch,
+                }
+            )
             announced.append(True)
 
         plan = sharding.ShardPlan(self.mx, self.split, on_path)
@@ -452,8 +473,12 @@ class _Leader:
             down = g.down
         if down is None:
             return events
-        return [attrs.evolve(ev, error=f"distributed group failed: {down}")
-                if isinstance(ev, eng.Chunk) and (ev.error or "").startswith(STEP_FAILED) else ev for ev in events]
+        return [
+            attrs.evolve(ev, error=f"distributed group failed: {down}")
+            if isinstance(ev, eng.Chunk) and (ev.error or "").startswith(STEP_FAILED)
+            else ev
+            for ev in events
+        ]
 
     def commands(self, drain: Callable[[bool], list], block: bool) -> list:
         g = self.group
@@ -509,6 +534,7 @@ def _shutdown_ring_sockets(env: dict, rank: int) -> None:
 
 
 # ---------------------------------------------------------------------------- start-up
+
 
 def start(models_dir: Path, env: dict | None = None) -> tuple[int, Any]:
     """Join the group mlx.launch described: (rank, what that rank runs). Rank 0 returns
@@ -579,6 +605,7 @@ def start(models_dir: Path, env: dict | None = None) -> tuple[int, Any]:
 
 # ---------------------------------------------------------------------------- followers
 
+
 class _Follower:
     """A follower's seam in its Engine: the step commands come from rank 0's connection."""
 
@@ -645,7 +672,6 @@ def follow(rank: int, conn, models_dir: Path, weight_dtype: str | None = None) -
     """A follower's life: load what rank 0 loads, step when it steps. Never returns."""
     import mlx.core as mx
 
-
     g, sock, lock = conn
     log.info("rank %d of %d: following rank 0", rank, g.size())
     pending: dict | None = None
@@ -664,12 +690,14 @@ def follow(rank: int, conn, models_dir: Path, weight_dtype: str | None = None) -
                 with sharding.loading(plan):
                     lm = engine_model.load_path(path, weight_dtype=msg.get("weight_dtype"))
             except BaseException as exc:
-                seq._send({"t": "loaded", "ok": False, "error": f"{exc.__class__.__name__}: {exc}",
-                           "epoch": msg["epoch"]})
+                seq._send(
+                    {"t": "loaded", "ok": False, "error": f"{exc.__class__.__name__}: {exc}", "epoch": msg["epoch"]}
+                )
                 raise
             mx.random.seed(int(msg["seed"]))
-            seq._send({"t": "loaded", "ok": True, "split": plan.chosen[0] if plan.chosen else None,
-                       "epoch": msg["epoch"]})
+            seq._send(
+                {"t": "loaded", "ok": True, "split": plan.chosen[0] if plan.chosen else None, "epoch": msg["epoch"]}
+            )
             return lm
 
         engine = eng.Engine(load, seq.deliver, sync=seq, **params)

@@ -70,7 +70,7 @@ def choose_weight_dtype(
     float32_bytes: int | None = None,
     kernels: bool = False,
 ) -> str:
-    """"keep" (run as loaded), "quantized-cpu" or the float dtype name to dequantize to.
+    """ "keep" (run as loaded), "quantized-cpu" or the float dtype name to dequantize to.
 
     ``setting`` (auto/None, quantized-cpu, keep, float32, float16, bfloat16) wins when given.
     Automatic: on a GPU keep; on the CPU quantized-cpu when ``kernels`` (engine/cpu built),
@@ -128,8 +128,16 @@ class CpuQuantizedLinear(_KernelModule, nn.QuantizedLinear):
     def __call__(self, x):
         if x.dtype != mx.float32:
             x = x.astype(mx.float32)
-        y = self.kernels.qmm_rows(x, self["weight"], self["scales"], self["biases"],
-                                  self.group_size, self.bits, tiles=_INT8, n=self.out_features)
+        y = self.kernels.qmm_rows(
+            x,
+            self["weight"],
+            self["scales"],
+            self["biases"],
+            self.group_size,
+            self.bits,
+            tiles=_INT8,
+            n=self.out_features,
+        )
         return y + self["bias"] if "bias" in self else y
 
 
@@ -142,8 +150,9 @@ class CpuQuantizedEmbedding(_KernelModule, nn.QuantizedEmbedding):
 
     def __call__(self, x):
         if self.out_features:
-            return self.kernels.packed_rows(x, self["weight"], self["scales"], self["biases"],
-                                            self.group_size, self.bits)
+            return self.kernels.packed_rows(
+                x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits
+            )
         # Rows come out in the scales' dtype (f16 for GGUF); the model runs in float32.
         return super().__call__(x).astype(mx.float32)
 
@@ -158,8 +167,16 @@ class CpuQuantizedEmbedding(_KernelModule, nn.QuantizedEmbedding):
         if not self.out_features:  # a model that ties without saying so in its args
             self.pack()  # a lookup already in this step's graph keeps the arrays it read
             mx.clear_cache()  # the packing's temporaries
-        return self.kernels.qmm_rows(x, self["weight"], self["scales"], self["biases"],
-                                     self.group_size, self.bits, tiles=_INT8, n=self.out_features)
+        return self.kernels.qmm_rows(
+            x,
+            self["weight"],
+            self["scales"],
+            self["biases"],
+            self.group_size,
+            self.bits,
+            tiles=_INT8,
+            n=self.out_features,
+        )
 
 
 class CpuRMSNorm(_KernelModule, nn.RMSNorm):
@@ -183,12 +200,27 @@ _STEP_OPS = {nn.RMSNorm: CpuRMSNorm, nn.RoPE: CpuRoPE}
 
 def _swiglu_call(self, x):
     gate, up = self.gate_proj, self.up_proj
-    if (isinstance(gate, CpuQuantizedLinear) and isinstance(up, CpuQuantizedLinear) and "bias" not in gate
-            and "bias" not in up and (gate.group_size, gate.bits) == (up.group_size, up.bits)):
+    if (
+        isinstance(gate, CpuQuantizedLinear)
+        and isinstance(up, CpuQuantizedLinear)
+        and "bias" not in gate
+        and "bias" not in up
+        and (gate.group_size, gate.bits) == (up.group_size, up.bits)
+    ):
         if x.dtype != mx.float32:
             x = x.astype(mx.float32)
-        h = self.kernels.qmm_swiglu(x, gate["weight"], gate["scales"], gate["biases"], up["weight"],
-                                    up["scales"], up["biases"], gate.group_size, gate.bits, gate.out_features)
+        h = self.kernels.qmm_swiglu(
+            x,
+            gate["weight"],
+            gate["scales"],
+            gate["biases"],
+            up["weight"],
+            up["scales"],
+            up["biases"],
+            gate.group_size,
+            gate.bits,
+            gate.out_features,
+        )
         return self.down_proj(h)
     return super(type(self), self).__call__(x)
 
@@ -203,11 +235,15 @@ def _swiglu_class(cls) -> type | None:
         from mlx_lm.models import activations, llama
 
         ref, fn = llama.MLP.__call__, cls.__call__  # every nn.Module has one
-        same = (getattr(fn, "__code__", None) is not None
-                and fn.__code__.co_code == ref.__code__.co_code and fn.__code__.co_names == ref.__code__.co_names
-                and fn.__globals__.get("swiglu") is activations.swiglu)
-        _SWIGLU_CLASSES[cls] = (type(f"CpuSwiGLU{cls.__name__}", (_KernelModule, cls), {"__call__": _swiglu_call})
-                                if same else None)
+        same = (
+            getattr(fn, "__code__", None) is not None
+            and fn.__code__.co_code == ref.__code__.co_code
+            and fn.__code__.co_names == ref.__code__.co_names
+            and fn.__globals__.get("swiglu") is activations.swiglu
+        )
+        _SWIGLU_CLASSES[cls] = (
+            type(f"CpuSwiGLU{cls.__name__}", (_KernelModule, cls), {"__call__": _swiglu_call}) if same else None
+        )
     return _SWIGLU_CLASSES[cls]
 
 
@@ -216,11 +252,17 @@ def _decode_attention(original, kernels):
     float32 (decode) as the extension's one op instead of the ~7 of MLX's CPU fallback."""
 
     def sdpa(queries, keys, values, cache, scale, mask, sinks=None):
-        if (queries.ndim == 4 and queries.shape[2] == 1 and sinks is None and not hasattr(cache, "bits")
-                and queries.dtype == keys.dtype == values.dtype == mx.float32
-                and (mask is None or (isinstance(mask, mx.array) and mask.ndim == 4
-                                      and mask.dtype in (mx.bool_, mx.float32)))
-                and mx.default_device() == mx.cpu):
+        if (
+            queries.ndim == 4
+            and queries.shape[2] == 1
+            and sinks is None
+            and not hasattr(cache, "bits")
+            and queries.dtype == keys.dtype == values.dtype == mx.float32
+            and (
+                mask is None or (isinstance(mask, mx.array) and mask.ndim == 4 and mask.dtype in (mx.bool_, mx.float32))
+            )
+            and mx.default_device() == mx.cpu
+        ):
             return kernels.decode_attention(queries, keys, values, scale, mask)
         return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
@@ -273,8 +315,9 @@ def use_cpu_kernels(model: nn.Module, kernels) -> int:
                     module.pack()  # the output head too: one packed copy for both
             else:
                 module.__class__ = CpuQuantizedLinear
-                w, s, b, module.out_features = cpu_pack(module["weight"], module["scales"],
-                                                        module["biases"], module.bits)
+                w, s, b, module.out_features = cpu_pack(
+                    module["weight"], module["scales"], module["biases"], module.bits
+                )
                 module["weight"], module["scales"], module["biases"] = w, s, b
                 mx.eval(w, s, b)  # one module's copy at a time; the unpacked arrays go
             count += 1
@@ -365,11 +408,7 @@ def dequantize_model(model: nn.Module, dtype, *, blas_layout: bool | None = None
         if isinstance(module, _KernelModule):
             continue  # scales and biases stay as stored: the kernels read them as they are
         for key, value in list(module.items()):
-            if (
-                isinstance(value, mx.array)
-                and mx.issubdtype(value.dtype, mx.floating)
-                and value.dtype != dtype
-            ):
+            if isinstance(value, mx.array) and mx.issubdtype(value.dtype, mx.floating) and value.dtype != dtype:
                 module[key] = value.astype(dtype)
     mx.eval(model.parameters())
 

@@ -56,8 +56,10 @@ class DecoderEmbedder:
     def __init__(self, lm):  # lm: mlxserve.engine.model.LoadedModel
         backbone = getattr(lm.model, "model", None)
         if backbone is None or not callable(backbone):
-            raise LoadError(f"model type '{lm.config.get('model_type')}' has no hidden-state "
-                            "backbone (model.model) to pool embeddings from")
+            raise LoadError(
+                f"model type '{lm.config.get('model_type')}' has no hidden-state "
+                "backbone (model.model) to pool embeddings from"
+            )
         self.lm = lm
         self.backbone = backbone
         self.weight_bytes = lm.weight_bytes
@@ -72,20 +74,33 @@ class DecoderEmbedder:
 
         return cls(load_path(path, weight_dtype=weight_dtype))
 
-    def tokenize(self, inputs: Sequence[EmbedInput], *, truncate: bool = True,
-                 limit: int | None = None) -> list[Tokenized]:
+    def tokenize(
+        self, inputs: Sequence[EmbedInput], *, truncate: bool = True, limit: int | None = None
+    ) -> list[Tokenized]:
         """``limit`` (num_ctx) caps the model's context length for this request."""
         max_len = min(limit, self.context_length) if limit else self.context_length
         tok = self.lm.tokenizer
-        return tokenize_all(inputs, lambda text: tok.encode(text, add_bos=False), self._prefix, [],
-                            max_len, truncate=truncate, vocab_size=tok.vocab_size)
+        return tokenize_all(
+            inputs,
+            lambda text: tok.encode(text, add_bos=False),
+            self._prefix,
+            [],
+            max_len,
+            truncate=truncate,
+            vocab_size=tok.vocab_size,
+        )
 
     def hidden_states(self, ids: mx.array) -> mx.array:
         return self.backbone(ids)
 
-    def embed_ids(self, seqs: Sequence[Sequence[int]], *, dimensions: int | None = None,
-                  chunk: int | Callable[[], int] = DEFAULT_CHUNK,
-                  keep_going: KeepGoing | None = None) -> np.ndarray:
+    def embed_ids(
+        self,
+        seqs: Sequence[Sequence[int]],
+        *,
+        dimensions: int | None = None,
+        chunk: int | Callable[[], int] = DEFAULT_CHUNK,
+        keep_going: KeepGoing | None = None,
+    ) -> np.ndarray:
         """(N, D) vectors in input order. A group wider than ``chunk`` runs ``chunk`` columns at
         a time over a KV cache (a callable ``chunk`` is asked before each one); rows of a group
         that ``keep_going`` drops stay zero."""
@@ -95,8 +110,7 @@ class DecoderEmbedder:
             if keep_going is not None and not keep_going(idx):
                 continue
             ids, mask = padded(seqs, idx)
-            vecs = self._pooled(ids, mask, chunk_now,
-                                lambda idx=idx: keep_going is None or keep_going(idx))
+            vecs = self._pooled(ids, mask, chunk_now, lambda idx=idx: keep_going is None or keep_going(idx))
             if vecs is None:
                 continue
             got = np.array(vecs, dtype=np.float32)
@@ -107,8 +121,9 @@ class DecoderEmbedder:
             out = np.zeros((len(seqs), self.dimension), dtype=np.float32)
         return reduce_dimensions(out, dimensions)
 
-    def _pooled(self, ids: mx.array, mask: mx.array, chunk: Callable[[], int],
-                keep_going: Callable[[], bool]) -> mx.array | None:
+    def _pooled(
+        self, ids: mx.array, mask: mx.array, chunk: Callable[[], int], keep_going: Callable[[], bool]
+    ) -> mx.array | None:
         if ids.shape[1] <= chunk():
             vecs = normalize_rows(mean_pool(self.hidden_states(ids), mask))
             mx.eval(vecs)
@@ -120,8 +135,9 @@ class DecoderEmbedder:
             # cache would keep its memory after the request.
             mx.clear_cache()
 
-    def _pooled_in_chunks(self, ids: mx.array, mask: mx.array, chunk: Callable[[], int],
-                          keep_going: Callable[[], bool]) -> mx.array | None:
+    def _pooled_in_chunks(
+        self, ids: mx.array, mask: mx.array, chunk: Callable[[], int], keep_going: Callable[[], bool]
+    ) -> mx.array | None:
         from mlx_lm.models.cache import make_prompt_cache
 
         cache = make_prompt_cache(self.lm.model)
@@ -142,10 +158,10 @@ class DecoderEmbedder:
         mx.eval(vecs)
         return vecs
 
-    def embed(self, inputs: Sequence[EmbedInput], *, truncate: bool = True,
-              dimensions: int | None = None) -> np.ndarray:
-        return self.embed_ids([t.ids for t in self.tokenize(inputs, truncate=truncate)],
-                              dimensions=dimensions)
+    def embed(
+        self, inputs: Sequence[EmbedInput], *, truncate: bool = True, dimensions: int | None = None
+    ) -> np.ndarray:
+        return self.embed_ids([t.ids for t in self.tokenize(inputs, truncate=truncate)], dimensions=dimensions)
 
 
 def load_embedder(path: str | Path, kind: str, *, weight_dtype: str | None = None):
@@ -154,8 +170,7 @@ def load_embedder(path: str | Path, kind: str, *, weight_dtype: str | None = Non
         from .bert import BertEmbedder
 
         if not Path(path).is_dir():
-            raise LoadError("BERT embedding models are supported as safetensors directories only "
-                            "(not GGUF)")
+            raise LoadError("BERT embedding models are supported as safetensors directories only (not GGUF)")
         return BertEmbedder.load(path)
     if kind == "decoder":
         return DecoderEmbedder.load(path, weight_dtype=weight_dtype)
@@ -227,9 +242,16 @@ class EmbedEngine:
     runs wait on the queue and are drained together into the next one.
     """
 
-    def __init__(self, load: Callable[[], object], deliver: Callable[[list], None], *,
-                 device: str | None = None, max_batch_inputs: int = 256, chunk: int = DEFAULT_CHUNK,
-                 generation_idle: threading.Event | None = None):
+    def __init__(
+        self,
+        load: Callable[[], object],
+        deliver: Callable[[list], None],
+        *,
+        device: str | None = None,
+        max_batch_inputs: int = 256,
+        chunk: int = DEFAULT_CHUNK,
+        generation_idle: threading.Event | None = None,
+    ):
         self._load = load
         self._deliver = deliver
         self._device = device
@@ -262,9 +284,19 @@ class EmbedEngine:
             self._drain_after_stop("model failed to load", err)
             return
         m = self.model
-        self._deliver([Loaded({"load_ns": load_ns, "weight_bytes": m.weight_bytes,
-                               "dimension": m.dimension, "context_length": m.context_length,
-                               "device": stream.device.type.name})])
+        self._deliver(
+            [
+                Loaded(
+                    {
+                        "load_ns": load_ns,
+                        "weight_bytes": m.weight_bytes,
+                        "dimension": m.dimension,
+                        "context_length": m.context_length,
+                        "device": stream.device.type.name,
+                    }
+                )
+            ]
+        )
         error = None
         try:
             with mx.stream(stream):
@@ -322,8 +354,11 @@ class EmbedEngine:
                 out.append(self._dropped(job))
                 continue
             try:
-                tokens = job.tokens if job.tokens is not None else \
-                    m.tokenize(job.inputs, truncate=job.truncate, limit=job.limit)
+                tokens = (
+                    job.tokens
+                    if job.tokens is not None
+                    else m.tokenize(job.inputs, truncate=job.truncate, limit=job.limit)
+                )
                 live.append((job, [t.ids for t in tokens]))
             except Exception as exc:  # bad input fails its own request, not the batch
                 out.append(JobDone(job, None, error=exc))
@@ -344,8 +379,11 @@ class EmbedEngine:
         if live:
             self._deliver([BatchStarted(tuple(job for job, _ in live))])
         try:
-            vectors = m.embed_ids(seqs, chunk=self._chunk_now, keep_going=keep_going) if seqs \
+            vectors = (
+                m.embed_ids(seqs, chunk=self._chunk_now, keep_going=keep_going)
+                if seqs
                 else np.zeros((0, m.dimension), np.float32)
+            )
         except Exception as exc:  # noqa: BLE001
             log.error("embedding batch failed: %s\n%s", exc, traceback.format_exc())
             err = EngineError(f"embedding failed: {exc.__class__.__name__}: {exc}")
@@ -353,7 +391,7 @@ class EmbedEngine:
         ns = time.perf_counter_ns() - t0
         row = 0
         for job, job_ids in live:
-            mine = vectors[row:row + len(job_ids)]
+            mine = vectors[row : row + len(job_ids)]
             row += len(job_ids)
             if job.cancelled or self._stop_now is not None:  # its rows may not have been computed
                 out.append(self._dropped(job))

@@ -17,6 +17,7 @@ KeepGoing = Callable[[Sequence[int]], bool]
 
 TOO_LONG = "input length exceeds maximum context length"
 
+
 @attrs.frozen
 class Tokenized:
     ids: list[int]
@@ -36,14 +37,21 @@ def encode_head(encode: Callable[[str], list[int]], text: str, room: int) -> lis
     while size < len(text):
         ids = encode(text[:size])
         if len(ids) > room + HEAD_MARGIN:
-            return ids[:room + 1]
+            return ids[: room + 1]
         size *= 4
     return encode(text)
 
 
-def tokenize_all(inputs: Sequence[EmbedInput], encode: Callable[[str], list[int]],
-                 prefix: list[int], suffix: list[int], max_len: int, *, truncate: bool,
-                 vocab_size: int) -> list[Tokenized]:
+def tokenize_all(
+    inputs: Sequence[EmbedInput],
+    encode: Callable[[str], list[int]],
+    prefix: list[int],
+    suffix: list[int],
+    max_len: int,
+    *,
+    truncate: bool,
+    vocab_size: int,
+) -> list[Tokenized]:
     """Encode texts (or check token-id lists), frame them with special tokens, and cut the body
     so the whole fits ``max_len``; with ``truncate`` false an input that does not fit raises."""
     room = max_len - len(prefix) - len(suffix)
@@ -118,8 +126,8 @@ def padded(seqs: Sequence[Sequence[int]], idx: Sequence[int], pad_id: int = 0) -
     ids = np.full((len(idx), width), pad_id, dtype=np.int32)
     mask = np.zeros((len(idx), width), dtype=np.int32)
     for row, i in enumerate(idx):
-        ids[row, :len(seqs[i])] = seqs[i]
-        mask[row, :len(seqs[i])] = 1
+        ids[row, : len(seqs[i])] = seqs[i]
+        mask[row, : len(seqs[i])] = 1
     return mx.array(ids), mx.array(mask)
 
 

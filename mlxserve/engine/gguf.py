@@ -44,26 +44,45 @@ _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
-_GEMMA_NAMES = {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
-                "post_attention_norm": "post_attention_layernorm",
-                "post_ffw_norm": "post_feedforward_layernorm"}
+_GEMMA_NAMES = {
+    **_LAYER_NAMES,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 _ARCH_LAYER_NAMES = {
     "gemma2": _GEMMA_NAMES,
     "gemma3": _GEMMA_NAMES,
     "phi3": {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
-    "qwen3moe": {**_LAYER_NAMES, "ffn_gate_inp": "mlp.gate",
-                 "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
-                 "ffn_up_exps": "mlp.switch_mlp.up_proj",
-                 "ffn_down_exps": "mlp.switch_mlp.down_proj"},
-    "gpt-oss": {**_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
-                "attn_sinks": "self_attn.sinks", "ffn_gate_inp": "mlp.router",
-                "ffn_gate_exps": "mlp.experts.gate_proj", "ffn_up_exps": "mlp.experts.up_proj",
-                "ffn_down_exps": "mlp.experts.down_proj"},
+    "qwen3moe": {
+        **_LAYER_NAMES,
+        "ffn_gate_inp": "mlp.gate",
+        "ffn_gate_exps": "mlp.switch_mlp.gate_proj",
+        "ffn_up_exps": "mlp.switch_mlp.up_proj",
+        "ffn_down_exps": "mlp.switch_mlp.down_proj",
+    },
+    "gpt-oss": {
+        **_LAYER_NAMES,
+        "post_attention_norm": "post_attention_layernorm",
+        "attn_sinks": "self_attn.sinks",
+        "ffn_gate_inp": "mlp.router",
+        "ffn_gate_exps": "mlp.experts.gate_proj",
+        "ffn_up_exps": "mlp.experts.up_proj",
+        "ffn_down_exps": "mlp.experts.down_proj",
+    },
 }
 _BARE = ("self_attn.sinks",)  # parameters that are arrays, not modules with a .weight
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
-               "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3", "gpt-oss": "gpt_oss"}
+MODEL_TYPES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3moe": "qwen3_moe",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+    "phi3": "phi3",
+    "gpt-oss": "gpt_oss",
+}
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 _GEMMA = ("gemma2", "gemma3")
 
@@ -86,8 +105,9 @@ def read_gguf(path: str | Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
 def architecture(metadata: Mapping[str, Any]) -> str:
     arch = scalar(metadata.get("general.architecture", ""))
     if arch not in MODEL_TYPES:
-        raise UnsupportedModel(f"unsupported GGUF architecture '{arch}' (supported: "
-                               f"{', '.join(SUPPORTED_ARCHITECTURES)})")
+        raise UnsupportedModel(
+            f"unsupported GGUF architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
     return str(arch)
 
 
@@ -145,8 +165,13 @@ def _llama3_scaling(factors: np.ndarray, base: float, dims: int) -> dict[str, An
     factors = np.asarray(factors, np.float64)
     factor = float(factors.max())
     wavelen = 2 * math.pi * base ** (np.arange(0, dims, 2) / dims)
-    cfg = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
-           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     mid = (factors > 1 + 1e-4) & (factors < factor * (1 - 1e-4))
     if mid.sum() >= 2:
         # smooth = old_ctx / wavelen / (high - low) - low / (high - low), with low = 1
@@ -157,8 +182,7 @@ def _llama3_scaling(factors: np.ndarray, base: float, dims: int) -> dict[str, An
     low = cfg["original_max_position_embeddings"] / cfg["low_freq_factor"]
     high = cfg["original_max_position_embeddings"] / cfg["high_freq_factor"]
     s = (cfg["original_max_position_embeddings"] / wavelen - 1) / (cfg["high_freq_factor"] - 1)
-    expect = np.where(wavelen < high, 1.0, np.where(wavelen > low, factor,
-                                                     1 / ((1 - s) / factor + s)))
+    expect = np.where(wavelen < high, 1.0, np.where(wavelen > low, factor, 1 / ((1 - s) / factor + s)))
     if factor <= 1 or not np.allclose(expect, factors, rtol=1e-3):
         raise UnsupportedModel("rope_freqs does not follow Llama 3's rope scaling")
     return cfg
@@ -172,8 +196,11 @@ def _rope_scaling(meta: _Meta) -> dict[str, Any] | None:
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn":
-        cfg = {"rope_type": "yarn", "factor": float(factor),
-               "original_max_position_embeddings": int(meta("rope.scaling.original_context_length"))}
+        cfg = {
+            "rope_type": "yarn",
+            "factor": float(factor),
+            "original_max_position_embeddings": int(meta("rope.scaling.original_context_length")),
+        }
         for key, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
             if meta(f"rope.scaling.{key}") is not None:
                 cfg[hf] = float(meta(f"rope.scaling.{key}"))
@@ -181,8 +208,9 @@ def _rope_scaling(meta: _Meta) -> dict[str, Any] | None:
     raise UnsupportedModel(f"unsupported rope scaling '{kind}' for {meta.arch}")
 
 
-def config_from_metadata(metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
-                         vector: Callable[[str], np.ndarray]) -> dict[str, Any]:
+def config_from_metadata(
+    metadata: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], vector: Callable[[str], np.ndarray]
+) -> dict[str, Any]:
     """mlx-lm's config.json for a GGUF model. ``shapes``: the GGUF tensors' shapes (numpy order;
     only leading dimensions are read, so mx.load's packed shapes do); ``vector``: a 1-D float
     tensor's values by GGUF name (rope_freqs, rope_factors_*)."""
@@ -193,8 +221,11 @@ def config_from_metadata(metadata: Mapping[str, Any], shapes: Mapping[str, tuple
     layers = meta.need("block_count")
     head_dim = int(meta("attention.key_length", 0) or hidden // heads)
     rope_dim = int(meta("rope.dimension_count", 0) or head_dim)
-    vocab = shapes["token_embd.weight"][0] if "token_embd.weight" in shapes else (
-        meta("vocab_size") or len(metadata.get("tokenizer.ggml.tokens", [])))
+    vocab = (
+        shapes["token_embd.weight"][0]
+        if "token_embd.weight" in shapes
+        else (meta("vocab_size") or len(metadata.get("tokenizer.ggml.tokens", [])))
+    )
     config: dict[str, Any] = {
         "model_type": MODEL_TYPES[arch],
         "hidden_size": hidden,
@@ -206,15 +237,13 @@ def config_from_metadata(metadata: Mapping[str, Any], shapes: Mapping[str, tuple
         "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
         "vocab_size": int(vocab),
         "max_position_embeddings": int(meta("context_length", 4096)),
-        "rope_theta": float(meta("rope.freq_base", 1e6 if arch == "gemma3" else 1e4,
-                                 "rope.global.freq_base")),
+        "rope_theta": float(meta("rope.freq_base", 1e6 if arch == "gemma3" else 1e4, "rope.global.freq_base")),
         "tie_word_embeddings": "output.weight" not in shapes,
     }
     if int(meta("expert_count", 0) or 0) and arch not in ("qwen3moe", "gpt-oss"):
         raise UnsupportedModel(f"mixture-of-experts {arch} GGUF models are not supported")
     if rope_dim != head_dim and arch != "phi3":
-        raise UnsupportedModel(f"{arch}: partial rotary embeddings ({rope_dim} of {head_dim}) are "
-                               "not supported")
+        raise UnsupportedModel(f"{arch}: partial rotary embeddings ({rope_dim} of {head_dim}) are not supported")
     if arch in ("qwen2", "phi3") and head_dim != hidden // heads:
         raise UnsupportedModel(f"{arch}: head size {head_dim} != hidden size / heads")
     scaling = _rope_scaling(meta)
@@ -227,8 +256,7 @@ def config_from_metadata(metadata: Mapping[str, Any], shapes: Mapping[str, tuple
         if scaling is not None and (arch == "gemma2" or scaling["rope_type"] != "linear"):
             raise UnsupportedModel(f"{arch}: rope scaling {scaling['rope_type']} is not supported")
         # llama.cpp: 27B scales queries by hidden/heads, the others by the head size
-        config["query_pre_attn_scalar"] = (hidden / heads if layers == {"gemma2": 46, "gemma3": 62}[arch]
-                                           else head_dim)
+        config["query_pre_attn_scalar"] = hidden / heads if layers == {"gemma2": 46, "gemma3": 62}[arch] else head_dim
     if arch == "gemma2":
         config["attn_logit_softcapping"] = float(meta("attn_logit_softcapping", 50.0))
         config["final_logit_softcapping"] = float(meta("final_logit_softcapping", 30.0))
@@ -242,39 +270,45 @@ def config_from_metadata(metadata: Mapping[str, Any], shapes: Mapping[str, tuple
             if [bool(s) for s in pattern] != [(i + 1) % period != 0 for i in range(layers)]:
                 raise UnsupportedModel("gemma3: this sliding-window layer pattern is not supported")
             pattern = period
-        config |= {"rope_local_base_freq": float(meta("rope.freq_base_swa", 10000.0,
-                                                      "rope.local.freq_base")),
-                   "sliding_window": window or config["max_position_embeddings"],
-                   "sliding_window_pattern": int(pattern) if window else 1}
+        config |= {
+            "rope_local_base_freq": float(meta("rope.freq_base_swa", 10000.0, "rope.local.freq_base")),
+            "sliding_window": window or config["max_position_embeddings"],
+            "sliding_window_pattern": int(pattern) if window else 1,
+        }
     elif arch == "qwen3moe":
         experts = meta.need("expert_count")
-        config |= {"num_experts": experts, "num_experts_per_tok": meta.need("expert_used_count"),
-                   "moe_intermediate_size": int(meta("expert_feed_forward_length", 0)
-                                                or shapes["blk.0.ffn_gate_exps.weight"][1]),
-                   "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True}
+        config |= {
+            "num_experts": experts,
+            "num_experts_per_tok": meta.need("expert_used_count"),
+            "moe_intermediate_size": int(
+                meta("expert_feed_forward_length", 0) or shapes["blk.0.ffn_gate_exps.weight"][1]
+            ),
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "norm_topk_prob": True,
+        }
         if float(meta("expert_weights_scale", 0.0) or 0.0) not in (0.0, 1.0):
             raise UnsupportedModel("qwen3moe with expert_weights_scale is not supported")
     elif arch == "gpt-oss":
         window = int(meta("attention.sliding_window", 0) or 0)
         pattern = meta("attention.sliding_window_pattern", 2)
-        is_swa = pattern if isinstance(pattern, list) else [i % int(pattern) < int(pattern) - 1
-                                                            for i in range(layers)]
+        is_swa = pattern if isinstance(pattern, list) else [i % int(pattern) < int(pattern) - 1 for i in range(layers)]
         if not window or len(set(is_swa)) != 2:
             raise UnsupportedModel("gpt-oss: it needs sliding and full attention layers")
-        config |= {"num_local_experts": meta.need("expert_count"),
-                   "num_experts_per_tok": meta.need("expert_used_count"),
-                   "intermediate_size": int(meta("expert_feed_forward_length", 0)
-                                            or shapes["blk.0.ffn_gate_exps.weight"][1]),
-                   "sliding_window": window,
-                   "layer_types": ["sliding_attention" if s else "full_attention" for s in is_swa]}
+        config |= {
+            "num_local_experts": meta.need("expert_count"),
+            "num_experts_per_tok": meta.need("expert_used_count"),
+            "intermediate_size": int(meta("expert_feed_forward_length", 0) or shapes["blk.0.ffn_gate_exps.weight"][1]),
+            "sliding_window": window,
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in is_swa],
+        }
     elif arch == "phi3":
         config["partial_rotary_factor"] = rope_dim / head_dim
         if "rope_factors_short.weight" in shapes:
             # llama.cpp uses the short factors while the context fits the original one (always
             # at Ollama's default contexts); mlx-lm uses "long_factor" at every length.
             short = [float(v) for v in vector("rope_factors_short.weight")]
-            config["original_max_position_embeddings"] = int(
-                meta("rope.scaling.original_context_length", 4096))
+            config["original_max_position_embeddings"] = int(meta("rope.scaling.original_context_length", 4096))
             scaling = {"type": "longrope", "long_factor": short, "short_factor": short}
     if scaling is not None:
         config["rope_scaling"] = scaling
@@ -288,8 +322,7 @@ def load_gguf_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, mx.ar
     """Returns (mlx-lm config, renamed weights, raw metadata)."""
     raw, metadata = read_gguf(path)
     shapes = {name: tuple(t.shape) for name, t in raw.items()}
-    config = config_from_metadata(
-        metadata, shapes, lambda name: np.array(raw[name].astype(mx.float32)))
+    config = config_from_metadata(metadata, shapes, lambda name: np.array(raw[name].astype(mx.float32)))
     arch = architecture(metadata)
     weights: dict[str, mx.array] = {}
     for name, tensor in raw.items():
@@ -321,8 +354,7 @@ def complete_weights(config: dict[str, Any], weights: dict[str, mx.array]) -> No
     if config["model_type"] != "qwen2":
         return
     for i in range(config["num_hidden_layers"]):
-        for proj, heads in (("q", "num_attention_heads"), ("k", "num_key_value_heads"),
-                            ("v", "num_key_value_heads")):
+        for proj, heads in (("q", "num_attention_heads"), ("k", "num_key_value_heads"), ("v", "num_key_value_heads")):
             name = f"model.layers.{i}.self_attn.{proj}_proj.bias"
             if name not in weights:
                 weights[name] = mx.zeros((config[heads] * config["head_dim"],), mx.float32)
@@ -334,14 +366,14 @@ def half_floats(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     model with no half tensor at all is left as it is. MoE routers stay float32, as llama.cpp
     keeps them: their logits only pick experts (mlx-lm casts the weighted sum back), and half
     precision there flips near-tied choices."""
-    half = next((w.dtype for name, w in weights.items()
-                 if name.endswith(".scales") and w.dtype != mx.uint8), None)  # uint8: MXFP4
+    half = next(
+        (w.dtype for name, w in weights.items() if name.endswith(".scales") and w.dtype != mx.uint8), None
+    )  # uint8: MXFP4
     if half is None:
         half = next((w.dtype for w in weights.values() if w.dtype in (mx.float16, mx.bfloat16)), None)
     if half is None or half == mx.float32:
         return weights
-    return {name: w.astype(half) if w.dtype == mx.float32 and not is_router(name) else w
-            for name, w in weights.items()}
+    return {name: w.astype(half) if w.dtype == mx.float32 and not is_router(name) else w for name, w in weights.items()}
 
 
 def is_router(name: str) -> bool:
@@ -375,6 +407,5 @@ def quantization_config(layers: dict[str, dict]) -> dict[str, Any] | None:
             key = (q["group_size"], q["bits"])
             counts[key] = counts.get(key, 0) + 1
     group, bits = max(counts, key=counts.__getitem__) if counts else (32, 4)
-    exceptions = {k: v for k, v in layers.items()
-                  if (v["group_size"], v["bits"]) != (group, bits) or "mode" in v}
+    exceptions = {k: v for k, v in layers.items() if (v["group_size"], v["bits"]) != (group, bits) or "mode" in v}
     return {"group_size": group, "bits": bits, **exceptions, "layers": exceptions}

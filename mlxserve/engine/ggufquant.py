@@ -57,9 +57,9 @@ def _codes(blocks: np.ndarray, qtype: T) -> tuple[np.ndarray, np.ndarray, np.nda
     if qtype in (T.Q5_0, T.Q5_1):
         d = _f16(blocks[:, None, 0:2])
         at = 2 if qtype == T.Q5_0 else 4
-        qh = blocks[:, at:at + 4].copy().view(np.uint32)  # (n, 1): bit j is value j's fifth bit
+        qh = blocks[:, at : at + 4].copy().view(np.uint32)  # (n, 1): bit j is value j's fifth bit
         high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
-        q = _nibbles(blocks[:, None, at + 4:]) | high[:, None, :]
+        q = _nibbles(blocks[:, None, at + 4 :]) | high[:, None, :]
         bias = -16.0 * d if qtype == T.Q5_0 else _f16(blocks[:, None, 2:4])
         return q, d, bias
     if qtype in (T.Q4_K, T.Q5_K):
@@ -84,8 +84,7 @@ def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4)).view(np.uint32)
 
 
-def tensor_arrays(raw: np.ndarray, qtype: T, shape: tuple[int, ...],
-                  bits: int = 8) -> dict[str, mx.array]:
+def tensor_arrays(raw: np.ndarray, qtype: T, shape: tuple[int, ...], bits: int = 8) -> dict[str, mx.array]:
     """The MLX tensors for one GGUF tensor's bytes ``raw`` (shape in numpy order): ``{"weight": w}``
     for float types and 1-D tensors, else ``{"weight", "scales", "biases"}`` at ``bits`` (4 or
     8, group 32; exact where the type has an affine form that fits)."""
@@ -105,16 +104,20 @@ def tensor_arrays(raw: np.ndarray, qtype: T, shape: tuple[int, ...],
         # MLX's mxfp4 has the same E8M0 scale byte and E2M1 codes (ggml's table is the
         # E2M1 values doubled, its scale halved): only the nibble order differs
         codes = _nibbles(blocks[:, None, 1:]).reshape(*shape[:-1], cols)
-        return {"weight": mx.array(_pack(codes, 4)),
-                "scales": mx.array(np.ascontiguousarray(blocks[:, 0]).reshape(*shape[:-1], cols // GROUP))}
+        return {
+            "weight": mx.array(_pack(codes, 4)),
+            "scales": mx.array(np.ascontiguousarray(blocks[:, 0]).reshape(*shape[:-1], cols // GROUP)),
+        }
     if len(shape) < 2:  # a quantized vector (never in practice): as float
         return {"weight": mx.array(dequantize(blocks, qtype).reshape(shape))}
     if NATIVE_BITS.get(qtype, 99) <= bits:
         codes, scales, biases = _codes(blocks, qtype)
         groups = shape[:-1] + (cols // GROUP,)
-        out = {"weight": mx.array(_pack(codes.reshape(*shape[:-1], cols), bits)),
-               "scales": mx.array(scales.reshape(groups)).astype(mx.float16),
-               "biases": mx.array(biases.reshape(groups)).astype(mx.float16)}
+        out = {
+            "weight": mx.array(_pack(codes.reshape(*shape[:-1], cols), bits)),
+            "scales": mx.array(scales.reshape(groups)).astype(mx.float16),
+            "biases": mx.array(biases.reshape(groups)).astype(mx.float16),
+        }
         return out
     w = mx.array(np.asarray(dequantize(blocks, qtype), np.float32).reshape(shape))
     wq, scales, biases = mx.quantize(w, group_size=GROUP, bits=bits, stream=mx.cpu)

@@ -29,7 +29,7 @@ from . import smallgemm
 ENV = "MLXSERVE_JIT_NATIVE"
 FLAGS = "-march=native"
 _MARK = "mlxserve-jit-wrapper"  # a line in the wrapper: PATH already leads to one
-_PROBE = "extern \"C\" float f(const float *a, int n) { float s = 0; for (int i = 0; i < n; i++) s += a[i] * a[i]; return s; }\n"
+_PROBE = 'extern "C" float f(const float *a, int n) { float s = 0; for (int i = 0; i < n; i++) s += a[i] * a[i]; return s; }\n'
 
 
 def is_wrapper_dir(folder: str) -> bool:
@@ -80,13 +80,18 @@ def _build(gxx: str, wrapper: Path) -> str | None:
         with tempfile.TemporaryDirectory(dir=wrapper.parent) as tmp:
             src = Path(tmp) / "probe.cpp"
             src.write_text(_PROBE)
-            done = subprocess.run([gxx, "-std=c++17", "-O3", FLAGS, "-fPIC", "-shared", str(src),
-                                   "-o", str(Path(tmp) / "probe.so")], capture_output=True, text=True, timeout=120)
+            done = subprocess.run(
+                [gxx, "-std=c++17", "-O3", FLAGS, "-fPIC", "-shared", str(src), "-o", str(Path(tmp) / "probe.so")],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             if done.returncode != 0:
                 return f"g++ {FLAGS} failed: {done.stderr.strip()[-200:]}"
             script = Path(tmp) / "g++"
-            script.write_text(f"#!/bin/sh\n# {_MARK}: MLX's CPU kernels, built for this CPU\n"
-                              f"exec {shlex.quote(gxx)} {FLAGS} \"$@\"\n")
+            script.write_text(
+                f'#!/bin/sh\n# {_MARK}: MLX\'s CPU kernels, built for this CPU\nexec {shlex.quote(gxx)} {FLAGS} "$@"\n'
+            )
             script.chmod(0o755)
             os.replace(script, wrapper)
     except (OSError, subprocess.SubprocessError) as exc:

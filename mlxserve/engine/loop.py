@@ -36,6 +36,7 @@ log = logging.getLogger("mlxserve.engine")
 
 MIN_LOGPROB = -9999.0  # what JSON can carry for "impossible" (as llama.cpp and OpenAI report it)
 
+
 # ---- commands (trio side -> engine thread) ----
 @attrs.frozen
 class Add:
@@ -113,6 +114,7 @@ class _Seq:
 # Set by engine/distributed.py on rank 0 of an mx.distributed group: makes each Engine's step seam.
 STEP_SYNC: Callable[[], Any] | None = None
 
+
 def _unmasked_decode(make_mask: Callable) -> Callable:
     """mlx-lm's BatchKVCache hands every layer a boolean mask, also for a decode step of rows
     none of which is padded, where each row sees every cached key anyway. With an array mask
@@ -155,7 +157,7 @@ def keep_kernels_on_disk() -> None:
 
 
 def resolve_device(name: Any) -> Any:
-    """"cpu" / "gpu" (MLXSERVE_DEVICE) -> an mx.Device; a GPU asked for but absent is an error."""
+    """ "cpu" / "gpu" (MLXSERVE_DEVICE) -> an mx.Device; a GPU asked for but absent is an error."""
     if not isinstance(name, str):
         return name
     if name == "gpu":
@@ -254,8 +256,18 @@ class Engine:
             self._deliver([LoadFailed(exc)])
             return
         lm = self.lm
-        self._deliver([Ready({"weight_bytes": lm.weight_bytes, "context_length": lm.context_length,
-                              "device": mx.default_device().type.name, "warm_up_s": self.warm_up_s})])
+        self._deliver(
+            [
+                Ready(
+                    {
+                        "weight_bytes": lm.weight_bytes,
+                        "context_length": lm.context_length,
+                        "device": mx.default_device().type.name,
+                        "warm_up_s": self.warm_up_s,
+                    }
+                )
+            ]
+        )
         error = None
         try:
             self._loop(lm, stream)
@@ -310,8 +322,9 @@ class Engine:
                 # the peak of the last burst's scratch memory until the next one.
                 mx.clear_cache()
 
-    def _add(self, lm: LoadedModel, gen: BatchGenerator, cmd: Add, seqs: dict[int, _Seq],
-             by_id: dict[int, int], out: list) -> None:
+    def _add(
+        self, lm: LoadedModel, gen: BatchGenerator, cmd: Add, seqs: dict[int, _Seq], by_id: dict[int, int], out: list
+    ) -> None:
         """Its own frame so that the reused prefix KV is not held past the call (see ``_step``)."""
         t_start = time.perf_counter()
         try:
@@ -321,8 +334,11 @@ class Engine:
                 cache, ids = vision.prefill(lm, cmd.prompt_ids, cmd.images, self._prefill_chunk, gen.stream)
                 cmd = attrs.evolve(cmd, prompt_ids=ids, max_tokens=min(cmd.max_tokens, lm.context_length - len(ids)))
         except Exception as exc:  # bad settings fail that request only, never the runner
-            out.append(Chunk(cmd.seq_id, "", (), finish="error", error=str(exc),
-                             stats=SeqStats(len(cmd.prompt_ids), 0, 0, 0, 0)))
+            out.append(
+                Chunk(
+                    cmd.seq_id, "", (), finish="error", error=str(exc), stats=SeqStats(len(cmd.prompt_ids), 0, 0, 0, 0)
+                )
+            )
             return
         if cmd.images:
             rest, cached, reused = cmd.prompt_ids[-1:], 0, len(cmd.prompt_ids) - 1
@@ -340,8 +356,9 @@ class Engine:
         seqs[uid] = _Seq(cmd, uid, StreamDecoder(lm.tokenizer), StopMatcher(cmd.stop), t_start, cached)
         by_id[cmd.seq_id] = uid
 
-    def _step(self, lm: LoadedModel, stream, gen: BatchGenerator, seqs: dict[int, _Seq],
-              by_id: dict[int, int], out: list) -> BatchGenerator:
+    def _step(
+        self, lm: LoadedModel, stream, gen: BatchGenerator, seqs: dict[int, _Seq], by_id: dict[int, int], out: list
+    ) -> BatchGenerator:
         """One batch step; returns the generator to go on with (a new one after a failed step).
         Its own frame so that the step's responses, whose finished rows carry lazy slices of the
         whole batch's KV, are gone when it returns, not held while the engine waits idle."""
@@ -369,8 +386,12 @@ class Engine:
                 continue
             chunk = self._on_token(lm, s, r)
             # Image tokens are alike whatever the image: a vision prompt's KV is no prefix to reuse.
-            if r.finish_reason is not None and r.prompt_cache is not None and self._prefix is not None \
-                    and not s.cmd.images:
+            if (
+                r.finish_reason is not None
+                and r.prompt_cache is not None
+                and self._prefix is not None
+                and not s.cmd.images
+            ):
                 self._prefix.insert_cache("m", list(r.all_tokens), owned(r.prompt_cache))
             if chunk.finish is not None:
                 seqs.pop(r.uid, None)
@@ -390,9 +411,17 @@ class Engine:
 
         t0 = time.perf_counter()
         prompt = [lm.tokenizer.eos_token_ids[0] if lm.tokenizer.eos_token_ids else 0] * 4
-        rows = [Add(-1, prompt, 2, sampling.SamplingParams(temperature=0)),
-                Add(-2, prompt, 2, sampling.SamplingParams(temperature=0.7, min_p=0.05, seed=1,
-                                                           presence_penalty=0.1, frequency_penalty=0.1))]
+        rows = [
+            Add(-1, prompt, 2, sampling.SamplingParams(temperature=0)),
+            Add(
+                -2,
+                prompt,
+                2,
+                sampling.SamplingParams(
+                    temperature=0.7, min_p=0.05, seed=1, presence_penalty=0.1, frequency_penalty=0.1
+                ),
+            ),
+        ]
         try:  # not every tokenizer can drive a grammar; such a model simply warms up without one
             constrained = attrs.evolve(rows[1], grammar=grammar_for_schema(ANY_JSON_OBJECT))
             processors = [self._processors(lm, rows[0]), self._processors(lm, constrained)]
@@ -401,8 +430,12 @@ class Engine:
             processors = [self._processors(lm, r) for r in rows]
         gen = self._new_generator(lm, stream)
         try:  # a warm-up is an optimisation: it never fails the load
-            gen.insert([r.prompt_ids for r in rows], max_tokens=[r.max_tokens for r in rows],
-                       samplers=[sampling.make_sampler(r.params) for r in rows], logits_processors=processors)
+            gen.insert(
+                [r.prompt_ids for r in rows],
+                max_tokens=[r.max_tokens for r in rows],
+                samplers=[sampling.make_sampler(r.params) for r in rows],
+                logits_processors=processors,
+            )
             done = 0
             while done < len(rows):
                 _, responses = gen.next()
@@ -416,9 +449,12 @@ class Engine:
         finally:
             gen.close()
         self.warm_up_s = time.perf_counter() - t0
-        log.info("warm-up steps on %s (decode batches %s): %.2f s", stream.device,
-                 f"{min(self.warm_batch_sizes)}-{max(self.warm_batch_sizes)}" if self.warm_batch_sizes else "none",
-                 self.warm_up_s)
+        log.info(
+            "warm-up steps on %s (decode batches %s): %.2f s",
+            stream.device,
+            f"{min(self.warm_batch_sizes)}-{max(self.warm_batch_sizes)}" if self.warm_batch_sizes else "none",
+            self.warm_up_s,
+        )
 
     def _warm_batches(self, lm: LoadedModel, stream) -> None:
         """mlx-cuda picks its product kernels by row count (engine/cuda/linear.py) and compiles each
@@ -430,9 +466,12 @@ class Engine:
         prompts = [[(7919 * i + 104729 * j) % vocab for j in range(self._prefill_chunk + 2 + i)] for i in range(n)]
         gen = self._new_generator(lm, stream)
         try:
-            gen.insert(prompts, max_tokens=list(range(1, n + 1)),  # no stop token ends a row early
-                       samplers=[sampling.make_sampler(sampling.SamplingParams(temperature=0))] * n,
-                       stop_sequences=[StopSequences()] * n)
+            gen.insert(
+                prompts,
+                max_tokens=list(range(1, n + 1)),  # no stop token ends a row early
+                samplers=[sampling.make_sampler(sampling.SamplingParams(temperature=0))] * n,
+                stop_sequences=[StopSequences()] * n,
+            )
             done = 0
             while done < n:
                 _, responses = gen.next()
@@ -469,8 +508,7 @@ class Engine:
             cmds.append(self._commands.get())
             adds = 1
             deadline = time.monotonic() + w.max_s
-            while isinstance(cmds[-1], Add) and adds < self._num_parallel \
-                    and (left := deadline - time.monotonic()) > 0:
+            while isinstance(cmds[-1], Add) and adds < self._num_parallel and (left := deadline - time.monotonic()) > 0:
                 try:
                     cmds.append(self._commands.get(timeout=min(w.first_gap_s if adds == 1 else w.gap_s, left)))
                 except queue.Empty:

@@ -42,8 +42,10 @@ def _quantize_like(model: nn.Module, quant: dict[str, Any] | None, weights: dict
     if not quant:
         return
     # Per-layer exceptions: ours under "layers"; mlx-lm's own format puts them at the top level.
-    layers = {**{k: v for k, v in quant.items() if isinstance(v, dict) and k != "layers"},
-              **(quant.get("layers") or {})}
+    layers = {
+        **{k: v for k, v in quant.items() if isinstance(v, dict) and k != "layers"},
+        **(quant.get("layers") or {}),
+    }
 
     def predicate(path: str, module: nn.Module):
         if f"{path}.scales" not in weights:
@@ -73,8 +75,9 @@ class _CudaQuantizedLinear(_FlatQuantizedLinear):
         if x.ndim != 2:
             lead = x.shape[:-1]
             return self(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
-        y = cuda_linear.quantized_linear(x, self["weight"], self["scales"], self.get("biases"), self.group_size,
-                                         self.bits, self.mode)
+        y = cuda_linear.quantized_linear(
+            x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits, self.mode
+        )
         return y + self["bias"] if "bias" in self else y
 
 
@@ -129,8 +132,11 @@ def load_directory(path: str | Path) -> LoadedModel:
     weights: dict[str, mx.array] = {}
     for f in files:
         weights.update(mx.load(f))
-    if mx.default_device().type == mx.DeviceType.gpu and config.get("quantization") and all(
-            w.ndim == 1 or gguf.is_router(name) for name, w in weights.items() if w.dtype == mx.float32):
+    if (
+        mx.default_device().type == mx.DeviceType.gpu
+        and config.get("quantization")
+        and all(w.ndim == 1 or gguf.is_router(name) for name, w in weights.items() if w.dtype == mx.float32)
+    ):
         # A K-quant GGUF converted at import (store/convert.py) keeps the file's float32 norm
         # vectors, which would make every activation float32 on a GPU (see gguf.half_floats).
         weights = gguf.half_floats(weights)
@@ -165,9 +171,9 @@ def _apply_weight_dtype(lm: LoadedModel, setting: str | None) -> None:
         kernels, why = cpu.load()
         if kernels is None:
             log.info("quantized CPU kernels unavailable (%s): dequantizing to float32", why)
-    choice = dtypes.choose_weight_dtype(device, lm.weight_bytes, setting, None,
-                                        float32_bytes=dtypes.float_bytes(lm.model),
-                                        kernels=kernels is not None)
+    choice = dtypes.choose_weight_dtype(
+        device, lm.weight_bytes, setting, None, float32_bytes=dtypes.float_bytes(lm.model), kernels=kernels is not None
+    )
     if choice == dtypes.QKERNELS and kernels is None:
         choice = "float32"  # asked for explicitly, but they cannot be built here
     if choice == dtypes.QKERNELS:

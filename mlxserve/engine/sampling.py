@@ -45,7 +45,7 @@ _NEG_INF = -float("inf")
 def apply_top_k(logprobs: mx.array, k: int) -> mx.array:
     if k <= 0 or k >= logprobs.shape[-1]:
         return logprobs
-    kth = mx.sort(logprobs, axis=-1)[..., -k:-k + 1]
+    kth = mx.sort(logprobs, axis=-1)[..., -k : -k + 1]
     return mx.where(logprobs >= kth, logprobs, _NEG_INF)
 
 

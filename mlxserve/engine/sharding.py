@@ -61,8 +61,9 @@ def shard(model, config: dict) -> None:
         split = "tensor" if _tensor_fits(model, config, n) else "pipeline"
     if split == "tensor":
         if not hasattr(model, "shard"):
-            raise LoadError(f"'{config.get('model_type')}' has no tensor-parallel split in mlx-lm; "
-                            "use MLXSERVE_DIST_SPLIT=pipeline")
+            raise LoadError(
+                f"'{config.get('model_type')}' has no tensor-parallel split in mlx-lm; use MLXSERVE_DIST_SPLIT=pipeline"
+            )
         if not _tensor_fits(model, config, n):
             raise LoadError(f"the model's heads do not divide among {n} ranks; use MLXSERVE_DIST_SPLIT=pipeline")
         model.shard(plan.group)
@@ -156,7 +157,7 @@ def _pipeline(model, group) -> None:
 
         def __call__(self, x):
             b = x.shape[0]
-            return self.norm(mx.distributed.all_gather(x, group=group)[(n - 1) * b:n * b])
+            return self.norm(mx.distributed.all_gather(x, group=group)[(n - 1) * b : n * b])
 
     for i in range(len(layers)):
         if not start <= i < end:

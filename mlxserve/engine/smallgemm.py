@@ -270,39 +270,46 @@ def _nt_kernel(rows: int, width: int) -> str:
         out = [f"        __m512 b{j} = {load.format(f'w{j} + k')};" for j in range(width)]
         return out + _fma_rows(rows, width, lambda i: load.format(f"a{i} + k"))
 
-    return "\n".join([
-        f"static void nt_{rows}_{width}(int K, float alpha, const float *A, int lda, const float *W, int ldb, float beta, float *C, int ldc) {{",
-        *[f"    const float *w{j} = W + (size_t){j} * ldb;" for j in range(width)],
-        *[f"    const float *a{i} = A + (size_t){i} * lda;" for i in range(rows)],
-        *[f"    __m512 c{i}_{j} = _mm512_setzero_ps();" for i, j in acc],
-        "    int k = 0;",
-        "    for (; k + 16 <= K; k += 16) {",
-        # 8 KiB ahead of each weight stream (the next rows' data, past the end of this row).
-        # Measured at 8 rows, 1 thread: 576->1536 317-335 us vs 373-409 with 1 KiB ahead;
-        # 1 row unchanged; 3-32 KiB no better.
-        *[f"        _mm_prefetch((const char *)(w{j} + k + 2048), _MM_HINT_T0);" for j in range(width)],
-        *step("_mm512_loadu_ps({})"),
-        "    }",
-        "    if (k < K) {",
-        "        __mmask16 mk = (__mmask16)((1u << (K - k)) - 1u);",
-        *step("_mm512_maskz_loadu_ps(mk, {})"),
-        "    }",
-        *[f"    put(C + (size_t){i} * ldc + {j}, _mm512_reduce_add_ps(c{i}_{j}), alpha, beta);" for i, j in acc],
-        "}",
-    ])
+    return "\n".join(
+        [
+            f"static void nt_{rows}_{width}(int K, float alpha, const float *A, int lda, const float *W, int ldb, float beta, float *C, int ldc) {{",
+            *[f"    const float *w{j} = W + (size_t){j} * ldb;" for j in range(width)],
+            *[f"    const float *a{i} = A + (size_t){i} * lda;" for i in range(rows)],
+            *[f"    __m512 c{i}_{j} = _mm512_setzero_ps();" for i, j in acc],
+            "    int k = 0;",
+            "    for (; k + 16 <= K; k += 16) {",
+            # 8 KiB ahead of each weight stream (the next rows' data, past the end of this row).
+            # Measured at 8 rows, 1 thread: 576->1536 317-335 us vs 373-409 with 1 KiB ahead;
+            # 1 row unchanged; 3-32 KiB no better.
+            *[f"        _mm_prefetch((const char *)(w{j} + k + 2048), _MM_HINT_T0);" for j in range(width)],
+            *step("_mm512_loadu_ps({})"),
+            "    }",
+            "    if (k < K) {",
+            "        __mmask16 mk = (__mmask16)((1u << (K - k)) - 1u);",
+            *step("_mm512_maskz_loadu_ps(mk, {})"),
+            "    }",
+            *[f"    put(C + (size_t){i} * ldc + {j}, _mm512_reduce_add_ps(c{i}_{j}), alpha, beta);" for i, j in acc],
+            "}",
+        ]
+    )
 
 
 def _nt_driver(rows: int) -> str:
     w = _nt_width(rows)
-    tail = (f"    for (; n < N; n++) nt_{rows}_1(K, alpha, A, lda, B + (size_t)n * ldb, ldb, beta, C + n, ldc);"
-            if w > 1 else "")
-    return "\n".join([
-        f"static void nt_{rows}(int N, int K, float alpha, const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {{",
-        "    int n = 0;",
-        f"    for (; n + {w} <= N; n += {w}) nt_{rows}_{w}(K, alpha, A, lda, B + (size_t)n * ldb, ldb, beta, C + n, ldc);",
-        tail,
-        "}",
-    ])
+    tail = (
+        f"    for (; n < N; n++) nt_{rows}_1(K, alpha, A, lda, B + (size_t)n * ldb, ldb, beta, C + n, ldc);"
+        if w > 1
+        else ""
+    )
+    return "\n".join(
+        [
+            f"static void nt_{rows}(int N, int K, float alpha, const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {{",
+            "    int n = 0;",
+            f"    for (; n + {w} <= N; n += {w}) nt_{rows}_{w}(K, alpha, A, lda, B + (size_t)n * ldb, ldb, beta, C + n, ldc);",
+            tail,
+            "}",
+        ]
+    )
 
 
 def _nn_kernel(rows: int, width: int, masked: bool) -> str:
@@ -313,32 +320,36 @@ def _nn_kernel(rows: int, width: int, masked: bool) -> str:
     body = [f"        __m512 b{j} = {load.format(16 * j)};" for j in range(width)]
     body += _fma_rows(rows, width, lambda i: f"_mm512_set1_ps(a{i}[k])")
     mask = "mk" if masked else "(__mmask16)0xFFFF"
-    return "\n".join([
-        f"static void {name}(int K, float alpha, const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc{', __mmask16 mk' if masked else ''}) {{",
-        *[f"    const float *a{i} = A + (size_t){i} * lda;" for i in range(rows)],
-        *[f"    __m512 c{i}_{j} = _mm512_setzero_ps();" for i, j in acc],
-        "    const float *b = B;",
-        "    for (int k = 0; k < K; k++, b += ldb) {",
-        "        _mm_prefetch((const char *)(b + (size_t)8 * ldb), _MM_HINT_T0);",
-        *body,
-        "    }",
-        *[f"    put16(C + (size_t){i} * ldc + {16 * j}, c{i}_{j}, {mask}, alpha, beta);" for i, j in acc],
-        "}",
-    ])
+    return "\n".join(
+        [
+            f"static void {name}(int K, float alpha, const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc{', __mmask16 mk' if masked else ''}) {{",
+            *[f"    const float *a{i} = A + (size_t){i} * lda;" for i in range(rows)],
+            *[f"    __m512 c{i}_{j} = _mm512_setzero_ps();" for i, j in acc],
+            "    const float *b = B;",
+            "    for (int k = 0; k < K; k++, b += ldb) {",
+            "        _mm_prefetch((const char *)(b + (size_t)8 * ldb), _MM_HINT_T0);",
+            *body,
+            "    }",
+            *[f"    put16(C + (size_t){i} * ldc + {16 * j}, c{i}_{j}, {mask}, alpha, beta);" for i, j in acc],
+            "}",
+        ]
+    )
 
 
 def _nn_driver(rows: int) -> str:
     w = _nn_width(rows)
-    return "\n".join([
-        f"static void nn_{rows}(int N, int K, float alpha, const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {{",
-        "    int n = 0;",
-        f"    for (; n + {16 * w} <= N; n += {16 * w}) nn_{rows}_{w}(K, alpha, A, lda, B + n, ldb, beta, C + n, ldc);",
-        "    for (; n < N; n += 16) {",
-        "        int left = N - n;",
-        f"        nn_{rows}_m(K, alpha, A, lda, B + n, ldb, beta, C + n, ldc, left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u));",
-        "    }",
-        "}",
-    ])
+    return "\n".join(
+        [
+            f"static void nn_{rows}(int N, int K, float alpha, const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {{",
+            "    int n = 0;",
+            f"    for (; n + {16 * w} <= N; n += {16 * w}) nn_{rows}_{w}(K, alpha, A, lda, B + n, ldb, beta, C + n, ldc);",
+            "    for (; n < N; n += 16) {",
+            "        int left = N - n;",
+            f"        nn_{rows}_m(K, alpha, A, lda, B + n, ldb, beta, C + n, ldc, left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u));",
+            "    }",
+            "}",
+        ]
+    )
 
 
 def c_source() -> str:
@@ -431,8 +442,7 @@ def build() -> tuple[Path | None, str]:
             src = Path(tmp) / "smallgemm.c"
             src.write_text(source)
             out = Path(tmp) / "smallgemm.so"
-            done = subprocess.run([cc, *CFLAGS, "-o", str(out), str(src)],
-                                  capture_output=True, text=True, timeout=300)
+            done = subprocess.run([cc, *CFLAGS, "-o", str(out), str(src)], capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
                 return None, f"build failed: {done.stderr.strip()[-300:]}"
             os.replace(out, target)  # atomic: concurrent builders write the same bytes

@@ -28,7 +28,7 @@ class StopMatcher:
                 if text.endswith(s[:n]):
                     hold = max(hold, n)
                     break
-        self._pending = text[len(text) - hold:] if hold else ""
+        self._pending = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold], False
 
     def flush(self) -> str:

@@ -24,10 +24,14 @@ from .gguf import scalar
 # is what the "(?=[\p{L}])[^a-z]" forms below spell out for Oniguruma.
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_LLAMA3 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3 = (
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2 = (
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
 _BLOOM = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
 _UPPER, _LOWER = r"((?=[\p{L}])([^a-z]))", r"((?=[\p{L}])([^A-Z]))"
@@ -37,8 +41,10 @@ _SPLITS: dict[str, list[str]] = {
     "starcoder": [r"\p{N}", _GPT2],
     "llama3": [_LLAMA3],
     "qwen2": [_QWEN2],
-    "qwen35": [_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    "qwen35": [
+        _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ],
     "deepseek-llm": [
         r"[\r\n]",
         "\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af"
@@ -68,34 +74,85 @@ _SPLITS: dict[str, list[str]] = {
     "falcon": [r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]"],
     "bloom": [_BLOOM],
     "viking": [_BLOOM, r"\p{N}"],
-    "tekken": [r"[^\r\n\p{L}\p{N}]?" + _UPPER + "*" + _LOWER + r"+|[^\r\n\p{L}\p{N}]?" + _UPPER + "+"
-               + _LOWER + r"*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
-    "gpt-4o": [r"[^\r\n\p{L}\p{N}]?" + _UPPER + "*" + _LOWER + "+" + _CONTRACTIONS + r"?|[^\r\n\p{L}\p{N}]?"
-               + _UPPER + "+" + _LOWER + "*" + _CONTRACTIONS + r"?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+"],
-    "seed-coder": [_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+"
-                   r"|\s+(?!\S)|\s+"],
-    "ufakzeka": [_QWEN2[len(_CONTRACTIONS) + 1:]],
+    "tekken": [
+        r"[^\r\n\p{L}\p{N}]?"
+        + _UPPER
+        + "*"
+        + _LOWER
+        + r"+|[^\r\n\p{L}\p{N}]?"
+        + _UPPER
+        + "+"
+        + _LOWER
+        + r"*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ],
+    "gpt-4o": [
+        r"[^\r\n\p{L}\p{N}]?"
+        + _UPPER
+        + "*"
+        + _LOWER
+        + "+"
+        + _CONTRACTIONS
+        + r"?|[^\r\n\p{L}\p{N}]?"
+        + _UPPER
+        + "+"
+        + _LOWER
+        + "*"
+        + _CONTRACTIONS
+        + r"?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ],
+    "seed-coder": [
+        _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+"
+        r"|\s+(?!\S)|\s+"
+    ],
+    "ufakzeka": [_QWEN2[len(_CONTRACTIONS) + 1 :]],
     "minicpm5": [r"\p{N}{1,3}", _QWEN2.replace(r"|\p{N}|", r"|\p{N}+|")],
 }
 # tokenizer.ggml.pre -> (split rule, ignore_merges: a word that is a whole token is that token)
 _PRE: dict[str, tuple[str, bool]] = {
     **dict.fromkeys(("default", ""), ("default", False)),
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
-                     "lfm2", "jina-v5-nano"), ("llama3", True)),
+    **dict.fromkeys(
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"),
+        ("llama3", True),
+    ),
     **dict.fromkeys(("dbrx", "smaug-bpe", "chatglm-bpe"), ("llama3", False)),
     **dict.fromkeys(("glm4", "glm5"), ("llama3", True)),
     "deepseek-llm": ("deepseek-llm", False),
     "deepseek-coder": ("deepseek-coder", False),
     **dict.fromkeys(("deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"), ("deepseek-v3", False)),
     "falcon": ("falcon", False),
-    **dict.fromkeys(("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b",
-                     "mellum2"), ("starcoder", False)),
-    **dict.fromkeys(("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de",
-                     "a.x-4.0", "mellum", "modern-bert", "jina-v1-en", "jina-v2-code", "roberta-bpe",
-                     "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4"), ("gpt2", False)),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "stablelm2", "hunyuan", "solar-open",
-                     "megrez", "grok-2"), ("qwen2", False)),
+    **dict.fromkeys(
+        ("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b", "mellum2"),
+        ("starcoder", False),
+    ),
+    **dict.fromkeys(
+        (
+            "gpt-2",
+            "phi-2",
+            "jina-es",
+            "jina-de",
+            "gigachat",
+            "jina-v2-es",
+            "jina-v2-de",
+            "a.x-4.0",
+            "mellum",
+            "modern-bert",
+            "jina-v1-en",
+            "jina-v2-code",
+            "roberta-bpe",
+            "mpt",
+            "olmo",
+            "jais",
+            "trillion",
+            "granite-docling",
+            "exaone4",
+        ),
+        ("gpt2", False),
+    ),
+    **dict.fromkeys(
+        ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "stablelm2", "hunyuan", "solar-open", "megrez", "grok-2"),
+        ("qwen2", False),
+    ),
     "qwen35": ("qwen35", False),
     **dict.fromkeys(("poro-chat", "bloom", "gpt3-finnish"), ("bloom", False)),
     "viking": ("viking", False),
@@ -106,24 +163,89 @@ _PRE: dict[str, tuple[str, bool]] = {
     "minicpm5": ("minicpm5", True),
 }
 # BPE pre-tokenizers whose add_bos defaults to true in llama.cpp (the GGUF's own key wins).
-_ADD_BOS_PRE = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-                "jina-v5-nano", "tekken"}
+_ADD_BOS_PRE = {
+    "llama3",
+    "llama-v3",
+    "llama-bpe",
+    "falcon3",
+    "falcon-h1",
+    "pixtral",
+    "midm-2.0",
+    "lfm2",
+    "jina-v5-nano",
+    "tekken",
+}
 # llama.cpp (llama_vocab::impl::load) makes these texts control tokens whatever their GGUF type:
 # end-of-generation markers always, the EOT/EOM/FIM ones when the GGUF names no such token.
-_EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-              "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-              "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-              "<｜end▁of▁sentence｜>", "[e~[")
+_EOG_TEXTS = (
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "[EOS]",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<eos>",
+    "<turn|>",
+    "<|tool_response>",
+    "<｜end▁of▁sentence｜>",
+    "[e~[",
+)
 _NAMED_TEXTS = {
-    "eot": ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>",
-            "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>"),
+    "eot": (
+        "<|eot_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "<|end_of_text|>",
+        "<EOT>",
+        "_<EOT>",
+        "[EOT]",
+        "<｜end▁of▁sentence｜>",
+        "<end_of_utterance>",
+    ),
     "eom": ("<|eom_id|>",),
-    "fim_pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>",
-                "<|code_prefix|>", "<|prefix|>"),
-    "fim_suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>",
-                "<|code_suffix|>", "<|suffix|>"),
-    "fim_mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>",
-                "<|code_middle|>", "<|middle|>"),
+    "fim_pre": (
+        "<|fim_prefix|>",
+        "<fim-prefix>",
+        "<fim_prefix>",
+        "<｜fim▁begin｜>",
+        "<PRE>",
+        "▁<PRE>",
+        "<|code_prefix|>",
+        "<|prefix|>",
+    ),
+    "fim_suf": (
+        "<|fim_suffix|>",
+        "<fim-suffix>",
+        "<fim_suffix>",
+        "<｜fim▁hole｜>",
+        "<SUF>",
+        "▁<SUF>",
+        "<|code_suffix|>",
+        "<|suffix|>",
+    ),
+    "fim_mid": (
+        "<|fim_middle|>",
+        "<fim-middle>",
+        "<fim_middle>",
+        "<｜fim▁end｜>",
+        "<MID>",
+        "▁<MID>",
+        "<|code_middle|>",
+        "<|middle|>",
+    ),
     "fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
     "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
     "fim_sep": ("<|file_sep|>",),
@@ -151,9 +273,7 @@ class TokenizerInfo:
         self.eos_tokens = [t for t in eos_tokens if t]
         self.chat_template = chat_template
         self.add_bos = add_bos
-        self.eos_token_ids = sorted(
-            {i for t in self.eos_tokens if (i := tokenizer.token_to_id(t)) is not None}
-        )
+        self.eos_token_ids = sorted({i for t in self.eos_tokens if (i := tokenizer.token_to_id(t)) is not None})
         self.bos_token_id = tokenizer.token_to_id(bos_token) if bos_token else None
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         # tokenizers sends added tokens through the byte-level decoder too, which garbles the ones
@@ -161,7 +281,8 @@ class TokenizerInfo:
         self._verbatim: dict[int, str] = {}
         if isinstance(tokenizer.decoder, decoders.ByteLevel):
             self._verbatim = {
-                i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()
+                i: t.content
+                for i, t in tokenizer.get_added_tokens_decoder().items()
                 if not t.special and any(not "!" <= c <= "~" for c in t.content)
             }
 
@@ -285,8 +406,7 @@ def _vocab(tokens: list[str]) -> dict[str, int]:
 def _known_merges(merges: list[tuple[str, ...]], vocab: dict[str, int]) -> list[tuple[str, str]]:
     # tokenizers refuses merges whose parts or result are not tokens; llama.cpp would fall back to
     # bytes for such a result, which a vocabulary built from the same merges never needs.
-    return [(a, b) for a, b in (m for m in merges if len(m) == 2)
-            if a in vocab and b in vocab and a + b in vocab]
+    return [(a, b) for a, b in (m for m in merges if len(m) == 2) if a in vocab and b in vocab and a + b in vocab]
 
 
 def _byte_level_bpe(tokens: list[str], merges: list[tuple[str, ...]], pre: str) -> Tokenizer:
@@ -324,13 +444,23 @@ def _spm(tokens: list[str], types: list[int], metadata: dict[str, Any], add_spac
     scores = scalar(metadata.get("tokenizer.ggml.scores"))
     scores = list(scores) if scores is not None else [0.0] * len(tokens)
     vocab = _vocab(tokens)
-    ranked = sorted((-scores[i], i, k) for text, i in vocab.items() for k in range(1, len(text))
-                    if text[:k] in vocab and text[k:] in vocab)
+    ranked = sorted(
+        (-scores[i], i, k)
+        for text, i in vocab.items()
+        for k in range(1, len(text))
+        if text[:k] in vocab and text[k:] in vocab
+    )
     unk = metadata.get("tokenizer.ggml.unknown_token_id")
     unk_id = int(scalar(unk)) if unk is not None else 0
     merges = [(tokens[i][:k], tokens[i][k:]) for _, i, k in ranked]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True,
-                               unk_token=tokens[unk_id] if 0 <= unk_id < len(tokens) else None))
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            byte_fallback=True,
+            unk_token=tokens[unk_id] if 0 <= unk_id < len(tokens) else None,
+        )
+    )
     tok.normalizer = _escaped_spaces(add_space_prefix)
     tok.decoder = _spm_decoder(add_space_prefix)
     return tok
@@ -435,8 +565,11 @@ def from_directory(path: str | Path) -> TokenizerInfo:
     add_bos = bool(cfg.get("add_bos_token", False)) and bos is not None
     tok.no_truncation()
     return TokenizerInfo(
-        tok, bos_token=bos, eos_tokens=list(dict.fromkeys(t for t in eos if t)),
-        chat_template=template, add_bos=add_bos,
+        tok,
+        bos_token=bos,
+        eos_tokens=list(dict.fromkeys(t for t in eos if t)),
+        chat_template=template,
+        add_bos=add_bos,
     )
 
 
@@ -461,17 +594,17 @@ class StreamDecoder:
 
     def add(self, token: int) -> str:
         self._ids.append(token)
-        text = self._info.decode(self._ids[self._prefix:])
+        text = self._info.decode(self._ids[self._prefix :])
         if text.endswith("\ufffd") or len(text) <= len(self._prefix_text):
             return ""  # an incomplete character, or nothing visible yet: wait for more
-        delta = text[len(self._prefix_text):]
+        delta = text[len(self._prefix_text) :]
         self._prefix, self._read = self._read, len(self._ids)
-        self._prefix_text = self._info.decode(self._ids[self._prefix:self._read])
+        self._prefix_text = self._info.decode(self._ids[self._prefix : self._read])
         return delta
 
     def flush(self) -> str:
-        text = self._info.decode(self._ids[self._prefix:])
-        delta = text[len(self._prefix_text):]
+        text = self._info.decode(self._ids[self._prefix :])
+        delta = text[len(self._prefix_text) :]
         self._prefix = self._read = len(self._ids)
         self._prefix_text = ""
         return delta

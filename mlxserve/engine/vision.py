@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 def is_vision_dir(path: Path) -> bool:
     """A directory whose config has a vision tower of a type served here (specs/visiontypes.py)."""
     try:
@@ -118,8 +119,14 @@ def load_directory(path: str | Path) -> tuple[TextModel, tok.TokenizerInfo, dict
     placeholder, placeholder_id = _placeholder(processor, tokenizer)
     weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     ctx = int(text_config.get("max_position_embeddings") or 4096)
-    return (TextModel(model.language_model), tokenizer, text_config, weight_bytes, ctx,
-            VisionParts(model, processor, placeholder, placeholder_id))
+    return (
+        TextModel(model.language_model),
+        tokenizer,
+        text_config,
+        weight_bytes,
+        ctx,
+        VisionParts(model, processor, placeholder, placeholder_id),
+    )
 
 
 def open_image(data: bytes):
@@ -172,18 +179,19 @@ def expand(prompt_ids: list[int], placeholder_id: int, runs: list[list[int]]) ->
 def used_images(prompt_ids: list[int], placeholder_id: int, images: tuple) -> tuple:
     """The images the prompt still has a place for (the last ones)."""
     n = sum(t == placeholder_id for t in prompt_ids)
-    return images if n == 0 or n >= len(images) else images[len(images) - n:]
+    return images if n == 0 or n >= len(images) else images[len(images) - n :]
 
 
-def prefill(lm: "LoadedModel", prompt_ids: list[int], images: tuple[bytes, ...], chunk: int,
-            stream: Any = None) -> tuple[list, list[int]]:
+def prefill(
+    lm: LoadedModel, prompt_ids: list[int], images: tuple[bytes, ...], chunk: int, stream: Any = None
+) -> tuple[list, list[int]]:
     """Run the vision tower and every prompt token but the last into a new KV cache, on
     ``stream`` (the batch's). Returns (cache, the prompt's ids with each image's tokens in place)."""
     with mx.stream(stream if stream is not None else mx.default_stream(mx.default_device())):
         return _prefill(lm, prompt_ids, images, chunk)
 
 
-def _prefill(lm: "LoadedModel", prompt_ids: list[int], images: tuple[bytes, ...], chunk: int) -> tuple[list, list[int]]:
+def _prefill(lm: LoadedModel, prompt_ids: list[int], images: tuple[bytes, ...], chunk: int) -> tuple[list, list[int]]:
     v: VisionParts | None = getattr(lm, "vision", None)
     if v is None:
         raise ValueError("this model does not take images")
@@ -191,8 +199,10 @@ def _prefill(lm: "LoadedModel", prompt_ids: list[int], images: tuple[bytes, ...]
     runs, tensors = _image_runs(v, images)
     ids = expand(prompt_ids, v.placeholder_id, runs)
     if len(ids) >= lm.context_length:
-        raise ValueError(f"the prompt with its images is {len(ids)} tokens, which does not fit the "
-                         f"context window of {lm.context_length} tokens")
+        raise ValueError(
+            f"the prompt with its images is {len(ids)} tokens, which does not fit the "
+            f"context window of {lm.context_length} tokens"
+        )
     pixel_values = tensors.pop("pixel_values", None)
     feats = v.model.get_input_embeddings(mx.array([ids]), pixel_values, mask=mx.ones((1, len(ids))), **tensors)
     embeds = getattr(feats, "inputs_embeds", feats)

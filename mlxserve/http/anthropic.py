@@ -16,16 +16,23 @@ from quart import Blueprint, Response
 from ..actors.sequence import grammar_for_schema
 from ..errors import BadRequest
 from ..specs.tools import CallStream, as_template_tools, call_schema
-from . import generation as g
-from . import relay
+from . import generation as g, relay
 from .common import field, json_body, json_response, runtime
 
 bp = Blueprint("anthropic", __name__)
 
 # Anthropic's error types by status (https://docs.anthropic.com/en/api/errors).
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
-                429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
 
 
 def _error(status: int, message: str) -> dict:
@@ -89,8 +96,13 @@ def _conversation(body: dict) -> list[dict]:
             elif kind == "tool_use" and role == "assistant":
                 if not isinstance(b.get("name"), str) or not isinstance(b.get("input", {}), dict):
                     raise BadRequest(f"{where} needs a name and an input object")
-                calls.append({"id": b.get("id"), "type": "function",
-                              "function": {"name": b["name"], "arguments": b.get("input") or {}}})
+                calls.append(
+                    {
+                        "id": b.get("id"),
+                        "type": "function",
+                        "function": {"name": b["name"], "arguments": b.get("input") or {}},
+                    }
+                )
             elif kind == "tool_result" and role == "user":
                 result = _text_of(b.get("content") or "", f"{where}.content")
                 if b.get("is_error"):
@@ -116,8 +128,12 @@ def _image_source(source, where: str) -> str:
 
 
 def _tools(body: dict) -> list[dict]:
-    return relay.function_tools(body.get("tools"), "custom", "custom", lambda t: {
-        "name": t.get("name"), "description": t.get("description", ""), "parameters": t.get("input_schema")})
+    return relay.function_tools(
+        body.get("tools"),
+        "custom",
+        "custom",
+        lambda t: {"name": t.get("name"), "description": t.get("description", ""), "parameters": t.get("input_schema")},
+    )
 
 
 def _tool_choice(body: dict, tools: list[dict]) -> tuple[str, str | None]:
@@ -196,8 +212,18 @@ async def messages():
     rt = runtime()
     resolved = await rt.store.resolve(name)
     # Claude Code asks every model to think: one that cannot answers without (as Ollama relaxes it).
-    gen = await relay.start(rt, resolved, opts, messages=conversation, tools=active, grammar=grammar,
-                            max_tokens=max_tokens, think=think, think_budget=budget, think_strict=False)
+    gen = await relay.start(
+        rt,
+        resolved,
+        opts,
+        messages=conversation,
+        tools=active,
+        grammar=grammar,
+        max_tokens=max_tokens,
+        think=think,
+        think_budget=budget,
+        think_strict=False,
+    )
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"
 
     def blocks_and_reason() -> tuple[list[dict], str, str | None]:
@@ -206,20 +232,44 @@ async def messages():
         calls = relay.tool_calls(text, active)
         if calls:
             calls = calls[:1] if single else calls
-            return head + [{"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": c["name"],
-                            "input": c["arguments"]} for c in calls], "tool_use", None
+            return (
+                head
+                + [
+                    {
+                        "type": "tool_use",
+                        "id": f"toolu_{uuid.uuid4().hex[:24]}",
+                        "name": c["name"],
+                        "input": c["arguments"],
+                    }
+                    for c in calls
+                ],
+                "tool_use",
+                None,
+            )
         stop = relay.matched_stop(gen, stops)
         reason = "max_tokens" if gen.done_reason == "length" else "stop_sequence" if stop else "end_turn"
         return head + ([{"type": "text", "text": text}] if text else []), reason, stop
 
     def usage() -> dict:
         prompt, out, cached = relay.usage_counts(gen)
-        return {"input_tokens": prompt, "output_tokens": out, "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": cached}
+        return {
+            "input_tokens": prompt,
+            "output_tokens": out,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached,
+        }
 
     def message(content: list[dict], reason: str | None, stop: str | None) -> dict:
-        return {"id": msg_id, "type": "message", "role": "assistant", "model": name, "content": content,
-                "stop_reason": reason, "stop_sequence": stop, "usage": usage()}
+        return {
+            "id": msg_id,
+            "type": "message",
+            "role": "assistant",
+            "model": name,
+            "content": content,
+            "stop_reason": reason,
+            "stop_sequence": stop,
+            "usage": usage(),
+        }
 
     if not stream:
         await relay.drain_all([gen])
@@ -229,8 +279,7 @@ async def messages():
         return relay.sse(kind, {"type": kind, **data})
 
     async def events(chunks):
-        yield event("message_start", message={**message([], None, None),
-                                              "usage": {**usage(), "output_tokens": 0}})
+        yield event("message_start", message={**message([], None, None), "usage": {**usage(), "output_tokens": 0}})
         yield event("ping")
         # Reasoning, text and each tool call stream as they come, each in its own block (text
         # that may become a call is held). ``at``: the open block's index and type.
@@ -240,7 +289,9 @@ async def messages():
         def switch(kind: str, block: dict | None = None) -> list[bytes]:
             out = []
             if at[1] == "thinking":
-                out.append(event("content_block_delta", index=at[0], delta={"type": "signature_delta", "signature": ""}))
+                out.append(
+                    event("content_block_delta", index=at[0], delta={"type": "signature_delta", "signature": ""})
+                )
             if at[1] is not None:
                 out.append(event("content_block_stop", index=at[0]))
             at[0], at[1] = at[0] + 1, kind
@@ -254,18 +305,30 @@ async def messages():
             if text:
                 out += switch("text") if at[1] != "text" else []
                 out.append(event("content_block_delta", index=at[0], delta={"type": "text_delta", "text": text}))
-            for c in calls[:max(0, 1 - calls_in.sent + len(calls))] if single else calls:
-                out += switch("tool_use", {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}",
-                                           "name": c["name"], "input": {}})
-                out.append(event("content_block_delta", index=at[0], delta={
-                    "type": "input_json_delta", "partial_json": json.dumps(c["arguments"], ensure_ascii=False)}))
+            for c in calls[: max(0, 1 - calls_in.sent + len(calls))] if single else calls:
+                out += switch(
+                    "tool_use",
+                    {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": c["name"], "input": {}},
+                )
+                out.append(
+                    event(
+                        "content_block_delta",
+                        index=at[0],
+                        delta={
+                            "type": "input_json_delta",
+                            "partial_json": json.dumps(c["arguments"], ensure_ascii=False),
+                        },
+                    )
+                )
             return out
 
         async for c in chunks:
             if getattr(c, "thinking", ""):
                 for e in switch("thinking") if at[1] != "thinking" else ():
                     yield e
-                yield event("content_block_delta", index=at[0], delta={"type": "thinking_delta", "thinking": c.thinking})
+                yield event(
+                    "content_block_delta", index=at[0], delta={"type": "thinking_delta", "thinking": c.thinking}
+                )
             for e in text_and_calls(*calls_in.feed(c.text)) if calls_in else text_and_calls(c.text, []):
                 yield e
         for e in text_and_calls(*calls_in.finish()) if calls_in else ():
@@ -276,8 +339,11 @@ async def messages():
                 yield e
         for e in switch("done"):
             yield e
-        yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": stop},
-                    usage={"output_tokens": usage()["output_tokens"]})
+        yield event(
+            "message_delta",
+            delta={"stop_reason": reason, "stop_sequence": stop},
+            usage={"output_tokens": usage()["output_tokens"]},
+        )
         yield event("message_stop")
 
     return relay.sse_response(rt, gen, events, lambda exc: relay.sse("error", _error(exc.status, str(exc))))
@@ -304,8 +370,9 @@ async def count_tokens():
         rendered = tools if choice != "none" else None
         # The whole conversation, however long: a window the size of the body never drops a message.
         window = max(lease.handle.context_length, len(json.dumps(body)))
-        work = functools.partial(g.fit_chat, resolved, tok, conversation,
-                                 as_template_tools(rendered) if rendered else None, window)
+        work = functools.partial(
+            g.fit_chat, resolved, tok, conversation, as_template_tools(rendered) if rendered else None, window
+        )
         ids = await trio.to_thread.run_sync(work, abandon_on_cancel=True)
     finally:
         lease.release(rt.settings.keep_alive)

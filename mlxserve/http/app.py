@@ -102,14 +102,23 @@ def _host_name(header: str) -> str:
 
 # Ollama's default OLLAMA_ORIGINS (plus [::1]): pages served from this machine, and app shells.
 DEFAULT_ORIGINS = tuple(
-    f"{scheme}://{host}{port}" for host in ("localhost", "127.0.0.1", "0.0.0.0", "[::1]")
-    for scheme in ("http", "https") for port in ("", ":*")
+    f"{scheme}://{host}{port}"
+    for host in ("localhost", "127.0.0.1", "0.0.0.0", "[::1]")
+    for scheme in ("http", "https")
+    for port in ("", ":*")
 ) + ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
 # What a preflight may ask to send: Ollama's list, the Anthropic SDK's, and whatever else an
 # allowed origin asks for (after the origin check, a header list protects nothing more).
 ALLOW_HEADERS = (
-    "Authorization", "Content-Type", "User-Agent", "Accept", "X-Requested-With", "OpenAI-Beta",
-    "x-api-key", "anthropic-version", "anthropic-beta",
+    "Authorization",
+    "Content-Type",
+    "User-Agent",
+    "Accept",
+    "X-Requested-With",
+    "OpenAI-Beta",
+    "x-api-key",
+    "anthropic-version",
+    "anthropic-beta",
 )
 ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
 
@@ -236,11 +245,15 @@ def create_app(rt: Runtime, drain: Drain | None = None) -> QuartTrio:
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             asked = request.headers.get("Access-Control-Request-Headers", "")
             names = dict.fromkeys([*ALLOW_HEADERS, *(h.strip() for h in asked.split(",") if h.strip())])
-            return Response("", status=204, headers={
-                "Access-Control-Allow-Methods": ALLOW_METHODS,
-                "Access-Control-Allow-Headers": ", ".join(names),
-                "Access-Control-Max-Age": "43200",
-            })
+            return Response(
+                "",
+                status=204,
+                headers={
+                    "Access-Control-Allow-Methods": ALLOW_METHODS,
+                    "Access-Control-Allow-Headers": ", ".join(names),
+                    "Access-Control-Max-Age": "43200",
+                },
+            )
         return None
 
     if rt.settings.api_keys:
@@ -253,8 +266,7 @@ def create_app(rt: Runtime, drain: Drain | None = None) -> QuartTrio:
                 return None
             presented = _presented_keys(request.headers)
             if not presented:
-                raise Unauthorized("missing API key: send it as 'Authorization: Bearer <key>' "
-                                   "(or 'x-api-key: <key>')")
+                raise Unauthorized("missing API key: send it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>')")
             if not accepts(presented):
                 raise Unauthorized("invalid API key")
             return None
@@ -287,8 +299,9 @@ def create_app(rt: Runtime, drain: Drain | None = None) -> QuartTrio:
         if exc.status >= 500 and exc.status != 503:
             log.error("request failed: %s", exc)
         if not getattr(exc, "recorded", False):
-            rt.metrics.record_nowait("request", route=request.path, status=exc.status, error=str(exc),
-                                     client=request.remote_addr or "")
+            rt.metrics.record_nowait(
+                "request", route=request.path, status=exc.status, error=str(exc), client=request.remote_addr or ""
+            )
         headers = error_headers(exc)
         if exc.status == 413 or isinstance(exc, ShuttingDown):  # no more requests down this one
             headers = {**headers, **_CLOSE}
@@ -297,20 +310,23 @@ def create_app(rt: Runtime, drain: Drain | None = None) -> QuartTrio:
     @app.errorhandler(HTTPException)
     async def on_http_error(exc: HTTPException):
         status = exc.code or 500
-        message = {404: f"not found: {request.method} {request.path}", 405: "method not allowed",
-                   413: "request body too large"}.get(status, exc.description or exc.name)
+        message = {
+            404: f"not found: {request.method} {request.path}",
+            405: "method not allowed",
+            413: "request body too large",
+        }.get(status, exc.description or exc.name)
         # An unknown route has no error code: "model_not_found" would send clients looking
         # for a model.
         code = "payload_too_large" if status == 413 else None
-        return json_response(_error_body(status, message, "invalid_request_error", code), status,
-                             _CLOSE if status == 413 else None)
+        return json_response(
+            _error_body(status, message, "invalid_request_error", code), status, _CLOSE if status == 413 else None
+        )
 
     @app.errorhandler(RecursionError)
     async def on_too_deep(exc: RecursionError):
         # json_body bounds a body's nesting; this is the net for whatever recurses further
         # (a self-referencing schema, say): too deep a request is the client's error.
-        return json_response(_error_body(400, "request is nested too deeply to process",
-                                         "invalid_request_error"), 400)
+        return json_response(_error_body(400, "request is nested too deeply to process", "invalid_request_error"), 400)
 
     @app.errorhandler(Exception)
     async def on_bug(exc: Exception):
@@ -338,8 +354,9 @@ async def _drained(req) -> bool:
     return False
 
 
-async def serve(rt: Runtime, shutdown: trio.Event, drain: Drain | None = None, *,
-                task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    rt: Runtime, shutdown: trio.Event, drain: Drain | None = None, *, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
     """Run Hypercorn on the runtime's settings until ``shutdown`` is set; started() gets the URLs."""
     config = HypercornConfig()
     host = rt.settings.host

@@ -65,21 +65,21 @@ class _Job:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(cancel_when_cancelled)
                 self.result = await outcome.acapture(
-                    self._fn, self._name, insecure=self._insecure, progress=self._progress,
-                    cancel=self.cancel)
+                    self._fn, self._name, insecure=self._insecure, progress=self._progress, cancel=self.cancel
+                )
                 nursery.cancel_scope.cancel()
         finally:
             self._send.close()
             self.done.set()
         if isinstance(self.result, outcome.Error) and not isinstance(
-                self.result.error, (MlxserveError, TransferCancelled)):
+            self.result.error, (MlxserveError, TransferCancelled)
+        ):
             log.error("transfer of %s failed", self._name, exc_info=self.result.error)
 
     def error_message(self) -> str:
         assert isinstance(self.result, outcome.Error)
         exc = self.result.error
-        return str(exc) if isinstance(exc, MlxserveError) else \
-            f"internal error: {exc.__class__.__name__}"
+        return str(exc) if isinstance(exc, MlxserveError) else f"internal error: {exc.__class__.__name__}"
 
     def raise_error(self) -> None:
         assert isinstance(self.result, outcome.Error)
@@ -113,8 +113,11 @@ async def _transfer(pick: Callable[[StoreService], Callable[..., Awaitable[Any]]
             first.append(event)
             if event.get("status") not in _FIRST_STAGE:
                 break
-        if job.done.is_set() and isinstance(job.result, outcome.Error) and all(
-                e.get("status") in _FIRST_STAGE for e in first):
+        if (
+            job.done.is_set()
+            and isinstance(job.result, outcome.Error)
+            and all(e.get("status") in _FIRST_STAGE for e in first)
+        ):
             finished = True
             job.raise_error()
         finished = True

@@ -78,6 +78,7 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 def _replace_lone_surrogates(obj: Any) -> Any:
     """Each lone surrogate in keys and strings becomes U+FFFD, as Go's JSON decoder (Ollama) does."""
+
     def fix(s: str) -> str:
         return _LONE_SURROGATE.sub("\ufffd", s)
 
@@ -126,8 +127,7 @@ def keep_alive_of(body: dict) -> float:
 
 
 def json_response(obj: Any, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(json.dumps(obj, default=_default), status=status, mimetype="application/json",
-                    headers=headers)
+    return Response(json.dumps(obj, default=_default), status=status, mimetype="application/json", headers=headers)
 
 
 def _default(o: Any) -> Any:
@@ -156,7 +156,7 @@ class StreamBody:
         self._cleanup = cleanup
         self._finalizer = weakref.finalize(self, cleanup)
 
-    def __aiter__(self) -> "StreamBody":
+    def __aiter__(self) -> StreamBody:
         return self
 
     async def __anext__(self) -> bytes:

@@ -44,8 +44,9 @@ def _ollama_inputs(value) -> list[str]:
 
 
 def _is_token_list(value) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value)
+    return (
+        isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
 
 
 def _openai_inputs(value) -> list:
@@ -59,8 +60,9 @@ def _openai_inputs(value) -> list:
     elif isinstance(value, list) and value and all(_is_token_list(v) for v in value):
         items = [tuple(v) for v in value]
     else:
-        raise BadRequest("input must be a non-empty string, array of strings, array of token ids, "
-                         "or array of token-id arrays")
+        raise BadRequest(
+            "input must be a non-empty string, array of strings, array of token ids, or array of token-id arrays"
+        )
     if any(isinstance(v, str) and not v for v in items):
         raise BadRequest("input must not contain empty strings")
     return items
@@ -93,8 +95,12 @@ class _Timer:
         if error is not None:
             error.recorded = True  # the app's error handler must not count it again
         runtime().metrics.record_nowait(
-            "request", route=self.route, model=self.name, status=status,
-            error=str(error) if error is not None else None, total_duration=self.ns(),
+            "request",
+            route=self.route,
+            model=self.name,
+            status=status,
+            error=str(error) if error is not None else None,
+            total_duration=self.ns(),
             load_duration=result.load_ns if result else 0,
             prompt_eval_count=result.prompt_tokens if result else 0,
             done_reason="stop" if status == 200 else ("cancelled" if status == 499 else "error"),
@@ -131,17 +137,25 @@ async def api_embed():
             await rt.embedder.unload(resolved)
         else:
             load_ns = await rt.embedder.load(resolved, keep_alive)
-        return json_response({"model": name, "embeddings": [], "total_duration": timer.ns(),
-                              "load_duration": load_ns, "prompt_eval_count": 0})
-    result = await _embed(timer, rt, resolved,
-                          EmbedRequest(tuple(inputs), truncate, dimensions, num_ctx), keep_alive)
-    return json_response({
-        "model": name,
-        "embeddings": result.vectors.tolist(),
-        "total_duration": timer.ns(),
-        "load_duration": result.load_ns,
-        "prompt_eval_count": result.prompt_tokens,
-    })
+        return json_response(
+            {
+                "model": name,
+                "embeddings": [],
+                "total_duration": timer.ns(),
+                "load_duration": load_ns,
+                "prompt_eval_count": 0,
+            }
+        )
+    result = await _embed(timer, rt, resolved, EmbedRequest(tuple(inputs), truncate, dimensions, num_ctx), keep_alive)
+    return json_response(
+        {
+            "model": name,
+            "embeddings": result.vectors.tolist(),
+            "total_duration": timer.ns(),
+            "load_duration": result.load_ns,
+            "prompt_eval_count": result.prompt_tokens,
+        }
+    )
 
 
 @bp.post("/api/embeddings")
@@ -176,18 +190,18 @@ async def v1_embeddings():
     dimensions = _dimensions(body)
     field(body, "user", str)  # accepted and ignored, as a type check only
     rt, resolved = await _model(name)
-    result = await _embed(timer, rt, resolved, EmbedRequest(tuple(inputs), True, dimensions),
-                          rt.settings.keep_alive)
+    result = await _embed(timer, rt, resolved, EmbedRequest(tuple(inputs), True, dimensions), rt.settings.keep_alive)
     if fmt == "base64":
         # OpenAI's base64: the raw little-endian float32 bytes of each vector.
-        data = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii")
-                for v in result.vectors]
+        data = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii") for v in result.vectors]
     else:
         data = result.vectors.tolist()
     n = result.prompt_tokens
-    return json_response({
-        "object": "list",
-        "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
-        "model": name,
-        "usage": {"prompt_tokens": n, "total_tokens": n},
-    })
+    return json_response(
+        {
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+            "model": name,
+            "usage": {"prompt_tokens": n, "total_tokens": n},
+        }
+    )

@@ -11,6 +11,7 @@ import functools
 import math
 import time
 import uuid
+from datetime import UTC
 from typing import Any, AsyncIterator
 
 import attrs
@@ -76,7 +77,9 @@ def _with_image_parts(msg: dict) -> dict:
         return msg
     out = {k: v for k, v in msg.items() if k != "images"}
     if msg["images"]:
-        out["content"] = [{"type": "image"} for _ in msg["images"]] + [{"type": "text", "text": msg.get("content") or ""}]
+        out["content"] = [{"type": "image"} for _ in msg["images"]] + [
+            {"type": "text", "text": msg.get("content") or ""}
+        ]
     return out
 
 
@@ -131,11 +134,18 @@ class Generation:
         d = self.durations()
         stats = self.final.stats if self.final is not None else None
         self.metrics.record_nowait(
-            "request", id=self.request_id, route=self.route, model=self.name, status=status,
+            "request",
+            id=self.request_id,
+            route=self.route,
+            model=self.name,
+            status=status,
             done_reason=self.final.finish if self.final is not None else "cancelled",
-            error=error, client=self.client, queue_wait_ns=self.queue_wait_ns,
+            error=error,
+            client=self.client,
+            queue_wait_ns=self.queue_wait_ns,
             ttft_ns=int((self.t_first - self.t_start) * 1e9) if self.t_first else None,
-            cached_tokens=stats.cached_tokens if stats else 0, **d,
+            cached_tokens=stats.cached_tokens if stats else 0,
+            **d,
         )
 
     def release(self) -> None:
@@ -241,8 +251,10 @@ def prompt_char_limit(tok, context_length: int) -> int:
 
 
 def _too_many_chars(n: int, context_length: int) -> Unprocessable:
-    return Unprocessable(f"prompt is {n} characters, more than the context window of {context_length} "
-                         f"tokens can hold; raise num_ctx or shorten the prompt")
+    return Unprocessable(
+        f"prompt is {n} characters, more than the context window of {context_length} "
+        f"tokens can hold; raise num_ctx or shorten the prompt"
+    )
 
 
 def _chat_messages(resolved, messages: list[dict]) -> list[dict]:
@@ -281,16 +293,25 @@ class _Renderer:
     variables: dict = attrs.Factory(dict)  # enable_thinking, reasoning_effort
 
     @classmethod
-    def of(cls, resolved, tok, max_chars: int = templates.DEFAULT_MAX_CHARS,
-           variables: dict | None = None) -> _Renderer:
-        return cls(chat_template(resolved, tok), tok.bos_token or "", tok.eos_token or "", max_chars,
-                   dict(variables or {}))
+    def of(
+        cls, resolved, tok, max_chars: int = templates.DEFAULT_MAX_CHARS, variables: dict | None = None
+    ) -> _Renderer:
+        return cls(
+            chat_template(resolved, tok), tok.bos_token or "", tok.eos_token or "", max_chars, dict(variables or {})
+        )
 
     def __call__(self, msgs: list[dict], tools: list | None = None) -> str:
         msgs = [_with_image_parts(m) for m in msgs]
-        return templates.render_chat(self.template, msgs, add_generation_prompt=True, tools=tools,
-                                     bos_token=self.bos_token, eos_token=self.eos_token,
-                                     max_chars=self.max_chars, **self.variables)
+        return templates.render_chat(
+            self.template,
+            msgs,
+            add_generation_prompt=True,
+            tools=tools,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            max_chars=self.max_chars,
+            **self.variables,
+        )
 
     def renders_tools(self, msgs: list[dict], tools: list) -> bool:
         """Whether the template writes ``tools`` at all, tried on the messages never dropped."""
@@ -305,8 +326,16 @@ def _encode_rendered(tok, text: str) -> list[int]:
     return ids
 
 
-def fit_chat(resolved, tok, messages: list[dict], tools, context_length: int, *,
-             truncate: bool = False, variables: dict | None = None) -> list[int]:
+def fit_chat(
+    resolved,
+    tok,
+    messages: list[dict],
+    tools,
+    context_length: int,
+    *,
+    truncate: bool = False,
+    variables: dict | None = None,
+) -> list[int]:
     """The conversation's prompt ids. As Ollama, when it overflows the window the oldest
     non-system messages (never the last one) are dropped until it fits, leaving room to answer.
 
@@ -367,8 +396,7 @@ def fit_chat(resolved, tok, messages: list[dict], tools, context_length: int, *,
     return _encode_rendered(tok, text)
 
 
-def raw_prompt_ids(tok, text: str, context_length: int, *, add_bos: bool | None,
-                   truncate: bool = False) -> list[int]:
+def raw_prompt_ids(tok, text: str, context_length: int, *, add_bos: bool | None, truncate: bool = False) -> list[int]:
     """A raw prompt's ids; one too long to fit is refused, or cut to its end, before the whole
     of it is tokenized. Blocking: runs on a worker thread."""
     limit = prompt_char_limit(tok, context_length)
@@ -392,14 +420,28 @@ def budget(prompt_len: int, context_length: int, num_predict: int | None, cap: i
     return max(n, 1)
 
 
-async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None, prompt_text=None,
-                images: list[str] | None = None,
-                prompt_ids=None, tools=None, logprobs: int | None = None,
-                logit_bias: dict[int, float] | None = None, max_tokens: int | None = None,
-                prefix_ids: list[int] | None = None, truncate: bool = False,
-                grammar: str | None = None, split_thinking: bool = False,
-                think: thinking.Think = None, think_budget: int | None = None,
-                think_strict: bool = True) -> Generation:
+async def start(
+    rt,
+    resolved,
+    opts: Options,
+    keep_alive: float,
+    *,
+    messages=None,
+    prompt_text=None,
+    images: list[str] | None = None,
+    prompt_ids=None,
+    tools=None,
+    logprobs: int | None = None,
+    logit_bias: dict[int, float] | None = None,
+    max_tokens: int | None = None,
+    prefix_ids: list[int] | None = None,
+    truncate: bool = False,
+    grammar: str | None = None,
+    split_thinking: bool = False,
+    think: thinking.Think = None,
+    think_budget: int | None = None,
+    think_strict: bool = True,
+) -> Generation:
     """Acquire, render, tokenize and submit. The caller must ``release()`` the result.
 
     With ``split_thinking`` the answer's reasoning is taken apart from its text (see
@@ -416,16 +458,33 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
     try:
         tok = lease.handle.tokenizer
         ctx = lease.handle.context_length
-        think_plan = thinking.plan(chat_template(resolved, tok), think, resolved.display,
-                                   strict=think_strict) if split_thinking else None
+        think_plan = (
+            thinking.plan(chat_template(resolved, tok), think, resolved.display, strict=think_strict)
+            if split_thinking
+            else None
+        )
         if prompt_ids is None:
             # Rendering and tokenizing take time in proportion to the input: off the event loop.
             if messages is not None:
-                work = functools.partial(fit_chat, resolved, tok, messages, tools, ctx, truncate=truncate,
-                                         variables=think_plan.template_vars if think_plan else None)
+                work = functools.partial(
+                    fit_chat,
+                    resolved,
+                    tok,
+                    messages,
+                    tools,
+                    ctx,
+                    truncate=truncate,
+                    variables=think_plan.template_vars if think_plan else None,
+                )
             else:
-                work = functools.partial(raw_prompt_ids, tok, prompt_text or "", ctx,
-                                         add_bos=None if not prefix_ids else False, truncate=truncate)
+                work = functools.partial(
+                    raw_prompt_ids,
+                    tok,
+                    prompt_text or "",
+                    ctx,
+                    add_bos=None if not prefix_ids else False,
+                    truncate=truncate,
+                )
             prompt_ids = await trio.to_thread.run_sync(work, abandon_on_cancel=True)
             if prefix_ids:  # Ollama's "context": the earlier conversation's token ids
                 check_token_ids(prefix_ids, tok.vocab_size, "context")
@@ -434,16 +493,27 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
             raise BadRequest("prompt is empty after tokenization")
         check_token_ids(prompt_ids, tok.vocab_size, "prompt")
         if truncate and len(prompt_ids) >= lease.handle.context_length:
-            prompt_ids = prompt_ids[-(lease.handle.context_length - 1):]
+            prompt_ids = prompt_ids[-(lease.handle.context_length - 1) :]
         check_logit_bias(logit_bias, tok.vocab_size)
-        n = budget(len(prompt_ids), lease.handle.context_length,
-                   max_tokens if max_tokens is not None else opts.num_predict)
+        n = budget(
+            len(prompt_ids), lease.handle.context_length, max_tokens if max_tokens is not None else opts.num_predict
+        )
         gen = Generation(
-            name=resolved.display, lease=lease, prompt_ids=list(prompt_ids), max_tokens=n,
-            params=sampling_from(opts, logit_bias=logit_bias), stop=tuple(opts.stop or ()),
-            logprobs=logprobs, keep_alive=keep_alive, t_start=t_start, load_ns=load_ns,
-            metrics=rt.metrics, route=request.path, request_id=uuid.uuid4().hex[:16],
-            client=request.remote_addr or "", queue_wait_ns=queue_wait_ns,
+            name=resolved.display,
+            lease=lease,
+            prompt_ids=list(prompt_ids),
+            max_tokens=n,
+            params=sampling_from(opts, logit_bias=logit_bias),
+            stop=tuple(opts.stop or ()),
+            logprobs=logprobs,
+            keep_alive=keep_alive,
+            t_start=t_start,
+            load_ns=load_ns,
+            metrics=rt.metrics,
+            route=request.path,
+            request_id=uuid.uuid4().hex[:16],
+            client=request.remote_addr or "",
+            queue_wait_ns=queue_wait_ns,
         )
         if split_thinking or tools:
             gen.markers = marker_tokens(tok)
@@ -451,10 +521,17 @@ async def start(rt, resolved, opts: Options, keep_alive: float, *, messages=None
             # Whether the answer starts inside the reasoning is in the prompt's last few tokens.
             gen.splitter = think_plan.splitter(tok.decode(gen.prompt_ids[-8:], skip_special=False))
             gen.show_thinking, gen.think_budget = think_plan.show, think_budget
-        gen.seq_id, gen.recv = lease.handle.submit_nowait(SequenceRequest(
-            prompt_ids=gen.prompt_ids, max_tokens=n, params=gen.params, stop=gen.stop, logprobs=logprobs,
-            grammar=grammar, images=tuple(images),
-        ))
+        gen.seq_id, gen.recv = lease.handle.submit_nowait(
+            SequenceRequest(
+                prompt_ids=gen.prompt_ids,
+                max_tokens=n,
+                params=gen.params,
+                stop=gen.stop,
+                logprobs=logprobs,
+                grammar=grammar,
+                images=tuple(images),
+            )
+        )
     except BaseException:
         lease.release(keep_alive)
         raise
@@ -507,8 +584,12 @@ def _split(gen: Generation, chunk: Chunk) -> Piece:
     finish = chunk.finish
     if was_thinking:
         gen.thinking_tokens += len(chunk.token_ids)
-    if finish is None and gen.think_budget is not None and gen.splitter.thinking \
-            and gen.thinking_tokens >= gen.think_budget:
+    if (
+        finish is None
+        and gen.think_budget is not None
+        and gen.splitter.thinking
+        and gen.thinking_tokens >= gen.think_budget
+    ):
         gen.lease.handle.cancel_nowait(gen.seq_id)
         gen.seq_id, finish = None, "length"
     if finish is not None:
@@ -517,8 +598,7 @@ def _split(gen: Generation, chunk: Chunk) -> Piece:
     if not gen.show_thinking:
         thought = ""
     gen.thinking.append(thought)
-    return Piece(**{**attrs.asdict(chunk, recurse=False), "text": said, "finish": finish},
-                 thinking=thought)
+    return Piece(**{**attrs.asdict(chunk, recurse=False), "text": said, "finish": finish}, thinking=thought)
 
 
 async def chunks(gen: Generation) -> AsyncIterator[Chunk]:
@@ -550,10 +630,9 @@ async def chunks(gen: Generation) -> AsyncIterator[Chunk]:
 
 
 def now_iso() -> str:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
-
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def grammar_for_format(fmt: Any) -> str | None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import attrs
@@ -15,14 +14,20 @@ from quart import Blueprint, Response, current_app
 from .. import __version__
 from ..actors import group as dist_group
 from ..actors.mailbox import post_nowait_or_drop
-from ..store.create import ADAPTERS_UNSUPPORTED
 from ..errors import BadRequest, MlxserveError
 from ..specs.modelfile import MESSAGE_ROLES, Modelfile
 from ..specs.thinking import parse_think
 from ..specs.tools import CallStream, as_template_tools, normalize_tools, parse_tool_calls
+from ..store.create import ADAPTERS_UNSUPPORTED
 from . import generation as g
 from .common import (
-    field, json_body, json_response, keep_alive_of, ndjson, runtime, stream_response,
+    field,
+    json_body,
+    json_response,
+    keep_alive_of,
+    ndjson,
+    runtime,
+    stream_response,
 )
 
 bp = Blueprint("ollama", __name__)
@@ -34,9 +39,9 @@ def _iso(ts: float | datetime | None) -> str | None:
         return None
     if isinstance(ts, (int, float)):
         try:
-            ts = datetime.fromtimestamp(ts, timezone.utc)
+            ts = datetime.fromtimestamp(ts, UTC)
         except (OverflowError, ValueError, OSError):  # inf ("forever") or past any calendar
-            ts = datetime(2318, 1, 1, tzinfo=timezone.utc)  # what Ollama shows for "forever"
+            ts = datetime(2318, 1, 1, tzinfo=UTC)  # what Ollama shows for "forever"
     return ts.isoformat().replace("+00:00", "Z")
 
 
@@ -53,8 +58,7 @@ async def version():
 @bp.route("/api/health", methods=["GET", "HEAD"])
 async def health():
     stats = await runtime().scheduler.statistics()
-    return json_response({"status": "ok", "loaded": stats.loaded, "running": stats.running,
-                          "queued": stats.queued})
+    return json_response({"status": "ok", "loaded": stats.loaded, "running": stats.running, "queued": stats.queued})
 
 
 @bp.route("/api/ready", methods=["GET", "HEAD"])
@@ -68,43 +72,77 @@ async def ready():
 @bp.get("/api/tags")
 async def tags():
     models = await runtime().store.list()
-    return json_response({"models": [
+    return json_response(
         {
-            "name": m.display, "model": m.display, "modified_at": _iso(m.modified_at),
-            "size": m.size, "digest": m.digest.removeprefix("sha256:"), "details": g.details(m.spec),
-            "capabilities": m.spec.reported_capabilities(),
+            "models": [
+                {
+                    "name": m.display,
+                    "model": m.display,
+                    "modified_at": _iso(m.modified_at),
+                    "size": m.size,
+                    "digest": m.digest.removeprefix("sha256:"),
+                    "details": g.details(m.spec),
+                    "capabilities": m.spec.reported_capabilities(),
+                }
+                for m in models
+            ]
         }
-        for m in models
-    ]})
+    )
 
 
 @bp.get("/api/ps")
 async def ps():
     """Loaded models, generating and embedding alike: the Scheduler owns them all."""
     stats = await runtime().scheduler.statistics()
-    rows = [(m.name, m.size, m.digest, m.details, m.expires_at, m.size_vram, m.context_length)
-            for m in stats.models if m.loaded]
+    rows = [
+        (m.name, m.size, m.digest, m.details, m.expires_at, m.size_vram, m.context_length)
+        for m in stats.models
+        if m.loaded
+    ]
     group = _groups(stats)
-    return json_response({"models": [
-        {"name": name, "model": name, "size": size, "digest": digest.removeprefix("sha256:"), "details": details,
-         "expires_at": _iso(expires), "size_vram": vram, "context_length": ctx, **group.get(name, {})}
-        for name, size, digest, details, expires, vram, ctx in rows
-    ]})
+    return json_response(
+        {
+            "models": [
+                {
+                    "name": name,
+                    "model": name,
+                    "size": size,
+                    "digest": digest.removeprefix("sha256:"),
+                    "details": details,
+                    "expires_at": _iso(expires),
+                    "size_vram": vram,
+                    "context_length": ctx,
+                    **group.get(name, {}),
+                }
+                for name, size, digest, details, expires, vram, ctx in rows
+            ]
+        }
+    )
 
 
 @bp.get("/api/status")
 async def status():
     stats = await runtime().scheduler.statistics()
     group = _groups(stats)
-    return json_response({
-        "running": stats.running, "queued": stats.queued, "loaded": stats.loaded,
-        "models": [
-            {"name": m.name, "loaded": m.loaded, "running": m.running, "queued": m.queued,
-             "expires_at": _iso(m.expires_at) if m.expires_at is not None else None, **group.get(m.name, {})}
-            for m in stats.models
-        ],
-        **({"group": dist_group.describe()} if dist_group.describe() else {}),
-    })
+    return json_response(
+        {
+            "running": stats.running,
+            "queued": stats.queued,
+            "loaded": stats.loaded,
+            "models": [
+                {
+                    "name": m.name,
+                    "loaded": m.loaded,
+                    "running": m.running,
+                    "queued": m.queued,
+                    "expires_at": _iso(m.expires_at) if m.expires_at is not None else None,
+                    **group.get(m.name, {}),
+                }
+                for m in stats.models
+            ],
+            **({"group": dist_group.describe()} if dist_group.describe() else {}),
+        }
+    )
 
 
 def _groups(stats) -> dict[str, dict]:
@@ -113,15 +151,13 @@ def _groups(stats) -> dict[str, dict]:
     group = dist_group.describe()
     if group is None:
         return {}
-    return {m.name: {"group": group} for m in stats.models
-            if m.loaded and getattr(m, "kind", "generate") == "generate"}
+    return {m.name: {"group": group} for m in stats.models if m.loaded and getattr(m, "kind", "generate") == "generate"}
 
 
 @bp.get("/metrics")
 async def metrics():
     rt = runtime()
-    return Response(rt.metrics.prometheus_text(await rt.scheduler.statistics()),
-                    mimetype="text/plain; version=0.0.4")
+    return Response(rt.metrics.prometheus_text(await rt.scheduler.statistics()), mimetype="text/plain; version=0.0.4")
 
 
 def _validate_messages(messages) -> list[dict]:
@@ -193,9 +229,14 @@ def _logprobs_request(body: dict) -> int | None:
 
 
 def _logprobs_out(tok, entries) -> list[dict]:
-    return [{"token": g.token_text(tok, t), "logprob": lp,
-             "top_logprobs": [{"token": g.token_text(tok, a), "logprob": alp} for a, alp in alts]}
-            for t, lp, alts in entries]
+    return [
+        {
+            "token": g.token_text(tok, t),
+            "logprob": lp,
+            "top_logprobs": [{"token": g.token_text(tok, a), "logprob": alp} for a, alp in alts],
+        }
+        for t, lp, alts in entries
+    ]
 
 
 @bp.post("/api/generate")
@@ -233,17 +274,35 @@ async def generate():
 
         check_template(template)
         resolved = attrs.evolve(resolved, spec=attrs.evolve(resolved.spec, template=template))
-    gen = await g.start(runtime(), resolved, opts, keep_alive, messages=messages, prompt_text=prompt_text,
-                        images=None if messages else images,
-                        prefix_ids=context, truncate=field(body, "truncate", bool, default=False),
-                        grammar=grammar, logprobs=logprobs, split_thinking=True, think=think)
+    gen = await g.start(
+        runtime(),
+        resolved,
+        opts,
+        keep_alive,
+        messages=messages,
+        prompt_text=prompt_text,
+        images=None if messages else images,
+        prefix_ids=context,
+        truncate=field(body, "truncate", bool, default=False),
+        grammar=grammar,
+        logprobs=logprobs,
+        split_thinking=True,
+        think=think,
+    )
 
     def piece(text: str, thinking: str = "") -> dict:
         return {"response": text, **({"thinking": thinking} if thinking else {})}
 
     def final(text: str, thinking: str = "") -> dict:
-        return {"model": name, "created_at": g.now_iso(), **piece(text, thinking), "done": True,
-                "done_reason": gen.done_reason, "context": gen.prompt_ids + gen.token_ids, **gen.durations()}
+        return {
+            "model": name,
+            "created_at": g.now_iso(),
+            **piece(text, thinking),
+            "done": True,
+            "done_reason": gen.done_reason,
+            "context": gen.prompt_ids + gen.token_ids,
+            **gen.durations(),
+        }
 
     return await _respond(gen, name, stream, piece, final, logprobs is not None)
 
@@ -259,9 +318,18 @@ async def chat():
     logprobs = _logprobs_request(body)
     if not messages:
         return await _preload_or_unload(name, resolved, keep_alive, "chat")
-    gen = await g.start(runtime(), resolved, opts, keep_alive, messages=messages,
-                        tools=as_template_tools(tools) or None, grammar=grammar, logprobs=logprobs,
-                        split_thinking=True, think=think)
+    gen = await g.start(
+        runtime(),
+        resolved,
+        opts,
+        keep_alive,
+        messages=messages,
+        tools=as_template_tools(tools) or None,
+        grammar=grammar,
+        logprobs=logprobs,
+        split_thinking=True,
+        think=think,
+    )
 
     def piece(text: str, thinking: str = "") -> dict:
         return {"message": {"role": "assistant", "content": text, **({"thinking": thinking} if thinking else {})}}
@@ -272,19 +340,27 @@ async def chat():
         if calls:
             out["message"]["content"] = ""
             out["message"]["tool_calls"] = _calls_out(calls)
-        return {"model": name, "created_at": g.now_iso(), **out,
-                "done_reason": gen.done_reason, "done": True, **gen.durations()}
+        return {
+            "model": name,
+            "created_at": g.now_iso(),
+            **out,
+            "done_reason": gen.done_reason,
+            "done": True,
+            **gen.durations(),
+        }
 
-    return await _respond(gen, name, stream, piece, final, logprobs is not None,
-                          tools=tools if grammar is None else None)
+    return await _respond(
+        gen, name, stream, piece, final, logprobs is not None, tools=tools if grammar is None else None
+    )
 
 
 def _calls_out(calls: list[dict]) -> list[dict]:
     return [{"function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
 
 
-async def _respond(gen: g.Generation, name: str, stream: bool, piece, final, with_logprobs: bool,
-                   tools: list[dict] | None = None):
+async def _respond(
+    gen: g.Generation, name: str, stream: bool, piece, final, with_logprobs: bool, tools: list[dict] | None = None
+):
     """Non-streaming: one object. Streaming: NDJSON pieces, then the final object.
 
     With tools, text that may still become a tool call is held back; each call goes out in a
@@ -356,21 +432,23 @@ async def show():
     params = spec.parameters.to_dict() if spec.parameters else {}
     param_lines = []
     for k, v in params.items():
-        for item in (v if isinstance(v, list) else [v]):
+        for item in v if isinstance(v, list) else [v]:
             param_lines.append(f"{k:<30} {item}")
-    return json_response({
-        "modelfile": render_modelfile(m.display, spec),
-        "parameters": "\n".join(param_lines),
-        "template": spec.template or "",
-        "system": spec.system or "",
-        "license": spec.license or "",
-        "details": g.details(spec),
-        "model_info": spec.model_info or {"general.architecture": spec.family,
-                                          f"{spec.family}.context_length": spec.context_length},
-        "capabilities": spec.reported_capabilities(),
-        "messages": spec.messages,
-        "modified_at": _iso(m.modified_at),
-    })
+    return json_response(
+        {
+            "modelfile": render_modelfile(m.display, spec),
+            "parameters": "\n".join(param_lines),
+            "template": spec.template or "",
+            "system": spec.system or "",
+            "license": spec.license or "",
+            "details": g.details(spec),
+            "model_info": spec.model_info
+            or {"general.architecture": spec.family, f"{spec.family}.context_length": spec.context_length},
+            "capabilities": spec.reported_capabilities(),
+            "messages": spec.messages,
+            "modified_at": _iso(m.modified_at),
+        }
+    )
 
 
 @bp.delete("/api/delete")
@@ -426,9 +504,13 @@ async def create():
     async def run_create(task_status=trio.TASK_STATUS_IGNORED):
         task_status.started()
         try:
-            await rt.store.create(name, modelfile, progress=progress,
-                                  on_validated=lambda: trio.from_thread.run_sync(validated.set),
-                                  **kwargs)
+            await rt.store.create(
+                name,
+                modelfile,
+                progress=progress,
+                on_validated=lambda: trio.from_thread.run_sync(validated.set),
+                **kwargs,
+            )
         except Exception as exc:  # in the runtime's nursery: never let it take the daemon down
             err = exc if isinstance(exc, MlxserveError) else MlxserveError(f"create failed: {exc}")
             if not isinstance(exc, MlxserveError):
@@ -472,17 +554,20 @@ def _modelfile_from_fields(body: dict, has_files: bool) -> Modelfile:
     license_ = body.get("license")
     if isinstance(license_, str):
         license_ = [license_]
-    if license_ is not None and not (
-            isinstance(license_, list) and all(isinstance(x, str) for x in license_)):
+    if license_ is not None and not (isinstance(license_, list) and all(isinstance(x, str) for x in license_)):
         raise BadRequest("license must be a string or a list of strings")
     messages = []
     for i, m in enumerate(field(body, "messages", list) or []):
-        if not isinstance(m, dict) or m.get("role") not in MESSAGE_ROLES or not isinstance(
-                m.get("content"), str):
-            raise BadRequest(f"messages[{i}] must be an object with a role "
-                             f"({', '.join(MESSAGE_ROLES)}) and a string content")
+        if not isinstance(m, dict) or m.get("role") not in MESSAGE_ROLES or not isinstance(m.get("content"), str):
+            raise BadRequest(
+                f"messages[{i}] must be an object with a role ({', '.join(MESSAGE_ROLES)}) and a string content"
+            )
         messages.append({"role": m["role"], "content": m["content"]})
-    return Modelfile(from_=src, parameters=dict(field(body, "parameters", dict) or {}),
-                     template=field(body, "template", str) or None,
-                     system=field(body, "system", str) or None,
-                     license=[x for x in license_ or [] if x], messages=messages)
+    return Modelfile(
+        from_=src,
+        parameters=dict(field(body, "parameters", dict) or {}),
+        template=field(body, "template", str) or None,
+        system=field(body, "system", str) or None,
+        license=[x for x in license_ or [] if x],
+        messages=messages,
+    )

@@ -34,7 +34,7 @@ def _sse_error(exc: MlxserveError) -> bytes:
     return _sse({"error": {"message": str(exc), "type": exc.kind, "param": None, "code": None}})
 
 
-def _sse_response(merge: "Merge", events):
+def _sse_response(merge: Merge, events):
     """An SSE body: the events, then [DONE]; a failure after streaming began becomes a final
     error event. Each choice is recorded once, with the status the client effectively got."""
 
@@ -81,7 +81,7 @@ class Merge:
         for x in self.gens:
             x.release()
 
-    def __aiter__(self) -> "Merge":
+    def __aiter__(self) -> Merge:
         return self
 
     async def __anext__(self) -> tuple[int, g.Chunk]:
@@ -146,7 +146,9 @@ def _content_text(content, i: int, images: list[str] | None = None) -> str:
                     raise BadRequest(f"messages[{i}].content: image_url.url must be a string")
                 images.append(url)
             elif part["type"] in ("image_url", "input_image", "input_audio"):
-                raise BadRequest(g.IMAGES_UNSUPPORTED if part["type"] != "input_audio" else "audio input is not supported")
+                raise BadRequest(
+                    g.IMAGES_UNSUPPORTED if part["type"] != "input_audio" else "audio input is not supported"
+                )
             else:
                 raise BadRequest(f"unsupported content part type '{part['type']}'")
         return "".join(parts)
@@ -200,8 +202,13 @@ def template_call(call, i: int) -> dict:
 
 def request_options(body: dict) -> dict:
     opts: dict = {}
-    for src, kind in (("temperature", float), ("top_p", float), ("seed", int),
-                      ("presence_penalty", float), ("frequency_penalty", float)):
+    for src, kind in (
+        ("temperature", float),
+        ("top_p", float),
+        ("seed", int),
+        ("presence_penalty", float),
+        ("frequency_penalty", float),
+    ):
         v = field(body, src, kind)
         if v is not None:
             opts[src] = v
@@ -300,15 +307,25 @@ def _usage(gens: list[g.Generation], n: int) -> dict:
     prompt = sum(x.durations()["prompt_eval_count"] for x in gens[::n])
     completion = sum(x.durations()["eval_count"] for x in gens)
     cached = max((x.final.stats.cached_tokens for x in gens if x.final and x.final.stats), default=0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def _lp_entry(tok, t: int, lp: float, alts) -> dict:
     text = g.token_text(tok, t)
-    return {"token": text, "logprob": lp, "bytes": list(text.encode()),
-            "top_logprobs": [{"token": g.token_text(tok, a), "logprob": alp,
-                              "bytes": list(g.token_text(tok, a).encode())} for a, alp in alts]}
+    return {
+        "token": text,
+        "logprob": lp,
+        "bytes": list(text.encode()),
+        "top_logprobs": [
+            {"token": g.token_text(tok, a), "logprob": alp, "bytes": list(g.token_text(tok, a).encode())}
+            for a, alp in alts
+        ],
+    }
 
 
 def _tool_calls(text: str, tools: list[dict], forced: bool, choice) -> list[dict] | None:
@@ -321,8 +338,11 @@ def _tool_calls(text: str, tools: list[dict], forced: bool, choice) -> list[dict
 
 
 def _call_out(call: dict) -> dict:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])},
+    }
 
 
 async def _start_all(rt, resolved, opts, n: int, **kw) -> list[g.Generation]:
@@ -388,13 +408,26 @@ async def chat_completions():
     resolved = await rt.store.resolve(name)
     opts = g.merge_options(resolved.spec.parameters, request_options(body))
     gens = await _start_all(
-        rt, resolved, opts, n, messages=messages, max_tokens=_max_tokens(body),
+        rt,
+        resolved,
+        opts,
+        n,
+        messages=messages,
+        max_tokens=_max_tokens(body),
         tools=as_template_tools(tools) if tools and choice != "none" else None,
-        grammar=grammar, logprobs=top, logit_bias=_logit_bias(body), split_thinking=True, think=think,
+        grammar=grammar,
+        logprobs=top,
+        logit_bias=_logit_bias(body),
+        split_thinking=True,
+        think=think,
     )
     tok = gens[0].tokenizer
-    base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": name,
-            "system_fingerprint": "mlxserve"}
+    base = {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "created": int(time.time()),
+        "model": name,
+        "system_fingerprint": "mlxserve",
+    }
 
     def choice_of(i: int, x: g.Generation) -> dict:
         text = "".join(x.text)
@@ -405,13 +438,23 @@ async def chat_completions():
         if calls:
             message["tool_calls"] = calls
         lp = {"content": [_lp_entry(tok, *e) for e in x.logprob_entries]} if top is not None else None
-        return {"index": i, "message": message, "logprobs": lp,
-                "finish_reason": "tool_calls" if calls else _FINISH[x.done_reason]}
+        return {
+            "index": i,
+            "message": message,
+            "logprobs": lp,
+            "finish_reason": "tool_calls" if calls else _FINISH[x.done_reason],
+        }
 
     if not stream:
         await drain_all(gens)
-        return json_response({**base, "object": "chat.completion",
-                              "choices": [choice_of(i, x) for i, x in enumerate(gens)], "usage": _usage(gens, n)})
+        return json_response(
+            {
+                **base,
+                "object": "chat.completion",
+                "choices": [choice_of(i, x) for i, x in enumerate(gens)],
+                "usage": _usage(gens, n),
+            }
+        )
 
     hold = bool(tools) and choice != "none"
     merge = Merge(rt.nursery, gens)
@@ -421,16 +464,18 @@ async def chat_completions():
         chunk_base = {**base, "object": "chat.completion.chunk", **({"usage": None} if include_usage else {})}
 
         def delta(i: int, d: dict, finish=None, lp=None) -> bytes:
-            return _sse({**chunk_base, "choices": [{"index": i, "delta": d, "logprobs": lp,
-                                                    "finish_reason": finish}]})
+            return _sse({**chunk_base, "choices": [{"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}]})
 
         # With tools, text that may become a call is held; each call goes out as it completes.
         streams = [CallStream(tools) for _ in gens] if hold else []
 
         def text_and_calls(i: int, text: str, calls: list[dict]) -> list[bytes]:
             first = streams[i].sent - len(calls)
-            return ([delta(i, {"content": text})] if text else []) + ([delta(i, {"tool_calls": [
-                {"index": first + k, **_call_out(c)} for k, c in enumerate(calls)]})] if calls else [])
+            return ([delta(i, {"content": text})] if text else []) + (
+                [delta(i, {"tool_calls": [{"index": first + k, **_call_out(c)} for k, c in enumerate(calls)]})]
+                if calls
+                else []
+            )
 
         def ending(i: int, x: g.Generation) -> list[bytes]:
             finish, out = _FINISH[x.done_reason], []
@@ -496,14 +541,19 @@ async def completions():
     try:
         for p in prompts:
             kw = {"prompt_ids": p} if isinstance(p, list) else {"prompt_text": p}
-            gens += await _start_all(rt, resolved, opts, n, max_tokens=max_tokens, logprobs=top,
-                                     logit_bias=_logit_bias(body), **kw)
+            gens += await _start_all(
+                rt, resolved, opts, n, max_tokens=max_tokens, logprobs=top, logit_bias=_logit_bias(body), **kw
+            )
     except BaseException:
         for x in gens:
             x.release()
         raise
-    base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-            "model": name}
+    base = {
+        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": name,
+    }
     tok = gens[0].tokenizer
 
     def legacy_lp(entries, at: int) -> dict:
@@ -514,20 +564,33 @@ async def completions():
         for t in tokens:
             offsets.append(at)
             at += len(t)
-        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [{g.token_text(tok, a): alp for a, alp in alts} for _, _, alts in entries],
-                "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{g.token_text(tok, a): alp for a, alp in alts} for _, _, alts in entries],
+            "text_offset": offsets,
+        }
 
     def prefix(x: g.Generation) -> str:
         return tok.decode(x.prompt_ids) if echo else ""
 
     if not stream:
         await drain_all(gens)
-        return json_response({**base, "choices": [
-            {"index": i, "text": prefix(x) + "".join(x.text),
-             "logprobs": legacy_lp(x.logprob_entries, len(prefix(x))) if top is not None else None,
-             "finish_reason": _FINISH[x.done_reason]} for i, x in enumerate(gens)],
-            "usage": _usage(gens, n)})
+        return json_response(
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": i,
+                        "text": prefix(x) + "".join(x.text),
+                        "logprobs": legacy_lp(x.logprob_entries, len(prefix(x))) if top is not None else None,
+                        "finish_reason": _FINISH[x.done_reason],
+                    }
+                    for i, x in enumerate(gens)
+                ],
+                "usage": _usage(gens, n),
+            }
+        )
 
     merge = Merge(rt.nursery, gens)
 
@@ -535,8 +598,9 @@ async def completions():
         chunk_base = {**base, **({"usage": None} if include_usage else {})}
 
         def piece(i: int, text: str, lp=None, finish=None) -> bytes:
-            return _sse({**chunk_base, "choices": [{"index": i, "text": text, "logprobs": lp,
-                                                    "finish_reason": finish}]})
+            return _sse(
+                {**chunk_base, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]}
+            )
 
         offsets = [0] * len(gens)  # where each choice's next logprob token begins in its text
         for i, x in enumerate(gens):

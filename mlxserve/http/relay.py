@@ -70,16 +70,36 @@ def sampling_options(temperature, top_p, stop: list[str] | None) -> dict:
     return openai_options({"temperature": temperature, "top_p": top_p, "stop": stop})
 
 
-async def start(rt, resolved, request_opts: dict, *, messages: list[dict], tools: list[dict] | None,
-                grammar: str | None, max_tokens: int | None, think=None, think_budget: int | None = None,
-                think_strict: bool = True) -> g.Generation:
+async def start(
+    rt,
+    resolved,
+    request_opts: dict,
+    *,
+    messages: list[dict],
+    tools: list[dict] | None,
+    grammar: str | None,
+    max_tokens: int | None,
+    think=None,
+    think_budget: int | None = None,
+    think_strict: bool = True,
+) -> g.Generation:
     """``tools``: normalised tools to render (None when the request's tool choice is none);
     ``think``: as Ollama's (specs/thinking.py), the reasoning capped at ``think_budget`` tokens."""
     opts = g.merge_options(resolved.spec.parameters, request_opts)
-    return await g.start(rt, resolved, opts, rt.settings.keep_alive, messages=messages,
-                         max_tokens=max_tokens, tools=as_template_tools(tools) if tools else None,
-                         grammar=grammar, split_thinking=True, think=think, think_budget=think_budget,
-                         think_strict=think_strict)
+    return await g.start(
+        rt,
+        resolved,
+        opts,
+        rt.settings.keep_alive,
+        messages=messages,
+        max_tokens=max_tokens,
+        tools=as_template_tools(tools) if tools else None,
+        grammar=grammar,
+        split_thinking=True,
+        think=think,
+        think_budget=think_budget,
+        think_strict=think_strict,
+    )
 
 
 def tool_calls(text: str, tools: list[dict] | None) -> list[dict] | None:
@@ -93,7 +113,7 @@ def matched_stop(gen: g.Generation, stops: list[str] | None) -> str | None:
     token was kept (an end token never is), and the decoded tokens then go on with the match."""
     if not stops or gen.final is None or gen.final.finish != "stop" or not gen.final.token_ids:
         return None
-    rest = gen.tokenizer.decode(gen.token_ids)[gen.raw_chars:]
+    rest = gen.tokenizer.decode(gen.token_ids)[gen.raw_chars :]
     found = [(rest.find(s), s) for s in stops if s and s in rest]
     return min(found)[1] if found else None
 
@@ -105,8 +125,12 @@ def usage_counts(gen: g.Generation) -> tuple[int, int, int]:
     return d["prompt_eval_count"], d["eval_count"], cached
 
 
-def sse_response(rt, gen: g.Generation, events: Callable[[AsyncIterator[g.Chunk]], AsyncIterator[bytes]],
-                 error_event: Callable[[MlxserveError], bytes]):
+def sse_response(
+    rt,
+    gen: g.Generation,
+    events: Callable[[AsyncIterator[g.Chunk]], AsyncIterator[bytes]],
+    error_event: Callable[[MlxserveError], bytes],
+):
     """A streamed answer: ``events`` turns the generation's chunks into the dialect's events; a
     failure after the stream began becomes ``error_event``. The request is recorded once, with
     the status the client effectively got; the lease and sequence go with the body."""

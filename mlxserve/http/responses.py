@@ -110,18 +110,33 @@ def _input(inp) -> list[dict]:
             if role not in ("user", "system", "assistant"):
                 raise BadRequest(f"input[{i}].role must be user, system, developer or assistant")
             content, images = _images_apart(item.get("content"), f"input[{i}].content", role)
-            out.append({"role": role, "content": _parts_text(content, f"input[{i}].content"),
-                        **({"images": images} if images else {})})
+            out.append(
+                {
+                    "role": role,
+                    "content": _parts_text(content, f"input[{i}].content"),
+                    **({"images": images} if images else {}),
+                }
+            )
         elif kind == "function_call":
-            call = template_call({"id": item.get("call_id"), "function": {
-                "name": item.get("name"), "arguments": item.get("arguments", "{}")}}, i)
+            call = template_call(
+                {
+                    "id": item.get("call_id"),
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")},
+                },
+                i,
+            )
             if out and out[-1]["role"] == "assistant":
                 out[-1].setdefault("tool_calls", []).append(call)
             else:
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind == "function_call_output":
-            out.append({"role": "tool", "tool_call_id": item.get("call_id"),
-                        "content": _parts_text(item.get("output", ""), f"input[{i}].output")})
+            out.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": item.get("call_id"),
+                    "content": _parts_text(item.get("output", ""), f"input[{i}].output"),
+                }
+            )
         elif kind == "reasoning":
             continue  # no model here reasons: earlier reasoning is not replayed
         else:
@@ -182,32 +197,64 @@ async def create():
     system = [{"role": "system", "content": instructions}] if instructions else []
     rt = runtime()
     resolved = await rt.store.resolve(name)
-    gen = await relay.start(rt, resolved, opts, messages=system + conversation, tools=active,
-                            grammar=grammar, max_tokens=max_tokens, think=think,
-                            think_strict=False)  # clients send reasoning to every model
+    gen = await relay.start(
+        rt,
+        resolved,
+        opts,
+        messages=system + conversation,
+        tools=active,
+        grammar=grammar,
+        max_tokens=max_tokens,
+        think=think,
+        think_strict=False,
+    )  # clients send reasoning to every model
     rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
     msg_id, rs_id = f"msg_{uuid.uuid4().hex}", f"rs_{uuid.uuid4().hex}"
 
     def response(status: str, output: list[dict], usage: dict | None) -> dict:
         return {
-            "id": rid, "object": "response", "created_at": created, "status": status, "error": None,
+            "id": rid,
+            "object": "response",
+            "created_at": created,
+            "status": status,
+            "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-            "instructions": instructions, "max_output_tokens": max_tokens, "model": name, "output": output,
+            "instructions": instructions,
+            "max_output_tokens": max_tokens,
+            "model": name,
+            "output": output,
             "parallel_tool_calls": body.get("parallel_tool_calls", True),
-            "previous_response_id": previous, "reasoning": {"effort": effort, "summary": None},
-            "store": store, "temperature": opts["temperature"], "top_p": opts["top_p"],
+            "previous_response_id": previous,
+            "reasoning": {"effort": effort, "summary": None},
+            "store": store,
+            "temperature": opts["temperature"],
+            "top_p": opts["top_p"],
             "text": body.get("text") or {"format": {"type": "text"}},
-            "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
-            "truncation": "disabled", "usage": usage, "user": None, "metadata": body.get("metadata") or {},
+            "tool_choice": body.get("tool_choice", "auto"),
+            "tools": body.get("tools") or [],
+            "truncation": "disabled",
+            "usage": usage,
+            "user": None,
+            "metadata": body.get("metadata") or {},
         }
 
     def message_item(text: str, status: str = "completed") -> dict:
-        return {"id": msg_id, "type": "message", "status": status, "role": "assistant",
-                "content": [] if status != "completed" else [_text_part(text)]}
+        return {
+            "id": msg_id,
+            "type": "message",
+            "status": status,
+            "role": "assistant",
+            "content": [] if status != "completed" else [_text_part(text)],
+        }
 
     def reasoning_item(thought: str, status: str = "completed") -> dict:
-        return {"id": rs_id, "type": "reasoning", "status": status, "summary": [],
-                "content": [{"type": "reasoning_text", "text": thought}] if status == "completed" else []}
+        return {
+            "id": rs_id,
+            "type": "reasoning",
+            "status": status,
+            "summary": [],
+            "content": [{"type": "reasoning_text", "text": thought}] if status == "completed" else [],
+        }
 
     def finished() -> tuple[dict, list[dict]]:
         """The final response, and the conversation to store with it."""
@@ -216,16 +263,33 @@ async def create():
         if calls and body.get("parallel_tool_calls") is False:
             calls = calls[:1]
         prompt, out, cached = relay.usage_counts(gen)
-        usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
-                 "output_tokens": out, "output_tokens_details": {"reasoning_tokens": gen.thinking_tokens},
-                 "total_tokens": prompt + out}
+        usage = {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": out,
+            "output_tokens_details": {"reasoning_tokens": gen.thinking_tokens},
+            "total_tokens": prompt + out,
+        }
         if calls:
-            output = [{"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "status": "completed",
-                       "call_id": f"call_{uuid.uuid4().hex[:24]}", "name": c["name"],
-                       "arguments": json.dumps(c["arguments"], ensure_ascii=False)} for c in calls]
-            said = {"role": "assistant", "content": "", "tool_calls": [
-                template_call({"id": o["call_id"], "function": {"name": o["name"], "arguments": o["arguments"]}}, 0)
-                for o in output]}
+            output = [
+                {
+                    "id": f"fc_{uuid.uuid4().hex}",
+                    "type": "function_call",
+                    "status": "completed",
+                    "call_id": f"call_{uuid.uuid4().hex[:24]}",
+                    "name": c["name"],
+                    "arguments": json.dumps(c["arguments"], ensure_ascii=False),
+                }
+                for c in calls
+            ]
+            said = {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    template_call({"id": o["call_id"], "function": {"name": o["name"], "arguments": o["arguments"]}}, 0)
+                    for o in output
+                ],
+            }
             status = "completed"
         else:
             output, said = [message_item(text)], {"role": "assistant", "content": text}
@@ -249,13 +313,21 @@ async def create():
     def text_events(i: int, text: str, *, opened: bool) -> list[bytes]:
         """A message item's closing events (and its opening ones, when not yet open)."""
         ids = {"item_id": msg_id, "output_index": i, "content_index": 0}
-        head = [] if opened else [
-            event("response.output_item.added", output_index=i, item=message_item("", "in_progress")),
-            event("response.content_part.added", **ids, part=_text_part("")),
-            *([event("response.output_text.delta", **ids, delta=text, logprobs=[])] if text else [])]
-        return [*head, event("response.output_text.done", **ids, text=text, logprobs=[]),
-                event("response.content_part.done", **ids, part=_text_part(text)),
-                event("response.output_item.done", output_index=i, item=message_item(text))]
+        head = (
+            []
+            if opened
+            else [
+                event("response.output_item.added", output_index=i, item=message_item("", "in_progress")),
+                event("response.content_part.added", **ids, part=_text_part("")),
+                *([event("response.output_text.delta", **ids, delta=text, logprobs=[])] if text else []),
+            ]
+        )
+        return [
+            *head,
+            event("response.output_text.done", **ids, text=text, logprobs=[]),
+            event("response.content_part.done", **ids, part=_text_part(text)),
+            event("response.output_item.done", output_index=i, item=message_item(text)),
+        ]
 
     async def events(chunks):
         yield event("response.created", response=response("in_progress", [], None))
@@ -268,31 +340,43 @@ async def create():
             out = close_reasoning()
             i = len(opened)
             opened.append("message")
-            return [*out, event("response.output_item.added", output_index=i, item=message_item("", "in_progress")),
-                    event("response.content_part.added", item_id=msg_id, output_index=i, content_index=0,
-                          part=_text_part(""))]
+            return [
+                *out,
+                event("response.output_item.added", output_index=i, item=message_item("", "in_progress")),
+                event(
+                    "response.content_part.added", item_id=msg_id, output_index=i, content_index=0, part=_text_part("")
+                ),
+            ]
 
         def close_reasoning() -> list[bytes]:
             if opened != ["reasoning"]:
                 return []
             opened[0] = "reasoning done"
             thought = "".join(gen.thinking)
-            return [event("response.reasoning_text.done", item_id=rs_id, output_index=0, content_index=0,
-                          text=thought),
-                    event("response.output_item.done", output_index=0, item=reasoning_item(thought))]
+            return [
+                event("response.reasoning_text.done", item_id=rs_id, output_index=0, content_index=0, text=thought),
+                event("response.output_item.done", output_index=0, item=reasoning_item(thought)),
+            ]
 
         async for c in chunks:
             if getattr(c, "thinking", ""):
                 if not opened:
                     opened.append("reasoning")
                     yield event("response.output_item.added", output_index=0, item=reasoning_item("", "in_progress"))
-                yield event("response.reasoning_text.delta", item_id=rs_id, output_index=0, content_index=0,
-                            delta=c.thinking)
+                yield event(
+                    "response.reasoning_text.delta", item_id=rs_id, output_index=0, content_index=0, delta=c.thinking
+                )
             if not active and c.text:
                 for e in open_message() if "message" not in opened else ():
                     yield e
-                yield event("response.output_text.delta", item_id=msg_id, output_index=len(opened) - 1,
-                            content_index=0, delta=c.text, logprobs=[])
+                yield event(
+                    "response.output_text.delta",
+                    item_id=msg_id,
+                    output_index=len(opened) - 1,
+                    content_index=0,
+                    delta=c.text,
+                    logprobs=[],
+                )
         for e in close_reasoning():
             yield e
         final, output = finished()
@@ -303,12 +387,19 @@ async def create():
                 for e in text_events(i, "".join(gen.text), opened="message" in opened):
                     yield e
                 continue
-            yield event("response.output_item.added", output_index=i,
-                        item={**item, "arguments": "", "status": "in_progress"})
-            yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
-                        delta=item["arguments"])
-            yield event("response.function_call_arguments.done", item_id=item["id"], output_index=i,
-                        name=item["name"], arguments=item["arguments"])
+            yield event(
+                "response.output_item.added", output_index=i, item={**item, "arguments": "", "status": "in_progress"}
+            )
+            yield event(
+                "response.function_call_arguments.delta", item_id=item["id"], output_index=i, delta=item["arguments"]
+            )
+            yield event(
+                "response.function_call_arguments.done",
+                item_id=item["id"],
+                output_index=i,
+                name=item["name"],
+                arguments=item["arguments"],
+            )
             yield event("response.output_item.done", output_index=i, item=item)
         yield event(f"response.{final['status']}", response=final)
 
@@ -365,10 +456,17 @@ async def input_items(response_id: str):
         at = next((i for i, x in enumerate(seq) if x["id"] == after), None)
         if at is None:
             raise BadRequest(f"after: response '{response_id}' has no input item '{after}'")
-        seq = seq[at + 1:]
+        seq = seq[at + 1 :]
     page = seq[:limit]
-    return json_response({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-                          "last_id": page[-1]["id"] if page else None, "has_more": len(seq) > limit})
+    return json_response(
+        {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(seq) > limit,
+        }
+    )
 
 
 @bp.delete("/v1/responses/<response_id>")

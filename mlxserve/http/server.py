@@ -25,8 +25,13 @@ class DaemonInfo:
     drain: Drain
 
 
-async def run_daemon(settings: Settings, *, shutdown: trio.Event | None = None,
-                     preload: list[str] | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def run_daemon(
+    settings: Settings,
+    *,
+    shutdown: trio.Event | None = None,
+    preload: list[str] | None = None,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve until a signal or ``shutdown``; ``task_status.started`` gets a DaemonInfo.
 
     A signal (or ``DaemonInfo.drain.start()``) drains first: readiness answers 503, new work is
@@ -72,8 +77,11 @@ async def _watch_signals(drain: Drain, seconds: float, shutdown: trio.Event, sco
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_wait_signal, drain, shutdown)
             await drain.started.wait()
-            log.info("draining: %d request(s) in flight get up to %gs to finish (a second signal stops now)",
-                     drain.inflight, seconds)
+            log.info(
+                "draining: %d request(s) in flight get up to %gs to finish (a second signal stops now)",
+                drain.inflight,
+                seconds,
+            )
             with trio.move_on_after(seconds):
                 await drain.wait_until(lambda n: n == 0)
             shutdown.set()

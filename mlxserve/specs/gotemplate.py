@@ -28,8 +28,25 @@ from jinja2 import Undefined
 from ..errors import BadRequest
 
 MAX_NESTING = 64  # blocks inside blocks; library templates nest 4 or 5 deep
-FUNCS = {"eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "len", "index", "slice", "printf",
-         "print", "json", "currentDate", "yesterdayDate"}
+FUNCS = {
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "and",
+    "or",
+    "not",
+    "len",
+    "index",
+    "slice",
+    "printf",
+    "print",
+    "json",
+    "currentDate",
+    "yesterdayDate",
+}
 _CMP = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 
 
@@ -38,8 +55,10 @@ class Untranslatable(BadRequest):
 
 
 def _refuse(what: str) -> Untranslatable:
-    return Untranslatable(f"this Ollama Go template uses {what}, which mlxserve does not translate; "
-                          "give the model a Jinja chat template (Modelfile TEMPLATE) instead")
+    return Untranslatable(
+        f"this Ollama Go template uses {what}, which mlxserve does not translate; "
+        "give the model a Jinja chat template (Modelfile TEMPLATE) instead"
+    )
 
 
 # ---- lexing: text and actions, with Go's trim markers ----
@@ -52,7 +71,7 @@ def _lex(src: str) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     at, trim_next = 0, False
     for m in _ACTION.finditer(src):
-        text = src[at:m.start()]
+        text = src[at : m.start()]
         if trim_next:
             text = text.lstrip(" \t\r\n")
         if m.group(1):
@@ -75,14 +94,17 @@ def _lex(src: str) -> list[tuple[str, str]]:
 
 # ---- expressions: pipelines into Jinja expressions ----
 
-_TOKEN = re.compile(r"""\s*(?:
+_TOKEN = re.compile(
+    r"""\s*(?:
     (?P<str>"(?:[^"\\]|\\.)*"|`[^`]*`)
   | (?P<num>-?\d+(?:\.\d+)?)
   | (?P<var>\$[A-Za-z_0-9]*)
   | (?P<field>(?:\.[A-Za-z_][A-Za-z_0-9]*)+|\.)
   | (?P<ident>[A-Za-z_][A-Za-z_0-9]*)
   | (?P<op>:=|=|\||\(|\)|,)
-)""", re.X)
+)""",
+    re.X,
+)
 
 
 def _tokens(text: str) -> list[tuple[str, str]]:
@@ -97,12 +119,21 @@ def _tokens(text: str) -> list[tuple[str, str]]:
         value = m.group(kind)
         at = m.end()
         # a field chain right after ) or a variable: (x).A, $x.A
-        if kind == "field" and out and value != "." and (out[-1][0] == "var" or out[-1] == ("op", ")")) \
-                and m.start(kind) == m.start():
+        if (
+            kind == "field"
+            and out
+            and value != "."
+            and (out[-1][0] == "var" or out[-1] == ("op", ")"))
+            and m.start(kind) == m.start()
+        ):
             out.append(("chain", value))
             continue
-        if kind == "var" and text[at:at + 1] == "." and _TOKEN.match(text, at) and \
-                _TOKEN.match(text, at).lastgroup == "field":
+        if (
+            kind == "var"
+            and text[at : at + 1] == "."
+            and _TOKEN.match(text, at)
+            and _TOKEN.match(text, at).lastgroup == "field"
+        ):
             f = _TOKEN.match(text, at)
             out.append((kind, value))
             out.append(("chain", f.group("field")))
@@ -169,7 +200,7 @@ class _Translator:
                 while j < len(toks) and depth:
                     depth += {"(": 1, ")": -1}.get(toks[j][1], 0) if toks[j][0] == "op" else 0
                     j += 1
-                inner = self.pipeline(toks[i + 1:j - 1], scope)
+                inner = self.pipeline(toks[i + 1 : j - 1], scope)
                 expr = f"({inner})"
                 i = j
                 if i < len(toks) and toks[i][0] == "chain":
@@ -286,7 +317,7 @@ def _parse(items: list[tuple[str, str]]) -> list:
                         otherwise, ended = block(("end",))
                 nodes.append(("if", branches, otherwise))
             elif word in ("range", "with"):
-                head = body[len(word):].strip()
+                head = body[len(word) :].strip()
                 names: list[str] = []
                 m = re.match(r"^(\$\w*)\s*(?:,\s*(\$\w*))?\s*:=\s*(.*)$", head, re.S)
                 if m:
@@ -402,8 +433,9 @@ def _emit(nodes: list, tr: _Translator, scope: _Scope) -> str:
             if len(names) == 1:
                 sets = f"{{% set gons.v_{names[0][1:] or '_'} = {item} %}}"
             elif len(names) == 2:
-                sets = (f"{{% set gons.v_{names[0][1:] or '_'} = {key} %}}"
-                        f"{{% set gons.v_{names[1][1:] or '_'} = {item} %}}")
+                sets = (
+                    f"{{% set gons.v_{names[0][1:] or '_'} = {key} %}}{{% set gons.v_{names[1][1:] or '_'} = {item} %}}"
+                )
             out.append(f"{{% for {key}, {item} in gorange({tr.pipeline(head, scope)}) %}}{sets}")
             out.append(_emit(body, tr, _Scope(item)))
             if otherwise is not None:
@@ -443,12 +475,15 @@ def translate(go: str) -> Translated:
     full = _emit(nodes, tr, _Scope("goroot"))
     cut = _emit(_cut_after_response(nodes), tr, _Scope("goroot"))
     # Each earlier turn runs the whole template; the last, cut after .Response.
-    jinja = ("{% for goroot in goturns %}{% set gons = namespace() %}" + full + "{% endfor %}"
-             "{% set goroot = golast %}" + head + cut)
+    jinja = (
+        "{% for goroot in goturns %}{% set gons = namespace() %}" + full + "{% endfor %}"
+        "{% set goroot = golast %}" + head + cut
+    )
     return Translated(jinja, False)
 
 
 # ---- values ----
+
 
 class _Shown:
     """Printed as Ollama prints the Go value (its JSON): ``shown``."""
@@ -484,8 +519,7 @@ def _str(v: Any) -> str:
 
 
 def _json(v: Any) -> str:
-    return json.dumps(v.shown if isinstance(v, _Shown) else v, ensure_ascii=False,
-                      separators=(",", ":"))
+    return json.dumps(v.shown if isinstance(v, _Shown) else v, ensure_ascii=False, separators=(",", ":"))
 
 
 def _sprintf(fmt: str, *args: Any) -> str:
@@ -506,11 +540,11 @@ def _range(v: Any) -> list[tuple[Any, Any]]:
 
 def _yesterday() -> str:
     from datetime import timedelta
+
     return (datetime.now() - timedelta(days=1)).strftime("%Y-%m-%d")
 
 
-FUNCTIONS = {"gostr": _str, "gojson": _json, "gosprintf": _sprintf, "gorange": _range,
-             "goyesterday": _yesterday}
+FUNCTIONS = {"gostr": _str, "gojson": _json, "gosprintf": _sprintf, "gorange": _range, "goyesterday": _yesterday}
 
 
 def _call(call: dict) -> GoObject:
@@ -522,16 +556,24 @@ def _call(call: dict) -> GoObject:
             args = json.loads(args)
         except ValueError:
             args = {}
-    function = GoObject({"Name": fn.get("name", ""), "Arguments": GoObject(args, args), "Index": 0},
-                        {"name": fn.get("name", ""), "arguments": args})
+    function = GoObject(
+        {"Name": fn.get("name", ""), "Arguments": GoObject(args, args), "Index": 0},
+        {"name": fn.get("name", ""), "arguments": args},
+    )
     return GoObject({"ID": call.get("id") or "", "Function": function}, {"function": function.shown})
 
 
 def _message(m: dict) -> GoObject:
     calls = [_call(c) for c in m.get("tool_calls") or []]
-    fields = {"Role": m.get("role", ""), "Content": m.get("content") or "", "Thinking": m.get("thinking") or "",
-              "Images": m.get("images") or [], "ToolCalls": GoList(calls, [c.shown for c in calls]) if calls else None,
-              "ToolName": m.get("tool_name") or m.get("name") or "", "ToolCallID": m.get("tool_call_id") or ""}
+    fields = {
+        "Role": m.get("role", ""),
+        "Content": m.get("content") or "",
+        "Thinking": m.get("thinking") or "",
+        "Images": m.get("images") or [],
+        "ToolCalls": GoList(calls, [c.shown for c in calls]) if calls else None,
+        "ToolName": m.get("tool_name") or m.get("name") or "",
+        "ToolCallID": m.get("tool_call_id") or "",
+    }
     shown = {k: v for k, v in {"role": fields["Role"], "content": fields["Content"]}.items()}
     return GoObject(fields, shown)
 
@@ -581,10 +623,19 @@ def _parameters(p: Any) -> dict:
 
 def _tool(t: dict) -> GoObject:
     fn = t.get("function", t) if isinstance(t, dict) else {}
-    shown_fn = {"name": fn.get("name", ""), "description": fn.get("description", ""),
-                "parameters": _parameters(fn.get("parameters"))}
-    function = GoObject({"Name": shown_fn["name"], "Description": shown_fn["description"],
-                         "Parameters": _schema(shown_fn["parameters"])}, shown_fn)
+    shown_fn = {
+        "name": fn.get("name", ""),
+        "description": fn.get("description", ""),
+        "parameters": _parameters(fn.get("parameters")),
+    }
+    function = GoObject(
+        {
+            "Name": shown_fn["name"],
+            "Description": shown_fn["description"],
+            "Parameters": _schema(shown_fn["parameters"]),
+        },
+        shown_fn,
+    )
     return GoObject({"Type": "function", "Function": function}, {"type": "function", "function": shown_fn})
 
 
@@ -602,17 +653,30 @@ def _collate(messages: list[dict]) -> tuple[str, list[dict]]:
     return "\n\n".join(system), out
 
 
-def go_context(translated: Translated, messages: list[dict], tools: list[dict] | None,
-               enable_thinking: bool | None = None, reasoning_effort: str | None = None) -> dict:
+def go_context(
+    translated: Translated,
+    messages: list[dict],
+    tools: list[dict] | None,
+    enable_thinking: bool | None = None,
+    reasoning_effort: str | None = None,
+) -> dict:
     """The values a translated template renders with, as Ollama's Execute builds them."""
     system, msgs = _collate(messages)
-    think = {"Think": bool(enable_thinking) if enable_thinking is not None else False,
-             "ThinkLevel": reasoning_effort or "", "IsThinkSet": enable_thinking is not None}
+    think = {
+        "Think": bool(enable_thinking) if enable_thinking is not None else False,
+        "ThinkLevel": reasoning_effort or "",
+        "IsThinkSet": enable_thinking is not None,
+    }
     if translated.uses_messages:
         go_tools = [_tool(t) for t in tools or []]
-        root = {"System": system, "Messages": [_message(m) for m in msgs],
-                "Tools": GoList(go_tools, [t.shown for t in go_tools]) if go_tools else None,
-                "Response": "", "Prompt": "", **think}
+        root = {
+            "System": system,
+            "Messages": [_message(m) for m in msgs],
+            "Tools": GoList(go_tools, [t.shown for t in go_tools]) if go_tools else None,
+            "Response": "",
+            "Prompt": "",
+            **think,
+        }
         return {"goroot": root, **FUNCTIONS}
     turns, system, prompt, response = [], "", "", ""
 

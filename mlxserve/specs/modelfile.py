@@ -49,7 +49,7 @@ def _quoted(text: str, lineno: int) -> str:
             i += 2
             continue
         if c == '"':
-            if text[i + 1:].strip():
+            if text[i + 1 :].strip():
                 raise ModelfileError("unexpected text after the closing quote", lineno)
             return "".join(out)
         out.append(c)
@@ -65,16 +65,16 @@ def _read_value(text: str, lines: list[str], i: int, what: str) -> tuple[str, in
         body = text[3:]
         end = body.find(_TRIPLE)
         if end >= 0:
-            if body[end + 3:].strip():
-                raise ModelfileError(f'unexpected text after the closing {_TRIPLE}', lineno)
+            if body[end + 3 :].strip():
+                raise ModelfileError(f"unexpected text after the closing {_TRIPLE}", lineno)
             return body[:end], i
         parts = [body]
         j = i + 1
         while j < len(lines):
             end = lines[j].find(_TRIPLE)
             if end >= 0:
-                if lines[j][end + 3:].strip():
-                    raise ModelfileError(f'unexpected text after the closing {_TRIPLE}', j + 1)
+                if lines[j][end + 3 :].strip():
+                    raise ModelfileError(f"unexpected text after the closing {_TRIPLE}", j + 1)
                 parts.append(lines[j][:end])
                 value = "\n".join(parts)
                 # `"""` then a newline, and a newline before the closing `"""`, are layout.
@@ -114,9 +114,7 @@ def parse_modelfile(text: str) -> Modelfile:
         word, rest = _split(stripped)
         instruction = word.upper()
         if instruction not in INSTRUCTIONS:
-            raise ModelfileError(
-                f"unknown instruction '{word}' (expected one of {', '.join(INSTRUCTIONS)})", lineno
-            )
+            raise ModelfileError(f"unknown instruction '{word}' (expected one of {', '.join(INSTRUCTIONS)})", lineno)
         if instruction == "PARAMETER":
             name, value_text = _split(rest)
             name = name.lower()
@@ -134,9 +132,7 @@ def parse_modelfile(text: str) -> Modelfile:
         elif instruction == "MESSAGE":
             role, value_text = _split(rest)
             if role.lower() not in MESSAGE_ROLES:
-                raise ModelfileError(
-                    f"MESSAGE role must be one of {', '.join(MESSAGE_ROLES)} (got '{role}')", lineno
-                )
+                raise ModelfileError(f"MESSAGE role must be one of {', '.join(MESSAGE_ROLES)} (got '{role}')", lineno)
             value, i = _read_value(value_text, lines, i, "MESSAGE")
             fields["messages"].append({"role": role.lower(), "content": value})
         else:
@@ -153,8 +149,9 @@ def parse_modelfile(text: str) -> Modelfile:
                 fields[instruction.lower()] = value
         i += 1
     if from_ is None:
-        raise ModelfileError("missing FROM instruction (a Modelfile must say what model it "
-                             "starts from)", first_line or 1)
+        raise ModelfileError(
+            "missing FROM instruction (a Modelfile must say what model it starts from)", first_line or 1
+        )
     return Modelfile(from_=from_[0], from_line=from_[1], **fields)
 
 

@@ -10,19 +10,37 @@ from ..errors import BadRequest
 
 INT_OPTIONS = ("num_ctx", "num_predict", "num_keep", "seed", "top_k", "repeat_last_n")
 FLOAT_OPTIONS = (
-    "temperature", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
+    "temperature",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "repeat_penalty",
+    "presence_penalty",
     "frequency_penalty",
 )
 # Load-time and llama.cpp-only options that Ollama clients send routinely: accepted and kept, so
 # existing clients are not refused, but nothing here changes how MLX runs.
 EXTRA_OPTIONS: dict[str, type] = {
-    "num_batch": int, "num_thread": int, "num_gpu": int, "main_gpu": int, "mirostat": int,
-    "use_mmap": bool, "low_vram": bool, "f16_kv": bool, "vocab_only": bool, "use_mlock": bool,
-    "numa": bool, "penalize_newline": bool,
-    "mirostat_eta": float, "mirostat_tau": float, "tfs_z": float,
+    "num_batch": int,
+    "num_thread": int,
+    "num_gpu": int,
+    "main_gpu": int,
+    "mirostat": int,
+    "use_mmap": bool,
+    "low_vram": bool,
+    "f16_kv": bool,
+    "vocab_only": bool,
+    "use_mlock": bool,
+    "numa": bool,
+    "penalize_newline": bool,
+    "mirostat_eta": float,
+    "mirostat_tau": float,
+    "tfs_z": float,
 }
 _KIND: dict[str, type] = {
-    **{n: int for n in INT_OPTIONS}, **{n: float for n in FLOAT_OPTIONS}, **EXTRA_OPTIONS,
+    **{n: int for n in INT_OPTIONS},
+    **{n: float for n in FLOAT_OPTIONS},
+    **EXTRA_OPTIONS,
 }
 ALL_OPTIONS = frozenset(_KIND) | {"stop"}
 _KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
@@ -30,10 +48,18 @@ _KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
 
 # Ranges the engine can honour; a value outside is the client's mistake (400), never a 500.
 _RANGES: dict[str, tuple[float, float]] = {
-    "num_ctx": (1, 1 << 24), "num_predict": (-2, 1 << 24), "num_keep": (-1, 1 << 24),
-    "top_k": (0, 1 << 31), "repeat_last_n": (-1, 1 << 24),
-    "temperature": (0.0, 100.0), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0), "typical_p": (0.0, 1.0),
-    "repeat_penalty": (0.0, 100.0), "presence_penalty": (-100.0, 100.0), "frequency_penalty": (-100.0, 100.0),
+    "num_ctx": (1, 1 << 24),
+    "num_predict": (-2, 1 << 24),
+    "num_keep": (-1, 1 << 24),
+    "top_k": (0, 1 << 31),
+    "repeat_last_n": (-1, 1 << 24),
+    "temperature": (0.0, 100.0),
+    "top_p": (0.0, 1.0),
+    "min_p": (0.0, 1.0),
+    "typical_p": (0.0, 1.0),
+    "repeat_penalty": (0.0, 100.0),
+    "presence_penalty": (-100.0, 100.0),
+    "frequency_penalty": (-100.0, 100.0),
 }
 
 
@@ -60,8 +86,9 @@ def coerce_option(name: str, value: Any) -> Any:
             return [value]
         if isinstance(value, list) and all(isinstance(s, str) for s in value):
             return list(value)
-        raise BadRequest(f"invalid value for option 'stop': expected a string or a list of "
-                         f"strings, got {_typename(value)}")
+        raise BadRequest(
+            f"invalid value for option 'stop': expected a string or a list of strings, got {_typename(value)}"
+        )
     kind = _KIND.get(name)
     if kind is None:
         raise BadRequest(f"unknown option '{name}'")
@@ -79,8 +106,7 @@ def coerce_option(name: str, value: Any) -> Any:
         ok = isinstance(value, (int, float))
         value = float(value) if ok else value
     if not ok:
-        raise BadRequest(f"invalid value for option '{name}': expected {_KIND_WORDS[kind]}, "
-                         f"got {_typename(value)}")
+        raise BadRequest(f"invalid value for option '{name}': expected {_KIND_WORDS[kind]}, got {_typename(value)}")
     return _check_range(name, value)
 
 
@@ -100,8 +126,7 @@ def parse_option_text(name: str, text: str) -> Any:
             return _check_range(name, int(text))
         return _check_range(name, float(text))
     except ValueError:
-        raise BadRequest(f"invalid value for parameter '{name}': expected {_KIND_WORDS[kind]}, "
-                         f"got {text!r}") from None
+        raise BadRequest(f"invalid value for parameter '{name}': expected {_KIND_WORDS[kind]}, got {text!r}") from None
 
 
 @attrs.define
@@ -149,8 +174,7 @@ class Options:
     def merged(self, other: Options | None) -> Options:
         """A copy where every option ``other`` sets wins."""
         if other is None:
-            return attrs.evolve(self, stop=list(self.stop) if self.stop else self.stop,
-                                extra=dict(self.extra))
+            return attrs.evolve(self, stop=list(self.stop) if self.stop else self.stop, extra=dict(self.extra))
         d = self.to_dict()
         d.update(other.to_dict())
         return Options.from_dict(d)

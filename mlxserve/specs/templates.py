@@ -61,10 +61,10 @@ def _raise_exception(message: str):
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _strftime_now(fmt: str) -> str:
@@ -144,8 +144,10 @@ def _size(x: Any) -> int:
 
 
 def _too_long(n: int, what: str = "a value") -> RenderTooLong:
-    return RenderTooLong(f"chat template builds {what} of {n} characters, over the limit of "
-                         f"{_limits().max_chars} for this context window")
+    return RenderTooLong(
+        f"chat template builds {what} of {n} characters, over the limit of "
+        f"{_limits().max_chars} for this context window"
+    )
 
 
 def _check(n: int, what: str = "a value") -> None:
@@ -215,7 +217,7 @@ def _guard_filter(name: str, fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def guarded(*args, **kwargs):
-        head, value, rest = args[:lead], args[lead] if len(args) > lead else _NO_VALUE, args[lead + 1:]
+        head, value, rest = args[:lead], args[lead] if len(args) > lead else _NO_VALUE, args[lead + 1 :]
         if name == "sum" and not isinstance(kwargs.get("start", rest[1] if len(rest) > 1 else 0), (int, float)):
             raise jinja2.exceptions.TemplateError("sum() adds numbers only")  # lists: quadratic
         return _guard(name, lambda *a, **k: fn(*head, value, *a, **k), value, rest, kwargs)
@@ -304,9 +306,13 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             _tick()
             return super().call(__context, __obj, *args, **kwargs)
         owner = getattr(__obj, "__self__", None)
-        return _guard(getattr(__obj, "__name__", ""),
-                      lambda *a, **k: super(_Sandbox, __self).call(__context, __obj, *a, **k),
-                      owner if isinstance(owner, str) else _NO_VALUE, args, kwargs)
+        return _guard(
+            getattr(__obj, "__name__", ""),
+            lambda *a, **k: super(_Sandbox, __self).call(__context, __obj, *a, **k),
+            owner if isinstance(owner, str) else _NO_VALUE,
+            args,
+            kwargs,
+        )
 
     def wrap_str_format(self, value: Any):
         wrapped = super().wrap_str_format(value)
@@ -337,14 +343,22 @@ def _bounded_ast(ast: nodes.Template) -> nodes.Template:
         del cat.nodes
         cat.__class__ = nodes.Filter
         cat.node, cat.name, cat.args, cat.kwargs, cat.dyn_args, cat.dyn_kwargs = (
-            items, _CONCAT_FILTER, [], [], None, None)
+            items,
+            _CONCAT_FILTER,
+            [],
+            [],
+            None,
+            None,
+        )
     return ast
 
 
 @functools.cache
 def _environment() -> _Sandbox:
     env = _Sandbox(
-        trim_blocks=True, lstrip_blocks=True, finalize=_finalize,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        finalize=_finalize,
         extensions=[_GenerationTag, "jinja2.ext.loopcontrols"],
     )
     env.filters["tojson"] = _tojson
@@ -410,8 +424,11 @@ def render_chat(
 
         translated = translate(template)
         template = translated.jinja
-        context.update(go_context(translated, messages, tools, extra.pop("enable_thinking", None),
-                                  extra.pop("reasoning_effort", None)))
+        context.update(
+            go_context(
+                translated, messages, tools, extra.pop("enable_thinking", None), extra.pop("reasoning_effort", None)
+            )
+        )
     # Left undefined rather than None: Jinja renders None as the text "None".
     if bos_token is not None:
         context["bos_token"] = bos_token

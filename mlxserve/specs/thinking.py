@@ -37,8 +37,15 @@ def think_from_effort(effort: Any) -> Think:
     end of Ollama's are clamped to the nearest (as Ollama's OpenAI layer does)."""
     if effort is None:
         return None
-    mapping = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
-               "xhigh": "high", "max": "high"}
+    mapping = {
+        "none": False,
+        "minimal": "low",
+        "low": "low",
+        "medium": "medium",
+        "high": "high",
+        "xhigh": "high",
+        "max": "high",
+    }
     if not isinstance(effort, str) or effort not in mapping:
         raise BadRequest('reasoning_effort must be one of "none", "minimal", "low", "medium", "high", "xhigh"')
     return mapping[effort]
@@ -94,8 +101,7 @@ class Plan:
             return None
         if self.style.harmony:
             return HarmonySplitter()
-        return Splitter(self.style.open, self.style.close,
-                        thinking=prompt_tail.rstrip().endswith(self.style.open))
+        return Splitter(self.style.open, self.style.close, thinking=prompt_tail.rstrip().endswith(self.style.open))
 
 
 def plan(template: str | None, think: Think, model: str, *, strict: bool = True) -> Plan:
@@ -153,7 +159,7 @@ class Splitter:
         if self._state == "start":
             trimmed = s.lstrip()
             if trimmed.startswith(self.open):
-                self._held, self._state = trimmed[len(self.open):], "think_lead"
+                self._held, self._state = trimmed[len(self.open) :], "think_lead"
                 return True
             if not trimmed or self.open.startswith(trimmed):
                 return False  # whitespace or a partial tag: wait
@@ -170,11 +176,11 @@ class Splitter:
             at = s.find(self.close)
             if at >= 0:
                 thought.append(s[:at])
-                self._held, self._state = s[at + len(self.close):], "answer_lead"
+                self._held, self._state = s[at + len(self.close) :], "answer_lead"
                 return True
             keep = _overlap(s, self.close)
-            thought.append(s[:len(s) - keep])
-            self._held = s[len(s) - keep:]
+            thought.append(s[: len(s) - keep])
+            self._held = s[len(s) - keep :]
             return False
         self._held = ""
         said.append(s)
@@ -209,25 +215,25 @@ class HarmonySplitter:
                         self._mode, self._held = "final", ""  # not harmony at all: plain answer
                         said.append(s)
                     return "".join(thought), "".join(said)
-                header, self._held = s[:at], s[at + len(self._MESSAGE):]
+                header, self._held = s[:at], s[at + len(self._MESSAGE) :]
                 if "analysis" in header:
                     self._mode = "analysis"
                 elif "final" in header:
                     self._mode = "final"
                 else:  # commentary: a tool call, read later from the text as written
                     self._mode = "other"
-                    said.append(header[header.find("<|channel|>"):] if "<|channel|>" in header else header)
+                    said.append(header[header.find("<|channel|>") :] if "<|channel|>" in header else header)
                     said.append(self._MESSAGE)
                 continue
             at = s.find(self._END)
             out = thought if self._mode == "analysis" else said
             if at >= 0:
                 out.append(s[:at])
-                self._held, self._mode = s[at + len(self._END):], "header"
+                self._held, self._mode = s[at + len(self._END) :], "header"
                 continue
             keep = _overlap(s, self._END)
-            out.append(s[:len(s) - keep])
-            self._held = s[len(s) - keep:]
+            out.append(s[: len(s) - keep])
+            self._held = s[len(s) - keep :]
             return "".join(thought), "".join(said)
 
     def finish(self) -> tuple[str, str]:

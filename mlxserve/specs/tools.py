@@ -25,13 +25,26 @@ from typing import Any
 from ..errors import BadRequest
 
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
-_HARMONY = re.compile(r"to=functions\.([\w.\-]+)(?:[^<]|<\|channel\|>|<\|constrain\|>)*?<\|message\|>(.*?)(?:<\|call\|>|$)", re.S)
+_HARMONY = re.compile(
+    r"to=functions\.([\w.\-]+)(?:[^<]|<\|channel\|>|<\|constrain\|>)*?<\|message\|>(.*?)(?:<\|call\|>|$)", re.S
+)
 PYTHON_TAG, MISTRAL_CALLS, MISTRAL_ARGS = "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]"
 CALL_PREFIXES = ("<tool_call>", "{", "[", PYTHON_TAG, "<|channel|>", "to=functions.")
 # Tokens that open or shape a call; a tokenizer may hold them as special tokens, which decoding
 # drops, so the HTTP layer writes them back into the text (generation.py).
-MARKER_TOKENS = ("<tool_call>", "</tool_call>", PYTHON_TAG, MISTRAL_CALLS, MISTRAL_ARGS,
-                 "<|channel|>", "<|message|>", "<|call|>", "<|constrain|>", "<|start|>", "<|end|>")
+MARKER_TOKENS = (
+    "<tool_call>",
+    "</tool_call>",
+    PYTHON_TAG,
+    MISTRAL_CALLS,
+    MISTRAL_ARGS,
+    "<|channel|>",
+    "<|message|>",
+    "<|call|>",
+    "<|constrain|>",
+    "<|start|>",
+    "<|end|>",
+)
 _DECODER = json.JSONDecoder()
 _NAME = re.compile(r"([A-Za-z_][\w.\-]*)\s*(?:\[ARGS\])?\s*(?=\{)")
 
@@ -46,7 +59,7 @@ def normalize_tools(tools: Any) -> list[dict]:
     for i, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
-            raise BadRequest(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}")
+            raise BadRequest(f'tools[{i}] must be {{"type": "function", "function": {{...}}}}')
         name = fn.get("name")
         if not isinstance(name, str) or not name:
             raise BadRequest(f"tools[{i}].function.name is required")
@@ -76,8 +89,11 @@ def tool_prompt(tools: list[dict]) -> str:
     """The generic tool description (as llama.cpp's "generic" chat format): the tools' schemas
     and the call format that ``parse_tool_calls`` and a forced call's ``call_schema`` expect."""
     plain = [t.get("function", t) if isinstance(t, dict) else t for t in tools]
-    listed = [{"name": t.get("name"), "description": t.get("description", ""),
-               "parameters": t.get("parameters", {})} for t in plain if isinstance(t, dict)]
+    listed = [
+        {"name": t.get("name"), "description": t.get("description", ""), "parameters": t.get("parameters", {})}
+        for t in plain
+        if isinstance(t, dict)
+    ]
     return TOOL_PROMPT.format(tools=json.dumps(listed, indent=2, ensure_ascii=False))
 
 
@@ -111,12 +127,15 @@ def call_schema(tools: list[dict], name: str | None = None) -> dict:
     chosen = [t for t in tools if name is None or t["name"] == name]
     if not chosen:
         raise BadRequest(f"tool_choice names an unknown function '{name}'")
-    variants = [{
-        "type": "object",
-        "properties": {"name": {"const": t["name"]}, "arguments": _strict(t["parameters"])},
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    } for t in chosen]
+    variants = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t["name"]}, "arguments": _strict(t["parameters"])},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in chosen
+    ]
     return variants[0] if len(variants) == 1 else {"anyOf": variants}
 
 
@@ -298,7 +317,7 @@ class CallStream:
         return ("", self._new(calls)) if calls else (held, [])
 
     def _new(self, calls: list[dict]) -> list[dict]:
-        new = calls[self.sent:]
+        new = calls[self.sent :]
         self.sent = max(self.sent, len(calls))
         return new
 

@@ -20,8 +20,7 @@ from .ggufmeta import GGUFHeader
 KEPT_TYPES = frozenset({T.F32, T.F16, T.Q4_0, T.Q4_1, T.Q8_0})
 FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16, T.F64})
 # Q* -> bits that become MLX's affine form code for code (group 32, scales rounded to float16).
-EXACT_BITS = {T.Q4_0: 4, T.Q4_1: 4, T.Q4_K: 4, T.Q8_0: 8, T.Q5_0: 8, T.Q5_1: 8, T.Q5_K: 8,
-              T.MXFP4: 4}
+EXACT_BITS = {T.Q4_0: 4, T.Q4_1: 4, T.Q4_K: 4, T.Q8_0: 8, T.Q5_0: 8, T.Q5_1: 8, T.Q5_K: 8, T.MXFP4: 4}
 GROUP_SIZE = 64  # --quantize of a safetensors directory
 GGUF_GROUP = 32
 
@@ -60,14 +59,14 @@ def describe(header: GGUFHeader) -> dict[str, str]:
     return {q.name: describe_type(q) for q in seen}
 
 
-def convert_gguf(path: Path, header: GGUFHeader, out_dir: Path,
-                 progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
+def convert_gguf(
+    path: Path, header: GGUFHeader, out_dir: Path, progress: Callable[[dict], None] | None = None
+) -> dict[str, Any]:
     """Write an mlx-lm directory for the GGUF at ``path`` into ``out_dir``; returns its config."""
     from ..engine import convert  # MLX: only when a conversion runs
 
     try:
-        return convert.convert_gguf(path, header.metadata, header.tensors, out_dir, bits_for,
-                                    progress)
+        return convert.convert_gguf(path, header.metadata, header.tensors, out_dir, bits_for, progress)
     except (MlxserveError, NotImplementedError) as exc:  # NotImplementedError: gguf cannot decode it
         raise BadRequest(f"cannot convert {path.name}: {exc}") from None
 

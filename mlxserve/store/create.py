@@ -59,8 +59,7 @@ def files_source(store: Store, files: object, workdir: Path) -> Path:
             raise BadRequest(f"files: the digest of {name} must be a string")
         blob = store.blob_path(digest)
         if not blob.is_file():
-            raise BadRequest(f"files: {name}: blob {digest} not found (upload it first with "
-                             f"POST /api/blobs/{digest})")
+            raise BadRequest(f"files: {name}: blob {digest} not found (upload it first with POST /api/blobs/{digest})")
         blobs[str(rel)] = blob
     ggufs = [name for name, blob in blobs.items() if is_gguf(blob)]
     if ggufs:
@@ -74,9 +73,16 @@ def files_source(store: Store, files: object, workdir: Path) -> Path:
     return root
 
 
-def import_source(store: Store, mf: Modelfile, base_dir: Path, workdir: Path, emit: Progress,
-                  quantize: str | None, files: object = None,
-                  validated: Callable[[], None] = lambda: None) -> importers.Imported:
+def import_source(
+    store: Store,
+    mf: Modelfile,
+    base_dir: Path,
+    workdir: Path,
+    emit: Progress,
+    quantize: str | None,
+    files: object = None,
+    validated: Callable[[], None] = lambda: None,
+) -> importers.Imported:
     """Layers and spec for the Modelfile's FROM: an uploaded blob (``@sha256:...``), a GGUF
     file, a model directory, or a model already in the store (whose weights are shared); or
     for the uploaded ``files`` of an API create. ``validated``: see importers.import_gguf."""
@@ -100,17 +106,20 @@ def import_source(store: Store, mf: Modelfile, base_dir: Path, workdir: Path, em
             raise BadRequest(_QUANTIZE_NEEDS_DIR)
         if is_gguf(path):
             return importers.import_gguf(path, workdir, emit, validated)
-        raise BadRequest(f"{f'FROM {ref}' if ref else 'files'}: not a GGUF file or a model "
-                         "directory")
+        raise BadRequest(f"{f'FROM {ref}' if ref else 'files'}: not a GGUF file or a model directory")
     if quantize is not None:
         raise BadRequest(_QUANTIZE_NEEDS_DIR)
     base = store.resolve(ref)
     if base.spec.format == "gguf" and base.spec.family not in ("", *GGUF_ARCHITECTURES):
-        raise BadRequest(f"FROM {ref}: unsupported model architecture {base.spec.family!r} "
-                         f"(GGUF models mlxserve can run: {', '.join(GGUF_ARCHITECTURES)})")
-    shared = [importers.LayerSource(l["mediaType"], title=mt.layer_title(l), digest=l["digest"],
-                                    size=l["size"])
-              for l in base.layers if l["mediaType"] in mt.WEIGHT_TYPES]
+        raise BadRequest(
+            f"FROM {ref}: unsupported model architecture {base.spec.family!r} "
+            f"(GGUF models mlxserve can run: {', '.join(GGUF_ARCHITECTURES)})"
+        )
+    shared = [
+        importers.LayerSource(l["mediaType"], title=mt.layer_title(l), digest=l["digest"], size=l["size"])
+        for l in base.layers
+        if l["mediaType"] in mt.WEIGHT_TYPES
+    ]
     spec = ModelSpec.from_dict(base.spec.to_dict())  # a deep copy
     spec.parent_model = base.display
     return importers.Imported(shared, spec)

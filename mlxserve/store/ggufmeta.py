@@ -21,10 +21,8 @@ import numpy as np
 from ..errors import BadRequest
 
 GGUF_MAGIC = b"GGUF"
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
-            11: "<q", 12: "<d"}
-_NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<?", 10: "<u8",
-       11: "<i8", 12: "<f8"}
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<?", 10: "<u8", 11: "<i8", 12: "<f8"}
 STRING, ARRAY = 8, 9
 _MAX_NESTING = 8  # arrays of arrays: deeper than this is a crafted file, not a model
 GGML_MAX_DIMS = 4
@@ -66,7 +64,7 @@ class _Cursor:
 
     def string(self) -> str:
         n = self.unpack("<Q")
-        raw = self.buf[self.pos:self.pos + n]
+        raw = self.buf[self.pos : self.pos + n]
         if len(raw) != n:
             raise ValueError("string runs past the end of the file")
         self.pos += n
@@ -138,8 +136,9 @@ def _parse(buf: Any, path: Path) -> GGUFHeader:
         name = cur.string()
         ndim = cur.unpack("<I")
         if ndim > GGML_MAX_DIMS:
-            raise BadRequest(f"{path.name}: tensor {name!r} has {ndim} dimensions (at most "
-                             f"{GGML_MAX_DIMS}; the file is damaged)")
+            raise BadRequest(
+                f"{path.name}: tensor {name!r} has {ndim} dimensions (at most {GGML_MAX_DIMS}; the file is damaged)"
+            )
         dims = [cur.unpack("<Q") for _ in range(ndim)]
         ggml_type, offset = cur.unpack("<I"), cur.unpack("<Q")
         raw_tensors.append((name, tuple(reversed(dims)), ggml_type, offset))
@@ -152,15 +151,13 @@ def _parse(buf: Any, path: Path) -> GGUFHeader:
     return GGUFHeader(metadata, tensors, data_offset)
 
 
-def _check_tensors(tensors: list[TensorInfo], alignment: int, data_offset: int, file_size: int,
-                   path: Path) -> None:
+def _check_tensors(tensors: list[TensorInfo], alignment: int, data_offset: int, file_size: int, path: Path) -> None:
     """Every tensor's data must lie inside the file, aligned, without overlapping another: a
     truncated or crafted file is refused here instead of failing when a request loads it."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     def bad(t: TensorInfo, why: str) -> BadRequest:
-        return BadRequest(f"{path.name}: tensor {t.name!r} {why} (the file is damaged or "
-                          "truncated)")
+        return BadRequest(f"{path.name}: tensor {t.name!r} {why} (the file is damaged or truncated)")
 
     if data_offset > file_size and tensors:
         raise BadRequest(f"{path.name}: the tensor data is missing (the file is truncated)")

@@ -19,11 +19,21 @@ from ..specs.visiontypes import served_vision_type
 from . import convert, manifest as mt, safetensorsmeta
 from .ggufmeta import GGUF_ARCHITECTURES, GGUFHeader, read_header
 
-EMBEDDING_TYPES = frozenset({"bert", "nomic_bert", "nomic-bert", "xlm-roberta", "roberta",
-                             "distilbert", "mpnet", "jina-bert-v2"})
-TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                             "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
-                             "tokenizer.model"})
+EMBEDDING_TYPES = frozenset(
+    {"bert", "nomic_bert", "nomic-bert", "xlm-roberta", "roberta", "distilbert", "mpnet", "jina-bert-v2"}
+)
+TOKENIZER_FILES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.txt",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.model",
+    }
+)
 _TOKENIZER_SUFFIXES = (".jinja", ".tiktoken")
 
 
@@ -101,8 +111,7 @@ def _gguf_spec(path: Path, header: GGUFHeader) -> ModelSpec:
         capabilities=["embedding"] if arch in EMBEDDING_TYPES else ["completion"],
         template=template if isinstance(template, str) else None,
         model_type=arch,
-        model_info={**_gguf_model_info(header, n_params),
-                    "mlxserve.tensor_types": convert.describe(header)},
+        model_info={**_gguf_model_info(header, n_params), "mlxserve.tensor_types": convert.describe(header)},
     )
 
 
@@ -117,13 +126,19 @@ _GGUF_BLOCK_TENSORS = {  # besides attn_norm, attn_output and ffn_norm
     "llama": (*_ATTENTION, *_DENSE_FFN),
     "qwen2": (*_ATTENTION, *_DENSE_FFN),
     "qwen3": (*_ATTENTION, *_DENSE_FFN, *_QK_NORMS),
-    "qwen3moe": (*_ATTENTION, *_QK_NORMS, "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps",
-                 "ffn_down_exps"),
+    "qwen3moe": (*_ATTENTION, *_QK_NORMS, "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"),
     "gemma2": (*_ATTENTION, *_DENSE_FFN, *_GEMMA_NORMS),
     "gemma3": (*_ATTENTION, *_DENSE_FFN, *_QK_NORMS, *_GEMMA_NORMS),
     "phi3": ("ffn_up", "ffn_down"),  # and attn_qkv, or attn_q/k/v
-    "gpt-oss": (*_ATTENTION, "attn_sinks", "post_attention_norm", "ffn_gate_inp",
-                "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"),
+    "gpt-oss": (
+        *_ATTENTION,
+        "attn_sinks",
+        "post_attention_norm",
+        "ffn_gate_inp",
+        "ffn_gate_exps",
+        "ffn_up_exps",
+        "ffn_down_exps",
+    ),
 }
 
 
@@ -132,25 +147,27 @@ def check_gguf_runnable(path: Path, header: GGUFHeader) -> None:
     md = header.metadata
     arch = md.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
-        raise BadRequest(f"{path.name}: unsupported model architecture {arch!r} (GGUF models "
-                         f"mlxserve can run: {', '.join(GGUF_ARCHITECTURES)}; other "
-                         "architectures can be created from an mlx-lm safetensors directory)")
+        raise BadRequest(
+            f"{path.name}: unsupported model architecture {arch!r} (GGUF models "
+            f"mlxserve can run: {', '.join(GGUF_ARCHITECTURES)}; other "
+            "architectures can be created from an mlx-lm safetensors directory)"
+        )
     for key in (*_GGUF_NEEDS_KEYS, *(("feed_forward_length",) if arch not in ("qwen3moe", "gpt-oss") else ())):
         value = md.get(f"{arch}.{key}", md.get(f"{arch}.text.{key}"))  # .text.: older Ollama files
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise BadRequest(f"{path.name}: metadata {arch}.{key} is missing or not a positive "
-                             "integer")
+            raise BadRequest(f"{path.name}: metadata {arch}.{key} is missing or not a positive integer")
     if not isinstance(md.get("tokenizer.ggml.tokens"), list):
         raise BadRequest(f"{path.name}: no tokenizer vocabulary (tokenizer.ggml.tokens)")
     have = {t.name for t in header.tensors}
-    parts = ["attn_norm", "attn_output", *(() if arch == "gpt-oss" else ("ffn_norm",)),
-             *_GGUF_BLOCK_TENSORS[arch]]
+    parts = ["attn_norm", "attn_output", *(() if arch == "gpt-oss" else ("ffn_norm",)), *_GGUF_BLOCK_TENSORS[arch]]
     if arch == "phi3" and "blk.0.attn_qkv.weight" in have:
         parts.append("attn_qkv")
     elif arch == "phi3":
         parts += _ATTENTION
-    needed = [*_GGUF_NEEDS_TENSORS, *(f"blk.{i}.{part}.weight"
-                                      for i in range(md[f"{arch}.block_count"]) for part in parts)]
+    needed = [
+        *_GGUF_NEEDS_TENSORS,
+        *(f"blk.{i}.{part}.weight" for i in range(md[f"{arch}.block_count"]) for part in parts),
+    ]
     missing = [n for n in needed if n not in have]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -161,8 +178,9 @@ def _nothing() -> None:
     pass
 
 
-def import_gguf(path: Path, workdir: Path, progress: Callable[[dict], None],
-                validated: Callable[[], None] = _nothing) -> Imported:
+def import_gguf(
+    path: Path, workdir: Path, progress: Callable[[dict], None], validated: Callable[[], None] = _nothing
+) -> Imported:
     """``validated`` is called once the file is known good, before a conversion (minutes for a
     large model) starts."""
     progress({"status": "parsing GGUF"})
@@ -183,7 +201,8 @@ def import_gguf(path: Path, workdir: Path, progress: Callable[[dict], None],
     if quant:
         spec.quantization_level = f"{spec.quantization_level}->Q{quant['bits']}"
     spec.conversion = f"GGUF {_file_type_name(header)} dequantized into MLX's format: " + ", ".join(
-        f"{name} -> {what}" for name, what in convert.describe(header).items())
+        f"{name} -> {what}" for name, what in convert.describe(header).items()
+    )
     layers = _directory_layers(out, _scan(out))
     return Imported(layers, spec, vocab)
 
@@ -195,15 +214,13 @@ def _media_type(rel: str) -> str:
     name = rel.rsplit("/", 1)[-1]
     if name.endswith(".safetensors"):
         return mt.SAFETENSORS
-    if name in TOKENIZER_FILES or name.startswith("tokenizer") or name.endswith(
-            _TOKENIZER_SUFFIXES):
+    if name in TOKENIZER_FILES or name.startswith("tokenizer") or name.endswith(_TOKENIZER_SUFFIXES):
         return mt.TOKENIZER
     return mt.MODEL_CONFIG
 
 
 def _wanted(name: str) -> bool:
-    return (name.endswith((".safetensors", ".json", *_TOKENIZER_SUFFIXES))
-            or name in TOKENIZER_FILES)
+    return name.endswith((".safetensors", ".json", *_TOKENIZER_SUFFIXES)) or name in TOKENIZER_FILES
 
 
 def _scan(root: Path) -> list[str]:
@@ -220,8 +237,7 @@ def _scan(root: Path) -> list[str]:
             sub = entry.get("path") if isinstance(entry, dict) else None
             if not sub or "/" in sub or sub.startswith(".") or not (root / sub).is_dir():
                 continue
-            rels += sorted(f"{sub}/{p.name}" for p in (root / sub).iterdir()
-                           if p.is_file() and _wanted(p.name))
+            rels += sorted(f"{sub}/{p.name}" for p in (root / sub).iterdir() if p.is_file() and _wanted(p.name))
     return rels
 
 
@@ -293,14 +309,17 @@ def _vocab(root: Path) -> list[str]:
     return [t.get("content", "") for t in data.get("added_tokens") or [] if isinstance(t, dict)]
 
 
-def import_directory(root: Path, workdir: Path, progress: Callable[[dict], None],
-                     quantize: str | None = None,
-                     validated: Callable[[], None] = _nothing) -> Imported:
+def import_directory(
+    root: Path,
+    workdir: Path,
+    progress: Callable[[dict], None],
+    quantize: str | None = None,
+    validated: Callable[[], None] = _nothing,
+) -> Imported:
     """``validated`` as for import_gguf, before quantizing."""
     progress({"status": "reading model directory"})
     if not (root / "config.json").is_file():
-        raise BadRequest(f"{root} has no config.json (expected an mlx-lm or Hugging Face model "
-                         "directory)")
+        raise BadRequest(f"{root} has no config.json (expected an mlx-lm or Hugging Face model directory)")
     config = _read_json(root / "config.json")
     rels = _scan(root)
     weights = [root / r for r in rels if r.endswith(".safetensors") and "/" not in r]
@@ -334,10 +353,12 @@ def import_directory(root: Path, workdir: Path, progress: Callable[[dict], None]
         config = convert.quantize_directory(root, out, bits)
         # The new weights and config replace the originals (and any shard index, which would
         # name shards that are no longer there); tokenizer files stay.
-        replaced = frozenset(r for r in rels if r.endswith(".safetensors")
-                             or r in ("config.json", "model.safetensors.index.json"))
+        replaced = frozenset(
+            r for r in rels if r.endswith(".safetensors") or r in ("config.json", "model.safetensors.index.json")
+        )
         layers = _directory_layers(root, rels, skip=replaced) + _directory_layers(
-            out, ["config.json", "model.safetensors"])
+            out, ["config.json", "model.safetensors"]
+        )
         weights = [out / "model.safetensors"]
         conversion = f"quantized to {bits}-bit (group {convert.GROUP_SIZE}) at create"
     quant = config.get("quantization")
@@ -345,8 +366,7 @@ def import_directory(root: Path, workdir: Path, progress: Callable[[dict], None]
     n_params, stored_dtype = _safetensors_summary(weights, bits)
     if vision:  # the language model's sizes are the ones users ask about
         config = {**config, **(config.get("text_config") or {}), "model_type": model_type}
-    ctx = config.get("max_position_embeddings") or config.get("n_positions") or config.get(
-        "max_seq_len")
+    ctx = config.get("max_position_embeddings") or config.get("n_positions") or config.get("max_seq_len")
     spec = ModelSpec(
         format="safetensors",
         family=model_type,
@@ -367,8 +387,7 @@ def _mlx_lm_has_module(model_type: str) -> bool:
     spec = importlib.util.find_spec("mlx_lm")  # finds the package without importing it
     if spec is None or not spec.submodule_search_locations or not model_type.isidentifier():
         return False
-    return any((Path(d) / "models" / f"{model_type}.py").is_file()
-               for d in spec.submodule_search_locations)
+    return any((Path(d) / "models" / f"{model_type}.py").is_file() for d in spec.submodule_search_locations)
 
 
 def _check_runnable(root: Path, config: dict[str, Any], embedding: bool) -> None:
@@ -378,8 +397,9 @@ def _check_runnable(root: Path, config: dict[str, Any], embedding: bool) -> None
         raise BadRequest(f"{root.name}/config.json has no model_type")
     if embedding:
         if model_type != "bert":  # engine/bert.py is the one encoder
-            raise BadRequest(f"unsupported embedding model type {model_type!r} (embedding "
-                             "models mlxserve can run: bert)")
+            raise BadRequest(
+                f"unsupported embedding model type {model_type!r} (embedding models mlxserve can run: bert)"
+            )
         return
     if _mlx_lm_has_module(model_type):
         return  # the common case, without importing mlx-lm (seconds, for `create --local`)
@@ -388,19 +408,25 @@ def _check_runnable(root: Path, config: dict[str, Any], embedding: bool) -> None
     try:
         _get_classes(config)  # knows mlx-lm's renames (mistral -> llama...)
     except (ValueError, ImportError, KeyError, TypeError):
-        raise BadRequest(f"unsupported model type {model_type!r} (mlx-lm has no implementation "
-                         "of it; see mlx_lm/models for the model types it can run)") from None
+        raise BadRequest(
+            f"unsupported model type {model_type!r} (mlx-lm has no implementation "
+            "of it; see mlx_lm/models for the model types it can run)"
+        ) from None
 
 
 def _directory_model_info(config: dict[str, Any], arch: str, n_params: int) -> dict[str, Any]:
     info: dict[str, Any] = {"general.architecture": arch, "general.parameter_count": n_params}
-    keys = {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
-            "block_count": "num_hidden_layers", "feed_forward_length": "intermediate_size",
-            "attention.head_count": "num_attention_heads",
-            "attention.head_count_kv": "num_key_value_heads", "vocab_size": "vocab_size",
-            "rope.freq_base": "rope_theta"}
+    keys = {
+        "context_length": "max_position_embeddings",
+        "embedding_length": "hidden_size",
+        "block_count": "num_hidden_layers",
+        "feed_forward_length": "intermediate_size",
+        "attention.head_count": "num_attention_heads",
+        "attention.head_count_kv": "num_key_value_heads",
+        "vocab_size": "vocab_size",
+        "rope.freq_base": "rope_theta",
+    }
     for key, hf in keys.items():
         if isinstance(config.get(hf), (int, float)):
             info[f"{arch}.{key}"] = config[hf]
     return info
-

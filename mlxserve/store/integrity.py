@@ -16,8 +16,13 @@ from . import fsutil
 
 
 def _stat_key(st: os.stat_result) -> dict:
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
-            "inode": st.st_ino, "dev": st.st_dev}
+    return {
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "inode": st.st_ino,
+        "dev": st.st_dev,
+    }
 
 
 class Verifier:
@@ -58,8 +63,7 @@ class Verifier:
             raise IntegrityError(f"blob {digest} is missing", digest=digest) from None
         if st.st_size != size:
             self.forget(digest)
-            raise IntegrityError(f"blob {digest} has size {st.st_size}, expected {size}",
-                                 digest=digest)
+            raise IntegrityError(f"blob {digest} has size {st.st_size}, expected {size}", digest=digest)
         if not full:
             record = self._read_record(digest)
             if record == {"digest": digest, **_stat_key(st)}:
@@ -68,7 +72,5 @@ class Verifier:
         got, _ = fsutil.hash_file(path)
         if got != digest:
             self.forget(digest)
-            raise IntegrityError(
-                f"blob {digest} content does not match its digest (got {got})", digest=digest
-            )
+            raise IntegrityError(f"blob {digest} content does not match its digest (got {got})", digest=digest)
         self._write_record(digest, st)

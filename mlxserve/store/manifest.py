@@ -35,8 +35,9 @@ OLLAMA_LICENSE = "application/vnd.ollama.image.license"
 OLLAMA_MESSAGES = "application/vnd.ollama.image.messages"
 
 # Layers that hold the model itself; a model created FROM another shares exactly these.
-WEIGHT_TYPES = frozenset({GGUF, SAFETENSORS, TOKENIZER, MODEL_CONFIG, ADAPTER, OLLAMA_MODEL,
-                          OLLAMA_ADAPTER, OLLAMA_PROJECTOR})
+WEIGHT_TYPES = frozenset(
+    {GGUF, SAFETENSORS, TOKENIZER, MODEL_CONFIG, ADAPTER, OLLAMA_MODEL, OLLAMA_ADAPTER, OLLAMA_PROJECTOR}
+)
 # Files that model_path() lays out as a directory (by their title annotation).
 DIRECTORY_TYPES = frozenset({SAFETENSORS, TOKENIZER, MODEL_CONFIG})
 ADAPTER_TYPES = frozenset({ADAPTER, OLLAMA_ADAPTER})
@@ -52,8 +53,7 @@ def descriptor(media_type: str, digest: str, size: int, title: str | None = None
 
 
 def build_manifest(config: dict, layers: list[dict]) -> bytes:
-    doc = {"schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE, "config": config,
-           "layers": layers}
+    doc = {"schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE, "config": config, "layers": layers}
     return json.dumps(doc, indent=2).encode() + b"\n"
 
 

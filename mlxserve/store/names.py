@@ -71,7 +71,7 @@ def parse_name(text: str, default_registry: str = DEFAULT_REGISTRY) -> ModelName
     slash = text.rfind("/")
     colon = text.rfind(":")
     if colon > slash:
-        path, tag = text[:colon], text[colon + 1:]
+        path, tag = text[:colon], text[colon + 1 :]
         if not tag:
             raise _bad(raw, "the tag after ':' is empty")
     else:
@@ -91,12 +91,9 @@ def parse_name(text: str, default_registry: str = DEFAULT_REGISTRY) -> ModelName
     if not _HOST.fullmatch(registry):
         raise _bad(raw, f"invalid registry '{registry}'")
     if not _PART.fullmatch(namespace):
-        raise _bad(raw, f"invalid namespace '{namespace}' (use a-z, 0-9, '_', '.', '-'; "
-                        "at most 80 characters)")
+        raise _bad(raw, f"invalid namespace '{namespace}' (use a-z, 0-9, '_', '.', '-'; at most 80 characters)")
     if not _PART.fullmatch(name):
-        raise _bad(raw, f"invalid model '{name}' (use a-z, 0-9, '_', '.', '-'; "
-                        "at most 80 characters)")
+        raise _bad(raw, f"invalid model '{name}' (use a-z, 0-9, '_', '.', '-'; at most 80 characters)")
     if not _TAG.fullmatch(tag):
-        raise _bad(raw, f"invalid tag '{tag}' (use a-z, 0-9, '_', '.', '-'; "
-                        "at most 128 characters)")
+        raise _bad(raw, f"invalid tag '{tag}' (use a-z, 0-9, '_', '.', '-'; at most 128 characters)")
     return ModelName(registry, namespace, name, tag)

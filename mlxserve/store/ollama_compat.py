@@ -27,8 +27,7 @@ def _json(data: bytes, default: Any) -> Any:
         return default
 
 
-def spec_from_ollama(config: dict[str, Any], layers: list[dict],
-                     read: Callable[[dict], bytes]) -> ModelSpec:
+def spec_from_ollama(config: dict[str, Any], layers: list[dict], read: Callable[[dict], bytes]) -> ModelSpec:
     """``read(descriptor)`` returns a small layer's bytes."""
     family = str(config.get("model_family") or "")
     spec = ModelSpec(
@@ -51,18 +50,22 @@ def spec_from_ollama(config: dict[str, Any], layers: list[dict],
             licenses.append(read(layer).decode("utf-8", "replace"))
         elif kind in (mt.OLLAMA_PARAMS, mt.PARAMS):
             params = _json(read(layer), {})
-            known = {k: v for k, v in params.items() if k in ALL_OPTIONS} if isinstance(
-                params, dict) else {}
+            known = {k: v for k, v in params.items() if k in ALL_OPTIONS} if isinstance(params, dict) else {}
             try:
                 spec.parameters = Options.from_dict(known)
             except BadRequest as exc:
                 log.warning("ignoring parameters of a pulled model: %s", exc)
         elif kind in (mt.OLLAMA_MESSAGES, mt.MESSAGES):
             msgs = _json(read(layer), [])
-            spec.messages = [
-                {"role": str(m.get("role", "")), "content": str(m.get("content", ""))}
-                for m in msgs if isinstance(m, dict)
-            ] if isinstance(msgs, list) else []
+            spec.messages = (
+                [
+                    {"role": str(m.get("role", "")), "content": str(m.get("content", ""))}
+                    for m in msgs
+                    if isinstance(m, dict)
+                ]
+                if isinstance(msgs, list)
+                else []
+            )
         elif kind in (mt.OLLAMA_ADAPTER, mt.ADAPTER):
             spec.adapter = True
     spec.license = "\n\n".join(licenses) or None

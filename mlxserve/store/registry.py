@@ -55,8 +55,9 @@ log = logging.getLogger(__name__)
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MANIFEST_ACCEPT = ", ".join([mt.MANIFEST_MEDIA_TYPE, mt.DOCKER_MANIFEST_MEDIA_TYPE,
-                             OCI_INDEX + ";q=0.5", DOCKER_LIST + ";q=0.5"])
+MANIFEST_ACCEPT = ", ".join(
+    [mt.MANIFEST_MEDIA_TYPE, mt.DOCKER_MANIFEST_MEDIA_TYPE, OCI_INDEX + ";q=0.5", DOCKER_LIST + ";q=0.5"]
+)
 READ_CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 4 << 20
 
@@ -134,10 +135,15 @@ def _registry_message(resp: httpx.Response) -> str:
 class RegistryClient:
     """One registry (``host[:port]``); ``repo`` arguments are ``namespace/name``."""
 
-    def __init__(self, registry: str, *, insecure: bool = False,
-                 options: TransferOptions | None = None,
-                 cancel: threading.Event | AnyEvent | None = None,
-                 transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        registry: str,
+        *,
+        insecure: bool = False,
+        options: TransferOptions | None = None,
+        cancel: threading.Event | AnyEvent | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ):
         self.registry = registry
         self.base = base_url(registry, insecure)
         self.options = options or TransferOptions()
@@ -145,9 +151,11 @@ class RegistryClient:
         o = self.options
         self._http = httpx.Client(
             timeout=httpx.Timeout(o.stall_timeout, connect=o.connect_timeout),
-            follow_redirects=True, transport=transport,
+            follow_redirects=True,
+            transport=transport,
             limits=httpx.Limits(max_connections=o.parallel + 4),
-            headers={"User-Agent": "mlxserve"})
+            headers={"User-Agent": "mlxserve"},
+        )
         self._tokens: dict[str, str] = {}
         self._tokens_lock = threading.Lock()
         # Downloads being read; a cancel shuts their sockets down so that a read blocked on a
@@ -155,8 +163,7 @@ class RegistryClient:
         self._active: set[httpx.Response] = set()
         self._active_lock = threading.Lock()
         self._closed = threading.Event()
-        threading.Thread(target=self._watch_cancel, name="mlxserve-registry-cancel",
-                         daemon=True).start()
+        threading.Thread(target=self._watch_cancel, name="mlxserve-registry-cancel", daemon=True).start()
 
     def close(self) -> None:
         self._closed.set()
@@ -214,8 +221,7 @@ class RegistryClient:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             self.check_cancel()
             if n == self.options.retries:
-                raise RegistryError(f"{what}: registry {self.registry} failed after "
-                                    f"{n + 1} attempts: {reason}")
+                raise RegistryError(f"{what}: registry {self.registry} failed after {n + 1} attempts: {reason}")
             log.info("%s: %s; retrying in %.2fs", what, reason, delay)
             self._sleep(delay * (0.75 + random.random() / 2))
             delay = min(delay * 2, self.options.backoff_max)
@@ -234,8 +240,8 @@ class RegistryClient:
         scheme, params = parse_challenge(challenge)
         if scheme != "bearer" or not params.get("realm"):
             raise RegistryUnauthorized(
-                f"registry {self.registry} requires '{scheme}' authentication, which mlxserve "
-                "does not support")
+                f"registry {self.registry} requires '{scheme}' authentication, which mlxserve does not support"
+            )
         query = {"scope": params.get("scope") or scope}
         if params.get("service"):
             query["service"] = params["service"]
@@ -244,15 +250,13 @@ class RegistryClient:
         if creds := self.options.auth:
             headers["Authorization"] = "Basic " + base64.b64encode(creds.encode()).decode()
         try:
-            resp = self._http.get(realm + ("&" if "?" in realm else "?") + urlencode(query),
-                                  headers=headers)
+            resp = self._http.get(realm + ("&" if "?" in realm else "?") + urlencode(query), headers=headers)
         except httpx.TransportError as exc:
             raise _Retryable(f"token endpoint {realm}: {type(exc).__name__}") from exc
         if resp.status_code >= 500:
             raise _Retryable(f"token endpoint {realm} answered {resp.status_code}")
         if resp.status_code != 200:
-            raise RegistryUnauthorized(f"registry {self.registry}: token request refused "
-                                       f"({resp.status_code})")
+            raise RegistryUnauthorized(f"registry {self.registry}: token request refused ({resp.status_code})")
         try:
             body = resp.json()
             token = body.get("token") or body.get("access_token")
@@ -263,17 +267,29 @@ class RegistryClient:
         with self._tokens_lock:
             self._tokens[scope] = token
 
-    def _send(self, method: str, url: str, *, push: bool = False, stream: bool = False,
-              headers: dict | None = None, content=None, ok: tuple[int, ...] = (200,),
-              what: str = "") -> httpx.Response:
+    def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        push: bool = False,
+        stream: bool = False,
+        headers: dict | None = None,
+        content=None,
+        ok: tuple[int, ...] = (200,),
+        what: str = "",
+    ) -> httpx.Response:
         """One request (no retry loop here), answering one bearer challenge. Raises
         ``_Retryable`` for 5xx/429, RemoteNotFound for 404, RegistryError for other surprises.
         With ``stream`` the caller must close the response."""
         scope = self._scope_of(url, push)
         for auth_round in (0, 1):
             req = self._http.build_request(
-                method, url, headers={**(headers or {}), **self._auth_headers(scope)},
-                content=content() if callable(content) else content)
+                method,
+                url,
+                headers={**(headers or {}), **self._auth_headers(scope)},
+                content=content() if callable(content) else content,
+            )
             resp = self._http.send(req, stream=stream)
             if resp.status_code == 401 and auth_round == 0 and "www-authenticate" in resp.headers:
                 resp.close()
@@ -288,8 +304,7 @@ class RegistryClient:
         finally:
             resp.close()
         msg = _registry_message(resp)
-        detail = f"{what}: registry {self.registry} answered {resp.status_code}" + (
-            f" ({msg})" if msg else "")
+        detail = f"{what}: registry {self.registry} answered {resp.status_code}" + (f" ({msg})" if msg else "")
         if resp.status_code >= 500 or resp.status_code in (408, 429):
             raise _Retryable(detail)
         if resp.status_code == 404:
@@ -309,54 +324,70 @@ class RegistryClient:
         what = f"pull manifest of {name}"
 
         def attempt() -> tuple[bytes, str]:
-            resp = self._send("GET", self.url(repo, "manifests", name.tag), stream=True,
-                              headers={"Accept": MANIFEST_ACCEPT}, what=what)
+            resp = self._send(
+                "GET",
+                self.url(repo, "manifests", name.tag),
+                stream=True,
+                headers={"Accept": MANIFEST_ACCEPT},
+                what=what,
+            )
             try:
                 data = bytearray()
                 for chunk in resp.iter_bytes():
                     data += chunk
                     if len(data) > MAX_MANIFEST_BYTES:
-                        raise RegistryError(f"{what}: manifest larger than "
-                                            f"{MAX_MANIFEST_BYTES} bytes")
+                        raise RegistryError(f"{what}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
             finally:
                 resp.close()
             ctype = resp.headers.get("content-type", "").split(";")[0].strip()
             sent = resp.headers.get("docker-content-digest", "")
             got = "sha256:" + hashlib.sha256(data).hexdigest()
             if sent.startswith("sha256:") and sent != got:
-                raise RegistryDigestMismatch(f"{what}: the manifest does not match its digest: "
-                                             f"expected {sent}, got {got}")
+                raise RegistryDigestMismatch(
+                    f"{what}: the manifest does not match its digest: expected {sent}, got {got}"
+                )
             return bytes(data), ctype
 
         try:
             data, ctype = self.retrying(what, attempt)
         except RemoteNotFound:
-            raise RemoteNotFound(f"model '{name}' not found in registry {self.registry} "
-                                 "(no such repository or tag)") from None
+            raise RemoteNotFound(
+                f"model '{name}' not found in registry {self.registry} (no such repository or tag)"
+            ) from None
         if ctype in (OCI_INDEX, DOCKER_LIST):
-            raise RegistryError(f"{what}: the registry returned an image index (a multi-platform "
-                                "image), not a model manifest")
+            raise RegistryError(
+                f"{what}: the registry returned an image index (a multi-platform image), not a model manifest"
+            )
         return data, ctype
 
     def put_manifest(self, name: ModelName, data: bytes, media_type: str) -> None:
         repo = f"{name.namespace}/{name.name}"
-        self.retrying(f"push manifest of {name}", lambda: self._send(
-            "PUT", self.url(repo, "manifests", name.tag), push=True, content=data,
-            headers={"Content-Type": media_type}, ok=(200, 201, 202),
-            what=f"push manifest of {name}").close())
+        self.retrying(
+            f"push manifest of {name}",
+            lambda: self._send(
+                "PUT",
+                self.url(repo, "manifests", name.tag),
+                push=True,
+                content=data,
+                headers={"Content-Type": media_type},
+                ok=(200, 201, 202),
+                what=f"push manifest of {name}",
+            ).close(),
+        )
 
     # ------------------------------------------------------------------ blobs: reading
 
     def blob_size(self, repo: str, digest: str, *, push: bool = False) -> int | None:
         """The size of a blob the registry has, or None."""
+
         def attempt():
             try:
-                resp = self._send("HEAD", self.url(repo, "blobs", digest), push=push,
-                                  what=f"check blob {digest}")
+                resp = self._send("HEAD", self.url(repo, "blobs", digest), push=push, what=f"check blob {digest}")
             except RemoteNotFound:
                 return None
             resp.close()
             return int(resp.headers.get("content-length", -1))
+
         return self.retrying(f"check blob {digest}", attempt)
 
     def open_blob(self, repo: str, digest: str, offset: int) -> tuple[httpx.Response, int]:
@@ -364,8 +395,14 @@ class RegistryClient:
         body really starts at: ``offset`` for a 206, 0 when the server ignored the Range).
         No retry here: the caller's loop retries with a new offset."""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
-        resp = self._send("GET", self.url(repo, "blobs", digest), stream=True, headers=headers,
-                          ok=(200, 206), what=f"download blob {digest}")
+        resp = self._send(
+            "GET",
+            self.url(repo, "blobs", digest),
+            stream=True,
+            headers=headers,
+            ok=(200, 206),
+            what=f"download blob {digest}",
+        )
         with self._active_lock:
             self._active.add(resp)
         if resp.status_code == 206:
@@ -373,8 +410,10 @@ class RegistryClient:
             start = int(m.group(1)) if m else -1
             if start != offset:
                 self.finish(resp)
-                raise _Retryable(f"download blob {digest}: asked for bytes {offset}-, the "
-                                 f"registry sent {resp.headers.get('content-range')!r}")
+                raise _Retryable(
+                    f"download blob {digest}: asked for bytes {offset}-, the "
+                    f"registry sent {resp.headers.get('content-range')!r}"
+                )
             return resp, offset
         return resp, 0
 
@@ -387,9 +426,14 @@ class RegistryClient:
 
     # ------------------------------------------------------------------ blobs: writing
 
-    def upload_blob(self, repo: str, digest: str, size: int,
-                    open_blob: Callable[[], BinaryIO],
-                    on_bytes: Callable[[int], None] | None = None) -> bool:
+    def upload_blob(
+        self,
+        repo: str,
+        digest: str,
+        size: int,
+        open_blob: Callable[[], BinaryIO],
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> bool:
         """Upload a blob unless the registry has it; returns False when it was skipped.
 
         Small blobs go in one PUT; larger ones as PATCH chunks of ``options.chunk_size``, each
@@ -400,8 +444,7 @@ class RegistryClient:
         what = f"upload blob {digest}"
 
         def start() -> str:
-            resp = self._send("POST", f"{self.base}/v2/{repo}/blobs/uploads/", push=True,
-                              ok=(202,), what=what)
+            resp = self._send("POST", f"{self.base}/v2/{repo}/blobs/uploads/", push=True, ok=(202,), what=what)
             resp.close()
             return self._location(resp, what)
 
@@ -411,9 +454,15 @@ class RegistryClient:
             self._upload_chunked(what, start, open_blob, digest, size, on_bytes)
         return True
 
-    def _upload_simple(self, what: str, start: Callable[[], str],
-                       open_blob: Callable[[], BinaryIO], digest: str, size: int,
-                       on_bytes: Callable[[int], None] | None) -> None:
+    def _upload_simple(
+        self,
+        what: str,
+        start: Callable[[], str],
+        open_blob: Callable[[], BinaryIO],
+        digest: str,
+        size: int,
+        on_bytes: Callable[[int], None] | None,
+    ) -> None:
         report = on_bytes or (lambda n: None)
         sent = 0
 
@@ -424,6 +473,7 @@ class RegistryClient:
                 sent = 0
             location = start()
             with open_blob() as f:
+
                 def body() -> Iterator[bytes]:
                     nonlocal sent
                     if sent:  # sent again after a bearer challenge
@@ -436,19 +486,32 @@ class RegistryClient:
                         sent += len(chunk)
                         report(len(chunk))
                         yield chunk
-                self._send("PUT", self._with_digest(location, digest), push=True,
-                           content=body, ok=(201,), what=what,
-                           headers={"Content-Type": "application/octet-stream",
-                                    "Content-Length": str(size)}).close()
+
+                self._send(
+                    "PUT",
+                    self._with_digest(location, digest),
+                    push=True,
+                    content=body,
+                    ok=(201,),
+                    what=what,
+                    headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                ).close()
 
         self.retrying(what, attempt)
 
-    def _upload_chunked(self, what: str, start: Callable[[], str],
-                        open_blob: Callable[[], BinaryIO], digest: str, size: int,
-                        on_bytes: Callable[[int], None] | None) -> None:
+    def _upload_chunked(
+        self,
+        what: str,
+        start: Callable[[], str],
+        open_blob: Callable[[], BinaryIO],
+        digest: str,
+        size: int,
+        on_bytes: Callable[[int], None] | None,
+    ) -> None:
         report = on_bytes or (lambda n: None)
         st = {"location": self.retrying(what, start), "offset": 0, "unsure": False}
         with open_blob() as f:
+
             def step() -> None:
                 if st["unsure"]:
                     # A PATCH failed midway: ask the registry how much of the upload it holds.
@@ -467,21 +530,37 @@ class RegistryClient:
                     raise RegistryError(f"{what}: the local blob is shorter than {size} bytes")
                 self.check_cancel()
                 resp = self._send(
-                    "PATCH", st["location"], push=True, content=data, ok=(202,), what=what,
-                    headers={"Content-Type": "application/octet-stream",
-                             "Content-Range": f"{offset}-{offset + n - 1}",
-                             "Content-Length": str(n)})
+                    "PATCH",
+                    st["location"],
+                    push=True,
+                    content=data,
+                    ok=(202,),
+                    what=what,
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Range": f"{offset}-{offset + n - 1}",
+                        "Content-Length": str(n),
+                    },
+                )
                 resp.close()
                 STATS.add(sent=n)
-                st["location"], st["offset"], st["unsure"] = (self._location(resp, what),
-                                                              offset + n, False)
+                st["location"], st["offset"], st["unsure"] = (self._location(resp, what), offset + n, False)
                 report(n)
 
             while st["offset"] < size:
                 self.retrying(what, step)
-        self.retrying(what, lambda: self._send(
-            "PUT", self._with_digest(st["location"], digest), push=True, content=b"",
-            ok=(201,), what=what, headers={"Content-Length": "0"}).close())
+        self.retrying(
+            what,
+            lambda: self._send(
+                "PUT",
+                self._with_digest(st["location"], digest),
+                push=True,
+                content=b"",
+                ok=(201,),
+                what=what,
+                headers={"Content-Length": "0"},
+            ).close(),
+        )
 
     def _location(self, resp: httpx.Response, what: str) -> str:
         loc = resp.headers.get("location")

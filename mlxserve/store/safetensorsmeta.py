@@ -18,9 +18,24 @@ from typing import Any
 from ..errors import BadRequest
 
 # Bytes per element; sub-byte and exotic dtypes are checked for bounds only.
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
-               "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
-               "I64": 8, "U64": 8, "F64": 8}
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 MAX_HEADER = 100 << 20  # the format's own limit
 
 
@@ -37,8 +52,9 @@ def read_header(path: Path) -> dict[str, dict[str, Any]]:
                 raise BadRequest(f"{where} is not a safetensors file (only {len(head)} bytes)")
             (n,) = struct.unpack("<Q", head)
             if n > min(MAX_HEADER, st.st_size - 8):
-                raise BadRequest(f"{where}: header length {n} is larger than the file allows "
-                                 "(the file is damaged or truncated)")
+                raise BadRequest(
+                    f"{where}: header length {n} is larger than the file allows (the file is damaged or truncated)"
+                )
             raw = f.read(n)
     except OSError as exc:
         raise BadRequest(f"cannot read {where}: {exc}") from None
@@ -63,22 +79,30 @@ def _check(header: dict, data_size: int, where: str) -> None:
         if not isinstance(dtype, str):
             raise BadRequest(f"{where}: tensor {name!r} has no dtype")
         if not isinstance(shape, list) or not all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise BadRequest(f"{where}: tensor {name!r} has a bad shape {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]):
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
             raise BadRequest(f"{where}: tensor {name!r} has bad data_offsets {offsets!r}")
         begin, end = offsets
         if end > data_size:
-            raise BadRequest(f"{where}: tensor {name!r} ends at byte {end} of {data_size} data "
-                             "bytes (the file is damaged or truncated)")
+            raise BadRequest(
+                f"{where}: tensor {name!r} ends at byte {end} of {data_size} data "
+                "bytes (the file is damaged or truncated)"
+            )
         count = 1
         for d in shape:
             count *= d
         if dtype in DTYPE_BYTES and count * DTYPE_BYTES[dtype] != end - begin:
-            raise BadRequest(f"{where}: tensor {name!r} ({dtype} {shape}) needs "
-                             f"{count * DTYPE_BYTES[dtype]} bytes, its offsets span {end - begin}")
+            raise BadRequest(
+                f"{where}: tensor {name!r} ({dtype} {shape}) needs "
+                f"{count * DTYPE_BYTES[dtype]} bytes, its offsets span {end - begin}"
+            )
         spans.append((begin, end, name))
     spans.sort()
     for (_, prev_end, prev), (begin, end, name) in zip(spans, spans[1:]):

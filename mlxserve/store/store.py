@@ -61,11 +61,13 @@ class Store:
     @classmethod
     def for_settings(cls, settings: Settings) -> Store:
         """The store the settings name (MLXSERVE_MODELS), as the daemon and the CLI open it."""
-        return cls(settings.models_dir, default_registry=settings.default_registry,
-                   kill_at_stage=settings.fault_create_kill_after)
+        return cls(
+            settings.models_dir,
+            default_registry=settings.default_registry,
+            kill_at_stage=settings.fault_create_kill_after,
+        )
 
-    def __init__(self, root: Path, default_registry: str = DEFAULT_REGISTRY, *,
-                 kill_at_stage: str | None = None):
+    def __init__(self, root: Path, default_registry: str = DEFAULT_REGISTRY, *, kill_at_stage: str | None = None):
         """``kill_at_stage``: a fault of the chaos harness's (actors/faults.py), inert when None:
         the process kills itself when a create reaches that stage ("blob", "before_manifest")."""
         self.kill_at_stage = kill_at_stage
@@ -78,8 +80,15 @@ class Store:
         self.records_dir = self.root / "verified"
         self.links_dir = self.root / "links"
         self.uploads_dir = self.root / "uploads"
-        for d in (self.blobs_dir, self.manifests_dir, self.partial_dir, self.tmp_dir,
-                  self.records_dir, self.links_dir, self.uploads_dir):
+        for d in (
+            self.blobs_dir,
+            self.manifests_dir,
+            self.partial_dir,
+            self.tmp_dir,
+            self.records_dir,
+            self.links_dir,
+            self.uploads_dir,
+        ):
             d.mkdir(parents=True, exist_ok=True)
         self._lock_path = self.root / ".lock"
         self._verifier = Verifier(self.blobs_dir, self.records_dir)
@@ -125,8 +134,12 @@ class Store:
         display = mn.display(self.default_registry)
         doc = mt.parse_manifest(data, display)
         return ResolvedModel(
-            name=mn, display=display, digest=fsutil.sha256_bytes(data), manifest=doc,
-            spec=self._spec_of(doc, display), size=sum(d["size"] for d in doc["layers"]),
+            name=mn,
+            display=display,
+            digest=fsutil.sha256_bytes(data),
+            manifest=doc,
+            spec=self._spec_of(doc, display),
+            size=sum(d["size"] for d in doc["layers"]),
             modified_at=datetime.fromtimestamp(st.st_mtime, tz=UTC),
             layers=list(doc["layers"]),
         )
@@ -138,8 +151,9 @@ class Store:
         except FileNotFoundError:
             raise IntegrityError(f"blob {desc['digest']} is missing") from None
         if fsutil.sha256_bytes(data) != desc["digest"]:
-            raise IntegrityError(f"blob {desc['digest']} content does not match its digest "
-                                 f"(got {fsutil.sha256_bytes(data)})")
+            raise IntegrityError(
+                f"blob {desc['digest']} content does not match its digest (got {fsutil.sha256_bytes(data)})"
+            )
         return data
 
     def _spec_of(self, doc: dict, display: str) -> ModelSpec:
@@ -153,8 +167,9 @@ class Store:
             ollama_config = json.loads(self._small_blob(config))
         except ValueError:
             ollama_config = {}
-        return spec_from_ollama(ollama_config if isinstance(ollama_config, dict) else {},
-                                doc["layers"], self._small_blob)
+        return spec_from_ollama(
+            ollama_config if isinstance(ollama_config, dict) else {}, doc["layers"], self._small_blob
+        )
 
     def iter_manifests(self) -> Iterator[tuple[ModelName, Path]]:
         for path in sorted(self.manifests_dir.glob("*/*/*/*")):
@@ -185,14 +200,15 @@ class Store:
                 if layer["mediaType"] in mt.GGUF_TYPES:
                     return self.blob_path(layer["digest"])
             raise IntegrityError(f"model '{resolved.display}' has no GGUF layer")
-        return links.build_links(self.links_dir, self.blobs_dir, resolved.digest.split(":")[1],
-                                 resolved.layers)
+        return links.build_links(self.links_dir, self.blobs_dir, resolved.digest.split(":")[1], resolved.layers)
 
     def adapter_path(self, resolved: ResolvedModel) -> Path | None:
         if not any(l["mediaType"] in mt.ADAPTER_TYPES for l in resolved.layers):
             return None
-        return links.build_links(self.links_dir, self.blobs_dir, resolved.digest.split(":")[1],
-                                 resolved.layers) / "adapter"
+        return (
+            links.build_links(self.links_dir, self.blobs_dir, resolved.digest.split(":")[1], resolved.layers)
+            / "adapter"
+        )
 
     # ------------------------------------------------------------------ integrity
 
@@ -208,8 +224,10 @@ class Store:
                 self._verifier.check(desc["digest"], desc["size"])
             except IntegrityError as exc:
                 raise IntegrityError(
-                    f"{exc} (model '{resolved.display}' cannot be loaded; re-create or re-pull "
-                    "it)", digest=desc["digest"], model=resolved.display) from None
+                    f"{exc} (model '{resolved.display}' cannot be loaded; re-create or re-pull it)",
+                    digest=desc["digest"],
+                    model=resolved.display,
+                ) from None
 
     def verify(self, name: str | None = None) -> list[dict]:
         """Re-hash every blob of one model (or all models); one report row per blob."""
@@ -238,8 +256,7 @@ class Store:
                         seen[digest] = None
                     except (IntegrityError, OSError) as exc:  # OSError: an unreadable blob
                         seen[digest] = str(exc)
-                rows.append({"model": display, "digest": digest, "ok": seen[digest] is None,
-                             "problem": seen[digest]})
+                rows.append({"model": display, "digest": digest, "ok": seen[digest] is None, "problem": seen[digest]})
         return rows
 
     # ------------------------------------------------------------------ writing
@@ -281,8 +298,9 @@ class Store:
         if src.digest is not None:  # shared with the model this one is created FROM
             path = self.blob_path(src.digest)
             if not path.is_file() or path.stat().st_size != src.size:
-                raise IntegrityError(f"blob {src.digest} of the base model is missing or "
-                                     "truncated; re-create or re-pull the base model")
+                raise IntegrityError(
+                    f"blob {src.digest} of the base model is missing or truncated; re-create or re-pull the base model"
+                )
             progress({"status": f"using existing layer {src.digest}"})
             return mt.descriptor(src.media_type, src.digest, src.size, src.title)
         digest, size = self._put_file(src.path, progress, new)
@@ -337,10 +355,17 @@ class Store:
 
     # ------------------------------------------------------------------ create
 
-    def create(self, name: str, modelfile: str | Modelfile, *, base_dir: Path,
-               progress: Progress | None = None, quantize: str | None = None,
-               files: dict[str, str] | None = None,
-               on_validated: Callable[[], None] | None = None) -> ResolvedModel:
+    def create(
+        self,
+        name: str,
+        modelfile: str | Modelfile,
+        *,
+        base_dir: Path,
+        progress: Progress | None = None,
+        quantize: str | None = None,
+        files: dict[str, str] | None = None,
+        on_validated: Callable[[], None] | None = None,
+    ) -> ResolvedModel:
         """Create (or replace) ``name`` from a Modelfile (text, or parsed by an API handler).
         ``files`` ({file name: digest} of uploaded blobs) stands for FROM. ``on_validated`` is
         called once the source has been checked, before anything is written: a failure before
@@ -368,8 +393,9 @@ class Store:
         with self.writing():
             workdir = Path(tempfile.mkdtemp(prefix="create-", dir=self.tmp_dir))
             try:
-                imported = create_steps.import_source(self, mf, Path(base_dir).expanduser(),
-                                                      workdir, emit, quantize, files, validated)
+                imported = create_steps.import_source(
+                    self, mf, Path(base_dir).expanduser(), workdir, emit, quantize, files, validated
+                )
                 spec = create_steps.apply_modelfile(imported, mf)
                 validated()
                 layers = [self._put_layer(src, emit, new) for src in imported.layers]

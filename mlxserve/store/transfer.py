@@ -101,13 +101,19 @@ class _Emitter:
             now = time.monotonic()
             last_t, last_n = self._last.get(digest, (0.0, -1))
             # Throttled: an event per THROTTLE_S, or per percent of the layer, whichever first.
-            if completed == last_n or (not force and completed < total
-                                       and now - last_t < THROTTLE_S
-                                       and completed - last_n < total / 100):
+            if completed == last_n or (
+                not force and completed < total and now - last_t < THROTTLE_S and completed - last_n < total / 100
+            ):
                 return
             self._last[digest] = (now, completed)
-            self({"status": f"{self._verb} {digest.split(':')[1][:12]}", "digest": digest,
-                  "total": total, "completed": completed})
+            self(
+                {
+                    "status": f"{self._verb} {digest.split(':')[1][:12]}",
+                    "digest": digest,
+                    "total": total,
+                    "completed": completed,
+                }
+            )
 
 
 def _unique(doc: dict) -> list[dict]:
@@ -128,8 +134,9 @@ def _have(store: Store, desc: dict) -> bool:
         return False
 
 
-def _run_parallel(items: list, fn: Callable, parallel: int, abort: threading.Event,
-                  discard: Callable = lambda result: None) -> list:
+def _run_parallel(
+    items: list, fn: Callable, parallel: int, abort: threading.Event, discard: Callable = lambda result: None
+) -> list:
     """``fn(item)`` for each item on up to ``parallel`` threads; the first failure sets
     ``abort`` (so the others stop at their next chunk) and is raised once all have stopped,
     after ``discard`` was called on the results of those that succeeded."""
@@ -172,8 +179,7 @@ def _read_record(rec: Path, digest: str, size: int) -> int:
 
 
 def _write_record(store: Store, rec: Path, digest: str, size: int, completed: int) -> None:
-    data = json.dumps({"digest": digest, "size": size, "completed": completed,
-                       "updated": time.time()}).encode()
+    data = json.dumps({"digest": digest, "size": size, "completed": completed, "updated": time.time()}).encode()
     # Temp files in partial/, not tmp/: prune empties tmp/ and does not hold off for pulls.
     fsutil.atomic_write(rec, data, store.partial_dir)
 
@@ -219,8 +225,7 @@ class _Fetched:
             self.fd = -1
 
 
-def _download(store: Store, client: RegistryClient, repo: str, desc: dict,
-              emit: _Emitter) -> _Fetched | None:
+def _download(store: Store, client: RegistryClient, repo: str, desc: dict, emit: _Emitter) -> _Fetched | None:
     """Fetch one blob into its partial (resuming), verified; returns it still locked, or None
     when the blob turned up in the store meanwhile."""
     digest, size = desc["digest"], desc["size"]
@@ -263,7 +268,8 @@ def _download(store: Store, client: RegistryClient, repo: str, desc: dict,
                     if offset + len(chunk) > size:
                         raise RegistryDigestMismatch(
                             f"blob {digest} from registry {client.registry} is larger than the "
-                            f"{size} bytes its manifest says (the partial download was deleted)")
+                            f"{size} bytes its manifest says (the partial download was deleted)"
+                        )
                     f.write(chunk)
                     h.update(chunk)
                     offset += len(chunk)
@@ -272,8 +278,7 @@ def _download(store: Store, client: RegistryClient, repo: str, desc: dict,
                         sync(f)
                     emit.layer(digest, size, offset)
                 if offset < size:
-                    raise _Retryable(f"download blob {digest}: connection closed at byte "
-                                     f"{offset} of {size}")
+                    raise _Retryable(f"download blob {digest}: connection closed at byte {offset} of {size}")
             finally:
                 client.finish(resp)
 
@@ -295,7 +300,9 @@ def _download(store: Store, client: RegistryClient, repo: str, desc: dict,
             raise RegistryDigestMismatch(
                 f"blob from registry {client.registry} does not match its digest: expected "
                 f"{digest}, got {got} (the partial download was deleted)",
-                expected=digest, actual=got)
+                expected=digest,
+                actual=got,
+            )
         return _Fetched(desc, part, fd, received)
     except BaseException:
         os.close(fd)
@@ -352,9 +359,16 @@ def _remote_manifest(data: bytes, mn: ModelName, registry: str) -> dict:
     return doc
 
 
-def pull(store: Store, name: str, *, insecure: bool = False, progress: Progress | None = None,
-         cancel: threading.Event | None = None, options: TransferOptions | None = None,
-         transport=None) -> TransferResult:
+def pull(
+    store: Store,
+    name: str,
+    *,
+    insecure: bool = False,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    options: TransferOptions | None = None,
+    transport=None,
+) -> TransferResult:
     """Pull ``name`` from its registry into ``store``. Raises InvalidName, RemoteNotFound,
     RegistryError (and subclasses), TransferCancelled."""
     mn = store.parse(name)
@@ -368,8 +382,7 @@ def pull(store: Store, name: str, *, insecure: bool = False, progress: Progress 
     prune_partials(store)
     old_path = store.manifest_path(mn)
     old = old_path.read_bytes() if old_path.is_file() else None
-    with RegistryClient(mn.registry, insecure=insecure, options=opts, cancel=stop,
-                        transport=transport) as client:
+    with RegistryClient(mn.registry, insecure=insecure, options=opts, cancel=stop, transport=transport) as client:
         emit.status("pulling manifest")
         data, _ctype = client.get_manifest(mn)
         doc = _remote_manifest(data, mn, mn.registry)
@@ -381,8 +394,12 @@ def pull(store: Store, name: str, *, insecure: bool = False, progress: Progress 
                 if d not in missing:
                     emit.layer(d["digest"], d["size"], d["size"], force=True)
             got: list[_Fetched | None] = _run_parallel(
-                missing, lambda d: _download(store, client, repo, d, emit), opts.parallel,
-                abort, discard=lambda r: r.close() if r is not None else None)
+                missing,
+                lambda d: _download(store, client, repo, d, emit),
+                opts.parallel,
+                abort,
+                discard=lambda r: r.close() if r is not None else None,
+            )
             try:
                 client.check_cancel()
                 fetched += sum(1 for g in got if g is not None)
@@ -414,8 +431,10 @@ def pull(store: Store, name: str, *, insecure: bool = False, progress: Progress 
                         g.close()
             break
         else:
-            raise RegistryError(f"pull {mn}: blobs kept disappearing from the store while "
-                                f"pulling ({_ROUNDS} rounds); is something pruning it?")
+            raise RegistryError(
+                f"pull {mn}: blobs kept disappearing from the store while "
+                f"pulling ({_ROUNDS} rounds); is something pruning it?"
+            )
     if refused is not None:
         store.prune()  # as a refused create, the store is left as it was (bar partials)
         raise refused
@@ -483,8 +502,9 @@ def _convert(store: Store, name: str, doc: dict, emit: _Emitter) -> None:
         config = json.loads(store.blob_path(doc["config"]["digest"]).read_bytes())
     except ValueError:
         config = {}
-    spec = spec_from_ollama(config if isinstance(config, dict) else {}, doc["layers"],
-                            lambda d: store.blob_path(d["digest"]).read_bytes())
+    spec = spec_from_ollama(
+        config if isinstance(config, dict) else {}, doc["layers"], lambda d: store.blob_path(d["digest"]).read_bytes()
+    )
     modelfile = render_modelfile(f"@{gguf['digest']}", spec)
     emit.status("converting model (its GGUF tensor types need conversion for MLX)")
 
@@ -498,9 +518,16 @@ def _convert(store: Store, name: str, doc: dict, emit: _Emitter) -> None:
 # ---------------------------------------------------------------------- push
 
 
-def push(store: Store, name: str, *, insecure: bool = False, progress: Progress | None = None,
-         cancel: threading.Event | None = None, options: TransferOptions | None = None,
-         transport=None) -> TransferResult:
+def push(
+    store: Store,
+    name: str,
+    *,
+    insecure: bool = False,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    options: TransferOptions | None = None,
+    transport=None,
+) -> TransferResult:
     """Push ``name`` to the registry its name points at; blobs the registry has are skipped."""
     mn = store.parse(name)
     emit = _Emitter(progress, "pushing")
@@ -516,12 +543,12 @@ def push(store: Store, name: str, *, insecure: bool = False, progress: Progress 
     descs = _unique(doc)
     for d in descs:
         if not _have(store, d):
-            raise IntegrityError(f"blob {d['digest']} of '{name}' is missing or truncated; "
-                                 "re-create or re-pull it before pushing")
+            raise IntegrityError(
+                f"blob {d['digest']} of '{name}' is missing or truncated; re-create or re-pull it before pushing"
+            )
     sent_total = 0
     sent_lock = threading.Lock()
-    with RegistryClient(mn.registry, insecure=insecure, options=opts, cancel=stop,
-                        transport=transport) as client:
+    with RegistryClient(mn.registry, insecure=insecure, options=opts, cancel=stop, transport=transport) as client:
         repo = _repo(mn)
 
         def upload(d: dict) -> bool:
@@ -536,8 +563,7 @@ def push(store: Store, name: str, *, insecure: bool = False, progress: Progress 
                 emit.layer(digest, size, done)
 
             emit.layer(digest, size, 0, force=True)
-            sent = client.upload_blob(repo, digest, size,
-                                      lambda: open(store.blob_path(digest), "rb"), on_bytes)
+            sent = client.upload_blob(repo, digest, size, lambda: open(store.blob_path(digest), "rb"), on_bytes)
             emit.layer(digest, size, size, force=True)
             return sent
 
@@ -545,8 +571,7 @@ def push(store: Store, name: str, *, insecure: bool = False, progress: Progress 
         emit.status("pushing manifest")
         client.put_manifest(mn, data, doc.get("mediaType") or mt.MANIFEST_MEDIA_TYPE)
     emit.status("success")
-    return TransferResult(str(mn), fsutil.sha256_bytes(data), sent_total,
-                          sum(sent))
+    return TransferResult(str(mn), fsutil.sha256_bytes(data), sent_total, sum(sent))
 
 
 # ---------------------------------------------------------------------- pack / unpack
@@ -583,9 +608,18 @@ def pack(store: Store, name: str, out: Path, progress: Progress | None = None) -
         raise ModelNotFound(name) from None
     doc = mt.parse_manifest(data, str(mn))
     mdigest = fsutil.sha256_bytes(data)
-    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [{
-        "mediaType": doc.get("mediaType") or mt.MANIFEST_MEDIA_TYPE, "digest": mdigest,
-        "size": len(data), "annotations": {REF_NAME: str(mn)}}]}
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": doc.get("mediaType") or mt.MANIFEST_MEDIA_TYPE,
+                "digest": mdigest,
+                "size": len(data),
+                "annotations": {REF_NAME: str(mn)},
+            }
+        ],
+    }
     out = Path(out).expanduser()
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     now = time.time()
@@ -612,8 +646,9 @@ def pack(store: Store, name: str, out: Path, progress: Progress | None = None) -
                         tar.addfile(info, reader)
                     got = "sha256:" + reader.hash.hexdigest()
                     if got != digest:
-                        raise IntegrityError(f"blob {digest} of '{name}' is damaged (its bytes "
-                                             f"hash to {got}); not packing it")
+                        raise IntegrityError(
+                            f"blob {digest} of '{name}' is damaged (its bytes hash to {got}); not packing it"
+                        )
                     emit.layer(digest, size, size, force=True)
             raw.flush()
             os.fsync(raw.fileno())
@@ -648,8 +683,7 @@ def _chunks(f: IO[bytes]) -> Iterator[bytes]:
         yield chunk
 
 
-def unpack(store: Store, archive: Path, name: str | None = None,
-           progress: Progress | None = None) -> str:
+def unpack(store: Store, archive: Path, name: str | None = None, progress: Progress | None = None) -> str:
     """Import the model in an OCI image layout tar (as ``pack`` writes) into ``store``; every
     blob is verified against its digest before it is kept. Returns the model's name."""
     emit = _Emitter(progress, "unpacking")
@@ -689,8 +723,7 @@ def unpack(store: Store, archive: Path, name: str | None = None,
                 continue
             m = _member(tar, members, f"blobs/sha256/{digest.split(':')[1]}")
             if m.size != size:
-                raise IntegrityError(f"{archive}: blob {digest} has {m.size} bytes, the "
-                                     f"manifest says {size}")
+                raise IntegrityError(f"{archive}: blob {digest} has {m.size} bytes, the manifest says {size}")
             emit.layer(digest, size, 0, force=True)
             f = tar.extractfile(m)
             assert f is not None
@@ -716,5 +749,4 @@ def _pick(entries: list, store: Store, name: str | None, archive: Path) -> dict:
             except BadRequest:
                 continue
     refs = [(e.get("annotations") or {}).get(REF_NAME) for e in entries]
-    raise BadRequest(f"{archive} holds {len(entries)} models ({', '.join(map(str, refs))}); "
-                     "name the one to import")
+    raise BadRequest(f"{archive} holds {len(entries)} models ({', '.join(map(str, refs))}); name the one to import")

@@ -24,8 +24,7 @@ QUANT_TYPES = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K")
 HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 256, 512, 4, 2, 64, 2
 EXPERTS, EXPERTS_USED, EXPERT_FFN = 4, 2, 256
 CONTEXT = 2048
-_FILE_TYPES = {"F16": 1, "BF16": 32, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9,
-               "Q4_K": 14}
+_FILE_TYPES = {"F16": 1, "BF16": 32, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q5_1": 9, "Q4_K": 14}
 
 
 def quantize_q4_k(x: np.ndarray) -> np.ndarray:
@@ -41,16 +40,16 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     sc = np.clip(np.rint(scale / safe(d.astype(np.float32))[:, None]), 0, 63).astype(np.uint8)
     mn = np.clip(np.rint(-lo / safe(dmin.astype(np.float32))[:, None]), 0, 63).astype(np.uint8)
     step = d.astype(np.float32)[:, None] * sc
-    q = np.clip(np.rint((sub + (dmin.astype(np.float32)[:, None] * mn)[..., None])
-                        / safe(step)[..., None]), 0, 15).astype(np.uint8)
+    q = np.clip(
+        np.rint((sub + (dmin.astype(np.float32)[:, None] * mn)[..., None]) / safe(step)[..., None]), 0, 15
+    ).astype(np.uint8)
     scales = np.zeros((sub.shape[0], 12), np.uint8)
     scales[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
     scales[:, 4:8] = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
     scales[:, 8:12] = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
     pairs = q.reshape(-1, 4, 2, 32)
     qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
-    blocks = np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2),
-                             scales, qs], axis=1)
+    blocks = np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), scales, qs], axis=1)
     return blocks.reshape(rows, cols // 256 * 144)
 
 
@@ -73,8 +72,7 @@ def _tensors(arch: str, vocab: int, rng: np.random.Generator) -> dict[str, np.nd
 
     q_out, kv_out = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
     # the embedding is the output head of the tied architectures too: logits of std ~3
-    t = {"token_embd.weight": mat(vocab, HIDDEN, 3.0),
-         "output_norm.weight": norm(HIDDEN)}
+    t = {"token_embd.weight": mat(vocab, HIDDEN, 3.0), "output_norm.weight": norm(HIDDEN)}
     if arch not in ("qwen3", "gemma2", "gemma3"):  # these three tie the output to the embedding
         t["output.weight"] = mat(vocab, HIDDEN, 3.0)
     for i in range(LAYERS):
@@ -107,8 +105,7 @@ def _tensors(arch: str, vocab: int, rng: np.random.Generator) -> dict[str, np.nd
             t[p + "attn_output.bias"] = (0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)
             t[p + "attn_sinks.weight"] = rng.standard_normal(HEADS).astype(np.float32)
             t[p + "ffn_gate_inp.bias"] = (0.5 * rng.standard_normal(EXPERTS)).astype(np.float32)
-            for part, n in (("ffn_gate_exps", EXPERT_FFN), ("ffn_up_exps", EXPERT_FFN),
-                            ("ffn_down_exps", HIDDEN)):
+            for part, n in (("ffn_gate_exps", EXPERT_FFN), ("ffn_up_exps", EXPERT_FFN), ("ffn_down_exps", HIDDEN)):
                 t[p + f"{part}.bias"] = (0.1 * rng.standard_normal((EXPERTS, n))).astype(np.float32)
         if arch in ("qwen3moe", "gpt-oss"):
             t[p + "ffn_gate_inp.weight"] = mat(EXPERTS, HIDDEN, 2.0)
@@ -123,8 +120,7 @@ def _tensors(arch: str, vocab: int, rng: np.random.Generator) -> dict[str, np.nd
     return t
 
 
-def _llama3_rope_freqs(base: float, dims: int, factor: float, low: float, high: float,
-                       old_ctx: int) -> np.ndarray:
+def _llama3_rope_freqs(base: float, dims: int, factor: float, low: float, high: float, old_ctx: int) -> np.ndarray:
     """llama.cpp's converter for Llama 3.1 rope scaling (LlamaModel.generate_extra_tensors)."""
     out = []
     for i in range(0, dims, 2):
@@ -199,8 +195,9 @@ def write(path: Path, arch: str, quant: str = "Q8_0", seed: int = 0, drop: tuple
         rope_dim = 48  # phi-4-mini's partial rotary (0.75)
         orig = 4096
         w.add_rope_scaling_orig_ctx_len(orig)
-        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(CONTEXT / orig) / math.log(orig))
-                                        if CONTEXT > orig else 1.0)
+        w.add_rope_scaling_attn_factors(
+            math.sqrt(1 + math.log(CONTEXT / orig) / math.log(orig)) if CONTEXT > orig else 1.0
+        )
         factors = np.linspace(1.0, 4.0, rope_dim // 2).astype(np.float32)
         tensors["rope_factors_short.weight"] = factors
         tensors["rope_factors_long.weight"] = factors * 2

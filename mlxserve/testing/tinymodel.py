@@ -23,7 +23,7 @@ CORPUS = [
     "The capital of France is Paris. The capital of Italy is Rome.",
     "Hello world! How are you today? I am fine, thank you.",
     "Once upon a time there was a small model that answered questions.",
-    "JSON: {\"name\": \"value\", \"count\": 3, \"items\": [1, 2, 3]}",
+    'JSON: {"name": "value", "count": 3, "items": [1, 2, 3]}',
     "def add(a, b):\n    return a + b\n",
 ] * 20
 
@@ -46,7 +46,9 @@ def build_tokenizer() -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=400,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
@@ -63,14 +65,20 @@ def _weights(vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     def w(*shape):
         return (rng.standard_normal(shape) * 0.08).astype(np.float32)
 
-    out = {"model.embed_tokens.weight": w(vocab, h), "model.norm.weight": np.ones(h, np.float32),
-           "lm_head.weight": w(vocab, h)}
+    out = {
+        "model.embed_tokens.weight": w(vocab, h),
+        "model.norm.weight": np.ones(h, np.float32),
+        "lm_head.weight": w(vocab, h),
+    }
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         out |= {
-            p + "self_attn.q_proj.weight": w(h, h), p + "self_attn.k_proj.weight": w(kv, h),
-            p + "self_attn.v_proj.weight": w(kv, h), p + "self_attn.o_proj.weight": w(h, h),
-            p + "mlp.gate_proj.weight": w(inter, h), p + "mlp.up_proj.weight": w(inter, h),
+            p + "self_attn.q_proj.weight": w(h, h),
+            p + "self_attn.k_proj.weight": w(kv, h),
+            p + "self_attn.v_proj.weight": w(kv, h),
+            p + "self_attn.o_proj.weight": w(h, h),
+            p + "mlp.gate_proj.weight": w(inter, h),
+            p + "mlp.up_proj.weight": w(inter, h),
             p + "mlp.down_proj.weight": w(h, inter),
             p + "input_layernorm.weight": np.ones(h, np.float32),
             p + "post_attention_layernorm.weight": np.ones(h, np.float32),
@@ -83,10 +91,17 @@ def write_mlx_dir(path: Path) -> Path:
     tok = build_tokenizer()
     vocab = tok.get_vocab_size()
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None,
-        "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast",
-    }))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": CHATML,
+                "eos_token": "<|im_end|>",
+                "bos_token": None,
+                "add_bos_token": False,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            }
+        )
+    )
     (path / "config.json").write_text(json.dumps({**CONFIG, "vocab_size": vocab}))
     mx.save_safetensors(str(path / "model.safetensors"), {k: mx.array(v) for k, v in _weights(vocab).items()})
     return path
@@ -98,9 +113,15 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 _GGUF_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
 }
 
 
@@ -120,8 +141,11 @@ def write_gguf(path: Path) -> Path:
                 arr = _permute(arr, c["num_key_value_heads"])
             gname = f"blk.{i}.{_GGUF_NAMES[mod]}.weight"
         else:
-            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                     "lm_head.weight": "output.weight"}[name]
+            gname = {
+                "model.embed_tokens.weight": "token_embd.weight",
+                "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight",
+            }[name]
         tensors[gname] = mx.array(arr)
     tj = json.loads(tok.to_str())
     id_to_tok = {i: t for t, i in tj["model"]["vocab"].items()}

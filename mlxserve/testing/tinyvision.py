@@ -60,17 +60,25 @@ def _random_params(vocab: int, seed: int) -> dict[str, np.ndarray]:
         return {f"{name}.weight": w(out, inp), f"{name}.bias": np.zeros(out, np.float32)}
 
     v = "vision_tower.vision_model."
-    out = {v + "embeddings.class_embedding": w(h), v + "embeddings.patch_embedding.weight": w(h, p, p, 3),
-           v + "embeddings.position_embedding.weight": w(IMAGE_TOKENS + 1, h),
-           **norm(v + "pre_layrnorm"), **norm(v + "post_layernorm"),
-           **linear("multi_modal_projector.linear_1", text_h, h),
-           **linear("multi_modal_projector.linear_2", text_h, text_h)}
+    out = {
+        v + "embeddings.class_embedding": w(h),
+        v + "embeddings.patch_embedding.weight": w(h, p, p, 3),
+        v + "embeddings.position_embedding.weight": w(IMAGE_TOKENS + 1, h),
+        **norm(v + "pre_layrnorm"),
+        **norm(v + "post_layernorm"),
+        **linear("multi_modal_projector.linear_1", text_h, h),
+        **linear("multi_modal_projector.linear_2", text_h, text_h),
+    }
     for i in range(VISION["num_hidden_layers"]):
         layer = f"{v}encoder.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
             out |= linear(layer + "self_attn." + proj, h, h)
-        out |= {**norm(layer + "layer_norm1"), **norm(layer + "layer_norm2"),
-                **linear(layer + "mlp.fc1", inter, h), **linear(layer + "mlp.fc2", h, inter)}
+        out |= {
+            **norm(layer + "layer_norm1"),
+            **norm(layer + "layer_norm2"),
+            **linear(layer + "mlp.fc1", inter, h),
+            **linear(layer + "mlp.fc2", h, inter),
+        }
     text = tinymodel._weights(vocab, seed)
     out |= {"language_model." + k: a for k, a in text.items()}
     return out
@@ -85,31 +93,61 @@ def write_llava_dir(path: Path, seed: int = 0) -> Path:
     vocab = tok.get_vocab_size()
     image_id = tok.token_to_id(IMAGE_TOKEN)
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": TEMPLATE, "eos_token": "<|im_end|>", "bos_token": None, "pad_token": "<|endoftext|>",
-        "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast",
-    }))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": TEMPLATE,
+                "eos_token": "<|im_end|>",
+                "bos_token": None,
+                "pad_token": "<|endoftext|>",
+                "add_bos_token": False,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            }
+        )
+    )
     text = {**tinymodel.CONFIG, "vocab_size": vocab}
     config = {
-        "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
-        "text_config": text, "vision_config": VISION, "image_token_index": image_id,
-        "vision_feature_select_strategy": "default", "vision_feature_layer": -2,
-        "vocab_size": vocab, "eos_token_id": [tok.token_to_id("<|im_end|>")],
+        "model_type": "llava",
+        "architectures": ["LlavaForConditionalGeneration"],
+        "text_config": text,
+        "vision_config": VISION,
+        "image_token_index": image_id,
+        "vision_feature_select_strategy": "default",
+        "vision_feature_layer": -2,
+        "vocab_size": vocab,
+        "eos_token_id": [tok.token_to_id("<|im_end|>")],
     }
     (path / "config.json").write_text(json.dumps(config))
-    (path / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
-        "do_resize": True, "size": {"shortest_edge": IMAGE_SIZE}, "do_center_crop": True,
-        "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "resample": 3,
-    }))
-    (path / "processor_config.json").write_text(json.dumps({
-        "processor_class": "LlavaProcessor", "patch_size": PATCH_SIZE,
-        "vision_feature_select_strategy": "default", "image_token": IMAGE_TOKEN,
-        "num_additional_image_tokens": 1,
-    }))
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "CLIPImageProcessor",
+                "processor_class": "LlavaProcessor",
+                "do_resize": True,
+                "size": {"shortest_edge": IMAGE_SIZE},
+                "do_center_crop": True,
+                "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "do_convert_rgb": True,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+                "resample": 3,
+            }
+        )
+    )
+    (path / "processor_config.json").write_text(
+        json.dumps(
+            {
+                "processor_class": "LlavaProcessor",
+                "patch_size": PATCH_SIZE,
+                "vision_feature_select_strategy": "default",
+                "image_token": IMAGE_TOKEN,
+                "num_additional_image_tokens": 1,
+            }
+        )
+    )
     save_file(_random_params(vocab, seed), str(path / "model.safetensors"))
     return path
 

@@ -45,8 +45,14 @@ def test_scenario_invariants_hold(report, name):
 def test_every_phase_and_fault_is_exercised(report):
     t = report["totals"]
     assert all(n > 0 for n in t["disconnects_by_phase"].values()), t["disconnects_by_phase"]
-    assert set(t["faults_injected"]) == {"step_raise", "thread_die", "load_fail", "load_slow",
-                                         "blob_corrupt", "create_kill"}
+    assert set(t["faults_injected"]) == {
+        "step_raise",
+        "thread_die",
+        "load_fail",
+        "load_slow",
+        "blob_corrupt",
+        "create_kill",
+    }
     assert t["cancel_to_slot_free_ms"]["n"] > 0 and t["disconnect_to_slot_free_ms"]["n"] > 0
     assert t["overflow_503_ms"]["n"] == 40
     assert {c["name"]: c["ok"] for c in report["checks"]} == {"clean_shutdown": True}

@@ -47,10 +47,16 @@ def test_ndjson_stream_pieces_final_and_trailing_garbage():
 
 
 def test_sse_stream_needs_role_finish_and_done():
-    chunk = lambda delta, fin=None: b"data: " + json.dumps(  # noqa: E731
-        {"choices": [{"index": 0, "delta": delta, "finish_reason": fin}]}).encode()
-    r = _feed("openai", [chunk({"role": "assistant", "content": ""}), chunk({"content": "Hi"}),
-                         chunk({}, "stop"), b"data: [DONE]"])
+    chunk = lambda delta, fin=None: (
+        b"data: "
+        + json.dumps(  # noqa: E731
+            {"choices": [{"index": 0, "delta": delta, "finish_reason": fin}]}
+        ).encode()
+    )
+    r = _feed(
+        "openai",
+        [chunk({"role": "assistant", "content": ""}), chunk({"content": "Hi"}), chunk({}, "stop"), b"data: [DONE]"],
+    )
     assert r.text == "Hi" and r.finished and r.finish_reason == "stop" and not r.problems
     r = _feed("openai", [chunk({"content": "Hi"}), b"data: [DONE]"])
     assert "first chunk has no delta.role" in r.problems and "[DONE] before a finish_reason" in r.problems
@@ -105,6 +111,7 @@ def test_client_fault_plans_expect_4xx_only():
 
 
 # ---------------------------------------------------------------------- runtime seams
+
 
 class _FakeRunner:
     def __init__(self, name):

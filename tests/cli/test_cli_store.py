@@ -9,21 +9,20 @@ import sys
 from pathlib import Path
 
 import trio
-
 from model_files import write_unsupported_gguf
 
 MLXCTL = [sys.executable, "-c", "from mlxserve.cli.main import main; main()"]
 
 
-def mlxctl(*args: str, models_dir: Path | None = None, url: str | None = None,
-           cwd: Path | None = None) -> subprocess.CompletedProcess:
+def mlxctl(
+    *args: str, models_dir: Path | None = None, url: str | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLXSERVE_")}
     if models_dir is not None:
         env["MLXSERVE_MODELS"] = str(models_dir)
     if url is not None:
         env["MLXSERVE_HOST"] = url.removeprefix("http://")
-    return subprocess.run([*MLXCTL, *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([*MLXCTL, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def test_verify_reports_a_corrupt_manifest_and_checks_the_rest(models_dir):
@@ -52,7 +51,8 @@ async def test_create_of_an_unsupported_architecture_fails_and_stores_nothing(da
     (tmp_path / "Modelfile").write_text("FROM ./qwen.gguf\n")
     with trio.fail_after(120):
         out = await trio.to_thread.run_sync(
-            lambda: mlxctl("create", "qwen", "-f", "Modelfile", url=daemon.url, cwd=tmp_path))
+            lambda: mlxctl("create", "qwen", "-f", "Modelfile", url=daemon.url, cwd=tmp_path)
+        )
         listed = await trio.to_thread.run_sync(lambda: mlxctl("list", url=daemon.url))
     assert out.returncode == 1, out.stdout
     assert "unsupported model architecture 'falcon'" in out.stderr and "llama" in out.stderr

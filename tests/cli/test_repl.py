@@ -21,8 +21,11 @@ from mlxserve.cli.repl import ReplError, StreamControl, format_stats, repl, stre
 STALL = object()  # as the last step of a chat reply: keep the stream open until the client leaves
 
 SHOW = {
-    "modelfile": "FROM /models/tiny\n", "parameters": 'stop                           "<|im_end|>"',
-    "template": "{{ .Prompt }}", "system": "", "license": "",
+    "modelfile": "FROM /models/tiny\n",
+    "parameters": 'stop                           "<|im_end|>"',
+    "template": "{{ .Prompt }}",
+    "system": "",
+    "license": "",
     "details": {"format": "gguf", "family": "llama", "parameter_size": "1.2M", "quantization_level": "F32"},
     "model_info": {"general.architecture": "llama", "llama.context_length": 2048},
     "capabilities": ["completion"],
@@ -31,9 +34,15 @@ SHOW = {
 
 def answer(*pieces: str, **final) -> list:
     lines = [{"message": {"role": "assistant", "content": p}, "done": False} for p in pieces]
-    stats = {"done_reason": "stop", "total_duration": 1_200_000_000, "load_duration": 10_000_000,
-             "prompt_eval_count": 26, "prompt_eval_duration": 50_000_000, "eval_count": 40,
-             "eval_duration": 1_100_000_000}
+    stats = {
+        "done_reason": "stop",
+        "total_duration": 1_200_000_000,
+        "load_duration": 10_000_000,
+        "prompt_eval_count": 26,
+        "prompt_eval_duration": 50_000_000,
+        "eval_count": 40,
+        "eval_duration": 1_100_000_000,
+    }
     return lines + [{"message": {"role": "assistant", "content": ""}, "done": True, **stats, **final}]
 
 
@@ -89,11 +98,14 @@ class ScriptedDaemon:
         if isinstance(reply, (dict, HttpError)):
             status, body = (200, reply) if isinstance(reply, dict) else (reply.status, reply.body)
             raw = json.dumps(body).encode()
-            await stream.send_all(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
-                                  f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
+            await stream.send_all(
+                f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n".encode()
+                + raw
+            )
             return True
-        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
-                              b"Transfer-Encoding: chunked\r\n\r\n")
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         for step in reply:
             if step is STALL:
                 while await stream.receive_some(65536):
@@ -152,8 +164,18 @@ class Screen:
 @pytest.mark.trio
 async def test_scripted_session(daemon, client):
     daemon.chat_replies = [answer("Hi", " there!"), answer("Two lines, got it."), answer("Again.")]
-    script = Script("hello", '"""', "multi", 'line"""', "/set parameter temperature 0.2",
-                    "/set parameter stop <end> <eot>", "/set verbose", "/show info", "again", "/bye")
+    script = Script(
+        "hello",
+        '"""',
+        "multi",
+        'line"""',
+        "/set parameter temperature 0.2",
+        "/set parameter stop <end> <eot>",
+        "/set verbose",
+        "/show info",
+        "again",
+        "/bye",
+    )
     screen = Screen()
     with trio.fail_after(10):
         await repl(client, "tiny", options={"seed": 1}, input_fn=script, out=screen)
@@ -183,15 +205,24 @@ async def test_scripted_session(daemon, client):
 @pytest.mark.trio
 async def test_commands(daemon, client):
     daemon.chat_replies = [answer("ok"), answer("ok")]
-    script = Script("hi", "/set system Be brief.", "/show system", "/clear", "/show template",
-                    "/show parameters", "/frobnicate", "/?", "/set", '"""one line"""')
+    script = Script(
+        "hi",
+        "/set system Be brief.",
+        "/show system",
+        "/clear",
+        "/show template",
+        "/show parameters",
+        "/frobnicate",
+        "/?",
+        "/set",
+        '"""one line"""',
+    )
     screen = Screen()
     with trio.fail_after(10):
         await repl(client, "tiny", input_fn=script, out=screen)
     first, second = daemon.chats()
     assert first["messages"] == [{"role": "user", "content": "hi"}]
-    assert second["messages"] == [{"role": "system", "content": "Be brief."},
-                                  {"role": "user", "content": "one line"}]
+    assert second["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "one line"}]
     out = screen.text
     assert "Be brief.\n" in out and "Cleared session context" in out
     assert "{{ .Prompt }}" in out and "Model defined parameters:" in out
@@ -219,8 +250,9 @@ async def test_stream_chat_returns_the_done_line(daemon, client):
     daemon.chat_replies = [answer("a", "b"), HttpError(500, {"error": "boom"})]
     pieces = []
     with trio.fail_after(10):
-        final = await stream_chat(client, "tiny", [{"role": "user", "content": "x"}], {"top_k": 3},
-                                  out=pieces.append, keep_alive="5m")
+        final = await stream_chat(
+            client, "tiny", [{"role": "user", "content": "x"}], {"top_k": 3}, out=pieces.append, keep_alive="5m"
+        )
         with pytest.raises(ReplError, match="boom"):
             await stream_chat(client, "tiny", [], {}, out=pieces.append)
     assert pieces == ["a", "b"]
@@ -240,11 +272,16 @@ def test_format_stats():
         "eval duration:        1.1s",
         "eval rate:            36.36 tokens/s",
     ]
-    odd = format_stats({"total_duration": 62_500_000_000, "load_duration": 1_500, "eval_count": 3,
-                        "eval_duration": 123_456_789})
-    assert odd.splitlines() == ["total duration:       1m2.5s", "load duration:        1.5µs",
-                                "eval count:           3 token(s)", "eval duration:        123.456789ms",
-                                "eval rate:            24.30 tokens/s"]
+    odd = format_stats(
+        {"total_duration": 62_500_000_000, "load_duration": 1_500, "eval_count": 3, "eval_duration": 123_456_789}
+    )
+    assert odd.splitlines() == [
+        "total duration:       1m2.5s",
+        "load duration:        1.5µs",
+        "eval count:           3 token(s)",
+        "eval duration:        123.456789ms",
+        "eval rate:            24.30 tokens/s",
+    ]
 
 
 async def _interrupted_session(daemon, client, interrupt) -> tuple[Screen, Script]:
@@ -261,6 +298,7 @@ async def _interrupted_session(daemon, client, interrupt) -> tuple[Screen, Scrip
 
     script = Script("never finishes", "next question")
     async with trio.open_nursery() as nursery:
+
         async def press_ctrl_c():
             await shown.wait()
             interrupt(control)

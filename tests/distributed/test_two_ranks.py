@@ -42,25 +42,49 @@ class Group:
     def __init__(self, models_dir: Path, tmp: Path, *, launcher: bool, timeout_s: float = 30.0, **env_extra) -> None:
         http, ring0, ring1 = _free_ports(3)
         self.url = f"http://127.0.0.1:{http}"
-        env = {**os.environ, "MLXSERVE_MODELS": str(models_dir), "MLXSERVE_HOST": f"127.0.0.1:{http}",
-               "MLXSERVE_DIST_TIMEOUT": str(timeout_s), "MLXSERVE_KEEP_ALIVE": "10m",
-               # BLAS float32 on both sides of a comparison (and no kernel build on a fresh cache)
-               "MLXSERVE_WEIGHT_DTYPE": "float32", **env_extra}
+        env = {
+            **os.environ,
+            "MLXSERVE_MODELS": str(models_dir),
+            "MLXSERVE_HOST": f"127.0.0.1:{http}",
+            "MLXSERVE_DIST_TIMEOUT": str(timeout_s),
+            "MLXSERVE_KEEP_ALIVE": "10m",
+            # BLAS float32 on both sides of a comparison (and no kernel build on a fresh cache)
+            "MLXSERVE_WEIGHT_DTYPE": "float32",
+            **env_extra,
+        }
         self.procs: list[subprocess.Popen] = []
         self.logs = [tmp / "rank0.log", tmp / "rank1.log"]
         if launcher:  # the documented way: mlx.launch starts both ranks
             port = min(ring0, ring1)
-            cmd = [str(BIN / "mlx.launch"), "--backend", "ring", "-n", "2", "--starting-port", str(port),
-                   str(BIN / "mlxctl"), "serve"]
-            self.procs.append(subprocess.Popen(cmd, env=env, stdout=self.logs[0].open("w"),
-                                               stderr=subprocess.STDOUT, start_new_session=True))
+            cmd = [
+                str(BIN / "mlx.launch"),
+                "--backend",
+                "ring",
+                "-n",
+                "2",
+                "--starting-port",
+                str(port),
+                str(BIN / "mlxctl"),
+                "serve",
+            ]
+            self.procs.append(
+                subprocess.Popen(
+                    cmd, env=env, stdout=self.logs[0].open("w"), stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
         else:  # the environment mlx.launch sets, one process a rank: rank 0 outlives a follower
             hostfile = tmp / "hosts.json"
             hostfile.write_text(json.dumps([[f"127.0.0.1:{ring0}"], [f"127.0.0.1:{ring1}"]]))
             for rank in (0, 1):
-                self.procs.append(subprocess.Popen(
-                    [str(BIN / "mlxctl"), "serve"], env={**env, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)},
-                    stdout=self.logs[rank].open("w"), stderr=subprocess.STDOUT, start_new_session=True))
+                self.procs.append(
+                    subprocess.Popen(
+                        [str(BIN / "mlxctl"), "serve"],
+                        env={**env, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)},
+                        stdout=self.logs[rank].open("w"),
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
 
     def wait_ready(self, deadline_s: float = 180.0) -> None:
         end = time.monotonic() + deadline_s
@@ -105,8 +129,15 @@ def group(smol_store_template, tmp_path_factory):
 
 
 async def _generate(c: httpx.AsyncClient, model: str, prompt: str, n: int = 24, **options) -> dict:
-    r = await c.post("/api/generate", json={"model": model, "prompt": prompt, "stream": False,
-                                            "options": {"temperature": 0, "num_predict": n, **options}})
+    r = await c.post(
+        "/api/generate",
+        json={
+            "model": model,
+            "prompt": prompt,
+            "stream": False,
+            "options": {"temperature": 0, "num_predict": n, **options},
+        },
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -117,8 +148,10 @@ async def _batch(url: str, model: str, n: int = 24) -> list[str]:
     async with httpx.AsyncClient(base_url=url, timeout=120) as c:
         async with trio.open_nursery() as nursery:
             for i, p in enumerate(PROMPTS):
+
                 async def one(i=i, p=p):
                     out[i] = (await _generate(c, model, p, n))["response"]
+
                 nursery.start_soon(one)
     return [out[i] for i in range(len(PROMPTS))]
 
@@ -163,13 +196,28 @@ async def test_cancellation_and_disconnect_storm_keeps_ranks_in_step(group):
                 left.append(i)
 
             async def structured() -> None:
-                r = await c.post("/api/generate", json={"model": "tiny", "prompt": "Give n.", "stream": False,
-                                                        "format": schema, "options": {"num_predict": 40}})
+                r = await c.post(
+                    "/api/generate",
+                    json={
+                        "model": "tiny",
+                        "prompt": "Give n.",
+                        "stream": False,
+                        "format": schema,
+                        "options": {"num_predict": 40},
+                    },
+                )
                 finished.append(r.status_code)
 
             async def sampled() -> None:
-                r = await c.post("/api/generate", json={"model": "tiny", "prompt": "Go on", "stream": False,
-                                                        "options": {"temperature": 0.9, "num_predict": 30}})
+                r = await c.post(
+                    "/api/generate",
+                    json={
+                        "model": "tiny",
+                        "prompt": "Go on",
+                        "stream": False,
+                        "options": {"temperature": 0.9, "num_predict": 30},
+                    },
+                )
                 finished.append(r.status_code)
 
             for _round in range(3):
@@ -221,15 +269,27 @@ async def test_a_lost_rank_fails_its_requests_cleanly_and_rank_0_stays_up(models
                 await _generate(c, "tiny", "warm", 2)
                 if fault == "kill":
                     await _arm(g.procs[0].pid, control, "step_raise")
-                first = await c.post("/api/generate", json={"model": "tiny", "prompt": "warm", "stream": False,
-                                                            "options": {"num_predict": 2}})
+                first = await c.post(
+                    "/api/generate",
+                    json={"model": "tiny", "prompt": "warm", "stream": False, "options": {"num_predict": 2}},
+                )
                 sampled = []
                 async with trio.open_nursery() as nursery:
                     for i in range(3):
+
                         async def one(i=i):
-                            sampled.append(await c.post("/api/generate", json={
-                                "model": "tiny", "prompt": f"{i} go on", "stream": False,
-                                "options": {"temperature": 0.9, "num_predict": 20}}))
+                            sampled.append(
+                                await c.post(
+                                    "/api/generate",
+                                    json={
+                                        "model": "tiny",
+                                        "prompt": f"{i} go on",
+                                        "stream": False,
+                                        "options": {"temperature": 0.9, "num_predict": 20},
+                                    },
+                                )
+                            )
+
                         nursery.start_soon(one)
                 before = (await c.get("/api/status")).json()["group"]
                 body = {"model": "tiny", "prompt": "Tell me a long story", "options": {"num_predict": 100000}}

@@ -146,9 +146,19 @@ def test_faults_armed_on_rank_0_travel_with_the_next_step():
 def test_commands_survive_the_wire():
     from mlxserve.engine.sampling import SamplingParams
 
-    cmds = [eng.Add(7, [1, 2, 3], 16, SamplingParams(temperature=0.5, seed=3, logit_bias={5: -1.5}),
-                    stop=("\n",), logprobs=2, grammar='{"type": "object"}'),
-            eng.Cancel(7), eng.Shutdown()]
+    cmds = [
+        eng.Add(
+            7,
+            [1, 2, 3],
+            16,
+            SamplingParams(temperature=0.5, seed=3, logit_bias={5: -1.5}),
+            stop=("\n",),
+            logprobs=2,
+            grammar='{"type": "object"}',
+        ),
+        eng.Cancel(7),
+        eng.Shutdown(),
+    ]
     wire = json.loads(json.dumps([dist.encode_command(c) for c in cmds]))
     assert [dist.decode_command(c) for c in wire] == cmds
 

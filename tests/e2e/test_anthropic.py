@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import anthropic
 import httpx
-import pytest
 import jsonschema
+import pytest
 import trio
-
 from support import leave_when, start_daemon
 
-WEATHER = {"name": "get_weather", "description": "Weather for a city",
-           "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
-                            "required": ["city"]}}
-TIME = {"name": "get_time", "description": "Time in a timezone",
-        "input_schema": {"type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"]}}
+WEATHER = {
+    "name": "get_weather",
+    "description": "Weather for a city",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"],
+    },
+}
+TIME = {
+    "name": "get_time",
+    "description": "Time in a timezone",
+    "input_schema": {"type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"]},
+}
 
 
 def _client(url: str) -> anthropic.Anthropic:
@@ -28,9 +36,15 @@ def _client(url: str) -> anthropic.Anthropic:
 async def test_create_and_stream_agree_with_usage_and_stop_reason(daemon):
     def calls():
         with _client(daemon.url) as client:
-            kw = dict(model="tiny", max_tokens=8, extra_body={"temperature": 0}, system=[{"type": "text", "text": "Be brief."}],
-                      messages=[{"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
-                      metadata={"user_id": "u1"}, thinking={"type": "enabled", "budget_tokens": 1024})
+            kw = dict(
+                model="tiny",
+                max_tokens=8,
+                extra_body={"temperature": 0},
+                system=[{"type": "text", "text": "Be brief."}],
+                messages=[{"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
+                metadata={"user_id": "u1"},
+                thinking={"type": "enabled", "budget_tokens": 1024},
+            )
             whole = client.messages.create(**kw)
             with client.messages.stream(**kw) as stream:
                 pieces = list(stream.text_stream)
@@ -54,7 +68,12 @@ async def test_create_and_stream_agree_with_usage_and_stop_reason(daemon):
 async def test_stop_sequence_is_reported(daemon):
     def calls():
         with _client(daemon.url) as client:
-            kw = dict(model="tiny", max_tokens=12, extra_body={"temperature": 0}, messages=[{"role": "user", "content": "Hello"}])
+            kw = dict(
+                model="tiny",
+                max_tokens=12,
+                extra_body={"temperature": 0},
+                messages=[{"role": "user", "content": "Hello"}],
+            )
             free = client.messages.create(**kw)
             text = free.content[0].text
             # A stop sequence the greedy answer is bound to meet: a piece of its own text.
@@ -66,7 +85,7 @@ async def test_stop_sequence_is_reported(daemon):
         text, stop, stopped = await trio.to_thread.run_sync(calls)
     assert len(text) >= 6 and stop.strip()
     assert stopped.stop_reason == "stop_sequence" and stopped.stop_sequence == stop
-    assert stopped.content[0].text == text[:text.index(stop)]
+    assert stopped.content[0].text == text[: text.index(stop)]
 
 
 async def test_errors_are_anthropic_shaped(daemon):
@@ -76,19 +95,39 @@ async def test_errors_are_anthropic_shaped(daemon):
             for key, kw in {
                 "missing": dict(model="missing", max_tokens=4, messages=[{"role": "user", "content": "x"}]),
                 "role": dict(model="tiny", max_tokens=4, messages=[{"role": "system", "content": "x"}]),
-                "image": dict(model="tiny", max_tokens=4, messages=[{"role": "user", "content": [
-                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]),
-                "server_tool": dict(model="tiny", max_tokens=4, messages=[{"role": "user", "content": "x"}],
-                                    tools=[{"type": "web_search_20250305", "name": "web_search"}]),
+                "image": dict(
+                    model="tiny",
+                    max_tokens=4,
+                    messages=[
+                        {
+                            "role": "user",
+                            "content": [
+                                {
+                                    "type": "image",
+                                    "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"},
+                                }
+                            ],
+                        }
+                    ],
+                ),
+                "server_tool": dict(
+                    model="tiny",
+                    max_tokens=4,
+                    messages=[{"role": "user", "content": "x"}],
+                    tools=[{"type": "web_search_20250305", "name": "web_search"}],
+                ),
             }.items():
                 try:
                     client.messages.create(**kw)
                 except anthropic.APIStatusError as exc:
                     out[key] = exc
-            raw = httpx.post(f"{daemon.url}/v1/messages", content=b"{not json",
-                             headers={"content-type": "application/json"})
-            no_max = httpx.post(f"{daemon.url}/v1/messages",  # the SDK would not send it
-                                json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+            raw = httpx.post(
+                f"{daemon.url}/v1/messages", content=b"{not json", headers={"content-type": "application/json"}
+            )
+            no_max = httpx.post(
+                f"{daemon.url}/v1/messages",  # the SDK would not send it
+                json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]},
+            )
             return out, raw, no_max
 
     with trio.fail_after(60):
@@ -104,7 +143,9 @@ async def test_errors_are_anthropic_shaped(daemon):
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
     assert raw.json()["type"] == "error"
     assert no_max.status_code == 400 and no_max.json()["error"] == {
-        "type": "invalid_request_error", "message": "max_tokens is required"}
+        "type": "invalid_request_error",
+        "message": "max_tokens is required",
+    }
 
 
 async def test_count_tokens_counts_what_create_reads(daemon):
@@ -112,8 +153,7 @@ async def test_count_tokens_counts_what_create_reads(daemon):
         with _client(daemon.url) as client:
             msgs = [{"role": "user", "content": "How many tokens is this?"}]
             counted = client.messages.count_tokens(model="tiny", system="Be brief.", messages=msgs)
-            with_tools = client.messages.count_tokens(model="tiny", system="Be brief.", messages=msgs,
-                                                      tools=[WEATHER])
+            with_tools = client.messages.count_tokens(model="tiny", system="Be brief.", messages=msgs, tools=[WEATHER])
             made = client.messages.create(model="tiny", system="Be brief.", messages=msgs, max_tokens=1)
             return counted, with_tools, made
 
@@ -131,22 +171,49 @@ async def test_tools_round_trip_with_smollm2(smol_models_dir):
             def calls():
                 with _client(d.url) as client:
                     msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
-                    forced = client.messages.create(model="smol", max_tokens=60, messages=msgs,
-                                                    tools=[WEATHER, TIME], tool_choice={"type": "any"})
-                    with client.messages.stream(model="smol", max_tokens=60, messages=msgs, tools=[WEATHER, TIME],
-                                                tool_choice={"type": "tool", "name": "get_time"}) as stream:
+                    forced = client.messages.create(
+                        model="smol", max_tokens=60, messages=msgs, tools=[WEATHER, TIME], tool_choice={"type": "any"}
+                    )
+                    with client.messages.stream(
+                        model="smol",
+                        max_tokens=60,
+                        messages=msgs,
+                        tools=[WEATHER, TIME],
+                        tool_choice={"type": "tool", "name": "get_time"},
+                    ) as stream:
                         named = stream.get_final_message()
                     use = forced.content[0]
-                    answer = client.messages.create(model="smol", max_tokens=30, tools=[WEATHER, TIME],
-                                                    tool_choice={"type": "none"}, messages=[
-                        *msgs, {"role": "assistant", "content": forced.content},
-                        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
-                                                      "content": [{"type": "text", "text": "22 degrees, sunny"}]}]}])
-                    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 20}},
-                              "required": ["capital"]}
+                    answer = client.messages.create(
+                        model="smol",
+                        max_tokens=30,
+                        tools=[WEATHER, TIME],
+                        tool_choice={"type": "none"},
+                        messages=[
+                            *msgs,
+                            {"role": "assistant", "content": forced.content},
+                            {
+                                "role": "user",
+                                "content": [
+                                    {
+                                        "type": "tool_result",
+                                        "tool_use_id": use.id,
+                                        "content": [{"type": "text", "text": "22 degrees, sunny"}],
+                                    }
+                                ],
+                            },
+                        ],
+                    )
+                    schema = {
+                        "type": "object",
+                        "properties": {"capital": {"type": "string", "maxLength": 20}},
+                        "required": ["capital"],
+                    }
                     structured = client.messages.create(
-                        model="smol", max_tokens=60, messages=[{"role": "user", "content": "Capital of France?"}],
-                        output_config={"format": {"type": "json_schema", "schema": schema}})
+                        model="smol",
+                        max_tokens=60,
+                        messages=[{"role": "user", "content": "Capital of France?"}],
+                        output_config={"format": {"type": "json_schema", "schema": schema}},
+                    )
                     return forced, named, answer, structured, schema
 
             forced, named, answer, structured, schema = await trio.to_thread.run_sync(calls)
@@ -162,14 +229,30 @@ async def test_tools_round_trip_with_smollm2(smol_models_dir):
     jsonschema.validate(__import__("json").loads(structured.content[0].text), schema)
 
 
-@pytest.mark.parametrize("path,body", [
-    ("/v1/messages", {"model": "tiny", "max_tokens": 1500, "stream": True, "temperature": 0,
-                      "messages": [{"role": "user", "content": "Hi"}]}),
-    ("/v1/messages", {"model": "tiny", "max_tokens": 1500, "temperature": 0,
-                      "messages": [{"role": "user", "content": "Hi"}]}),
-    ("/v1/responses", {"model": "tiny", "max_output_tokens": 1500, "stream": True, "temperature": 0, "input": "Hi"}),
-    ("/v1/responses", {"model": "tiny", "max_output_tokens": 1500, "temperature": 0, "input": "Hi"}),
-])
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        (
+            "/v1/messages",
+            {
+                "model": "tiny",
+                "max_tokens": 1500,
+                "stream": True,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "Hi"}],
+            },
+        ),
+        (
+            "/v1/messages",
+            {"model": "tiny", "max_tokens": 1500, "temperature": 0, "messages": [{"role": "user", "content": "Hi"}]},
+        ),
+        (
+            "/v1/responses",
+            {"model": "tiny", "max_output_tokens": 1500, "stream": True, "temperature": 0, "input": "Hi"},
+        ),
+        ("/v1/responses", {"model": "tiny", "max_output_tokens": 1500, "temperature": 0, "input": "Hi"}),
+    ],
+)
 async def test_leaving_mid_answer_cancels_the_sequence(daemon, path, body):
     """Both newer dialects (streamed or not): a client that leaves frees its slot at once."""
     with trio.fail_after(60):

@@ -10,8 +10,6 @@ import httpx
 import pytest
 import trio
 
-from support import TINY
-
 GREEDY = {"temperature": 0, "num_predict": 12}
 
 
@@ -34,8 +32,9 @@ async def test_root_version_and_health(daemon):
 async def test_generate_streams_ndjson_with_final_stats(daemon):
     with trio.fail_after(60):
         async with httpx.AsyncClient(base_url=daemon.url, timeout=60) as c:
-            async with c.stream("POST", "/api/generate", json={"model": "tiny", "prompt": "Hello",
-                                                               "options": GREEDY}) as r:
+            async with c.stream(
+                "POST", "/api/generate", json={"model": "tiny", "prompt": "Hello", "options": GREEDY}
+            ) as r:
                 assert r.headers["content-type"].startswith("application/x-ndjson")
                 lines = await _lines(r)
     assert all(not line["done"] for line in lines[:-1])
@@ -71,15 +70,18 @@ async def test_gguf_and_mlx_dir_give_the_same_greedy_text(daemon):
     assert a["response"] == b["response"] and a["context"] == b["context"]
 
 
-@pytest.mark.parametrize("path,body,status,message", [
-    ("/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model 'nope' not found"),
-    ("/api/generate", {"model": "nope", "prompt": "x"}, 404, "model 'nope' not found"),
-    ("/api/chat", {"messages": []}, 400, "model is required"),
-    ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"temperature": "hot"}}, 400, "temperature"),
-    ("/api/generate", {"model": "tiny", "prompt": "x", "raw": True, "system": "s"}, 400, "raw"),
-    ("/api/chat", {"model": "tiny", "messages": "hi"}, 400, "messages"),
-    ("/api/generate", {"model": "../../etc/passwd", "prompt": "x"}, 400, ""),
-])
+@pytest.mark.parametrize(
+    "path,body,status,message",
+    [
+        ("/api/chat", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model 'nope' not found"),
+        ("/api/generate", {"model": "nope", "prompt": "x"}, 404, "model 'nope' not found"),
+        ("/api/chat", {"messages": []}, 400, "model is required"),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "options": {"temperature": "hot"}}, 400, "temperature"),
+        ("/api/generate", {"model": "tiny", "prompt": "x", "raw": True, "system": "s"}, 400, "raw"),
+        ("/api/chat", {"model": "tiny", "messages": "hi"}, 400, "messages"),
+        ("/api/generate", {"model": "../../etc/passwd", "prompt": "x"}, 400, ""),
+    ],
+)
 async def test_bad_requests_get_clear_errors(daemon, path, body, status, message):
     with trio.fail_after(30):
         async with httpx.AsyncClient(base_url=daemon.url) as c:
@@ -97,7 +99,9 @@ async def test_malformed_json_is_400_on_both_dialects(daemon):
             assert r.status_code == 400
             err = r.json()["error"]
             assert set(err) == {"message", "type", "param", "code"}
-            r = await c.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+            r = await c.post(
+                "/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}
+            )
             assert r.status_code == 404 and r.json()["error"]["message"] == "model 'nope' not found"
 
 
@@ -110,14 +114,19 @@ async def test_foreign_host_header_is_refused(daemon):
 
 
 async def test_openai_chat_completions_non_stream_and_stream(daemon):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
-            "temperature": 0, "max_tokens": 10}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+        "temperature": 0,
+        "max_tokens": 10,
+    }
     with trio.fail_after(60):
         async with httpx.AsyncClient(base_url=daemon.url, timeout=60) as c:
             whole = (await c.post("/v1/chat/completions", json=body)).json()
             events = []
-            async with c.stream("POST", "/v1/chat/completions",
-                                json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+            async with c.stream(
+                "POST", "/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+            ) as r:
                 assert r.headers["content-type"].startswith("text/event-stream")
                 async for line in r.aiter_lines():
                     if line.startswith("data: "):

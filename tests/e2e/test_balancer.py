@@ -22,7 +22,6 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-
 from support import make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,8 +87,9 @@ async def test_drain_flips_readiness_refuses_new_work_and_lets_streams_finish(mo
                     refused = await c.post("/api/generate", json=req)
                     assert refused.status_code == 503 and "draining" in refused.json()["error"]
                     assert refused.headers["connection"] == "close" and refused.headers["retry-after"]
-                    oai = await c.post("/v1/chat/completions", json={
-                        "model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+                    oai = await c.post(
+                        "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+                    )
                     assert oai.status_code == 503 and oai.json()["error"]["code"] == "server_busy"
 
                     async for line in it:
@@ -142,7 +142,8 @@ def test_drain_seconds_setting():
 
 HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")  # not on every PATH
 needs_haproxy = pytest.mark.skipif(
-    HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy; `make test` installs it)")
+    HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy; `make test` installs it)"
+)
 
 
 def _free_port() -> int:
@@ -152,8 +153,12 @@ def _free_port() -> int:
 
 
 async def _mlxctl_serve(models: Path, port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "MLXSERVE_MODELS": str(models), "MLXSERVE_HOST": f"127.0.0.1:{port}",
-           "MLXSERVE_DRAIN_SECONDS": "60"}
+    env = {
+        **os.environ,
+        "MLXSERVE_MODELS": str(models),
+        "MLXSERVE_HOST": f"127.0.0.1:{port}",
+        "MLXSERVE_DRAIN_SECONDS": "60",
+    }
     with log.open("w") as err:
         proc = subprocess.Popen([BIN / "mlxctl", "serve"], env=env, stdout=subprocess.PIPE, stderr=err, text=True)
     # Printed once the socket is bound; the rest of stdout is not read, and there is little of it.

@@ -5,20 +5,32 @@ from __future__ import annotations
 import httpx
 import pytest
 import trio
-
 from support import leave_when, start_daemon
 
 LONG = {"temperature": 0, "num_predict": 1500}
 
 
-@pytest.mark.parametrize("path,body", [
-    ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "options": LONG}),
-    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}],
-                              "temperature": 0, "max_tokens": 1500, "stream": True}),
-    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}],
-                              "temperature": 0, "max_tokens": 1500}),
-    ("/v1/completions", {"model": "tiny", "prompt": "Hi", "temperature": 0, "max_tokens": 1500, "stream": True}),
-])
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "options": LONG}),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "temperature": 0,
+                "max_tokens": 1500,
+                "stream": True,
+            },
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 1500},
+        ),
+        ("/v1/completions", {"model": "tiny", "prompt": "Hi", "temperature": 0, "max_tokens": 1500, "stream": True}),
+    ],
+)
 async def test_disconnect_while_decoding(daemon, path, body):
     with trio.fail_after(60):
         async with httpx.AsyncClient(base_url=daemon.url, timeout=60) as c:
@@ -37,8 +49,12 @@ async def test_disconnect_while_queued_behind_a_busy_slot(models_dir):
             async with httpx.AsyncClient(base_url=d.url, timeout=60) as c:
                 await c.post("/api/generate", json={"model": "tiny"})
                 runner = await d.runner()
-                first = {"model": "tiny", "prompt": "Hello", "stream": False, "options": {"temperature": 0,
-                                                                                         "num_predict": 300}}
+                first = {
+                    "model": "tiny",
+                    "prompt": "Hello",
+                    "stream": False,
+                    "options": {"temperature": 0, "num_predict": 300},
+                }
                 async with trio.open_nursery() as inner:
                     done = []
 

@@ -57,8 +57,14 @@ async def test_openai_client_chat_streaming_and_not(daemon):
     def calls():
         msgs = [{"role": "user", "content": "Hello"}]
         whole = client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=8)
-        stream = client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=8,
-                                                stream=True, stream_options={"include_usage": True})
+        stream = client.chat.completions.create(
+            model="tiny",
+            messages=msgs,
+            temperature=0,
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         chunks = list(stream)
         models = client.models.list()
         client.close()

@@ -25,15 +25,29 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, smollm2_gguf):
     models = tmp_path_factory.mktemp("smol-models")
-    env = {**os.environ, "MLXSERVE_MODELS": str(models), "MLXSERVE_HOST": f"127.0.0.1:{_free_port()}",
-           "MLXSERVE_DRAIN_SECONDS": "1"}  # SIGTERM below: a stream outlasts the drain, then ends with the error line
+    env = {
+        **os.environ,
+        "MLXSERVE_MODELS": str(models),
+        "MLXSERVE_HOST": f"127.0.0.1:{_free_port()}",
+        "MLXSERVE_DRAIN_SECONDS": "1",
+    }  # SIGTERM below: a stream outlasts the drain, then ends with the error line
     mf = tmp_path_factory.mktemp("smol-mf") / "Modelfile"
     # Greedy, so the answer is reproducible; the model itself is what `make run` imports.
     mf.write_text(f"FROM {smollm2_gguf}\nPARAMETER temperature 0\n")
-    subprocess.run([BIN / "mlxctl", "create", "smollm2:135m", "-f", mf, "--local"], env=env, check=True,
-                   capture_output=True, timeout=120)
-    proc = subprocess.Popen([BIN / "mlxctl", "serve", "--preload", "smollm2:135m"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    subprocess.run(
+        [BIN / "mlxctl", "create", "smollm2:135m", "-f", mf, "--local"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    proc = subprocess.Popen(
+        [BIN / "mlxctl", "serve", "--preload", "smollm2:135m"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()  # printed once the model is loaded and the socket is bound
     assert "listening on" in line, proc.stderr.read()
     yield env, proc
@@ -85,8 +99,12 @@ def test_sigterm_ends_streams_with_an_error_line_and_exits_cleanly(served):
     env, proc = served
     url = "http://" + env["MLXSERVE_HOST"]
     # Counting goes on for thousands of tokens, so the stream is surely live at SIGTERM.
-    body = {"model": "smollm2:135m", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "raw": True,
-            "options": {"num_predict": 4000}}
+    body = {
+        "model": "smollm2:135m",
+        "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+        "raw": True,
+        "options": {"num_predict": 4000},
+    }
     lines = []
     with httpx.Client(base_url=url, timeout=120) as c:
         with c.stream("POST", "/api/generate", json=body) as r:

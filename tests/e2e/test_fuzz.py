@@ -28,7 +28,6 @@ import httpx
 import pytest
 import trio
 import yaml
-
 from support import start_daemon
 
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
@@ -36,12 +35,14 @@ SPEC = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 # Not fuzzed: they delete or create models, reach a registry, or store blobs. Their malformed
 # bodies are still sent by test_malformed_bodies_get_dialect_errors, which is harmless.
 NOT_FUZZED = {
-    ("DELETE", "/api/delete"), ("POST", "/api/create"), ("POST", "/api/pull"), ("POST", "/api/push"),
+    ("DELETE", "/api/delete"),
+    ("POST", "/api/create"),
+    ("POST", "/api/pull"),
+    ("POST", "/api/push"),
     ("POST", "/api/blobs/{digest}"),
 }
 MODELS = ["tiny", "tiny:latest", "tiny-mlx"]  # generated requests name real models
-GENERATION = {"/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions", "/v1/messages",
-              "/v1/responses"}
+GENERATION = {"/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses"}
 # How a named-event stream (Anthropic's, OpenAI Responses') that ended well ends.
 LAST_EVENTS = {"/v1/messages": {"message_stop"}, "/v1/responses": {"response.completed", "response.incomplete"}}
 MAX_TOKENS = 4  # every generated request stops after this many tokens per sequence
@@ -62,9 +63,9 @@ SLOW = 10.0
 # ---------------------------------------------------------------------------------------------
 # error objects
 
+
 def ollama_error_problem(obj) -> str | None:
-    if not isinstance(obj, dict) or set(obj) != {"error"} or not isinstance(obj["error"], str) \
-            or not obj["error"]:
+    if not isinstance(obj, dict) or set(obj) != {"error"} or not isinstance(obj["error"], str) or not obj["error"]:
         return f'not an Ollama error object {{"error": "<message>"}}: {_short(obj)}'
     return None
 
@@ -75,16 +76,26 @@ def openai_error_problem(obj) -> str | None:
         return f"not an OpenAI error object: {_short(obj)}"
     if set(err) != {"message", "type", "param", "code"}:
         return f"OpenAI error keys {sorted(err)} != ['code', 'message', 'param', 'type']"
-    if not isinstance(err["message"], str) or not err["message"] or not isinstance(err["type"], str) \
-            or not all(err[k] is None or isinstance(err[k], str) for k in ("param", "code")):
+    if (
+        not isinstance(err["message"], str)
+        or not err["message"]
+        or not isinstance(err["type"], str)
+        or not all(err[k] is None or isinstance(err[k], str) for k in ("param", "code"))
+    ):
         return f"OpenAI error with wrong field types: {_short(obj)}"
     return None
 
 
 def anthropic_error_problem(obj) -> str | None:
     err = obj.get("error") if isinstance(obj, dict) else None
-    if not isinstance(obj, dict) or obj.get("type") != "error" or not isinstance(err, dict) \
-            or not isinstance(err.get("type"), str) or not isinstance(err.get("message"), str) or not err["message"]:
+    if (
+        not isinstance(obj, dict)
+        or obj.get("type") != "error"
+        or not isinstance(err, dict)
+        or not isinstance(err.get("type"), str)
+        or not isinstance(err.get("message"), str)
+        or not err["message"]
+    ):
         return f'not an Anthropic error object {{"type": "error", "error": {{"type", "message"}}}}: {_short(obj)}'
     return None
 
@@ -130,8 +141,9 @@ def body_problems(path: str, method: str, status: int, ctype: str, text: str) ->
             out.append(f"NDJSON stream ended without a final object: {_short(last)}")
     elif ctype.startswith("text/event-stream"):
         # Each event's data (a named event has its "event:" line first).
-        events = [line[len("data: "):] for e in text.split("\n\n") for line in e.split("\n")
-                  if line.startswith("data: ")]
+        events = [
+            line[len("data: ") :] for e in text.split("\n\n") for line in e.split("\n") if line.startswith("data: ")
+        ]
         if not events:
             return ["empty event stream"]
         for data in events:
@@ -156,6 +168,7 @@ def body_problems(path: str, method: str, status: int, ctype: str, text: str) ->
 
 # ---------------------------------------------------------------------------------------------
 # the schemathesis run
+
 
 def fuzz_schema() -> dict:
     """The document, narrowed where generated values would only be slow or destructive."""
@@ -223,8 +236,12 @@ def bound(case) -> None:
         if _is_num(opts.get("min_p")) and opts["min_p"] > 0 and opts["min_p"] not in MIN_P:
             opts["min_p"] = MIN_P[-1]
     for holder in (opts, body):
-        if isinstance(holder, dict) and _is_num(holder.get("top_p")) and 0 < holder["top_p"] < 1 \
-                and holder["top_p"] not in TOP_P:
+        if (
+            isinstance(holder, dict)
+            and _is_num(holder.get("top_p"))
+            and 0 < holder["top_p"] < 1
+            and holder["top_p"] not in TOP_P
+        ):
             holder["top_p"] = TOP_P[-2]
     if case.path.startswith("/api/"):
         opts = body.get("options")
@@ -253,8 +270,9 @@ def _keep_token_ids_in_vocab(body: dict) -> None:
         body["prompt"] = [[fold(t) for t in x] if isinstance(x, list) else fold(x) for x in p]
     bias = body.get("logit_bias")
     if isinstance(bias, dict):
-        body["logit_bias"] = {k: v for k, v in bias.items()
-                              if not (k.strip().lstrip("+-").isdigit() and int(k) >= SAFE_VOCAB)}
+        body["logit_bias"] = {
+            k: v for k, v in bias.items() if not (k.strip().lstrip("+-").isdigit() and int(k) >= SAFE_VOCAB)
+        }
 
 
 class Findings:
@@ -301,12 +319,16 @@ def check_case(case, session, findings: Findings) -> None:
         findings.add(op, "body", status, problem, case)
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import (
-        content_type_conformance, response_schema_conformance, status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
     )
 
     try:
-        case.validate_response(response, checks=[not_a_server_error, status_code_conformance,
-                                                  content_type_conformance, response_schema_conformance])
+        case.validate_response(
+            response,
+            checks=[not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance],
+        )
     except BaseException as exc:  # schemathesis' Failure, or a FailureGroup of them
         for failure in getattr(exc, "exceptions", [exc]):
             title = getattr(failure, "title", failure.__class__.__name__)
@@ -320,9 +342,16 @@ def _run(strategy, examples: int, session, findings: Findings) -> None:
     import hypothesis
     from hypothesis import HealthCheck, Phase
 
-    @hypothesis.settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-                         phases=[Phase.explicit, Phase.generate], report_multiple_bugs=False,
-                         suppress_health_check=list(HealthCheck), verbosity=hypothesis.Verbosity.quiet)
+    @hypothesis.settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        report_multiple_bugs=False,
+        suppress_health_check=list(HealthCheck),
+        verbosity=hypothesis.Verbosity.quiet,
+    )
     @hypothesis.given(case=strategy)
     def run(case) -> None:
         check_case(case, session, findings)
@@ -348,8 +377,12 @@ def run_schemathesis(base_url: str) -> tuple[Findings, list[str]]:
                 _run(strategy, 1, session, findings)
             negatable = len(op.body) > 0 or len(op.path_parameters) > 0 or len(op.query) > 0
             for mode in ["positive"] + (["negative"] if negatable else []):
-                _run(op.as_strategy(generation_mode=GenerationMode(mode)),
-                     (HEAVY_EXAMPLES if op.path in HEAVY else EXAMPLES)[mode], session, findings)
+                _run(
+                    op.as_strategy(generation_mode=GenerationMode(mode)),
+                    (HEAVY_EXAMPLES if op.path in HEAVY else EXAMPLES)[mode],
+                    session,
+                    findings,
+                )
             ran.append(f"{op.method.upper()} {op.path}")
     return findings, ran
 
@@ -369,15 +402,19 @@ def test_document_covers_every_route():
     for rule in create_app(FakeRuntime()).url_map.iter_rules():
         if rule.endpoint == "static":
             continue
-        path = rule.rule.replace("<path:model_id>", "{model}").replace("<digest>", "{digest}") \
+        path = (
+            rule.rule.replace("<path:model_id>", "{model}")
+            .replace("<digest>", "{digest}")
             .replace("<response_id>", "{response_id}")
+        )
         served |= {(m, path) for m in rule.methods - {"OPTIONS"}}
     doc = yaml.safe_load(SPEC.read_text())
     documented = {(m.upper(), p) for p, item in doc["paths"].items() for m in item if m != "parameters"}
     # Werkzeug answers HEAD on every GET route; the document lists HEAD where it is meant for use.
     assert documented - served == set(), "documented but not served"
-    assert {(m, p) for m, p in served if m != "HEAD" or (m, p) in documented} - documented == set(), \
+    assert {(m, p) for m, p in served if m != "HEAD" or (m, p) in documented} - documented == set(), (
         "served but not documented"
+    )
 
 
 async def test_schemathesis_against_live_daemon(models_dir):
@@ -397,9 +434,15 @@ async def test_schemathesis_against_live_daemon(models_dir):
 # ---------------------------------------------------------------------------------------------
 # what the fuzzer found, one request each; and the body size limit
 
+
 def _chat(**extra) -> dict:
-    return {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": False,
-            "options": {"num_predict": 2, **extra.pop("options", {})}, **extra}
+    return {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": False,
+        "options": {"num_predict": 2, **extra.pop("options", {})},
+        **extra,
+    }
 
 
 def _oai(**extra) -> dict:
@@ -407,15 +450,20 @@ def _oai(**extra) -> dict:
 
 
 def _gen(**extra) -> dict:
-    return {"model": "tiny", "prompt": "hi", "stream": False,
-            "options": {"num_predict": 2, **extra.pop("options", {})}, **extra}
+    return {
+        "model": "tiny",
+        "prompt": "hi",
+        "stream": False,
+        "options": {"num_predict": 2, **extra.pop("options", {})},
+        **extra,
+    }
 
 
 # (id, path, body, statuses that would be right). After the request, /api/ps must answer and an
 # ordinary request to the same model must still be served: a bad request fails only itself.
 KNOWN_BAD = [
     ("negative-seed", "/api/generate", _gen(options={"seed": -5}), {200, 400}),
-    ("seed-over-2**64", "/v1/chat/completions", _oai(seed=2 ** 64), {200, 400}),
+    ("seed-over-2**64", "/v1/chat/completions", _oai(seed=2**64), {200, 400}),
     ("negative-seed-streamed", "/v1/chat/completions", _oai(seed=-1, stream=True), {200, 400}),
     ("negative-repeat_penalty", "/api/chat", _chat(options={"repeat_penalty": -1}), {400}),
     ("negative-num_ctx", "/api/generate", _gen(options={"num_ctx": -5}), {400}),
@@ -475,8 +523,11 @@ class _ServeProcess:
     async def start(self) -> None:
         env = {**os.environ, "MLXSERVE_MODELS": str(self.models_dir), "MLXSERVE_HOST": f"127.0.0.1:{_free_port()}"}
         mlxctl = Path(sys.executable).parent / "mlxctl"
-        self.proc = await self.nursery.start(lambda task_status: trio.run_process(
-            [mlxctl, "serve"], env=env, stdout=-1, stderr=-1, check=False, task_status=task_status))
+        self.proc = await self.nursery.start(
+            lambda task_status: trio.run_process(
+                [mlxctl, "serve"], env=env, stdout=-1, stderr=-1, check=False, task_status=task_status
+            )
+        )
         buf = b""
         while b"listening on" not in buf:
             chunk = await self.proc.stdout.receive_some()
@@ -505,12 +556,15 @@ async def test_requests_that_harm_the_process(models_dir):
                             r = await c.post(path, json=body)
                             await trio.sleep(0.3)  # a corrupted heap may abort a moment later
                             if r.status_code not in right or body_problems(
-                                    path, "POST", r.status_code, r.headers.get("content-type", ""), r.text):
+                                path, "POST", r.status_code, r.headers.get("content-type", ""), r.text
+                            ):
                                 problem = f"answered {r.status_code} {r.text[:300]}"
                             after = await c.post("/api/chat", json=_chat())
                             if after.status_code != 200:
-                                problem = f"{problem or 'answered ok'}; the next request got {after.status_code} " \
-                                          f"{after.text[:200]}"
+                                problem = (
+                                    f"{problem or 'answered ok'}; the next request got {after.status_code} "
+                                    f"{after.text[:200]}"
+                                )
                     except httpx.TransportError as exc:
                         await trio.sleep(0.3)
                         problem = f"no answer ({exc.__class__.__name__}); daemon exit status {serve.proc.returncode}"
@@ -526,8 +580,20 @@ async def test_requests_that_harm_the_process(models_dir):
 
 async def test_malformed_bodies_get_dialect_errors(daemon):
     problems = []
-    routes = ["/api/generate", "/api/chat", "/api/show", "/api/copy", "/api/create", "/api/pull", "/api/push",
-              "/api/embed", "/api/embeddings", "/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+    routes = [
+        "/api/generate",
+        "/api/chat",
+        "/api/show",
+        "/api/copy",
+        "/api/create",
+        "/api/pull",
+        "/api/push",
+        "/api/embed",
+        "/api/embeddings",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+    ]
     malformed = [b"", b"{", b"[]", b"null", b'"text"', b"\xff\xfe", b'{"model": "tiny"', b"NaN"]
     with trio.fail_after(30):
         async with httpx.AsyncClient(base_url=daemon.url, timeout=10) as c:
@@ -553,7 +619,7 @@ def _big_chat() -> bytes:
 
 async def _chunks(data: bytes):
     for i in range(0, len(data), 256):
-        yield data[i:i + 256]
+        yield data[i : i + 256]
 
 
 @pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
@@ -601,9 +667,24 @@ async def test_connection_is_usable_after_a_413(models_dir):
 # ---------------------------------------------------------------------------------------------
 # hostile shapes: deep nesting, lone surrogates, foreign origins, Host spelled in capitals
 
-JSON_ROUTES = ["/api/generate", "/api/chat", "/api/show", "/api/copy", "/api/create", "/api/pull", "/api/push",
-               "/api/embed", "/api/embeddings", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-               "/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/api/delete"]
+JSON_ROUTES = [
+    "/api/generate",
+    "/api/chat",
+    "/api/show",
+    "/api/copy",
+    "/api/create",
+    "/api/pull",
+    "/api/push",
+    "/api/embed",
+    "/api/embeddings",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/responses",
+    "/api/delete",
+]
 
 
 def _nested_object(depth: int) -> str:
@@ -628,8 +709,12 @@ def _surrogates(path: str) -> bytes:
         "/v1/completions": {"model": "tiny", "prompt": lone, "max_tokens": 2},
         "/api/embed": {"model": "tiny", "input": [lone]},
         "/v1/embeddings": {"model": "tiny", "input": lone},
-        "/v1/messages": {"model": "tiny", "max_tokens": 2, "system": lone,
-                         "messages": [{"role": "user", "content": lone}]},
+        "/v1/messages": {
+            "model": "tiny",
+            "max_tokens": 2,
+            "system": lone,
+            "messages": [{"role": "user", "content": lone}],
+        },
         "/v1/responses": {"model": "tiny", "input": lone, "instructions": lone, "max_output_tokens": 2},
         "/api/show": {"model": lone},
     }[path]
@@ -642,22 +727,47 @@ def _hostile_requests():
     for path in JSON_ROUTES:
         method = "DELETE" if path == "/api/delete" else "POST"
         yield "array-100k-deep", method, path, b"[" * 100_000 + b"]" * 100_000, json_ct, {400}
-        yield "object-5k-deep-in-a-field", method, path, \
-            f'{{"model": "tiny", "prompt": {_nested_object(5000)}}}'.encode(), json_ct, {400}
+        yield (
+            "object-5k-deep-in-a-field",
+            method,
+            path,
+            f'{{"model": "tiny", "prompt": {_nested_object(5000)}}}'.encode(),
+            json_ct,
+            {400},
+        )
     deep = _nested_schema(300)
-    for path, body in (("/api/chat", _chat(format=deep)), ("/api/generate", _gen(format=deep)),
-                       ("/v1/chat/completions", _oai(response_format={
-                           "type": "json_schema", "json_schema": {"name": "deep", "schema": deep}}))):
+    for path, body in (
+        ("/api/chat", _chat(format=deep)),
+        ("/api/generate", _gen(format=deep)),
+        (
+            "/v1/chat/completions",
+            _oai(response_format={"type": "json_schema", "json_schema": {"name": "deep", "schema": deep}}),
+        ),
+    ):
         yield "schema-300-deep", "POST", path, json.dumps(body).encode(), json_ct, {400}
-    for path in ("/api/generate", "/api/chat", "/v1/chat/completions", "/v1/completions", "/api/embed",
-                 "/v1/embeddings", "/v1/messages", "/v1/responses"):
+    for path in (
+        "/api/generate",
+        "/api/chat",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/api/embed",
+        "/v1/embeddings",
+        "/v1/messages",
+        "/v1/responses",
+    ):
         yield "lone-surrogates", "POST", path, _surrogates(path), json_ct, {200}
     yield "lone-surrogate-in-a-name", "POST", "/api/show", _surrogates("/api/show"), json_ct, {400, 404}
     yield "host-in-capitals", "POST", "/api/show", b'{"model": "tiny"}', {**json_ct, "host": "LOCALHOST"}, {200}
     for path in JSON_ROUTES:  # last: unrefused, these would delete and copy the models above
         # A page elsewhere posting text/plain: refused before the body is even looked at.
-        yield "foreign-origin", "DELETE" if path == "/api/delete" else "POST", path, b'{"model": "tiny"}', \
-            {"content-type": "text/plain", "origin": "https://evil.example"}, {403}
+        yield (
+            "foreign-origin",
+            "DELETE" if path == "/api/delete" else "POST",
+            path,
+            b'{"model": "tiny"}',
+            {"content-type": "text/plain", "origin": "https://evil.example"},
+            {403},
+        )
 
 
 async def test_hostile_shapes_get_dialect_errors_never_500(daemon):
@@ -670,7 +780,9 @@ async def test_hostile_shapes_get_dialect_errors_never_500(daemon):
                 if r.status_code not in right or found:
                     problems.append(f"{label}: {method} {path}: {r.status_code} {r.text[:200]} {found}")
             # The lone surrogate became U+FFFD, as Ollama's decoder makes it.
-            r = await c.post("/api/show", content=_surrogates("/api/show"), headers={"content-type": "application/json"})
+            r = await c.post(
+                "/api/show", content=_surrogates("/api/show"), headers={"content-type": "application/json"}
+            )
             if "\ufffdx\ufffd" not in r.json().get("error", ""):
                 problems.append(f"lone surrogates not replaced: {r.text[:200]}")
     assert not problems, "\n".join(problems)

@@ -11,8 +11,16 @@ import trio
 from mlxserve.testing import ggufmodels
 
 # Q8_0 files are served as they are, Q4_K ones converted at create: both paths, every arch
-QUANT = {"llama": "Q4_K", "qwen2": "Q8_0", "qwen3": "Q4_K", "qwen3moe": "Q8_0",
-         "gemma2": "Q4_K", "gemma3": "Q8_0", "phi3": "Q4_K", "gpt-oss": "Q4_K"}  # + MXFP4 experts
+QUANT = {
+    "llama": "Q4_K",
+    "qwen2": "Q8_0",
+    "qwen3": "Q4_K",
+    "qwen3moe": "Q8_0",
+    "gemma2": "Q4_K",
+    "gemma3": "Q8_0",
+    "phi3": "Q4_K",
+    "gpt-oss": "Q4_K",
+}  # + MXFP4 experts
 
 
 def serve_all(url: str, paths: dict) -> dict:
@@ -24,10 +32,10 @@ def serve_all(url: str, paths: dict) -> dict:
             name = f"tiny-{arch}"
             client.create(model=name, from_=str(path))
             shown = client.show(name)
-            chat = client.chat(model=name, messages=[{"role": "user", "content": "Hi"}],
-                               options={"temperature": 0, "num_predict": 3})
-            done = oa.completions.create(model=name, prompt="The capital of", max_tokens=2,
-                                         temperature=0, logprobs=3)
+            chat = client.chat(
+                model=name, messages=[{"role": "user", "content": "Hi"}], options={"temperature": 0, "num_predict": 3}
+            )
+            done = oa.completions.create(model=name, prompt="The capital of", max_tokens=2, temperature=0, logprobs=3)
             out[arch] = (shown, chat, done)
     finally:
         client._client.close()
@@ -36,8 +44,7 @@ def serve_all(url: str, paths: dict) -> dict:
 
 
 async def test_each_architecture_is_created_shown_and_served(daemon, tmp_path):
-    paths = {arch: ggufmodels.write(tmp_path / f"{arch}.gguf", arch, quant)
-             for arch, quant in QUANT.items()}
+    paths = {arch: ggufmodels.write(tmp_path / f"{arch}.gguf", arch, quant) for arch, quant in QUANT.items()}
     with trio.fail_after(300):
         results = await trio.to_thread.run_sync(serve_all, daemon.url, paths)
     for arch, (shown, chat, done) in results.items():
@@ -47,12 +54,14 @@ async def test_each_architecture_is_created_shown_and_served(daemon, tmp_path):
         assert d.quantization_level == {"Q4_K": "Q4_K_S->Q4", "Q8_0": "Q8_0"}[QUANT[arch]], arch
         assert d.parameter_size.endswith("M"), (arch, d.parameter_size)
         assert "completion" in shown.capabilities, arch
-        what = ("4-bit group 32 (exact), 5 bits a weight" if QUANT[arch] == "Q4_K"
-                else "8-bit group 32 (exact), 9 bits a weight")
+        what = (
+            "4-bit group 32 (exact), 5 bits a weight"
+            if QUANT[arch] == "Q4_K"
+            else "8-bit group 32 (exact), 9 bits a weight"
+        )
         assert shown.modelinfo["mlxserve.tensor_types"][QUANT[arch]] == what, arch
         if arch == "gpt-oss":
-            assert shown.modelinfo["mlxserve.tensor_types"]["MXFP4"] == (
-                "mxfp4 group 32 (exact), 4.25 bits a weight")
+            assert shown.modelinfo["mlxserve.tensor_types"]["MXFP4"] == ("mxfp4 group 32 (exact), 4.25 bits a weight")
         # random weights may pick the end token early
         assert chat.message.role == "assistant" and 1 <= chat.eval_count <= 3, arch
         assert 1 <= done.usage.completion_tokens <= 2, arch

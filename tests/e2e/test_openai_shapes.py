@@ -6,7 +6,6 @@ from __future__ import annotations
 import openai
 import pytest
 import trio
-
 from support import start_daemon
 
 PROMPT = "Once upon a time"
@@ -24,16 +23,25 @@ async def _in_thread(fn, limit: float = 120):
 async def test_completion_stream_sends_usage_when_asked(daemon):
     def calls():
         with _client(daemon) as oc:
-            streamed = list(oc.completions.create(model="tiny", prompt=PROMPT, max_tokens=7, temperature=0,
-                                                  stream=True, stream_options={"include_usage": True}))
+            streamed = list(
+                oc.completions.create(
+                    model="tiny",
+                    prompt=PROMPT,
+                    max_tokens=7,
+                    temperature=0,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
             whole = oc.completions.create(model="tiny", prompt=PROMPT, max_tokens=7, temperature=0)
             return streamed, whole
 
     streamed, whole = await _in_thread(calls)
     last = streamed[-1]
     assert last.choices == [] and last.usage is not None
-    assert last.usage.model_dump(exclude={"prompt_tokens_details", "completion_tokens_details"}) == \
-        whole.usage.model_dump(exclude={"prompt_tokens_details", "completion_tokens_details"})
+    assert last.usage.model_dump(
+        exclude={"prompt_tokens_details", "completion_tokens_details"}
+    ) == whole.usage.model_dump(exclude={"prompt_tokens_details", "completion_tokens_details"})
     assert last.usage.completion_tokens == 7
     assert all(ch.usage is None for ch in streamed[:-1])
     assert "".join(c.text for ch in streamed[:-1] for c in ch.choices) == whole.choices[0].text
@@ -65,7 +73,7 @@ async def test_completion_logprobs_carry_text_offset(daemon, echo):
     assert lp.text_offset == _offsets(lp.tokens, start)
     assert choice.text[start:] == "".join(lp.tokens)
     for tok, at in zip(lp.tokens, lp.text_offset):
-        assert choice.text[at:at + len(tok)] == tok
+        assert choice.text[at : at + len(tok)] == tok
     # Streamed offsets count from the start of the whole choice text, not of each chunk.
     pieces = [c.logprobs for ch in streamed for c in ch.choices if c.logprobs is not None]
     assert [o for p in pieces for o in p.text_offset] == lp.text_offset
@@ -130,8 +138,14 @@ async def test_completion_stream_with_n_and_several_prompts(daemon):
 async def test_n_accepts_up_to_128_choices(daemon):
     def calls():
         with _client(daemon) as oc:
-            many = oc.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
-                                              max_tokens=2, temperature=0, n=128, stream=True)
+            many = oc.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=2,
+                temperature=0,
+                n=128,
+                stream=True,
+            )
             chunks = list(many)
             try:
                 oc.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], n=129)
@@ -154,8 +168,13 @@ async def test_leaving_an_n_stream_cancels_every_choice(models_dir):
             def leave_after_first_token():
                 with _client(d) as oc:
                     stream = oc.chat.completions.create(
-                        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=1500,
-                        temperature=0, n=5, stream=True)
+                        model="tiny",
+                        messages=[{"role": "user", "content": "Hi"}],
+                        max_tokens=1500,
+                        temperature=0,
+                        n=5,
+                        stream=True,
+                    )
                     with stream:
                         for ch in stream:
                             if ch.choices and ch.choices[0].delta.content:

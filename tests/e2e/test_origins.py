@@ -12,15 +12,30 @@ import json
 import httpx
 import pytest
 import trio
-
-from mlxserve.config import Settings
 from support import start_daemon
 
-LOCAL_ORIGINS = ["http://localhost", "http://localhost:3000", "https://127.0.0.1:8443", "http://0.0.0.0:8080",
-                 "http://[::1]:5173", "app://obsidian.md", "file://", "tauri://localhost",
-                 "vscode-webview://1234abcd", "vscode-file://vscode-app", "HTTP://LOCALHOST:3000"]
-FOREIGN_ORIGINS = ["http://evil.example", "https://localhost.evil.example", "http://127.0.0.1.evil.example",
-                   "null", "chrome-extension://abcdef"]
+from mlxserve.config import Settings
+
+LOCAL_ORIGINS = [
+    "http://localhost",
+    "http://localhost:3000",
+    "https://127.0.0.1:8443",
+    "http://0.0.0.0:8080",
+    "http://[::1]:5173",
+    "app://obsidian.md",
+    "file://",
+    "tauri://localhost",
+    "vscode-webview://1234abcd",
+    "vscode-file://vscode-app",
+    "HTTP://LOCALHOST:3000",
+]
+FOREIGN_ORIGINS = [
+    "http://evil.example",
+    "https://localhost.evil.example",
+    "http://127.0.0.1.evil.example",
+    "null",
+    "chrome-extension://abcdef",
+]
 SIMPLE = {"content-type": "text/plain"}  # what a page may send cross-site with no preflight
 
 
@@ -33,8 +48,11 @@ async def test_cross_origin_requests_are_refused_and_not_executed(daemon):
                 r = await c.post("/api/copy", content=body, headers={**SIMPLE, "origin": origin})
                 assert r.status_code == 403 and set(r.json()) == {"error"}, (origin, r.status_code, r.text)
                 assert "access-control-allow-origin" not in r.headers
-                r = await c.post("/v1/chat/completions", content=json.dumps({"model": "tiny", "messages": []}),
-                                 headers={**SIMPLE, "origin": origin})
+                r = await c.post(
+                    "/v1/chat/completions",
+                    content=json.dumps({"model": "tiny", "messages": []}),
+                    headers={**SIMPLE, "origin": origin},
+                )
                 err = r.json()["error"]
                 assert r.status_code == 403 and err["type"] == "permission_error" and "message" in err, r.text
                 r = await c.options("/api/chat", headers={"origin": origin, "access-control-request-method": "POST"})
@@ -56,9 +74,14 @@ async def test_local_origins_are_allowed_with_cors_headers(daemon):
                 assert r.status_code == 200, (origin, r.text)
                 assert r.headers["access-control-allow-origin"] == origin
                 assert "origin" in r.headers["vary"].lower()
-                r = await c.options("/v1/chat/completions", headers={
-                    "origin": origin, "access-control-request-method": "POST",
-                    "access-control-request-headers": "content-type, authorization, x-stainless-os"})
+                r = await c.options(
+                    "/v1/chat/completions",
+                    headers={
+                        "origin": origin,
+                        "access-control-request-method": "POST",
+                        "access-control-request-headers": "content-type, authorization, x-stainless-os",
+                    },
+                )
                 assert r.status_code == 204, (origin, r.status_code, r.text)
                 assert r.headers["access-control-allow-origin"] == origin
                 assert "POST" in r.headers["access-control-allow-methods"]
@@ -69,12 +92,17 @@ async def test_local_origins_are_allowed_with_cors_headers(daemon):
             assert r.status_code == 404 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
 
 
-@pytest.mark.parametrize("origins,allowed,refused", [
-    (("https://*.example.com", "http://myapp.test:8080"),
-     ["https://chat.example.com", "http://myapp.test:8080", "http://localhost:1"],
-     ["https://example.org", "http://myapp.test:8081", "http://chat.example.com"]),
-    (("chrome-extension://*",), ["chrome-extension://abcdef"], ["moz-extension://abcdef"]),
-])
+@pytest.mark.parametrize(
+    "origins,allowed,refused",
+    [
+        (
+            ("https://*.example.com", "http://myapp.test:8080"),
+            ["https://chat.example.com", "http://myapp.test:8080", "http://localhost:1"],
+            ["https://example.org", "http://myapp.test:8081", "http://chat.example.com"],
+        ),
+        (("chrome-extension://*",), ["chrome-extension://abcdef"], ["moz-extension://abcdef"]),
+    ],
+)
 async def test_mlxserve_origins_adds_to_the_defaults(models_dir, origins, allowed, refused):
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -112,8 +140,14 @@ async def test_host_check_ignores_case_and_still_refuses_foreign_hosts(daemon):
     port = daemon.url.rsplit(":", 1)[1]
     with trio.fail_after(30):
         async with httpx.AsyncClient(base_url=daemon.url, timeout=10) as c:
-            for host in (f"LOCALHOST:{port}", "LocalHost", f"api.LOCALHOST:{port}", "localhost.", f"[::1]:{port}",
-                         f"127.0.0.1:{port}"):
+            for host in (
+                f"LOCALHOST:{port}",
+                "LocalHost",
+                f"api.LOCALHOST:{port}",
+                "localhost.",
+                f"[::1]:{port}",
+                f"127.0.0.1:{port}",
+            ):
                 r = await c.get("/api/tags", headers={"host": host})
                 assert r.status_code == 200, (host, r.status_code, r.text)
             for host in ("evil.example", f"EVIL.example:{port}", "localhost.evil.example", "127.0.0.1.nip.io"):
@@ -126,5 +160,7 @@ async def test_unknown_route_is_not_a_missing_model(daemon):
         async with httpx.AsyncClient(base_url=daemon.url, timeout=10) as c:
             r = await c.post("/v1/no-such-route", json={"model": "tiny"})
             assert r.status_code == 404 and r.json()["error"]["code"] is None, r.text
-            r = await c.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+            r = await c.post(
+                "/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}
+            )
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text

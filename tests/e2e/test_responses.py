@@ -9,13 +9,16 @@ import jsonschema
 import openai
 import pydantic
 import trio
-
-from mlxserve.http.responses import ResponseStore
 from support import start_daemon
 
-WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city",
-           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
-                          "required": ["city"]}}
+from mlxserve.http.responses import ResponseStore
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]},
+}
 
 
 def _client(url: str) -> openai.OpenAI:
@@ -27,9 +30,14 @@ async def test_create_stream_and_items_agree(daemon):
         with _client(daemon.url) as client:
             kw = dict(model="tiny", max_output_tokens=8, temperature=0, reasoning={"effort": "low"})
             plain = client.responses.create(input="Hello", **kw)
-            items = client.responses.create(instructions="Be brief.", input=[
-                {"role": "developer", "content": "Answer in English."},
-                {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]}], **kw)
+            items = client.responses.create(
+                instructions="Be brief.",
+                input=[
+                    {"role": "developer", "content": "Answer in English."},
+                    {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]},
+                ],
+                **kw,
+            )
             events = list(client.responses.create(input="Hello", stream=True, **kw))
             return plain, items, events
 
@@ -41,10 +49,18 @@ async def test_create_stream_and_items_agree(daemon):
     assert plain.usage.output_tokens == 8 and plain.usage.input_tokens > 0
     assert items.output_text and items.usage.input_tokens > plain.usage.input_tokens  # instructions count
     kinds = [e.type for e in events]
-    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
-                         "response.content_part.added"]
-    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
-                          "response.output_item.done", "response.incomplete"]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == plain.output_text == events[-1].response.output_text
@@ -54,10 +70,12 @@ async def test_previous_response_id_retrieve_and_delete(daemon):
     def calls():
         with _client(daemon.url) as client:
             first = client.responses.create(model="tiny", input="Hello", max_output_tokens=4, temperature=0)
-            second = client.responses.create(model="tiny", input="And again", max_output_tokens=4, temperature=0,
-                                             previous_response_id=first.id)
-            alone = client.responses.create(model="tiny", input="And again", max_output_tokens=4, temperature=0,
-                                            store=False)
+            second = client.responses.create(
+                model="tiny", input="And again", max_output_tokens=4, temperature=0, previous_response_id=first.id
+            )
+            alone = client.responses.create(
+                model="tiny", input="And again", max_output_tokens=4, temperature=0, store=False
+            )
             got = client.responses.retrieve(second.id)
             client.responses.delete(second.id)
             out = {}
@@ -66,8 +84,15 @@ async def test_previous_response_id_retrieve_and_delete(daemon):
                 "unstored": lambda: client.responses.retrieve(alone.id),
                 "previous": lambda: client.responses.create(model="tiny", input="x", previous_response_id="resp_no"),
                 "model": lambda: client.responses.create(model="missing", input="x"),
-                "image": lambda: client.responses.create(model="tiny", input=[{"role": "user", "content": [
-                    {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]),
+                "image": lambda: client.responses.create(
+                    model="tiny",
+                    input=[
+                        {
+                            "role": "user",
+                            "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}],
+                        }
+                    ],
+                ),
                 "tool": lambda: client.responses.create(model="tiny", input="x", tools=[{"type": "web_search"}]),
             }.items():
                 try:
@@ -95,19 +120,27 @@ async def test_previous_response_id_retrieve_and_delete(daemon):
 async def test_input_items_list_with_order_limit_and_after(daemon):
     def calls():
         with _client(daemon.url) as client:
-            r = client.responses.create(model="tiny", max_output_tokens=2, temperature=0, input=[
-                {"role": "developer", "content": "Answer in English."},
-                {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]},
-                {"role": "user", "content": "And again"}])
+            r = client.responses.create(
+                model="tiny",
+                max_output_tokens=2,
+                temperature=0,
+                input=[
+                    {"role": "developer", "content": "Answer in English."},
+                    {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]},
+                    {"role": "user", "content": "And again"},
+                ],
+            )
             plain = client.responses.create(model="tiny", max_output_tokens=2, temperature=0, input="Hi")
             desc = client.responses.input_items.list(r.id)
             asc = client.responses.input_items.list(r.id, order="asc", limit=2)
             rest = client.responses.input_items.list(r.id, order="asc", limit=2, after=asc.last_id)
             one = client.responses.input_items.list(plain.id)
             errors = {}
-            for key, call in {"missing": lambda: client.responses.input_items.list("resp_no"),
-                              "limit": lambda: client.responses.input_items.list(r.id, limit=0),
-                              "after": lambda: client.responses.input_items.list(r.id, after="msg_no")}.items():
+            for key, call in {
+                "missing": lambda: client.responses.input_items.list("resp_no"),
+                "limit": lambda: client.responses.input_items.list(r.id, limit=0),
+                "after": lambda: client.responses.input_items.list(r.id, after="msg_no"),
+            }.items():
                 try:
                     call()
                 except openai.APIStatusError as exc:
@@ -161,35 +194,65 @@ async def test_parse_stream_and_tools_with_smollm2(smol_models_dir):
 
             def calls():
                 with _client(d.url) as client:
-                    parsed = client.responses.parse(model="smol", input="What is the capital of France?",
-                                                    text_format=Capital, max_output_tokens=60, temperature=0)
-                    with client.responses.stream(model="smol", input="Say hello.", max_output_tokens=40,
-                                                 temperature=0) as stream:
+                    parsed = client.responses.parse(
+                        model="smol",
+                        input="What is the capital of France?",
+                        text_format=Capital,
+                        max_output_tokens=60,
+                        temperature=0,
+                    )
+                    with client.responses.stream(
+                        model="smol", input="Say hello.", max_output_tokens=40, temperature=0
+                    ) as stream:
                         deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
                         streamed = stream.get_final_response()
-                    call = client.responses.create(model="smol", input="What is the weather in Paris?",
-                                                   tools=[WEATHER], tool_choice="required", max_output_tokens=60)
+                    call = client.responses.create(
+                        model="smol",
+                        input="What is the weather in Paris?",
+                        tools=[WEATHER],
+                        tool_choice="required",
+                        max_output_tokens=60,
+                    )
                     fc = call.output[0]
                     answer = client.responses.create(
-                        model="smol", previous_response_id=call.id, tools=[WEATHER], tool_choice="none",
-                        max_output_tokens=30, temperature=0,
-                        input=[{"type": "function_call_output", "call_id": fc.call_id, "output": "22 degrees"}])
-                    with client.responses.stream(model="smol", input="What is the weather in Paris?",
-                                                 tools=[WEATHER], tool_choice={"type": "function",
-                                                                               "name": "get_weather"},
-                                                 max_output_tokens=60) as stream:
+                        model="smol",
+                        previous_response_id=call.id,
+                        tools=[WEATHER],
+                        tool_choice="none",
+                        max_output_tokens=30,
+                        temperature=0,
+                        input=[{"type": "function_call_output", "call_id": fc.call_id, "output": "22 degrees"}],
+                    )
+                    with client.responses.stream(
+                        model="smol",
+                        input="What is the weather in Paris?",
+                        tools=[WEATHER],
+                        tool_choice={"type": "function", "name": "get_weather"},
+                        max_output_tokens=60,
+                    ) as stream:
                         args = [e.delta for e in stream if e.type == "response.function_call_arguments.delta"]
                         streamed_call = stream.get_final_response()
                     # The same conversation given as items instead of previous_response_id.
-                    as_items = client.responses.create(model="smol", tools=[WEATHER], max_output_tokens=30,
-                                                       temperature=0, tool_choice="none", input=[
-                        {"role": "user", "content": "What is the weather in Paris?"},
-                        {"type": "function_call", "call_id": fc.call_id, "name": fc.name, "arguments": fc.arguments},
-                        {"type": "function_call_output", "call_id": fc.call_id, "output": "22 degrees"}])
+                    as_items = client.responses.create(
+                        model="smol",
+                        tools=[WEATHER],
+                        max_output_tokens=30,
+                        temperature=0,
+                        tool_choice="none",
+                        input=[
+                            {"role": "user", "content": "What is the weather in Paris?"},
+                            {
+                                "type": "function_call",
+                                "call_id": fc.call_id,
+                                "name": fc.name,
+                                "arguments": fc.arguments,
+                            },
+                            {"type": "function_call_output", "call_id": fc.call_id, "output": "22 degrees"},
+                        ],
+                    )
                     return parsed, deltas, streamed, call, answer, args, streamed_call, as_items
 
-            parsed, deltas, streamed, call, answer, args, streamed_call, as_items = \
-                await trio.to_thread.run_sync(calls)
+            parsed, deltas, streamed, call, answer, args, streamed_call, as_items = await trio.to_thread.run_sync(calls)
             d.shutdown.set()
     assert isinstance(parsed.output_parsed, Capital) and parsed.output_parsed.capital
     assert streamed.status == "completed" and "".join(deltas) == streamed.output_text

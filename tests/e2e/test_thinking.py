@@ -51,8 +51,11 @@ async def test_capability_is_listed_only_for_templates_that_think(thinker):
     def calls():
         client = ollama.Client(host=thinker.url)
         tags = httpx.get(f"{thinker.url}/api/tags").json()["models"]  # the client drops capabilities
-        return ({m["name"]: m["capabilities"] for m in tags},
-                client.show("thinker").capabilities, client.show("tiny").capabilities)
+        return (
+            {m["name"]: m["capabilities"] for m in tags},
+            client.show("thinker").capabilities,
+            client.show("tiny").capabilities,
+        )
 
     with trio.fail_after(60):
         listed, thinker_caps, tiny_caps = await _in_thread(calls)
@@ -82,8 +85,10 @@ async def test_ollama_chat_returns_thinking_apart_and_streams_it(thinker):
 async def test_think_false_hides_the_reasoning_of_a_model_that_always_thinks(thinker):
     def calls():
         client = ollama.Client(host=thinker.url)
-        return (client.chat(model="always", messages=USER, think=False, options=OPTS),
-                client.generate(model="always", prompt="Why?", think=True, options=OPTS))
+        return (
+            client.chat(model="always", messages=USER, think=False, options=OPTS),
+            client.generate(model="always", prompt="Why?", think=True, options=OPTS),
+        )
 
     with trio.fail_after(60):
         off, gen = await _in_thread(calls)
@@ -97,8 +102,9 @@ async def test_think_on_a_model_that_cannot_is_a_400(thinker):
             r = await c.post("/api/chat", json={"model": "tiny", "messages": USER, "think": True})
             bad = await c.post("/api/chat", json={"model": "thinker", "messages": USER, "think": "lots"})
             gen = await c.post("/api/generate", json={"model": "tiny", "prompt": "x", "think": "high"})
-            ok = await c.post("/api/chat", json={"model": "tiny", "messages": USER, "think": False,
-                                                 "stream": False, "options": OPTS})
+            ok = await c.post(
+                "/api/chat", json={"model": "tiny", "messages": USER, "think": False, "stream": False, "options": OPTS}
+            )
     assert r.status_code == 400 and r.json() == {"error": '"tiny:latest" does not support thinking'}
     assert bad.status_code == 400 and "think must be" in bad.json()["error"]
     assert gen.status_code == 400 and "does not support thinking" in gen.json()["error"]
@@ -128,15 +134,21 @@ async def test_openai_reasoning_content_and_reasoning_effort(thinker):
 async def test_anthropic_thinking_blocks_streamed_and_capped_by_budget(thinker):
     def calls():
         with anthropic.Anthropic(base_url=thinker.url, api_key="unused", max_retries=0) as client:
-            kw = dict(model="thinker", max_tokens=10, messages=USER, extra_body={"temperature": 0},
-                      thinking={"type": "enabled", "budget_tokens": 1024})
+            kw = dict(
+                model="thinker",
+                max_tokens=10,
+                messages=USER,
+                extra_body={"temperature": 0},
+                thinking={"type": "enabled", "budget_tokens": 1024},
+            )
             whole = client.messages.create(**kw)
             with client.messages.stream(**kw) as stream:
                 events = list(stream)
                 final = stream.get_final_message()
             capped = client.messages.create(**{**kw, "thinking": {"type": "enabled", "budget_tokens": 3}})
-            plain = client.messages.create(model="tiny", max_tokens=4, messages=USER,
-                                           thinking={"type": "enabled", "budget_tokens": 1024})
+            plain = client.messages.create(
+                model="tiny", max_tokens=4, messages=USER, thinking={"type": "enabled", "budget_tokens": 1024}
+            )
             return whole, events, final, capped, plain
 
     with trio.fail_after(90):
@@ -180,16 +192,31 @@ async def test_mlxctl_run_think_and_hidethinking(thinker):
     env["MLXSERVE_HOST"] = thinker.url.removeprefix("http://")
 
     def mlxctl(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", "from mlxserve.cli.main import main; main()", *args],
-                              env=env, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-c", "from mlxserve.cli.main import main; main()", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     def calls():
         # A Modelfile's num_predict: random weights seldom end an answer on their own.
-        httpx.post(f"{thinker.url}/api/create", json={"model": "brief", "from": "always", "stream": False,
-                                                      "parameters": {"num_predict": 6, "temperature": 0}},
-                   timeout=60).raise_for_status()
-        return mlxctl("run", "brief", "hi", "--think"), mlxctl("run", "brief", "hi", "--hidethinking"), \
-            mlxctl("run", "tiny", "hi", "--think=high")
+        httpx.post(
+            f"{thinker.url}/api/create",
+            json={
+                "model": "brief",
+                "from": "always",
+                "stream": False,
+                "parameters": {"num_predict": 6, "temperature": 0},
+            },
+            timeout=60,
+        ).raise_for_status()
+        return (
+            mlxctl("run", "brief", "hi", "--think"),
+            mlxctl("run", "brief", "hi", "--hidethinking"),
+            mlxctl("run", "tiny", "hi", "--think=high"),
+        )
 
     with trio.fail_after(300):
         shown, hidden, refused = await _in_thread(calls)
@@ -215,8 +242,7 @@ async def test_repl_set_think_and_nothink(thinker):
 
     with trio.fail_after(120):
         async with httpx.AsyncClient(base_url=thinker.url, timeout=60) as client:
-            await repl(client, "always", options={"num_predict": 6, "temperature": 0}, input_fn=read,
-                       out=shown.append)
+            await repl(client, "always", options={"num_predict": 6, "temperature": 0}, input_fn=read, out=shown.append)
     text = "".join(shown)
     first, second = text.split("Set 'think' mode.")
     assert "Set 'nothink' mode." in first and "Thinking..." not in first

@@ -16,7 +16,6 @@ import httpx
 import ollama
 import pytest
 import trio
-
 from support import start_daemon
 
 TRIALS = 8  # the body races the answer: several tries per kind make a lost race show
@@ -35,13 +34,22 @@ EARLY_ANSWERS = [
     ("unknown route (OpenAI)", "POST", "/v1/no-such-route", {"json": {"model": "tiny", "x": "y" * 500}}, 404),
     ("unknown route (Ollama)", "POST", "/api/no-such-route", {"json": {"a": 1}}, 404),
     ("wrong method", "PUT", "/api/tags", {"json": {"a": "b" * 2000}}, 405),
-    ("over the body limit", "POST", "/api/chat", {"content": b"{" + b" " * (2 * MAX_BODY) + b"}",
-                                                   "headers": {"content-type": "application/json"}}, 413),
+    (
+        "over the body limit",
+        "POST",
+        "/api/chat",
+        {"content": b"{" + b" " * (2 * MAX_BODY) + b"}", "headers": {"content-type": "application/json"}},
+        413,
+    ),
     ("bad field", "POST", "/api/chat", {"json": {"model": 5, "messages": []}}, 400),
     ("foreign host", "POST", "/api/chat", {"json": {"model": "tiny"}, "headers": {"host": "evil.example"}}, 403),
-    ("foreign origin", "POST", "/api/chat", {"content": b'{"model": "tiny"}',
-                                             "headers": {"origin": "http://evil.example",
-                                                         "content-type": "text/plain"}}, 403),
+    (
+        "foreign origin",
+        "POST",
+        "/api/chat",
+        {"content": b'{"model": "tiny"}', "headers": {"origin": "http://evil.example", "content-type": "text/plain"}},
+        403,
+    ),
     ("small blob already stored", "POST", f"/api/blobs/{_digest(SMALL_BLOB)}", {"content": SMALL_BLOB}, 200),
     ("large blob already stored", "POST", f"/api/blobs/{_digest(LARGE_BLOB)}", {"content": LARGE_BLOB}, 200),
 ]
@@ -116,8 +124,9 @@ async def test_official_client_is_answered_after_create_blob_of_a_stored_blob(da
     small.write_bytes(SMALL_BLOB)
     large.write_bytes(LARGE_BLOB)
     with trio.fail_after(90):
-        problems = await trio.to_thread.run_sync(_create_blobs_then_list, daemon.url, [small, large],
-                                                 abandon_on_cancel=True)
+        problems = await trio.to_thread.run_sync(
+            _create_blobs_then_list, daemon.url, [small, large], abandon_on_cancel=True
+        )
     assert not problems, "\n".join(problems)
 
 
@@ -130,8 +139,9 @@ async def _exchange(stream: trio.SocketStream, request: bytes) -> tuple[bytes, b
         assert chunk, f"closed before the response: {buf!r}"
         buf += chunk
     head, body = buf.split(b"\r\n\r\n", 1)
-    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:")))
+    length = int(
+        next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    )
     while len(body) < length:
         chunk = await stream.receive_some(65536)
         assert chunk, "closed mid-body"
@@ -155,14 +165,20 @@ def _host_port(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
-@pytest.mark.parametrize("request_bytes", [
-    pytest.param(b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
-                 id="connection-close"),
-    pytest.param(b"GET /api/version HTTP/1.0\r\n\r\n", id="http-1.0"),
-    pytest.param(b"POST /api/show HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: 17\r\n\r\n{\"model\": \"nope\"}",
-                 id="connection-close-error"),
-])
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(
+            b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n", id="connection-close"
+        ),
+        pytest.param(b"GET /api/version HTTP/1.0\r\n\r\n", id="http-1.0"),
+        pytest.param(
+            b"POST /api/show HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 17\r\n\r\n{"model": "nope"}',
+            id="connection-close-error",
+        ),
+    ],
+)
 async def test_server_closes_the_connection_when_asked(daemon, request_bytes):
     with trio.fail_after(30):
         stream = await trio.open_tcp_stream(*_host_port(daemon.url))
@@ -184,8 +200,13 @@ def _closes_after_client_eof(host: str, port: int, requests: list[bytes]) -> boo
             while not head.endswith(b"\r\n\r\n"):
                 head += f.readline()
             assert head.split(b" ")[1] == b"200" and b"connection: close" not in head.lower(), head
-            length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:")))
+            length = int(
+                next(
+                    line.split(b":", 1)[1]
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+            )
             f.read(length)
         s.shutdown(socket.SHUT_WR)
         s.settimeout(5)
@@ -198,8 +219,10 @@ def _closes_after_client_eof(host: str, port: int, requests: list[bytes]) -> boo
 async def test_connection_closed_by_the_client_is_closed_at_once(daemon):
     """A client that ends a kept-alive connection after its answers must find it closed by the
     server too, not held (CLOSE-WAIT, two live tasks) until the keep-alive timeout, 75 s."""
-    show = (b"POST /api/show HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 17\r\n\r\n{\"model\": \"tiny\"}")
+    show = (
+        b"POST /api/show HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 17\r\n\r\n{"model": "tiny"}'
+    )
     version = b"GET /api/version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     held = []
     with trio.fail_after(120):
@@ -217,9 +240,13 @@ async def test_body_sent_after_the_answer_never_hangs_the_connection(daemon):
         for path in ("/v1/no-such-route", "/api/no-such-route"):
             stream = await trio.open_tcp_stream(*_host_port(daemon.url))
             async with stream:
-                head, _ = await _exchange(stream, (
-                    f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(body)}\r\n\r\n").encode())
+                head, _ = await _exchange(
+                    stream,
+                    (
+                        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n"
+                    ).encode(),
+                )
                 assert head.split(b" ")[1] == b"404", head
                 assert b"connection: close" in head.lower(), head  # it could not wait for the body
                 try:

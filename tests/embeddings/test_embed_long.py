@@ -62,10 +62,9 @@ async def test_refusal_and_disconnect_do_not_wait_for_a_long_embedding(models_di
                 await embedder.wait_until(_mid_embedding)
             # Refusals are decided before the job queues, not after the long one's batch.
             with trio.fail_after(30):
-                r = await c.post("/api/embed", json={"model": "smol", "input": LONG_TEXT,
-                                                     "truncate": False})
+                r = await c.post("/api/embed", json={"model": "smol", "input": LONG_TEXT, "truncate": False})
                 assert r.status_code == 400 and "exceeds maximum context length" in r.json()["error"]
-                r = await c.post("/v1/embeddings", json={"model": "smol", "input": [[10 ** 9]]})
+                r = await c.post("/v1/embeddings", json={"model": "smol", "input": [[10**9]]})
                 assert r.status_code == 400 and "token ids" in r.json()["error"]["message"]
             assert _mid_embedding(embedder.statistics())  # the long one is still running
 
@@ -109,7 +108,7 @@ async def test_truncate_cuts_to_the_context_or_refuses(models_dir, tiny_dir):
     tok = ref.lm.tokenizer
     prefix = [tok.bos_token_id] if tok.add_bos and tok.bos_token_id is not None else []
     ctx = 100
-    head = tok.encode(LONG_TEXT[:2000], add_bos=False)[:ctx - len(prefix)]
+    head = tok.encode(LONG_TEXT[:2000], add_bos=False)[: ctx - len(prefix)]
     want = ref.embed_ids([prefix + head], chunk=4096)[0]  # one whole pass, no cache
 
     async with trio.open_nursery() as n:
@@ -153,11 +152,21 @@ def _free_port() -> int:
 async def test_sigterm_stops_a_daemon_busy_with_a_long_embedding(models_dir):
     """The process exits soon after SIGTERM, though its model thread was mid-embedding."""
     # No drain: this is about the stop that follows it, with the model thread mid-embedding.
-    env = {**os.environ, "MLXSERVE_MODELS": str(models_dir), "MLXSERVE_HOST": f"127.0.0.1:{_free_port()}",
-           "MLXSERVE_PREFILL_CHUNK": str(CHUNK), "MLXSERVE_DRAIN_SECONDS": "0"}
+    env = {
+        **os.environ,
+        "MLXSERVE_MODELS": str(models_dir),
+        "MLXSERVE_HOST": f"127.0.0.1:{_free_port()}",
+        "MLXSERVE_PREFILL_CHUNK": str(CHUNK),
+        "MLXSERVE_DRAIN_SECONDS": "0",
+    }
     url = f"http://{env['MLXSERVE_HOST']}"
-    proc = subprocess.Popen([Path(sys.executable).parent / "mlxctl", "serve"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [Path(sys.executable).parent / "mlxctl", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         with trio.fail_after(120):
             line = await trio.to_thread.run_sync(proc.stdout.readline)
@@ -168,6 +177,7 @@ async def test_sigterm_stops_a_daemon_busy_with_a_long_embedding(models_dir):
         answer: list[httpx.Response] = []
         with trio.fail_after(120):
             async with httpx.AsyncClient(base_url=url, timeout=600) as c, trio.open_nursery() as n:
+
                 async def long_request():  # a client that waits for its answer throughout
                     answer.append(await c.post("/api/embed", json={"model": "smol", "input": LONG_TEXT}))
 
@@ -206,8 +216,10 @@ async def test_embeddings_know_when_a_model_generates(models_dir):
 
                 async def generate():
                     with leaver:
-                        await c.post("/api/generate", json={"model": "tiny", "prompt": "Hi", "options": {
-                            "temperature": 0, "num_predict": 1500}})
+                        await c.post(
+                            "/api/generate",
+                            json={"model": "tiny", "prompt": "Hi", "options": {"temperature": 0, "num_predict": 1500}},
+                        )
 
                 n.start_soon(generate)
                 await runner.wait_until(lambda s: s.running == 1)

@@ -40,8 +40,7 @@ CASES += [("llama", q) for q in ("F16", "BF16", "Q4_1", "Q5_0", "Q5_1")]
 def prompts(vocab: int) -> list[list[int]]:
     """Token ids 3.. (no special tokens), 4 to 40 tokens: past gemma3's 8-token window."""
     rng = np.random.default_rng(PROMPT_SEED)
-    return [rng.integers(3, vocab, size=int(n)).tolist()
-            for n in np.linspace(4, 40, N_PROMPTS).astype(int)]
+    return [rng.integers(3, vocab, size=int(n)).tolist() for n in np.linspace(4, 40, N_PROMPTS).astype(int)]
 
 
 def sha256(path: Path) -> str:
@@ -52,9 +51,28 @@ def top5(binary: Path, gguf: Path, prompt_ids: list[list[int]], log) -> list[lis
     from concurrency import free_port
 
     port = free_port()
-    proc = subprocess.Popen([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                             "-c", "256", "-np", "1", "-t", str(os.cpu_count() or 1), "-ngl", "0",
-                             "--no-warmup"], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            str(binary),
+            "-m",
+            str(gguf),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-c",
+            "256",
+            "-np",
+            "1",
+            "-t",
+            str(os.cpu_count() or 1),
+            "-ngl",
+            "0",
+            "--no-warmup",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -69,9 +87,18 @@ def top5(binary: Path, gguf: Path, prompt_ids: list[list[int]], log) -> list[lis
             time.sleep(0.2)
         out = []
         for ids in prompt_ids:
-            r = httpx.post(f"{url}/completion", timeout=60, json={
-                "prompt": ids, "n_predict": 1, "n_probs": 5, "temperature": 0,
-                "cache_prompt": False, "post_sampling_probs": False})
+            r = httpx.post(
+                f"{url}/completion",
+                timeout=60,
+                json={
+                    "prompt": ids,
+                    "n_predict": 1,
+                    "n_probs": 5,
+                    "temperature": 0,
+                    "cache_prompt": False,
+                    "post_sampling_probs": False,
+                },
+            )
             r.raise_for_status()
             if "completion_probabilities" not in r.json():
                 raise SystemExit(f"{gguf.name}: {r.json()}")
@@ -96,9 +123,19 @@ def main() -> None:
             cases[f"{arch}/{quant}"] = {"sha256": sha256(path), "top5": top5(binary, path, ids, log)}
             print(f"{arch}/{quant}: {cases[f'{arch}/{quant}']['top5'][0]}", flush=True)
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({
-        "llama_cpp": f"{SDIST} (llama-server, CPU build, /completion n_probs=5)",
-        "seed": SEED, "prompt_seed": PROMPT_SEED, "prompts": ids, "cases": cases}, indent=1) + "\n")
+    OUT.write_text(
+        json.dumps(
+            {
+                "llama_cpp": f"{SDIST} (llama-server, CPU build, /completion n_probs=5)",
+                "seed": SEED,
+                "prompt_seed": PROMPT_SEED,
+                "prompts": ids,
+                "cases": cases,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {OUT}")
 
 

@@ -95,16 +95,44 @@ def build_tool(sdist: Path) -> Path:
     build = sdist / "build-cpu"
     lib = build / "bin"
     if not (lib / "libllama.so").exists():
-        subprocess.run(["cmake", "-S", str(sdist / "llama.cpp"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-                        "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"], check=True)
+        subprocess.run(
+            [
+                "cmake",
+                "-S",
+                str(sdist / "llama.cpp"),
+                "-B",
+                str(build),
+                "-DCMAKE_BUILD_TYPE=Release",
+                "-DLLAMA_BUILD_TESTS=OFF",
+                "-DLLAMA_BUILD_EXAMPLES=OFF",
+                "-DLLAMA_BUILD_SERVER=OFF",
+                "-DLLAMA_BUILD_TOOLS=OFF",
+                "-DLLAMA_CURL=OFF",
+                "-DLLAMA_OPENSSL=OFF",
+            ],
+            check=True,
+        )
         subprocess.run(["cmake", "--build", str(build), "--target", "llama", "-j2"], check=True)
     src = sdist / "tokref.cpp"
     exe = sdist / "tokref"
     src.write_text(TOOL)
     inc = sdist / "llama.cpp"
-    subprocess.run(["g++", "-O1", "-std=c++17", str(src), "-o", str(exe), f"-I{inc / 'include'}",
-                    f"-I{inc / 'ggml' / 'include'}", f"-L{lib}", "-lllama", f"-Wl,-rpath,{lib}"], check=True)
+    subprocess.run(
+        [
+            "g++",
+            "-O1",
+            "-std=c++17",
+            str(src),
+            "-o",
+            str(exe),
+            f"-I{inc / 'include'}",
+            f"-I{inc / 'ggml' / 'include'}",
+            f"-L{lib}",
+            "-lllama",
+            f"-Wl,-rpath,{lib}",
+        ],
+        check=True,
+    )
     return exe
 
 
@@ -116,12 +144,14 @@ def reference(exe: Path, vocab: Path, texts: list[str]) -> dict:
     rows = []
     for line in lines:
         plain, special, detok, pieces = line.split("|")
-        rows.append({
-            "plain": [int(x) for x in plain.split()],
-            "special": [int(x) for x in special.split()],
-            "detokenize": bytes.fromhex(detok).decode("utf-8", "replace"),
-            "pieces": bytes.fromhex(pieces).decode("utf-8", "replace"),
-        })
+        rows.append(
+            {
+                "plain": [int(x) for x in plain.split()],
+                "special": [int(x) for x in special.split()],
+                "detokenize": bytes.fromhex(detok).decode("utf-8", "replace"),
+                "pieces": bytes.fromhex(pieces).decode("utf-8", "replace"),
+            }
+        )
     if len(rows) != len(texts):
         raise SystemExit(f"{vocab.name}: {len(rows)} results for {len(texts)} texts")
     return {"file": vocab.name, "eog": [int(x) for x in eog.split()], "add_bos": add_bos == "1", "results": rows}
@@ -150,6 +180,7 @@ def main() -> None:
 
 def dump(ref: dict) -> str:
     """JSON with one text or one result per line, so that a regeneration diffs readably."""
+
     def j(x):
         return json.dumps(x, ensure_ascii=False)
 
@@ -159,8 +190,9 @@ def dump(ref: dict) -> str:
     names = list(ref["vocabs"])
     for n, name in enumerate(names):
         v = ref["vocabs"][name]
-        lines.append(f'{j(name)}: {{"file": {j(v["file"])}, "eog": {j(v["eog"])}, "add_bos": {j(v["add_bos"])},'
-                     ' "results": [')
+        lines.append(
+            f'{j(name)}: {{"file": {j(v["file"])}, "eog": {j(v["eog"])}, "add_bos": {j(v["add_bos"])}, "results": ['
+        )
         lines += [j(r) + ("," if k < len(v["results"]) - 1 else "") for k, r in enumerate(v["results"])]
         lines.append("]}" + ("," if n < len(names) - 1 else ""))
     lines += ["}", "}"]

@@ -49,8 +49,9 @@ def _probe(blas: str | None, order: str = "early") -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if blas is not None:
         env["MLXSERVE_BLAS"] = blas
-    out = subprocess.run([sys.executable, "-c", _PROBE, order], env=env, capture_output=True,
-                         text=True, timeout=120, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, order], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -116,8 +117,7 @@ def test_cpu_keeps_quantized_when_float32_does_not_fit():
     # The exact size, when given, beats the bound (16x, for 2-bit): 1.5 GiB fits in 2 GiB.
     q = 300 * 2**20
     assert choose_weight_dtype("cpu", q, None, 2 * GiB) == "keep"
-    assert choose_weight_dtype("cpu", q, None, 2 * GiB,
-                               float32_bytes=int(1.5 * GiB)) == "float32"
+    assert choose_weight_dtype("cpu", q, None, 2 * GiB, float32_bytes=int(1.5 * GiB)) == "float32"
 
 
 def test_cpu_stays_quantized_on_the_kernels_when_they_built():
@@ -149,9 +149,16 @@ def test_setting_overrides():
 def _tiny_model(seed: int = 0) -> nn.Module:
     mx.random.seed(seed)
     args = llama.ModelArgs(
-        model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=256,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=512,
-        tie_word_embeddings=True, mlp_bias=True,
+        model_type="llama",
+        hidden_size=128,
+        num_hidden_layers=2,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=512,
+        tie_word_embeddings=True,
+        mlp_bias=True,
     )
     model = llama.Model(args)
     for _, m in model.named_modules():  # non-zero biases, so dropping one would show

@@ -14,11 +14,19 @@ ON_GPU = mx.default_device().type == mx.DeviceType.gpu
 
 
 def test_float32_tensors_take_the_scales_half_type():
-    weights = {"a.weight": mx.zeros((4, 4), mx.uint32), "a.scales": mx.zeros((4, 1), mx.float16),
-               "a.biases": mx.zeros((4, 1), mx.float16), "norm.weight": mx.ones((32,), mx.float32)}
+    weights = {
+        "a.weight": mx.zeros((4, 4), mx.uint32),
+        "a.scales": mx.zeros((4, 1), mx.float16),
+        "a.biases": mx.zeros((4, 1), mx.float16),
+        "norm.weight": mx.ones((32,), mx.float32),
+    }
     out = gguf.half_floats(weights)
     assert {k: v.dtype for k, v in out.items()} == {
-        "a.weight": mx.uint32, "a.scales": mx.float16, "a.biases": mx.float16, "norm.weight": mx.float16}
+        "a.weight": mx.uint32,
+        "a.scales": mx.float16,
+        "a.biases": mx.float16,
+        "norm.weight": mx.float16,
+    }
 
 
 def test_unquantized_half_model_casts_to_its_weights_type():

@@ -7,17 +7,20 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from model_files import write_kquant_gguf
 
 from mlxserve.engine import model as engine_model
 from mlxserve.engine.cuda import available, linear
-from model_files import write_kquant_gguf
 
-needs_cuda = pytest.mark.skipif(not available(), reason="CUDA routing: needs MLX with an NVIDIA GPU (mlx-cuda); "
-                                                        "MLX has no CUDA device here")
+needs_cuda = pytest.mark.skipif(
+    not available(), reason="CUDA routing: needs MLX with an NVIDIA GPU (mlx-cuda); MLX has no CUDA device here"
+)
 
 
-@pytest.mark.parametrize("rows,n", [(1, 96), (2, 96), (3, 96), (4, 96), (7, 96), (8, 96), (9, 96), (300, 96),
-                                    (256, 2048), (300, 2048), (1024, 96)])
+@pytest.mark.parametrize(
+    "rows,n",
+    [(1, 96), (2, 96), (3, 96), (4, 96), (7, 96), (8, 96), (9, 96), (300, 96), (256, 2048), (300, 2048), (1024, 96)],
+)
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 64)])
 def test_routing_computes_quantized_matmul(rows, n, bits, group):
     key = mx.random.key(rows * 10 + bits)
@@ -25,7 +28,7 @@ def test_routing_computes_quantized_matmul(rows, n, bits, group):
     k = 256
     # float16 as a model runs on CUDA; float32 elsewhere (MLX's CPU float16 GEMM is very slow)
     dtype = mx.float16 if available() else mx.float32
-    w = (mx.random.normal((n, k), key=kw) / k ** 0.5).astype(dtype)
+    w = (mx.random.normal((n, k), key=kw) / k**0.5).astype(dtype)
     wq, scales, biases = mx.quantize(w, group_size=group, bits=bits)
     x = mx.random.normal((rows, k), key=kx).astype(dtype)
     want = mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=group, bits=bits)

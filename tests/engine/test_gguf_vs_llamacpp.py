@@ -59,8 +59,8 @@ def test_top5_logprobs_agree_with_llamacpp(case, tmp_path):
     ref = REFERENCE["cases"][case]
     gguf = ggufmodels.write(tmp_path / f"{arch}-{quant}.gguf", arch, quant, seed=REFERENCE["seed"])
     assert hashlib.sha256(gguf.read_bytes()).hexdigest() == ref["sha256"], (
-        "ggufmodels writes other bytes than the reference was made from: run "
-        "tests/engine/make_llamacpp_reference.py")
+        "ggufmodels writes other bytes than the reference was made from: run tests/engine/make_llamacpp_reference.py"
+    )
     lm = load_path(mlxserve_path(gguf, tmp_path))
     overlap, delta = agreement(lm.model, ref)
     assert overlap >= MIN_OVERLAP and delta <= MAX_MEAN_DELTA, (case, overlap, delta)

@@ -14,8 +14,18 @@ from mlxserve.store.convert import bits_for
 
 SHAPE = (2, 8, 512)  # a 3-D (expert) tensor: every row is 2 K-quant super-blocks
 # f16 fields (byte offset in the block) set to sane scales; the other bytes stay random
-_F16_FIELDS = {T.Q4_0: (0,), T.Q5_0: (0,), T.Q8_0: (0,), T.Q4_1: (0, 2), T.Q5_1: (0, 2),
-               T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (-2,), T.Q3_K: (-2,), T.Q2_K: (-4, -2)}
+_F16_FIELDS = {
+    T.Q4_0: (0,),
+    T.Q5_0: (0,),
+    T.Q8_0: (0,),
+    T.Q4_1: (0, 2),
+    T.Q5_1: (0, 2),
+    T.Q4_K: (0, 2),
+    T.Q5_K: (0, 2),
+    T.Q6_K: (-2,),
+    T.Q3_K: (-2,),
+    T.Q2_K: (-4, -2),
+}
 
 
 def random_blocks(qtype: T, seed: int = 0) -> np.ndarray:
@@ -25,7 +35,7 @@ def random_blocks(qtype: T, seed: int = 0) -> np.ndarray:
     raw = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
     for off in _F16_FIELDS[qtype]:
         off %= size
-        raw[:, off:off + 2] = rng.uniform(0.001, 0.01, n).astype(np.float16).view(np.uint8).reshape(n, 2)
+        raw[:, off : off + 2] = rng.uniform(0.001, 0.01, n).astype(np.float16).view(np.uint8).reshape(n, 2)
     return raw
 
 
@@ -33,8 +43,9 @@ def decoded(raw: np.ndarray, qtype: T) -> tuple[np.ndarray, np.ndarray, int]:
     """(ours as float32, the reference, bits)."""
     bits = bits_for(qtype)
     out = tensor_arrays(raw.reshape(-1), qtype, SHAPE, bits)
-    ours = mx.dequantize(out["weight"], out["scales"].astype(mx.float32),
-                         out["biases"].astype(mx.float32), group_size=32, bits=bits)
+    ours = mx.dequantize(
+        out["weight"], out["scales"].astype(mx.float32), out["biases"].astype(mx.float32), group_size=32, bits=bits
+    )
     ref = np.asarray(dequantize(raw, qtype), np.float32).reshape(SHAPE)
     return np.array(ours), ref, bits
 
@@ -76,8 +87,7 @@ def test_float_types_are_exact():
     bf16 = (x.view(np.uint32) >> 16).astype(np.uint16)
     out = tensor_arrays(bf16.view(np.uint8).reshape(-1), T.BF16, SHAPE)["weight"]
     assert out.dtype == mx.bfloat16
-    np.testing.assert_array_equal(np.array(out.astype(mx.float32)),
-                                  (bf16.astype(np.uint32) << 16).view(np.float32))
+    np.testing.assert_array_equal(np.array(out.astype(mx.float32)), (bf16.astype(np.uint32) << 16).view(np.float32))
     out = tensor_arrays(x.astype(np.float16).view(np.uint8).reshape(-1), T.F16, SHAPE)["weight"]
     assert out.dtype == mx.float16
     np.testing.assert_array_equal(np.array(out), x.astype(np.float16))
@@ -97,8 +107,9 @@ def _mx_load(tmp_path, qtype: T, raw: np.ndarray) -> np.ndarray:
     if "t.scales" not in got:
         return np.array(got["t.weight"].astype(mx.float32))
     bits = got["t.weight"].shape[-1] * 32 // (got["t.scales"].shape[-1] * 32)
-    return np.array(mx.dequantize(got["t.weight"], got["t.scales"], got["t.biases"],
-                                  group_size=32, bits=bits).astype(mx.float32))
+    return np.array(
+        mx.dequantize(got["t.weight"], got["t.scales"], got["t.biases"], group_size=32, bits=bits).astype(mx.float32)
+    )
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0])

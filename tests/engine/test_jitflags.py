@@ -9,14 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import python_probe
 
 from mlxserve.engine import jitflags
-from support import python_probe
 
 ROOT = Path(__file__).resolve().parents[2]
 
-needs_gxx = pytest.mark.skipif(shutil.which("g++") is None or not sys.platform.startswith("linux"),
-                               reason="no g++ on Linux here")
+needs_gxx = pytest.mark.skipif(
+    shutil.which("g++") is None or not sys.platform.startswith("linux"), reason="no g++ on Linux here"
+)
 
 _PROBE = """
 import json, os, shutil, glob
@@ -44,8 +45,14 @@ def _clean_path() -> str:
 
 def _probe(tmp_path: Path, **env_extra) -> dict:
     (tmp_path / "tmp").mkdir(exist_ok=True)
-    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "XDG_CACHE_HOME": str(tmp_path / "cache"),
-           "PYTHONPATH": str(ROOT), "PATH": _clean_path(), **env_extra}
+    env = {
+        **os.environ,
+        "TMPDIR": str(tmp_path / "tmp"),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "PYTHONPATH": str(ROOT),
+        "PATH": _clean_path(),
+        **env_extra,
+    }
     env.pop("MLXSERVE_SMALL_GEMM", None)  # its directory would also be the wrapper's
     return python_probe(_PROBE, env)
 
@@ -77,8 +84,10 @@ def test_a_compiler_that_refuses_the_flag_is_not_wrapped(tmp_path):
     fake = tmp_path / "fakebin"
     fake.mkdir()
     real = shutil.which("g++", path=_clean_path())
-    (fake / "g++").write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = "{jitflags.FLAGS}" ] && '
-                              f'{{ echo "unknown option" >&2; exit 1; }}; done\nexec {real} "$@"\n')
+    (fake / "g++").write_text(
+        f'#!/bin/sh\nfor a in "$@"; do [ "$a" = "{jitflags.FLAGS}" ] && '
+        f'{{ echo "unknown option" >&2; exit 1; }}; done\nexec {real} "$@"\n'
+    )
     (fake / "g++").chmod(0o755)
     path = f"{fake}{os.pathsep}{_clean_path()}"
     r = _probe(tmp_path, PATH=path)

@@ -7,12 +7,12 @@ import random
 import threading
 
 import pytest
+from support import on_gpu
 
 from mlxserve.engine import loop as eng
 from mlxserve.engine.model import load_path
 from mlxserve.engine.sampling import SamplingParams
 from mlxserve.engine.stops import StopMatcher
-from support import on_gpu
 
 GREEDY = SamplingParams(temperature=0, repeat_penalty=1.0)
 
@@ -203,12 +203,15 @@ def test_logprobs_with_alternatives(harness):
     assert lp <= 0 and len(alts) == 2 and alts[0][0] == token  # greedy: the top alternative is the pick
 
 
-@pytest.mark.parametrize("deltas,stops,expect_text,matched", [
-    (["Hel", "lo wor", "ld"], ["lo w"], "Hel", True),
-    (["a", "b", "c"], ["bd"], "abc", False),
-    (["xx", "<|e", "nd|>yy"], ["<|end|>"], "xx", True),
-    (["plain text"], [], "plain text", False),
-])
+@pytest.mark.parametrize(
+    "deltas,stops,expect_text,matched",
+    [
+        (["Hel", "lo wor", "ld"], ["lo w"], "Hel", True),
+        (["a", "b", "c"], ["bd"], "abc", False),
+        (["xx", "<|e", "nd|>yy"], ["<|end|>"], "xx", True),
+        (["plain text"], [], "plain text", False),
+    ],
+)
 def test_stop_matcher_across_boundaries(deltas, stops, expect_text, matched):
     m = StopMatcher(stops)
     out, hit = "", False
@@ -233,8 +236,9 @@ def test_warm_up_runs_every_step_kind_and_leaves_nothing_behind(tiny_dir):
         # mlx-cuda compiles kernels per row count: decoding went through every batch size
         assert h.engine.warm_batch_sizes == [4, 3, 2, 1] and h.engine.warm_up_s > 0
         h.add(900, "Hello world", 8)
-        h.engine.submit(eng.Add(901, h.tokenizer.encode("A JSON object"), 6, GREEDY, (), None,
-                                grammar_for_format("json")))
+        h.engine.submit(
+            eng.Add(901, h.tokenizer.encode("A JSON object"), 6, GREEDY, (), None, grammar_for_format("json"))
+        )
         got = h.collect({900, 901})
         assert got[900][-1].finish == "length" and got[900][-1].stats.generated_tokens == 8
         assert text_of(got[901]).startswith("{")

@@ -17,9 +17,14 @@ from mlxserve.engine import cpu, dtype as dtypes
 kernels, why = cpu.load()
 pytestmark = pytest.mark.skipif(kernels is None, reason=f"quantized CPU kernels unavailable: {why}")
 PATHS = [
-    pytest.param(value, id=name, marks=pytest.mark.skipif(
-        kernels is None or value > kernels.best_path(),
-        reason=f"no {name} here" + (f" ({kernels.vnni_note()})" if kernels and "vnni" in name else "")))
+    pytest.param(
+        value,
+        id=name,
+        marks=pytest.mark.skipif(
+            kernels is None or value > kernels.best_path(),
+            reason=f"no {name} here" + (f" ({kernels.vnni_note()})" if kernels and "vnni" in name else ""),
+        ),
+    )
     for name, value in cpu.PATHS.items()
 ]
 SCALE_DTYPES = [mx.float16, mx.bfloat16, mx.float32]
@@ -42,8 +47,9 @@ def _emulated(x, wq, s, b, group, bits, tiles=-1):
     """float64 product of the dequantized weights with x quantized as the kernels do (int8 per
     block of 32, scale max|x|/127, round half to even); from blas_rows rows on, x itself
     (dequantized tiles through BLAS)."""
-    w = np.array(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32),
-                               group_size=group, bits=bits), dtype=np.float64)
+    w = np.array(
+        mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=group, bits=bits), dtype=np.float64
+    )
     if tiles < 0 and x.shape[0] >= kernels.blas_rows() and kernels.has_blas():
         return np.array(x, dtype=np.float64) @ w.T
     xs = np.array(x, dtype=np.float32).reshape(x.shape[0], -1, 32)
@@ -72,8 +78,11 @@ def test_products_match_mlx_and_the_emulated_int8_product(path, bits, group):
         assert np.abs(got - want).max() <= 1e-4 * scale, (rows, k, n)
         # Against MLX's own quantized product at float32 activations: the int8 rounding of x
         # costs at most a few per cent of the largest output (about 0.5% typically).
-        ref = np.array(mx.quantized_matmul(x, wq, s.astype(mx.float32), b.astype(mx.float32),
-                                           transpose=True, group_size=group, bits=bits))
+        ref = np.array(
+            mx.quantized_matmul(
+                x, wq, s.astype(mx.float32), b.astype(mx.float32), transpose=True, group_size=group, bits=bits
+            )
+        )
         assert np.abs(got - ref).max() <= 0.03 * np.abs(ref).max(), (rows, k, n)
 
 
@@ -100,23 +109,27 @@ def test_a_row_gets_the_same_bits_alone_or_in_a_batch(path, bits):
     x, wq, s, b = _case(rng, rows, 576, 1536, 32, bits, mx.float16)
     batch = np.array(_qmm(x, wq, s, b, 32, bits, path, 0))  # decode's int8 kernels
     for i in (0, rows // 2, rows - 1):
-        alone = np.array(_qmm(x[i:i + 1], wq, s, b, 32, bits, path, 0))
+        alone = np.array(_qmm(x[i : i + 1], wq, s, b, 32, bits, path, 0))
         assert np.array_equal(alone[0], batch[i])
     # leading dimensions are rows too
     y3 = np.array(_qmm(x.reshape(rows, 1, 576), wq, s, b, 32, bits, path, 0))
     assert np.array_equal(y3[:, 0], batch)
 
 
-@pytest.mark.skipif(kernels is None or kernels.best_path() < cpu.PATHS["avx512vnni"],
-                    reason=f"AVX-512 VNNI path not in use: {kernels.vnni_note() if kernels else why}")
+@pytest.mark.skipif(
+    kernels is None or kernels.best_path() < cpu.PATHS["avx512vnni"],
+    reason=f"AVX-512 VNNI path not in use: {kernels.vnni_note() if kernels else why}",
+)
 def test_the_vnni_path_gives_the_avx2_bits():
     # vpdpbusd sums the same products as vpmaddubsw + vpmaddwd, exactly: the same int32 sums
     rng = np.random.default_rng(5)
     for bits in (4, 8):
         for group in (32, 64):
             x, wq, s, b = _case(rng, 9, 320, 77, group, bits, mx.bfloat16)
-            assert np.array_equal(np.array(_qmm(x, wq, s, b, group, bits, cpu.PATHS["avx2"], 0)),
-                                  np.array(_qmm(x, wq, s, b, group, bits, cpu.PATHS["avx512vnni"], 0)))
+            assert np.array_equal(
+                np.array(_qmm(x, wq, s, b, group, bits, cpu.PATHS["avx2"], 0)),
+                np.array(_qmm(x, wq, s, b, group, bits, cpu.PATHS["avx512vnni"], 0)),
+            )
 
 
 def test_the_fastest_path_is_the_default():
@@ -169,8 +182,7 @@ def test_a_strided_activation_gives_the_same_product():
     rng = np.random.default_rng(1)
     x, wq, s, b = _case(rng, 6, 128, 40, 32, 4, mx.float16)
     strided = mx.array(np.array(x).T.copy()).T  # same values, column-major
-    assert np.array_equal(np.array(_qmm(strided, wq, s, b, 32, 4)),
-                          np.array(_qmm(x, wq, s, b, 32, 4)))
+    assert np.array_equal(np.array(_qmm(strided, wq, s, b, 32, 4)), np.array(_qmm(x, wq, s, b, 32, 4)))
 
 
 def test_rms_norm_matches_mlx():
@@ -178,8 +190,9 @@ def test_rms_norm_matches_mlx():
     w = mx.random.normal((576,), key=mx.random.key(1))
     want = mx.fast.rms_norm(x, w, 1e-5)
     assert mx.allclose(kernels.rms_norm(x, w, 1e-5), want, rtol=1e-5, atol=1e-5).item()
-    assert mx.allclose(kernels.rms_norm(x.transpose(1, 0, 2), w, 1e-5), want.transpose(1, 0, 2),
-                       rtol=1e-5, atol=1e-5).item()
+    assert mx.allclose(
+        kernels.rms_norm(x.transpose(1, 0, 2), w, 1e-5), want.transpose(1, 0, 2), rtol=1e-5, atol=1e-5
+    ).item()
 
 
 @pytest.mark.parametrize("traditional", [False, True])
@@ -222,8 +235,9 @@ def test_swiglu_is_silu_of_the_gate_product_times_the_up_product(bits):
     alone = kernels.qmm_swiglu(x[2:3], *g[:3], *u[:3], 32, bits, 100)
     assert mx.array_equal(alone[0], got[2]).item()  # the same bits alone or in a batch
     with pytest.raises(ValueError, match="differ"):
-        kernels.qmm_swiglu(x, *g[:3], *cpu.pack(uq, us.astype(mx.bfloat16), ub.astype(mx.bfloat16), bits)[:3],
-                           32, bits, 100)
+        kernels.qmm_swiglu(
+            x, *g[:3], *cpu.pack(uq, us.astype(mx.bfloat16), ub.astype(mx.bfloat16), bits)[:3], 32, bits, 100
+        )
 
 
 def _kv(rng, b, heads, s, d, spare=0):
@@ -273,8 +287,7 @@ def quantized_tiny_dir(tmp_path_factory, tiny_dir):
 
     model = load_path(tiny_dir, weight_dtype="float32").model
     layers = {"model.embed_tokens": {"group_size": 64, "bits": 8}}
-    nn.quantize(model, group_size=32, bits=4,
-                class_predicate=lambda p, m: layers.get(p, hasattr(m, "to_quantized")))
+    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: layers.get(p, hasattr(m, "to_quantized")))
     out = tmp_path_factory.mktemp("tiny-q4")
     for f in tiny_dir.iterdir():
         if f.suffix != ".safetensors":
@@ -300,6 +313,7 @@ def test_a_quantized_model_loads_onto_the_kernels(quantized_tiny_dir):
     assert isinstance(inner.layers[0].self_attn.rope, dtypes.CpuRoPE)
     assert type(inner.layers[0].mlp).__name__ == "CpuSwiGLUMLP"  # gate and up as one op
     import sys
+
     source = sys.modules[type(inner.layers[0].self_attn).__module__]
     assert hasattr(source.scaled_dot_product_attention, "cpu_original")  # decode attention routed
     assert inner.norm.weight.dtype == mx.float32
@@ -314,12 +328,26 @@ def test_a_quantized_model_loads_onto_the_kernels(quantized_tiny_dir):
 def test_unsupported_layers_are_dequantized_and_the_rest_use_the_kernels():
     from mlx_lm.models import llama
 
-    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=1,
-                           intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                           rms_norm_eps=1e-5, vocab_size=256, tie_word_embeddings=False)
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=128,
+        num_hidden_layers=1,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=256,
+        tie_word_embeddings=False,
+    )
     model = llama.Model(args)
-    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: (
-        {"group_size": 64, "bits": 6} if p.endswith("down_proj") else hasattr(m, "to_quantized")))
+    nn.quantize(
+        model,
+        group_size=32,
+        bits=4,
+        class_predicate=lambda p, m: (
+            {"group_size": 64, "bits": 6} if p.endswith("down_proj") else hasattr(m, "to_quantized")
+        ),
+    )
     assert dtypes.use_cpu_kernels(model, kernels) == 8  # 6 linears, the head and the embedding
     mlp = model.model.layers[0].mlp
     assert type(mlp.down_proj) is nn.Linear and mlp.down_proj.weight.dtype == mx.float32
@@ -330,9 +358,17 @@ def test_unsupported_layers_are_dequantized_and_the_rest_use_the_kernels():
 def test_a_tied_embedding_keeps_one_packed_copy_for_lookups_and_the_head():
     from mlx_lm.models import llama
 
-    args = llama.ModelArgs(model_type="llama", hidden_size=128, num_hidden_layers=1,
-                           intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-                           rms_norm_eps=1e-5, vocab_size=300, tie_word_embeddings=True)
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=128,
+        num_hidden_layers=1,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=300,
+        tie_word_embeddings=True,
+    )
     model = llama.Model(args)
     nn.quantize(model, group_size=64, bits=8)
     prompt = mx.array([[3, 17, 42, 5, 299]])
@@ -386,11 +422,19 @@ def test_off_loads_the_float32_path(quantized_tiny_dir):
     import sys
     from pathlib import Path
 
-    probe = ("import sys; from mlxserve.engine.model import load_path; "
-             "lm = load_path(sys.argv[1]); print(lm.weight_dtype, type(lm.model.model.layers[0].mlp.up_proj).__name__)")
+    probe = (
+        "import sys; from mlxserve.engine.model import load_path; "
+        "lm = load_path(sys.argv[1]); print(lm.weight_dtype, type(lm.model.model.layers[0].mlp.up_proj).__name__)"
+    )
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, MLXSERVE_QKERNELS="off", PYTHONPATH=str(root))
-    out = subprocess.run([sys.executable, "-c", probe, str(quantized_tiny_dir)], env=env,
-                         capture_output=True, text=True, timeout=120, cwd=root)
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(quantized_tiny_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["float32", "Linear"]

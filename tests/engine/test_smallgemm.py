@@ -7,14 +7,13 @@ import os
 from pathlib import Path
 
 import pytest
+from support import python_probe
 
 from mlxserve.engine import backend, smallgemm
-from support import python_probe
 
 ROOT = Path(__file__).resolve().parents[2]
 
-KERNELS_HERE = smallgemm.unavailable_reason() is None and any(
-    os.path.exists(p) for p in backend.candidate_paths())
+KERNELS_HERE = smallgemm.unavailable_reason() is None and any(os.path.exists(p) for p in backend.candidate_paths())
 needs_kernels = pytest.mark.skipif(
     not KERNELS_HERE,
     reason=f"small-GEMM kernels unavailable here ({smallgemm.unavailable_reason()}) or no OpenBLAS",
@@ -79,7 +78,11 @@ print(json.dumps({"threads": smallgemm.threads(), "helpers": names.count("mlxser
 
 
 def _probe(env_extra: dict[str, str]) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MLXSERVE_BLAS", smallgemm.ENV, smallgemm.ENV_THREADS)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("LD_PRELOAD", "MLXSERVE_BLAS", smallgemm.ENV, smallgemm.ENV_THREADS)
+    }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(env_extra)
     return python_probe(_PROBE, env)

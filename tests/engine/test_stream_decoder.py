@@ -3,15 +3,16 @@ few tokens however long the answer grows."""
 
 from __future__ import annotations
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mlxserve.engine.tokenizer import StreamDecoder, TokenizerInfo
 from mlxserve.testing import tinymodel
 
 TEXTS = st.text(
-    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=0, max_size=80,
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)),
+    min_size=0,
+    max_size=80,
 )
 
 
@@ -66,8 +67,7 @@ def test_any_ids_stream_like_the_whole_decode(ids):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.sampled_from(["Hello", " world", " the", "capital", " of", "France", "!", "\n"]),
-                max_size=30))
+@given(st.lists(st.sampled_from(["Hello", " world", " the", "capital", " of", "France", "!", "\n"]), max_size=30))
 def test_metaspace_keeps_the_spaces_between_windows(words):
     ids = METASPACE.encode("".join(words))
     assert _stream(METASPACE, ids) == METASPACE.decode(ids)

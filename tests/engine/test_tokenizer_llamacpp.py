@@ -36,8 +36,10 @@ def _metadata(name: str, tmp: str) -> dict:
     if name in tv.GENERATED:
         path = tv.GENERATED[name](Path(tmp) / f"{name}.gguf")
         if path is None:
-            pytest.skip(f"the package holding the {name} vocabulary (quicktok-v1, mistral-common) is not "
-                        "installed: make install")
+            pytest.skip(
+                f"the package holding the {name} vocabulary (quicktok-v1, mistral-common) is not "
+                "installed: make install"
+            )
     else:
         path = tv.vocab_path(name)
         if not path.exists():
@@ -113,8 +115,13 @@ def test_end_of_generation_and_bos_as_llamacpp(name, load):
 def test_saved_tokenizer_json_tokenizes_the_same(name, load):
     """A converted model keeps the tokenizer as tokenizer.json: nothing may be lost on the way."""
     info = load(name)
-    again = TokenizerInfo(Tokenizer.from_str(info.tokenizer.to_str()), bos_token=info.bos_token,
-                          eos_tokens=info.eos_tokens, chat_template=None, add_bos=info.add_bos)
+    again = TokenizerInfo(
+        Tokenizer.from_str(info.tokenizer.to_str()),
+        bos_token=info.bos_token,
+        eos_tokens=info.eos_tokens,
+        chat_template=None,
+        add_bos=info.add_bos,
+    )
     for text, r in zip(REFERENCE["texts"], REFERENCE["vocabs"][name]["results"]):
         assert again.encode(text, add_bos=False) == r["special"], text
         assert again.encode(text, add_bos=False, parse_special=False) == r["plain"], text
@@ -139,8 +146,12 @@ def test_unknown_pre_tokenizer_is_refused_by_name():
     GPT-2's split rule (which tokenizes such a model wrongly without a word)."""
     from mlxserve.errors import LoadError
 
-    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "kimi-k2",
-                "tokenizer.ggml.tokens": ["a", "b", "ab"], "tokenizer.ggml.merges": ["a b"]}
+    metadata = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "kimi-k2",
+        "tokenizer.ggml.tokens": ["a", "b", "ab"],
+        "tokenizer.ggml.merges": ["a b"],
+    }
     with pytest.raises(LoadError, match="pre-tokenizer 'kimi-k2'"):
         from_gguf_metadata(metadata)
     metadata["tokenizer.ggml.pre"] = "smollm"

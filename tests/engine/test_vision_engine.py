@@ -8,12 +8,14 @@ import pytest
 pytest.importorskip("mlx_vlm")
 
 import mlx.core as mx  # noqa: E402
+from test_loop import EngineHarness, tokens_of  # noqa: E402
 
-from mlxserve.engine import loop as eng  # noqa: E402
-from mlxserve.engine import vision  # noqa: E402
+from mlxserve.engine import (
+    loop as eng,  # noqa: E402
+    vision,  # noqa: E402
+)
 from mlxserve.engine.sampling import SamplingParams  # noqa: E402
 from mlxserve.testing import tinyvision  # noqa: E402
-from test_loop import EngineHarness, tokens_of  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0, repeat_penalty=1.0)
 RED = tinyvision.png((255, 0, 0))
@@ -91,8 +93,9 @@ def test_batched_decode_matches_mlx_vlm_alone(harness):
 
 
 def test_two_images_in_one_prompt(harness):
-    two = harness.tokenizer.encode(f"<|im_start|>user\n{tinyvision.IMAGE_TOKEN}and{tinyvision.IMAGE_TOKEN}"
-                                   "<|im_end|>\n<|im_start|>assistant\n")
+    two = harness.tokenizer.encode(
+        f"<|im_start|>user\n{tinyvision.IMAGE_TOKEN}and{tinyvision.IMAGE_TOKEN}<|im_end|>\n<|im_start|>assistant\n"
+    )
     a = solo(harness, 20, two, images=[RED, BLUE])
     b = solo(harness, 21, two, images=[BLUE, RED])
     assert a[-1].stats.prompt_tokens == len(two) - 2 + 2 * tinyvision.IMAGE_TOKENS
@@ -131,8 +134,17 @@ def test_images_pair_with_placeholders_from_the_end():
     assert vision.used_images([1, 2], P, (b"a", b"b")) == (b"a", b"b")
 
 
-@pytest.mark.parametrize("model_type,served", [("llava", True), ("gemma3", True), ("qwen2_5_vl", False),
-                                                ("qwen2_vl", False), ("mllama", False), ("nonesuch", False)])
+@pytest.mark.parametrize(
+    "model_type,served",
+    [
+        ("llava", True),
+        ("gemma3", True),
+        ("qwen2_5_vl", False),
+        ("qwen2_vl", False),
+        ("mllama", False),
+        ("nonesuch", False),
+    ],
+)
 def test_vision_types_that_cannot_share_a_batch_are_refused_alike(tmp_path, model_type, served):
     """Qwen-VL keeps an image's rotary positions as the model's own state and Llama 3.2 Vision
     cross-attends to the image at every step: neither can decode in a shared batch. Create (no

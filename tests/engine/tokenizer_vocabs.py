@@ -51,7 +51,7 @@ TEXTS = [
     "def f(x):\n    return x**2  # square\n",
     "for (int i = 0; i < n; ++i) {\n\tsum += a[i];\n}\n",
     "if __name__ == '__main__':\n        main()",
-    "<div class=\"x\">&amp;</div> https://example.com/a?b=1&c=2#d",
+    '<div class="x">&amp;</div> https://example.com/a?b=1&c=2#d',
     "Hello 👋🏽 world 🦙🔥!",
     "👨‍👩‍👧‍👦 family ❤️",
     "你好，世界！这是一个测试。",
@@ -122,8 +122,16 @@ def _package_data(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
-def _byte_level_gguf(path: Path, arch: str, pre: str, ranks: dict[bytes, int], specials: dict[int, str],
-                     bos: int, eos: int, offset: int = 0) -> Path:
+def _byte_level_gguf(
+    path: Path,
+    arch: str,
+    pre: str,
+    ranks: dict[bytes, int],
+    specials: dict[int, str],
+    bos: int,
+    eos: int,
+    offset: int = 0,
+) -> Path:
     """A byte-level BPE vocabulary GGUF from tiktoken-style ranks (token id = rank + offset), as
     llama.cpp's converter writes one from the model's tokenizer.json."""
     import gguf
@@ -153,8 +161,7 @@ def _byte_level_gguf(path: Path, arch: str, pre: str, ranks: dict[bytes, int], s
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges(["".join(b2u[x] for x in a) + " " + "".join(b2u[x] for x in b)
-                        for _, _, _, a, b in merges])
+    w.add_token_merges(["".join(b2u[x] for x in a) + " " + "".join(b2u[x] for x in b) for _, _, _, a, b in merges])
     w.add_bos_token_id(bos)
     w.add_eos_token_id(eos)
     _finish(w)
@@ -179,23 +186,41 @@ def o200k_gguf(path: Path) -> Path | None:
     pos, ranks = 4, {}
     for _ in range(n):
         (ln,) = struct.unpack_from("<H", raw, pos)
-        ranks[raw[pos + 2:pos + 2 + ln]] = struct.unpack_from("<I", raw, pos + 2 + ln)[0]
+        ranks[raw[pos + 2 : pos + 2 + ln]] = struct.unpack_from("<I", raw, pos + 2 + ln)[0]
         pos += 6 + ln
     raw = (data / "o200k_harmony.special").read_bytes()
     (n,) = struct.unpack_from("<I", raw, 0)
     pos, specials = 4, {}
     for _ in range(n):
         tid, ln = struct.unpack_from("<IH", raw, pos)
-        specials[tid] = raw[pos + 6:pos + 6 + ln].decode()
+        specials[tid] = raw[pos + 6 : pos + 6 + ln].decode()
         pos += 6 + ln
     return _byte_level_gguf(path, "gpt-oss", "gpt-4o", ranks, specials, bos=199998, eos=200002)
 
 
 # Tekken v3's special tokens before the <SPECIAL_n> fillers (mistral-common's defaults).
-_TEKKEN_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
-                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]",
-                    "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
-                    "[TOOL_CONTENT]"]
+_TEKKEN_SPECIALS = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "[TOOL_CALLS]",
+    "[IMG]",
+    "<pad>",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[PREFIX]",
+    "[MIDDLE]",
+    "[SUFFIX]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[TOOL_CONTENT]",
+]
 
 
 def tekken_gguf(path: Path) -> Path | None:
@@ -207,8 +232,7 @@ def tekken_gguf(path: Path) -> Path | None:
     n_special = j["config"]["default_num_special_tokens"]
     live = j["config"]["default_vocab_size"] - n_special
     ranks = {base64.b64decode(v["token_bytes"]): v["rank"] for v in j["vocab"][:live]}
-    specials = {i: _TEKKEN_SPECIALS[i] if i < len(_TEKKEN_SPECIALS) else f"<SPECIAL_{i}>"
-                for i in range(n_special)}
+    specials = {i: _TEKKEN_SPECIALS[i] if i < len(_TEKKEN_SPECIALS) else f"<SPECIAL_{i}>" for i in range(n_special)}
     return _byte_level_gguf(path, "llama", "tekken", ranks, specials, bos=1, eos=2, offset=n_special)
 
 
@@ -232,9 +256,19 @@ def _spm_gguf(path: Path, model: Path, name: str, add_space_prefix: bool | None 
     for i in range(sp.vocab_size()):
         tokens.append(sp.id_to_piece(i))
         scores.append(sp.get_score(i))
-        types.append(gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
-                     else gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.BYTE if sp.is_byte(i)
-                     else gguf.TokenType.USER_DEFINED if proto.pieces[i].type == 4 else gguf.TokenType.NORMAL)
+        types.append(
+            gguf.TokenType.UNKNOWN
+            if sp.is_unknown(i)
+            else gguf.TokenType.CONTROL
+            if sp.is_control(i)
+            else gguf.TokenType.UNUSED
+            if sp.is_unused(i)
+            else gguf.TokenType.BYTE
+            if sp.is_byte(i)
+            else gguf.TokenType.USER_DEFINED
+            if proto.pieces[i].type == 4
+            else gguf.TokenType.NORMAL
+        )
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(name)
     w.add_tokenizer_model("llama")
@@ -260,5 +294,9 @@ def spm_no_prefix_gguf(path: Path) -> Path | None:
 
 
 # Vocabularies written here from packages: name -> writer(path) returning None if not installed.
-GENERATED = {"o200k": o200k_gguf, "tekken": tekken_gguf, "mistral-spm": mistral_spm_gguf,
-             "spm-no-prefix": spm_no_prefix_gguf}
+GENERATED = {
+    "o200k": o200k_gguf,
+    "tekken": tekken_gguf,
+    "mistral-spm": mistral_spm_gguf,
+    "spm-no-prefix": spm_no_prefix_gguf,
+}

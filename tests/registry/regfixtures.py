@@ -59,8 +59,7 @@ http:
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([REGISTRY_BIN, "serve", str(self.config)],
-                                         stdout=log, stderr=log)
+            self.proc = subprocess.Popen([REGISTRY_BIN, "serve", str(self.config)], stdout=log, stderr=log)
         # Bounded wait for the port to answer (the one place a retry loop is the right tool).
         deadline = time.monotonic() + 15
         while True:
@@ -100,8 +99,9 @@ DAEMON_TRANSFER = TransferOptions()
 @pytest.fixture
 def fast_retries(monkeypatch):
     """Transfers made by a daemon in these tests give up (or notice a stall) quickly."""
-    monkeypatch.setattr(sys.modules[__name__], "DAEMON_TRANSFER",
-                        TransferOptions(retries=2, backoff=0.05, stall_timeout=10))
+    monkeypatch.setattr(
+        sys.modules[__name__], "DAEMON_TRANSFER", TransferOptions(retries=2, backoff=0.05, stall_timeout=10)
+    )
 
 
 # ---------------------------------------------------------------------- fault-injection stand-in
@@ -143,8 +143,14 @@ class StandIn:
             def do_GET(self) -> None:
                 self._serve(head=False)
 
-            def _send(self, code: int, body: bytes = b"", headers: dict | None = None,
-                      head: bool = False, length: int | None = None) -> None:
+            def _send(
+                self,
+                code: int,
+                body: bytes = b"",
+                headers: dict | None = None,
+                head: bool = False,
+                length: int | None = None,
+            ) -> None:
                 self.send_response(code)
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
@@ -157,14 +163,21 @@ class StandIn:
                 stand_in.requests.append((self.command, self.path, self.headers.get("Range")))
                 if self.path.startswith("/token"):
                     stand_in.token_requests += 1
-                    return self._send(200, json.dumps({"token": stand_in.token}).encode(),
-                                      {"Content-Type": "application/json"})
-                if stand_in.token and self.path != "/v2/" and \
-                        self.headers.get("Authorization") != f"Bearer {stand_in.token}":
+                    return self._send(
+                        200, json.dumps({"token": stand_in.token}).encode(), {"Content-Type": "application/json"}
+                    )
+                if (
+                    stand_in.token
+                    and self.path != "/v2/"
+                    and self.headers.get("Authorization") != f"Bearer {stand_in.token}"
+                ):
                     realm = f"http://{stand_in.host}/token"
-                    return self._send(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {
-                        "WWW-Authenticate": f'Bearer realm="{realm}",service="stand-in",'
-                                            f'scope="repository:x:pull"'}, head=head)
+                    return self._send(
+                        401,
+                        b'{"errors":[{"code":"UNAUTHORIZED"}]}',
+                        {"WWW-Authenticate": f'Bearer realm="{realm}",service="stand-in",scope="repository:x:pull"'},
+                        head=head,
+                    )
                 m = re.fullmatch(r"/v2/(.+)/(manifests|blobs)/([^/]+)", self.path)
                 if self.path == "/v2/":
                     return self._send(200, b"{}", head=head)
@@ -173,8 +186,9 @@ class StandIn:
                 repo, kind, ref = m.groups()
                 if kind == "manifests":
                     if (repo, ref) not in {tuple(k.split("@")) for k in stand_in.manifests}:
-                        return self._send(404, b'{"errors":[{"code":"MANIFEST_UNKNOWN",'
-                                               b'"message":"manifest unknown"}]}', head=head)
+                        return self._send(
+                            404, b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}', head=head
+                        )
                     data, ctype = stand_in.manifests[f"{repo}@{ref}"]
                     return self._send(200, data, {"Content-Type": ctype}, head=head)
                 data = stand_in.blobs.get(ref)
@@ -251,9 +265,7 @@ async def start_daemon(nursery, models_dir: Path) -> Daemon:
     from mlxserve.config import Settings
     from mlxserve.http.server import run_daemon
 
-    settings = Settings(host="127.0.0.1", port=0, models_dir=models_dir, keep_alive=300.0,
-                        transfer=DAEMON_TRANSFER)
+    settings = Settings(host="127.0.0.1", port=0, models_dir=models_dir, keep_alive=300.0, transfer=DAEMON_TRANSFER)
     shutdown = trio.Event()
-    info = await nursery.start(
-        lambda task_status: run_daemon(settings, shutdown=shutdown, task_status=task_status))
+    info = await nursery.start(lambda task_status: run_daemon(settings, shutdown=shutdown, task_status=task_status))
     return Daemon(info, shutdown)

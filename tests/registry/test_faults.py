@@ -18,25 +18,30 @@ from mlxserve.store import manifest as mt, transfer
 from mlxserve.store.registry import RegistryDigestMismatch, TransferOptions
 from mlxserve.store.store import Store
 
-OLLAMA_CONFIG = {"model_format": "gguf", "model_family": "llama", "model_families": ["llama"],
-                 "model_type": "1M", "file_type": "F32"}
+OLLAMA_CONFIG = {
+    "model_format": "gguf",
+    "model_family": "llama",
+    "model_families": ["llama"],
+    "model_type": "1M",
+    "file_type": "F32",
+}
 
 
-def _ollama_model(s: StandIn, repo: str, tag: str, gguf: bytes,
-                  template: str = "{{ .System }}{{ .Prompt }}") -> dict:
+def _ollama_model(s: StandIn, repo: str, tag: str, gguf: bytes, template: str = "{{ .System }}{{ .Prompt }}") -> dict:
     """An Ollama-format manifest (Docker schema 2, application/vnd.ollama.image.* layers)."""
+
     def desc(media_type: str, data: bytes) -> dict:
         return {"mediaType": media_type, **s.add_blob(data)}
 
     doc = {
-        "schemaVersion": 2, "mediaType": mt.DOCKER_MANIFEST_MEDIA_TYPE,
+        "schemaVersion": 2,
+        "mediaType": mt.DOCKER_MANIFEST_MEDIA_TYPE,
         "config": desc(mt.OLLAMA_CONFIG_MEDIA_TYPE, json.dumps(OLLAMA_CONFIG).encode()),
         "layers": [
             desc(mt.OLLAMA_MODEL, gguf),
             desc(mt.OLLAMA_TEMPLATE, template.encode()),
             desc(mt.OLLAMA_SYSTEM, b"You are terse."),
-            desc(mt.OLLAMA_PARAMS, json.dumps({"stop": ["<|im_end|>"], "temperature": 0,
-                                               "num_predict": 3}).encode()),
+            desc(mt.OLLAMA_PARAMS, json.dumps({"stop": ["<|im_end|>"], "temperature": 0, "num_predict": 3}).encode()),
             desc(mt.OLLAMA_LICENSE, b"MIT"),
         ],
     }
@@ -52,8 +57,7 @@ async def _events(c: httpx.AsyncClient, body: dict) -> tuple[int, list[dict]]:
         return 200, [json.loads(line) async for line in r.aiter_lines() if line.strip()]
 
 
-async def test_ollama_format_pull_with_bearer_token_runs(stand_in, models_dir, tiny_gguf,
-                                                         fast_retries):
+async def test_ollama_format_pull_with_bearer_token_runs(stand_in, models_dir, tiny_gguf, fast_retries):
     doc = _ollama_model(stand_in, "library/ollm", "latest", tiny_gguf.read_bytes())
     name = f"{stand_in.host}/library/ollm:latest"
     with trio.fail_after(30):
@@ -64,8 +68,7 @@ async def test_ollama_format_pull_with_bearer_token_runs(stand_in, models_dir, t
                 assert code == 200 and events[-1] == {"status": "success"}, events
                 assert stand_in.token_requests >= 1  # the 401 challenge was answered
                 show = (await c.post("/api/show", json={"model": name})).json()
-                r = await c.post("/api/generate", json={"model": name, "prompt": "Hi",
-                                                        "stream": False})
+                r = await c.post("/api/generate", json={"model": name, "prompt": "Hi", "stream": False})
                 assert r.status_code == 200, r.text
                 assert r.json()["eval_count"] <= 3  # num_predict from the params layer
             resolved = d.runtime.store.store.resolve(name)
@@ -102,8 +105,7 @@ def test_ollama_kquant_gguf_is_converted_at_pull(stand_in, tmp_path):
     assert statuses[-1] == "success" and statuses.count("success") == 1
 
 
-async def test_wrong_bytes_fail_the_pull_and_commit_nothing(stand_in, models_dir, tiny_gguf,
-                                                            fast_retries):
+async def test_wrong_bytes_fail_the_pull_and_commit_nothing(stand_in, models_dir, tiny_gguf, fast_retries):
     doc = _ollama_model(stand_in, "library/bad", "latest", os.urandom(3 << 20))
     bad = doc["layers"][0]["digest"]
     stand_in.corrupt.add(bad)
@@ -132,25 +134,26 @@ def test_stalled_download_is_detected_and_resumed_with_range(stand_in, tmp_path,
     data = tiny_gguf.read_bytes() + os.urandom(4 << 20)  # a model pull accepts, made large
     desc = {"mediaType": mt.OLLAMA_MODEL, **stand_in.add_blob(data)}
     config = {"mediaType": mt.OLLAMA_CONFIG_MEDIA_TYPE, **stand_in.add_blob(b"{}")}
-    stand_in.add_manifest("a/stall", "latest", {"schemaVersion": 2, "config": config,
-                                               "layers": [desc]}, mt.MANIFEST_MEDIA_TYPE)
+    stand_in.add_manifest(
+        "a/stall", "latest", {"schemaVersion": 2, "config": config, "layers": [desc]}, mt.MANIFEST_MEDIA_TYPE
+    )
     stand_in.stall[desc["digest"]] = 1 << 20
     store = Store(tmp_path / "models")
-    transfer.pull(store, f"{stand_in.host}/a/stall",
-                  options=TransferOptions(stall_timeout=0.5, backoff=0.01, retries=2))
+    transfer.pull(
+        store, f"{stand_in.host}/a/stall", options=TransferOptions(stall_timeout=0.5, backoff=0.01, retries=2)
+    )
     assert store.has_blob(desc["digest"])
-    ranges = [rng for method, path, rng in stand_in.requests
-              if method == "GET" and desc["digest"] in path]
+    ranges = [rng for method, path, rng in stand_in.requests if method == "GET" and desc["digest"] in path]
     assert ranges[0] is None and ranges[-1] == f"bytes={1 << 20}-"
 
 
-async def test_client_disconnect_cancels_pull_and_keeps_partial(stand_in, models_dir, tiny_gguf,
-                                                                fast_retries):
+async def test_client_disconnect_cancels_pull_and_keeps_partial(stand_in, models_dir, tiny_gguf, fast_retries):
     data = tiny_gguf.read_bytes() + os.urandom(4 << 20)  # a model pull accepts, made large
     desc = {"mediaType": mt.OLLAMA_MODEL, **stand_in.add_blob(data)}
     config = {"mediaType": mt.OLLAMA_CONFIG_MEDIA_TYPE, **stand_in.add_blob(b"{}")}
-    stand_in.add_manifest("a/cancel", "latest", {"schemaVersion": 2, "config": config,
-                                                "layers": [desc]}, mt.MANIFEST_MEDIA_TYPE)
+    stand_in.add_manifest(
+        "a/cancel", "latest", {"schemaVersion": 2, "config": config, "layers": [desc]}, mt.MANIFEST_MEDIA_TYPE
+    )
     stand_in.stall[desc["digest"]] = 1 << 20  # then silent for longer than the test
     name = f"{stand_in.host}/a/cancel"
     with trio.fail_after(30):
@@ -182,8 +185,7 @@ async def test_client_disconnect_cancels_pull_and_keeps_partial(stand_in, models
             async with httpx.AsyncClient(base_url=d.url, timeout=30) as c:
                 r = await c.post("/api/pull", json={"model": name, "stream": False})
                 assert r.json() == {"status": "success"}
-            ranges = [rng for method, path, rng in stand_in.requests
-                      if method == "GET" and desc["digest"] in path]
+            ranges = [rng for method, path, rng in stand_in.requests if method == "GET" and desc["digest"] in path]
             assert ranges == [None, f"bytes={kept}-"]
             d.shutdown.set()
 
@@ -192,8 +194,9 @@ def test_digest_mismatch_via_direct_call_names_both_digests(stand_in, tmp_path):
     blob = b"x" * 1000
     desc = {"mediaType": mt.OLLAMA_MODEL, **stand_in.add_blob(blob)}
     config = {"mediaType": mt.OLLAMA_CONFIG_MEDIA_TYPE, **stand_in.add_blob(b"{}")}
-    stand_in.add_manifest("a/m", "latest", {"schemaVersion": 2, "config": config,
-                                           "layers": [desc]}, mt.MANIFEST_MEDIA_TYPE)
+    stand_in.add_manifest(
+        "a/m", "latest", {"schemaVersion": 2, "config": config, "layers": [desc]}, mt.MANIFEST_MEDIA_TYPE
+    )
     stand_in.corrupt.add(desc["digest"])
     store = Store(tmp_path / "models")
     with pytest.raises(RegistryDigestMismatch) as err:

@@ -32,8 +32,7 @@ def test_pack_unpack_round_trip_into_a_second_store(models_dir, tmp_path):
         index = json.loads(tar.extractfile("index.json").read())
     (entry,) = index["manifests"]
     assert entry["digest"] == original.digest
-    assert entry["annotations"]["org.opencontainers.image.ref.name"] == \
-        "registry.ollama.ai/library/tiny:latest"
+    assert entry["annotations"]["org.opencontainers.image.ref.name"] == "registry.ollama.ai/library/tiny:latest"
     for d in [original.manifest["config"], *original.layers]:
         assert f"blobs/sha256/{d['digest'][7:]}" in names
 
@@ -77,12 +76,10 @@ def test_cli_pack_unpack(models_dir, tmp_path):
     mlxctl = str(Path(sys.executable).with_name("mlxctl"))
     out = tmp_path / "t.tar"
     env = {**os.environ, "MLXSERVE_MODELS": str(models_dir)}
-    r = subprocess.run([mlxctl, "pack", "tiny", "-o", str(out)], env=env, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run([mlxctl, "pack", "tiny", "-o", str(out)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "packed" in r.stdout, r.stderr
     env["MLXSERVE_MODELS"] = str(tmp_path / "second")
-    r = subprocess.run([mlxctl, "unpack", str(out), "moved"], env=env, capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run([mlxctl, "unpack", str(out), "moved"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "imported moved:latest" in r.stdout, r.stderr
     assert Store(tmp_path / "second").resolve("moved").digest == Store(models_dir).resolve("tiny").digest
 
@@ -102,7 +99,7 @@ async def test_blob_routes(models_dir):
 
                 async def chunks():
                     for i in range(0, len(data), 65536):
-                        yield data[i:i + 65536]
+                        yield data[i : i + 65536]
 
                 r = await c.post(f"/api/blobs/{digest}", content=chunks())
                 assert r.status_code == 201, r.text

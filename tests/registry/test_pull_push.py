@@ -36,16 +36,14 @@ def _blob_digests(store: Store, name: str) -> tuple[str, list[str]]:
     return r.digest, sorted(d["digest"] for d in [r.manifest["config"], *r.layers])
 
 
-async def test_push_rm_pull_roundtrip_then_pull_again_moves_nothing(registry, models_dir,
-                                                                    fast_retries):
+async def test_push_rm_pull_roundtrip_then_pull_again_moves_nothing(registry, models_dir, fast_retries):
     remote = f"{registry.host}/library/tiny:latest"
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             d = await start_daemon(nursery, models_dir)
             store = d.runtime.store.store
             async with httpx.AsyncClient(base_url=d.url, timeout=30) as c:
-                assert (await c.post("/api/copy", json={"source": "tiny",
-                                                        "destination": remote})).status_code == 200
+                assert (await c.post("/api/copy", json={"source": "tiny", "destination": remote})).status_code == 200
                 before = _blob_digests(store, remote)
 
                 code, pushed = await _events(c, "/api/push", {"model": remote})
@@ -57,17 +55,14 @@ async def test_push_rm_pull_roundtrip_then_pull_again_moves_nothing(registry, mo
                 r = await c.post("/api/push", json={"model": remote, "stream": False})
                 assert r.json() == {"status": "success"} and STATS.blob_bytes_sent == sent
 
-                assert (await c.request("DELETE", "/api/delete",
-                                        json={"model": remote})).status_code == 200
-                assert (await c.request("DELETE", "/api/delete",
-                                        json={"model": "tiny"})).status_code == 200
+                assert (await c.request("DELETE", "/api/delete", json={"model": remote})).status_code == 200
+                assert (await c.request("DELETE", "/api/delete", json={"model": "tiny"})).status_code == 200
                 # The GGUF is really gone (small text layers may be shared with tiny-mlx).
                 gone = [dg for dg in before[1] if not store.has_blob(dg)]
                 assert len(gone) >= 2
                 received = STATS.blob_bytes_received
                 code, pulled = await _events(c, "/api/pull", {"model": remote})
-                assert STATS.blob_bytes_received - received == sum(
-                    store.blob_path(dg).stat().st_size for dg in gone)
+                assert STATS.blob_bytes_received - received == sum(store.blob_path(dg).stat().st_size for dg in gone)
                 assert code == 200, pulled
                 statuses = [e["status"] for e in pulled]
                 assert statuses[0] == "pulling manifest"
@@ -79,8 +74,9 @@ async def test_push_rm_pull_roundtrip_then_pull_again_moves_nothing(registry, mo
                     assert 0 <= e["completed"] <= e["total"]
                 assert _blob_digests(store, remote) == before  # identical manifest and blobs
 
-                r = await c.post("/api/generate", json={"model": remote, "prompt": "Hello",
-                                                        "stream": False, "options": GREEDY})
+                r = await c.post(
+                    "/api/generate", json={"model": remote, "prompt": "Hello", "stream": False, "options": GREEDY}
+                )
                 assert r.status_code == 200, r.text
                 assert r.json()["done"] and r.json()["eval_count"] == 4
 
@@ -104,14 +100,12 @@ async def test_unknown_tag_is_404_and_bad_name_400(registry, models_dir, fast_re
             d = await start_daemon(nursery, models_dir)
             async with httpx.AsyncClient(base_url=d.url, timeout=30) as c:
                 for stream in (True, False):
-                    r = await c.post("/api/pull", json={"model": f"{registry.host}/library/nope:v9",
-                                                        "stream": stream})
+                    r = await c.post("/api/pull", json={"model": f"{registry.host}/library/nope:v9", "stream": stream})
                     assert r.status_code == 404, r.text
                     assert "not found" in r.json()["error"] and "nope" in r.json()["error"]
                     r = await c.post("/api/pull", json={"model": "../etc/passwd", "stream": stream})
                     assert r.status_code == 400 and "invalid model name" in r.json()["error"]
-                    r = await c.post("/api/push", json={"name": f"{registry.host}/x/absent",
-                                                        "stream": stream})
+                    r = await c.post("/api/push", json={"name": f"{registry.host}/x/absent", "stream": stream})
                     assert r.status_code == 404
                 r = await c.post("/api/pull", json={})
                 assert r.status_code == 400
@@ -134,19 +128,17 @@ def _push_padded(store: Store, host: str, name: str) -> dict:
     repo = f"{mn.namespace}/{mn.name}"
     with RegistryClient(host, options=opts) as client:
         for d in [base.manifest["config"], *base.layers]:
-            client.upload_blob(repo, d["digest"], d["size"],
-                               lambda d=d: open(store.blob_path(d["digest"]), "rb"))
+            client.upload_blob(repo, d["digest"], d["size"], lambda d=d: open(store.blob_path(d["digest"]), "rb"))
         import io
+
         patches = []
-        assert client.upload_blob(repo, pad_desc["digest"], PAD_SIZE, lambda: io.BytesIO(pad),
-                                  patches.append)
+        assert client.upload_blob(repo, pad_desc["digest"], PAD_SIZE, lambda: io.BytesIO(pad), patches.append)
         assert len(patches) == 4  # four 16 MiB PATCHes
         client.put_manifest(mn, data, mt.MANIFEST_MEDIA_TYPE)
     return pad_desc
 
 
-async def test_killed_registry_fails_cleanly_then_pull_resumes_after_restarts(
-        registry, models_dir, fast_retries):
+async def test_killed_registry_fails_cleanly_then_pull_resumes_after_restarts(registry, models_dir, fast_retries):
     name = f"{registry.host}/test/padded:v1"
     store = Store(models_dir)
     with trio.fail_after(60):
@@ -155,16 +147,17 @@ async def test_killed_registry_fails_cleanly_then_pull_resumes_after_restarts(
 
         def progress(event: dict) -> None:
             # Runs on the downloading thread: the registry dies mid-blob, deterministically.
-            if event.get("digest") == pad["digest"] and event["completed"] >= PAD_SIZE // 3 \
-                    and not seen["at_kill"]:
+            if event.get("digest") == pad["digest"] and event["completed"] >= PAD_SIZE // 3 and not seen["at_kill"]:
                 seen["at_kill"] = event["completed"]
                 registry.kill()
 
         received0 = STATS.blob_bytes_received
         with pytest.raises(RegistryError) as err:
-            await trio.to_thread.run_sync(lambda: transfer.pull(
-                store, name, progress=progress,
-                options=TransferOptions(retries=2, backoff=0.05, stall_timeout=10)))
+            await trio.to_thread.run_sync(
+                lambda: transfer.pull(
+                    store, name, progress=progress, options=TransferOptions(retries=2, backoff=0.05, stall_timeout=10)
+                )
+            )
         assert registry.host in str(err.value)
         received_first = STATS.blob_bytes_received - received0
         assert 0 < seen["at_kill"] < PAD_SIZE
@@ -193,9 +186,11 @@ async def test_killed_registry_fails_cleanly_then_pull_resumes_after_restarts(
     # The small blobs were in the store already, so every byte received was the padding's.
     retransferred = received_first + received_second - PAD_SIZE
     fraction = retransferred / PAD_SIZE
-    print(f"\nresume: the first pull got {received_first} bytes of the {PAD_SIZE}-byte blob, "
-          f"the second resumed at {resumed_at} and fetched {received_second}; re-transferred "
-          f"{retransferred} bytes = {fraction:.2%}")
+    print(
+        f"\nresume: the first pull got {received_first} bytes of the {PAD_SIZE}-byte blob, "
+        f"the second resumed at {resumed_at} and fetched {received_second}; re-transferred "
+        f"{retransferred} bytes = {fraction:.2%}"
+    )
     assert received_second == PAD_SIZE - resumed_at  # the small blobs were already complete
     assert fraction < 0.10
     assert fsutil.hash_file(store.blob_path(pad["digest"]))[0] == pad["digest"]
@@ -208,12 +203,16 @@ async def test_cli_commands_against_daemon(registry, models_dir, fast_retries):
         async with trio.open_nursery() as nursery:
             d = await start_daemon(nursery, models_dir)
             await d.runtime.store.copy("tiny", remote)
-            env = {**os.environ, "MLXSERVE_HOST": d.url.split("//")[1],
-                   "MLXSERVE_MODELS": str(models_dir)}
+            env = {**os.environ, "MLXSERVE_HOST": d.url.split("//")[1], "MLXSERVE_MODELS": str(models_dir)}
 
             def mlxctl(*args: str) -> subprocess.CompletedProcess:
-                return subprocess.run([str(Path(sys.executable).with_name("mlxctl")), *args],
-                                      capture_output=True, text=True, env=env, timeout=60)
+                return subprocess.run(
+                    [str(Path(sys.executable).with_name("mlxctl")), *args],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    timeout=60,
+                )
 
             out = await trio.to_thread.run_sync(mlxctl, "push", remote)
             assert out.returncode == 0, out.stderr

@@ -11,17 +11,21 @@ import sys
 
 import httpx
 import trio
-
+from model_files import write_unsupported_gguf
 from regfixtures import start_daemon
 
-from model_files import write_unsupported_gguf
 from mlxserve.store import fsutil, manifest as mt
 from mlxserve.store.names import parse_name
 from mlxserve.store.registry import RegistryClient, TransferOptions
 from mlxserve.store.store import Store
 
-QWEN_CONFIG = {"model_format": "gguf", "model_family": "falcon", "model_families": ["falcon"],
-               "model_type": "1M", "file_type": "F32"}
+QWEN_CONFIG = {
+    "model_format": "gguf",
+    "model_family": "falcon",
+    "model_families": ["falcon"],
+    "model_type": "1M",
+    "file_type": "F32",
+}
 
 
 def _ollama_manifest(gguf: bytes) -> tuple[bytes, dict[str, bytes]]:
@@ -33,9 +37,12 @@ def _ollama_manifest(gguf: bytes) -> tuple[bytes, dict[str, bytes]]:
         blobs[digest] = data
         return mt.descriptor(media_type, digest, len(data))
 
-    doc = {"schemaVersion": 2, "mediaType": mt.DOCKER_MANIFEST_MEDIA_TYPE,
-           "config": desc(mt.OLLAMA_CONFIG_MEDIA_TYPE, json.dumps(QWEN_CONFIG).encode()),
-           "layers": [desc(mt.OLLAMA_MODEL, gguf), desc(mt.OLLAMA_TEMPLATE, b"{{ .Prompt }}")]}
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": mt.DOCKER_MANIFEST_MEDIA_TYPE,
+        "config": desc(mt.OLLAMA_CONFIG_MEDIA_TYPE, json.dumps(QWEN_CONFIG).encode()),
+        "layers": [desc(mt.OLLAMA_MODEL, gguf), desc(mt.OLLAMA_TEMPLATE, b"{{ .Prompt }}")],
+    }
     return json.dumps(doc).encode(), blobs
 
 
@@ -55,7 +62,8 @@ async def _pull_events(c: httpx.AsyncClient, name: str) -> list[dict]:
 
 
 async def test_pull_of_an_unsupported_architecture_is_refused_and_stores_nothing(
-        registry, models_dir, tmp_path, fast_retries):
+    registry, models_dir, tmp_path, fast_retries
+):
     blobs = _push_qwen(registry.host, "library/qwen", write_unsupported_gguf(tmp_path / "q.gguf").read_bytes())
     name = f"{registry.host}/library/qwen:latest"
     with trio.fail_after(90):
@@ -66,11 +74,19 @@ async def test_pull_of_an_unsupported_architecture_is_refused_and_stores_nothing
                 whole = await c.post("/api/pull", json={"model": name, "stream": False})
                 streamed = await _pull_events(c, name)  # the blobs are fetched again
                 tags = (await c.get("/api/tags")).json()["models"]
-                env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLXSERVE_")},
-                       "MLXSERVE_HOST": d.url.removeprefix("http://")}
-                cli = await trio.to_thread.run_sync(lambda: subprocess.run(
-                    [sys.executable, "-c", "from mlxserve.cli.main import main; main()", "pull", name],
-                    env=env, capture_output=True, text=True, timeout=60))
+                env = {
+                    **{k: v for k, v in os.environ.items() if not k.startswith("MLXSERVE_")},
+                    "MLXSERVE_HOST": d.url.removeprefix("http://"),
+                }
+                cli = await trio.to_thread.run_sync(
+                    lambda: subprocess.run(
+                        [sys.executable, "-c", "from mlxserve.cli.main import main; main()", "pull", name],
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                        timeout=60,
+                    )
+                )
             d.shutdown.set()
     assert whole.status_code == 400
     message = whole.json()["error"]
@@ -94,12 +110,16 @@ async def test_a_stored_unsupported_model_answers_4xx_naming_its_architecture(mo
             d = await start_daemon(nursery, models_dir)
             async with httpx.AsyncClient(base_url=d.url, timeout=30) as c:
                 ollama_gen = await c.post("/api/generate", json={"model": "qwen", "prompt": "hi", "stream": False})
-                ollama_chat = await c.post("/api/chat", json={"model": "qwen", "stream": True,
-                                                              "messages": [{"role": "user", "content": "hi"}]})
-                oa = await c.post("/v1/chat/completions", json={
-                    "model": "qwen", "messages": [{"role": "user", "content": "hi"}]})
-                after = await c.post("/api/generate", json={"model": "tiny", "prompt": "hi", "stream": False,
-                                                            "options": {"num_predict": 2}})
+                ollama_chat = await c.post(
+                    "/api/chat", json={"model": "qwen", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+                )
+                oa = await c.post(
+                    "/v1/chat/completions", json={"model": "qwen", "messages": [{"role": "user", "content": "hi"}]}
+                )
+                after = await c.post(
+                    "/api/generate",
+                    json={"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 2}},
+                )
             d.shutdown.set()
     for r in (ollama_gen, ollama_chat):
         assert r.status_code == 422, r.text

@@ -24,8 +24,10 @@ def _resolved(template=None, system=None):
 def _conversation(turns: int) -> list[dict]:
     msgs = [{"role": "system", "content": "Be brief."}]
     for i in range(turns):
-        msgs += [{"role": "user", "content": f"question {i}: what is the capital of France?"},
-                 {"role": "assistant", "content": f"answer {i}: the capital of France is Paris."}]
+        msgs += [
+            {"role": "user", "content": f"question {i}: what is the capital of France?"},
+            {"role": "assistant", "content": f"answer {i}: the capital of France is Paris."},
+        ]
     return msgs + [{"role": "user", "content": "last one"}]
 
 
@@ -68,8 +70,10 @@ def test_a_last_message_too_long_for_any_window_is_refused_unread(tok, monkeypat
 
 
 def test_a_template_that_renders_tools_keeps_them_its_own_way(tok):
-    native = "{% if tools %}[{{ tools | map(attribute='function.name') | join(',') }}]{% endif %}" + \
-        templates.CHATML_TEMPLATE
+    native = (
+        "{% if tools %}[{{ tools | map(attribute='function.name') | join(',') }}]{% endif %}"
+        + templates.CHATML_TEMPLATE
+    )
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "d", "parameters": {}}}]
     msgs = [{"role": "user", "content": "hi"}]
     ids = g.fit_chat(_resolved(template=native), tok, msgs, tools, 512)

@@ -41,22 +41,38 @@ def test_renders_exactly_what_ollama_renders(name, case):
     assert out == (DATA / name / case).read_text()
 
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather for a city",
-    "parameters": {"type": "object", "required": ["city"],
-                   "properties": {"city": {"description": "the city", "type": "string"}}}}}
-CALLED = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
-          {"role": "assistant", "content": "", "tool_calls": [
-              {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-          {"role": "tool", "content": "22 C"}]
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {
+            "type": "object",
+            "required": ["city"],
+            "properties": {"city": {"description": "the city", "type": "string"}},
+        },
+    },
+}
+CALLED = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+    },
+    {"role": "tool", "content": "22 C"},
+]
 
 
 def test_library_qwen25_writes_tools_and_calls_as_ollama_marshals_them():
     out = render_chat((DATA / "library" / "qwen2.5.gotmpl").read_text(), CALLED, tools=[WEATHER])
     # struct field order (type, required, properties), property fields in struct order, compact
-    assert ('{"type": "function", "function": {"name":"get_weather","description":"Weather for a city",'
-            '"parameters":{"type":"object","required":["city"],"properties":{"city":'
-            '{"type":"string","description":"the city"}}}}}') in out
+    assert (
+        '{"type": "function", "function": {"name":"get_weather","description":"Weather for a city",'
+        '"parameters":{"type":"object","required":["city"],"properties":{"city":'
+        '{"type":"string","description":"the city"}}}}}'
+    ) in out
     turn = out.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
     assert turn == '<tool_call>\n{"name": "get_weather", "arguments": {"city":"Paris"}}\n</tool_call>'
     assert parse_tool_calls(turn, [WEATHER["function"]]) == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
@@ -67,25 +83,44 @@ def test_library_llama31_lists_tools_in_the_last_user_turn():
     msgs = [{"role": "user", "content": "Weather in Paris?"}]
     out = render_chat((DATA / "library" / "llama3.1.gotmpl").read_text(), msgs, tools=[WEATHER])
     listed = out.split("Do not use variables.\n\n")[1].split("\n\nWeather in Paris?")[0]
-    assert json.loads(listed) == [{"type": "function", "function": {
-        "name": "get_weather", "description": "Weather for a city", "parameters": {
-            "type": "object", "required": ["city"], "properties": {"city": {"type": "string", "description": "the city"}}}}}]
+    assert json.loads(listed) == [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather for a city",
+                "parameters": {
+                    "type": "object",
+                    "required": ["city"],
+                    "properties": {"city": {"type": "string", "description": "the city"}},
+                },
+            },
+        }
+    ]
     assert out.endswith("Weather in Paris?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
 def test_a_template_without_messages_runs_per_turn_and_stops_after_the_response():
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Again"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Again"},
+    ]
     out = render_chat((DATA / "library" / "phi4.gotmpl").read_text(), msgs)
-    assert out == ("<|im_start|><|system|><|im_sep|>Be brief.<|im_end|><|im_start|><|user|><|im_sep|>Hi<|im_end|>"
-                   "<|im_start|><|assistant|><|im_sep|>Hello!<|im_end|>"
-                   "<|im_start|><|user|><|im_sep|>Again<|im_end|><|im_start|><|assistant|><|im_sep|>")
+    assert out == (
+        "<|im_start|><|system|><|im_sep|>Be brief.<|im_end|><|im_start|><|user|><|im_sep|>Hi<|im_end|>"
+        "<|im_start|><|assistant|><|im_sep|>Hello!<|im_end|>"
+        "<|im_start|><|user|><|im_sep|>Again<|im_end|><|im_start|><|assistant|><|im_sep|>"
+    )
     # no .Response at all: Ollama appends one
     assert render_chat("{{ .System }}|{{ .Prompt }}|", msgs) == "Be brief.|Hi|Hello!|Again|"
 
 
-THINKS = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
-          "{{ if and .IsThinkSet (not .Think) }}<think>\n\n</think>\n\n{{ end }}")
+THINKS = (
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+    "{{ if and .IsThinkSet (not .Think) }}<think>\n\n</think>\n\n{{ end }}"
+)
 
 
 def test_go_templates_think_through_dot_think():
@@ -97,13 +132,16 @@ def test_go_templates_think_through_dot_think():
     assert on.endswith("assistant\n") and off.endswith("<think>\n\n</think>\n\n")
 
 
-@pytest.mark.parametrize("text, what", [
-    ('{{ template "x" . }}', "template"),
-    ('{{ define "x" }}a{{ end }}', "define"),
-    ("{{ range .Tools }}{{ toTypeScriptType .Function }}{{ end }}{{ .Messages }}", "toTypeScriptType"),
-    ("{{ if .System }}never closed", "end"),
-    ("{{ .Prompt }} {{ end }}", "unexpected"),
-])
+@pytest.mark.parametrize(
+    "text, what",
+    [
+        ('{{ template "x" . }}', "template"),
+        ('{{ define "x" }}a{{ end }}', "define"),
+        ("{{ range .Tools }}{{ toTypeScriptType .Function }}{{ end }}{{ .Messages }}", "toTypeScriptType"),
+        ("{{ if .System }}never closed", "end"),
+        ("{{ .Prompt }} {{ end }}", "unexpected"),
+    ],
+)
 def test_the_rest_is_refused_with_what_it_uses(text, what):
     with pytest.raises(BadRequest, match=f"(?s){what}.*does not translate"):
         check_template(text)

@@ -28,14 +28,17 @@ MESSAGE assistant """Yes."""
 def test_all_instructions():
     mf = parse_modelfile(FULL)
     assert mf.from_ == "./model.gguf" and mf.from_line == 2
-    assert mf.parameters == {"temperature": 0.7, "num_ctx": 4096,
-                             "stop": ["<|im_end|>", "<|endoftext|>"], "use_mmap": False}
+    assert mf.parameters == {
+        "temperature": 0.7,
+        "num_ctx": 4096,
+        "stop": ["<|im_end|>", "<|endoftext|>"],
+        "use_mmap": False,
+    }
     assert mf.template == "{% for m in messages %}\n{{ m['content'] }}\n{% endfor %}"
     assert mf.system == 'You are a "helpful" assistant #1'
     assert mf.adapter == "./lora"
     assert mf.license == ["MIT", "Apache\n2.0"]
-    assert mf.messages == [{"role": "user", "content": "Is the sky blue?"},
-                           {"role": "assistant", "content": "Yes."}]
+    assert mf.messages == [{"role": "user", "content": "Is the sky blue?"}, {"role": "assistant", "content": "Yes."}]
 
 
 def test_instructions_are_case_insensitive():
@@ -83,10 +86,12 @@ def test_errors_carry_line_numbers(text, line, words):
 
 def test_render_round_trips():
     spec = ModelSpec(
-        format="gguf", template='{{ "x" }}\n{{ messages }}', system="Be brief.",
-        parameters=Options(temperature=0.2, num_ctx=2048, stop=["<|im_end|>", 'say "hi"'],
-                           extra={"use_mmap": True}),
-        license="MIT\nlicense", messages=[{"role": "user", "content": "hi there"}],
+        format="gguf",
+        template='{{ "x" }}\n{{ messages }}',
+        system="Be brief.",
+        parameters=Options(temperature=0.2, num_ctx=2048, stop=["<|im_end|>", 'say "hi"'], extra={"use_mmap": True}),
+        license="MIT\nlicense",
+        messages=[{"role": "user", "content": "hi there"}],
     )
     text = render_modelfile("smollm2:135m", spec)
     mf = parse_modelfile(text)

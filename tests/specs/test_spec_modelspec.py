@@ -8,11 +8,20 @@ from mlxserve.specs.modelspec import ModelSpec, Options
 
 def full_spec() -> ModelSpec:
     return ModelSpec(
-        format="gguf", family="llama", families=["llama"], parameter_size="135M",
-        quantization_level="Q4_1", context_length=8192, capabilities=["completion"],
+        format="gguf",
+        family="llama",
+        families=["llama"],
+        parameter_size="135M",
+        quantization_level="Q4_1",
+        context_length=8192,
+        capabilities=["completion"],
         parameters=Options(temperature=0.2, stop=["<|im_end|>"], extra={"num_batch": 8}),
-        template="{{ messages }}", system="Be brief.", license="MIT",
-        messages=[{"role": "user", "content": "hi"}], adapter=False, model_type="llama",
+        template="{{ messages }}",
+        system="Be brief.",
+        license="MIT",
+        messages=[{"role": "user", "content": "hi"}],
+        adapter=False,
+        model_type="llama",
         model_info={"general.architecture": "llama", "llama.context_length": 8192},
     )
 

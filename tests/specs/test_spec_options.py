@@ -5,13 +5,20 @@ from mlxserve.specs.modelspec import Options
 
 
 def test_types_are_kept():
-    o = Options.from_dict({"num_ctx": 2048, "temperature": 1, "top_p": 0.9, "stop": "</s>",
-                           "seed": 42, "repeat_last_n": 64})
+    o = Options.from_dict(
+        {"num_ctx": 2048, "temperature": 1, "top_p": 0.9, "stop": "</s>", "seed": 42, "repeat_last_n": 64}
+    )
     assert o.num_ctx == 2048 and o.seed == 42
     assert o.temperature == 1.0 and isinstance(o.temperature, float)
     assert o.stop == ["</s>"]
-    assert o.to_dict() == {"num_ctx": 2048, "temperature": 1.0, "top_p": 0.9, "stop": ["</s>"],
-                           "seed": 42, "repeat_last_n": 64}
+    assert o.to_dict() == {
+        "num_ctx": 2048,
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "stop": ["</s>"],
+        "seed": 42,
+        "repeat_last_n": 64,
+    }
 
 
 def test_integral_float_is_an_int_and_none_is_unset():
@@ -44,10 +51,10 @@ def test_options_must_be_an_object():
 
 
 def test_load_time_options_are_kept_in_extra():
-    o = Options.from_dict({"num_batch": 512, "num_thread": 4, "use_mmap": False, "tfs_z": 1,
-                           "mirostat": 0, "temperature": 0.5})
-    assert o.extra == {"num_batch": 512, "num_thread": 4, "use_mmap": False, "tfs_z": 1.0,
-                       "mirostat": 0}
+    o = Options.from_dict(
+        {"num_batch": 512, "num_thread": 4, "use_mmap": False, "tfs_z": 1, "mirostat": 0, "temperature": 0.5}
+    )
+    assert o.extra == {"num_batch": 512, "num_thread": 4, "use_mmap": False, "tfs_z": 1.0, "mirostat": 0}
     assert o.to_dict()["num_batch"] == 512
     assert Options.from_dict(o.to_dict()) == o
 

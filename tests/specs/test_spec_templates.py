@@ -13,23 +13,32 @@ from mlxserve.specs.templates import (
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 
 
-@pytest.mark.parametrize("text", [
-    "{{ .Prompt }}",
-    "{{- if .System }}<|system|>{{ .System }}{{ end }}",
-    "{{ range .Messages }}{{ .Content }}{{ end }}",
-    "{{ range $i, $m := .Messages }}{{ $m.Role }}{{ end }}",
-    "{{ if $.Tools }}tools{{ end }}",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{{ .Prompt }}",
+        "{{- if .System }}<|system|>{{ .System }}{{ end }}",
+        "{{ range .Messages }}{{ .Content }}{{ end }}",
+        "{{ range $i, $m := .Messages }}{{ $m.Role }}{{ end }}",
+        "{{ if $.Tools }}tools{{ end }}",
+    ],
+)
 def test_go_templates_are_recognised_and_translated(text):
     assert is_go_template(text)
     check_template(text)  # tests/specs/test_spec_gotemplates.py checks what they render
     assert isinstance(render_chat(text, MSGS), str)
 
 
-@pytest.mark.parametrize("text", [
-    LLAMA3_TEMPLATE, CHATML_TEMPLATE, "{{ range(3) | list }}", "{{ messages[0]['content'] }}",
-    "{% if messages %}{{ end_token }}{% endif %}",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        LLAMA3_TEMPLATE,
+        CHATML_TEMPLATE,
+        "{{ range(3) | list }}",
+        "{{ messages[0]['content'] }}",
+        "{% if messages %}{{ end_token }}{% endif %}",
+    ],
+)
 def test_jinja_is_not_mistaken_for_go(text):
     assert not is_go_template(text)
     check_template(text)
@@ -42,11 +51,9 @@ def test_jinja_syntax_error_names_the_line():
 
 def test_chatml_rendering():
     assert render_chat(CHATML_TEMPLATE, MSGS) == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-        "<|im_start|>assistant\n"
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
-    assert not render_chat(CHATML_TEMPLATE, MSGS, add_generation_prompt=False).endswith(
-        "assistant\n")
+    assert not render_chat(CHATML_TEMPLATE, MSGS, add_generation_prompt=False).endswith("assistant\n")
 
 
 def test_llama3_rendering_with_bos():
@@ -61,12 +68,13 @@ def test_llama3_rendering_with_bos():
 
 
 def test_hf_conventions():
-    t = ("{% for m in messages %}{% if m['role'] == 'bad' %}{{ raise_exception('no bad roles') }}"
-         "{% endif %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m | tojson }}{% endfor %}"
-         "{% generation %}[{{ strftime_now('%Y') | length }}]{% endgeneration %}"
-         "{{ tools | length if tools else 0 }}")
-    out = render_chat(t, [{"role": "user", "content": "é"}, {"role": "x", "content": "y"}],
-                      tools=[{"name": "f"}])
+    t = (
+        "{% for m in messages %}{% if m['role'] == 'bad' %}{{ raise_exception('no bad roles') }}"
+        "{% endif %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m | tojson }}{% endfor %}"
+        "{% generation %}[{{ strftime_now('%Y') | length }}]{% endgeneration %}"
+        "{{ tools | length if tools else 0 }}"
+    )
+    out = render_chat(t, [{"role": "user", "content": "é"}, {"role": "x", "content": "y"}], tools=[{"name": "f"}])
     assert out == '{"role": "user", "content": "é"}[4]1'
     with pytest.raises(BadRequest, match="no bad roles"):
         render_chat(t, [{"role": "bad", "content": ""}])
@@ -93,44 +101,53 @@ from mlxserve.specs.templates import RenderTimeout, RenderTooLong, TemplateLimit
 CAP = 100_000
 
 
-@pytest.mark.parametrize("text", [
-    "{{ 'x' * 10**7 }}",
-    "{{ (['x' * 1000] * 10000) | join }}",
-    "{% set ns = namespace(l=['x' * 1000]) %}{% for i in range(8) %}{% set ns.l = ns.l + ns.l %}{% endfor %}"
-    "{{ ns.l | join }}",
-    "{{ 'x' | center(10**7) }}",
-    "{{ 'x'.ljust(10**7) }}",
-    "{{ '{:>9999999}'.format(1) }}",
-    "{{ '%9999999d' % 1 }}",
-    "{{ '%9999999d' | format(1) }}",
-    "{{ ('x\n' * 1000) | indent(1000, true) }}",
-    "{% set s = 'a' * 1000 %}{{ s.replace('a', 'b' * 1000) }}",
-    "{% set ns = namespace(s='x') %}{% for i in range(24) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
-    "{% set ns = namespace(s='x') %}{% for i in range(24) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
-    "{% set x = 'x' * 50000 %}{% for i in range(10000) %}{{ x }}{% endfor %}",
-    "{% set x = 'x' * 50000 %}{% set y %}{% for i in range(200) %}{{ x }}{% endfor %}{% endset %}{{ y|length }}",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{{ 'x' * 10**7 }}",
+        "{{ (['x' * 1000] * 10000) | join }}",
+        "{% set ns = namespace(l=['x' * 1000]) %}{% for i in range(8) %}{% set ns.l = ns.l + ns.l %}{% endfor %}"
+        "{{ ns.l | join }}",
+        "{{ 'x' | center(10**7) }}",
+        "{{ 'x'.ljust(10**7) }}",
+        "{{ '{:>9999999}'.format(1) }}",
+        "{{ '%9999999d' % 1 }}",
+        "{{ '%9999999d' | format(1) }}",
+        "{{ ('x\n' * 1000) | indent(1000, true) }}",
+        "{% set s = 'a' * 1000 %}{{ s.replace('a', 'b' * 1000) }}",
+        "{% set ns = namespace(s='x') %}{% for i in range(24) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+        "{% set ns = namespace(s='x') %}{% for i in range(24) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+        "{% set x = 'x' * 50000 %}{% for i in range(10000) %}{{ x }}{% endfor %}",
+        "{% set x = 'x' * 50000 %}{% set y %}{% for i in range(200) %}{{ x }}{% endfor %}{% endset %}{{ y|length }}",
+    ],
+)
 def test_templates_cannot_build_more_than_the_cap(text):
     with pytest.raises(RenderTooLong, match="characters"):
         render_chat(text, MSGS, max_chars=CAP)
 
 
-@pytest.mark.parametrize("text", [
-    "{% for i in range(100000) %}{% for j in range(100) %}{% endfor %}{% endfor %}",
-    "{% for a in messages * 300 %}{% for b in messages * 300 %}{% for c in messages * 300 %}"
-    "{% endfor %}{% endfor %}{% endfor %}",  # no call, no output: only the loops tick
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{% for i in range(100000) %}{% for j in range(100) %}{% endfor %}{% endfor %}",
+        "{% for a in messages * 300 %}{% for b in messages * 300 %}{% for c in messages * 300 %}"
+        "{% endfor %}{% endfor %}{% endfor %}",  # no call, no output: only the loops tick
+    ],
+)
 def test_templates_stop_at_the_deadline(text):
     with pytest.raises(RenderTimeout, match="longer than 0.2 s"):
         render_chat(text, MSGS, seconds=0.2)
 
 
-@pytest.mark.parametrize("text, error", [
-    ("{{ range(100000) | batch(1) | sum(start=[]) | length }}", "adds numbers only"),
-    ("{{ lipsum(3) }}", "lipsum"),
-    ("{{ 10 ** 100000 }}", "power too large"),
-    ("{{ range(10**6) | length }}", "range"),
-])
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("{{ range(100000) | batch(1) | sum(start=[]) | length }}", "adds numbers only"),
+        ("{{ lipsum(3) }}", "lipsum"),
+        ("{{ 10 ** 100000 }}", "power too large"),
+        ("{{ range(10**6) | length }}", "range"),
+    ],
+)
 def test_other_expensive_constructs_are_refused(text, error):
     with pytest.raises(BadRequest, match=error) as info:
         render_chat(text, MSGS, max_chars=CAP)
@@ -147,13 +164,16 @@ def test_the_output_itself_is_capped():
 
 
 def test_limits_keep_jinja_semantics():
-    t = ("{{ 'a' ~ 1 ~ none }}|{% for x in [1, 2] %}{{ loop.index }}/{{ loop.length }}{{ '!' if loop.last }}"
-         "{% else %}empty{% endfor %}|{% for x in [] %}x{% else %}empty{% endfor %}|"
-         "{{ messages | map(attribute='role') | join(',') }}|{{ range(3) | list }}|{{ range(3) | reverse | list }}|"
-         "{{ {'b': 1, 'a': 2} | dictsort | first | first }}|{{ messages[0] | tojson(indent=1) | length > 0 }}|"
-         "{% for m in messages if m.role == 'user' %}{{ m.content }}{% endfor %}|{{ '%s-%d' % ('x', 3) }}|"
-         "{{ '{}!'.format('hi') }}|{{ 'ab' * 2 }}|{{ 2 ** 10 }}|{{ [1] + [2] }}")
-    assert render_chat(t, MSGS) == ("a1None|1/22/2!|empty|system,user|[0, 1, 2]|[2, 1, 0]|a|True|Hi|x-3|"
-                                    "hi!|abab|1024|[1, 2]")
+    t = (
+        "{{ 'a' ~ 1 ~ none }}|{% for x in [1, 2] %}{{ loop.index }}/{{ loop.length }}{{ '!' if loop.last }}"
+        "{% else %}empty{% endfor %}|{% for x in [] %}x{% else %}empty{% endfor %}|"
+        "{{ messages | map(attribute='role') | join(',') }}|{{ range(3) | list }}|{{ range(3) | reverse | list }}|"
+        "{{ {'b': 1, 'a': 2} | dictsort | first | first }}|{{ messages[0] | tojson(indent=1) | length > 0 }}|"
+        "{% for m in messages if m.role == 'user' %}{{ m.content }}{% endfor %}|{{ '%s-%d' % ('x', 3) }}|"
+        "{{ '{}!'.format('hi') }}|{{ 'ab' * 2 }}|{{ 2 ** 10 }}|{{ [1] + [2] }}"
+    )
+    assert render_chat(t, MSGS) == (
+        "a1None|1/22/2!|empty|system,user|[0, 1, 2]|[2, 1, 0]|a|True|Hi|x-3|hi!|abab|1024|[1, 2]"
+    )
     nested = "{% for m in messages recursive %}{{ m.role }}{% endfor %}"
     assert render_chat(nested, MSGS) == "systemuser"

@@ -27,12 +27,15 @@ def _run(pieces: list[str], **kw) -> tuple[str, str, list[tuple[str, str]]]:
     return "".join(t for t, _ in steps), "".join(c for _, c in steps), steps
 
 
-@pytest.mark.parametrize("pieces", [
-    ["<think>", "Let me see.", "</think>", "Paris."],
-    ["<th", "ink>\n", "Let me", " see.</th", "ink>\n\n", "Paris."],
-    ["  <think>Let me see.</think>Paris."],
-    list("<think>\nLet me see.\n</think>\n\nParis."),
-])
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        ["<think>", "Let me see.", "</think>", "Paris."],
+        ["<th", "ink>\n", "Let me", " see.</th", "ink>\n\n", "Paris."],
+        ["  <think>Let me see.</think>Paris."],
+        list("<think>\nLet me see.\n</think>\n\nParis."),
+    ],
+)
 def test_reasoning_and_answer_come_apart_however_the_tags_are_cut(pieces):
     thought, said, _ = _run(pieces)
     assert thought.strip() == "Let me see." and said == "Paris."
@@ -68,8 +71,9 @@ def test_a_later_think_tag_in_the_answer_is_answer_text():
     assert (thought, said) == ("a", "b <think>c")
 
 
-@pytest.mark.parametrize("value, expected", [
-    (None, None), (True, True), (False, False), ("low", "low"), ("high", "high"), ("max", "high")])
+@pytest.mark.parametrize(
+    "value, expected", [(None, None), (True, True), (False, False), ("low", "low"), ("high", "high"), ("max", "high")]
+)
 def test_think_values(value, expected):
     assert thinking.parse_think(value) == expected
 
@@ -80,24 +84,34 @@ def test_bad_think_values_are_400s(value):
         thinking.parse_think(value)
 
 
-@pytest.mark.parametrize("effort, expected", [
-    ("none", False), ("minimal", "low"), ("medium", "medium"), ("xhigh", "high"), (None, None)])
+@pytest.mark.parametrize(
+    "effort, expected", [("none", False), ("minimal", "low"), ("medium", "medium"), ("xhigh", "high"), (None, None)]
+)
 def test_reasoning_effort_maps_onto_think(effort, expected):
     assert thinking.think_from_effort(effort) == expected
     with pytest.raises(BadRequest, match="reasoning_effort"):
         thinking.think_from_effort("extreme")
 
 
-@pytest.mark.parametrize("name, switch", [
-    ("Qwen-Qwen3-0.6B.jinja", "enable_thinking"),
-    ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", "enable_thinking"),
-])
+@pytest.mark.parametrize(
+    "name, switch",
+    [
+        ("Qwen-Qwen3-0.6B.jinja", "enable_thinking"),
+        ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", "enable_thinking"),
+    ],
+)
 def test_templates_that_think(name, switch):
     assert thinking.style_of(_template(name)).switch == switch
 
 
-@pytest.mark.parametrize("name", ["Qwen-Qwen2.5-7B-Instruct.jinja", "meta-llama-Llama-3.1-8B-Instruct.jinja",
-                                  "mistralai-Mistral-Nemo-Instruct-2407.jinja"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Qwen-Qwen2.5-7B-Instruct.jinja",
+        "meta-llama-Llama-3.1-8B-Instruct.jinja",
+        "mistralai-Mistral-Nemo-Instruct-2407.jinja",
+    ],
+)
 def test_templates_that_do_not_think(name):
     assert thinking.style_of(_template(name)) is None
     with pytest.raises(BadRequest, match='"m" does not support thinking'):
@@ -107,8 +121,9 @@ def test_templates_that_do_not_think(name):
 
 def _prompt(name: str, think) -> str:
     p = thinking.plan(_template(name), think, "m")
-    return templates.render_chat(_template(name), [{"role": "user", "content": "hi"}],
-                                 bos_token="<s>", eos_token="</s>", **p.template_vars)
+    return templates.render_chat(
+        _template(name), [{"role": "user", "content": "hi"}], bos_token="<s>", eos_token="</s>", **p.template_vars
+    )
 
 
 def test_qwen3_thinks_unless_asked_not_to():
@@ -138,8 +153,22 @@ def test_the_thinking_capability_follows_the_template():
     assert "thinking" not in embed.reported_capabilities()
 
 
-HARMONY = ["<|channel|>", "analysis", "<|message|>", "The user greets.", " Reply", " kindly.<|e", "nd|>",
-           "<|start|>", "assistant", "<|channel|>", "final", "<|message|>", "Hello", "!"]
+HARMONY = [
+    "<|channel|>",
+    "analysis",
+    "<|message|>",
+    "The user greets.",
+    " Reply",
+    " kindly.<|e",
+    "nd|>",
+    "<|start|>",
+    "assistant",
+    "<|channel|>",
+    "final",
+    "<|message|>",
+    "Hello",
+    "!",
+]
 
 
 def test_gpt_oss_harmony_channels_come_apart():
@@ -147,8 +176,9 @@ def test_gpt_oss_harmony_channels_come_apart():
     assert style.harmony and style.switch == "reasoning_effort"
     p = thinking.plan(_template("openai-gpt-oss-120b.jinja"), "high", "m")
     assert p.template_vars == {"reasoning_effort": "high"}
-    prompt = templates.render_chat(_template("openai-gpt-oss-120b.jinja"), [{"role": "user", "content": "hi"}],
-                                   **p.template_vars)
+    prompt = templates.render_chat(
+        _template("openai-gpt-oss-120b.jinja"), [{"role": "user", "content": "hi"}], **p.template_vars
+    )
     assert "Reasoning: high" in prompt
     s = p.splitter(prompt)
     steps = [s.feed(x) for x in HARMONY] + [s.finish()]
@@ -161,10 +191,16 @@ def test_a_harmony_tool_call_stays_whole_for_the_tool_reader():
     from mlxserve.specs.tools import parse_tool_calls
 
     s = thinking.HarmonySplitter()
-    pieces = ["<|channel|>analysis<|message|>Need weather.<|end|>", "<|start|>assistant",
-              "<|channel|>commentary to=functions.get_weather <|constrain|>json", "<|message|>",
-              '{"city": "Paris"}']
+    pieces = [
+        "<|channel|>analysis<|message|>Need weather.<|end|>",
+        "<|start|>assistant",
+        "<|channel|>commentary to=functions.get_weather <|constrain|>json",
+        "<|message|>",
+        '{"city": "Paris"}',
+    ]
     steps = [s.feed(x) for x in pieces] + [s.finish()]
     thought, said = "".join(t for t, _ in steps), "".join(c for _, c in steps)
     assert thought == "Need weather."
-    assert parse_tool_calls(said, [{"name": "get_weather"}]) == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    assert parse_tool_calls(said, [{"name": "get_weather"}]) == [
+        {"name": "get_weather", "arguments": {"city": "Paris"}}
+    ]

@@ -8,7 +8,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-
 from model_files import write_kquant_gguf, write_tiny_llama_dir
 
 
@@ -41,8 +40,7 @@ def smol_store(tmp_path_factory, smollm2_gguf):
     from mlxserve.store import Store
 
     store = Store(tmp_path_factory.mktemp("store") / "models")
-    store.create("smollm2:135m", f"FROM {smollm2_gguf.name}\nPARAMETER temperature 0.2\n",
-                 base_dir=smollm2_gguf.parent)
+    store.create("smollm2:135m", f"FROM {smollm2_gguf.name}\nPARAMETER temperature 0.2\n", base_dir=smollm2_gguf.parent)
     return store
 
 

@@ -25,7 +25,7 @@ def test_ingest_streams_and_keeps_matching_bytes(store):
     data = os.urandom(3 << 20)
     d = digest_of(data)
     assert not store.has_blob(d)
-    store.ingest_blob(d, (data[i:i + 65536] for i in range(0, len(data), 65536)))
+    store.ingest_blob(d, (data[i : i + 65536] for i in range(0, len(data), 65536)))
     assert store.has_blob(d) and store.blob_path(d).read_bytes() == data
     assert list(store.tmp_dir.iterdir()) == []
 
@@ -50,8 +50,9 @@ def test_failed_stream_keeps_nothing(store):
     assert list(store.tmp_dir.iterdir()) == [] and list(store.blobs_dir.iterdir()) == []
 
 
-@pytest.mark.parametrize("bad", ["sha256:abc", "md5:" + "0" * 32, "sha256-" + "0" * 64,
-                                 "sha256:" + "G" * 64, "../../etc/passwd"])
+@pytest.mark.parametrize(
+    "bad", ["sha256:abc", "md5:" + "0" * 32, "sha256-" + "0" * 64, "sha256:" + "G" * 64, "../../etc/passwd"]
+)
 def test_bad_digest_syntax(store, bad):
     with pytest.raises(BadRequest, match="invalid digest"):
         store.ingest_blob(bad, [b"x"])

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from mlxserve.errors import ModelNotFound
-from mlxserve.store import Store
-from mlxserve.store import manifest as mt
+from mlxserve.store import Store, manifest as mt
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = """
@@ -24,8 +23,13 @@ Store(Path(root), kill_at_stage=fault or None).create(name, modelfile, base_dir=
 
 def run_create(root: Path, name: str, modelfile: str, base: Path, fault: str | None):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", SCRIPT, str(root), name, modelfile, str(base), fault or ""],
-                          env=env, timeout=120, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(root), name, modelfile, str(base), fault or ""],
+        env=env,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
 
 
 def assert_consistent(store: Store):

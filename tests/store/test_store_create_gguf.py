@@ -2,7 +2,7 @@
 
 import hashlib
 import json
-from datetime import timezone
+from datetime import UTC
 
 import pytest
 
@@ -30,11 +30,14 @@ def test_gguf_model_is_one_layer_plus_small_ones(smol_store, smollm2_gguf):
     assert r.manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
     assert r.manifest["config"]["mediaType"] == "application/vnd.mlxserve.config.v1+json"
     kinds = [l["mediaType"] for l in r.layers]
-    assert kinds == ["application/vnd.mlxserve.model.gguf", "application/vnd.mlxserve.template",
-                     "application/vnd.mlxserve.params"]
+    assert kinds == [
+        "application/vnd.mlxserve.model.gguf",
+        "application/vnd.mlxserve.template",
+        "application/vnd.mlxserve.params",
+    ]
     assert r.layers[0]["size"] == smollm2_gguf.stat().st_size
     assert r.size == sum(l["size"] for l in r.layers)
-    assert r.modified_at.tzinfo is timezone.utc
+    assert r.modified_at.tzinfo is UTC
     path = smol_store.manifest_path(r.name)
     assert path == smol_store.root / "manifests/registry.ollama.ai/library/smollm2/135m"
     assert r.digest == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
@@ -42,8 +45,7 @@ def test_gguf_model_is_one_layer_plus_small_ones(smol_store, smollm2_gguf):
 
 def test_gguf_spec_comes_from_metadata(smol_store):
     spec = smol_store.resolve("smollm2:135m").spec
-    assert (spec.format, spec.family, spec.parameter_size, spec.quantization_level) == (
-        "gguf", "llama", "135M", "Q4_1")
+    assert (spec.format, spec.family, spec.parameter_size, spec.quantization_level) == ("gguf", "llama", "135M", "Q4_1")
     assert spec.context_length == 8192 and spec.capabilities == ["completion"]
     assert spec.parameters.temperature == 0.2
     assert spec.model_info["general.architecture"] == "llama"
@@ -65,7 +67,9 @@ def test_create_from_name_shares_weights_and_overrides(smol_store, tmp_path):
     r = smol_store.create(
         "me/smol-pirate",
         "FROM smollm2:135m\nPARAMETER top_k 20\nSYSTEM You are a pirate.\n",
-        base_dir=tmp_path, progress=events.append)
+        base_dir=tmp_path,
+        progress=events.append,
+    )
     base = smol_store.resolve("smollm2:135m")
     assert r.layers[0]["digest"] == base.layers[0]["digest"]
     statuses = [e["status"] for e in events]

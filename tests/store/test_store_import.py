@@ -25,8 +25,7 @@ def test_header_reader_matches_gguf_package(kquant_gguf):
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     assert header.metadata == fields
     assert [(t.name, t.shape, t.ggml_type, t.offset) for t in header.tensors] == [
-        (t.name, tuple(reversed(t.shape.tolist())), int(t.tensor_type), int(t.data_offset))
-        for t in reader.tensors
+        (t.name, tuple(reversed(t.shape.tolist())), int(t.tensor_type), int(t.data_offset)) for t in reader.tensors
     ]
 
 
@@ -44,17 +43,23 @@ def test_kquant_gguf_is_dequantized_and_requantized(store, kquant_gguf):
     assert spec.template is not None and "<|im_start|>" in spec.template
     root = store.model_path(r)
     assert sorted(p.name for p in root.iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     config = json.loads((root / "config.json").read_text())
     assert config["rope_traditional"] is True and config["tie_word_embeddings"] is False
     assert config["quantization"]["group_size"] == 32
     weights = mx.load(str(root / "model.safetensors"))
     names = {
-        "token_embd.weight": "model.embed_tokens", "blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj",
+        "token_embd.weight": "model.embed_tokens",
+        "blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj",
         "blk.0.attn_v.weight": "model.layers.0.self_attn.v_proj",
         "blk.0.attn_output.weight": "model.layers.0.self_attn.o_proj",
         "blk.0.ffn_up.weight": "model.layers.0.mlp.up_proj",
-        "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj", "output.weight": "lm_head",
+        "blk.0.ffn_down.weight": "model.layers.0.mlp.down_proj",
+        "output.weight": "lm_head",
     }
     for t in GGUFReader(path).tensors:
         if t.name not in names:
@@ -64,8 +69,13 @@ def test_kquant_gguf_is_dequantized_and_requantized(store, kquant_gguf):
         bits = 4 if t.tensor_type.name == "Q4_K" else 8
         q = config["quantization"].get(prefix, config["quantization"])
         assert q["bits"] == bits, t.name
-        got = mx.dequantize(weights[f"{prefix}.weight"], weights[f"{prefix}.scales"].astype(mx.float32),
-                            weights[f"{prefix}.biases"].astype(mx.float32), group_size=32, bits=bits)
+        got = mx.dequantize(
+            weights[f"{prefix}.weight"],
+            weights[f"{prefix}.scales"].astype(mx.float32),
+            weights[f"{prefix}.biases"].astype(mx.float32),
+            group_size=32,
+            bits=bits,
+        )
         got = np.array(got.astype(mx.float32))
         assert got.shape == ref.shape
         groups = ref.reshape(ref.shape[0], -1, 32)
@@ -93,8 +103,7 @@ def test_converted_model_loads_and_runs_in_mlx_lm(store, kquant_gguf):
     logits = model(mx.array([[3, 4, 5]]))
     assert logits.shape == (1, 3, 259) and bool(mx.isfinite(logits).all())
     tok = Tokenizer.from_file(str(root / "tokenizer.json"))
-    assert tok.decode(tok.encode("héllo <|im_end|>").ids, skip_special_tokens=False) == (
-        "héllo <|im_end|>")
+    assert tok.decode(tok.encode("héllo <|im_end|>").ids, skip_special_tokens=False) == ("héllo <|im_end|>")
     tok_config = json.loads((root / "tokenizer_config.json").read_text())
     assert tok_config["eos_token"] == "<|im_end|>" and "chat_template" in tok_config
 
@@ -105,8 +114,9 @@ def test_safetensors_directory(store, tiny_llama_dir):
     assert (spec.format, spec.family, spec.quantization_level) == ("safetensors", "llama", "F16")
     assert spec.capabilities == ["completion"] and spec.context_length == 256
     assert spec.template.startswith("{% for m in messages %}")
-    by_title = {l["annotations"]["org.opencontainers.image.title"]: l["mediaType"]
-                for l in r.layers if "annotations" in l}
+    by_title = {
+        l["annotations"]["org.opencontainers.image.title"]: l["mediaType"] for l in r.layers if "annotations" in l
+    }
     assert by_title == {
         "config.json": "application/vnd.mlxserve.config",
         "model.safetensors": "application/vnd.mlxserve.model.safetensors",
@@ -114,8 +124,7 @@ def test_safetensors_directory(store, tiny_llama_dir):
         "tokenizer_config.json": "application/vnd.mlxserve.tokenizer",
     }  # README.md is not part of the model
     root = store.model_path(r)
-    assert (root / "model.safetensors").read_bytes() == (
-        tiny_llama_dir / "model.safetensors").read_bytes()
+    assert (root / "model.safetensors").read_bytes() == (tiny_llama_dir / "model.safetensors").read_bytes()
     assert store.model_path(r) == root  # built once, reused
 
 
@@ -142,8 +151,14 @@ def test_embedding_directory(store, minilm_dir):
     assert r.spec.reported_capabilities() == ["embedding"]  # no tools for an embedder
     assert r.spec.template is None and r.spec.parameter_size == "22.7M"
     root = store.model_path(r)
-    for rel in ("config.json", "model.safetensors", "tokenizer.json", "modules.json",
-                "sentence_bert_config.json", "1_Pooling/config.json"):
+    for rel in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+    ):
         assert (root / rel).read_bytes() == (minilm_dir / rel).read_bytes(), rel
     assert not (root / "README.md").exists()
     with pytest.raises(BadRequest, match="quantize"):

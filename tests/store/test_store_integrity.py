@@ -61,8 +61,9 @@ def test_truncated_blob_is_refused(store):
     layer = weights_layer(r)
     path = store.blob_path(layer["digest"])
     os.truncate(path, layer["size"] - 10)
-    with pytest.raises(IntegrityError, match=f"blob {layer['digest']} has size "
-                                             f"{layer['size'] - 10}, expected {layer['size']}"):
+    with pytest.raises(
+        IntegrityError, match=f"blob {layer['digest']} has size {layer['size'] - 10}, expected {layer['size']}"
+    ):
         store.verify_for_load(r)
 
 

@@ -6,8 +6,7 @@ import json
 import pytest
 
 from mlxserve.errors import BadRequest, IntegrityError
-from mlxserve.store import Store
-from mlxserve.store import manifest as mt
+from mlxserve.store import Store, manifest as mt
 
 
 def put(store: Store, data: bytes) -> dict:
@@ -22,26 +21,35 @@ def store(tmp_path):
 
 
 def test_ollama_manifest_is_read(store):
-    config = put(store, json.dumps({"model_format": "gguf", "model_family": "llama",
-                                    "model_type": "135M", "file_type": "Q4_1"}).encode())
+    config = put(
+        store,
+        json.dumps(
+            {"model_format": "gguf", "model_family": "llama", "model_type": "135M", "file_type": "Q4_1"}
+        ).encode(),
+    )
     layers = [
         {"mediaType": mt.OLLAMA_MODEL, **put(store, b"GGUF fake weights")},
         {"mediaType": mt.OLLAMA_TEMPLATE, **put(store, b"{{ .Prompt }}")},
         {"mediaType": mt.OLLAMA_SYSTEM, **put(store, b"be nice")},
-        {"mediaType": mt.OLLAMA_PARAMS,
-         **put(store, json.dumps({"stop": ["<|im_end|>"], "temperature": 0.3}).encode())},
+        {
+            "mediaType": mt.OLLAMA_PARAMS,
+            **put(store, json.dumps({"stop": ["<|im_end|>"], "temperature": 0.3}).encode()),
+        },
         {"mediaType": mt.OLLAMA_LICENSE, **put(store, b"MIT")},
     ]
-    manifest = json.dumps({"schemaVersion": 2,
-                           "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-                           "config": {"mediaType": mt.OLLAMA_CONFIG_MEDIA_TYPE, **config},
-                           "layers": layers}).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {"mediaType": mt.OLLAMA_CONFIG_MEDIA_TYPE, **config},
+            "layers": layers,
+        }
+    ).encode()
     store.write_manifest("smollm2:135m", manifest)
     r = store.resolve("127.0.0.1:5000/library/smollm2:135m")
     assert r.display == "smollm2:135m"
     spec = r.spec
-    assert (spec.format, spec.family, spec.parameter_size, spec.quantization_level) == (
-        "gguf", "llama", "135M", "Q4_1")
+    assert (spec.format, spec.family, spec.parameter_size, spec.quantization_level) == ("gguf", "llama", "135M", "Q4_1")
     assert spec.template == "{{ .Prompt }}"  # kept: the GGUF's own template goes first at render
     assert spec.system == "be nice" and spec.license == "MIT"
     assert spec.parameters.stop == ["<|im_end|>"] and spec.parameters.temperature == 0.3
@@ -68,8 +76,7 @@ def test_hostile_layer_titles_never_leave_the_links_dir(store, title):
     layer = {"mediaType": mt.SAFETENSORS, **put(store, b"weights")}
     if title is not None:
         layer["annotations"] = {mt.TITLE: title}
-    store.write_manifest("evil", mt.build_manifest(
-        {"mediaType": mt.SPEC_MEDIA_TYPE, **config}, [layer]))
+    store.write_manifest("evil", mt.build_manifest({"mediaType": mt.SPEC_MEDIA_TYPE, **config}, [layer]))
     with pytest.raises(IntegrityError, match="not a safe file name"):
         store.model_path(store.resolve("evil"))
     assert [p.name for p in store.links_dir.iterdir()] == []
@@ -80,8 +87,7 @@ def test_corrupt_config_blob_and_unreadable_manifest(store, tmp_path):
 
     config = put(store, ModelSpec(format="gguf").to_json())
     weights = {"mediaType": mt.GGUF, **put(store, b"GGUF")}
-    store.write_manifest("m", mt.build_manifest({"mediaType": mt.SPEC_MEDIA_TYPE, **config},
-                                                [weights]))
+    store.write_manifest("m", mt.build_manifest({"mediaType": mt.SPEC_MEDIA_TYPE, **config}, [weights]))
     path = store.blob_path(config["digest"])
     path.write_bytes(path.read_bytes().replace(b"gguf", b"GGUF"))
     with pytest.raises(IntegrityError, match="does not match its digest"):

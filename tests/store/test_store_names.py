@@ -9,14 +9,10 @@ from mlxserve.store.names import ModelName, parse_name
     [
         ("smollm2", ("registry.ollama.ai", "library", "smollm2", "latest"), "smollm2:latest"),
         ("SmolLM2:135M", ("registry.ollama.ai", "library", "smollm2", "135m"), "smollm2:135m"),
-        ("me/tiny-llama:v1.0_q4", ("registry.ollama.ai", "me", "tiny-llama", "v1.0_q4"),
-         "me/tiny-llama:v1.0_q4"),
-        ("localhost:5000/ns/model:tag", ("localhost:5000", "ns", "model", "tag"),
-         "localhost:5000/ns/model:tag"),
-        ("127.0.0.1:8080/library/x", ("127.0.0.1:8080", "library", "x", "latest"),
-         "127.0.0.1:8080/library/x:latest"),
-        ("registry.ollama.ai/library/llama3.2:1b",
-         ("registry.ollama.ai", "library", "llama3.2", "1b"), "llama3.2:1b"),
+        ("me/tiny-llama:v1.0_q4", ("registry.ollama.ai", "me", "tiny-llama", "v1.0_q4"), "me/tiny-llama:v1.0_q4"),
+        ("localhost:5000/ns/model:tag", ("localhost:5000", "ns", "model", "tag"), "localhost:5000/ns/model:tag"),
+        ("127.0.0.1:8080/library/x", ("127.0.0.1:8080", "library", "x", "latest"), "127.0.0.1:8080/library/x:latest"),
+        ("registry.ollama.ai/library/llama3.2:1b", ("registry.ollama.ai", "library", "llama3.2", "1b"), "llama3.2:1b"),
     ],
 )
 def test_valid_names(text, parts, display):

@@ -24,8 +24,7 @@ def patch_tensor(data: bytes, name: str, part: str, value: int) -> bytes:
     raw = name.encode()
     at = data.index(struct.pack("<Q", len(raw)) + raw) + 8 + len(raw)
     (ndim,) = struct.unpack_from("<I", data, at)
-    pos, fmt = {"dim0": (at + 4, "<Q"), "type": (at + 4 + 8 * ndim, "<I"),
-                "offset": (at + 8 + 8 * ndim, "<Q")}[part]
+    pos, fmt = {"dim0": (at + 4, "<Q"), "type": (at + 4 + 8 * ndim, "<I"), "offset": (at + 8 + 8 * ndim, "<Q")}[part]
     out = bytearray(data)
     struct.pack_into(fmt, out, pos, value)
     return bytes(out)
@@ -38,8 +37,10 @@ def store(tmp_path):
 
 def snapshot(store: Store) -> tuple:
     """Everything a create may write: blobs, manifests, temp files."""
+
     def names(d: Path) -> list[str]:
         return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
     return names(store.blobs_dir), names(store.manifests_dir), names(store.tmp_dir)
 
 
@@ -63,10 +64,16 @@ def test_unsupported_gguf_architecture_is_refused(store, tmp_path):
     assert "'falcon'" in message and "llama" in message
 
 
-@pytest.mark.parametrize("arch,missing", [
-    ("gemma2", "blk.1.post_ffw_norm.weight"), ("qwen3", "blk.0.attn_k_norm.weight"),
-    ("qwen3moe", "blk.1.ffn_up_exps.weight"), ("phi3", "blk.0.ffn_up.weight"),
-    ("gpt-oss", "blk.0.attn_sinks.weight")])
+@pytest.mark.parametrize(
+    "arch,missing",
+    [
+        ("gemma2", "blk.1.post_ffw_norm.weight"),
+        ("qwen3", "blk.0.attn_k_norm.weight"),
+        ("qwen3moe", "blk.1.ffn_up_exps.weight"),
+        ("phi3", "blk.0.ffn_up.weight"),
+        ("gpt-oss", "blk.0.attn_sinks.weight"),
+    ],
+)
 def test_gguf_missing_an_architecture_tensor_is_refused(store, tmp_path, arch, missing):
     from mlxserve.testing import ggufmodels
 
@@ -81,8 +88,7 @@ def test_gguf_missing_what_the_loader_needs_is_refused(store, tmp_path, kquant_g
     path, _ = kquant_gguf
     data = path.read_bytes()
     # Renaming a block tensor (same length, so the file stays consistent) drops it.
-    (tmp_path / "renamed.gguf").write_bytes(data.replace(b"blk.0.ffn_up.weight",
-                                                         b"blk.0.ffn_xx.weight"))
+    (tmp_path / "renamed.gguf").write_bytes(data.replace(b"blk.0.ffn_up.weight", b"blk.0.ffn_xx.weight"))
     refused(store, "FROM renamed.gguf", tmp_path, "blk.0.ffn_up.weight .*missing")
     w = gguf.GGUFWriter(str(tmp_path / "nokeys.gguf"), "llama")
     w.add_tensor("token_embd.weight", np.zeros((3, 8), np.float32))
@@ -93,17 +99,19 @@ def test_gguf_missing_what_the_loader_needs_is_refused(store, tmp_path, kquant_g
     refused(store, "FROM nokeys.gguf", tmp_path, "llama.embedding_length is missing")
 
 
-@pytest.mark.parametrize("part,value,match", [
-    ("offset", 10**9, "past the end of the file"),
-    ("offset", 3, "unaligned"),
-    ("dim0", 2**40, "past the end of the file"),
-    ("dim0", 100, "type cannot hold"),
-    ("type", 999, "unknown type 999"),
-])
+@pytest.mark.parametrize(
+    "part,value,match",
+    [
+        ("offset", 10**9, "past the end of the file"),
+        ("offset", 3, "unaligned"),
+        ("dim0", 2**40, "past the end of the file"),
+        ("dim0", 100, "type cannot hold"),
+        ("type", 999, "unknown type 999"),
+    ],
+)
 def test_gguf_whose_tensor_table_lies_is_refused(store, tmp_path, kquant_gguf, part, value, match):
     path, _ = kquant_gguf
-    (tmp_path / "bad.gguf").write_bytes(patch_tensor(path.read_bytes(), "output.weight", part,
-                                                     value))
+    (tmp_path / "bad.gguf").write_bytes(patch_tensor(path.read_bytes(), "output.weight", part, value))
     refused(store, "FROM bad.gguf", tmp_path, match)
 
 
@@ -115,7 +123,8 @@ def test_gguf_tensors_that_overlap_are_refused(store, tmp_path, kquant_gguf):
     header = read_header(path)
     first = min(header.tensors, key=lambda t: t.offset)
     (tmp_path / "bad.gguf").write_bytes(
-        patch_tensor(data, "output.weight", "offset", first.offset - header.data_offset))
+        patch_tensor(data, "output.weight", "offset", first.offset - header.data_offset)
+    )
     refused(store, "FROM bad.gguf", tmp_path, "overlaps")
 
 
@@ -124,7 +133,7 @@ def test_truncated_gguf_is_refused(store, tmp_path, tiny_gguf, kquant_gguf, keep
     # The F32 tiny model is stored as it is; the K-quant one would be converted.
     for src in (tiny_gguf, kquant_gguf[0]):
         data = src.read_bytes()
-        (tmp_path / "cut.gguf").write_bytes(data[:int(len(data) * keep)])
+        (tmp_path / "cut.gguf").write_bytes(data[: int(len(data) * keep)])
         refused(store, "FROM cut.gguf", tmp_path, "past the end of the file|truncated")
 
 
@@ -143,9 +152,12 @@ SAFETENSORS_DAMAGE = {
     "header a list": (lambda data: struct.pack("<Q", 2) + b"[]", "not a JSON object"),
     "entry not an object": (lambda data: struct.pack("<Q", 8) + b'{"a": 5}', "not described"),
     "truncated": (lambda data: data[:-100], "damaged or truncated"),
-    "size mismatch": (lambda data: struct.pack("<Q", 64) + (
-        b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}'.ljust(64)) + bytes(8),
-        "needs 16 bytes"),
+    "size mismatch": (
+        lambda data: (
+            struct.pack("<Q", 64) + (b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}'.ljust(64)) + bytes(8)
+        ),
+        "needs 16 bytes",
+    ),
 }
 
 
@@ -198,8 +210,7 @@ def test_from_a_fifo_is_refused_without_opening_it(store, tmp_path):
     refused(store, "FROM /dev/null", tmp_path, "not a regular file")  # a device, likewise
 
 
-def test_a_failure_after_blobs_were_written_removes_them(store, tmp_path, tiny_llama_dir,
-                                                        monkeypatch):
+def test_a_failure_after_blobs_were_written_removes_them(store, tmp_path, tiny_llama_dir, monkeypatch):
     old = store.create("keep", f"FROM {tiny_llama_dir}\nSYSTEM old\n", base_dir=tmp_path)
     before = snapshot(store)
 

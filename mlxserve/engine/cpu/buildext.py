@@ -24,8 +24,16 @@ from .. import smallgemm
 ENV = "MLXSERVE_QKERNELS"  # "off": dequantize to float32 on the CPU as before
 SOURCE = Path(__file__).with_name("qmm.cpp")
 HEADERS = [Path(__file__).with_name("qmm_tile.h")]  # included by SOURCE: part of the cache key
-FLAGS = ["-std=c++20", "-O3", "-march=native", "-fPIC", "-fvisibility=hidden",
-         "-fno-strict-aliasing", "-DNDEBUG", "-DNB_DOMAIN=mlx"]
+FLAGS = [
+    "-std=c++20",
+    "-O3",
+    "-march=native",
+    "-fPIC",
+    "-fvisibility=hidden",
+    "-fno-strict-aliasing",
+    "-DNDEBUG",
+    "-DNB_DOMAIN=mlx",
+]
 
 
 def _compiler() -> str | None:
@@ -43,10 +51,14 @@ def _dirs() -> dict[str, Path] | None:
         return None
     mlx_root = Path(mlx.core.__file__).parent
     nb_root = Path(nanobind.__file__).parent
-    return {"mlx_include": mlx_root / "include", "mlx_lib": mlx_root / "lib",
-            "nb_include": nb_root / "include", "nb_map": nb_root / "ext" / "robin_map" / "include",
-            "nb_src": nb_root / "src" / "nb_combined.cpp",
-            "py_include": Path(sysconfig.get_paths()["include"])}
+    return {
+        "mlx_include": mlx_root / "include",
+        "mlx_lib": mlx_root / "lib",
+        "nb_include": nb_root / "include",
+        "nb_map": nb_root / "ext" / "robin_map" / "include",
+        "nb_src": nb_root / "src" / "nb_combined.cpp",
+        "py_include": Path(sysconfig.get_paths()["include"]),
+    }
 
 
 def unavailable_reason() -> str | None:
@@ -72,8 +84,9 @@ def _key(cxx: str, *parts: str) -> str:
 
     st = os.stat(cxx)
     ident = f"{os.path.realpath(cxx)}:{st.st_size}:{st.st_mtime_ns}"
-    text = "\0".join([ident, " ".join(FLAGS), smallgemm.cpu_flags(), mx.__version__,
-                      nanobind.__version__, sys.version, *parts])
+    text = "\0".join(
+        [ident, " ".join(FLAGS), smallgemm.cpu_flags(), mx.__version__, nanobind.__version__, sys.version, *parts]
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -122,8 +135,20 @@ def build() -> tuple[Path | None, str]:
             err = _compile([cxx, *FLAGS, *includes, "-c", str(d["nb_src"])], nb_obj)
             if err:
                 return None, f"nanobind build failed: {err}"
-        err = _compile([cxx, *FLAGS, *includes, "-shared", str(SOURCE), str(nb_obj),
-                        f"-L{d['mlx_lib']}", "-lmlx", f"-Wl,-rpath,{d['mlx_lib']}"], target)
+        err = _compile(
+            [
+                cxx,
+                *FLAGS,
+                *includes,
+                "-shared",
+                str(SOURCE),
+                str(nb_obj),
+                f"-L{d['mlx_lib']}",
+                "-lmlx",
+                f"-Wl,-rpath,{d['mlx_lib']}",
+            ],
+            target,
+        )
         if err:
             return None, f"build failed: {err}"
         _prune(cache, keep=target.parent)

@@ -19,14 +19,22 @@ DEQUANT_ROWS = 256  # from here on: dequantize + matmul, for outputs of DEQUANT_
 DEQUANT_MIN_OUT, DEQUANT_ROWS_NARROW = 2048, 1024  # narrower ones (k, v) from 1024 rows
 
 
-def quantized_linear(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int,
-                     bits: int, mode: str = "affine") -> mx.array:
+def quantized_linear(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array | None,
+    group_size: int,
+    bits: int,
+    mode: str = "affine",
+) -> mx.array:
     """``x @ dequantize(w).T`` for a 2-D ``x``, the same function as ``mx.quantized_matmul``."""
     rows = x.shape[0]
     if mode == "affine" and rows >= (DEQUANT_ROWS if w.shape[0] >= DEQUANT_MIN_OUT else DEQUANT_ROWS_NARROW):
         return x @ mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(x.dtype).T
     if PAD_FROM <= rows < PAD_ROWS:
         x = mx.pad(x, [(0, PAD_ROWS - rows), (0, 0)])
-        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits,
-                                   mode=mode)[:rows]
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)[
+            :rows
+        ]
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)

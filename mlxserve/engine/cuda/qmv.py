@@ -66,8 +66,9 @@ _kernel = None
 def _get_kernel():
     global _kernel
     if _kernel is None:
-        _kernel = mx.fast.cuda_kernel(name="mlxserve_qmv", input_names=["x", "w", "scales", "biases"],
-                                      output_names=["out"], source=_SOURCE)
+        _kernel = mx.fast.cuda_kernel(
+            name="mlxserve_qmv", input_names=["x", "w", "scales", "biases"], output_names=["out"], source=_SOURCE
+        )
     return _kernel
 
 
@@ -75,8 +76,14 @@ def supports(rows: int, k: int, group_size: int, bits: int) -> bool:
     """Shapes this kernel handles: 1..MAX_ROWS rows, 4 or 8 bits, groups of 32/64/128, and K a
     whole number of groups and 16-byte words."""
     vals = 128 // bits if bits in (4, 8) else 0
-    return bool(1 <= rows <= MAX_ROWS and vals and group_size in (32, 64, 128) and k % group_size == 0
-            and k % vals == 0 and group_size % vals == 0)
+    return bool(
+        1 <= rows <= MAX_ROWS
+        and vals
+        and group_size in (32, 64, 128)
+        and k % group_size == 0
+        and k % vals == 0
+        and group_size % vals == 0
+    )
 
 
 def qmv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
