@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeAlias, cast
 
 import attrs
 import mlx.core as mx
@@ -30,6 +30,10 @@ from .constrain import GrammarProcessor, TokenizerCache
 from .model import LoadedModel
 from .stops import StopMatcher
 from .tokenizer import StreamDecoder
+
+if TYPE_CHECKING:
+    from mlx_lm.generate import GenerationBatch
+    from mlx_lm.sample_utils import LogitsProcessor, Sampler
 
 log = logging.getLogger("mlxserve.engine")
 
@@ -80,12 +84,16 @@ class SeqStats:
     eval_ns: int
 
 
+# One generated token's log-probability: (token_id, logprob, ((alt_id, alt_logprob), ...)).
+LogprobEntry: TypeAlias = tuple[int, float, tuple[tuple[int, float], ...]]
+
+
 @attrs.frozen
 class Chunk:
     seq_id: int
     text: str
     token_ids: tuple[int, ...]
-    logprobs: tuple | None = None  # per token: (token_id, logprob, ((alt_id, alt_logprob), ...))
+    logprobs: tuple[LogprobEntry, ...] | None = None  # one entry per token in token_ids
     finish: str | None = None  # "stop" | "length" | "cancelled" | "error"
     stats: SeqStats | None = None
     error: str | None = None
@@ -96,6 +104,49 @@ class Stopped:
     """The engine thread ended (shutdown or crash); ``error`` is set on a crash."""
 
     error: str | None = None
+
+
+Command: TypeAlias = Add | Cancel | Shutdown
+Event: TypeAlias = Ready | LoadFailed | Chunk | Stopped
+
+
+class LayerCache(Protocol):
+    """One layer's KV in any of mlx-lm's cache classes; a sequence's cache is a list of them."""
+
+    state: object
+
+
+class StepSync(Protocol):
+    """The seam through which every rank of an mx.distributed group steps in lockstep
+    (engine/distributed.py): it decides which commands each step runs."""
+
+    def attach(self, engine: Engine) -> None: ...
+
+    def commands(self, drain: Callable[[bool], list[Command]], block: bool) -> list[Command]: ...
+
+
+class _Batch(Protocol):
+    """What the loop uses of mlx-lm's BatchGenerator, whose methods are unannotated."""
+
+    @property
+    def stream(self) -> mx.ThreadLocalStream: ...
+
+    def insert(
+        self,
+        prompts: list[list[int]],
+        max_tokens: list[int] | None = None,
+        caches: list[list[LayerCache]] | None = None,
+        all_tokens: list[list[int]] | None = None,
+        samplers: list[Sampler] | None = None,
+        logits_processors: list[list[LogitsProcessor]] | None = None,
+        stop_sequences: list[StopSequences] | None = None,
+    ) -> list[int]: ...
+
+    def remove(self, uids: list[int]) -> None: ...
+
+    def next(self) -> tuple[list[object], list[GenerationBatch.Response]]: ...
+
+    def close(self) -> None: ...
 
 
 @attrs.define
@@ -112,36 +163,38 @@ class _Seq:
 
 
 # Set by engine/distributed.py on rank 0 of an mx.distributed group: makes each Engine's step seam.
-STEP_SYNC: Callable[[], Any] | None = None
+STEP_SYNC: Callable[[], StepSync] | None = None
+
+_MakeMask: TypeAlias = Callable[..., mx.array | None]
 
 
-def _unmasked_decode(make_mask: Callable) -> Callable:
-    """mlx-lm's BatchKVCache hands every layer a boolean mask, also for a decode step of rows
-    none of which is padded, where each row sees every cached key anyway. With an array mask
-    mlx-cuda's attention leaves its one-query kernel (H100, 32 layers of an 8B model: 1.46 vs
-    0.17 ms at one row, 4.19 vs 1.77 ms at 32): no mask then. ``left_padding`` is read on the
-    host; it changes only when rows join or leave, and mlx-lm reads it then too."""
+def _unmasked_decode(make_mask: _MakeMask) -> _MakeMask:
+    """No mask for a decode step of unpadded rows: mlx-lm's BatchKVCache hands every layer a
+    boolean mask anyway, and with one mlx-cuda's attention leaves its one-query kernel
+    (benchmarks/results/history-gpu.md). ``left_padding`` changes only when rows join or leave."""
 
-    def wrapped(self, N: int, return_array: bool = False, **kwargs):
-        if N == 1 and not return_array and kwargs.get("window_size") is None and not any(self.left_padding.tolist()):
+    def wrapped(self: BatchKVCache, N: int, return_array: bool = False, **kwargs: Any) -> mx.array | None:
+        padding = cast(list[int], self.left_padding.tolist())  # a 1-D array: a list
+        if N == 1 and not return_array and kwargs.get("window_size") is None and not any(padding):
             return None
         return make_mask(self, N, return_array=return_array, **kwargs)
 
-    wrapped.unmasked_decode = True
-    wrapped.__wrapped__ = make_mask
+    # Markers: the patch is applied once, and benchmarks/step_profile.py can undo it.
+    wrapped.__dict__.update(unmasked_decode=True, __wrapped__=make_mask)
     return wrapped
 
 
 if not getattr(BatchKVCache.make_mask, "unmasked_decode", False):
-    BatchKVCache.make_mask = _unmasked_decode(BatchKVCache.make_mask)
+    # mlx-lm makes every batch's caches itself, so the patch goes on its class.
+    BatchKVCache.make_mask = _unmasked_decode(BatchKVCache.make_mask)  # type: ignore[method-assign]
 
 _thread_streams = threading.local()
 
 
-def thread_stream(device: Any) -> Any:
+def thread_stream(device: mx.Device) -> mx.ThreadLocalStream:
     """One MLX stream per OS thread, reused across loads: MLX starts a worker thread for every
     stream and never stops it, so a new stream per load leaks threads on reused hosts."""
-    stream = getattr(_thread_streams, "stream", None)
+    stream: mx.ThreadLocalStream | None = getattr(_thread_streams, "stream", None)
     if stream is None or stream.device != device:
         stream = _thread_streams.stream = mx.new_thread_local_stream(device)
     return stream
@@ -153,10 +206,11 @@ def keep_kernels_on_disk() -> None:
     when the process compiles its first kernel, so it is set before any load."""
     if mx.cuda.is_available():
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        os.environ.setdefault("MLX_PTX_CACHE_DIR", str(base / "mlxserve" / "mlx-ptx" / mx.__version__))
+        version: str = mx.__version__  # type: ignore[attr-defined]  # set by the extension; its stub omits it
+        os.environ.setdefault("MLX_PTX_CACHE_DIR", str(base / "mlxserve" / "mlx-ptx" / version))
 
 
-def resolve_device(name: Any) -> Any:
+def resolve_device(name: str | mx.Device) -> mx.Device | mx.DeviceType:
     """ "cpu" / "gpu" (MLXSERVE_DEVICE) -> an mx.Device; a GPU asked for but absent is an error."""
     if not isinstance(name, str):
         return name
@@ -169,7 +223,7 @@ def resolve_device(name: Any) -> Any:
     raise ValueError(f"unknown device '{name}' (cpu or gpu)")
 
 
-def owned(cache: list) -> list:
+def owned(cache: list[LayerCache]) -> list[LayerCache]:
     """A finished sequence's KV in buffers of its own, exactly as large as the prompt cache counts.
 
     mlx-lm's ``extract`` returns lazy slices (``mx.contiguous`` not yet run) of the batch's KV,
@@ -203,20 +257,20 @@ class Engine:
     def __init__(
         self,
         load: Callable[[], LoadedModel],
-        deliver: Callable[[list], None],
+        deliver: Callable[[list[Event]], None],
         *,
         num_parallel: int = DEFAULT_NUM_PARALLEL,
         prefill_chunk: int = 256,
-        device: Any = None,
+        device: str | mx.Device | None = None,
         prompt_cache_bytes: int = 0,
         warm_up: bool | None = None,
         admit: AdmitWindow = AdmitWindow(),
-        sync: Any = None,
-    ):
+        sync: StepSync | None = None,
+    ) -> None:
         self._load = load
         self._warm_up = warm_up  # None: on GPUs only
         self._deliver = deliver
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._num_parallel = num_parallel
         self._admit = admit
         self._prefill_chunk = prefill_chunk
@@ -236,7 +290,7 @@ class Engine:
             self._sync.attach(self)
 
     # -- called from any thread --
-    def submit(self, cmd: Add | Cancel | Shutdown) -> None:
+    def submit(self, cmd: Command) -> None:
         self._commands.put(cmd)
 
     # -- the thread body --
@@ -276,7 +330,7 @@ class Engine:
             log.error("%s\n%s", error, traceback.format_exc())
         self._deliver([Stopped(error)])
 
-    def _new_generator(self, lm: LoadedModel, stream) -> BatchGenerator:
+    def _new_generator(self, lm: LoadedModel, stream: mx.ThreadLocalStream) -> _Batch:
         return BatchGenerator(
             lm.model,
             stop_tokens=[[i] for i in lm.tokenizer.eos_token_ids],
@@ -286,12 +340,12 @@ class Engine:
             stream=stream,
         )
 
-    def _loop(self, lm: LoadedModel, stream) -> None:
+    def _loop(self, lm: LoadedModel, stream: mx.ThreadLocalStream) -> None:
         gen = self._new_generator(lm, stream)
         seqs: dict[int, _Seq] = {}  # by BatchGenerator uid
         by_id: dict[int, int] = {}  # seq_id -> uid
         while True:
-            out: list = []
+            out: list[Event] = []
             busy = bool(seqs)
             cmds = self._drain(block=not busy) if self._sync is None else self._sync.commands(self._drain, not busy)
             for cmd in cmds:
@@ -323,10 +377,17 @@ class Engine:
                 mx.clear_cache()
 
     def _add(
-        self, lm: LoadedModel, gen: BatchGenerator, cmd: Add, seqs: dict[int, _Seq], by_id: dict[int, int], out: list
+        self,
+        lm: LoadedModel,
+        gen: _Batch,
+        cmd: Add,
+        seqs: dict[int, _Seq],
+        by_id: dict[int, int],
+        out: list[Event],
     ) -> None:
         """Its own frame so that the reused prefix KV is not held past the call (see ``_step``)."""
         t_start = time.perf_counter()
+        cache: list[LayerCache] | None
         try:
             processors = self._processors(lm, cmd)
             sampler = sampling.make_sampler(cmd.params)
@@ -357,8 +418,14 @@ class Engine:
         by_id[cmd.seq_id] = uid
 
     def _step(
-        self, lm: LoadedModel, stream, gen: BatchGenerator, seqs: dict[int, _Seq], by_id: dict[int, int], out: list
-    ) -> BatchGenerator:
+        self,
+        lm: LoadedModel,
+        stream: mx.ThreadLocalStream,
+        gen: _Batch,
+        seqs: dict[int, _Seq],
+        by_id: dict[int, int],
+        out: list[Event],
+    ) -> _Batch:
         """One batch step; returns the generator to go on with (a new one after a failed step).
         Its own frame so that the step's responses, whose finished rows carry lazy slices of the
         whole batch's KV, are gone when it returns, not held while the engine waits idle."""
@@ -371,8 +438,8 @@ class Engine:
         except Exception as exc:
             # One bad step fails the sequences in it, not the runner: start a clean batch.
             log.error("step failed: %s\n%s", exc, traceback.format_exc())
-            for s in seqs.values():
-                out.append(self._finish(s, "error", "", error=f"generation failed: {exc}"))
+            for failed in seqs.values():
+                out.append(self._finish(failed, "error", "", error=f"generation failed: {exc}"))
             seqs.clear()
             by_id.clear()
             gen = self._new_generator(lm, stream)
@@ -389,6 +456,7 @@ class Engine:
             if (
                 r.finish_reason is not None
                 and r.prompt_cache is not None
+                and r.all_tokens is not None  # set with prompt_cache, on a finished row
                 and self._prefix is not None
                 and not s.cmd.images
             ):
@@ -401,12 +469,11 @@ class Engine:
             out.append(chunk)
         return gen
 
-    def _warm(self, lm: LoadedModel, stream) -> None:
+    def _warm(self, lm: LoadedModel, stream: mx.ThreadLocalStream) -> None:
         """Run every kind of step once before the model is reported ready: mlx-cuda compiles each
-        kernel with NVRTC the first time a process meets it (on a fresh H100 the first
-        grammar-constrained request took 34.5 s, the same request next 0.02 s), so the cost
-        belongs to the load, not to somebody's first request. Two rows, both through the logprob
-        path: greedy, and seeded top-k/top-p/min-p sampling with penalties under a JSON grammar."""
+        kernel with NVRTC the first time a process meets it, a cost that belongs to the load, not
+        to somebody's first request. Two rows, both through the logprob path: greedy, and seeded
+        top-k/top-p/min-p sampling with penalties under a JSON grammar."""
         from .constrain import ANY_JSON_OBJECT, grammar_for_schema
 
         t0 = time.perf_counter()
@@ -456,7 +523,7 @@ class Engine:
             self.warm_up_s,
         )
 
-    def _warm_batches(self, lm: LoadedModel, stream) -> None:
+    def _warm_batches(self, lm: LoadedModel, stream: mx.ThreadLocalStream) -> None:
         """mlx-cuda picks its product kernels by row count (engine/cuda/linear.py) and compiles each
         on first use: one greedy batch of every slot, prompts of one prefill chunk and more (as a
         burst of arrivals prefills, padding included), whose rows end one step apart, so decoding
@@ -481,14 +548,14 @@ class Engine:
         finally:
             gen.close()
 
-    def _processors(self, lm: LoadedModel, cmd: Add) -> list:
+    def _processors(self, lm: LoadedModel, cmd: Add) -> list[LogitsProcessor]:
         processors = sampling.make_processors(cmd.params)
         if cmd.grammar is not None:
             vocab = int(lm.config.get("vocab_size") or lm.tokenizer.vocab_size)
             processors.append(GrammarProcessor(self._lltok.get(lm.tokenizer, vocab), cmd.grammar, vocab))
         return processors
 
-    def _cached_prefix(self, prompt: list[int]) -> tuple[list | None, list[int]]:
+    def _cached_prefix(self, prompt: list[int]) -> tuple[list[LayerCache] | None, list[int]]:
         if self._prefix is None or len(prompt) < 2:
             return None, prompt
         cache, rest = self._prefix.fetch_nearest_cache("m", prompt)
@@ -501,8 +568,8 @@ class Engine:
             rest = prompt[-1:]
         return cache, rest
 
-    def _drain(self, block: bool) -> list:
-        cmds = []
+    def _drain(self, block: bool) -> list[Command]:
+        cmds: list[Command] = []
         if block:  # idle: collect a burst (see AdmitWindow)
             w = self._admit
             cmds.append(self._commands.get())
@@ -522,7 +589,7 @@ class Engine:
             except queue.Empty:
                 return cmds
 
-    def _on_token(self, lm: LoadedModel, s: _Seq, r) -> Chunk:
+    def _on_token(self, lm: LoadedModel, s: _Seq, r: GenerationBatch.Response) -> Chunk:
         now = time.perf_counter()
         if s.t_first is None:
             s.t_first = now
@@ -545,19 +612,29 @@ class Engine:
         return self._finish(s, finish, text, token_ids=() if is_eos else (token,), logprobs=logprobs)
 
     @staticmethod
-    def _logprob_entry(row: mx.array, token: int, top: int) -> tuple:
-        alts: tuple = ()
+    def _logprob_entry(row: mx.array, token: int, top: int) -> LogprobEntry:
+        alts: tuple[tuple[int, float], ...] = ()
         if top > 0:
             idx = mx.argpartition(-row, kth=top - 1)[:top]
             vals = row[idx]
             order = mx.argsort(-vals)
             # Tokens a grammar or filter ruled out have -inf: they are no alternative at all.
-            alts = tuple((i, v) for i, v in zip(idx[order].tolist(), vals[order].tolist()) if math.isfinite(v))
-        chosen = row[token].item()
+            ids = cast(list[int], idx[order].tolist())  # 1-D arrays: lists
+            logprobs = cast(list[float], vals[order].tolist())
+            alts = tuple((i, v) for i, v in zip(ids, logprobs) if math.isfinite(v))
+        chosen = cast(float, row[token].item())
         return (token, chosen if math.isfinite(chosen) else MIN_LOGPROB, alts)
 
     @staticmethod
-    def _finish(s: _Seq, finish: str, text: str, *, token_ids=(), logprobs=None, error=None) -> Chunk:
+    def _finish(
+        s: _Seq,
+        finish: str,
+        text: str,
+        *,
+        token_ids: tuple[int, ...] = (),
+        logprobs: tuple[LogprobEntry, ...] | None = None,
+        error: str | None = None,
+    ) -> Chunk:
         now = time.perf_counter()
         first = s.t_first or now
         stats = SeqStats(
