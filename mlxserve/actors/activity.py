@@ -1,8 +1,7 @@
 """Whether any model is generating, for work that should give way to it (long embeddings).
 
-On a CPU, an embedding that computes while a model decodes slowed the decode 10-47x (2 cores,
-SmolLM2: 16 tokens took 29 s instead of 2.6 s, the tiny model's 6.3 s instead of 0.14 s), far
-beyond a fair share. Runners report here, on the trio thread; embedder threads read ``IDLE``.
+On a CPU, an embedding that computes while a model decodes slows the decode far beyond a fair
+share. Runners report here, on the trio thread; embedder threads read ``IDLE``.
 """
 
 from __future__ import annotations

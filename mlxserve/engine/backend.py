@@ -1,11 +1,11 @@
 """Pick the BLAS that MLX's CPU backend calls, and describe the backend for logs.
 
 mlx-cpu wheels for Linux link a bundled *reference* BLAS (``mlx_cpu.libs/libblas-*.so``):
-correct but 5-60x slower than OpenBLAS on the matvecs and GEMMs of a transformer.
+correct but many times slower than OpenBLAS on the matvecs and GEMMs of a transformer.
 ``libmlx.so`` leaves ``cblas_sgemm`` undefined and the dynamic linker resolves it through the
 global scope first and the library's own dependencies second. So an OpenBLAS loaded with
 ``RTLD_GLOBAL`` *before* ``libmlx.so`` is loaded wins, in-process, with no ``LD_PRELOAD``.
-Loaded *after* it has no effect (measured: libmlx stays on the reference BLAS), hence the rule:
+Loaded *after* it has no effect (libmlx stays on the reference BLAS), hence the rule:
 
     Call :func:`configure_blas` before ``mlx.core`` is imported for the first time in the
     process (entry points: first thing, before importing anything that imports mlx). Once mlx is imported the choice
@@ -106,9 +106,7 @@ def cpu_count() -> int:
 def default_blas_threads() -> int:
     """All cores but one. BLAS threads spin between calls, and the engine needs a core of its own
     for everything that is not a GEMM (MLX's stream thread runs the other ops, Python builds the
-    next step's graph, the HTTP side streams tokens). Measured on the 2-core project machine,
-    raw engine, SmolLM2 f32, same session: 1 thread vs 2 gave batch-8 decode steps of 106-124 ms
-    vs 158-168 ms, batch-1 steps within noise, and 256-token prefill 112 vs 99-106 tok/s."""
+    next step's graph, the HTTP side streams tokens); benchmarks/results/history-cpu.md."""
     return max(1, cpu_count() - 1)
 
 

@@ -1,11 +1,11 @@
 """Choose the dtype model weights run in, and dequantize a loaded model to it.
 
-On Linux CPUs MLX's quantized matmul kernels are slow (a 576x1536 4-bit matvec 1.2 ms; the
-float32 one through OpenBLAS 0.2 ms, through the bundled reference BLAS 0.35 ms when the weight
-is stored (in, out)), and f16/bf16 matmuls do not go through BLAS at all. So on the CPU a
-quantized model runs on this project's own kernels (engine/cpu: integer dot products straight
-from the packed weights) where they build, and is otherwise dequantized to float32 if the 4-8x
-larger weights fit in memory. On a GPU quantized kernels are fast and weights stay as loaded.
+On Linux CPUs MLX's quantized matmul kernels are slow next to a float32 product through BLAS
+(benchmarks/results/history-cpu.md), and f16/bf16 matmuls do not go through BLAS at all. So on
+the CPU a quantized model runs on this project's own kernels (engine/cpu: integer dot products
+straight from the packed weights) where they build, and is otherwise dequantized to float32 if
+the 4-8x larger weights fit in memory. On a GPU quantized kernels are fast and weights stay as
+loaded.
 """
 
 from __future__ import annotations
@@ -78,9 +78,7 @@ def choose_weight_dtype(
     memory), else keep. ``float32_bytes`` is the exact float32 size if known
     (:func:`float_bytes`); otherwise it is bounded from ``quantized_bytes``.
 
-    float32 wins on the CPU with either BLAS (SmolLM2-135M Q4_1, 2 cores, decode / 8-stream /
-    prefill tok/s): Q4 6.5 / 7.2 / 9; float32 with the bundled reference BLAS 15.4 / 16.4 / 17;
-    with OpenBLAS 17.3 / 75 / 208. The reference BLAS is only that close because
+    float32 beats MLX's quantized CPU kernels with either BLAS, the reference one because
     :func:`dequantize_model` stores weights in the order BLAS reads fastest.
     """
     explicit = parse_setting(setting)
@@ -116,7 +114,7 @@ class _KernelModule:
 
 
 # Prefill too goes through the int8 kernels: on the packed tiles they beat dequantizing the
-# weight for BLAS at every row count measured (576->1536 at 128 rows about 1.4x, at 32 rows 5-10x).
+# weight for BLAS at every row count tried (benchmarks/results/history-cpu.md).
 _INT8 = 0  # qmm_rows' tiles argument
 
 
@@ -356,8 +354,8 @@ def _replacement(module, dtype: mx.Dtype, blas_layout: bool) -> nn.Module:
     weight = _dequantized_weight(module, dtype)
     if blas_layout:
         # Same (out, in) shape, stored in (in, out) order: Linear's ``x @ weight.T`` then hands
-        # BLAS a row-major matrix to use untransposed, which OpenBLAS does 7-13% faster per
-        # decode step here. Tied embeddings (``as_linear``) gain too; row lookups don't mind.
+        # BLAS a row-major matrix to use untransposed, which OpenBLAS does faster. Tied
+        # embeddings (``as_linear``) gain too; row lookups don't mind.
         weight = mx.contiguous(weight.T).T
     if isinstance(module, nn.QuantizedEmbedding):
         new = nn.Embedding(1, 1)

@@ -3,9 +3,7 @@
 MLX fuses elementwise work (SiLU times the up projection in every MLP, RMSNorm pieces) into C++
 kernels it compiles at run time with ``g++ -std=c++17 -O3 ...`` found on PATH, with no ``-march``:
 baseline x86-64, scalar code. A ``g++`` wrapper that adds ``-march=native``, first on this
-process's PATH, makes those kernels vector code. Measured side by side on the 2-core AVX-512
-machine (benchmarks/cpu_path.py, SmolLM2 f32 + OpenBLAS, two runs each, separate kernel caches):
-8-stream decode 111.3 / 109.1 tok/s against 104.9 / 106.2, prefill 228 / 223 against 202 / 212.
+process's PATH, makes those kernels vector code (figures: benchmarks/results/history-cpu.md).
 
 MLX caches the kernels by name under ``$TMPDIR/mlx/<version>/cpu`` whatever flags built them, so
 kernels already there (from a process without the wrapper) are reused as they are; ones built

@@ -226,12 +226,9 @@ def resolve_device(name: str | mx.Device) -> mx.Device | mx.DeviceType:
 def owned(cache: list[LayerCache]) -> list[LayerCache]:
     """A finished sequence's KV in buffers of its own, exactly as large as the prompt cache counts.
 
-    mlx-lm's ``extract`` returns lazy slices (``mx.contiguous`` not yet run) of the batch's KV,
-    which is every row of the batch at a length rounded up to 256. Kept unevaluated, an entry
-    held that whole buffer, and since a buffer still referenced cannot be updated in place, the
-    next step copied it: each sequence finishing on its own step pinned a batch-sized copy, 8x
-    what the cache counted. Evaluated now, ``mx.contiguous`` copies the slice out (it shares a
-    buffer only when that buffer is within 16 KiB of the slice's size).
+    mlx-lm's ``extract`` returns lazy slices of the batch's KV (every row, rounded up to 256).
+    Kept unevaluated, an entry would pin a batch-sized copy of that buffer; evaluated now,
+    ``mx.contiguous`` copies the slice out.
     """
     for c in cache:
         c.state = tree_map(lambda x: mx.contiguous(x) if isinstance(x, mx.array) else x, c.state)

@@ -7,5 +7,5 @@ import mlx.core as mx
 
 def release_cached_buffers() -> None:
     """MLX's allocator keeps freed buffers for reuse; after an unload they go back to the system
-    (with SmolLM2 in f32 the daemon stayed at 733 MB after an unload without this)."""
+    (without this an unloaded model's memory stays with the daemon)."""
     mx.clear_cache()

@@ -1,10 +1,9 @@
 """A ``cblas_sgemm`` for the few-row products of decoding, in front of OpenBLAS.
 
 A decode step multiplies one activation row per running sequence by every weight matrix of the
-model. OpenBLAS answers a GEMM with few rows by packing the weight panel first: on the project
-machine an 8x576 @ 576x1536 f32 product took twice as long as one row, and the 576x49152 output
-head ran at a third of the memory bandwidth. The kernels here stream each weight element once,
-from memory straight into AVX-512 FMAs against every row at once, with no packing.
+model. OpenBLAS answers a GEMM with few rows by packing the weight panel first, so a few rows
+cost far more than one (benchmarks/results/history-cpu.md). The kernels here stream each weight
+element once, from memory straight into AVX-512 FMAs against every row at once, with no packing.
 
 The C source is generated below (every accumulator a named variable: GCC 12 spills arrays of
 ``__m512`` to the stack on every iteration) and compiled on first use with the system C compiler
@@ -42,8 +41,7 @@ SPIN_US = 300  # a helper's wake-up costs more than the gap between two products
 
 def threads() -> int:
     """Threads per product: ``MLXSERVE_GEMM_THREADS``, else every usable core, at most 4 (a
-    cap, not a measurement: only 2 cores were measured, where the second doubled the bytes
-    read)."""
+    cautious cap: more cores than 2 have not been tried)."""
     value = os.environ.get(ENV_THREADS, "").strip()
     if value.isdigit() and int(value) > 0:
         return int(value)
@@ -278,9 +276,8 @@ def _nt_kernel(rows: int, width: int) -> str:
             *[f"    __m512 c{i}_{j} = _mm512_setzero_ps();" for i, j in acc],
             "    int k = 0;",
             "    for (; k + 16 <= K; k += 16) {",
-            # 8 KiB ahead of each weight stream (the next rows' data, past the end of this row).
-            # Measured at 8 rows, 1 thread: 576->1536 317-335 us vs 373-409 with 1 KiB ahead;
-            # 1 row unchanged; 3-32 KiB no better.
+            # 8 KiB ahead of each weight stream (the next rows' data, past the end of this row):
+            # faster than 1 KiB at 8 rows, and no distance from 3 to 32 KiB did better.
             *[f"        _mm_prefetch((const char *)(w{j} + k + 2048), _MM_HINT_T0);" for j in range(width)],
             *step("_mm512_loadu_ps({})"),
             "    }",

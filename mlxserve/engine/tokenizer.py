@@ -579,10 +579,8 @@ class StreamDecoder:
     Each step decodes only the tokens not yet emitted, together with the ones emitted last
     (decoders such as SentencePiece's drop a leading space at the start of a window, so a window
     must start on a token whose text is already out): two short decodes per token, whatever the
-    length of the text. (The window used to run back to the last text ending in a space or
-    newline, which byte-level BPE text seldom does: 17.7 us per token at 253 tokens, growing
-    with the length of the answer.) Text ending in U+FFFD is held back until the next token
-    completes the character.
+    length of the text. Text ending in U+FFFD is held back until the next token completes the
+    character.
     """
 
     def __init__(self, info: TokenizerInfo):

@@ -79,9 +79,8 @@ SPIN_US = 300  # a helper's wait for the next product before it sleeps
 
 
 def threads() -> int:
-    """Threads per product: ``MLXSERVE_GEMM_THREADS``, else 1. A spinning helper took the core
-    the daemon's other threads need: served on the 2-core AMD machine, 1 stream 10.6 tok/s with a
-    helper against 17.9 without, 4 streams 10.6 against 34.3."""
+    """Threads per product: ``MLXSERVE_GEMM_THREADS``, else 1: a spinning helper takes the core
+    the daemon's other threads need (benchmarks/results/history-cpu.md)."""
     from ..smallgemm import ENV_THREADS
 
     value = os.environ.get(ENV_THREADS, "").strip()

@@ -1,13 +1,9 @@
 """Quantized products routed by row count around mlx-cuda 0.32's slow spots (docs/nvidia.md).
 
-Measured with ``benchmarks/step_profile.py`` (4-bit group 32, float16, H200): its
-``quantized_matmul`` pays per row at 2-7 rows (7 rows cost 5x one row) and switches to another
-kernel at 8 rows, so 4-7 rows are padded to 8. (That kernel timed as cheap as one row, but over
-independent products the GPU may overlap; the decode steps put its serial cost nearer twice a
-row's, so 2-3 rows stay as they are.) From a few hundred rows its quantized GEMM falls to
-70-110 GB/s of weights, where dequantizing the weight for cuBLAS's half-precision GEMM is
-1.5-2.5x faster (for 1024 outputs only from about 1000 rows), and far more at a burst's
-thousands of prefill rows.
+``quantized_matmul`` pays per row up to 7 rows and switches to a cheaper kernel at 8, so 4-7 rows
+are padded to 8 (2-3 stay: the 8-row kernel's serial cost is about two rows'); from a few hundred
+rows dequantizing for cuBLAS's half-precision GEMM is faster. Figures, from
+``benchmarks/step_profile.py``: benchmarks/results/history-gpu.md.
 """
 
 from __future__ import annotations
