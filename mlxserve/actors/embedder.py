@@ -264,9 +264,9 @@ class Embedder:
         if kind is None:
             raise BadRequest(f'"{resolved.display}" does not support embeddings')
         assert self.scheduler is not None
-        lease = await self.scheduler.acquire(embed_spec(resolved, kind), keep_alive)
+        lease = await self.scheduler.acquire_as(EmbedWorkerHandle, embed_spec(resolved, kind), keep_alive)
         try:
-            handle: EmbedWorkerHandle = lease.handle
+            handle = lease.handle
             done, model_kind_ = await handle.embed(request)
             load_ns = int(handle.load_seconds * 1e9) if lease.fresh else 0
         finally:

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections import deque
-from typing import Any, Awaitable, Callable, Literal, Protocol, Union
+from typing import Any, Awaitable, Callable, Generic, Literal, Protocol, TypeVar, Union
 
 import attrs
 import trio
@@ -75,6 +75,8 @@ class ModelHandle(Protocol):
         ...
 
 
+H = TypeVar("H", bound=ModelHandle)  # the concrete handle a caller needs (RunnerHandle, EmbedWorkerHandle)
+
 # Called by a model when it exits: (key, generation, crash reason or None, sequences served).
 OnExit = Callable[[str, int, Union[str, None], int], None]
 LoadFn = Callable[[LoadSpec, OnExit], Awaitable[ModelHandle]]
@@ -132,7 +134,7 @@ class StopAll:
 
 @attrs.frozen
 class Residents:
-    reply: Reply[dict[str, Any]]
+    reply: Reply[dict[str, ModelHandle]]
 
 
 @attrs.frozen
@@ -191,10 +193,10 @@ class SchedulerStats:
 
 
 @attrs.define(eq=False)
-class Lease:
+class Lease(Generic[H]):
     """A claim on a loaded model; release it (sync) when the request ends."""
 
-    handle: Any  # ModelHandle: a RunnerHandle for "generate" specs, an EmbedWorkerHandle else
+    handle: H  # a RunnerHandle for "generate" specs, an EmbedWorkerHandle else
     _scheduler: SchedulerHandle
     fresh: bool = False  # this request waited for the model's load
     _released: bool = False
@@ -204,7 +206,7 @@ class Lease:
             self._released = True
             self._scheduler.release_nowait(self.handle.key, self.handle.generation, keep_alive)
 
-    def __enter__(self) -> Lease:
+    def __enter__(self) -> Lease[H]:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -215,16 +217,29 @@ class Lease:
 class SchedulerHandle:
     _inbox: Inbox[Any]
 
-    async def acquire(self, spec: LoadSpec, keep_alive: float) -> Lease:
+    async def acquire(self, spec: LoadSpec, keep_alive: float) -> Lease[ModelHandle]:
+        grant = await self._grant(spec, keep_alive)
+        return Lease(grant.handle, self, fresh=grant.fresh)
+
+    async def acquire_as(self, handle_type: type[H], spec: LoadSpec, keep_alive: float) -> Lease[H]:
+        """``acquire`` for a caller that uses the concrete handle: the model's kind decides which
+        one serves it, so a mismatch is a bug (the grant goes back at once)."""
+        grant = await self._grant(spec, keep_alive)
+        handle = grant.handle
+        if not isinstance(handle, handle_type):
+            self.release_nowait(handle.key, handle.generation, None)
+            raise TypeError(f"{spec.name} is served by a {type(handle).__name__}, not a {handle_type.__name__}")
+        return Lease(handle, self, fresh=grant.fresh)
+
+    async def _grant(self, spec: LoadSpec, keep_alive: float) -> Grant:
         reply: Reply[Grant] = Reply()
         self._inbox.post(Acquire(spec, keep_alive, reply))
         try:
-            grant = await reply.wait()
+            return await reply.wait()
         except trio.Cancelled:
             # Gave up while queued (client gone): if the lease arrives later, it is handed back.
             self._inbox.deliver(Dequeue(reply))
             raise
-        return Lease(grant.handle, self, fresh=grant.fresh)
 
     def release_nowait(self, key: str, generation: int, keep_alive: float | None) -> None:
         self._inbox.deliver(Release(key, generation, keep_alive))  # must arrive: never dropped
@@ -237,7 +252,7 @@ class SchedulerHandle:
     async def statistics(self) -> SchedulerStats:
         return await ask(self._inbox, Snapshot)
 
-    async def runners(self) -> dict[str, Any]:
+    async def runners(self) -> dict[str, ModelHandle]:
         """Loaded generation runners by model name (for observability and tests)."""
         return await ask(self._inbox, Residents)
 

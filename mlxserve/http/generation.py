@@ -18,6 +18,8 @@ import attrs
 import trio
 from quart import request
 
+from ..actors.metrics import MetricsHandle
+from ..actors.runner import RunnerHandle
 from ..actors.scheduler import Lease, LoadSpec
 from ..actors.sequence import ANY_JSON_OBJECT, Chunk, SamplingParams, SequenceRequest, grammar_for_schema
 from ..errors import BadRequest, EngineError, Unprocessable
@@ -86,7 +88,7 @@ def _with_image_parts(msg: dict) -> dict:
 @attrs.define
 class Generation:
     name: str
-    lease: Lease
+    lease: Lease[RunnerHandle]
     prompt_ids: list[int]
     max_tokens: int
     params: SamplingParams
@@ -95,9 +97,9 @@ class Generation:
     keep_alive: float
     t_start: float
     load_ns: int
+    metrics: MetricsHandle
     seq_id: int | None = None
-    recv: Any = None
-    metrics: Any = None
+    recv: trio.MemoryReceiveChannel[Chunk] | None = None  # set by the submit
     # filled while streaming
     text: list[str] = attrs.Factory(list)
     token_ids: list[int] = attrs.Factory(list)
@@ -231,11 +233,12 @@ def load_spec(resolved, num_ctx: int | None, num_parallel: int = 1) -> LoadSpec:
     )
 
 
-async def acquire(rt, resolved, opts: Options, keep_alive: float) -> tuple[Lease, int]:
+async def acquire(rt, resolved, opts: Options, keep_alive: float) -> tuple[Lease[RunnerHandle], int]:
     t0 = time.perf_counter()
-    lease = await rt.scheduler.acquire(load_spec(resolved, opts.num_ctx, rt.settings.num_parallel), keep_alive)
+    spec = load_spec(resolved, opts.num_ctx, rt.settings.num_parallel)
+    lease = await rt.scheduler.acquire_as(RunnerHandle, spec, keep_alive)
     waited = time.perf_counter() - t0
-    load_seconds = getattr(lease.handle, "load_seconds", 0.0)
+    load_seconds = lease.handle.load_seconds
     # Report load time only to the requests that actually waited for that load.
     load_ns = int(min(waited, load_seconds) * 1e9) if waited > 0.05 else 0
     return lease, load_ns
@@ -605,6 +608,7 @@ async def chunks(gen: Generation) -> AsyncIterator[Chunk]:
     """Yields the engine's chunks (``Piece``s when thinking is split); the last one carries
     ``finish``. Raises EngineError on failure."""
     recv = gen.recv
+    assert recv is not None, "chunks() of a generation not yet submitted"
     async with recv:
         async for chunk in recv:
             if chunk.finish in ("error", "cancelled"):  # the requester did not ask for this
