@@ -6,7 +6,7 @@ import collections
 import itertools
 import logging
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import attrs
 import trio
@@ -188,7 +188,7 @@ class Runner:
     async def run(self, *, task_status: trio.TaskStatus[RunnerHandle] = trio.TASK_STATUS_IGNORED) -> None:
         token = trio.lowlevel.current_trio_token()
 
-        def deliver(events: list[Any]) -> None:
+        def deliver(events: list[eng.Event]) -> None:
             try:
                 token.run_sync_soon(self._on_events, events)
             except trio.RunFinishedError:
@@ -317,7 +317,7 @@ class Runner:
         for sid in list(self._cancelled):
             self._slot_freed(sid)
 
-    def _on_events(self, events: list[Any]) -> None:
+    def _on_events(self, events: list[eng.Event]) -> None:
         for ev in events:
             match ev:
                 case eng.Chunk():
