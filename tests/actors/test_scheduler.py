@@ -272,3 +272,22 @@ async def test_a_cold_models_burst_takes_its_running_slots_before_the_queue_cap(
             lease.release()
         warm, refused = await burst(51)  # the same burst to the loaded model: the same answer
         assert loads.started == ["m"] and (len(warm), refused) == (50, 1)
+
+
+class OtherHandle(FakeRunner):
+    """A handle of another kind than the caller asks for (as an embedding worker is to HTTP)."""
+
+
+async def test_acquire_as_gives_the_concrete_handle_and_refuses_another_kind(sched, autojump_clock):
+    loads, start = sched
+    s, h = await start()
+    with trio.fail_after(60):
+        lease = await h.acquire_as(FakeRunner, spec("a"), 300)
+        assert lease.handle is loads.runners["a"]
+        lease.release()
+        with pytest.raises(TypeError, match="served by a FakeRunner, not a OtherHandle"):
+            await h.acquire_as(OtherHandle, spec("a"), 300)
+        # The refused grant went back: the model is idle again, not held by a lease nobody has.
+        await trio.sleep(0)
+        (model,) = (await h.statistics()).models
+        assert model.running == 0 and model.expires_at is not None
