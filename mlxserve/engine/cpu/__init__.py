@@ -37,7 +37,9 @@ def _load():
         spec.loader.exec_module(module)
     except Exception as exc:  # a stale or foreign build: the float32 path serves
         return None, f"cannot import {path.name}: {exc}"
-    module.start_threads(threads(), SPIN_US)
+    n, rows = threads()
+    module.start_threads(n, SPIN_US)
+    module.set_thread_rows(rows)
     return module, why
 
 
@@ -78,13 +80,20 @@ def pack(w, scales, biases, bits: int):
 SPIN_US = 300  # a helper's wait for the next product before it sleeps
 
 
-def threads() -> int:
-    """Threads per product: ``MLXSERVE_GEMM_THREADS``, else 1: a spinning helper takes the core
-    the daemon's other threads need (benchmarks/results/history-cpu.md)."""
+def threads() -> tuple[int, int]:
+    """(threads per product, fewest rows a product needs to be shared). ``MLXSERVE_GEMM_THREADS``
+    shares every product; unset, prompt chunks (PREFILL_ROWS rows or more) are shared by two
+    threads and decode steps stay on one, since a helper spinning between decode products takes
+    the core the daemon's other threads need (benchmarks/results/history-cpu.md)."""
     from ..smallgemm import ENV_THREADS
 
     value = os.environ.get(ENV_THREADS, "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else 1
+    if value.isdigit() and int(value) > 0:
+        return int(value), 1
+    return min(2, os.cpu_count() or 1), PREFILL_ROWS
+
+
+PREFILL_ROWS = 32
 
 
 def path_name(module) -> str:

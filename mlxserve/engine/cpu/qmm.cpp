@@ -339,6 +339,9 @@ static Pool pool;
 // Products smaller than this (multiply-adds) stay on the calling thread: handing one over costs
 // more than it saves.
 static long THREAD_MACS = 1L << 21;
+// Products of fewer rows stay on the calling thread too: on a machine without a spare core a
+// helper pays for prefill (many rows) but costs decode steps (a few rows, every step) more.
+static long THREAD_ROWS = 1;
 
 // ---- dequantize the weight, then BLAS (tiles=1) ------------------------------------------------
 // The way prefill went before the packed int8 kernels overtook it, kept to compare against: the
@@ -402,7 +405,7 @@ static void product(int path, bool tiles, const float* x, const uint8_t* W, cons
       blas_sgemm()(101, 111, 112, M, std::min(N, 8 * c1) - 8 * c0, K, 1.f, x, K, tile.data(), K, 0.f,
                    Y + 8 * c0, N);
     };
-    if ((long)M * N * K >= THREAD_MACS) pool.run(nchunks, run);
+    if ((long)M * N * K >= THREAD_MACS && M >= THREAD_ROWS) pool.run(nchunks, run);
     else for (int c = 0; c < nchunks; c++) run(c);
     calls.fetch_add(1, std::memory_order_relaxed);
     cycles.fetch_add(__rdtsc() - t0, std::memory_order_relaxed);
@@ -429,7 +432,7 @@ static void product(int path, bool tiles, const float* x, const uint8_t* W, cons
     if (bits == 4) tiles_scalar<4, S>(W, SC, BI, c0, c1, gs, a, Y, N);
     else tiles_scalar<8, S>(W, SC, BI, c0, c1, gs, a, Y, N);
   };
-  if ((long)M * N * K >= THREAD_MACS) pool.run(nchunks, cols);
+  if ((long)M * N * K >= THREAD_MACS && M >= THREAD_ROWS) pool.run(nchunks, cols);
   else for (int c = 0; c < nchunks; c++) cols(c);
   calls.fetch_add(1, std::memory_order_relaxed);
   cycles.fetch_add(__rdtsc() - t0, std::memory_order_relaxed);
@@ -1023,6 +1026,8 @@ NB_MODULE(_qmm, m) {
   m.def("thread_macs", [] { return qk::THREAD_MACS; }, "products of fewer multiply-adds stay on the calling thread");
   m.def("set_thread_macs", [](long macs) { qk::THREAD_MACS = macs; },
         "for measurements: products of fewer multiply-adds stay on the calling thread");
+  m.def("set_thread_rows", [](long rows) { qk::THREAD_ROWS = rows; },
+        "products of fewer rows stay on the calling thread");
   m.def("start_threads", [](int threads, int spin_us) { qk::pool.start(threads, spin_us); },
         "helper threads for large products (once; later calls do nothing)");
   m.def("sharing", [] { return qk::pool.helpers > 0 && qk::pool.alone.load() == 0; },
