@@ -39,12 +39,17 @@ ENV_THREADS = "MLXSERVE_GEMM_THREADS"
 SPIN_US = 300  # a helper's wake-up costs more than the gap between two products of a step
 
 
+def threads_setting() -> int | None:
+    """``MLXSERVE_GEMM_THREADS`` as a positive count, or None when unset or not one."""
+    value = os.environ.get(ENV_THREADS, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def threads() -> int:
     """Threads per product: ``MLXSERVE_GEMM_THREADS``, else every usable core, at most 4 (a
     cautious cap: more cores than 2 have not been tried)."""
-    value = os.environ.get(ENV_THREADS, "").strip()
-    if value.isdigit() and int(value) > 0:
-        return int(value)
+    if (setting := threads_setting()) is not None:
+        return setting
     from .backend import cpu_count
 
     return max(1, min(4, cpu_count()))

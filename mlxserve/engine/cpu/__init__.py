@@ -6,7 +6,6 @@ returns None with the reason where it cannot, and callers keep the float32 path.
 
 from __future__ import annotations
 
-import os
 import threading
 
 from .buildext import ENV, build, unavailable_reason  # noqa: F401
@@ -85,12 +84,12 @@ def threads() -> tuple[int, int]:
     shares every product; unset, prompt chunks (PREFILL_ROWS rows or more) are shared by two
     threads and decode steps stay on one, since a helper spinning between decode products takes
     the core the daemon's other threads need (benchmarks/results/history-cpu.md)."""
-    from ..smallgemm import ENV_THREADS
+    from ..backend import cpu_count
+    from ..smallgemm import threads_setting
 
-    value = os.environ.get(ENV_THREADS, "").strip()
-    if value.isdigit() and int(value) > 0:
-        return int(value), 1
-    return min(2, os.cpu_count() or 1), PREFILL_ROWS
+    if (setting := threads_setting()) is not None:
+        return setting, 1
+    return min(2, cpu_count()), PREFILL_ROWS
 
 
 PREFILL_ROWS = 32
