@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx_lm.utils import _get_classes
 
 from ..errors import LoadError, UnsupportedModel
-from . import gguf, sharding, tokenizer as tok
+from . import gguf, patches, sharding, tokenizer as tok
 from .cuda import linear as cuda_linear
 
 log = logging.getLogger(__name__)
@@ -89,33 +89,13 @@ def _flatten_quantized_inputs(model: nn.Module) -> None:
             m.__class__ = _CudaQuantizedLinear if on_cuda else _FlatQuantizedLinear
 
 
-def _gemma2_batch_mask() -> None:
-    """mlx-lm's gemma2 attention groups query heads as (B, kv_heads, repeats, L, D) but applies the
-    batch's (B, 1, L, S) mask unchanged, which lines B up with the KV heads: with two or more
-    sequences in a batch the step fails (or masks the wrong rows). Give the mask the group axis."""
-    from mlx_lm.models import gemma2
-
-    call = gemma2.Attention.__call__
-    if getattr(call, "mlxserve_grouped_mask", False):
-        return
-
-    def grouped_mask(self: Any, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        if isinstance(mask, mx.array) and mask.ndim == 4 and self.repeats > 1:
-            mask = mx.expand_dims(mask, 2)
-        return call(self, x, mask, cache)
-
-    grouped_mask.mlxserve_grouped_mask = True  # type: ignore[attr-defined]
-    gemma2.Attention.__call__ = grouped_mask
-
-
 def _build(config: dict[str, Any], weights: dict[str, mx.array]) -> nn.Module:
-    if config.get("model_type") == "gemma2":
-        _gemma2_batch_mask()
     try:
         model_class, args_class = _get_classes(config)
     except Exception as exc:
         raise UnsupportedModel(f"unsupported model type '{config.get('model_type')}'") from exc
     model = model_class(args_class.from_dict(config))
+    patches.apply(model, config)  # where mlx-lm's classes differ from the models as trained
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     _quantize_like(model, config.get("quantization"), weights)
