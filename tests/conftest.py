@@ -42,9 +42,10 @@ def smollm2_gguf() -> Path:
 
 
 def _make_store(root: Path, entries: dict[str, str], base_dir: Path) -> Path:
+    from mlxserve.engine import convert
     from mlxserve.store.store import Store
 
-    store = Store(root)
+    store = Store(root, converter=convert)
     for name, modelfile in entries.items():
         store.create(name, modelfile, base_dir=base_dir)
     return root

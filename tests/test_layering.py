@@ -17,13 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent / "mlxserve"
 # Known exceptions that other helpers are still fixing; each entry must still be needed (a
 # stale entry fails too), so the list only shrinks.
 MLX_OUTSIDE_ENGINE: set[str] = {
-    "mlxserve.store.importers",  # mlx-lm's model-type lookup for directories (_check_runnable)
     "mlxserve.testing.tinymodel",  # test support that writes random MLX weights (lead to decide)
 }
 HTTP_TO_ENGINE: set[tuple[str, str]] = set()
-STORE_TO_ENGINE: set[tuple[str, str]] = {  # conversion runs in engine/; to be injected (issue 19)
-    ("mlxserve.store.convert", "mlxserve.engine.convert"),
-}
+STORE_TO_ENGINE: set[tuple[str, str]] = set()
 CYCLES: set[frozenset[str]] = {
     # cpu_count and the compiler probe shared by the BLAS bootstrap: helper "cpu" (issue 16)
     frozenset({"mlxserve.engine.backend", "mlxserve.engine.jitflags", "mlxserve.engine.smallgemm"}),

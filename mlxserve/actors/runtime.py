@@ -10,6 +10,7 @@ import attrs
 import trio
 
 from ..config import Settings
+from ..engine import convert
 from ..store.store import Store
 from . import faults
 from .embedder import Embedder
@@ -33,7 +34,7 @@ class Runtime:
 
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
-    store = StoreService(Store.for_settings(settings), settings.transfer)
+    store = StoreService(Store.for_settings(settings, converter=convert), settings.transfer)
     await store.prune()
     async with trio.open_nursery() as nursery:
         # Models run in their own nursery, inside the outer one, so they stop before the

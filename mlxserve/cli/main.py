@@ -34,7 +34,7 @@ async def serve(host: str | None, log_level: str | None, preload: tuple[str, ...
     """Start the daemon in the foreground."""
     import logging
 
-    from ..engine.backend_setup import setup_backend
+    from ..engine.cpu.bootstrap import setup_backend
 
     backend = setup_backend()  # before mlx is imported
     if host:
@@ -161,12 +161,13 @@ async def create(name: str, modelfile: str, quantize: str | None, local: bool) -
 
 
 def _create_local(name: str, text: str, base_dir: Path, quantize: str | None) -> None:
+    from ..engine import convert
     from ..errors import MlxserveError
     from ..store.store import Store
 
     s = _settings()
     try:
-        Store.for_settings(s).create(
+        Store.for_settings(s, converter=convert).create(
             name,
             text,
             base_dir=base_dir,

@@ -7,11 +7,16 @@ calls these; they are here because they need MLX).
   the tokenizer and chat template are rebuilt from the GGUF metadata.
 * :func:`quantize_directory`: ``--quantize q4|q8`` of a float safetensors directory, through
   mlx-lm's own quantizer.
+* :func:`knows_model_type`: whether mlx-lm can build a directory's model (checked at create).
+
+The module as a whole is the store's ``Converter`` (store/convert.py): whoever opens the store
+passes it in, so the store imports no MLX.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import mmap
@@ -26,11 +31,15 @@ from . import gguf, ggufquant
 from .tokenizer import from_gguf_metadata
 
 
-class TensorInfo(Protocol):
-    name: str
-    shape: tuple[int, ...]  # numpy order
-    ggml_type: int
-    offset: int  # absolute, in the file
+class TensorInfo(Protocol):  # read only: store/ggufmeta.py's frozen TensorInfo is one
+    @property
+    def name(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...  # numpy order
+    @property
+    def ggml_type(self) -> int: ...
+    @property
+    def offset(self) -> int: ...  # absolute, in the file
 
 
 def _nbytes(info: TensorInfo) -> int:
@@ -120,3 +129,22 @@ def quantize_directory(src: Path, out_dir: Path, bits: int, group_size: int) -> 
     mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return config
+
+
+def knows_model_type(config: dict[str, Any]) -> bool:
+    """Whether mlx-lm has an implementation of ``config``'s model type, as engine/model.py
+    builds it (with mlx-lm's renames: mistral -> llama...)."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        return False
+    spec = importlib.util.find_spec("mlx_lm")  # the common case, without importing mlx-lm (seconds)
+    if spec is not None and spec.submodule_search_locations and model_type.isidentifier():
+        if any((Path(d) / "models" / f"{model_type}.py").is_file() for d in spec.submodule_search_locations):
+            return True
+    from mlx_lm.utils import _get_classes
+
+    try:
+        _get_classes(config)
+    except (ValueError, ImportError, KeyError, TypeError):
+        return False
+    return True

@@ -3,18 +3,19 @@
 GGUF files whose tensor types ``mx.load`` keeps quantized (Q4_0, Q4_1, Q8_0) or reads exactly
 (F32, F16) are stored and run as they are. Any other type is converted once, at create, into an
 mlx-lm directory (engine/convert.py, engine/ggufquant.py). This module reads only the header,
-so the store imports no MLX; the conversions themselves are in engine/.
+so the store imports no MLX; the conversions themselves are in engine/, injected as a
+``Converter``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, Sequence
 
 from gguf.constants import GGMLQuantizationType as T
 
-from ..errors import BadRequest, MlxserveError
-from .ggufmeta import GGUFHeader
+from ..errors import BadRequest, EngineError, MlxserveError
+from .ggufmeta import GGUFHeader, TensorInfo
 
 # Tensor types mx.load keeps quantized (Q*) or reads exactly (F*): such files are stored as is.
 KEPT_TYPES = frozenset({T.F32, T.F16, T.Q4_0, T.Q4_1, T.Q8_0})
@@ -59,23 +60,54 @@ def describe(header: GGUFHeader) -> dict[str, str]:
     return {q.name: describe_type(q) for q in seen}
 
 
+class Converter(Protocol):
+    """The conversions that need MLX, given to the store by whoever opens it (the daemon and the
+    CLI pass the module engine/convert.py), so the store itself imports no MLX."""
+
+    def convert_gguf(
+        self,
+        path: Path,
+        metadata: dict[str, Any],
+        tensors: Sequence[TensorInfo],
+        out_dir: Path,
+        bits_for: Callable[[T], int],
+        progress: Callable[[dict], None] | None = None,
+    ) -> dict[str, Any]: ...
+
+    def quantize_directory(self, src: Path, out_dir: Path, bits: int, group_size: int) -> dict[str, Any]: ...
+
+    def knows_model_type(self, config: dict[str, Any]) -> bool: ...
+
+
+def _engine(converter: Converter | None) -> Converter:
+    if converter is None:  # a programming error: the store was opened for reading only
+        raise EngineError("this store was opened without the engine's conversions (Store(converter=...))")
+    return converter
+
+
 def convert_gguf(
-    path: Path, header: GGUFHeader, out_dir: Path, progress: Callable[[dict], None] | None = None
+    converter: Converter | None,
+    path: Path,
+    header: GGUFHeader,
+    out_dir: Path,
+    progress: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
     """Write an mlx-lm directory for the GGUF at ``path`` into ``out_dir``; returns its config."""
-    from ..engine import convert  # MLX: only when a conversion runs
-
+    engine = _engine(converter)
     try:
-        return convert.convert_gguf(path, header.metadata, header.tensors, out_dir, bits_for, progress)
+        return engine.convert_gguf(path, header.metadata, header.tensors, out_dir, bits_for, progress)
     except (MlxserveError, NotImplementedError) as exc:  # NotImplementedError: gguf cannot decode it
         raise BadRequest(f"cannot convert {path.name}: {exc}") from None
 
 
-def quantize_directory(src: Path, out_dir: Path, bits: int) -> dict[str, Any]:
+def quantize_directory(converter: Converter | None, src: Path, out_dir: Path, bits: int) -> dict[str, Any]:
     """Quantize a float mlx-lm / HF directory with mlx-lm (group 64)."""
-    from ..engine import convert
-
+    engine = _engine(converter)
     try:
-        return convert.quantize_directory(src, out_dir, bits, GROUP_SIZE)
+        return engine.quantize_directory(src, out_dir, bits, GROUP_SIZE)
     except ValueError as exc:
         raise BadRequest(f"cannot quantize {src.name}: {exc}") from None
+
+
+def knows_model_type(converter: Converter | None, config: dict[str, Any]) -> bool:
+    return _engine(converter).knows_model_type(config)

@@ -101,11 +101,11 @@ def import_source(
         path = source_path(ref, base_dir)
     if path is not None:
         if path.is_dir():
-            return importers.import_directory(path, workdir, emit, quantize, validated)
+            return importers.import_directory(path, workdir, emit, quantize, validated, converter=store.converter)
         if quantize is not None:
             raise BadRequest(_QUANTIZE_NEEDS_DIR)
         if is_gguf(path):
-            return importers.import_gguf(path, workdir, emit, validated)
+            return importers.import_gguf(path, workdir, emit, validated, converter=store.converter)
         raise BadRequest(f"{f'FROM {ref}' if ref else 'files'}: not a GGUF file or a model directory")
     if quantize is not None:
         raise BadRequest(_QUANTIZE_NEEDS_DIR)

@@ -6,7 +6,6 @@ or bytes) and the spec fields it learned; ``Store.create`` writes the blobs.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -179,10 +178,15 @@ def _nothing() -> None:
 
 
 def import_gguf(
-    path: Path, workdir: Path, progress: Callable[[dict], None], validated: Callable[[], None] = _nothing
+    path: Path,
+    workdir: Path,
+    progress: Callable[[dict], None],
+    validated: Callable[[], None] = _nothing,
+    *,
+    converter: convert.Converter | None,
 ) -> Imported:
     """``validated`` is called once the file is known good, before a conversion (minutes for a
-    large model) starts."""
+    large model) starts; ``converter`` runs it (None: a file that needs one is refused)."""
     progress({"status": "parsing GGUF"})
     header = read_header(path)
     check_gguf_runnable(path, header)
@@ -195,7 +199,7 @@ def import_gguf(
     validated()
     progress({"status": "converting model"})
     out = workdir / "converted"
-    config = convert.convert_gguf(path, header, out, progress)
+    config = convert.convert_gguf(converter, path, header, out, progress)
     quant = config.get("quantization") or {}
     spec.format = "safetensors"
     if quant:
@@ -315,8 +319,11 @@ def import_directory(
     progress: Callable[[dict], None],
     quantize: str | None = None,
     validated: Callable[[], None] = _nothing,
+    *,
+    converter: convert.Converter | None,
 ) -> Imported:
-    """``validated`` as for import_gguf, before quantizing."""
+    """``validated`` and ``converter`` as for import_gguf (the converter also knows which model
+    types the engine runs)."""
     progress({"status": "reading model directory"})
     if not (root / "config.json").is_file():
         raise BadRequest(f"{root} has no config.json (expected an mlx-lm or Hugging Face model directory)")
@@ -331,7 +338,7 @@ def import_directory(
     embedding = model_type in EMBEDDING_TYPES or (root / "modules.json").is_file()
     vision = not embedding and served_vision_type(config)  # mlx-lm may still serve it as text
     if not vision:
-        _check_runnable(root, config, embedding)
+        _check_runnable(root, config, embedding, converter)
     for r in rels:
         if r.endswith(".safetensors"):
             safetensorsmeta.read_header(root / r)
@@ -350,7 +357,7 @@ def import_directory(
         validated()
         progress({"status": f"quantizing model to {quantize.lower()}"})
         out = workdir / "quantized"
-        config = convert.quantize_directory(root, out, bits)
+        config = convert.quantize_directory(converter, root, out, bits)
         # The new weights and config replace the originals (and any shard index, which would
         # name shards that are no longer there); tokenizer files stay.
         replaced = frozenset(
@@ -383,14 +390,7 @@ def import_directory(
     return Imported(layers, spec, _vocab(root))
 
 
-def _mlx_lm_has_module(model_type: str) -> bool:
-    spec = importlib.util.find_spec("mlx_lm")  # finds the package without importing it
-    if spec is None or not spec.submodule_search_locations or not model_type.isidentifier():
-        return False
-    return any((Path(d) / "models" / f"{model_type}.py").is_file() for d in spec.submodule_search_locations)
-
-
-def _check_runnable(root: Path, config: dict[str, Any], embedding: bool) -> None:
+def _check_runnable(root: Path, config: dict[str, Any], embedding: bool, converter: convert.Converter | None) -> None:
     """Refuse at create a directory whose model type the engine has no implementation for."""
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
@@ -401,17 +401,11 @@ def _check_runnable(root: Path, config: dict[str, Any], embedding: bool) -> None
                 f"unsupported embedding model type {model_type!r} (embedding models mlxserve can run: bert)"
             )
         return
-    if _mlx_lm_has_module(model_type):
-        return  # the common case, without importing mlx-lm (seconds, for `create --local`)
-    from mlx_lm.utils import _get_classes  # what engine/model.py builds the model with
-
-    try:
-        _get_classes(config)  # knows mlx-lm's renames (mistral -> llama...)
-    except (ValueError, ImportError, KeyError, TypeError):
+    if not convert.knows_model_type(converter, config):
         raise BadRequest(
             f"unsupported model type {model_type!r} (mlx-lm has no implementation "
             "of it; see mlx_lm/models for the model types it can run)"
-        ) from None
+        )
 
 
 def _directory_model_info(config: dict[str, Any], arch: str, n_params: int) -> dict[str, Any]:

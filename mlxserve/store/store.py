@@ -36,6 +36,7 @@ from ..specs.modelspec import ModelSpec
 from ..specs.options import Options
 from ..specs.templates import check_template
 from . import create as create_steps, fsutil, gc, importers, links, manifest as mt
+from .convert import Converter
 from .integrity import Verifier
 from .names import DEFAULT_REGISTRY, ModelName, parse_name
 from .ollama_compat import spec_from_ollama
@@ -59,18 +60,30 @@ class ResolvedModel:
 
 class Store:
     @classmethod
-    def for_settings(cls, settings: Settings) -> Store:
+    def for_settings(cls, settings: Settings, converter: Converter | None = None) -> Store:
         """The store the settings name (MLXSERVE_MODELS), as the daemon and the CLI open it."""
         return cls(
             settings.models_dir,
             default_registry=settings.default_registry,
             kill_at_stage=settings.fault_create_kill_after,
+            converter=converter,
         )
 
-    def __init__(self, root: Path, default_registry: str = DEFAULT_REGISTRY, *, kill_at_stage: str | None = None):
+    def __init__(
+        self,
+        root: Path,
+        default_registry: str = DEFAULT_REGISTRY,
+        *,
+        kill_at_stage: str | None = None,
+        converter: Converter | None = None,
+    ):
         """``kill_at_stage``: a fault of the chaos harness's (actors/faults.py), inert when None:
-        the process kills itself when a create reaches that stage ("blob", "before_manifest")."""
+        the process kills itself when a create reaches that stage ("blob", "before_manifest").
+        ``converter``: the engine's conversions and model-type check (engine/convert.py), which
+        a create that converts, quantizes or imports a directory needs; None opens the store
+        for everything else."""
         self.kill_at_stage = kill_at_stage
+        self.converter = converter
         self.root = Path(root).expanduser()
         self.default_registry = default_registry.lower()
         self.blobs_dir = self.root / "blobs"

@@ -61,13 +61,14 @@ def test_model_on_cuda_routes_its_quantized_layers(tiny_dir, tmp_path):
 def test_kquant_import_computes_in_half_precision_on_a_gpu(tmp_path):
     from mlx.utils import tree_flatten
 
+    from mlxserve.engine import convert
     from mlxserve.store.convert import convert_gguf
     from mlxserve.store.ggufmeta import read_header
 
     src = tmp_path / "kq.gguf"
     write_kquant_gguf(src)
     out = tmp_path / "converted"
-    convert_gguf(src, read_header(src), out)
+    convert_gguf(convert, src, read_header(src), out)
     lm = engine_model.load_path(out)
     floats = {v.dtype for _, v in tree_flatten(lm.model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
     assert floats == {mx.float16}

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from mlxserve.engine import convert as engine_convert
 from mlxserve.engine.model import load_path
 from mlxserve.store import convert
 from mlxserve.store.ggufmeta import read_header
@@ -32,7 +33,7 @@ def mlxserve_path(gguf: Path, tmp_path: Path) -> Path:
     if not convert.needs_conversion(header):
         return gguf
     out = tmp_path / "converted"
-    convert.convert_gguf(gguf, header, out)
+    convert.convert_gguf(engine_convert, gguf, header, out)
     return out
 
 

@@ -37,9 +37,10 @@ def kquant_gguf(tmp_path_factory) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def smol_store(tmp_path_factory, smollm2_gguf):
     """A store holding the SmolLM2 GGUF as 'smollm2:135m' (created once per module)."""
+    from mlxserve.engine import convert
     from mlxserve.store import Store
 
-    store = Store(tmp_path_factory.mktemp("store") / "models")
+    store = Store(tmp_path_factory.mktemp("store") / "models", converter=convert)
     store.create("smollm2:135m", f"FROM {smollm2_gguf.name}\nPARAMETER temperature 0.2\n", base_dir=smollm2_gguf.parent)
     return store
 

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from mlxserve.engine import convert
 from mlxserve.errors import BadRequest, DigestMismatch
 from mlxserve.specs.modelfile import Modelfile
 from mlxserve.store import Store
@@ -18,7 +19,7 @@ def digest_of(data: bytes) -> str:
 
 @pytest.fixture
 def store(tmp_path):
-    return Store(tmp_path / "models")
+    return Store(tmp_path / "models", converter=convert)
 
 
 def test_ingest_streams_and_keeps_matching_bytes(store):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mlxserve.engine import convert
 from mlxserve.errors import ModelNotFound
 from mlxserve.store import Store, manifest as mt
 
@@ -15,9 +16,10 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import sys
 from pathlib import Path
+from mlxserve.engine import convert
 from mlxserve.store import Store
 root, name, modelfile, base, fault = sys.argv[1:6]
-Store(Path(root), kill_at_stage=fault or None).create(name, modelfile, base_dir=Path(base))
+Store(Path(root), kill_at_stage=fault or None, converter=convert).create(name, modelfile, base_dir=Path(base))
 """
 
 
@@ -63,7 +65,7 @@ def test_killed_first_create_leaves_nothing(tmp_path, tiny_llama_dir, stage):
 @pytest.mark.parametrize("stage", ["blob", "before_manifest"])
 def test_killed_replacement_keeps_the_old_model(tmp_path, tiny_llama_dir, stage):
     root = tmp_path / "models"
-    store = Store(root)
+    store = Store(root, converter=convert)
     old = store.create("tiny", "FROM tiny-llama\nSYSTEM old\n", base_dir=tiny_llama_dir.parent)
     proc = run_create(root, "tiny", "FROM tiny-llama\nSYSTEM new\n", tiny_llama_dir.parent, stage)
     assert proc.returncode == -signal.SIGKILL, proc.stderr

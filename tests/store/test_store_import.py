@@ -6,6 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlxserve.engine import convert
 from mlxserve.errors import BadRequest
 from mlxserve.store import Store
 from mlxserve.store.ggufmeta import read_header
@@ -13,7 +14,7 @@ from mlxserve.store.ggufmeta import read_header
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return Store(tmp_path_factory.mktemp("import") / "models")
+    return Store(tmp_path_factory.mktemp("import") / "models", converter=convert)
 
 
 def test_header_reader_matches_gguf_package(kquant_gguf):
@@ -187,3 +188,16 @@ def test_directory_errors(store, tmp_path):
     (empty / "config.json").write_text("{}")
     with pytest.raises(BadRequest, match="safetensors"):
         store.create("x", "FROM ./empty", base_dir=tmp_path)
+
+
+def test_store_without_converter_refuses_what_needs_the_engine(tmp_path, kquant_gguf, tiny_llama_dir):
+    """The store imports no MLX: a create that converts or checks a model type needs the
+    engine's conversions injected, and without them says so instead of importing them."""
+    from mlxserve.errors import EngineError
+
+    bare = Store(tmp_path / "models")
+    path, _ = kquant_gguf
+    for source, base in ((path.name, path.parent), ("tiny-llama", tiny_llama_dir.parent)):
+        with pytest.raises(EngineError, match="converter"):
+            bare.create("x", f"FROM {source}", base_dir=base)
+    assert bare.list() == [] and list(bare.tmp_dir.iterdir()) == []

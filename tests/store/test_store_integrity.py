@@ -4,13 +4,14 @@ import os
 
 import pytest
 
+from mlxserve.engine import convert
 from mlxserve.errors import IntegrityError
 from mlxserve.store import Store, fsutil
 
 
 @pytest.fixture
 def store(tmp_path, tiny_llama_dir):
-    s = Store(tmp_path / "models")
+    s = Store(tmp_path / "models", converter=convert)
     s.create("tiny", "FROM tiny-llama\nSYSTEM hi\n", base_dir=tiny_llama_dir.parent)
     return s
 

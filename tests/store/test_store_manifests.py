@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from mlxserve.engine import convert
 from mlxserve.errors import BadRequest, IntegrityError
 from mlxserve.store import Store, manifest as mt
 
@@ -17,7 +18,7 @@ def put(store: Store, data: bytes) -> dict:
 
 @pytest.fixture
 def store(tmp_path):
-    return Store(tmp_path / "models", default_registry="127.0.0.1:5000")
+    return Store(tmp_path / "models", default_registry="127.0.0.1:5000", converter=convert)
 
 
 def test_ollama_manifest_is_read(store):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from model_files import write_unsupported_gguf
 
+from mlxserve.engine import convert
 from mlxserve.errors import BadRequest
 from mlxserve.store import Store
 from mlxserve.store.ggufmeta import GGUF_ARCHITECTURES
@@ -32,7 +33,7 @@ def patch_tensor(data: bytes, name: str, part: str, value: int) -> bytes:
 
 @pytest.fixture
 def store(tmp_path):
-    return Store(tmp_path / "models")
+    return Store(tmp_path / "models", converter=convert)
 
 
 def snapshot(store: Store) -> tuple:
