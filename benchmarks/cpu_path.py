@@ -62,7 +62,7 @@ def run_variant(name: str, model_path: str, tokens: int, levels: list[int], comp
     blas_setting, weight_dtype = VARIANTS[name]
     load_before = os.getloadavg()[0]
     os.environ["MLXSERVE_BLAS"] = blas_setting
-    from mlxserve.engine import backend
+    from mlxserve.engine.cpu import backend
 
     info = backend.configure_blas()  # before mlx is imported
     import mlx.core as mx

@@ -188,7 +188,7 @@ def keep_best(result: dict, label: str, n: int, runs: list[dict], min_count: boo
 
 def raw_child(args) -> None:
     """Runs in its own process: loads the model as mlxserve does, then times BatchGenerator."""
-    from mlxserve.engine.backend_setup import setup_backend
+    from mlxserve.engine.cpu.bootstrap import setup_backend
 
     setup_backend()
     if os.environ.get(FLATTEN_ENV):
@@ -255,7 +255,7 @@ def raw_child(args) -> None:
 
 def engine_child(args) -> None:
     """Runs in its own process: mlxserve's Engine thread (no trio, no HTTP), deliver = a queue."""
-    from mlxserve.engine.backend_setup import setup_backend
+    from mlxserve.engine.cpu.bootstrap import setup_backend
 
     setup_backend()
     if os.environ.get(FLATTEN_ENV):

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlxserve.engine.backend_setup import setup_backend  # noqa: E402
+from mlxserve.engine.cpu.bootstrap import setup_backend  # noqa: E402
 
 BACKEND = setup_backend()  # before mlx is imported, as the daemon does
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from mlxserve.engine.backend_setup import setup_backend  # noqa: E402
+from mlxserve.engine.cpu.bootstrap import setup_backend  # noqa: E402
 
 BACKEND = setup_backend()
 

@@ -12,7 +12,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from mlxserve.engine.backend_setup import setup_backend  # noqa: E402
+from mlxserve.engine.cpu.bootstrap import setup_backend  # noqa: E402
 
 setup_backend()  # as `mlxctl serve` does, before anything imports mlx
 

@@ -16,8 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from . import backend
-from .cpu import pack as cpu_pack
+from .cpu import backend, pack as cpu_pack
 
 KEEP = "keep"
 QKERNELS = "quantized-cpu"  # stay quantized, products through engine/cpu's kernels

@@ -14,7 +14,7 @@ import pytest
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlxserve.engine import backend
+from mlxserve.engine.cpu import backend
 from mlxserve.engine.dtype import (
     choose_weight_dtype,
     dequantize_model,
@@ -30,7 +30,7 @@ GiB = 2**30
 
 _PROBE = """
 import json, sys
-from mlxserve.engine import backend
+from mlxserve.engine.cpu import backend
 if sys.argv[1] == "late":
     import mlx.core
 info = backend.configure_blas()

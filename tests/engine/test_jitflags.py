@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from support import python_probe
 
-from mlxserve.engine import jitflags
+from mlxserve.engine.cpu import jitflags
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,7 +21,7 @@ needs_gxx = pytest.mark.skipif(
 
 _PROBE = """
 import json, os, shutil, glob
-from mlxserve.engine import backend
+from mlxserve.engine.cpu import backend
 info = backend.configure_blas()
 import mlx.core as mx
 import mlx.nn as nn

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from support import python_probe
 
-from mlxserve.engine import backend, smallgemm
+from mlxserve.engine.cpu import backend, smallgemm
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,7 +21,7 @@ needs_kernels = pytest.mark.skipif(
 
 _PROBE = """
 import ctypes, json, sys
-from mlxserve.engine import backend
+from mlxserve.engine.cpu import backend
 info = backend.configure_blas()
 import mlx.core as mx
 import numpy as np
@@ -68,7 +68,7 @@ with mx.stream(mx.cpu):
         alone = np.concatenate([np.array(x[i:i + 1] @ w.T) for i in range(16)])
         invariant = invariant and bool((batched == alone).all())
 
-from mlxserve.engine import smallgemm
+from mlxserve.engine.cpu import smallgemm
 from pathlib import Path
 names = [(t / "comm").read_text().strip() for t in Path("/proc/self/task").iterdir()]
 print(json.dumps({"threads": smallgemm.threads(), "helpers": names.count("mlxserve-gemm"), "small_gemm": info.small_gemm, "reason": info.small_gemm_reason,

@@ -1,4 +1,10 @@
-"""Quantized few-row products for the CPU: an MLX primitive over MLX's packed affine weights.
+"""MLX's CPU backend on this machine: the quantized kernels here, and the bootstrap beside them.
+
+Everything that makes MLX's CPU path fast lives in this one package, since it shares one build
+cache, one CPU probe (machine.py) and one rule (it runs before ``mlx.core`` is first imported):
+the BLAS selection (backend.py, bootstrap.py), the few-row float32 kernels (smallgemm.py), the
+``-march=native`` JIT wrapper (jitflags.py), and the quantized few-row products (this module:
+an MLX primitive over MLX's packed affine weights, qmm.cpp, built by buildext.py).
 
 :func:`load` builds (once per machine, cached like smallgemm) and imports the extension; it
 returns None with the reason where it cannot, and callers keep the float32 path.
@@ -84,8 +90,8 @@ def threads() -> tuple[int, int]:
     shares every product; unset, prompt chunks (PREFILL_ROWS rows or more) are shared by two
     threads and decode steps stay on one, since a helper spinning between decode products takes
     the core the daemon's other threads need (benchmarks/results/history-cpu.md)."""
-    from ..backend import cpu_count
-    from ..smallgemm import threads_setting
+    from .machine import cpu_count
+    from .smallgemm import threads_setting
 
     if (setting := threads_setting()) is not None:
         return setting, 1

@@ -19,7 +19,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from .. import smallgemm
+from . import jitflags, smallgemm
+from .machine import cpu_flags
 
 ENV = "MLXSERVE_QKERNELS"  # "off": dequantize to float32 on the CPU as before
 SOURCE = Path(__file__).with_name("qmm.cpp")
@@ -37,8 +38,6 @@ FLAGS = [
 
 
 def _compiler() -> str | None:
-    from .. import jitflags
-
     path = jitflags.plain_path(os.environ.get("PATH", ""))  # the real g++, not MLX's wrapper
     return shutil.which(os.environ.get("CXX", "g++"), path=path) or shutil.which("g++", path=path)
 
@@ -84,9 +83,7 @@ def _key(cxx: str, *parts: str) -> str:
 
     st = os.stat(cxx)
     ident = f"{os.path.realpath(cxx)}:{st.st_size}:{st.st_mtime_ns}"
-    text = "\0".join(
-        [ident, " ".join(FLAGS), smallgemm.cpu_flags(), mx.__version__, nanobind.__version__, sys.version, *parts]
-    )
+    text = "\0".join([ident, " ".join(FLAGS), cpu_flags(), mx.__version__, nanobind.__version__, sys.version, *parts])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from . import smallgemm
+from .machine import cpu_flags
 
 ENV = "MLXSERVE_JIT_NATIVE"
 FLAGS = "-march=native"
@@ -59,7 +60,7 @@ def install() -> str:
     except OSError as exc:
         return f"g++ unusable: {exc}"
     ident = f"{os.path.realpath(gxx)}:{st.st_size}:{st.st_mtime_ns}"
-    key = hashlib.sha256("\0".join([ident, FLAGS, smallgemm.cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([ident, FLAGS, cpu_flags()]).encode()).hexdigest()[:16]
     folder = smallgemm.cache_dir() / f"jit-{key}"
     wrapper = folder / "g++"
     if not wrapper.exists():

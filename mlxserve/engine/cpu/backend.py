@@ -35,6 +35,9 @@ from pathlib import Path
 
 import attrs
 
+from . import jitflags, smallgemm
+from .machine import cpu_count
+
 log = logging.getLogger(__name__)
 
 ENV_BLAS = "MLXSERVE_BLAS"
@@ -93,14 +96,6 @@ def candidate_paths() -> list[str]:
         paths.append(found)
     seen: set[str] = set()
     return [p for p in paths if not (p in seen or seen.add(p))]
-
-
-def cpu_count() -> int:
-    """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def default_blas_threads() -> int:
@@ -181,8 +176,6 @@ def _make_global(path: str, expected: str) -> tuple[ctypes.CDLL | None, str]:
 def _load_small_gemm(fallback: ctypes.CDLL) -> tuple[ctypes.CDLL | None, str]:
     """Build (or find) the few-row kernels and put them in the global scope ahead of the BLAS,
     which serves every call they do not take. (None, why) where they cannot be used."""
-    from . import smallgemm
-
     path, why = smallgemm.build()
     if path is None:
         return None, why
@@ -213,8 +206,6 @@ def configure_blas() -> BlasInfo:
         if _info is None:
             _info = _configure()
             if sys.platform != "darwin":
-                from . import jitflags
-
                 _info = attrs.evolve(_info, cpu_jit=jitflags.install())
             log.debug("BLAS: %s", _info)
         return _info

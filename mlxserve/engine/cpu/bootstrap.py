@@ -1,4 +1,7 @@
-"""Pick the fastest CPU BLAS before mlx is imported (see backend.py); a no-op where absent."""
+"""Pick the fastest CPU BLAS before mlx is imported (see backend.py); a no-op where absent.
+
+Entry points call :func:`setup_backend` first thing: importing this module imports no MLX.
+"""
 
 from __future__ import annotations
 

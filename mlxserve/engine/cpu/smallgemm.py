@@ -31,6 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .machine import cpu_count, cpu_flags
+
 ENV = "MLXSERVE_SMALL_GEMM"  # "off" disables it; a directory overrides the build cache
 MAX_ROWS = 16  # NUM_PARALLEL's default: every decode step of a full batch comes here
 _NN_ROWS = 8  # untransposed B: rows handled per pass
@@ -50,8 +52,6 @@ def threads() -> int:
     cautious cap: more cores than 2 have not been tried)."""
     if (setting := threads_setting()) is not None:
         return setting
-    from .backend import cpu_count
-
     return max(1, min(4, cpu_count()))
 
 
@@ -376,17 +376,6 @@ def c_source() -> str:
 # --- build -------------------------------------------------------------------------------------
 
 CFLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
-
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def _compiler() -> str | None:
