@@ -17,7 +17,7 @@ from typing import Callable
 import trio
 
 from ..config import Settings
-from ..engine import model as engine_model
+from ..engine import model as engine_model, patches as engine_patches
 from ..errors import LoadError
 from . import faults
 from .embedder import Embedder
@@ -37,6 +37,7 @@ def default_load_fn(path: Path, settings: Settings, num_ctx: int | None) -> Call
         lm = engine_model.load_path(path, weight_dtype=settings.weight_dtype)
         if num_ctx:
             lm.context_length = min(int(num_ctx), lm.context_length) if lm.context_length else int(num_ctx)
+            engine_patches.fit_context(lm.model, lm.context_length)  # phi3's LongRoPE factors
         return lm
 
     return load

@@ -260,6 +260,8 @@ def config_from_metadata(
     if arch == "gemma2":
         config["attn_logit_softcapping"] = float(meta("attn_logit_softcapping", 50.0))
         config["final_logit_softcapping"] = float(meta("final_logit_softcapping", 30.0))
+        # every other layer (the first included) slides: engine/patches.py (llama.cpp's default 4096)
+        config["sliding_window"] = int(meta("attention.sliding_window", 4096) or 0) or None
     elif arch == "gemma3":
         # final_logit_softcapping is ignored: Gemma 3 has none (some Ollama files carry a
         # stray 30 that Ollama itself does not apply), and mlx-lm's gemma3_text has no cap.
@@ -304,12 +306,21 @@ def config_from_metadata(
         }
     elif arch == "phi3":
         config["partial_rotary_factor"] = rope_dim / head_dim
-        if "rope_factors_short.weight" in shapes:
-            # llama.cpp uses the short factors while the context fits the original one (always
-            # at Ollama's default contexts); mlx-lm uses "long_factor" at every length.
-            short = [float(v) for v in vector("rope_factors_short.weight")]
-            config["original_max_position_embeddings"] = int(meta("rope.scaling.original_context_length", 4096))
-            scaling = {"type": "longrope", "long_factor": short, "short_factor": short}
+        if "rope_factors_short.weight" in shapes or "rope_factors_long.weight" in shapes:
+            # LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini): llama.cpp uses the long factors only
+            # when the context is longer than the original one, and the file's attention factor
+            # (1 when absent); engine/patches.py does the same with mlx-lm's SuScaledRoPE.
+            short = [float(v) for v in vector("rope_factors_short.weight")] if "rope_factors_short.weight" in shapes else None
+            long = [float(v) for v in vector("rope_factors_long.weight")] if "rope_factors_long.weight" in shapes else None
+            config["original_max_position_embeddings"] = int(
+                meta("rope.scaling.original_context_length", 0) or config["max_position_embeddings"]
+            )
+            scaling = {
+                "type": "longrope",
+                "long_factor": long or short,
+                "short_factor": short or long,
+                "attn_factor": float(meta("rope.scaling.attn_factor", 1.0)),
+            }
     if scaling is not None:
         config["rope_scaling"] = scaling
     return config

@@ -170,7 +170,7 @@ def write(path: Path, arch: str, quant: str = "Q8_0", seed: int = 0, drop: tuple
         # caps small enough to bend these scores and logits (gemma 2 ships 50 and 30)
         w.add_attn_logit_softcapping(1.5)
         w.add_final_logit_softcapping(8.0)
-        w.add_sliding_window(4096)
+        w.add_sliding_window(8)  # shorter than the prompts: the local layers' window is checked
     elif arch == "gemma3":
         base = 1000000.0
         w.add_sliding_window(8)  # shorter than the prompts: the window is checked too
@@ -193,7 +193,7 @@ def write(path: Path, arch: str, quant: str = "Q8_0", seed: int = 0, drop: tuple
         w.add_expert_feed_forward_length(EXPERT_FFN)
     elif arch == "phi3":
         rope_dim = 48  # phi-4-mini's partial rotary (0.75)
-        orig = 4096
+        orig = 256  # llama.cpp's smallest context: 256 runs the short factors, 512 the long ones
         w.add_rope_scaling_orig_ctx_len(orig)
         w.add_rope_scaling_attn_factors(
             math.sqrt(1 + math.log(CONTEXT / orig) / math.log(orig)) if CONTEXT > orig else 1.0

