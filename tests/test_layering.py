@@ -16,9 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent / "mlxserve"
 
 # Known exceptions that other helpers are still fixing; each entry must still be needed (a
 # stale entry fails too), so the list only shrinks.
-MLX_OUTSIDE_ENGINE: set[str] = {
-    "mlxserve.testing.tinymodel",  # test support that writes random MLX weights (lead to decide)
-}
+MLX_OUTSIDE_ENGINE: set[str] = set()
 HTTP_TO_ENGINE: set[tuple[str, str]] = set()
 STORE_TO_ENGINE: set[tuple[str, str]] = set()
 
@@ -188,12 +186,6 @@ SETTING_NAMES_ALLOWED = {
     "mlxserve.chaos": "the harness sets them for the daemons it starts (the whole package)",
     "mlxserve.cli.main": "serve --host sets MLXSERVE_HOST for the daemon",
     "mlxserve.actors.faults": "the control file's variable name, for the harness to set",
-    # Read before mlx.core is first imported (the BLAS and JIT bootstrap): helper "cpu" (issue 16)
-    "mlxserve.engine.cpu.backend": "cpu",
-    "mlxserve.engine.cpu.buildext": "cpu",
-    "mlxserve.engine.cpu.jitflags": "cpu",
-    "mlxserve.engine.cpu.smallgemm": "cpu",
-    "mlxserve.engine.distributed": 'read on every rank before Settings: helper "dist" (issue 20)',
 }
 
 
@@ -224,3 +216,5 @@ def test_settings_are_read_in_config():
     allowed = tuple(SETTING_NAMES_ALLOWED)
     outside = sorted(m for m in named if not m.startswith(allowed))
     assert outside == [], f"MLXSERVE_* read outside config.py: {outside}"
+    stale = sorted(a for a in allowed if not any(m.startswith(a) for m in named))
+    assert stale == [], f"allowlisted modules that name no MLXSERVE_* variable (remove them): {stale}"

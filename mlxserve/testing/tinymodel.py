@@ -2,7 +2,8 @@
 directory and as a GGUF (F32, Q/K permuted as llama.cpp stores them).
 
 Used by the test suite and by ``mlxctl chaos`` (which must not depend on the test tree). Random
-weights rarely emit EOS, so ``num_predict`` sets each answer's length.
+weights rarely emit EOS, so ``num_predict`` sets each answer's length. Written with numpy,
+safetensors and gguf, not MLX: only engine/ imports MLX.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlx.core as mx
+import gguf
 import numpy as np
+from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 CHATML = (
@@ -103,7 +105,7 @@ def write_mlx_dir(path: Path) -> Path:
         )
     )
     (path / "config.json").write_text(json.dumps({**CONFIG, "vocab_size": vocab}))
-    mx.save_safetensors(str(path / "model.safetensors"), {k: mx.array(v) for k, v in _weights(vocab).items()})
+    save_file(_weights(vocab), str(path / "model.safetensors"))
     return path
 
 
@@ -146,37 +148,38 @@ def write_gguf(path: Path) -> Path:
                 "model.norm.weight": "output_norm.weight",
                 "lm_head.weight": "output.weight",
             }[name]
-        tensors[gname] = mx.array(arr)
+        tensors[gname] = arr
     tj = json.loads(tok.to_str())
     id_to_tok = {i: t for t, i in tj["model"]["vocab"].items()}
     for added in tj.get("added_tokens", []):
         id_to_tok[added["id"]] = added["content"]
     tokens = [id_to_tok[i] for i in range(vocab)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
-    types = [3 if t in SPECIALS else 1 for t in tokens]
-    u32 = lambda v: mx.array(v, dtype=mx.uint32)  # noqa: E731
-    metadata = {
-        "general.architecture": "llama",
-        "general.name": "tiny",
-        "llama.embedding_length": u32(c["hidden_size"]),
-        "llama.block_count": u32(c["num_hidden_layers"]),
-        "llama.feed_forward_length": u32(c["intermediate_size"]),
-        "llama.attention.head_count": u32(c["num_attention_heads"]),
-        "llama.attention.head_count_kv": u32(c["num_key_value_heads"]),
-        "llama.attention.layer_norm_rms_epsilon": mx.array(c["rms_norm_eps"], dtype=mx.float32),
-        "llama.context_length": u32(c["max_position_embeddings"]),
-        "llama.rope.freq_base": mx.array(c["rope_theta"], dtype=mx.float32),
-        "llama.vocab_size": u32(vocab),
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "default",
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": mx.array(types, dtype=mx.int32),
-        "tokenizer.ggml.merges": merges,
-        "tokenizer.ggml.eos_token_id": u32(tokens.index("<|im_end|>")),
-        "tokenizer.ggml.bos_token_id": u32(tokens.index("<|endoftext|>")),
-        "tokenizer.ggml.add_bos_token": mx.array(False),
-        "tokenizer.chat_template": CHATML,
-    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    mx.save_gguf(str(path), tensors, metadata)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_uint32("llama.embedding_length", c["hidden_size"])
+    w.add_uint32("llama.block_count", c["num_hidden_layers"])
+    w.add_uint32("llama.feed_forward_length", c["intermediate_size"])
+    w.add_uint32("llama.attention.head_count", c["num_attention_heads"])
+    w.add_uint32("llama.attention.head_count_kv", c["num_key_value_heads"])
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", c["rms_norm_eps"])
+    w.add_uint32("llama.context_length", c["max_position_embeddings"])
+    w.add_float32("llama.rope.freq_base", c["rope_theta"])
+    w.add_uint32("llama.vocab_size", vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_uint32("tokenizer.ggml.eos_token_id", tokens.index("<|im_end|>"))
+    w.add_uint32("tokenizer.ggml.bos_token_id", tokens.index("<|endoftext|>"))
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     return path
