@@ -1,8 +1,9 @@
 """One generation request as the actors take it, and what comes back from it.
 
 HTTP builds a ``SequenceRequest`` and reads ``Chunk``s through the Runner without importing the
-engine: the sampling parameters, the chunk and the grammar compiler are re-exported here, and
-the Runner turns the request into the engine's own command (``engine.loop.Add``).
+engine: the sampling parameters, the chunk, the tokenizer's type and the grammar compiler are
+re-exported here, and the Runner turns the request into the engine's own command
+(``engine.loop.Add``).
 """
 
 from __future__ import annotations
@@ -10,10 +11,20 @@ from __future__ import annotations
 import attrs
 
 from ..engine.constrain import ANY_JSON_OBJECT, grammar_for_schema
-from ..engine.loop import Add, Chunk, SeqStats
+from ..engine.loop import Add, Chunk, LogprobEntry, SeqStats
 from ..engine.sampling import SamplingParams
+from ..engine.tokenizer import TokenizerInfo
 
-__all__ = ["ANY_JSON_OBJECT", "Chunk", "SamplingParams", "SeqStats", "SequenceRequest", "grammar_for_schema"]
+__all__ = [
+    "ANY_JSON_OBJECT",
+    "Chunk",
+    "LogprobEntry",
+    "SamplingParams",
+    "SeqStats",
+    "SequenceRequest",
+    "TokenizerInfo",
+    "grammar_for_schema",
+]
 
 
 @attrs.frozen

@@ -12,7 +12,7 @@ import math
 import time
 import uuid
 from datetime import UTC
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import attrs
 import trio
@@ -21,10 +21,25 @@ from quart import request
 from ..actors.metrics import MetricsHandle
 from ..actors.runner import RunnerHandle
 from ..actors.scheduler import Lease, LoadSpec
-from ..actors.sequence import ANY_JSON_OBJECT, Chunk, SamplingParams, SequenceRequest, grammar_for_schema
+from ..actors.sequence import (
+    ANY_JSON_OBJECT,
+    Chunk,
+    LogprobEntry,
+    SamplingParams,
+    SequenceRequest,
+    TokenizerInfo,
+    grammar_for_schema,
+)
 from ..errors import BadRequest, EngineError, Unprocessable
 from ..specs import templates, thinking, tools as tool_specs
-from ..specs.modelspec import Options
+from ..specs.modelspec import ModelSpec, Options
+
+if TYPE_CHECKING:
+    from ..actors.runtime import Runtime
+    from ..store.store import ResolvedModel
+
+Message = dict[str, Any]  # a chat message as the templates read it
+Tool = dict[str, Any]  # a tool in Ollama's shape (specs/tools.py normalizes every dialect's)
 
 DEFAULT_NUM_CTX = 4096
 IMAGES_UNSUPPORTED = "images are not supported by this model"
@@ -72,7 +87,7 @@ def image_bytes(data: Any, where: str) -> bytes:
     return raw
 
 
-def _with_image_parts(msg: dict) -> dict:
+def _with_image_parts(msg: Message) -> Message:
     """A message with images as the content parts vision chat templates read (an image part per
     image, then the text); the bytes themselves go to the engine, not the template."""
     if "images" not in msg:
@@ -103,7 +118,7 @@ class Generation:
     # filled while streaming
     text: list[str] = attrs.Factory(list)
     token_ids: list[int] = attrs.Factory(list)
-    logprob_entries: list[tuple] = attrs.Factory(list)
+    logprob_entries: list[LogprobEntry] = attrs.Factory(list)
     final: Chunk | None = None
     # thinking: the splitter (None: none is done), the reasoning so far, and whether it is shown
     splitter: thinking.Splitter | None = None
@@ -115,8 +130,8 @@ class Generation:
     markers: dict[int, str] = attrs.Factory(dict)  # special tokens written back into the text
 
     @property
-    def tokenizer(self):
-        return self.lease.handle.tokenizer
+    def tokenizer(self) -> TokenizerInfo:
+        return tokenizer_of(self.lease.handle)
 
     route: str = ""
     request_id: str = ""
@@ -128,7 +143,7 @@ class Generation:
     def record(self, status: int, error: str | BaseException | None = None) -> None:
         """One metrics event and request-log line per request (the first call wins)."""
         if isinstance(error, BaseException):
-            error.recorded = True  # the app's error handler must not count it again
+            error.recorded = True  # type: ignore[attr-defined]  # the app's error handler must not count it again
             error = str(error)
         if self._recorded:
             return
@@ -171,7 +186,13 @@ class Generation:
         return self.final.finish if self.final is not None and self.final.finish else "stop"
 
 
-def merge_options(spec_params: Options | None, request_options: dict | None) -> Options:
+def tokenizer_of(handle: RunnerHandle) -> TokenizerInfo:
+    if handle.tokenizer is None:  # the Runner gives every handle its model's tokenizer
+        raise EngineError(f"model '{handle.key}' has no tokenizer")
+    return handle.tokenizer
+
+
+def merge_options(spec_params: Options | None, request_options: dict[str, Any] | None) -> Options:
     if request_options is not None and not isinstance(request_options, dict):
         raise BadRequest("options must be an object")
     base = spec_params or Options()
@@ -180,7 +201,10 @@ def merge_options(spec_params: Options | None, request_options: dict | None) -> 
 
 def sampling_from(opts: Options, *, logit_bias: dict[int, float] | None = None) -> SamplingParams:
     d = SamplingParams()
-    pick = lambda v, default: default if v is None else v  # noqa: E731
+
+    def pick(v: float | None, default: float) -> float:
+        return default if v is None else v
+
     return SamplingParams(
         temperature=float(pick(opts.temperature, d.temperature)),
         top_k=int(pick(opts.top_k, d.top_k)),
@@ -196,29 +220,33 @@ def sampling_from(opts: Options, *, logit_bias: dict[int, float] | None = None) 
     )
 
 
-def details(spec) -> dict:
+def details(spec: ModelSpec) -> dict[str, Any]:
     """Ollama's "details" object for a model."""
     return spec.details()
 
 
-def kv_estimate(spec, ctx: int, sequences: int) -> int:
+def kv_estimate(spec: ModelSpec, ctx: int, sequences: int) -> int:
     """K and V for every layer, a full batch at the context window, 4-byte floats (the CPU path
     runs f32); 0 when the model's shape is unknown."""
     info = spec.model_info or {}
     arch = spec.family or "llama"
-    layers = info.get(f"{arch}.block_count")
-    hidden = info.get(f"{arch}.embedding_length")
-    heads = info.get(f"{arch}.attention.head_count")
-    kv_heads = info.get(f"{arch}.attention.head_count_kv", heads)
-    if not all(isinstance(v, int) and v > 0 for v in (layers, hidden, heads, kv_heads)):
+
+    def positive(v: Any) -> int | None:
+        return v if isinstance(v, int) and v > 0 else None
+
+    layers = positive(info.get(f"{arch}.block_count"))
+    hidden = positive(info.get(f"{arch}.embedding_length"))
+    heads = positive(info.get(f"{arch}.attention.head_count"))
+    kv_heads = positive(info.get(f"{arch}.attention.head_count_kv", heads))
+    if layers is None or hidden is None or heads is None or kv_heads is None:
         return 0
     # gemma, qwen3 and gpt-oss heads are not hidden / heads wide: GGUF says so in key/value_length
     k_dim = info.get(f"{arch}.attention.key_length") or hidden // heads
     v_dim = info.get(f"{arch}.attention.value_length") or k_dim
-    return layers * kv_heads * (k_dim + v_dim) * ctx * 4 * sequences
+    return int(layers * kv_heads * (k_dim + v_dim) * ctx * 4 * sequences)
 
 
-def load_spec(resolved, num_ctx: int | None, num_parallel: int = 1) -> LoadSpec:
+def load_spec(resolved: ResolvedModel, num_ctx: int | None, num_parallel: int = 1) -> LoadSpec:
     spec = resolved.spec
     ctx = num_ctx or min(spec.context_length or DEFAULT_NUM_CTX, DEFAULT_NUM_CTX)
     return LoadSpec(
@@ -233,7 +261,9 @@ def load_spec(resolved, num_ctx: int | None, num_parallel: int = 1) -> LoadSpec:
     )
 
 
-async def acquire(rt, resolved, opts: Options, keep_alive: float) -> tuple[Lease[RunnerHandle], int]:
+async def acquire(
+    rt: Runtime, resolved: ResolvedModel, opts: Options, keep_alive: float
+) -> tuple[Lease[RunnerHandle], int]:
     t0 = time.perf_counter()
     spec = load_spec(resolved, opts.num_ctx, rt.settings.num_parallel)
     lease = await rt.scheduler.acquire_as(RunnerHandle, spec, keep_alive)
@@ -247,10 +277,10 @@ async def acquire(rt, resolved, opts: Options, keep_alive: float) -> tuple[Lease
 MIN_CHARS_PER_TOKEN = 16
 
 
-def prompt_char_limit(tok, context_length: int) -> int:
+def prompt_char_limit(tok: TokenizerInfo, context_length: int) -> int:
     """More characters than this cannot fit ``context_length`` tokens, whatever they say: such a
     prompt is refused (or cut) before it is tokenized, and renders stop at twice this."""
-    return context_length * max(MIN_CHARS_PER_TOKEN, tok.max_token_chars)
+    return context_length * max(MIN_CHARS_PER_TOKEN, int(tok.max_token_chars))
 
 
 def _too_many_chars(n: int, context_length: int) -> Unprocessable:
@@ -260,15 +290,15 @@ def _too_many_chars(n: int, context_length: int) -> Unprocessable:
     )
 
 
-def _chat_messages(resolved, messages: list[dict]) -> list[dict]:
+def _chat_messages(resolved: ResolvedModel, messages: list[Message]) -> list[Message]:
     spec = resolved.spec
-    msgs = list(spec.messages or []) + list(messages)
+    msgs: list[Message] = list(spec.messages or []) + list(messages)
     if spec.system and not any(m.get("role") == "system" for m in msgs):
         msgs.insert(0, {"role": "system", "content": spec.system})
     return msgs
 
 
-def chat_template(resolved, tok) -> str:
+def chat_template(resolved: ResolvedModel, tok: TokenizerInfo) -> str:
     """The template a model's prompts are rendered with. The Go template of a model pulled from
     an Ollama registry gives way to the GGUF's own Jinja one when it has one; any other Go
     template (a Modelfile's) is translated (specs/gotemplate.py)."""
@@ -278,11 +308,11 @@ def chat_template(resolved, tok) -> str:
     return template or tok.chat_template or templates.CHATML_TEMPLATE
 
 
-def _pulled_from_ollama(resolved) -> bool:
+def _pulled_from_ollama(resolved: ResolvedModel) -> bool:
     from ..store.manifest import SPEC_MEDIA_TYPE
 
     config = (getattr(resolved, "manifest", None) or {}).get("config") or {}
-    return config.get("mediaType", SPEC_MEDIA_TYPE) != SPEC_MEDIA_TYPE
+    return bool(config.get("mediaType", SPEC_MEDIA_TYPE) != SPEC_MEDIA_TYPE)
 
 
 @attrs.define
@@ -293,17 +323,21 @@ class _Renderer:
     bos_token: str
     eos_token: str
     max_chars: int
-    variables: dict = attrs.Factory(dict)  # enable_thinking, reasoning_effort
+    variables: dict[str, Any] = attrs.Factory(dict)  # enable_thinking, reasoning_effort
 
     @classmethod
     def of(
-        cls, resolved, tok, max_chars: int = templates.DEFAULT_MAX_CHARS, variables: dict | None = None
+        cls,
+        resolved: ResolvedModel,
+        tok: TokenizerInfo,
+        max_chars: int = templates.DEFAULT_MAX_CHARS,
+        variables: dict[str, Any] | None = None,
     ) -> _Renderer:
         return cls(
             chat_template(resolved, tok), tok.bos_token or "", tok.eos_token or "", max_chars, dict(variables or {})
         )
 
-    def __call__(self, msgs: list[dict], tools: list | None = None) -> str:
+    def __call__(self, msgs: list[Message], tools: list[Tool] | None = None) -> str:
         msgs = [_with_image_parts(m) for m in msgs]
         return templates.render_chat(
             self.template,
@@ -316,13 +350,13 @@ class _Renderer:
             **self.variables,
         )
 
-    def renders_tools(self, msgs: list[dict], tools: list) -> bool:
+    def renders_tools(self, msgs: list[Message], tools: list[Tool]) -> bool:
         """Whether the template writes ``tools`` at all, tried on the messages never dropped."""
         probe = [m for m in msgs[:-1] if m.get("role") == "system"] + msgs[-1:]
         return self(probe, tools) != self(probe)
 
 
-def _encode_rendered(tok, text: str) -> list[int]:
+def _encode_rendered(tok: TokenizerInfo, text: str) -> list[int]:
     ids = tok.encode(text, add_bos=False)
     if tok.bos_token_id is not None and tok.add_bos and (not ids or ids[0] != tok.bos_token_id):
         ids.insert(0, tok.bos_token_id)
@@ -330,14 +364,14 @@ def _encode_rendered(tok, text: str) -> list[int]:
 
 
 def fit_chat(
-    resolved,
-    tok,
-    messages: list[dict],
-    tools,
+    resolved: ResolvedModel,
+    tok: TokenizerInfo,
+    messages: list[Message],
+    tools: list[Tool] | None,
     context_length: int,
     *,
     truncate: bool = False,
-    variables: dict | None = None,
+    variables: dict[str, Any] | None = None,
 ) -> list[int]:
     """The conversation's prompt ids. As Ollama, when it overflows the window the oldest
     non-system messages (never the last one) are dropped until it fits, leaving room to answer.
@@ -361,7 +395,7 @@ def fit_chat(
     first = len(msgs) - len(messages)  # the model's own messages are never dropped
     droppable = [i for i in range(max(first, 0), len(msgs) - 1) if msgs[i].get("role") != "system"]
 
-    def without(k: int) -> list[dict]:
+    def without(k: int) -> list[Message]:
         gone = set(droppable[:k])
         return [m for i, m in enumerate(msgs) if i not in gone]
 
@@ -399,7 +433,9 @@ def fit_chat(
     return _encode_rendered(tok, text)
 
 
-def raw_prompt_ids(tok, text: str, context_length: int, *, add_bos: bool | None, truncate: bool = False) -> list[int]:
+def raw_prompt_ids(
+    tok: TokenizerInfo, text: str, context_length: int, *, add_bos: bool | None, truncate: bool = False
+) -> list[int]:
     """A raw prompt's ids; one too long to fit is refused, or cut to its end, before the whole
     of it is tokenized. Blocking: runs on a worker thread."""
     limit = prompt_char_limit(tok, context_length)
@@ -424,16 +460,16 @@ def budget(prompt_len: int, context_length: int, num_predict: int | None, cap: i
 
 
 async def start(
-    rt,
-    resolved,
+    rt: Runtime,
+    resolved: ResolvedModel,
     opts: Options,
     keep_alive: float,
     *,
-    messages=None,
-    prompt_text=None,
+    messages: list[Message] | None = None,
+    prompt_text: str | None = None,
     images: list[str] | None = None,
-    prompt_ids=None,
-    tools=None,
+    prompt_ids: list[int] | None = None,
+    tools: list[Tool] | None = None,
     logprobs: int | None = None,
     logit_bias: dict[int, float] | None = None,
     max_tokens: int | None = None,
@@ -455,11 +491,11 @@ async def start(
     images = list(images or []) + [i for m in messages or () for i in m.get("images") or ()]
     if images and "vision" not in (resolved.spec.capabilities or ()):
         raise BadRequest(f'"{resolved.display}" does not support images ({IMAGES_UNSUPPORTED})')
-    images = [image_bytes(x, f"image {k + 1}") for k, x in enumerate(images)]
+    image_data = [image_bytes(x, f"image {k + 1}") for k, x in enumerate(images)]
     lease, load_ns = await acquire(rt, resolved, opts, keep_alive)
     queue_wait_ns = int((time.perf_counter() - t_acquire) * 1e9)
     try:
-        tok = lease.handle.tokenizer
+        tok = tokenizer_of(lease.handle)
         ctx = lease.handle.context_length
         think_plan = (
             thinking.plan(chat_template(resolved, tok), think, resolved.display, strict=think_strict)
@@ -468,6 +504,7 @@ async def start(
         )
         if prompt_ids is None:
             # Rendering and tokenizing take time in proportion to the input: off the event loop.
+            work: Callable[[], list[int]]
             if messages is not None:
                 work = functools.partial(
                     fit_chat,
@@ -532,7 +569,7 @@ async def start(
                 stop=gen.stop,
                 logprobs=logprobs,
                 grammar=grammar,
-                images=tuple(images),
+                images=tuple(image_data),
             )
         )
     except BaseException:
@@ -541,11 +578,11 @@ async def start(
     return gen
 
 
-def marker_tokens(tok) -> dict[int, str]:
+def marker_tokens(tok: TokenizerInfo) -> dict[int, str]:
     """The tokens that open or close reasoning or a tool call which this tokenizer holds as
     special, so that decoding drops them (Mistral's [TOOL_CALLS], Llama 3's <|python_tag|>...):
     their ids and text."""
-    out = {}
+    out: dict[int, str] = {}
     for text in (thinking.OPEN, thinking.CLOSE, *tool_specs.MARKER_TOKENS):
         i = tok.tokenizer.token_to_id(text)
         if i is not None and tok.decode([i]) == "":
@@ -561,7 +598,8 @@ def _with_markers(gen: Generation, chunk: Chunk) -> Chunk:
     tok = gen.tokenizer
     if tok.decode(chunk.token_ids) != chunk.text:
         return chunk
-    parts, run = [], []
+    parts: list[str] = []
+    run: list[int] = []
     for t in chunk.token_ids:
         if t in gen.markers:
             parts += [tok.decode(run), gen.markers[t]]
@@ -579,24 +617,25 @@ class Piece(Chunk):
     thinking: str = ""
 
 
-def _split(gen: Generation, chunk: Chunk) -> Piece:
+def _split(gen: Generation, splitter: thinking.Splitter, chunk: Chunk) -> Piece:
     """The chunk's text taken apart into reasoning and answer; at the reasoning budget the
     sequence ends as if at its token limit."""
-    was_thinking = gen.splitter.thinking
-    thought, said = gen.splitter.feed(chunk.text)
+    was_thinking = splitter.thinking
+    thought, said = splitter.feed(chunk.text)
     finish = chunk.finish
     if was_thinking:
         gen.thinking_tokens += len(chunk.token_ids)
     if (
         finish is None
         and gen.think_budget is not None
-        and gen.splitter.thinking
+        and splitter.thinking
         and gen.thinking_tokens >= gen.think_budget
     ):
-        gen.lease.handle.cancel_nowait(gen.seq_id)
+        if gen.seq_id is not None:
+            gen.lease.handle.cancel_nowait(gen.seq_id)
         gen.seq_id, finish = None, "length"
     if finish is not None:
-        more_thought, more_said = gen.splitter.finish()
+        more_thought, more_said = splitter.finish()
         thought, said = thought + more_thought, said + more_said
     if not gen.show_thinking:
         thought = ""
@@ -620,7 +659,7 @@ async def chunks(gen: Generation) -> AsyncIterator[Chunk]:
             if gen.markers:
                 chunk = _with_markers(gen, chunk)
             if gen.splitter is not None:
-                chunk = _split(gen, chunk)
+                chunk = _split(gen, gen.splitter, chunk)
             gen.text.append(chunk.text)
             gen.token_ids.extend(chunk.token_ids)
             if chunk.logprobs:
@@ -650,7 +689,7 @@ def grammar_for_format(fmt: Any) -> str | None:
     raise BadRequest('format must be "json" or a JSON schema object')
 
 
-def token_text(tok, token_id: int) -> str:
+def token_text(tok: TokenizerInfo, token_id: int) -> str:
     return tok.decode([token_id], skip_special=False)
 
 
