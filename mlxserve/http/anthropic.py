@@ -361,9 +361,26 @@ async def count_tokens():
     conversation = _conversation(body)
     tools = _tools(body)
     choice, _ = _tool_choice(body, tools)
-    _thinking(body)
+    think, _ = _thinking(body)
     rt = runtime()
     resolved = await rt.store.resolve(name)
+    if any(m.get("images") for m in conversation):
+        # An image is as many tokens as the vision processor makes of it (a fixed run, or one by
+        # the image's size), which only the engine knows: the request is prefilled for one token,
+        # as /v1/messages would run it, and the count is what that reads (its input_tokens).
+        gen = await relay.start(
+            rt,
+            resolved,
+            {},
+            messages=conversation,
+            tools=tools if choice != "none" else None,
+            grammar=None,
+            max_tokens=1,
+            think=think,
+            think_strict=False,
+        )
+        await relay.drain_all([gen])
+        return json_response({"input_tokens": relay.usage_counts(gen)[0]})
     lease, _ = await g.acquire(rt, resolved, g.merge_options(resolved.spec.parameters, {}), rt.settings.keep_alive)
     try:
         tok = lease.handle.tokenizer
