@@ -1,6 +1,6 @@
 """Decode speed of every GGUF architecture mlxserve imports, next to llama.cpp's.
 
-    python benchmarks/families.py [--shape smol|8b|tiny] [--quant Q4_0|Q8_0|Q4_K]
+    python benchmarks/families.py [--shape smol|1b|8b|tiny] [--quant Q4_0|Q8_0|Q4_K]
         [--families llama,qwen2,...] [--streams 1,8] [--tokens 128] [--prompt-len 300] [--runs 2]
         [--cuda auto|on|off] [--only llama|mlxserve] [--llama-server BIN] [--gguf-dir DIR]
         [--vocab-from GGUF] [--write-only] [--log-dir DIR] [--json out.json]
@@ -17,7 +17,9 @@ Shapes (``--shape``): ``smol`` (the CPU default) is SmolLM2-135M's (hidden 576, 
 1536, 9 heads, 3 KV heads) with each family's own parts: qwen2's Q/K/V biases, qwen3's q/k
 norms, qwen3moe's 8 experts (top 2, expert ffn 768), gemma's 256-wide heads (4 heads, 1 KV
 head as Gemma 3 270M/1B), soft-caps (gemma2) and sliding windows (gemma2 every other layer,
-gemma3 five of six), phi3's fused QKV and gate/up. ``8b`` (the GPU default) is the 8B-class
+gemma3 five of six), phi3's fused QKV and gate/up. ``1b`` (a short GPU run) is the 1B-class
+model of each family: Llama 3.2 1B, Qwen2.5 1.5B, Qwen3 1.7B, Qwen3-30B-A3B's layer with 6
+layers, Gemma 2 2B, Gemma 3 1B, and Llama 3.2 1B's dimensions with phi3's layout. ``8b`` (the GPU default) is the 8B-class
 model of each family: Llama 3 8B, Qwen2.5 7B, Qwen3 8B, Qwen3-30B-A3B with 24 of its 48 layers
 (128 experts, top 8), Gemma 2 9B, Gemma 3 12B, and Llama 3 8B's dimensions with phi3's fused
 layout. ``tiny`` (2 layers, hidden 256) only checks that the path works.
@@ -57,6 +59,7 @@ FILE_TYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K": 15}  # llama_ftype: MOSTLY_Q4_0, MOS
 _BASE = {
     "tiny": {"layers": 2, "hidden": 256, "ffn": 512, "heads": 4, "kv_heads": 2, "head_dim": 64},
     "smol": {"layers": 30, "hidden": 576, "ffn": 1536, "heads": 9, "kv_heads": 3, "head_dim": 64},
+    "1b": {"layers": 16, "hidden": 2048, "ffn": 8192, "heads": 32, "kv_heads": 8, "head_dim": 64},
     "8b": {"layers": 32, "hidden": 4096, "ffn": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128},
 }
 _FAMILY = {
@@ -69,6 +72,17 @@ _FAMILY = {
              "qwen3moe": {"rope_theta": 1e6, "experts": 8, "experts_used": 2, "expert_ffn": 768},
              "gemma2": {"heads": 4, "kv_heads": 1, "head_dim": 256, "window": 4096},
              "gemma3": {"heads": 4, "kv_heads": 1, "head_dim": 256, "window": 512, "rope_theta": 1e6}},
+    "1b": {"llama": {"rope_theta": 500000.0},
+           "qwen2": {"layers": 28, "hidden": 1536, "ffn": 8960, "heads": 12, "kv_heads": 2, "head_dim": 128,
+                     "rope_theta": 1e6},
+           "qwen3": {"layers": 28, "ffn": 6144, "heads": 16, "head_dim": 128, "rope_theta": 1e6},
+           "qwen3moe": {"layers": 6, "ffn": 6144, "kv_heads": 4, "head_dim": 128, "rope_theta": 1e6,
+                        "experts": 128, "experts_used": 8, "expert_ffn": 768},
+           "gemma2": {"layers": 26, "hidden": 2304, "ffn": 9216, "heads": 8, "kv_heads": 4, "head_dim": 256,
+                      "window": 4096},
+           "gemma3": {"layers": 26, "hidden": 1152, "ffn": 6912, "heads": 4, "kv_heads": 1, "head_dim": 256,
+                      "window": 512, "rope_theta": 1e6},
+           "phi3": {"rope_theta": 500000.0}},
     "8b": {"llama": {"rope_theta": 500000.0},
            "qwen2": {"layers": 28, "hidden": 3584, "ffn": 18944, "heads": 28, "kv_heads": 4, "rope_theta": 1e6},
            "qwen3": {"layers": 36, "ffn": 12288, "rope_theta": 1e6},

@@ -81,10 +81,15 @@ def install(out_path: str | None = None, sink: list | None = None) -> None:
             if t.in_step:
                 t.submit += time.perf_counter() - s
 
-    g.mx = _Mx()
-    orig_step = g.GenerationBatch._step
+    from mlxserve.engine import loop
 
-    def step(self):
+    # mlx-lm's step takes new rows' first tokens; the engine's own (engine/loop.py) decodes.
+    g.mx = loop.mx = _Mx()
+
+    def timed_step(orig_step):
+        return lambda self: step(self, orig_step)
+
+    def step(self, orig_step):
         model = self.model
         if not getattr(type(model), "_profiled", False):
             call = type(model).__call__
@@ -123,7 +128,8 @@ def install(out_path: str | None = None, sink: list | None = None) -> None:
                         f.write(json.dumps(row) + "\n")
                 t.reset()
 
-    g.GenerationBatch._step = step
+    g.GenerationBatch._step = timed_step(g.GenerationBatch._step)
+    loop._GenerationBatch._step = timed_step(loop._GenerationBatch._step)
 
 
 def summarize_windows(rows: list[dict]) -> dict[int, dict]:
@@ -244,7 +250,7 @@ def parts(lm, batches: list[int], prompt_len: int) -> list[dict]:
         x = (0.1 * mx.random.normal((b, 1, h))).astype(dtype)
         a = layers[0].self_attn
         heads, kvh = a.n_heads, a.n_kv_heads
-        hd = a.q_proj.weight.shape[0] // heads
+        hd = getattr(model.args, "head_dim", None) or model.args.hidden_size // heads
         kv_len = cache[0].offset
         q = mx.random.normal((b, heads, 1, hd)).astype(dtype)
         k = mx.random.normal((b, kvh, kv_len, hd)).astype(dtype)
@@ -384,6 +390,33 @@ def engine(lm, batches: list[int], prompt_len: int, tokens: int) -> dict:
     return result
 
 
+def ab(fused, plain, batches: list[int], prompt_len: int, tokens: int) -> dict:
+    """engine() per variant, interleaved over two rounds; the best round of each."""
+    from mlx_lm.generate import BatchGenerator
+
+    from mlxserve.engine import loop as eng
+
+    ours = eng._BatchGenerator
+    variants = {"before": (plain, BatchGenerator), "unfused": (plain, ours), "now": (fused, ours)}
+    best: dict = {}
+    for _ in range(2):
+        for name, (lm, gen) in variants.items():
+            eng._BatchGenerator = gen
+            try:
+                print(f"{name}:", flush=True)
+                got = engine(lm, batches, prompt_len, tokens)["levels"]
+            finally:
+                eng._BatchGenerator = ours
+            for b, level in got.items():
+                if level["decode_tok_s"] > best.get(name, {}).get(b, {}).get("decode_tok_s", 0):
+                    best.setdefault(name, {})[b] = level
+    for b in batches:
+        base = best["before"][b]["decode_tok_s"]
+        print(f"batch {b:>3}: " + "  ".join(f"{n} {best[n][b]['decode_tok_s']:.1f} tok/s ({best[n][b]['decode_tok_s'] / base:.3f}x)"
+                                            for n in variants), flush=True)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
@@ -396,6 +429,10 @@ def main() -> None:
     ap.add_argument("--no-parts", action="store_true")
     ap.add_argument("--masked-decode", action="store_true",
                     help="engine: mlx-lm's attention mask on every decode step, as before engine/loop.py dropped it")
+    ap.add_argument("--ab", action="store_true",
+                    help="engine only, side by side in one process, two rounds: 'before' (separate q/k/v and "
+                         "gate/up products, mlx-lm's step normalizing every row), 'unfused' (separate products), "
+                         "'now'; decode tok/s and ratios to 'before'")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import mlx.core as mx
@@ -410,6 +447,11 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps(report, indent=1, default=str))
 
+    if args.ab:
+        report["ab"] = ab(load_path(args.model), load_path(args.model, fuse=False), batches, args.prompt_len,
+                          args.tokens)
+        save()
+        return
     t = time.perf_counter()
     lm = load_path(args.model)
     report["load_s"] = time.perf_counter() - t

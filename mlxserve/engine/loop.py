@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeAlias, cast
 import attrs
 import mlx.core as mx
 from mlx.utils import tree_map
-from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.generate import BatchGenerator, GenerationBatch, StopSequences
 from mlx_lm.models.cache import BatchKVCache, LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import greedy_sampler
 
 from ..config import DEFAULT_NUM_PARALLEL, AdmitWindow
 from . import sampling, vision
@@ -32,7 +33,6 @@ from .stops import StopMatcher
 from .tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
-    from mlx_lm.generate import GenerationBatch
     from mlx_lm.sample_utils import LogitsProcessor, Sampler
 
 log = logging.getLogger("mlxserve.engine")
@@ -188,6 +188,72 @@ if not getattr(BatchKVCache.make_mask, "unmasked_decode", False):
     # mlx-lm makes every batch's caches itself, so the patch goes on its class.
     BatchKVCache.make_mask = _unmasked_decode(BatchKVCache.make_mask)  # type: ignore[method-assign]
 
+
+class _WithLogprobs:
+    """A row's sampler, marked: this row reports log-probabilities. Rows whose samplers wrap
+    the same one still sample in one call."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Sampler) -> None:
+        self.inner = inner
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.inner(x)
+
+
+class _GenerationBatch(GenerationBatch):
+    """mlx-lm's decode step, normalizing the logits (a logsumexp over the vocabulary, then one
+    slice per row to evaluate) only when a row reports log-probabilities or samples by
+    probability mass (top-p, typical-p): greedy argmax and the rest ignore a shift."""
+
+    def _step(self) -> Any:  # (tokens, per row: its log-probabilities or None)
+        b: Any = self  # mlx-lm types these attributes from their empty initial values
+        b._current_tokens = b._next_tokens
+        b._current_logprobs = b._next_logprobs
+        inputs = b._current_tokens
+        logits = b.model(inputs[:, None], cache=b.prompt_cache)[:, -1, :]
+        token_context = []
+        if any(b.logits_processors):  # as mlx-lm: only rows with processors need a context
+            processed = []
+            for e in range(len(b.uids)):
+                row = logits[e : e + 1]
+                if processors := b.logits_processors[e]:
+                    context = b._token_context[e].update_and_fetch(inputs[e : e + 1])
+                    token_context.append(context)
+                    for processor in processors:
+                        row = processor(context, row)
+                processed.append(row)
+            logits = mx.concatenate(processed, axis=0)
+        samplers = [b.fallback_sampler if s is None else s for s in (b.samplers or [None] * len(b.uids))]
+        wants = [isinstance(s, _WithLogprobs) for s in samplers]
+        bases = [s.inner if isinstance(s, _WithLogprobs) else s for s in samplers]
+        if any(wants) or any(s is not greedy_sampler for s in bases):
+            logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if not bases or all(s is bases[0] for s in bases):
+            sampled = (bases[0] if bases else b.fallback_sampler)(logits)
+        else:
+            sampled = mx.concatenate([s(logits[e : e + 1]) for e, s in enumerate(bases)], axis=0)
+        b._next_tokens = sampled
+        b._next_logprobs = [logits[e] if w else None for e, w in enumerate(wants)]
+        mx.async_eval(  # type: ignore[no-untyped-call]
+            sampled, [x for x in b._next_logprobs if x is not None], token_context
+        )
+        # The tokens in flight since the last step: wait for them (see mlx-lm's own step).
+        mx.eval(inputs, [x for x in b._current_logprobs if x is not None])
+        tokens = cast(list[int], inputs.tolist())
+        for sti, ti in zip(b.tokens, tokens):
+            sti.append(ti)
+        return tokens, b._current_logprobs
+
+
+class _BatchGenerator(BatchGenerator):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # New rows take their first token in mlx-lm's step, then join this batch.
+        self._generation_batch = _GenerationBatch.empty(self.model, self.sampler)
+
+
 _thread_streams = threading.local()
 
 
@@ -328,7 +394,7 @@ class Engine:
         self._deliver([Stopped(error)])
 
     def _new_generator(self, lm: LoadedModel, stream: mx.ThreadLocalStream) -> _Batch:
-        return BatchGenerator(
+        return _BatchGenerator(
             lm.model,
             stop_tokens=[[i] for i in lm.tokenizer.eos_token_ids],
             completion_batch_size=self._num_parallel,
@@ -388,6 +454,8 @@ class Engine:
         try:
             processors = self._processors(lm, cmd)
             sampler = sampling.make_sampler(cmd.params)
+            if cmd.logprobs is not None:
+                sampler = _WithLogprobs(sampler)
             if cmd.images:  # vision tower and prefill here; the batch goes on from that KV
                 cache, ids = vision.prefill(lm, cmd.prompt_ids, cmd.images, self._prefill_chunk, gen.stream)
                 cmd = attrs.evolve(cmd, prompt_ids=ids, max_tokens=min(cmd.max_tokens, lm.context_length - len(ids)))
@@ -497,7 +565,7 @@ class Engine:
             gen.insert(
                 [r.prompt_ids for r in rows],
                 max_tokens=[r.max_tokens for r in rows],
-                samplers=[sampling.make_sampler(r.params) for r in rows],
+                samplers=[_WithLogprobs(sampling.make_sampler(r.params)) for r in rows],
                 logits_processors=processors,
             )
             done = 0

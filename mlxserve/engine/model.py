@@ -19,6 +19,7 @@ from mlx_lm.utils import _get_classes
 from ..errors import LoadError, UnsupportedModel
 from . import gguf, patches, sharding, tokenizer as tok
 from .cuda import linear as cuda_linear
+from .fuse import fuse_projections
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,8 @@ def load_directory(path: str | Path) -> LoadedModel:
     return LoadedModel(model, tokenizer, config, _nbytes(weights), ctx)
 
 
-def load_path(path: str | Path, *, weight_dtype: str | None = None) -> LoadedModel:
+def load_path(path: str | Path, *, weight_dtype: str | None = None, fuse: bool = True) -> LoadedModel:
+    """``fuse``: one product for each layer's q/k/v and gate/up projections (engine/fuse.py)."""
     path = Path(path)
     sharding.announce(path, weight_dtype)  # rank 0 of a group: the followers load it too
     from . import vision  # imports mlx-vlm only for a vision model
@@ -157,11 +159,11 @@ def load_path(path: str | Path, *, weight_dtype: str | None = None) -> LoadedMod
         lm = LoadedModel(*fields, vision=parts)
     else:
         lm = load_directory(path) if path.is_dir() else load_gguf(path)
-    _apply_weight_dtype(lm, weight_dtype)
+    _apply_weight_dtype(lm, weight_dtype, fuse)
     return lm
 
 
-def _apply_weight_dtype(lm: LoadedModel, setting: str | None) -> None:
+def _apply_weight_dtype(lm: LoadedModel, setting: str | None, fuse: bool = True) -> None:
     """MLX's quantized CPU kernels are slow: on the CPU products go through engine/cpu's
     kernels where they build, else the weights are dequantized to f32 (BLAS) when that fits."""
     from . import cpu, dtype as dtypes
@@ -177,6 +179,11 @@ def _apply_weight_dtype(lm: LoadedModel, setting: str | None) -> None:
     )
     if choice == dtypes.QKERNELS and kernels is None:
         choice = "float32"  # asked for explicitly, but they cannot be built here
+    if fuse:
+        # Before the swaps below, so the fused linears are what they swap. The CPU kernels
+        # compute gate/up with the SiLU as one op of their own: those stay apart there.
+        fused = fuse_projections(lm.model, gate_up=choice != dtypes.QKERNELS)
+        log.debug("fused %d projection groups", fused)
     if choice == dtypes.QKERNELS:
         dtypes.use_cpu_kernels(lm.model, kernels)
         lm.weight_bytes = dtypes.parameter_bytes(lm.model)

@@ -277,3 +277,69 @@ def test_decode_steps_of_unpadded_rows_take_no_mask():
     assert unpadded.make_mask(1) is None
     assert padded.make_mask(1).tolist()[1][0][0] == [False, False, True, True]
     assert unpadded.make_mask(2) is not None and unpadded.make_mask(1, window_size=2) is not None
+
+
+def _run(h, rows):
+    for sid, prompt, params, lp in rows:
+        h.add(sid, prompt, 6, params=params, logprobs=lp)
+    return h.collect({r[0] for r in rows})
+
+
+def test_logprobs_and_tokens_match_mlx_lms_step(tiny_dir, monkeypatch):
+    """The engine's step normalizes only for rows that report log-probabilities (or sample by
+    probability mass); what those rows report, and every row's tokens, equal mlx-lm's step."""
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=5, repeat_penalty=1.0)
+    rows = [
+        (1, "Hello world", GREEDY, 3),
+        (2, "The capital of Italy is", GREEDY, None),
+        (3, "Once upon a time", sampled, 0),
+        (4, "def add(a, b):", GREEDY, None),
+    ]
+    got = {}
+    for gen in (eng._BatchGenerator, eng.BatchGenerator):
+        monkeypatch.setattr(eng, "_BatchGenerator", gen)
+        h = EngineHarness(tiny_dir, num_parallel=4, prefill_chunk=16)
+        try:
+            got[gen] = _run(h, rows)
+        finally:
+            h.close()
+    ours, theirs = got.values()
+    for sid, *_ in rows:
+        assert tokens_of(ours[sid]) == tokens_of(theirs[sid])
+        mine = [e for c in ours[sid] for e in (c.logprobs or ())]
+        ref = [e for c in theirs[sid] for e in (c.logprobs or ())]
+        assert len(mine) == len(ref)
+        for (t, lp, alts), (rt, rlp, ralts) in zip(mine, ref):
+            assert t == rt and lp == pytest.approx(rlp, abs=1e-5)
+            assert [a for a, _ in alts] == [a for a, _ in ralts]
+
+
+def test_decode_step_normalizes_only_for_rows_that_ask(tiny_dir, monkeypatch):
+    """A greedy batch without log-probabilities builds no logsumexp over the vocabulary in its
+    decode steps (mlx-lm's step builds one every step); a row that asks brings it back."""
+    import mlx.core as mx
+
+    lm = load_path(tiny_dir)
+    calls = []
+    real = mx.logsumexp
+    monkeypatch.setattr(mx, "logsumexp", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def decode_calls(logprob_row: bool) -> int:
+        gen = eng._BatchGenerator(lm.model, stop_tokens=[], completion_batch_size=2, prefill_batch_size=2)
+        samplers = [eng.sampling.make_sampler(GREEDY) for _ in range(2)]
+        if logprob_row:
+            samplers[1] = eng._WithLogprobs(samplers[1])
+        try:
+            gen.insert([[5, 6, 7], [8, 9]], max_tokens=[8, 8], samplers=samplers)
+            while not gen.next()[1]:  # prefill until the rows decode
+                pass
+            calls.clear()
+            for _ in range(4):
+                responses = gen.next()[1]
+                assert [r.logprobs is not None for r in responses] == [False, logprob_row]
+            return len(calls)
+        finally:
+            gen.close()
+
+    assert decode_calls(False) == 0
+    assert decode_calls(True) == 4
