@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from .cpu import backend, pack as cpu_pack
+from .cpu import KernelModule, backend, pack as cpu_pack
 
 KEEP = "keep"
 QKERNELS = "quantized-cpu"  # stay quantized, products through engine/cpu's kernels
@@ -106,10 +106,8 @@ def _is_quantized(module) -> bool:
 # --- the CPU kernels (engine/cpu) --------------------------------------------------------------
 
 
-class _KernelModule:
+class _KernelModule(KernelModule):
     """Marks modules whose products go through engine/cpu's kernels (they stay quantized)."""
-
-    kernels = None  # the extension module, set by use_cpu_kernels
 
 
 # Prefill too goes through the int8 kernels: on the packed tiles they beat dequantizing the
@@ -293,13 +291,15 @@ def use_cpu_kernels(model: nn.Module, kernels) -> int:
     """Route the products of every quantized module the kernels fit through them, in place.
 
     The linears' weight, scales and biases are replaced by the kernels' packed tiles (shapes
-    change; ``out_features`` keeps the rows). Modules they do not fit (other bits or modes) are
-    dequantized to float32; every other
+    change; ``out_features`` keeps the rows); so are mixture-of-experts layers' (cpu/experts.py).
+    Modules they do not fit (other bits or modes) are dequantized to float32; every other
     floating-point parameter (norms, float linears) becomes float32 too, so activations are
     float32 throughout. Returns how many modules now use the kernels.
     """
-    _KernelModule.kernels = kernels
-    count = 0
+    from .cpu.experts import use_expert_kernels
+
+    KernelModule.kernels = kernels
+    count = use_expert_kernels(model, kernels)  # before the float32 casts: scales stay as stored
     for _, module in model.named_modules():
         if type(module) is nn.QuantizedEmbedding or (
             isinstance(module, nn.QuantizedLinear) and not isinstance(module, _KernelModule)
@@ -402,7 +402,7 @@ def dequantize_model(model: nn.Module, dtype, *, blas_layout: bool | None = None
     model.update_modules(leaves)
 
     for _, module in model.named_modules():
-        if isinstance(module, _KernelModule):
+        if isinstance(module, KernelModule):
             continue  # scales and biases stay as stored: the kernels read them as they are
         for key, value in list(module.items()):
             if isinstance(value, mx.array) and mx.issubdtype(value.dtype, mx.floating) and value.dtype != dtype:

@@ -17,6 +17,14 @@ import threading
 from .buildext import ENV, build, unavailable_reason  # noqa: F401
 
 PATHS = {"scalar": 0, "avx2": 1, "avx512vnni": 2}
+
+
+class KernelModule:
+    """Marks modules whose products go through these kernels (their weights stay packed)."""
+
+    kernels = None  # the extension module, set when a model is routed through it
+
+
 _lock = threading.Lock()
 _loaded: tuple | None = None  # (module or None, why)
 

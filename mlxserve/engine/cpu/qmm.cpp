@@ -384,6 +384,26 @@ static void dequantize_tiles(const uint8_t* W, const S* SC, const S* BI, int t0,
     dequantize_row<BITS, S>(W, SC, BI, n, K, gs, out + (size_t)(n - 8L * t0) * K);
 }
 static std::atomic<uint64_t> calls{0}, cycles{0};
+
+// Output tiles t0..t1 of one weight for the quantized rows a, on the given path.
+template <typename S>
+static void run_tiles(int path, int bits, const uint8_t* W, const S* SC, const S* BI, int t0, int t1, int gs,
+                      const Acts& a, float* Y, int N) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  if (path == VNNI) {
+    if (bits == 4) tiles_vnni<4, S>(W, SC, BI, t0, t1, gs, a, Y, N);
+    else tiles_vnni<8, S>(W, SC, BI, t0, t1, gs, a, Y, N);
+    return;
+  }
+  if (path == AVX2) {
+    if (bits == 4) tiles_avx2<4, S>(W, SC, BI, t0, t1, gs, a, Y, N);
+    else tiles_avx2<8, S>(W, SC, BI, t0, t1, gs, a, Y, N);
+    return;
+  }
+#endif
+  if (bits == 4) tiles_scalar<4, S>(W, SC, BI, t0, t1, gs, a, Y, N);
+  else tiles_scalar<8, S>(W, SC, BI, t0, t1, gs, a, Y, N);
+}
 static const long CHUNK_BYTES = 16 * 1024;  // of weights per claimed chunk
 
 template <typename S>
@@ -417,20 +437,7 @@ static void product(int path, bool tiles, const float* x, const uint8_t* W, cons
   const int chunk = (int)std::max(1L, CHUNK_BYTES / tile_bytes), nchunks = (T + chunk - 1) / chunk;
   auto cols = [&](int c) {
     const int c0 = c * chunk, c1 = std::min(T, c0 + chunk);
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-    if (path == VNNI) {
-      if (bits == 4) tiles_vnni<4, S>(W, SC, BI, c0, c1, gs, a, Y, N);
-      else tiles_vnni<8, S>(W, SC, BI, c0, c1, gs, a, Y, N);
-      return;
-    }
-    if (path == AVX2) {
-      if (bits == 4) tiles_avx2<4, S>(W, SC, BI, c0, c1, gs, a, Y, N);
-      else tiles_avx2<8, S>(W, SC, BI, c0, c1, gs, a, Y, N);
-      return;
-    }
-#endif
-    if (bits == 4) tiles_scalar<4, S>(W, SC, BI, c0, c1, gs, a, Y, N);
-    else tiles_scalar<8, S>(W, SC, BI, c0, c1, gs, a, Y, N);
+    run_tiles<S>(path, bits, W, SC, BI, c0, c1, gs, a, Y, N);
   };
   if ((long)M * N * K >= THREAD_MACS && M >= THREAD_ROWS) pool.run(nchunks, cols);
   else for (int c = 0; c < nchunks; c++) cols(c);
@@ -683,6 +690,194 @@ static mx::array qmm_swiglu(const mx::array& x, const mx::array& wg, const mx::a
     throw std::invalid_argument("[qmm_swiglu] gate and up differ in shape or scale dtype");
   return mx::array(gate.shape(), mx::float32, std::make_shared<QuantizedSwiGLU>(mx::to_stream({}), group_size, bits),
                    {x, wg, sg, bg, wu, su, bu});
+}
+
+// ---- experts: each row times the experts it chose ------------------------------------------------
+// A mixture-of-experts layer multiplies each token's row by the k experts its router chose
+// (mx.gather_qmm). The (row, choice) pairs are grouped by expert: each expert's rows are
+// quantized together and its tiles are read once for all of them, by the same tile kernels as
+// qmm_rows, so every output has the bits qmm_rows gives for that row and that expert's weight.
+// Weights: (experts, tiles, ...), each expert packed by pack().
+
+template <typename S>
+struct ExpertWeights {
+  int E = 0, nw = 0;  // experts; weights sharing the rows (2: gate and up)
+  const uint8_t* W[2];
+  const S* SC[2];
+  const S* BI[2];
+};
+
+// Pairs p < P: input row x[p / xdiv] (K floats) times expert ids[p]'s weights (N rows). Fills
+// order (the pairs with a valid expert, grouped by expert) and, per weight, ys[w]: one output
+// row of N for each pair in that order. rows: the tokens, for the threading threshold.
+template <typename S>
+static void experts_product(int path, const ExpertWeights<S>& ew, const float* x, int xdiv, const uint32_t* ids,
+                            int P, int N, int K, int gs, int bits, long rows, std::vector<int>& order,
+                            std::vector<float>* ys) {
+  const uint64_t c0 = __rdtsc();
+  const int E = ew.E, T = (N + 7) / 8, nb = K / 32, ng = K / gs;
+  std::vector<int> start(E + 1, 0);
+  for (int p = 0; p < P; p++)
+    if (ids[p] < (uint32_t)E) start[ids[p] + 1]++;
+  for (int e = 0; e < E; e++) start[e + 1] += start[e];
+  order.assign(start[E], 0);
+  {
+    std::vector<int> next(start.begin(), start.end() - 1);
+    for (int p = 0; p < P; p++)
+      if (ids[p] < (uint32_t)E) order[next[ids[p]]++] = p;
+  }
+  thread_local std::vector<Acts> acts_tl;  // the caller's; helpers read it through `acts`
+  thread_local std::vector<float> rows_tl;
+  std::vector<Acts>& acts = acts_tl;
+  if ((int)acts.size() < E) acts.resize(E);
+  struct Job { int e, w, t0, t1; };
+  std::vector<Job> jobs;
+  const int chunk = (int)std::max(1L, CHUNK_BYTES / ((long)K * bits));
+  for (int e = 0; e < E; e++) {
+    const int n = start[e + 1] - start[e];
+    if (!n) continue;
+    rows_tl.resize((size_t)n * K);
+    for (int i = 0; i < n; i++)
+      std::memcpy(rows_tl.data() + (size_t)i * K, x + (size_t)(order[start[e] + i] / xdiv) * K, K * sizeof(float));
+    quantize_rows(rows_tl.data(), n, K, gs, acts[e]);
+    for (int w = 0; w < ew.nw; w++)
+      for (int t = 0; t < T; t += chunk) jobs.push_back({e, w, t, std::min(T, t + chunk)});
+  }
+  for (int w = 0; w < ew.nw; w++) ys[w].resize((size_t)start[E] * N);
+  const long wbytes = (long)T * nb * tile_block_bytes(bits), sgroups = (long)T * ng * 8;
+  auto run = [&](int j) {
+    const Job& job = jobs[j];
+    run_tiles<S>(path, bits, ew.W[job.w] + job.e * wbytes, ew.SC[job.w] + job.e * sgroups,
+                 ew.BI[job.w] + job.e * sgroups, job.t0, job.t1, gs, acts[job.e],
+                 ys[job.w].data() + (size_t)start[job.e] * N, N);
+  };
+  if ((long)start[E] * N * K * ew.nw >= THREAD_MACS && rows >= THREAD_ROWS) pool.run((int)jobs.size(), run);
+  else for (int j = 0; j < (int)jobs.size(); j++) run(j);
+  calls.fetch_add(1, std::memory_order_relaxed);
+  cycles.fetch_add(__rdtsc() - c0, std::memory_order_relaxed);
+}
+
+class ExpertRows : public mx::UnaryPrimitive {
+ public:
+  ExpertRows(mx::Stream s, int group_size, int bits, int path, bool swiglu)
+      : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits), path_(path), swiglu_(swiglu) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    const mx::array &x = in[0], &ids = in[1];
+    for (size_t i = 2; i < in.size(); i++)
+      if (!in[i].flags().row_contiguous) throw std::invalid_argument("[gather_qmm_rows] weights must be row contiguous");
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    const int K = x.shape(-1), N = out.shape(-1), P = (int)ids.size(), k = ids.shape(-1);
+    const int xdiv = (long)(x.size() / K) == P ? 1 : k;
+    const int gs = gs_, bits = bits_, path = path_, nw = swiglu_ ? 2 : 1, E = in[2].shape(0);
+    const View xv(x);
+    // ids (int32 or uint32, possibly a strided slice) are read when the task runs
+    auto run = [=, ip = (const uint32_t*)ids.data<uint32_t>(), ishape = ids.shape(), istrides = ids.strides(),
+                icontig = ids.flags().row_contiguous, yp = out.data<float>()](const auto& ew) {
+      std::vector<float> buf, ys[2];
+      std::vector<uint32_t> idv;
+      const uint32_t* id = ip;
+      if (!icontig) {
+        idv.resize(P);
+        for (int p = 0; p < P; p++) idv[p] = ip[mx::elem_to_loc(p, ishape, istrides)];
+        id = idv.data();
+      }
+      std::vector<int> order;
+      experts_product(path, ew, xv.gather(buf), xdiv, id, P, N, K, gs, bits, P / k, order, ys);
+      if (order.size() < (size_t)P)  // pairs naming no expert
+        for (int p = 0; p < P; p++)
+          if (id[p] >= (uint32_t)E) std::fill_n(yp + (size_t)p * N, N, NAN);
+      if (nw == 2) {  // silu(gate) * up, as qmm_swiglu
+        std::vector<float>& g = ys[0];
+        std::vector<float> e(g.size());
+        for (size_t i = 0; i < e.size(); i++) e[i] = -g[i];
+        exp_inplace(e.data(), e.size());
+        for (size_t i = 0; i < e.size(); i++) g[i] = g[i] / (1.f + e[i]) * ys[1][i];
+      }
+      for (size_t i = 0; i < order.size(); i++)
+        std::memcpy(yp + (size_t)order[i] * N, ys[0].data() + i * N, N * sizeof(float));
+    };
+    by_scale_type(in[3].dtype(), [&](auto tag) {
+      using S = decltype(tag);
+      ExpertWeights<S> ew;
+      ew.E = E;
+      ew.nw = nw;
+      for (int w = 0; w < nw; w++) {
+        ew.W[w] = (const uint8_t*)in[2 + 3 * w].data<uint32_t>();
+        ew.SC[w] = in[3 + 3 * w].data<S>();
+        ew.BI[w] = in[4 + 3 * w].data<S>();
+      }
+      enc.dispatch([=] { run(ew); });
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { throw std::runtime_error("CPU only"); }
+  const char* name() const override { return "ExpertRows"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const ExpertRows&>(other);
+    return gs_ == o.gs_ && bits_ == o.bits_ && path_ == o.path_ && swiglu_ == o.swiglu_;
+  }
+
+ private:
+  int gs_, bits_, path_;
+  bool swiglu_;
+};
+
+static void check_experts(const mx::array& x, const mx::array& ids, const mx::array& w, const mx::array& scales,
+                          const mx::array& biases, int group_size, int bits, int n) {
+  if (bits != 4 && bits != 8) throw std::invalid_argument("[gather_qmm_rows] bits must be 4 or 8");
+  if (group_size != 32 && group_size != 64) throw std::invalid_argument("[gather_qmm_rows] group_size must be 32 or 64");
+  if (x.dtype() != mx::float32 || x.ndim() < 1) throw std::invalid_argument("[gather_qmm_rows] x must be float32");
+  if (w.ndim() != 3 || w.dtype() != mx::uint32)
+    throw std::invalid_argument("[gather_qmm_rows] w must be 3-D uint32 (experts, packed by pack())");
+  const int K = x.shape(-1), E = w.shape(0), T = w.shape(1);
+  if ((long)w.shape(2) * 4 / bits != K || K % group_size)
+    throw std::invalid_argument("[gather_qmm_rows] x's last dimension does not match w");
+  if (scales.shape() != mx::Shape{E, T, K / group_size, 8} || biases.shape() != scales.shape() ||
+      biases.dtype() != scales.dtype() || !mx::issubdtype(scales.dtype(), mx::floating))
+    throw std::invalid_argument("[gather_qmm_rows] scales/biases do not match w (experts, tiles, groups, 8)");
+  if (n > 8 * T || n <= 8 * (T - 1)) throw std::invalid_argument("[gather_qmm_rows] n does not match w's tiles");
+  if (ids.ndim() < 1 || !mx::issubdtype(ids.dtype(), mx::integer))
+    throw std::invalid_argument("[gather_qmm_rows] indices: integers, (..., k)");
+  const long rows = (long)(x.size() / K), P = (long)ids.size();
+  if (rows != P && rows * ids.shape(-1) != P)
+    throw std::invalid_argument("[gather_qmm_rows] x needs a row per index or a row per index row");
+}
+
+static mx::array experts_op(const mx::array& x, const mx::array& ids, std::vector<mx::array> weights, int group_size,
+                            int bits, int n, int path, bool swiglu) {
+  if (path < 0) path = best_path();
+  if (path > best_path()) throw std::invalid_argument("[gather_qmm_rows] path not built for this CPU");
+  auto s = mx::to_stream({});
+  mx::array i = ids.dtype() == mx::int32 || ids.dtype() == mx::uint32 ? ids : mx::astype(ids, mx::int32, s);
+  auto shape = ids.shape();
+  shape.push_back(n);
+  std::vector<mx::array> inputs = {x, i};
+  inputs.insert(inputs.end(), weights.begin(), weights.end());
+  return mx::array(shape, mx::float32, std::make_shared<ExpertRows>(s, group_size, bits, path, swiglu), inputs);
+}
+
+// x (..., K) float32: a row per index, or a row per index row (shared by its k choices);
+// indices (..., k) integers < experts; w, scales, biases: each expert's weight packed by
+// pack(), stacked. Out: indices.shape + (n,), row (..., j) = x's row times expert indices[..., j].
+static mx::array gather_qmm_rows(const mx::array& x, const mx::array& ids, const mx::array& w, const mx::array& scales,
+                                 const mx::array& biases, int group_size, int bits, int n, int path) {
+  if (n < 0 && w.ndim() == 3) n = 8 * w.shape(1);
+  check_experts(x, ids, w, scales, biases, group_size, bits, n);
+  return experts_op(x, ids, {w, scales, biases}, group_size, bits, n, path, false);
+}
+
+// silu(gate product) * (up product), both as gather_qmm_rows: one op, one quantization of x.
+static mx::array gather_swiglu(const mx::array& x, const mx::array& ids, const mx::array& wg, const mx::array& sg,
+                               const mx::array& bg, const mx::array& wu, const mx::array& su, const mx::array& bu,
+                               int group_size, int bits, int n, int path) {
+  if (n < 0 && wg.ndim() == 3) n = 8 * wg.shape(1);
+  check_experts(x, ids, wg, sg, bg, group_size, bits, n);
+  check_experts(x, ids, wu, su, bu, group_size, bits, n);
+  if (wg.shape() != wu.shape() || sg.dtype() != su.dtype())
+    throw std::invalid_argument("[gather_swiglu] gate and up differ in shape or scale dtype");
+  return experts_op(x, ids, {wg, sg, bg, wu, su, bu}, group_size, bits, n, path, true);
 }
 
 // ---- the decode step's other ops -----------------------------------------------------------------
@@ -1008,6 +1203,14 @@ NB_MODULE(_qmm, m) {
         nb::arg("gate_biases"), nb::arg("up_w"), nb::arg("up_scales"), nb::arg("up_biases"), nb::arg("group_size"),
         nb::arg("bits"), nb::arg("n") = -1,
         "silu(x @ gate.T) * (x @ up.T) with both weights packed by pack(): one CPU op, int8 products");
+  m.def("gather_qmm_rows", &qk::gather_qmm_rows, nb::arg("x"), nb::arg("indices"), nb::arg("w"), nb::arg("scales"),
+        nb::arg("biases"), nb::arg("group_size"), nb::arg("bits"), nb::arg("n") = -1, nb::arg("path") = -1,
+        "mx.gather_qmm for the experts' weights, each packed by pack() and stacked: x (..., K) float32 with a row\n"
+        "per index or per index row, indices (..., k) -> indices.shape + (n,)");
+  m.def("gather_swiglu", &qk::gather_swiglu, nb::arg("x"), nb::arg("indices"), nb::arg("gate_w"),
+        nb::arg("gate_scales"), nb::arg("gate_biases"), nb::arg("up_w"), nb::arg("up_scales"), nb::arg("up_biases"),
+        nb::arg("group_size"), nb::arg("bits"), nb::arg("n") = -1, nb::arg("path") = -1,
+        "silu(gather_qmm_rows(gate)) * gather_qmm_rows(up): the experts' SwiGLU as one CPU op");
   m.def("rms_norm", &qk::rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("eps"),
         "mx.fast.rms_norm as one CPU op (float32)");
   m.def("rope", &qk::rope, nb::arg("x"), nb::arg("dims"), nb::arg("traditional"), nb::arg("base"),
