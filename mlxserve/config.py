@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,85 @@ class TransferOptions:
             raise ValueError(f"MLXSERVE_REGISTRY_*: {exc}") from None
 
 
+def is_off(value: str | None) -> bool:
+    """How an on-by-default MLXSERVE_* switch is turned off."""
+    return (value or "").strip().lower() in ("off", "0", "false", "none")
+
+
+# The CPU bootstrap's variables, named once for its messages and the tests that set them.
+ENV_BLAS = "MLXSERVE_BLAS"
+ENV_SMALL_GEMM = "MLXSERVE_SMALL_GEMM"
+ENV_GEMM_THREADS = "MLXSERVE_GEMM_THREADS"
+ENV_JIT_NATIVE = "MLXSERVE_JIT_NATIVE"
+ENV_QKERNELS = "MLXSERVE_QKERNELS"
+# Not a setting: the BLAS re-exec marks its child, so a child that still cannot load OpenBLAS
+# does not re-exec again.
+ENV_BLAS_REEXEC = "MLXSERVE_BLAS_REEXEC"
+
+
+def _cache_dir(env: Mapping[str, str]) -> Path:
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mlxserve"
+
+
+@attrs.frozen
+class CpuSettings:
+    """MLX's CPU backend on this machine (engine/cpu/). Read before ``mlx.core`` is first imported,
+    so it is cheap and never raises: a value it cannot use means the default."""
+
+    blas: str = "auto"  # MLXSERVE_BLAS: a library path, "off" or "auto"
+    small_gemm: bool = True  # MLXSERVE_SMALL_GEMM: the few-row kernels in front of OpenBLAS
+    # Where the kernels and the JIT wrapper are built: a directory MLXSERVE_SMALL_GEMM names, else
+    # $XDG_CACHE_HOME/mlxserve.
+    cache_dir: Path = attrs.field(factory=lambda: _cache_dir(os.environ))
+    gemm_threads: int | None = None  # MLXSERVE_GEMM_THREADS; None: each kernel set's default
+    jit_native: bool = True  # MLXSERVE_JIT_NATIVE: MLX's run-time CPU kernels built -march=native
+    qkernels: bool = True  # MLXSERVE_QKERNELS: the quantized CPU kernels
+    reexec_child: bool = False  # this process is the BLAS re-exec's child (ENV_BLAS_REEXEC)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> CpuSettings:
+        env = os.environ if env is None else env
+        small = env.get(ENV_SMALL_GEMM, "")
+        threads = env.get(ENV_GEMM_THREADS, "").strip()
+        named_dir = small and small.lower() not in ("on", "auto") and not is_off(small)
+        return cls(
+            blas=env.get(ENV_BLAS, "auto").strip(),
+            small_gemm=not is_off(small),
+            cache_dir=Path(small) if named_dir else _cache_dir(env),
+            gemm_threads=int(threads) if threads.isdigit() and int(threads) > 0 else None,
+            jit_native=not is_off(env.get(ENV_JIT_NATIVE)),
+            qkernels=not is_off(env.get(ENV_QKERNELS)),
+            reexec_child=bool(env.get(ENV_BLAS_REEXEC)),
+        )
+
+
+@attrs.frozen
+class DistSettings:
+    """One model across the ranks of an ``mlx.launch`` group (engine/distributed.py)."""
+
+    backend: str | None = None  # MLXSERVE_DIST_BACKEND; None: from mlx.launch's environment
+    control: str | None = None  # MLXSERVE_DIST_CONTROL: where rank 0's step control listens
+    split: str = "auto"  # MLXSERVE_DIST_SPLIT: "tensor", "pipeline" or "auto"
+    timeout: float = 30.0  # MLXSERVE_DIST_TIMEOUT: seconds of silence before a rank is dead
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> DistSettings:
+        env = os.environ if env is None else env
+        d = cls()
+        timeout = env.get("MLXSERVE_DIST_TIMEOUT") or str(d.timeout)
+        try:
+            seconds = float(timeout)
+        except ValueError:
+            raise ValueError(f"MLXSERVE_DIST_TIMEOUT must be a number of seconds, not {timeout!r}") from None
+        return cls(
+            backend=env.get("MLXSERVE_DIST_BACKEND") or None,
+            control=env.get("MLXSERVE_DIST_CONTROL") or None,
+            split=env.get("MLXSERVE_DIST_SPLIT") or d.split,
+            timeout=seconds,
+        )
+
+
 @attrs.frozen
 class Settings:
     host: str = "127.0.0.1"
@@ -200,6 +280,9 @@ class Settings:
     fault_control: Path | None = None
     fault_create_kill_after: str | None = None
     transfer: TransferOptions = TransferOptions()  # pulls and pushes (MLXSERVE_REGISTRY_*)
+    # The CPU bootstrap reads these itself (CpuSettings.from_env), before mlx.core is imported.
+    cpu: CpuSettings = attrs.field(factory=CpuSettings)
+    dist: DistSettings = DistSettings()  # several ranks (MLXSERVE_DIST_*)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -247,6 +330,8 @@ class Settings:
         if v := env.get("MLXSERVE_ORIGINS"):
             kw["origins"] = tuple(o.strip() for o in v.split(",") if o.strip())
         kw["transfer"] = TransferOptions.parse(env)
+        kw["cpu"] = CpuSettings.from_env(env)
+        kw["dist"] = DistSettings.from_env(env)
         if v := env.get("MLXSERVE_FAULT_CONTROL"):
             kw["fault_control"] = Path(v)
         if v := env.get("MLXSERVE_FAULT_CREATE_KILL_AFTER"):

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import attrs
 
+from ..config import DistSettings
 from ..errors import LoadError
 from . import loop as eng, model as engine_model, sharding
 
@@ -60,9 +61,9 @@ def launched(env: dict | None = None) -> bool:
     )
 
 
-def _backend_name(env: dict) -> str:
-    if v := env.get("MLXSERVE_DIST_BACKEND"):
-        return v
+def _backend_name(env: dict, dist: DistSettings) -> str:
+    if dist.backend:
+        return dist.backend
     if env.get("MLX_JACCL_COORDINATOR"):
         return "jaccl"
     if env.get("MLX_HOSTFILE"):
@@ -82,9 +83,9 @@ def _ring_hosts(env: dict) -> list[list[str]] | None:
         return None
 
 
-def _control_host(env: dict) -> str:
+def _control_host(env: dict, dist: DistSettings) -> str:
     """Where rank 0 listens for its followers: MLXSERVE_DIST_CONTROL, else its ring address."""
-    if v := env.get("MLXSERVE_DIST_CONTROL"):
+    if v := dist.control:
         return v.rpartition(":")[0] or v
     hosts = _ring_hosts(env)
     if hosts and hosts[0]:
@@ -545,16 +546,17 @@ def start(models_dir: Path, env: dict | None = None) -> tuple[int, Any]:
         return 0, None
     import mlx.core as mx
 
-    backend = _backend_name(env)
-    split = env.get("MLXSERVE_DIST_SPLIT", "auto")
+    dist = DistSettings.from_env(env)
+    backend = _backend_name(env, dist)
+    split = dist.split
     if split not in sharding.SPLITS:
         raise ValueError(f"MLXSERVE_DIST_SPLIT must be one of {', '.join(sharding.SPLITS)}, not {split!r}")
-    timeout = float(env.get("MLXSERVE_DIST_TIMEOUT", "30"))
+    timeout = dist.timeout
     g = mx.distributed.init(strict=True, backend=backend)
     if g.size() < 2:
         return 0, None
     rank = g.rank()
-    host = _control_host(env)
+    host = _control_host(env, dist)
     listener = None
     token = b"\0" * 16
     port = 0

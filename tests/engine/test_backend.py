@@ -59,6 +59,18 @@ def _probe(blas: str | None, order: str = "early") -> dict:
 _EXPECTED_PRODUCT = [[14.0, 38.0, 62.0], [38.0, 126.0, 214.0], [62.0, 214.0, 366.0]]
 
 
+def test_the_bootstrap_and_its_settings_import_no_mlx():
+    """Entry points import these before mlx.core: the BLAS they load must come first."""
+    probe = (
+        "import sys, mlxserve.config, mlxserve.engine.cpu.bootstrap, mlxserve.engine.cpu.backend;"
+        "mlxserve.config.Settings.from_env();"
+        "print(sorted(m for m in sys.modules if m == 'mlx' or m.startswith(('mlx.', 'mlx_'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_blas_off_uses_reference_and_still_computes():
     r = _probe("off")
     assert r["name"] == "reference" and r["path"] is None and not r["optimized"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from support import python_probe
 
+from mlxserve import config
 from mlxserve.engine.cpu import backend, smallgemm
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,7 +82,7 @@ def _probe(env_extra: dict[str, str]) -> dict:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("LD_PRELOAD", "MLXSERVE_BLAS", smallgemm.ENV, smallgemm.ENV_THREADS)
+        if k not in ("LD_PRELOAD", "MLXSERVE_BLAS", config.ENV_SMALL_GEMM, config.ENV_GEMM_THREADS)
     }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(env_extra)
@@ -90,7 +91,7 @@ def _probe(env_extra: dict[str, str]) -> dict:
 
 @needs_kernels
 def test_kernels_take_decode_products_and_match_float64(tmp_path):
-    r = _probe({smallgemm.ENV: str(tmp_path)})  # a fresh cache: this run compiles
+    r = _probe({config.ENV_SMALL_GEMM: str(tmp_path)})  # a fresh cache: this run compiles
     assert r["reason"] == "built"
     assert r["small_gemm"] and r["small_gemm"].startswith(str(tmp_path))
     assert r["described"]["small_gemm"] is True
@@ -107,13 +108,13 @@ def test_kernels_take_decode_products_and_match_float64(tmp_path):
         # 90 products large enough to share: a helper thread took part in some of them.
         assert r["after"][2] > r["before"][2]
 
-    again = _probe({smallgemm.ENV: str(tmp_path)})
+    again = _probe({config.ENV_SMALL_GEMM: str(tmp_path)})
     assert again["reason"] == "cached" and again["small_gemm"] == r["small_gemm"]
 
 
 @needs_kernels
 def test_one_thread_gives_the_same_products(tmp_path):
-    r = _probe({smallgemm.ENV: str(tmp_path), smallgemm.ENV_THREADS: "1"})
+    r = _probe({config.ENV_SMALL_GEMM: str(tmp_path), config.ENV_GEMM_THREADS: "1"})
     assert r["threads"] == 1 and r["small_gemm"]
     assert r["after"][2] == r["before"][2] and r["helpers"] == 0  # no helper thread exists
     assert r["invariant"] and r["cases"] > 0
@@ -121,14 +122,14 @@ def test_one_thread_gives_the_same_products(tmp_path):
 
 @needs_kernels
 def test_off_leaves_openblas_alone():
-    r = _probe({smallgemm.ENV: "off"})
-    assert r["small_gemm"] is None and r["reason"] == f"{smallgemm.ENV}=off"
+    r = _probe({config.ENV_SMALL_GEMM: "off"})
+    assert r["small_gemm"] is None and r["reason"] == f"{config.ENV_SMALL_GEMM}=off"
     assert r["described"]["small_gemm"] is False and r["described"]["blas"] == "openblas"
     assert r["cases"] > 0  # every product still checked against float64
 
 
 def test_failed_build_falls_back(tmp_path):
-    r = _probe({smallgemm.ENV: str(tmp_path), "CC": "false"})
+    r = _probe({config.ENV_SMALL_GEMM: str(tmp_path), "CC": "false"})
     assert r["small_gemm"] is None
     assert r["described"]["small_gemm"] is False
     assert r["cases"] > 0

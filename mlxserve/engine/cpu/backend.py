@@ -35,15 +35,13 @@ from pathlib import Path
 
 import attrs
 
+from ...config import ENV_BLAS, ENV_BLAS_REEXEC, CpuSettings
 from . import jitflags, smallgemm
 from .machine import cpu_count
 
 log = logging.getLogger(__name__)
 
-ENV_BLAS = "MLXSERVE_BLAS"
 _SYMBOL = "cblas_sgemm"
-# A variable the re-exec sets, so a child that still cannot load OpenBLAS does not loop.
-_REEXEC_MARK = "MLXSERVE_BLAS_REEXEC"
 
 
 @attrs.frozen
@@ -219,7 +217,7 @@ def _configure() -> BlasInfo:
     global _handle
     if sys.platform == "darwin":
         return BlasInfo("accelerate", None, "macOS: MLX links Accelerate")
-    setting = os.environ.get(ENV_BLAS, "auto").strip()
+    setting = CpuSettings.from_env().blas
     if "mlx.core" in sys.modules:
         bound = mlx_blas_library()
         return BlasInfo(_classify(bound), bound, "unchanged: mlx.core was imported before configure_blas()", _threads())
@@ -411,9 +409,10 @@ def reexec_with_blas_if_needed(argv: list[str] | None = None) -> None:
     when ``MLXSERVE_BLAS=off``, when none is installed, or in the re-executed child. Otherwise
     does not return.
     """
-    if not sys.platform.startswith("linux") or os.environ.get(_REEXEC_MARK):
+    cpu = CpuSettings.from_env()
+    if not sys.platform.startswith("linux") or cpu.reexec_child:
         return
-    setting = os.environ.get(ENV_BLAS, "auto").strip()
+    setting = cpu.blas
     if _off(setting):
         return
     if "mlx.core" not in sys.modules:
@@ -427,7 +426,7 @@ def reexec_with_blas_if_needed(argv: list[str] | None = None) -> None:
         return
     env = dict(os.environ)
     env["LD_PRELOAD"] = " ".join(filter(None, [path, env.get("LD_PRELOAD", "")]))
-    env[_REEXEC_MARK] = "1"
+    env[ENV_BLAS_REEXEC] = "1"
     env.setdefault("OPENBLAS_NUM_THREADS", str(default_blas_threads()))
     args = list(sys.orig_argv[1:] if argv is None else argv)
     sys.stdout.flush()

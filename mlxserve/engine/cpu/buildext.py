@@ -19,10 +19,10 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from . import jitflags, smallgemm
+from ...config import ENV_QKERNELS as ENV, CpuSettings
+from . import jitflags
 from .machine import cpu_flags
 
-ENV = "MLXSERVE_QKERNELS"  # "off": dequantize to float32 on the CPU as before
 SOURCE = Path(__file__).with_name("qmm.cpp")
 HEADERS = [Path(__file__).with_name("qmm_tile.h")]  # included by SOURCE: part of the cache key
 FLAGS = [
@@ -62,7 +62,7 @@ def _dirs() -> dict[str, Path] | None:
 
 def unavailable_reason() -> str | None:
     """Why the kernels cannot be built here (None: they can)."""
-    if smallgemm.is_off(os.environ.get(ENV)):
+    if not CpuSettings.from_env().qkernels:
         return f"{ENV}=off"
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         return "not x86-64 Linux"
@@ -122,7 +122,7 @@ def build() -> tuple[Path | None, str]:
     includes = [f"-I{d[k]}" for k in ("nb_include", "nb_map", "mlx_include", "py_include")]
     source = "\0".join(p.read_text() for p in (SOURCE, *HEADERS))
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    cache = smallgemm.cache_dir()
+    cache = CpuSettings.from_env().cache_dir
     try:
         nb_obj = cache / f"nanobind-{_key(cxx, 'nanobind')}.o"
         target = cache / f"qkernels-{_key(cxx, source)}" / f"_qmm{suffix}"

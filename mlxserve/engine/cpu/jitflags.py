@@ -22,10 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import smallgemm
+from ...config import ENV_JIT_NATIVE, CpuSettings
 from .machine import cpu_flags
 
-ENV = "MLXSERVE_JIT_NATIVE"
 FLAGS = "-march=native"
 _MARK = "mlxserve-jit-wrapper"  # a line in the wrapper: PATH already leads to one
 _PROBE = 'extern "C" float f(const float *a, int n) { float s = 0; for (int i = 0; i < n; i++) s += a[i] * a[i]; return s; }\n'
@@ -45,9 +44,10 @@ def plain_path(path: str) -> str:
 
 def install() -> str:
     """Put the wrapper first on PATH (building it once per compiler); say what happened."""
-    if smallgemm.is_off(os.environ.get(ENV)):
+    cpu = CpuSettings.from_env()
+    if not cpu.jit_native:
         os.environ["PATH"] = plain_path(os.environ.get("PATH", ""))  # off here, whatever the parent did
-        return f"{ENV}=off"
+        return f"{ENV_JIT_NATIVE}=off"
     if not sys.platform.startswith("linux"):
         return "not Linux"
     gxx = shutil.which("g++")
@@ -61,7 +61,7 @@ def install() -> str:
         return f"g++ unusable: {exc}"
     ident = f"{os.path.realpath(gxx)}:{st.st_size}:{st.st_mtime_ns}"
     key = hashlib.sha256("\0".join([ident, FLAGS, cpu_flags()]).encode()).hexdigest()[:16]
-    folder = smallgemm.cache_dir() / f"jit-{key}"
+    folder = cpu.cache_dir / f"jit-{key}"
     wrapper = folder / "g++"
     if not wrapper.exists():
         why = _build(gxx, wrapper)

@@ -31,26 +31,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ...config import ENV_SMALL_GEMM, CpuSettings
 from .machine import cpu_count, cpu_flags
 
-ENV = "MLXSERVE_SMALL_GEMM"  # "off" disables it; a directory overrides the build cache
 MAX_ROWS = 16  # NUM_PARALLEL's default: every decode step of a full batch comes here
 _NN_ROWS = 8  # untransposed B: rows handled per pass
 _ACCUMULATORS = 24  # of AVX-512's 32 registers; the rest hold loaded weights and activations
-ENV_THREADS = "MLXSERVE_GEMM_THREADS"
 SPIN_US = 300  # a helper's wake-up costs more than the gap between two products of a step
-
-
-def threads_setting() -> int | None:
-    """``MLXSERVE_GEMM_THREADS`` as a positive count, or None when unset or not one."""
-    value = os.environ.get(ENV_THREADS, "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def threads() -> int:
     """Threads per product: ``MLXSERVE_GEMM_THREADS``, else every usable core, at most 4 (a
     cautious cap: more cores than 2 have not been tried)."""
-    if (setting := threads_setting()) is not None:
+    if (setting := CpuSettings.from_env().gemm_threads) is not None:
         return setting
     return max(1, min(4, cpu_count()))
 
@@ -382,27 +375,10 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
-def cache_dir() -> Path:
-    setting = os.environ.get(ENV, "")
-    if setting and setting.lower() not in ("on", "auto"):
-        return Path(setting)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mlxserve"
-
-
-def is_off(value: str | None) -> bool:
-    """How an on-by-default MLXSERVE_* switch is turned off (this one, jitflags')."""
-    return (value or "").strip().lower() in ("off", "0", "false", "none")
-
-
-def disabled() -> bool:
-    return is_off(os.environ.get(ENV))
-
-
 def unavailable_reason() -> str | None:
     """Why the kernels cannot be built here (None: they can)."""
-    if disabled():
-        return f"{ENV}=off"
+    if not CpuSettings.from_env().small_gemm:
+        return f"{ENV_SMALL_GEMM}=off"
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         return "not x86-64 Linux"
     if "avx512f" not in cpu_flags().split():
@@ -424,7 +400,7 @@ def build() -> tuple[Path | None, str]:
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"compiler unusable: {exc}"
     key = hashlib.sha256("\0".join([source, version, " ".join(CFLAGS), cpu_flags()]).encode())
-    target = cache_dir() / f"smallgemm-{key.hexdigest()[:16]}.so"
+    target = CpuSettings.from_env().cache_dir / f"smallgemm-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target, "cached"
     try:
