@@ -17,7 +17,7 @@ from quart import Blueprint, current_app, request
 
 from ..actors.sequence import ANY_JSON_OBJECT, grammar_for_schema
 from ..errors import BadRequest, NotFound
-from ..specs.tools import call_schema
+from ..specs.tools import CallStream, call_schema
 from . import relay
 from .common import field, json_body, json_response, runtime
 from .openai import reasoning_think, template_call
@@ -238,9 +238,9 @@ async def create():
             "metadata": body.get("metadata") or {},
         }
 
-    def message_item(text: str, status: str = "completed") -> dict:
+    def message_item(text: str, status: str = "completed", item_id: str | None = None) -> dict:
         return {
-            "id": msg_id,
+            "id": item_id or msg_id,
             "type": "message",
             "status": status,
             "role": "assistant",
@@ -256,10 +256,28 @@ async def create():
             "content": [{"type": "reasoning_text", "text": thought}] if status == "completed" else [],
         }
 
-    def finished() -> tuple[dict, list[dict]]:
-        """The final response, and the conversation to store with it."""
+    def call_item(call: dict) -> dict:
+        return {
+            "id": f"fc_{uuid.uuid4().hex}",
+            "type": "function_call",
+            "status": "completed",
+            "call_id": f"call_{uuid.uuid4().hex[:24]}",
+            "name": call["name"],
+            "arguments": json.dumps(call["arguments"], ensure_ascii=False),
+        }
+
+    def said_calls(items: list[dict]) -> list[dict]:
+        return [
+            template_call({"id": o["call_id"], "function": {"name": o["name"], "arguments": o["arguments"]}}, 0)
+            for o in items
+            if o["type"] == "function_call"
+        ]
+
+    def finished(streamed: list[dict] | None = None) -> tuple[dict, list[dict]]:
+        """The final response, and the conversation to store with it. ``streamed``: the output
+        items as the stream sent them (text, calls and reasoning in their order)."""
         text, thought = "".join(gen.text), "".join(gen.thinking)
-        calls = relay.tool_calls(text, active)
+        calls = relay.tool_calls(text, active) if streamed is None else []
         if calls and body.get("parallel_tool_calls") is False:
             calls = calls[:1]
         prompt, out, cached = relay.usage_counts(gen)
@@ -270,31 +288,21 @@ async def create():
             "output_tokens_details": {"reasoning_tokens": gen.thinking_tokens},
             "total_tokens": prompt + out,
         }
-        if calls:
-            output = [
-                {
-                    "id": f"fc_{uuid.uuid4().hex}",
-                    "type": "function_call",
-                    "status": "completed",
-                    "call_id": f"call_{uuid.uuid4().hex[:24]}",
-                    "name": c["name"],
-                    "arguments": json.dumps(c["arguments"], ensure_ascii=False),
-                }
-                for c in calls
-            ]
-            said = {
-                "role": "assistant",
-                "content": "",
-                "tool_calls": [
-                    template_call({"id": o["call_id"], "function": {"name": o["name"], "arguments": o["arguments"]}}, 0)
-                    for o in output
-                ],
-            }
+        if streamed is not None:
+            output = streamed
+            shown = "".join(c["text"] for o in output if o["type"] == "message" for c in o["content"])
+            said = {"role": "assistant", "content": shown}
+            if said_calls(output):
+                said["tool_calls"] = said_calls(output)
+            status = "incomplete" if gen.done_reason == "length" else "completed"
+        elif calls:
+            output = [call_item(c) for c in calls]
+            said = {"role": "assistant", "content": "", "tool_calls": said_calls(output)}
             status = "completed"
         else:
             output, said = [message_item(text)], {"role": "assistant", "content": text}
             status = "incomplete" if gen.done_reason == "length" else "completed"
-        if thought:
+        if thought and streamed is None:
             output.insert(0, reasoning_item(thought))
         final = response(status, output, usage)
         if store:
@@ -310,97 +318,111 @@ async def create():
     def event(kind: str, **data) -> bytes:
         return relay.sse(kind, {"type": kind, "sequence_number": next(seq), **data})
 
-    def text_events(i: int, text: str, *, opened: bool) -> list[bytes]:
-        """A message item's closing events (and its opening ones, when not yet open)."""
-        ids = {"item_id": msg_id, "output_index": i, "content_index": 0}
-        head = (
-            []
-            if opened
-            else [
-                event("response.output_item.added", output_index=i, item=message_item("", "in_progress")),
-                event("response.content_part.added", **ids, part=_text_part("")),
-                *([event("response.output_text.delta", **ids, delta=text, logprobs=[])] if text else []),
-            ]
-        )
-        return [
-            *head,
-            event("response.output_text.done", **ids, text=text, logprobs=[]),
-            event("response.content_part.done", **ids, part=_text_part(text)),
-            event("response.output_item.done", output_index=i, item=message_item(text)),
-        ]
-
     async def events(chunks):
         yield event("response.created", response=response("in_progress", [], None))
         yield event("response.in_progress", response=response("in_progress", [], None))
-        # Reasoning (its own item, first) and plain text stream as they come; a possible call
-        # must arrive whole. ``opened``: "reasoning" while that item is open, then "message".
-        opened: list[str] = []
+        # Output items stream in their order: reasoning and text as they come, each function
+        # call as it completes (specs/tools.CallStream holds back text that may become a call).
+        items: list[dict] = []
+        parts: dict[int, list[str]] = {}  # an open item's reasoning or text so far, by index
+        calls_in = CallStream(active) if active else None
+        single = body.get("parallel_tool_calls") is False
 
-        def open_message() -> list[bytes]:
-            out = close_reasoning()
-            i = len(opened)
-            opened.append("message")
+        def open_item(kind: str) -> list[bytes]:
+            """The item of ``kind`` to write to: the open one, or a new one after closing it."""
+            if items and items[-1]["status"] == "in_progress" and items[-1]["type"] == kind:
+                return []
+            out, i = close(), len(items)
+            parts[i] = []
+            if kind == "reasoning":
+                item = {**reasoning_item("", "in_progress"), "id": rs_id if i == 0 else f"rs_{uuid.uuid4().hex}"}
+                items.append(item)
+                return [*out, event("response.output_item.added", output_index=i, item=item)]
+            first = not any(o["type"] == "message" for o in items)
+            items.append(message_item("", "in_progress", None if first else f"msg_{uuid.uuid4().hex}"))
+            ids = {"item_id": items[i]["id"], "output_index": i, "content_index": 0}
             return [
                 *out,
-                event("response.output_item.added", output_index=i, item=message_item("", "in_progress")),
-                event(
-                    "response.content_part.added", item_id=msg_id, output_index=i, content_index=0, part=_text_part("")
-                ),
+                event("response.output_item.added", output_index=i, item=items[i]),
+                event("response.content_part.added", **ids, part=_text_part("")),
             ]
 
-        def close_reasoning() -> list[bytes]:
-            if opened != ["reasoning"]:
+        def close() -> list[bytes]:
+            if not items or items[-1]["status"] != "in_progress":
                 return []
-            opened[0] = "reasoning done"
-            thought = "".join(gen.thinking)
+            i, item = len(items) - 1, items[-1]
+            text = "".join(parts.pop(i))
+            ids = {"item_id": item["id"], "output_index": i, "content_index": 0}
+            if item["type"] == "reasoning":
+                items[i] = {**reasoning_item(text), "id": item["id"]}
+                return [
+                    event("response.reasoning_text.done", **ids, text=text),
+                    event("response.output_item.done", output_index=i, item=items[i]),
+                ]
+            items[i] = message_item(text, item_id=item["id"])
             return [
-                event("response.reasoning_text.done", item_id=rs_id, output_index=0, content_index=0, text=thought),
-                event("response.output_item.done", output_index=0, item=reasoning_item(thought)),
+                event("response.output_text.done", **ids, text=text, logprobs=[]),
+                event("response.content_part.done", **ids, part=_text_part(text)),
+                event("response.output_item.done", output_index=i, item=items[i]),
             ]
+
+        def add(kind: str, text: str) -> list[bytes]:
+            if not text:
+                return []
+            out = open_item(kind)
+            i = len(items) - 1
+            parts[i].append(text)
+            ids = {"item_id": items[i]["id"], "output_index": i, "content_index": 0}
+            if kind == "reasoning":
+                return [*out, event("response.reasoning_text.delta", **ids, delta=text)]
+            return [*out, event("response.output_text.delta", **ids, delta=text, logprobs=[])]
+
+        def add_calls(calls: list[dict]) -> list[bytes]:
+            out = []
+            for c in calls:
+                if single and any(o["type"] == "function_call" for o in items):
+                    break
+                out += close()
+                i, item = len(items), call_item(c)
+                items.append(item)
+                out += [
+                    event(
+                        "response.output_item.added",
+                        output_index=i,
+                        item={**item, "arguments": "", "status": "in_progress"},
+                    ),
+                    event(
+                        "response.function_call_arguments.delta",
+                        item_id=item["id"],
+                        output_index=i,
+                        delta=item["arguments"],
+                    ),
+                    event(
+                        "response.function_call_arguments.done",
+                        item_id=item["id"],
+                        output_index=i,
+                        name=item["name"],
+                        arguments=item["arguments"],
+                    ),
+                    event("response.output_item.done", output_index=i, item=item),
+                ]
+            return out
 
         async for c in chunks:
-            if getattr(c, "thinking", ""):
-                if not opened:
-                    opened.append("reasoning")
-                    yield event("response.output_item.added", output_index=0, item=reasoning_item("", "in_progress"))
-                yield event(
-                    "response.reasoning_text.delta", item_id=rs_id, output_index=0, content_index=0, delta=c.thinking
-                )
-            if not active and c.text:
-                for e in open_message() if "message" not in opened else ():
-                    yield e
-                yield event(
-                    "response.output_text.delta",
-                    item_id=msg_id,
-                    output_index=len(opened) - 1,
-                    content_index=0,
-                    delta=c.text,
-                    logprobs=[],
-                )
-        for e in close_reasoning():
+            for e in add("reasoning", getattr(c, "thinking", "")):
+                yield e
+            text, calls = calls_in.feed(c.text) if calls_in else (c.text, [])
+            for e in add("message", text) + add_calls(calls):
+                yield e
+        text, calls = calls_in.finish() if calls_in else ("", [])
+        for e in add("message", text) + add_calls(calls):
             yield e
-        final, output = finished()
-        for i, item in enumerate(output):
-            if item["type"] == "reasoning":
-                continue  # streamed above
-            if item["type"] == "message":
-                for e in text_events(i, "".join(gen.text), opened="message" in opened):
-                    yield e
-                continue
-            yield event(
-                "response.output_item.added", output_index=i, item={**item, "arguments": "", "status": "in_progress"}
-            )
-            yield event(
-                "response.function_call_arguments.delta", item_id=item["id"], output_index=i, delta=item["arguments"]
-            )
-            yield event(
-                "response.function_call_arguments.done",
-                item_id=item["id"],
-                output_index=i,
-                name=item["name"],
-                arguments=item["arguments"],
-            )
-            yield event("response.output_item.done", output_index=i, item=item)
+        if not any(o["type"] in ("message", "function_call") for o in items):
+            for e in open_item("message"):  # an empty answer still has its (empty) message
+                yield e
+        for e in close():
+            yield e
+        final, _ = finished(items)
         yield event(f"response.{final['status']}", response=final)
 
     def error_event(exc) -> bytes:
