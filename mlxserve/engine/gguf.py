@@ -310,8 +310,14 @@ def config_from_metadata(
             # LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini): llama.cpp uses the long factors only
             # when the context is longer than the original one, and the file's attention factor
             # (1 when absent); engine/patches.py does the same with mlx-lm's SuScaledRoPE.
-            short = [float(v) for v in vector("rope_factors_short.weight")] if "rope_factors_short.weight" in shapes else None
-            long = [float(v) for v in vector("rope_factors_long.weight")] if "rope_factors_long.weight" in shapes else None
+            short = (
+                [float(v) for v in vector("rope_factors_short.weight")]
+                if "rope_factors_short.weight" in shapes
+                else None
+            )
+            long = (
+                [float(v) for v in vector("rope_factors_long.weight")] if "rope_factors_long.weight" in shapes else None
+            )
             config["original_max_position_embeddings"] = int(
                 meta("rope.scaling.original_context_length", 0) or config["max_position_embeddings"]
             )

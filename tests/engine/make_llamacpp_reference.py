@@ -46,7 +46,13 @@ N_CTX = 256  # llama-server's context for CASES (phi3: not past its original 256
 CONTEXT_CASES = {
     "decode gemma2/Q8_0": {"arch": "gemma2", "quant": "Q8_0", "n_ctx": N_CTX, "lengths": (5, 19, 33), "n_predict": 12},
     "decode gemma3/Q8_0": {"arch": "gemma3", "quant": "Q8_0", "n_ctx": N_CTX, "lengths": (5, 19, 33), "n_predict": 12},
-    "long phi3/Q8_0": {"arch": "phi3", "quant": "Q8_0", "n_ctx": 512, "lengths": tuple(range(260, 460, 20)), "n_predict": 1},
+    "long phi3/Q8_0": {
+        "arch": "phi3",
+        "quant": "Q8_0",
+        "n_ctx": 512,
+        "lengths": tuple(range(260, 460, 20)),
+        "n_predict": 1,
+    },
 }
 
 
@@ -156,7 +162,9 @@ def main(only: list[str]) -> None:
         for name, spec in CONTEXT_CASES.items():
             if only and name not in only:
                 continue
-            path = ggufmodels.write(Path(tmp) / f"{spec['arch']}-{spec['quant']}.gguf", spec["arch"], spec["quant"], seed=SEED)
+            path = ggufmodels.write(
+                Path(tmp) / f"{spec['arch']}-{spec['quant']}.gguf", spec["arch"], spec["quant"], seed=SEED
+            )
             case_ids = context_prompts(vocab, spec["lengths"], PROMPT_SEED)
             context_cases[name] = {
                 **{k: spec[k] for k in ("arch", "quant", "n_ctx", "n_predict")},
