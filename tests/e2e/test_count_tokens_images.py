@@ -13,7 +13,7 @@ from test_vision import RED, vdaemon, vision_store  # noqa: E402, F401  (the fix
 from mlxserve.testing import tinyvision  # noqa: E402
 
 
-async def test_count_tokens_counts_an_image_as_its_tokens(vdaemon):
+async def test_count_tokens_counts_an_image_as_its_tokens(vdaemon):  # noqa: F811  (the fixture)
     import anthropic
 
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": RED}}

@@ -19,8 +19,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.generate import BatchGenerator
 
-from mlxserve.engine import convert as engine_convert
-from mlxserve.engine import patches
+from mlxserve.engine import convert as engine_convert, patches
 from mlxserve.engine.model import load_path
 from mlxserve.store import convert
 from mlxserve.store.ggufmeta import read_header
