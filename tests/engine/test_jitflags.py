@@ -1,4 +1,4 @@
-"""MLX's CPU kernel compiler told to build for this CPU (engine/jitflags.py), each probe in a fresh
+"""MLX's CPU kernel compiler told to build for this CPU (engine/cpu/jitflags.py), each probe in a fresh
 interpreter with its own kernel cache ($TMPDIR) and wrapper cache ($XDG_CACHE_HOME)."""
 
 from __future__ import annotations

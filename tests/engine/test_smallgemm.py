@@ -1,4 +1,4 @@
-"""The few-row decode kernels in front of OpenBLAS (engine/smallgemm.py), each probe in a fresh
+"""The few-row decode kernels in front of OpenBLAS (engine/cpu/smallgemm.py), each probe in a fresh
 interpreter: which cblas_sgemm libmlx calls is fixed per process."""
 
 from __future__ import annotations

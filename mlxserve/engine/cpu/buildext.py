@@ -2,7 +2,7 @@
 
 The extension is an MLX C++ primitive with a nanobind binding in MLX's nanobind domain (as
 mlx's examples/extensions does), compiled with the system g++ (``-O3 -march=native``: the
-vector path this CPU has) into ``~/.cache/mlxserve`` (``cache_dir``), keyed by the source,
+vector path this CPU has) into ``~/.cache/mlxserve`` (``CpuSettings.cache_dir``), keyed by the source,
 compiler, CPU flags and the mlx, nanobind and Python versions. nanobind's own sources are
 compiled once into an object of their own, reused while only qmm.cpp changes.
 """
