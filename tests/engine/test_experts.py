@@ -203,6 +203,47 @@ def test_other_expert_layers_use_the_linears_and_mxfp4_stays_on_mlx():
     assert experts.use_expert_kernels(fp4, kernels) == 0 and type(fp4) is QuantizedSwitchLinear
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_qwen3moe_block_is_one_op_matching_mlx_lm(bits, normalize):
+    from mlx_lm.models import qwen3_moe
+
+    args = qwen3_moe.ModelArgs(
+        model_type="qwen3_moe",
+        hidden_size=128,
+        num_hidden_layers=1,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_experts=8,
+        num_experts_per_tok=3,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        moe_intermediate_size=96,
+        rms_norm_eps=1e-6,
+        vocab_size=100,
+        num_key_value_heads=2,
+        head_dim=32,
+        rope_theta=1e4,
+        tie_word_embeddings=False,
+        max_position_embeddings=512,
+        norm_topk_prob=normalize,
+    )
+    mx.random.seed(bits)
+    block = qwen3_moe.Qwen3MoeSparseMoeBlock(args)
+    nn.quantize(
+        block, group_size=32, bits=bits, class_predicate=lambda p, m: p != "gate" and hasattr(m, "to_quantized")
+    )
+    x = mx.random.normal((3, 9, 128))
+    want = block(x)
+    assert experts.use_expert_kernels(block, kernels) == 3
+    assert type(block).__name__ == "CpuQwen3MoeSparseMoeBlock"
+    got = block(x)
+    assert got.shape == want.shape and got.dtype == mx.float32
+    assert mx.allclose(got, want, atol=0.03 * mx.abs(want).max().item()).item(), mx.abs(got - want).max().item()
+    # a row alone gets the bits it gets in the batch
+    assert np.array_equal(np.array(block(x[1:2, 4:5]))[0, 0], np.array(got)[1, 4])
+
+
 # --- a qwen3moe GGUF -----------------------------------------------------------------------------
 
 
@@ -229,8 +270,10 @@ def test_a_qwen3moe_gguf_decodes_the_same_with_the_kernels_on_and_off(quant, tmp
     path = ggufmodels.write(tmp_path / f"qwen3moe-{quant}.gguf", "qwen3moe", quant, seed=0)
     on = load_path(path)  # the kernels: dense products and experts
     off = load_path(path, weight_dtype="float32")  # what MLXSERVE_QKERNELS=off loads
-    block = on.model.model.layers[0].mlp.switch_mlp
-    assert type(block) is experts.CpuSwitchGLU and isinstance(block.up_proj, experts.CpuQuantizedSwitchLinear)
+    block = on.model.model.layers[0].mlp
+    assert type(block).__name__ == "CpuQwen3MoeSparseMoeBlock"  # one op after the router
+    assert type(block.switch_mlp) is experts.CpuSwitchGLU
+    assert isinstance(block.switch_mlp.up_proj, experts.CpuQuantizedSwitchLinear)
     assert type(off.model.model.layers[0].mlp.switch_mlp.up_proj) is QuantizedSwitchLinear
     for prompt in ([3, 17, 42, 5, 9, 100, 7, 8], list(range(20, 60))):  # 40 tokens: mlx-lm sorts
         tokens, want, got = _greedy_and_forced(on.model, off.model, prompt, 16)

@@ -4,11 +4,14 @@ mlx-lm runs experts as ``QuantizedSwitchLinear`` (``mx.gather_qmm``, MLX's slow 
 kernel) inside ``SwitchGLU``. Here each expert's weight is packed into the kernels' 8-row tiles
 at load and the layer computes ``gather_qmm_rows`` (each row times the experts it chose, every
 chosen expert's tiles read once for all rows that chose it); a ``SwitchGLU`` with mlx-lm's
-SwiGLU becomes two ops: gate and up with the SwiGLU, then down. Experts the kernels do not fit
-(MXFP4, other bits) stay on ``mx.gather_qmm``.
+SwiGLU becomes two ops: gate and up with the SwiGLU, then down; and qwen3moe's whole block
+after the router is one op. Experts the kernels do not fit (MXFP4, other bits) stay on
+``mx.gather_qmm``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -124,4 +127,55 @@ def use_expert_kernels(model: nn.Module, kernels) -> int:
     for _, module in model.named_modules():
         if type(module) is SwitchGLU and _fusable(module):
             module.__class__ = CpuSwitchGLU
+    for _, module in model.named_modules():
+        if hasattr(module, "switch_mlp") and (cls := _moe_block_class(type(module))) and _block_fusable(module):
+            module.__class__ = cls
     return count
+
+
+def _moe_block_call(self, x):
+    """mlx-lm qwen3_moe's block: the router's product, then the rest as one op (moe_swiglu)."""
+    if getattr(self, "sharding_group", None) is not None:
+        return super(type(self), self).__call__(x)
+    if x.dtype != mx.float32:
+        x = x.astype(mx.float32)
+    mlp = self.switch_mlp
+    gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    logits = self.gate(x)
+    if logits.dtype != mx.float32:
+        logits = logits.astype(mx.float32)
+    return self.kernels.moe_swiglu(
+        x,
+        logits,
+        self.top_k,
+        self.norm_topk_prob,
+        *(m[key] for m in (gate, up, down) for key in ("weight", "scales", "biases")),
+        gate.group_size,
+        gate.bits,
+        down.group_size,
+        down.bits,
+        gate.out_features,
+        down.out_features,
+    )
+
+
+@functools.cache
+def _moe_block_class(cls) -> type | None:
+    """A one-op subclass for mlx-lm's qwen3_moe block (its __call__ as shipped: softmax, top k,
+    renormalize, SwitchGLU, weighted sum); None for any other class."""
+    from mlx_lm.models import qwen3_moe
+
+    if cls is not qwen3_moe.Qwen3MoeSparseMoeBlock:
+        return None
+    return type(f"Cpu{cls.__name__}", (KernelModule, cls), {"__call__": _moe_block_call})
+
+
+def _block_fusable(module) -> bool:
+    mlp = getattr(module, "switch_mlp", None)
+    return (
+        type(mlp) is CpuSwitchGLU
+        and type(module.gate) is nn.Linear
+        and "bias" not in module.gate
+        and "bias" not in mlp.down_proj
+        and mlp.down_proj["scales"].dtype == mlp.gate_proj["scales"].dtype
+    )

@@ -880,6 +880,140 @@ static mx::array gather_swiglu(const mx::array& x, const mx::array& ids, const m
   return experts_op(x, ids, {wg, sg, bg, wu, su, bu}, group_size, bits, n, path, true);
 }
 
+// ---- a whole mixture-of-experts block ------------------------------------------------------------
+// qwen3moe's block after its router product: softmax over the experts, the top k (their
+// probabilities renormalized if asked), SwiGLU through each chosen expert, down, and the
+// probability-weighted sum of the k outputs, as one op in place of about a dozen. A row's sum
+// runs over its choices in one order (by probability, then expert), so a row gets the same bits
+// alone or in a batch.
+
+static void route_rows(const float* logits, int M, int E, int k, bool normalize, uint32_t* ids, float* scores) {
+  std::vector<float> p(E);
+  std::vector<int> idx(E);
+  for (int m = 0; m < M; m++) {
+    const float* l = logits + (size_t)m * E;
+    float top = -INFINITY, total = 0.f;
+    for (int e = 0; e < E; e++) top = std::fmax(top, l[e]);
+    for (int e = 0; e < E; e++) total += p[e] = std::exp(l[e] - top);
+    for (int e = 0; e < E; e++) p[e] /= total;
+    for (int e = 0; e < E; e++) idx[e] = e;
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                      [&](int a, int b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+    float sum = 0.f;
+    for (int j = 0; j < k; j++) sum += p[idx[j]];
+    for (int j = 0; j < k; j++) {
+      ids[(size_t)m * k + j] = (uint32_t)idx[j];
+      scores[(size_t)m * k + j] = normalize ? p[idx[j]] / sum : p[idx[j]];
+    }
+  }
+}
+
+class MoeBlock : public mx::UnaryPrimitive {
+ public:
+  MoeBlock(mx::Stream s, int k, bool normalize, int gs, int bits, int down_gs, int down_bits, int hidden)
+      : mx::UnaryPrimitive(s), k_(k), norm_(normalize), gs_(gs), bits_(bits), dgs_(down_gs), dbits_(down_bits),
+        hidden_(hidden) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    for (size_t i = 2; i < in.size(); i++)
+      if (!in[i].flags().row_contiguous) throw std::invalid_argument("[moe_swiglu] weights must be row contiguous");
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    const int D = in[0].shape(-1), E = in[1].shape(-1), M = (int)(in[0].size() / D), N = out.shape(-1);
+    const int k = k_, H = hidden_, gs = gs_, bits = bits_, dgs = dgs_, dbits = dbits_, path = best_path();
+    const bool normalize = norm_;
+    const View xv(in[0]), lv(in[1]);
+    auto run = [=, yp = out.data<float>()](const auto& gu, const auto& dn) {
+      std::vector<float> xb, lb, ys[2], yd;
+      const int P = M * k;
+      std::vector<uint32_t> ids(P), sorted_ids(P);
+      std::vector<float> scores(P);
+      route_rows(lv.gather(lb), M, E, k, normalize, ids.data(), scores.data());
+      std::vector<int> order, order2;
+      experts_product(path, gu, xv.gather(xb), k, ids.data(), P, H, D, gs, bits, M, order, ys);
+      std::vector<float>& h = ys[0];
+      {
+        std::vector<float> e(h.size());
+        for (size_t i = 0; i < e.size(); i++) e[i] = -h[i];
+        exp_inplace(e.data(), e.size());
+        for (size_t i = 0; i < e.size(); i++) h[i] = h[i] / (1.f + e[i]) * ys[1][i];
+      }
+      // h's rows are grouped by expert already: the down product keeps their order
+      for (int i = 0; i < P; i++) sorted_ids[i] = ids[order[i]];
+      experts_product(path, dn, h.data(), 1, sorted_ids.data(), P, N, H, dgs, dbits, M, order2, &yd);
+      std::vector<int> pos(P);
+      for (int i = 0; i < P; i++) pos[order[order2[i]]] = i;
+      for (int m = 0; m < M; m++) {
+        float* y = yp + (size_t)m * N;
+        for (int j = 0; j < k; j++) {
+          const float s = scores[(size_t)m * k + j];
+          const float* v = yd.data() + (size_t)pos[m * k + j] * N;
+          if (j == 0) for (int i = 0; i < N; i++) y[i] = v[i] * s;
+          else for (int i = 0; i < N; i++) y[i] += v[i] * s;
+        }
+      }
+    };
+    by_scale_type(in[3].dtype(), [&](auto tag) {
+      using S = decltype(tag);
+      ExpertWeights<S> gu, dn;
+      gu.E = dn.E = E;
+      gu.nw = 2;
+      dn.nw = 1;
+      for (int w = 0; w < 3; w++) {
+        ExpertWeights<S>& ew = w < 2 ? gu : dn;
+        const int slot = w < 2 ? w : 0;
+        ew.W[slot] = (const uint8_t*)in[2 + 3 * w].data<uint32_t>();
+        ew.SC[slot] = in[3 + 3 * w].data<S>();
+        ew.BI[slot] = in[4 + 3 * w].data<S>();
+      }
+      enc.dispatch([=] { run(gu, dn); });
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { throw std::runtime_error("CPU only"); }
+  const char* name() const override { return "MoeBlock"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const MoeBlock&>(other);
+    return k_ == o.k_ && norm_ == o.norm_ && gs_ == o.gs_ && bits_ == o.bits_ && dgs_ == o.dgs_ &&
+           dbits_ == o.dbits_ && hidden_ == o.hidden_;
+  }
+
+ private:
+  int k_;
+  bool norm_;
+  int gs_, bits_, dgs_, dbits_, hidden_;
+};
+
+// x (..., D) float32, logits (..., E) float32 (the router's product); gate and up (E experts,
+// hidden rows each) and down (E, D rows each) packed as gather_qmm_rows takes them.
+// sum over the top k experts e of p_e * down_e(silu(gate_e x) * up_e x) -> (..., D).
+static mx::array moe_swiglu(const mx::array& x, const mx::array& logits, int k, bool normalize, const mx::array& wg,
+                            const mx::array& sg, const mx::array& bg, const mx::array& wu, const mx::array& su,
+                            const mx::array& bu, const mx::array& wd, const mx::array& sd, const mx::array& bd,
+                            int group_size, int bits, int down_group_size, int down_bits, int hidden, int n) {
+  const int E = wg.ndim() == 3 ? wg.shape(0) : 0;
+  if (logits.dtype() != mx::float32 || logits.ndim() < 1 || logits.shape(-1) != E || x.ndim() < 1 ||
+      (long)(logits.size() / E) != (long)(x.size() / std::max(1, x.shape(-1))))
+    throw std::invalid_argument("[moe_swiglu] logits: float32 (..., experts), a row per row of x");
+  if (k < 1 || k > E) throw std::invalid_argument("[moe_swiglu] k must be 1 .. experts");
+  const mx::array ids = mx::zeros({1, k}, mx::int32);  // for the shape checks only
+  const mx::array row = mx::zeros({1, x.shape(-1)}, mx::float32);
+  check_experts(row, ids, wg, sg, bg, group_size, bits, hidden);
+  check_experts(row, ids, wu, su, bu, group_size, bits, hidden);
+  check_experts(mx::zeros({1, k, hidden}, mx::float32), ids, wd, sd, bd, down_group_size, down_bits, n);
+  if (wg.shape() != wu.shape() || sg.dtype() != su.dtype())
+    throw std::invalid_argument("[moe_swiglu] gate and up differ in shape or scale dtype");
+  if (x.dtype() != mx::float32) throw std::invalid_argument("[moe_swiglu] x must be float32");
+  if (wd.shape(0) != E || sd.dtype() != sg.dtype())
+    throw std::invalid_argument("[moe_swiglu] down differs from gate in experts or scale dtype");
+  auto shape = x.shape();
+  shape.back() = n;
+  return mx::array(shape, mx::float32,
+                   std::make_shared<MoeBlock>(mx::to_stream({}), k, normalize, group_size, bits, down_group_size,
+                                              down_bits, hidden),
+                   {x, logits, wg, sg, bg, wu, su, bu, wd, sd, bd});
+}
+
 // ---- the decode step's other ops -----------------------------------------------------------------
 // On the CPU, mx.fast.rms_norm and mx.fast.rope run as their fallbacks: 7 and about 20 graph ops
 // a call (SmolLM2: 61 norms and 60 ropes, 1600 of a decode step's 3900 ops). One primitive each.
@@ -1211,6 +1345,13 @@ NB_MODULE(_qmm, m) {
         nb::arg("gate_scales"), nb::arg("gate_biases"), nb::arg("up_w"), nb::arg("up_scales"), nb::arg("up_biases"),
         nb::arg("group_size"), nb::arg("bits"), nb::arg("n") = -1, nb::arg("path") = -1,
         "silu(gather_qmm_rows(gate)) * gather_qmm_rows(up): the experts' SwiGLU as one CPU op");
+  m.def("moe_swiglu", &qk::moe_swiglu, nb::arg("x"), nb::arg("logits"), nb::arg("k"), nb::arg("normalize"),
+        nb::arg("gate_w"), nb::arg("gate_scales"), nb::arg("gate_biases"), nb::arg("up_w"), nb::arg("up_scales"),
+        nb::arg("up_biases"), nb::arg("down_w"), nb::arg("down_scales"), nb::arg("down_biases"),
+        nb::arg("group_size"), nb::arg("bits"), nb::arg("down_group_size"), nb::arg("down_bits"), nb::arg("hidden"),
+        nb::arg("n"),
+        "a qwen3moe block after its router: softmax, top k, each chosen expert's SwiGLU and down product, and\n"
+        "their probability-weighted sum, as one CPU op");
   m.def("rms_norm", &qk::rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("eps"),
         "mx.fast.rms_norm as one CPU op (float32)");
   m.def("rope", &qk::rope, nb::arg("x"), nb::arg("dims"), nb::arg("traditional"), nb::arg("base"),
