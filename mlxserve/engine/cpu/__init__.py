@@ -98,10 +98,10 @@ def threads() -> tuple[int, int]:
     shares every product; unset, prompt chunks (PREFILL_ROWS rows or more) are shared by two
     threads and decode steps stay on one, since a helper spinning between decode products takes
     the core the daemon's other threads need (benchmarks/results/history-cpu.md)."""
+    from ...config import CpuSettings
     from .machine import cpu_count
-    from .smallgemm import threads_setting
 
-    if (setting := threads_setting()) is not None:
+    if (setting := CpuSettings.from_env().gemm_threads) is not None:
         return setting, 1
     return min(2, cpu_count()), PREFILL_ROWS
 
