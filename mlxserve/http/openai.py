@@ -8,9 +8,10 @@ import math
 import time
 import uuid
 from contextlib import aclosing, suppress
+from typing import AsyncIterator, Callable
 
 import trio
-from quart import Blueprint
+from quart import Blueprint, Response
 
 from ..actors.sequence import ANY_JSON_OBJECT, grammar_for_schema
 from ..errors import BadRequest, EngineError, MlxserveError, ShuttingDown
@@ -34,23 +35,30 @@ def _sse_error(exc: MlxserveError) -> bytes:
     return _sse({"error": {"message": str(exc), "type": exc.kind, "param": None, "code": None}})
 
 
-def _sse_response(merge: Merge, events):
-    """An SSE body: the events, then [DONE]; a failure after streaming began becomes a final
-    error event. Each choice is recorded once, with the status the client effectively got."""
+def sse_response(
+    merge: Merge,
+    events: AsyncIterator[bytes],
+    error_event: Callable[[MlxserveError], bytes] = _sse_error,
+    done: bytes = b"data: [DONE]\n\n",
+) -> Response:
+    """An SSE body for every dialect (relay.py's too): the events, then ``done``; a failure after
+    streaming began becomes a final ``error_event``. Each choice is recorded once, with the
+    status the client effectively got; the leases and sequences go with the body."""
 
     def record(status: int, error: str | None = None) -> None:
         for x in merge.gens:
             x.record(status, error)
 
-    async def body():
+    async def body() -> AsyncIterator[bytes]:
         try:
             async for event in events:
                 yield event
-            yield b"data: [DONE]\n\n"
+            if done:
+                yield done
             record(200)
         except MlxserveError as exc:
             record(exc.status, str(exc))
-            yield _sse_error(exc)
+            yield error_event(exc)
         except trio.Cancelled:
             record(499)
             raise
@@ -503,7 +511,7 @@ async def chat_completions():
         if include_usage:
             yield _sse({**chunk_base, "choices": [], "usage": _usage(gens, n)})
 
-    return _sse_response(merge, body_iter())
+    return sse_response(merge, body_iter())
 
 
 def _prompts(body: dict) -> list[str | list[int]]:
@@ -619,7 +627,7 @@ async def completions():
         if include_usage:
             yield _sse({**chunk_base, "choices": [], "usage": _usage(gens, n)})
 
-    return _sse_response(merge, body_iter())
+    return sse_response(merge, body_iter())
 
 
 def _model_obj(m) -> dict:

@@ -11,15 +11,21 @@ from __future__ import annotations
 import json
 from typing import AsyncIterator, Callable
 
-import trio
-
 from ..errors import BadRequest, MlxserveError
-from ..specs.tools import as_template_tools, normalize_tools, parse_tool_calls
+from ..specs.tools import (  # noqa: F401  (function_tools re-exported for the dialect modules)
+    as_template_tools,
+    function_tools,
+    parse_tool_calls,
+)
 from . import generation as g
-from .common import stream_response
 
 # Private helpers of the chat route, used as they are (see the lead's report: to be made public).
-from .openai import Merge, drain_all, request_options as openai_options  # noqa: F401  (drain_all re-exported for the dialect modules)
+from .openai import (  # noqa: F401  (drain_all re-exported for the dialect modules)
+    Merge,
+    drain_all,
+    request_options as openai_options,
+    sse_response as openai_sse_response,
+)
 
 
 def sse(event: str, obj: dict) -> bytes:
@@ -47,22 +53,6 @@ def parts_text(content, where: str, texts: dict[str, str], images: tuple[str, ..
         else:
             raise BadRequest(f"{where}[{i}].type '{kind}' is not supported here")
     return "".join(out)
-
-
-def function_tools(tools, kind: str, default_kind: str | None, as_function: Callable[[dict], dict]) -> list[dict]:
-    """A dialect's tool list -> normalised tools. Only its client-side kind is served: a
-    provider's built-in tools (web search...) are a 400."""
-    if tools is None:
-        return []
-    if not isinstance(tools, list):
-        raise BadRequest("tools must be an array")
-    out = []
-    for i, t in enumerate(tools):
-        found = t.get("type", default_kind) if isinstance(t, dict) else None
-        if found != kind:
-            raise BadRequest(f"tools[{i}]: only {kind} tools are supported, not '{found}'")
-        out.append({"type": "function", "function": as_function(t)})
-    return normalize_tools(out)
 
 
 def sampling_options(temperature, top_p, stop: list[str] | None) -> dict:
@@ -132,24 +122,12 @@ def sse_response(
     error_event: Callable[[MlxserveError], bytes],
 ):
     """A streamed answer: ``events`` turns the generation's chunks into the dialect's events; a
-    failure after the stream began becomes ``error_event``. The request is recorded once, with
-    the status the client effectively got; the lease and sequence go with the body."""
+    failure after the stream began becomes ``error_event`` (openai.sse_response, with no
+    closing ``[DONE]``)."""
     merge = Merge(rt.nursery, [gen])
 
     async def chunks():
         async for _, c in merge:
             yield c
 
-    async def body():
-        try:
-            async for event in events(chunks()):
-                yield event
-            gen.record(200)
-        except MlxserveError as exc:
-            gen.record(exc.status, str(exc))
-            yield error_event(exc)
-        except trio.Cancelled:
-            gen.record(499)
-            raise
-
-    return stream_response(body(), merge.close, "text/event-stream")
+    return openai_sse_response(merge, events(chunks()), error_event, done=b"")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import BadRequest
 
@@ -49,25 +49,46 @@ _DECODER = json.JSONDecoder()
 _NAME = re.compile(r"([A-Za-z_][\w.\-]*)\s*(?:\[ARGS\])?\s*(?=\{)")
 
 
-def normalize_tools(tools: Any) -> list[dict]:
-    """OpenAI/Ollama tool list -> [{"name", "description", "parameters"}]; 400 on bad shapes."""
+def _tool_list(tools: Any) -> list[Any]:
     if tools is None:
         return []
     if not isinstance(tools, list):
         raise BadRequest("tools must be an array")
+    return tools
+
+
+def _function(i: int, fn: dict) -> dict:
+    """One tool's function {name, description, parameters}, checked; 400 on bad shapes."""
+    name = fn.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadRequest(f"tools[{i}].function.name is required")
+    params = fn.get("parameters") or {"type": "object", "properties": {}}
+    if not isinstance(params, dict):
+        raise BadRequest(f"tools[{i}].function.parameters must be a JSON schema object")
+    return {"name": name, "description": fn.get("description", ""), "parameters": params}
+
+
+def normalize_tools(tools: Any) -> list[dict]:
+    """OpenAI/Ollama tool list -> [{"name", "description", "parameters"}]; 400 on bad shapes."""
     out = []
-    for i, t in enumerate(tools):
+    for i, t in enumerate(_tool_list(tools)):
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
             raise BadRequest(f'tools[{i}] must be {{"type": "function", "function": {{...}}}}')
-        name = fn.get("name")
-        if not isinstance(name, str) or not name:
-            raise BadRequest(f"tools[{i}].function.name is required")
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
-        if not isinstance(params, dict):
-            raise BadRequest(f"tools[{i}].function.parameters must be a JSON schema object")
-        out.append({"name": name, "description": fn.get("description", ""), "parameters": params})
+        out.append(_function(i, fn))
     return out
+
+
+def function_tools(tools: Any, kind: str, default_kind: str | None, as_function: Callable[[dict], dict]) -> list[dict]:
+    """Another dialect's tool list (Anthropic's, Responses') -> normalised tools: each tool of
+    its client-side ``kind`` through ``as_function`` to {name, description, parameters}; a
+    provider's built-in tools (web search...) are a 400."""
+    listed = _tool_list(tools)
+    for i, t in enumerate(listed):  # every kind first: a built-in tool is the error to name
+        found = t.get("type", default_kind) if isinstance(t, dict) else None
+        if found != kind:
+            raise BadRequest(f"tools[{i}]: only {kind} tools are supported, not '{found}'")
+    return [_function(i, as_function(t)) for i, t in enumerate(listed)]
 
 
 def as_template_tools(tools: list[dict]) -> list[dict]:

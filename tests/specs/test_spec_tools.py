@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from mlxserve.errors import BadRequest
 from mlxserve.specs.templates import CHATML_TEMPLATE, render_chat
 from mlxserve.specs.tools import (
     as_template_tools,
     call_schema,
+    function_tools,
     normalize_tools,
     parse_tool_calls,
     tool_prompt,
@@ -72,8 +76,6 @@ def test_llama_cpp_style_calls_are_parsed_too():
 # ---- call shapes by family: what each real template writes for an earlier call is read back ----
 
 from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
 
 from mlxserve.specs.tools import completed_calls, might_be_call  # noqa: E402
 
@@ -212,3 +214,22 @@ def test_call_stream_shows_text_and_each_call_as_it_completes():
     plain = CallStream(TOOLS)
     assert plain.feed("{curly") == ("", []) and plain.finish() == ("{curly", [])  # not a call after all
     assert CallStream(TOOLS).feed("Paris is") == ("Paris is", [])
+
+
+def test_another_dialects_tools_normalize_as_openais():
+    """Anthropic's custom tools come out as OpenAI's function tools do; a built-in tool is a 400
+    naming it before any other problem, and the checks of a function are the same."""
+
+    def as_function(t: dict) -> dict:  # as http/anthropic.py reads a tool
+        return {"name": t.get("name"), "description": t.get("description", ""), "parameters": t.get("input_schema")}
+
+    schema = WEATHER["function"]["parameters"]
+    custom = {"name": "get_weather", "description": WEATHER["function"]["description"], "input_schema": schema}
+    assert function_tools([custom], "custom", "custom", as_function) == normalize_tools([WEATHER])
+    assert function_tools(None, "custom", "custom", as_function) == []
+    with pytest.raises(BadRequest, match=r"tools\[1\]: only custom tools are supported, not 'web_search'"):
+        function_tools([{"name": ""}, {"type": "web_search"}], "custom", "custom", as_function)
+    with pytest.raises(BadRequest, match=r"tools\[0\].function.name is required"):
+        function_tools([{"name": ""}], "custom", "custom", as_function)
+    with pytest.raises(BadRequest, match="tools must be an array"):
+        function_tools({"name": "x"}, "function", None, lambda t: t)
