@@ -27,7 +27,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _short(reference, n: int = 4) -> list[str]:
     # Few and short: the suite's process may run MLX on its bundled reference BLAS (mlx is
-    # imported before mlxserve.engine.backend can pick OpenBLAS), where every token is costly.
+    # imported before mlxserve.engine.cpu.backend can pick OpenBLAS), where every token is costly.
     return [it["text"] for it in sorted(reference["items"], key=lambda it: it["tokens"])][:n]
 
 
