@@ -35,7 +35,7 @@ _ERROR_TYPES = {
 }
 
 
-def _error(status: int, message: str) -> dict:
+def error_body(status: int, message: str) -> dict:
     return {"type": "error", "error": {"type": _ERROR_TYPES.get(status, "api_error"), "message": message}}
 
 
@@ -50,7 +50,7 @@ async def anthropic_errors(response: Response) -> Response:
         message = err["message"] if isinstance(err, dict) else str(err)
     except (ValueError, KeyError, TypeError):
         return response
-    response.set_data(json.dumps(_error(response.status_code, message)))
+    response.set_data(json.dumps(error_body(response.status_code, message)))
     return response
 
 
@@ -346,7 +346,7 @@ async def messages():
         )
         yield event("message_stop")
 
-    return relay.sse_response(rt, gen, events, lambda exc: relay.sse("error", _error(exc.status, str(exc))))
+    return relay.sse_response(rt, gen, events, lambda exc: relay.sse("error", error_body(exc.status, str(exc))))
 
 
 def _thinking_block(thought: str) -> dict:

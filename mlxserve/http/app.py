@@ -38,6 +38,9 @@ DRAIN_S = 1.0
 
 
 def _error_body(status: int, message: str, kind: str, code: str | None = None):
+    # Routing errors (404/405) never reach a blueprint's hooks: pick the dialect by path here.
+    if request.path == "/v1/messages" or request.path.startswith("/v1/messages/"):
+        return anthropic.error_body(status, message)
     if request.path.startswith("/v1/"):
         return {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return {"error": message}
