@@ -135,14 +135,25 @@ def _llama3_rope_freqs(base: float, dims: int, factor: float, low: float, high: 
     return np.array(out, np.float32)
 
 
-def write(path: Path, arch: str, quant: str = "Q8_0", seed: int = 0, drop: tuple[str, ...] = ()) -> Path:
+def write(
+    path: Path,
+    arch: str,
+    quant: str = "Q8_0",
+    seed: int = 0,
+    drop: tuple[str, ...] = (),
+    vocab_from: Path | None = None,
+    chat_template: str | None = None,
+) -> Path:
     """A tiny ``arch`` model with every matrix in ``quant`` (1-D tensors and the MoE router stay
-    float32, as llama.cpp's quantizer leaves them); ``drop``: tensor names to leave out."""
+    float32, as llama.cpp's quantizer leaves them); ``drop``: tensor names to leave out;
+    ``vocab_from``: a GGUF whose tokenizer (every ``tokenizer.*`` key) replaces the tiny one, e.g.
+    a real vocabulary; ``chat_template``: the template to write instead of ChatML."""
     if arch not in ARCHITECTURES or quant not in QUANT_TYPES:
         raise ValueError(f"no test model {arch}/{quant}")
     rng = np.random.default_rng(seed)
     tok = build_tokenizer()
-    vocab = tok.get_vocab_size()
+    vocab_fields = _tokenizer_fields(vocab_from) if vocab_from is not None else None
+    vocab = len(vocab_fields["tokenizer.ggml.tokens"][0]) if vocab_fields else tok.get_vocab_size()
     tensors = _tensors(arch, vocab, rng)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny")  # llama.cpp gives names with "phi3" in them a vocabulary rule
@@ -203,7 +214,12 @@ def write(path: Path, arch: str, quant: str = "Q8_0", seed: int = 0, drop: tuple
         tensors["rope_factors_long.weight"] = factors * 2
     w.add_rope_freq_base(base)
     w.add_rope_dimension_count(rope_dim)
-    _add_tokenizer(w, tok)
+    if vocab_fields is None:
+        _add_tokenizer(w, tok)
+    else:
+        for key, (value, vtype, sub_type) in vocab_fields.items():
+            w.add_key_value(key, value, vtype, sub_type)
+    w.add_chat_template(chat_template or CHATML)
     for name, x in tensors.items():
         if name in drop:
             continue
@@ -244,4 +260,29 @@ def _add_tokenizer(w: gguf.GGUFWriter, tok) -> None:
     w.add_bos_token_id(tokens.index("<|endoftext|>"))
     w.add_eos_token_id(tokens.index("<|im_end|>"))
     w.add_add_bos_token(False)
-    w.add_chat_template(CHATML)
+
+
+def _tokenizer_fields(path: Path) -> dict:
+    """A GGUF's tokenizer keys as (value, type, array element type), to write again (read with
+    mx.load: gguf's reader takes minutes over a 200k-token vocabulary)."""
+    import mlx.core as mx
+
+    V = gguf.GGUFValueType
+    types = {
+        "tokenizer.ggml.tokens": (V.ARRAY, V.STRING),
+        "tokenizer.ggml.merges": (V.ARRAY, V.STRING),
+        "tokenizer.ggml.token_type": (V.ARRAY, V.INT32),
+        "tokenizer.ggml.scores": (V.ARRAY, V.FLOAT32),
+        "tokenizer.ggml.model": (V.STRING, None),
+        "tokenizer.ggml.pre": (V.STRING, None),
+    }
+    _, metadata = mx.load(str(path), return_metadata=True)
+    out = {}
+    for name, value in metadata.items():
+        if not name.startswith("tokenizer.") or name == "tokenizer.chat_template":
+            continue
+        if isinstance(value, mx.array):
+            value = value.tolist()
+        vtype, sub = types.get(name, (V.BOOL, None) if isinstance(value, bool) else (V.UINT32, None))
+        out[name] = (value, vtype, sub)
+    return out

@@ -15,6 +15,7 @@ test_gguf_vs_llamacpp.py compares mlxserve's logprobs with these; `make test` bu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from mlxserve.testing import ggufmodels  # noqa: E402
 
@@ -53,6 +55,8 @@ CONTEXT_CASES = {
         "lengths": tuple(range(260, 460, 20)),
         "n_predict": 1,
     },
+    # gpt-oss's real o200k vocabulary and harmony template: a rendered conversation with tools
+    "chat gpt-oss/o200k": {"harmony": True},
 }
 
 
@@ -71,9 +75,9 @@ def context_prompts(vocab: int, lengths: tuple[int, ...], seed: int) -> list[lis
     return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
 
 
-def top5(binary: Path, gguf: Path, prompt_ids: list[list[int]], log, n_ctx: int = N_CTX, n_predict: int = 1) -> list:
-    """Per prompt: the top 5 [id, logprob] of the next token; with n_predict > 1, per greedy step
-    [chosen id, top 5]."""
+@contextlib.contextmanager
+def serving(binary: Path, gguf: Path, log, n_ctx: int = N_CTX, *extra: str):
+    """llama-server on ``gguf``, its URL while the block runs."""
     from concurrency import free_port
 
     port = free_port()
@@ -95,13 +99,14 @@ def top5(binary: Path, gguf: Path, prompt_ids: list[list[int]], log, n_ctx: int 
             "-ngl",
             "0",
             "--no-warmup",
+            *extra,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
@@ -111,33 +116,68 @@ def top5(binary: Path, gguf: Path, prompt_ids: list[list[int]], log, n_ctx: int 
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"llama-server did not start on {gguf.name} (see the log)")
             time.sleep(0.2)
-        out = []
-        for ids in prompt_ids:
-            r = httpx.post(
-                f"{url}/completion",
-                timeout=60,
-                json={
-                    "prompt": ids,
-                    "n_predict": n_predict,
-                    "n_probs": 5,
-                    "temperature": 0,
-                    "ignore_eos": n_predict > 1,  # its chosen tokens only; the logprobs stay raw
-                    "cache_prompt": False,
-                    "post_sampling_probs": False,
-                },
-            )
-            r.raise_for_status()
-            if "completion_probabilities" not in r.json():
-                raise SystemExit(f"{gguf.name}: {r.json()}")
-            steps = [
-                [p["id"], [[t["id"], round(t["logprob"], 5)] for t in p["top_logprobs"]]]
-                for p in r.json()["completion_probabilities"]
-            ]
-            out.append(steps[0][1] if n_predict == 1 else steps)
-        return out
+        yield url
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def completion(url: str, ids: list[int], n_predict: int = 1) -> list:
+    """The top 5 [id, logprob] of the next token; with n_predict > 1, per greedy step
+    [chosen id, top 5]."""
+    r = httpx.post(
+        f"{url}/completion",
+        timeout=120,
+        json={
+            "prompt": ids,
+            "n_predict": n_predict,
+            "n_probs": 5,
+            "temperature": 0,
+            "ignore_eos": n_predict > 1,  # its chosen tokens only; the logprobs stay raw
+            "cache_prompt": False,
+            "post_sampling_probs": False,
+        },
+    )
+    r.raise_for_status()
+    if "completion_probabilities" not in r.json():
+        raise SystemExit(f"{url}: {r.json()}")
+    steps = [
+        [p["id"], [[t["id"], round(t["logprob"], 5)] for t in p["top_logprobs"]]]
+        for p in r.json()["completion_probabilities"]
+    ]
+    return steps[0][1] if n_predict == 1 else steps
+
+
+def top5(binary: Path, gguf: Path, prompt_ids: list[list[int]], log, n_ctx: int = N_CTX, n_predict: int = 1) -> list:
+    with serving(binary, gguf, log, n_ctx) as url:
+        return [completion(url, ids, n_predict) for ids in prompt_ids]
+
+
+def harmony_chat(binary: Path, directory: Path, log) -> dict:
+    """gpt-oss with its real vocabulary and template (tests/harmony_model.py): the conversation as
+    llama.cpp renders (/apply-template, Jinja) and tokenizes it, and the next token's top 5 with
+    each token's bytes (the OpenAI API reports tokens by text)."""
+    import harmony_model as hm
+
+    path = hm.write_model(directory)
+    if path is None:
+        raise SystemExit("harmony chat: needs the llama.cpp sdist unpacked and quicktok-v1 installed")
+    with serving(binary, path, log, 1024, "--jinja") as url:
+        body = {
+            "messages": hm.MESSAGES,
+            "tools": hm.TOOLS,
+            "chat_template_kwargs": {"reasoning_effort": hm.REASONING_EFFORT},
+        }
+        r = httpx.post(f"{url}/apply-template", json=body, timeout=60)
+        r.raise_for_status()
+        prompt = r.json()["prompt"]
+        r = httpx.post(
+            f"{url}/tokenize", json={"content": prompt, "add_special": False, "parse_special": True}, timeout=60
+        )
+        r.raise_for_status()
+        ids = r.json()["tokens"]
+        top = completion(url, ids)
+    return {"sha256": sha256(path), "prompt": prompt, "prompt_ids": ids, "top5": top}
 
 
 def main(only: list[str]) -> None:
@@ -161,6 +201,12 @@ def main(only: list[str]) -> None:
             print(f"{name}: {cases[name]['top5'][0]}", flush=True)
         for name, spec in CONTEXT_CASES.items():
             if only and name not in only:
+                continue
+            if spec.get("harmony"):
+                context_cases[name] = harmony_chat(binary, Path(tmp), log)
+                print(
+                    f"{name}: {len(context_cases[name]['prompt_ids'])} ids, {context_cases[name]['top5']}", flush=True
+                )
                 continue
             path = ggufmodels.write(
                 Path(tmp) / f"{spec['arch']}-{spec['quant']}.gguf", spec["arch"], spec["quant"], seed=SEED
