@@ -180,7 +180,7 @@ def test_switch_glu_runs_on_the_kernels_as_mlx_lm_computes_it(bits, tokens):
     assert mx.allclose(unfused, got, atol=1e-5 * mx.abs(got).max().item()).item()
 
 
-def test_other_expert_layers_use_the_linears_and_mxfp4_stays_on_mlx():
+def test_other_expert_layers_use_the_linears():
     mx.random.seed(0)
     mlp = SwitchMLP(64, 96, 4, bias=True)  # GELU, biases: the linears alone, bias added after
     mlp.fc1.bias = mx.random.normal((4, 96))
@@ -199,8 +199,53 @@ def test_other_expert_layers_use_the_linears_and_mxfp4_stays_on_mlx():
     want = lin(xs, idx)
     experts.use_expert_kernels(lin, kernels)
     assert mx.allclose(lin(xs, idx), want, atol=0.03 * mx.abs(want).max().item()).item()
-    fp4 = SwitchLinear(64, 24, 4, bias=False).to_quantized(group_size=32, bits=4, mode="mxfp4")
-    assert experts.use_expert_kernels(fp4, kernels) == 0 and type(fp4) is QuantizedSwitchLinear
+    nv = SwitchLinear(64, 24, 4, bias=False).to_quantized(group_size=16, bits=4, mode="nvfp4")
+    assert experts.use_expert_kernels(nv, kernels) == 0 and type(nv) is QuantizedSwitchLinear  # stays on MLX
+
+
+def _emulated_mxfp4(x, wq, s):
+    """float64 product of the MXFP4 weight with x quantized as the kernels do."""
+    w = np.array(mx.dequantize(wq, s, group_size=32, bits=4, mode="mxfp4").astype(mx.float32), dtype=np.float64)
+    xs = np.array(x, dtype=np.float32).reshape(x.shape[0], -1, 32)
+    d = np.abs(xs).max(-1, keepdims=True) / np.float32(127)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), np.float32(0)).astype(np.float32)
+    return (np.rint(xs * inv) * d).reshape(x.shape).astype(np.float64) @ w.T
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("rows", [1, 2, 8, 33])
+def test_mxfp4_experts_match_gather_qmm_and_the_emulated_product(path, rows):
+    rng = np.random.default_rng(rows + 10 * path)
+    for e, n, k, top in ((4, 24, 64, 2), (8, 37, 256, 3), (3, 8, 32, 1)):
+        w = mx.array(rng.standard_normal((e, n, k)).astype(np.float32) * rng.uniform(0.01, 3))
+        wq, s = mx.quantize(w, group_size=32, bits=4, mode="mxfp4")
+        x = mx.array(rng.standard_normal((rows, k)).astype(np.float32))
+        ids = _choices(rng, rows, e, top)
+        pw, ps, pb, n_ = experts.pack_experts(wq, s, None, 4)
+        assert pb is None
+        got = np.array(kernels.gather_qmm_rows(x, mx.array(ids), pw, ps, None, 32, 4, n_, path, mode="mxfp4"))
+        ref = np.array(
+            mx.gather_qmm(
+                x[:, None, None, :],
+                wq,
+                s,
+                None,
+                rhs_indices=mx.array(ids),
+                transpose=True,
+                bits=4,
+                group_size=32,
+                mode="mxfp4",
+            )
+        )[:, :, 0]
+        assert np.abs(got - ref).max() <= 0.03 * np.abs(ref).max(), (e, n, k)
+        for m in range(rows):
+            for j in range(top):
+                want = _emulated_mxfp4(x[m : m + 1], wq[int(ids[m, j])], s[int(ids[m, j])])[0]
+                assert np.abs(got[m, j] - want).max() <= 1e-4 * (np.abs(want).max() + 1e-6)
+    with pytest.raises(ValueError, match="mode"):
+        kernels.gather_qmm_rows(x, mx.array(ids), pw, ps, None, 32, 8, n_, mode="mxfp4")
+    with pytest.raises(ValueError, match="uint8"):
+        kernels.gather_qmm_rows(x, mx.array(ids), pw, ps.astype(mx.float16), None, 32, 4, n_, mode="mxfp4")
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -262,19 +307,28 @@ def _greedy_and_forced(model, ref, prompt, steps):
     return tokens, mx.stack([r[0] for r in rows]), mx.stack([r[1] for r in rows])
 
 
+@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss"])
 @pytest.mark.parametrize("quant", ["Q4_0", "Q8_0"])
-def test_a_qwen3moe_gguf_decodes_the_same_with_the_kernels_on_and_off(quant, tmp_path):
+def test_a_moe_gguf_decodes_the_same_with_the_kernels_on_and_off(arch, quant, tmp_path):
+    from test_gguf_vs_llamacpp import mlxserve_path
+
     from mlxserve.engine.model import load_path
     from mlxserve.testing import ggufmodels
 
-    path = ggufmodels.write(tmp_path / f"qwen3moe-{quant}.gguf", "qwen3moe", quant, seed=0)
+    gguf = ggufmodels.write(tmp_path / f"{arch}-{quant}.gguf", arch, quant, seed=0)
+    path = mlxserve_path(gguf, tmp_path)  # gpt-oss is converted at create
     on = load_path(path)  # the kernels: dense products and experts
     off = load_path(path, weight_dtype="float32")  # what MLXSERVE_QKERNELS=off loads
     block = on.model.model.layers[0].mlp
-    assert type(block).__name__ == "CpuQwen3MoeSparseMoeBlock"  # one op after the router
-    assert type(block.switch_mlp) is experts.CpuSwitchGLU
-    assert isinstance(block.switch_mlp.up_proj, experts.CpuQuantizedSwitchLinear)
-    assert type(off.model.model.layers[0].mlp.switch_mlp.up_proj) is QuantizedSwitchLinear
+    if arch == "qwen3moe":
+        assert type(block).__name__ == "CpuQwen3MoeSparseMoeBlock"  # one op after the router
+        assert type(block.switch_mlp) is experts.CpuSwitchGLU
+        switch, ref = block.switch_mlp, off.model.model.layers[0].mlp.switch_mlp
+    else:  # MXFP4 experts with biases and gpt-oss's own activation: the linears alone
+        switch, ref = block.experts, off.model.model.layers[0].mlp.experts
+        assert switch.up_proj.mode == "mxfp4"
+    assert isinstance(switch.up_proj, experts.CpuQuantizedSwitchLinear)
+    assert type(ref.up_proj) is QuantizedSwitchLinear
     for prompt in ([3, 17, 42, 5, 9, 100, 7, 8], list(range(20, 60))):  # 40 tokens: mlx-lm sorts
         tokens, want, got = _greedy_and_forced(on.model, off.model, prompt, 16)
         top2 = mx.sort(want, axis=-1)[:, -2:]

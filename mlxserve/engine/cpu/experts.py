@@ -5,8 +5,9 @@ kernel) inside ``SwitchGLU``. Here each expert's weight is packed into the kerne
 at load and the layer computes ``gather_qmm_rows`` (each row times the experts it chose, every
 chosen expert's tiles read once for all rows that chose it); a ``SwitchGLU`` with mlx-lm's
 SwiGLU becomes two ops: gate and up with the SwiGLU, then down; and qwen3moe's whole block
-after the router is one op. Experts the kernels do not fit (MXFP4, other bits) stay on
-``mx.gather_qmm``.
+after the router is one op. MXFP4 experts (gpt-oss) use the same tiles, their e2m1 codes turned
+into small integers by a table. Experts the kernels do not fit (other bits, global scales) stay
+on ``mx.gather_qmm``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ from . import KernelModule, pack
 
 def pack_experts(w, scales, biases, bits: int):
     """MLX's affine layout with a leading experts axis -> each expert packed by :func:`pack`,
-    stacked: (w (E, T, K*bits/32), scales and biases (E, T, K/group, 8), rows per expert)."""
+    stacked: (w (E, T, K*bits/4), scales and biases (E, T, K/group, 8), rows per expert).
+    MXFP4 (biases None) packs as 4 bits; its packed biases come back None."""
+    if biases is None:  # the scales stand in for the biases MXFP4 does not have
+        pw, ps, _, n = pack_experts(w, scales, scales, bits)
+        return pw, ps, None, n
     e, n = w.shape[:2]
     if n % 8 == 0:  # whole tiles per expert: one pack of all the rows
         pw, ps, pb, _ = pack(w.reshape(e * n, -1), scales.reshape(e * n, -1), biases.reshape(e * n, -1), bits)
@@ -33,12 +38,17 @@ def pack_experts(w, scales, biases, bits: int):
 
 
 def fits(module) -> bool:
-    """Whether the kernels compute this QuantizedSwitchLinear's products."""
+    """Whether the kernels compute this QuantizedSwitchLinear's products: affine 4/8 bits in
+    groups of 32 or 64, or MXFP4 (gpt-oss)."""
+    if module["weight"].ndim != 3 or module.get("global_scale") is not None:
+        return False
+    if getattr(module, "mode", "affine") == "mxfp4":
+        return module.bits == 4 and module.group_size == 32 and module["scales"].dtype == mx.uint8
     if getattr(module, "mode", "affine") != "affine" or module.get("biases") is None:
         return False
     if module.bits not in (4, 8) or module.group_size not in (32, 64):
         return False
-    return module["weight"].ndim == 3 and module["scales"].dtype in (mx.float16, mx.bfloat16, mx.float32)
+    return module["scales"].dtype in (mx.float16, mx.bfloat16, mx.float32)
 
 
 class CpuQuantizedSwitchLinear(KernelModule, QuantizedSwitchLinear):
@@ -65,12 +75,20 @@ class CpuQuantizedSwitchLinear(KernelModule, QuantizedSwitchLinear):
 
     def _product(self, x, indices):
         return self.kernels.gather_qmm_rows(
-            x, indices, self["weight"], self["scales"], self["biases"], self.group_size, self.bits, self.out_features
+            x,
+            indices,
+            self["weight"],
+            self["scales"],
+            self.get("biases"),
+            self.group_size,
+            self.bits,
+            self.out_features,
+            mode=self.mode,
         )
 
     def pack(self) -> None:
-        w, s, b, self.out_features = pack_experts(self["weight"], self["scales"], self["biases"], self.bits)
-        self["weight"], self["scales"], self["biases"] = w, s, b
+        w, s, b, self.out_features = pack_experts(self["weight"], self["scales"], self.get("biases"), self.bits)
+        self["weight"], self["scales"], self.biases = w, s, b
         if "bias" in self:
             self["bias"] = self["bias"].astype(mx.float32)
         mx.eval(self.parameters())  # one module's copy at a time; the unpacked arrays go
@@ -106,7 +124,7 @@ def _fusable(module) -> bool:
     gate, up, down = module.gate_proj, module.up_proj, module.down_proj
     return (
         type(module.activation) is SwiGLU
-        and all(isinstance(m, CpuQuantizedSwitchLinear) for m in (gate, up, down))
+        and all(isinstance(m, CpuQuantizedSwitchLinear) and m.mode == "affine" for m in (gate, up, down))
         and "bias" not in gate
         and "bias" not in up
         and (gate.group_size, gate.bits, gate["scales"].dtype) == (up.group_size, up.bits, up["scales"].dtype)

@@ -59,7 +59,15 @@ static int best_path();  // below: the VNNI path is checked against AVX2's bits 
 // nibble and 32b + 16 + 4v + c in its high one (v < 4). 8 bits, 256 bytes a block: byte
 // j*32 + i*4 + c is row i's weight 32b + 4j + c, stored as q - 128 (signed).
 // Scales and biases: (tiles, groups, 8), row i of the tile last.
-static inline int tile_block_bytes(int bits) { return bits * 32; }
+// MXFP4 (gpt-oss's experts) packs like 4 bits: codes e2m1 (sign, 3 magnitude bits) with one
+// E8M0 scale (a power of two) per 32 weights and no bias; bits = FP4 selects it.
+static constexpr int FP4 = 1;
+static inline constexpr int tile_block_bytes(int bits) { return (bits == FP4 ? 4 : bits) * 32; }
+// e2m1 code -> twice its value, so that every weight is an integer (the scale takes the half)
+static constexpr int8_t FP4_TWICE[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+struct E8M0 {  // an MXFP4 scale byte; as a float, 2^(v - 127) / 2 (see FP4_TWICE)
+  uint8_t v;
+};
 
 // ---- activation rows, quantized ---------------------------------------------------------------
 
@@ -135,13 +143,19 @@ template <> inline float tof<mx::float16_t>(mx::float16_t v) { return _cvtsh_ss(
 template <> inline float tof<mx::float16_t>(mx::float16_t v) { return static_cast<float>(v); }
 #endif
 template <> inline float tof<mx::bfloat16_t>(mx::bfloat16_t v) { return static_cast<float>(v); }
+template <> inline float tof<E8M0>(E8M0 s) {  // 2^(v - 128), built as load8 builds it (0 for v <= 1)
+  const uint32_t b = (uint32_t)std::max((int)s.v - 1, 0) << 23;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
 
-// weight q (0..15 or 0..255) of row i, input k of the tile starting at wt
+// weight q (0..15 or 0..255; the code at FP4) of row i, input k of the tile starting at wt
 template <int BITS>
 static inline int packed_q(const uint8_t* wt, int i, int k) {
   const uint8_t* blk = wt + (size_t)(k / 32) * tile_block_bytes(BITS);
   const int kk = k % 32;
-  if (BITS == 4) {
+  if (BITS == 4 || BITS == FP4) {
     const int h = kk / 16, v = (kk % 16) / 4, c = kk % 4;
     return (blk[v * 32 + i * 4 + c] >> (4 * h)) & 15;
   }
@@ -166,11 +180,13 @@ static void tiles_scalar(const uint8_t* W, const S* SC, const S* BI, int t0, int
         float acc = 0.f;
         for (int b = 0; b < nb; b++) {
           int dot = 0;
-          for (int k = 32 * b; k < 32 * b + 32; k++)
-            dot += (packed_q<BITS>(wt, i, k) - (BITS == 8 ? 128 : 0)) * xq[k];
+          for (int k = 32 * b; k < 32 * b + 32; k++) {
+            const int q = packed_q<BITS>(wt, i, k);
+            dot += (BITS == FP4 ? FP4_TWICE[q] : q - (BITS == 8 ? 128 : 0)) * xq[k];
+          }
           const int g = b / bpg;
           acc = std::fma(tof(sc[g * 8 + i]) * a.d[(size_t)m * nb + b], (float)dot, acc);
-          if (b % bpg == bpg - 1) {
+          if (BITS != FP4 && b % bpg == bpg - 1) {
             const float bias = BITS == 8 ? std::fma(128.f, tof(sc[g * 8 + i]), tof(bi[g * 8 + i]))
                                          : tof(bi[g * 8 + i]);
             acc = std::fma(bias, a.sum[(size_t)m * ng + g], acc);
@@ -192,6 +208,11 @@ template <> inline __m256 load8<mx::float16_t>(const mx::float16_t* p) {
 }
 template <> inline __m256 load8<mx::bfloat16_t>(const mx::bfloat16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+template <> inline __m256 load8<E8M0>(const E8M0* p) {  // as tof<E8M0>
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+  const __m256i e = _mm256_max_epi32(_mm256_sub_epi32(v, _mm256_set1_epi32(1)), _mm256_setzero_si256());
+  return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
 }
 
 static inline __m256i bcast4(const int8_t* p) {
@@ -392,16 +413,19 @@ static void run_tiles(int path, int bits, const uint8_t* W, const S* SC, const S
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
   if (path == VNNI) {
     if (bits == 4) tiles_vnni<4, S>(W, SC, BI, t0, t1, gs, a, Y, N);
+    else if (bits == FP4) tiles_vnni<FP4, S>(W, SC, BI, t0, t1, gs, a, Y, N);
     else tiles_vnni<8, S>(W, SC, BI, t0, t1, gs, a, Y, N);
     return;
   }
   if (path == AVX2) {
     if (bits == 4) tiles_avx2<4, S>(W, SC, BI, t0, t1, gs, a, Y, N);
+    else if (bits == FP4) tiles_avx2<FP4, S>(W, SC, BI, t0, t1, gs, a, Y, N);
     else tiles_avx2<8, S>(W, SC, BI, t0, t1, gs, a, Y, N);
     return;
   }
 #endif
   if (bits == 4) tiles_scalar<4, S>(W, SC, BI, t0, t1, gs, a, Y, N);
+  else if (bits == FP4) tiles_scalar<FP4, S>(W, SC, BI, t0, t1, gs, a, Y, N);
   else tiles_scalar<8, S>(W, SC, BI, t0, t1, gs, a, Y, N);
 }
 static const long CHUNK_BYTES = 16 * 1024;  // of weights per claimed chunk
@@ -512,6 +536,7 @@ template <typename F>
 static void by_scale_type(mx::Dtype dt, F&& f) {
   if (dt == mx::float16) f(mx::float16_t{});
   else if (dt == mx::bfloat16) f(mx::bfloat16_t{});
+  else if (dt == mx::uint8) f(E8M0{});  // MXFP4's scales (experts only)
   else f(0.f);
 }
 
@@ -824,18 +849,22 @@ class ExpertRows : public mx::UnaryPrimitive {
   bool swiglu_;
 };
 
+// bits: 4, 8 or FP4 (MXFP4: group 32, uint8 scales, biases unused)
 static void check_experts(const mx::array& x, const mx::array& ids, const mx::array& w, const mx::array& scales,
                           const mx::array& biases, int group_size, int bits, int n) {
-  if (bits != 4 && bits != 8) throw std::invalid_argument("[gather_qmm_rows] bits must be 4 or 8");
-  if (group_size != 32 && group_size != 64) throw std::invalid_argument("[gather_qmm_rows] group_size must be 32 or 64");
+  if (bits != 4 && bits != 8 && bits != FP4) throw std::invalid_argument("[gather_qmm_rows] bits must be 4 or 8");
+  if (group_size != 32 && (group_size != 64 || bits == FP4))
+    throw std::invalid_argument("[gather_qmm_rows] group_size must be 32 or 64 (mxfp4: 32)");
+  if ((bits == FP4) != (scales.dtype() == mx::uint8) || (bits != FP4 && !mx::issubdtype(scales.dtype(), mx::floating)))
+    throw std::invalid_argument("[gather_qmm_rows] scales: uint8 for mxfp4, floating point for affine");
   if (x.dtype() != mx::float32 || x.ndim() < 1) throw std::invalid_argument("[gather_qmm_rows] x must be float32");
   if (w.ndim() != 3 || w.dtype() != mx::uint32)
     throw std::invalid_argument("[gather_qmm_rows] w must be 3-D uint32 (experts, packed by pack())");
   const int K = x.shape(-1), E = w.shape(0), T = w.shape(1);
-  if ((long)w.shape(2) * 4 / bits != K || K % group_size)
+  if ((long)w.shape(2) * 4 / (bits == FP4 ? 4 : bits) != K || K % group_size)
     throw std::invalid_argument("[gather_qmm_rows] x's last dimension does not match w");
   if (scales.shape() != mx::Shape{E, T, K / group_size, 8} || biases.shape() != scales.shape() ||
-      biases.dtype() != scales.dtype() || !mx::issubdtype(scales.dtype(), mx::floating))
+      biases.dtype() != scales.dtype())
     throw std::invalid_argument("[gather_qmm_rows] scales/biases do not match w (experts, tiles, groups, 8)");
   if (n > 8 * T || n <= 8 * (T - 1)) throw std::invalid_argument("[gather_qmm_rows] n does not match w's tiles");
   if (ids.ndim() < 1 || !mx::issubdtype(ids.dtype(), mx::integer))
@@ -861,11 +890,18 @@ static mx::array experts_op(const mx::array& x, const mx::array& ids, std::vecto
 // x (..., K) float32: a row per index, or a row per index row (shared by its k choices);
 // indices (..., k) integers < experts; w, scales, biases: each expert's weight packed by
 // pack(), stacked. Out: indices.shape + (n,), row (..., j) = x's row times expert indices[..., j].
+// mode "mxfp4": MXFP4 weights (bits 4, group 32, uint8 scales, no biases).
 static mx::array gather_qmm_rows(const mx::array& x, const mx::array& ids, const mx::array& w, const mx::array& scales,
-                                 const mx::array& biases, int group_size, int bits, int n, int path) {
+                                 const std::optional<mx::array>& biases, int group_size, int bits, int n, int path,
+                                 const std::string& mode) {
+  if (mode != "affine" && (mode != "mxfp4" || bits != 4))
+    throw std::invalid_argument("[gather_qmm_rows] mode: affine, or mxfp4 with bits 4");
+  if (mode == "mxfp4") bits = FP4;
+  if (!biases && bits != FP4) throw std::invalid_argument("[gather_qmm_rows] affine weights need biases");
+  const mx::array& b = bits == FP4 ? scales : *biases;  // unused at FP4: scales hold its place
   if (n < 0 && w.ndim() == 3) n = 8 * w.shape(1);
-  check_experts(x, ids, w, scales, biases, group_size, bits, n);
-  return experts_op(x, ids, {w, scales, biases}, group_size, bits, n, path, false);
+  check_experts(x, ids, w, scales, b, group_size, bits, n);
+  return experts_op(x, ids, {w, scales, b}, group_size, bits, n, path, false);
 }
 
 // silu(gate product) * (up product), both as gather_qmm_rows: one op, one quantization of x.
@@ -1338,9 +1374,10 @@ NB_MODULE(_qmm, m) {
         nb::arg("bits"), nb::arg("n") = -1,
         "silu(x @ gate.T) * (x @ up.T) with both weights packed by pack(): one CPU op, int8 products");
   m.def("gather_qmm_rows", &qk::gather_qmm_rows, nb::arg("x"), nb::arg("indices"), nb::arg("w"), nb::arg("scales"),
-        nb::arg("biases"), nb::arg("group_size"), nb::arg("bits"), nb::arg("n") = -1, nb::arg("path") = -1,
+        nb::arg("biases").none(), nb::arg("group_size"), nb::arg("bits"), nb::arg("n") = -1, nb::arg("path") = -1,
+        nb::arg("mode") = "affine",
         "mx.gather_qmm for the experts' weights, each packed by pack() and stacked: x (..., K) float32 with a row\n"
-        "per index or per index row, indices (..., k) -> indices.shape + (n,)");
+        "per index or per index row, indices (..., k) -> indices.shape + (n,). mode: affine or mxfp4 (no biases)");
   m.def("gather_swiglu", &qk::gather_swiglu, nb::arg("x"), nb::arg("indices"), nb::arg("gate_w"),
         nb::arg("gate_scales"), nb::arg("gate_biases"), nb::arg("up_w"), nb::arg("up_scales"), nb::arg("up_biases"),
         nb::arg("group_size"), nb::arg("bits"), nb::arg("n") = -1, nb::arg("path") = -1,
