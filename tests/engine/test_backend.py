@@ -249,7 +249,7 @@ def test_dequantized_smollm2_generates_the_same_tokens(smollm2_gguf):
 
     q = load_path(smollm2_gguf, weight_dtype="keep")
     f = load_path(smollm2_gguf, weight_dtype="keep")
-    assert isinstance(q.model.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
+    assert isinstance(q.model.model.layers[0].mlp.down_proj, nn.QuantizedLinear)
     dequantize_model(f.model, mx.float32)
 
     prompt = q.tokenizer.encode("The capital of France is")
