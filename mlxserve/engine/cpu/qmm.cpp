@@ -483,14 +483,17 @@ static bool vnni_agrees() {
   for (auto& v : x) v = (float)((int)(next() % 2001) - 1000) / 100.f;
   for (auto& v : sc) v = (float)(next() % 1000 + 1) / 5000.f;
   for (auto& v : bi) v = -(float)(next() % 1000) / 300.f;
-  for (int bits : {4, 8}) {
-    std::vector<uint8_t> w((size_t)N * K * bits / 8);
+  for (int bits : {4, 8, FP4}) {
+    std::vector<uint8_t> w((size_t)N * K * (bits == FP4 ? 4 : bits) / 8);
     for (auto& v : w) v = (uint8_t)next();
     Acts a;
     quantize_rows(x.data(), M, K, gs, a);
     if (bits == 4) {
       tiles_avx2<4, float>(w.data(), sc.data(), bi.data(), 0, N / 8, gs, a, ya.data(), N);
       tiles_vnni<4, float>(w.data(), sc.data(), bi.data(), 0, N / 8, gs, a, yb.data(), N);
+    } else if (bits == FP4) {
+      tiles_avx2<FP4, float>(w.data(), sc.data(), bi.data(), 0, N / 8, gs, a, ya.data(), N);
+      tiles_vnni<FP4, float>(w.data(), sc.data(), bi.data(), 0, N / 8, gs, a, yb.data(), N);
     } else {
       tiles_avx2<8, float>(w.data(), sc.data(), bi.data(), 0, N / 8, gs, a, ya.data(), N);
       tiles_vnni<8, float>(w.data(), sc.data(), bi.data(), 0, N / 8, gs, a, yb.data(), N);
