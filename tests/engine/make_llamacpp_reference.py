@@ -48,6 +48,15 @@ N_CTX = 256  # llama-server's context for CASES (phi3: not past its original 256
 CONTEXT_CASES = {
     "decode gemma2/Q8_0": {"arch": "gemma2", "quant": "Q8_0", "n_ctx": N_CTX, "lengths": (5, 19, 33), "n_predict": 12},
     "decode gemma3/Q8_0": {"arch": "gemma3", "quant": "Q8_0", "n_ctx": N_CTX, "lengths": (5, 19, 33), "n_predict": 12},
+    # (19 tokens put a near-tie of layer 0's router, 0.015 apart, at the last step: an expert
+    # choice either side may make, not the window)
+    "decode gpt-oss/Q8_0": {
+        "arch": "gpt-oss",
+        "quant": "Q8_0",
+        "n_ctx": N_CTX,
+        "lengths": (5, 21, 33),
+        "n_predict": 12,
+    },
     "long phi3/Q8_0": {
         "arch": "phi3",
         "quant": "Q8_0",
