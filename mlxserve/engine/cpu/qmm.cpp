@@ -744,22 +744,26 @@ static void experts_product(int path, const ExpertWeights<S>& ew, const float* x
                             std::vector<float>* ys) {
   const uint64_t c0 = __rdtsc();
   const int E = ew.E, T = (N + 7) / 8, nb = K / 32, ng = K / gs;
-  std::vector<int> start(E + 1, 0);
+  // the caller's buffers, kept between calls (a decode step makes two calls a layer); helpers
+  // read them through the references
+  struct Job { int e, w, t0, t1; };
+  thread_local std::vector<int> start_tl, next_tl;
+  thread_local std::vector<Acts> acts_tl;
+  thread_local std::vector<float> rows_tl;
+  thread_local std::vector<Job> jobs_tl;
+  std::vector<int>& start = start_tl;
+  std::vector<Acts>& acts = acts_tl;
+  std::vector<Job>& jobs = jobs_tl;
+  start.assign(E + 1, 0);
   for (int p = 0; p < P; p++)
     if (ids[p] < (uint32_t)E) start[ids[p] + 1]++;
   for (int e = 0; e < E; e++) start[e + 1] += start[e];
-  order.assign(start[E], 0);
-  {
-    std::vector<int> next(start.begin(), start.end() - 1);
-    for (int p = 0; p < P; p++)
-      if (ids[p] < (uint32_t)E) order[next[ids[p]]++] = p;
-  }
-  thread_local std::vector<Acts> acts_tl;  // the caller's; helpers read it through `acts`
-  thread_local std::vector<float> rows_tl;
-  std::vector<Acts>& acts = acts_tl;
+  order.resize(start[E]);
+  next_tl.assign(start.begin(), start.end() - 1);
+  for (int p = 0; p < P; p++)
+    if (ids[p] < (uint32_t)E) order[next_tl[ids[p]]++] = p;
   if ((int)acts.size() < E) acts.resize(E);
-  struct Job { int e, w, t0, t1; };
-  std::vector<Job> jobs;
+  jobs.clear();
   const int chunk = (int)std::max(1L, CHUNK_BYTES / ((long)K * bits));
   for (int e = 0; e < E; e++) {
     const int n = start[e + 1] - start[e];
@@ -804,22 +808,22 @@ class ExpertRows : public mx::UnaryPrimitive {
     // ids (int32 or uint32, possibly a strided slice) are read when the task runs
     auto run = [=, ip = (const uint32_t*)ids.data<uint32_t>(), ishape = ids.shape(), istrides = ids.strides(),
                 icontig = ids.flags().row_contiguous, yp = out.data<float>()](const auto& ew) {
-      std::vector<float> buf, ys[2];
-      std::vector<uint32_t> idv;
+      thread_local std::vector<float> buf, ys[2], e;  // the stream thread's, kept between calls
+      thread_local std::vector<uint32_t> idv;
+      thread_local std::vector<int> order;
       const uint32_t* id = ip;
       if (!icontig) {
         idv.resize(P);
         for (int p = 0; p < P; p++) idv[p] = ip[mx::elem_to_loc(p, ishape, istrides)];
         id = idv.data();
       }
-      std::vector<int> order;
       experts_product(path, ew, xv.gather(buf), xdiv, id, P, N, K, gs, bits, P / k, order, ys);
       if (order.size() < (size_t)P)  // pairs naming no expert
         for (int p = 0; p < P; p++)
           if (id[p] >= (uint32_t)E) std::fill_n(yp + (size_t)p * N, N, NAN);
       if (nw == 2) {  // silu(gate) * up, as qmm_swiglu
         std::vector<float>& g = ys[0];
-        std::vector<float> e(g.size());
+        e.resize(g.size());
         for (size_t i = 0; i < e.size(); i++) e[i] = -g[i];
         exp_inplace(e.data(), e.size());
         for (size_t i = 0; i < e.size(); i++) g[i] = g[i] / (1.f + e[i]) * ys[1][i];
@@ -927,14 +931,16 @@ static mx::array gather_swiglu(const mx::array& x, const mx::array& ids, const m
 // alone or in a batch.
 
 static void route_rows(const float* logits, int M, int E, int k, bool normalize, uint32_t* ids, float* scores) {
-  std::vector<float> p(E);
-  std::vector<int> idx(E);
+  thread_local std::vector<float> p;
+  thread_local std::vector<int> idx;
+  p.resize(E);
+  idx.resize(E);
   for (int m = 0; m < M; m++) {
     const float* l = logits + (size_t)m * E;
     float top = -INFINITY, total = 0.f;
     for (int e = 0; e < E; e++) top = std::fmax(top, l[e]);
     for (int e = 0; e < E; e++) total += p[e] = std::exp(l[e] - top);
-    for (int e = 0; e < E; e++) p[e] /= total;
+    for (int e = 0; e < E; e++) p[e] = std::isnan(p[e]) ? -1.f : p[e] / total;  // a strict order for the sort
     for (int e = 0; e < E; e++) idx[e] = e;
     std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
                       [&](int a, int b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
@@ -964,16 +970,19 @@ class MoeBlock : public mx::UnaryPrimitive {
     const bool normalize = norm_;
     const View xv(in[0]), lv(in[1]);
     auto run = [=, yp = out.data<float>()](const auto& gu, const auto& dn) {
-      std::vector<float> xb, lb, ys[2], yd;
+      // buffers of the stream's thread, kept between layers and steps (fewer mallocs a step)
+      thread_local std::vector<float> xb, lb, ys[2], yd, scores, e;
+      thread_local std::vector<uint32_t> ids, sorted_ids;
+      thread_local std::vector<int> order, order2, pos;
       const int P = M * k;
-      std::vector<uint32_t> ids(P), sorted_ids(P);
-      std::vector<float> scores(P);
+      ids.resize(P);
+      sorted_ids.resize(P);
+      scores.resize(P);
       route_rows(lv.gather(lb), M, E, k, normalize, ids.data(), scores.data());
-      std::vector<int> order, order2;
       experts_product(path, gu, xv.gather(xb), k, ids.data(), P, H, D, gs, bits, M, order, ys);
       std::vector<float>& h = ys[0];
       {
-        std::vector<float> e(h.size());
+        e.resize(h.size());
         for (size_t i = 0; i < e.size(); i++) e[i] = -h[i];
         exp_inplace(e.data(), e.size());
         for (size_t i = 0; i < e.size(); i++) h[i] = h[i] / (1.f + e[i]) * ys[1][i];
@@ -981,7 +990,7 @@ class MoeBlock : public mx::UnaryPrimitive {
       // h's rows are grouped by expert already: the down product keeps their order
       for (int i = 0; i < P; i++) sorted_ids[i] = ids[order[i]];
       experts_product(path, dn, h.data(), 1, sorted_ids.data(), P, N, H, dgs, dbits, M, order2, &yd);
-      std::vector<int> pos(P);
+      pos.resize(P);
       for (int i = 0; i < P; i++) pos[order[order2[i]]] = i;
       for (int m = 0; m < M; m++) {
         float* y = yp + (size_t)m * N;
