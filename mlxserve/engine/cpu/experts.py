@@ -101,19 +101,8 @@ class CpuSwitchGLU(KernelModule, SwitchGLU):
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
         if x.dtype != mx.float32:
             x = x.astype(mx.float32)
-        h = self.kernels.gather_swiglu(
-            x,
-            indices,
-            gate["weight"],
-            gate["scales"],
-            gate["biases"],
-            up["weight"],
-            up["scales"],
-            up["biases"],
-            gate.group_size,
-            gate.bits,
-            gate.out_features,
-        )
+        weights = (m[key] for m in (gate, up) for key in ("weight", "scales", "biases"))
+        h = self.kernels.gather_swiglu(x, indices, *weights, gate.group_size, gate.bits, gate.out_features)
         y = down._product(h, indices)
         if "bias" in down:
             y = y + down["bias"][indices]

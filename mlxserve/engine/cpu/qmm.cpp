@@ -789,18 +789,25 @@ static void experts_product(int path, const ExpertWeights<S>& ew, const float* x
   cycles.fetch_add(__rdtsc() - c0, std::memory_order_relaxed);
 }
 
+// A task's start: weights (inputs from the third on) must be row contiguous; out gets its
+// buffer and the encoder every array.
+static mx::cpu::CommandEncoder& expert_task(mx::Stream s, const std::vector<mx::array>& in, mx::array& out) {
+  for (size_t i = 2; i < in.size(); i++)
+    if (!in[i].flags().row_contiguous) throw std::invalid_argument("[experts] weights must be row contiguous");
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(s);
+  for (auto& a : in) enc.set_input_array(a);
+  enc.set_output_array(out);
+  return enc;
+}
+
 class ExpertRows : public mx::UnaryPrimitive {
  public:
   ExpertRows(mx::Stream s, int group_size, int bits, int path, bool swiglu)
       : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits), path_(path), swiglu_(swiglu) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     const mx::array &x = in[0], &ids = in[1];
-    for (size_t i = 2; i < in.size(); i++)
-      if (!in[i].flags().row_contiguous) throw std::invalid_argument("[gather_qmm_rows] weights must be row contiguous");
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = expert_task(stream(), in, out);
     const int K = x.shape(-1), N = out.shape(-1), P = (int)ids.size(), k = ids.shape(-1);
     const int xdiv = (long)(x.size() / K) == P ? 1 : k;
     const int gs = gs_, bits = bits_, path = path_, nw = swiglu_ ? 2 : 1, E = in[2].shape(0);
@@ -959,12 +966,7 @@ class MoeBlock : public mx::UnaryPrimitive {
       : mx::UnaryPrimitive(s), k_(k), norm_(normalize), gs_(gs), bits_(bits), dgs_(down_gs), dbits_(down_bits),
         hidden_(hidden) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
-    for (size_t i = 2; i < in.size(); i++)
-      if (!in[i].flags().row_contiguous) throw std::invalid_argument("[moe_swiglu] weights must be row contiguous");
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = expert_task(stream(), in, out);
     const int D = in[0].shape(-1), E = in[1].shape(-1), M = (int)(in[0].size() / D), N = out.shape(-1);
     const int k = k_, H = hidden_, gs = gs_, bits = bits_, dgs = dgs_, dbits = dbits_, path = best_path();
     const bool normalize = norm_;
