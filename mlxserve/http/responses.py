@@ -275,11 +275,21 @@ async def create():
 
     def finished(streamed: list[dict] | None = None) -> tuple[dict, list[dict]]:
         """The final response, and the conversation to store with it. ``streamed``: the output
-        items as the stream sent them (text, calls and reasoning in their order)."""
-        text, thought = "".join(gen.text), "".join(gen.thinking)
-        calls = relay.tool_calls(text, active) if streamed is None else []
-        if calls and body.get("parallel_tool_calls") is False:
-            calls = calls[:1]
+        items as the stream sent them; without, the same items made from the whole answer
+        (reasoning, the text before any call, each call)."""
+        if streamed is None:
+            text, thought = "".join(gen.text), "".join(gen.thinking)
+            calls: list[dict] = []
+            if active:
+                reader = CallStream(active)
+                text, calls = reader.feed(text)
+                rest, more = reader.finish()
+                text, calls = text + rest, calls + more
+            if calls and body.get("parallel_tool_calls") is False:
+                calls = calls[:1]
+            streamed = [reasoning_item(thought)] if thought else []
+            streamed += [message_item(text)] if text or not calls else []
+            streamed += [call_item(c) for c in calls]
         prompt, out, cached = relay.usage_counts(gen)
         usage = {
             "input_tokens": prompt,
@@ -288,22 +298,12 @@ async def create():
             "output_tokens_details": {"reasoning_tokens": gen.thinking_tokens},
             "total_tokens": prompt + out,
         }
-        if streamed is not None:
-            output = streamed
-            shown = "".join(c["text"] for o in output if o["type"] == "message" for c in o["content"])
-            said = {"role": "assistant", "content": shown}
-            if said_calls(output):
-                said["tool_calls"] = said_calls(output)
-            status = "incomplete" if gen.done_reason == "length" else "completed"
-        elif calls:
-            output = [call_item(c) for c in calls]
-            said = {"role": "assistant", "content": "", "tool_calls": said_calls(output)}
-            status = "completed"
-        else:
-            output, said = [message_item(text)], {"role": "assistant", "content": text}
-            status = "incomplete" if gen.done_reason == "length" else "completed"
-        if thought and streamed is None:
-            output.insert(0, reasoning_item(thought))
+        output = streamed
+        shown = "".join(c["text"] for o in output if o["type"] == "message" for c in o["content"])
+        said: dict = {"role": "assistant", "content": shown}
+        if said_calls(output):
+            said["tool_calls"] = said_calls(output)
+        status = "incomplete" if gen.done_reason == "length" else "completed"
         final = response(status, output, usage)
         if store:
             stored.put(final, [*conversation, said], _input_items(body.get("input")))

@@ -46,20 +46,23 @@ async def test_a_call_streams_when_it_completes(daemon):
         with openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="x", max_retries=0) as client:
             # (the SDK's stream helper wants response.completed: an incomplete one is read raw)
             events = list(client.responses.create(stream=True, **_two_calls(60)))
+            whole_cut = client.responses.create(**_two_calls(60))  # the same items without streaming
             cut = [(e.type, getattr(e, "item", None)) for e in events]
             cut_final = events[-1].response
             short = {"name": "get_weather", "arguments": {"city": "Rome"}}
             with client.responses.stream(**_two_calls(200, short)) as stream:
                 whole = [(e.type, getattr(e, "item", None)) for e in stream]
                 whole_final = stream.get_final_response()
-        return cut, cut_final, whole, whole_final
+        return cut, cut_final, whole, whole_final, whole_cut
 
     with trio.fail_after(120):
-        cut, cut_final, whole, whole_final = await trio.to_thread.run_sync(calls)
+        cut, cut_final, whole, whole_final, whole_cut = await trio.to_thread.run_sync(calls)
     # Cut off inside the second call: the first went out whole and is the answer's only item.
     assert cut[-1][0] == "response.incomplete" and cut_final.status == "incomplete"
     assert [o.type for o in cut_final.output] == ["function_call"]
     assert (cut_final.output[0].name, json.loads(cut_final.output[0].arguments)) == ("get_weather", {"city": "Paris"})
+    assert [(o.type, o.arguments) for o in whole_cut.output] == [(o.type, o.arguments) for o in cut_final.output]
+    assert whole_cut.status == "incomplete"
     done = [item for kind, item in cut if kind == "response.output_item.done"]
     assert [i.id for i in done] == [o.id for o in cut_final.output]
     # Both complete: one item each, in order, each added, given its arguments and done in turn.
