@@ -105,7 +105,8 @@ def test_decoding_past_the_sliding_window(case, tmp_path):
     ref = REFERENCE["context_cases"][case]
     lm = load_case(ref["arch"], ref["quant"], ref, tmp_path, ref["n_ctx"])
     steps = ref["n_predict"]
-    gen = BatchGenerator(lm.model, stop_tokens=[], completion_batch_size=4, prefill_batch_size=4)
+    # prompts prefilled 4 tokens a step: the window crosses the chunks too
+    gen = BatchGenerator(lm.model, stop_tokens=[], completion_batch_size=4, prefill_batch_size=4, prefill_step_size=4)
     uids = gen.insert(
         ref["prompts"],
         max_tokens=[steps] * len(ref["prompts"]),
