@@ -38,7 +38,6 @@ import argparse
 import functools
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -309,25 +308,15 @@ def main() -> None:
     ap.add_argument("--quant", choices=sorted(FILE_TYPES), default="Q4_0")
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--streams", default="1,8")
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--prompt-len", type=int, default=300)
-    ap.add_argument("--runs", type=int, default=2)
-    ap.add_argument("--cuda", choices=("auto", "on", "off"), default="auto")
-    ap.add_argument("--only", choices=("llama", "mlxserve"))
-    ap.add_argument("--llama-server", type=Path, help="a llama-server binary to use instead of building one")
-    ap.add_argument("--llama-cache", type=Path, default=vs.CACHE)
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    vs.add_common_args(ap)
     ap.add_argument("--gguf-dir", type=Path, help="write the GGUFs here and keep them (reused when present); "
                     "default: a temporary directory, each file deleted after its family")
-    ap.add_argument("--vocab-from", type=Path, help="copy the tokenizer from this GGUF (default: the embedded SmolLM2)")
     ap.add_argument("--write-only", action="store_true", help="write the GGUFs (into --gguf-dir) and exit")
-    ap.add_argument("--log-dir", type=Path)
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     families = [f for f in args.families.split(",") if f]
     if unknown := set(families) - set(FAMILIES):
         ap.error(f"unknown families {sorted(unknown)} (known: {', '.join(FAMILIES)})")
-    cuda = vs.has_gpu() and shutil.which("nvcc") is not None if args.cuda == "auto" else args.cuda == "on"
+    cuda = vs.use_cuda(args)
     args.shape = args.shape or ("8b" if cuda else "smol")
     if args.write_only and not args.gguf_dir:
         ap.error("--write-only needs --gguf-dir")

@@ -49,6 +49,9 @@ class _Timers(threading.local):
         self.t0 = time.perf_counter()
 
 
+_SINK: list = [None]
+
+
 def install(out_path: str | None = None, sink: list | None = None) -> None:
     """Time mlx-lm's decode step in this process (see the module's docstring)."""
     import importlib
@@ -57,6 +60,7 @@ def install(out_path: str | None = None, sink: list | None = None) -> None:
 
     g = importlib.import_module("mlx_lm.generate")  # the package's ``generate`` is the function
 
+    _SINK[0] = sink  # a later call (another engine in this process) gets the rows from then on
     if getattr(g, "_step_profiled", False):
         return
     g._step_profiled = True
@@ -121,8 +125,8 @@ def install(out_path: str | None = None, sink: list | None = None) -> None:
                     row[f"{k}_ms"] = 1e3 * getattr(t, k) / t.steps
                 row["outside_step_ms"] = row["wall_ms"] - row["step_ms"]
                 row["other_in_step_ms"] = row["step_ms"] - row["build_ms"] - row["submit_ms"] - row["wait_ms"]
-                if sink is not None:
-                    sink.append(row)
+                if _SINK[0] is not None:
+                    _SINK[0].append(row)
                 if out_path:
                     with open(out_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -390,31 +394,137 @@ def engine(lm, batches: list[int], prompt_len: int, tokens: int) -> dict:
     return result
 
 
-def ab(fused, plain, batches: list[int], prompt_len: int, tokens: int) -> dict:
-    """engine() per variant, interleaved over two rounds; the best round of each."""
+def step_ops(lm, batch: int, generator, logprobs: bool = False) -> dict[str, int]:
+    """Graph ops of one decode step of ``batch`` greedy rows (what the step hands async_eval),
+    by primitive; ``logprobs``: the first row reports log-probabilities."""
+    import collections
+    import importlib
+    import io
+    import re
+
+    import mlx.core as mx
+
+    from mlxserve.engine import loop as eng
+    from mlxserve.engine.sampling import SamplingParams, make_sampler
+
+    g = importlib.import_module("mlx_lm.generate")
+    counts: collections.Counter = collections.Counter()
+    real = mx.async_eval
+
+    class _Capture:
+        def __getattr__(self, name):
+            return getattr(mx, name)
+
+        @staticmethod
+        def async_eval(*a):
+            if capture[0]:
+                f = io.StringIO()
+                mx.export_to_dot(f, *[x for x in a if isinstance(x, mx.array) or x])
+                counts.update(re.findall(r'label ="([^"]+)", shape=rectangle', f.getvalue()))
+                capture[0] = False
+            real(*a)
+
+    capture = [False]
+    saved = g.mx, eng.mx
+    g.mx = eng.mx = _Capture()
+    samplers = [make_sampler(SamplingParams(temperature=0)) for _ in range(batch)]
+    if logprobs:
+        samplers[0] = eng._WithLogprobs(samplers[0])
+    gen = generator(lm.model, stop_tokens=[], completion_batch_size=batch, prefill_batch_size=batch)
+    try:
+        gen.insert([[100 + i, 200 + i, 300 + i] for i in range(batch)], max_tokens=[8] * batch, samplers=samplers)
+        while len(gen.next()[1]) < batch:  # until every row decodes
+            pass
+        capture[0] = True
+        gen.next()
+    finally:
+        gen.close()
+        g.mx, eng.mx = saved
+    return dict(counts)
+
+
+def ops(fused, plain, batches: list[int]) -> dict:
+    """step_ops for the variants of ab(), and 'now' with one row asking for log-probabilities."""
     from mlx_lm.generate import BatchGenerator
 
     from mlxserve.engine import loop as eng
 
-    ours = eng._BatchGenerator
-    variants = {"before": (plain, BatchGenerator), "unfused": (plain, ours), "now": (fused, ours)}
-    best: dict = {}
-    for _ in range(2):
-        for name, (lm, gen) in variants.items():
-            eng._BatchGenerator = gen
-            try:
-                print(f"{name}:", flush=True)
-                got = engine(lm, batches, prompt_len, tokens)["levels"]
-            finally:
-                eng._BatchGenerator = ours
-            for b, level in got.items():
-                if level["decode_tok_s"] > best.get(name, {}).get(b, {}).get("decode_tok_s", 0):
-                    best.setdefault(name, {})[b] = level
+    variants = {"before": (plain, BatchGenerator, False), "unfused": (plain, eng._BatchGenerator, False),
+                "now": (fused, eng._BatchGenerator, False), "now_logprobs": (fused, eng._BatchGenerator, True)}
+    out: dict = {}
     for b in batches:
-        base = best["before"][b]["decode_tok_s"]
-        print(f"batch {b:>3}: " + "  ".join(f"{n} {best[n][b]['decode_tok_s']:.1f} tok/s ({best[n][b]['decode_tok_s'] / base:.3f}x)"
-                                            for n in variants), flush=True)
-    return best
+        out[b] = {name: step_ops(lm, b, gen, lp) for name, (lm, gen, lp) in variants.items()}
+        print(f"batch {b:>3} graph ops per decode step: " + ", ".join(
+            f"{name} {sum(c.values())}" for name, c in out[b].items()), flush=True)
+    return out
+
+
+class _TimedModel:
+    """The model, with the time of each call (building a step's graph) appended to ``sink``."""
+
+    def __init__(self, model, sink: list) -> None:
+        self._model, self._sink = model, sink
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, *a, **k):
+        t = time.perf_counter()
+        out = self._model(*a, **k)
+        self._sink.append(time.perf_counter() - t)
+        return out
+
+
+def ab(fused, plain, batches: list[int], prompt_len: int, rounds: int = 30, steps: int = 8) -> dict:
+    """Decode steps of the three variants side by side: one generator each, greedy rows, taking
+    turns ``steps`` steps at a time in a shuffled order, ``rounds`` times (a busy machine's drift
+    falls on all three alike); median ms per step of each and its ratio to 'before'."""
+    import statistics
+
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+
+    from mlxserve.engine import loop as eng
+    from mlxserve.engine.sampling import SamplingParams, make_sampler
+
+    variants = {"before": (plain, BatchGenerator), "unfused": (plain, eng._BatchGenerator),
+                "now": (fused, eng._BatchGenerator)}
+    out: dict = {}
+    for b in batches:
+        rng = random.Random(b)
+        vocab = int(fused.config["vocab_size"])
+        prompts = [[rng.randrange(100, vocab) for _ in range(prompt_len)] for _ in range(b)]
+        gens = {}
+        builds: dict = {n: [] for n in variants}
+        for name, (lm, cls) in variants.items():
+            model = _TimedModel(lm.model, builds[name])
+            gen = gens[name] = cls(model, stop_tokens=[], completion_batch_size=b, prefill_batch_size=b)
+            gen.insert(prompts, max_tokens=[1 << 20] * b,
+                       samplers=[make_sampler(SamplingParams(temperature=0)) for _ in range(b)])
+            while len(gen.next()[1]) < b:
+                pass
+        times: dict = {n: [] for n in variants}
+        tokens: dict = {n: [] for n in variants}
+        for _ in range(rounds):
+            order = list(variants)
+            rng.shuffle(order)
+            for name in order:
+                for _ in range(steps):
+                    t = time.perf_counter()
+                    responses = gens[name].next()[1]
+                    times[name].append(time.perf_counter() - t)
+                    tokens[name].append([r.token for r in responses])
+        for gen in gens.values():
+            gen.close()
+        mx.clear_cache()
+        ms = {n: 1e3 * statistics.median(v) for n, v in times.items()}
+        build = {n: 1e3 * statistics.median(v[-len(times[n]):]) for n, v in builds.items()}
+        out[b] = {n: {"ms_per_step": ms[n], "ratio_to_before": ms["before"] / ms[n], "build_ms": build[n],
+                      "same_tokens_as_before": tokens[n] == tokens["before"]} for n in variants}
+        print(f"batch {b:>3} ms per decode step (median of {rounds * steps}), and of it building the graph: "
+              + "  ".join(f"{n} {ms[n]:.2f} ({ms['before'] / ms[n]:.3f}x), build {build[n]:.2f} "
+                          f"({build['before'] / build[n]:.3f}x)" for n in variants), flush=True)
+    return out
 
 
 def main() -> None:
@@ -430,9 +540,12 @@ def main() -> None:
     ap.add_argument("--masked-decode", action="store_true",
                     help="engine: mlx-lm's attention mask on every decode step, as before engine/loop.py dropped it")
     ap.add_argument("--ab", action="store_true",
-                    help="engine only, side by side in one process, two rounds: 'before' (separate q/k/v and "
-                         "gate/up products, mlx-lm's step normalizing every row), 'unfused' (separate products), "
-                         "'now'; decode tok/s and ratios to 'before'")
+                    help="decode steps side by side, taking turns: 'before' (separate q/k/v and gate/up "
+                         "products, mlx-lm's step normalizing every row), 'unfused' (separate products), 'now'")
+    ap.add_argument("--ops", action="store_true",
+                    help="graph ops of one decode step per batch size for ab's variants (no timing)")
+    ap.add_argument("--weight-dtype", help="with --ab / --ops: MLXSERVE_WEIGHT_DTYPE's choices (on the CPU 'keep' "
+                                           "builds the GPU's graph: quantized products as stored)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import mlx.core as mx
@@ -447,10 +560,14 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps(report, indent=1, default=str))
 
-    if args.ab:
-        report["ab"] = ab(load_path(args.model), load_path(args.model, fuse=False), batches, args.prompt_len,
-                          args.tokens)
-        save()
+    if args.ab or args.ops:
+        fused, plain = (load_path(args.model, weight_dtype=args.weight_dtype, fuse=f) for f in (True, False))
+        if args.ops:
+            report["ops"] = ops(fused, plain, batches)
+            save()
+        if args.ab:
+            report["ab"] = ab(fused, plain, batches, args.prompt_len)
+            save()
         return
     t = time.perf_counter()
     lm = load_path(args.model)

@@ -417,16 +417,9 @@ def print_table(report: dict) -> None:
               f"{a['ttft_p50_s']:>8.3f} / {b['ttft_p50_s']:<8.3f} | {a['ttft_max_s']:>8.3f} / {b['ttft_max_s']:<8.3f}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gguf", type=Path, help="serve this GGUF (default: random 8B shape on a GPU, SmolLM2 on the CPU)")
-    ap.add_argument("--random", choices=sorted(SHAPES), help="write and serve a random Q4_0 GGUF of this shape")
-    ap.add_argument("--write-gguf", type=Path, help="write the --random GGUF here and exit")
-    ap.add_argument("--write-mlx", type=Path, help="write the --random shape in mlx-lm's format here (bf16, "
-                    "--group) and exit: the same model as the GGUF for --raw comparisons")
-    ap.add_argument("--group", type=int, default=32)
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The flags this script shares with benchmarks/families.py."""
     ap.add_argument("--vocab-from", type=Path, help="copy the tokenizer from this GGUF (default: the embedded SmolLM2)")
-    ap.add_argument("--streams", help="stream counts (default 1,8,32 on a GPU, 1,4,8,16 on the CPU)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=300)
     ap.add_argument("--runs", type=int, default=2)
@@ -435,14 +428,30 @@ def main() -> None:
     ap.add_argument("--llama-server", type=Path, help="a llama-server binary to use instead of building one")
     ap.add_argument("--llama-cache", type=Path, default=CACHE)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--log-dir", type=Path)
+    ap.add_argument("--json", type=Path)
+
+
+def use_cuda(args: argparse.Namespace) -> bool:
+    return has_gpu() and shutil.which("nvcc") is not None if args.cuda == "auto" else args.cuda == "on"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", type=Path, help="serve this GGUF (default: random 8B shape on a GPU, SmolLM2 on the CPU)")
+    ap.add_argument("--random", choices=sorted(SHAPES), help="write and serve a random Q4_0 GGUF of this shape")
+    ap.add_argument("--write-gguf", type=Path, help="write the --random GGUF here and exit")
+    ap.add_argument("--write-mlx", type=Path, help="write the --random shape in mlx-lm's format here (bf16, "
+                    "--group) and exit: the same model as the GGUF for --raw comparisons")
+    ap.add_argument("--group", type=int, default=32)
+    ap.add_argument("--streams", help="stream counts (default 1,8,32 on a GPU, 1,4,8,16 on the CPU)")
+    add_common_args(ap)
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--raw", help="batch sizes for the raw decode loop (instead of the servers)")
     ap.add_argument("--raw-model", type=Path, action="append", default=[])
     ap.add_argument("--raw-f32-norms", action="store_true", help="also time each GGUF with float32 norm weights")
-    ap.add_argument("--log-dir", type=Path)
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    cuda = has_gpu() and shutil.which("nvcc") is not None if args.cuda == "auto" else args.cuda == "on"
+    cuda = use_cuda(args)
     report: dict = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "cuda": cuda}
 
     if args.write_gguf:
