@@ -28,28 +28,28 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 class _State:
     """Plain attributes, kept out of the module's parameter tree."""
 
-    def __init__(self, bounds: list[tuple[int, int]]) -> None:
-        self.bounds = bounds
-        self.pending: tuple[mx.array, mx.array, set[int]] | None = None  # (input, product, parts left)
+    def __init__(self, splits: list[int]) -> None:
+        self.splits = splits  # where each part after the first starts, in the fused output
+        self.pending: tuple[mx.array, list[mx.array], set[int]] | None = None  # (input, parts, parts not taken)
 
 
 class FusedHead(nn.Module):
-    def __init__(self, fused: nn.Module, bounds: list[tuple[int, int]]) -> None:
+    def __init__(self, fused: nn.Module, splits: list[int]) -> None:
         super().__init__()
         self.fused = fused
-        self._state = _State(bounds)
+        self._state = _State(splits)
 
     def part(self, x: mx.array, i: int) -> mx.array:
         st = self._state
         p = st.pending
         if p is not None and p[0] is x:
-            y, left = p[1], p[2] - {i}
+            parts, left = p[1], p[2] - {i}
         else:
-            y, left = self.fused(x), set(range(len(st.bounds))) - {i}
-        # Dropped once every slice was taken: a held product would outlive its step.
-        st.pending = (x, y, left) if left else None
-        a, b = st.bounds[i]
-        return y[..., a:b]
+            # One Split op hands out every part (a slice each would be one graph op each).
+            parts, left = mx.split(self.fused(x), st.splits, axis=-1), set(range(len(st.splits) + 1)) - {i}
+        # Dropped once every part was taken: a held product would outlive its step.
+        st.pending = (x, parts, left) if left else None
+        return parts[i]
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.part(x, 0)
@@ -92,17 +92,16 @@ def _signature(m: nn.Module) -> tuple[Any, ...] | None:
     return None
 
 
-def _fuse(parts: list[nn.Module]) -> tuple[nn.Module, list[tuple[int, int]]]:
+def _fuse(parts: list[nn.Module]) -> tuple[nn.Module, list[int]]:
     fused = copy.copy(parts[0])  # same class and attributes (bits, group size, mode)
     for key in ("weight", "scales", "biases", "bias"):
         if key in parts[0]:
             fused[key] = mx.concatenate([p[key] for p in parts], axis=0)
-    bounds, start = [], 0
-    for p in parts:
-        n = p["weight"].shape[0]
-        bounds.append((start, start + n))
-        start += n
-    return fused, bounds
+    splits, start = [], 0
+    for p in parts[:-1]:
+        start += p["weight"].shape[0]
+        splits.append(start)
+    return fused, splits
 
 
 def fuse_projections(model: nn.Module, *, gate_up: bool = True) -> int:
@@ -118,9 +117,9 @@ def fuse_projections(model: nn.Module, *, gate_up: bool = True) -> int:
             sig = _signature(parts[0])
             if sig is None or any(_signature(p) != sig for p in parts[1:]):
                 continue
-            fused, bounds = _fuse(parts)
+            fused, splits = _fuse(parts)
             mx.eval(fused.parameters())  # one group at a time: the separate copies go now
-            head = FusedHead(fused, bounds)
+            head = FusedHead(fused, splits)
             module[names[0]] = head
             for i, name in enumerate(names[1:], 1):
                 module[name] = FusedPart(head, i)
