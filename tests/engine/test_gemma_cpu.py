@@ -1,0 +1,51 @@
+"""Gemma's layers on engine/cpu's one-op kernels give what mlx-lm's own layers give."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlxserve.engine import cpu, dtype as dtypes
+
+kernels, why = cpu.load()
+pytestmark = pytest.mark.skipif(kernels is None, reason=f"quantized CPU kernels unavailable: {why}")
+
+
+def _gemma(kind: str):
+    from mlx_lm.models import gemma2, gemma3_text
+
+    common = dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6, vocab_size=256)
+    mx.random.seed(3)
+    if kind == "gemma2":
+        model = gemma2.Model(gemma2.ModelArgs(model_type=kind, query_pre_attn_scalar=64.0, **common))
+    else:
+        model = gemma3_text.Model(gemma3_text.ModelArgs(model_type=kind, sliding_window=4, sliding_window_pattern=2,
+                                                        **common))
+    # Random norm weights: with mlx-lm's ones a norm that forgot gemma's (1 + w) would pass too.
+    for _, m in model.named_modules():
+        if type(m).__name__ == "RMSNorm":
+            m.weight = mx.random.normal(m.weight.shape) * 0.5
+    nn.quantize(model, group_size=32, bits=4)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text"])
+def test_gemma_norms_are_one_op_with_the_model_outputs(kind):
+    model = _gemma(kind)
+    ids = mx.array([[1, 5, 9, 200, 17, 3]])
+    dtypes.dequantize_model(reference := _gemma(kind), mx.float32)
+    want = reference(ids)
+    dtypes.use_cpu_kernels(model, kernels)
+    norms = [m for _, m in model.named_modules() if isinstance(m, nn.Module) and "RMSNorm" in type(m).__name__]
+    assert norms and all(type(m).__name__.startswith("CpuOffset") for m in norms)
+    got = model(ids)
+    # int8 products of the activations: close to the float reference, not equal to it
+    assert mx.abs(got - want).max().item() < 0.05 * mx.abs(want).max().item()
+    assert (mx.argmax(got, -1) == mx.argmax(want, -1)).all().item()
+    # the swapped-in weight is 1 + the stored one: the norm is mx.fast.rms_norm with it
+    norm = model.model.layers[0].input_layernorm
+    x = mx.random.normal((2, 3, 128))
+    assert mx.allclose(norm(x), mx.fast.rms_norm(x, norm.weight, norm.eps), rtol=1e-5, atol=1e-5).item()
