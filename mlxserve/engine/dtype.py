@@ -239,6 +239,7 @@ def _swiglu_call(self, x):
             gate.group_size,
             gate.bits,
             gate.out_features,
+            gelu=self.gelu,
         )
         return self.down_proj(h)
     return super(type(self), self).__call__(x)
@@ -249,19 +250,25 @@ _SWIGLU_CLASSES: dict[type, type] = {}
 
 def _swiglu_class(cls) -> type | None:
     """A subclass computing silu(gate(x)) * up(x) as one op, for MLP classes whose __call__ is
-    mlx-lm llama's ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` (same bytecode, same swiglu)."""
+    mlx-lm llama's ``down_proj(swiglu(gate_proj(x), up_proj(x)))`` (same bytecode, same swiglu);
+    or gelu_approx(gate(x)) * up(x), for gemma's ``down_proj(nn.gelu_approx(gate_proj(x)) * up_proj(x))``."""
     if cls not in _SWIGLU_CLASSES:
-        from mlx_lm.models import activations, llama
+        from mlx_lm.models import activations, gemma2, llama
 
-        ref, fn = llama.MLP.__call__, cls.__call__  # every nn.Module has one
-        same = (
-            getattr(fn, "__code__", None) is not None
-            and fn.__code__.co_code == ref.__code__.co_code
-            and fn.__code__.co_names == ref.__code__.co_names
-            and fn.__globals__.get("swiglu") is activations.swiglu
-        )
+        fn, kind = getattr(cls.__call__, "__code__", None), None  # every nn.Module has a __call__
+
+        def same(ref) -> bool:
+            return fn is not None and (fn.co_code, fn.co_names) == (ref.__code__.co_code, ref.__code__.co_names)
+
+        if same(llama.MLP.__call__) and cls.__call__.__globals__.get("swiglu") is activations.swiglu:
+            kind = "SwiGLU"
+        elif same(gemma2.MLP.__call__):
+            gelu = getattr(cls.__call__.__globals__.get("nn"), "gelu_approx", None)
+            kind = "GeGLU" if gelu is nn.gelu_approx else None
         _SWIGLU_CLASSES[cls] = (
-            type(f"CpuSwiGLU{cls.__name__}", (_KernelModule, cls), {"__call__": _swiglu_call}) if same else None
+            type(f"Cpu{kind}{cls.__name__}", (_KernelModule, cls), {"__call__": _swiglu_call, "gelu": kind == "GeGLU"})
+            if kind
+            else None
         )
     return _SWIGLU_CLASSES[cls]
 

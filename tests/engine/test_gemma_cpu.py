@@ -49,3 +49,35 @@ def test_gemma_norms_are_one_op_with_the_model_outputs(kind):
     norm = model.model.layers[0].input_layernorm
     x = mx.random.normal((2, 3, 128))
     assert mx.allclose(norm(x), mx.fast.rms_norm(x, norm.weight, norm.eps), rtol=1e-5, atol=1e-5).item()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_geglu_is_gelu_approx_of_the_gate_product_times_the_up_product(bits):
+    rng = np.random.default_rng(bits + 40)
+
+    def case():
+        w = mx.array(rng.standard_normal((100, 256)).astype(np.float32)) * 0.2
+        return mx.quantize(w, group_size=32, bits=bits)
+
+    x = mx.array(rng.standard_normal((6, 256)).astype(np.float32))
+    (gq, gs, gb), (uq, us, ub) = case(), case()
+    gs, gb, us, ub = (a.astype(mx.float16) for a in (gs, gb, us, ub))
+    gate = kernels.qmm_rows(x, *cpu.pack(gq, gs, gb, bits)[:3], 32, bits, tiles=0, n=100)
+    up = kernels.qmm_rows(x, *cpu.pack(uq, us, ub, bits)[:3], 32, bits, tiles=0, n=100)
+    g, u = cpu.pack(gq, gs, gb, bits), cpu.pack(uq, us, ub, bits)
+    got = kernels.qmm_swiglu(x, *g[:3], *u[:3], 32, bits, 100, gelu=True)
+    assert mx.allclose(got, nn.gelu_approx(gate) * up, rtol=1e-5, atol=1e-5).item()
+    assert not mx.allclose(got, nn.silu(gate) * up, rtol=1e-3, atol=1e-3).item()
+    alone = kernels.qmm_swiglu(x[2:3], *g[:3], *u[:3], 32, bits, 100, gelu=True)
+    assert mx.array_equal(alone[0], got[2]).item()  # the same bits alone or in a batch
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text"])
+def test_gemma_mlp_is_one_geglu_op(kind):
+    model = _gemma(kind)
+    dtypes.use_cpu_kernels(model, kernels)
+    mlp = model.model.layers[0].mlp
+    assert type(mlp).__name__.startswith("CpuGeGLU")
+    x = mx.random.normal((3, 128))
+    want = mlp.down_proj(nn.gelu_approx(mlp.gate_proj(x)) * mlp.up_proj(x))
+    assert mx.allclose(mlp(x), want, rtol=1e-4, atol=1e-5).item()

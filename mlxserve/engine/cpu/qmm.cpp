@@ -665,10 +665,12 @@ static void exp_inplace(float* x, size_t n) {
 
 // silu(x @ gate^T) * (x @ up^T) as one op: both products from one quantization of x (the
 // same bits as two qmm_rows calls), then the SwiGLU elementwise, in place of two products,
-// two slices and MLX's compiled (scalar exp) SiLU-times-up kernel.
+// two slices and MLX's compiled (scalar exp) SiLU-times-up kernel. gelu: gemma's GeGLU,
+// gelu_approx(g) = 0.5 g (1 + tanh(u)) = g * sigmoid(2u), u = sqrt(2/pi) (g + 0.044715 g^3).
 class QuantizedSwiGLU : public mx::UnaryPrimitive {
  public:
-  QuantizedSwiGLU(mx::Stream s, int group_size, int bits) : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits) {}
+  QuantizedSwiGLU(mx::Stream s, int group_size, int bits, bool gelu)
+      : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits), gelu_(gelu) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     const mx::array& x = in[0];
     for (size_t i = 1; i < in.size(); i++)
@@ -680,6 +682,7 @@ class QuantizedSwiGLU : public mx::UnaryPrimitive {
     enc.set_output_array(out);
     const View xv(x);
     const int gs = gs_, bits = bits_, path = best_path();
+    const bool gelu = gelu_;
     auto run = [=, wg = (const uint8_t*)in[1].data<uint32_t>(), wu = (const uint8_t*)in[4].data<uint32_t>(),
                 yp = out.data<float>()](auto sg, auto bg, auto su, auto bu) {
       std::vector<float> buf, up((size_t)M * N);
@@ -687,7 +690,10 @@ class QuantizedSwiGLU : public mx::UnaryPrimitive {
       product(path, false, xp, wg, sg, bg, M, N, K, gs, bits, yp);
       product(path, false, xp, wu, su, bu, M, N, K, gs, bits, up.data());
       std::vector<float> e((size_t)M * N);
-      for (size_t i = 0; i < e.size(); i++) e[i] = -yp[i];
+      if (gelu)
+        for (size_t i = 0; i < e.size(); i++) e[i] = -1.5957691216057308f * (yp[i] + 0.044715f * yp[i] * yp[i] * yp[i]);
+      else
+        for (size_t i = 0; i < e.size(); i++) e[i] = -yp[i];
       exp_inplace(e.data(), e.size());
       for (size_t i = 0; i < e.size(); i++) yp[i] = yp[i] / (1.f + e[i]) * up[i];
     };
@@ -698,25 +704,27 @@ class QuantizedSwiGLU : public mx::UnaryPrimitive {
     });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override { throw std::runtime_error("CPU only"); }
-  const char* name() const override { return "QuantizedSwiGLU"; }
+  const char* name() const override { return gelu_ ? "QuantizedGeGLU" : "QuantizedSwiGLU"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const QuantizedSwiGLU&>(other);
-    return gs_ == o.gs_ && bits_ == o.bits_;
+    return gs_ == o.gs_ && bits_ == o.bits_ && gelu_ == o.gelu_;
   }
 
  private:
   int gs_, bits_;
+  bool gelu_;
 };
 
 static mx::array qmm_swiglu(const mx::array& x, const mx::array& wg, const mx::array& sg, const mx::array& bg,
                             const mx::array& wu, const mx::array& su, const mx::array& bu, int group_size, int bits,
-                            int n) {
+                            int n, bool gelu) {
   // the checks of qmm_rows, for both weights
   const mx::array gate = qmm_rows(x, wg, sg, bg, group_size, bits, -1, 0, n);
   const mx::array up = qmm_rows(x, wu, su, bu, group_size, bits, -1, 0, n);
   if (wg.shape() != wu.shape() || sg.dtype() != su.dtype())
     throw std::invalid_argument("[qmm_swiglu] gate and up differ in shape or scale dtype");
-  return mx::array(gate.shape(), mx::float32, std::make_shared<QuantizedSwiGLU>(mx::to_stream({}), group_size, bits),
+  return mx::array(gate.shape(), mx::float32,
+                   std::make_shared<QuantizedSwiGLU>(mx::to_stream({}), group_size, bits, gelu),
                    {x, wg, sg, bg, wu, su, bu});
 }
 
@@ -1385,8 +1393,9 @@ NB_MODULE(_qmm, m) {
         "tiles: 1 dequantized tiles and BLAS, 0 the int8 kernels, -1 tiles from blas_rows() rows on");
   m.def("qmm_swiglu", &qk::qmm_swiglu, nb::arg("x"), nb::arg("gate_w"), nb::arg("gate_scales"),
         nb::arg("gate_biases"), nb::arg("up_w"), nb::arg("up_scales"), nb::arg("up_biases"), nb::arg("group_size"),
-        nb::arg("bits"), nb::arg("n") = -1,
-        "silu(x @ gate.T) * (x @ up.T) with both weights packed by pack(): one CPU op, int8 products");
+        nb::arg("bits"), nb::arg("n") = -1, nb::arg("gelu") = false,
+        "silu(x @ gate.T) * (x @ up.T) (gelu: gelu_approx for silu) with both weights packed by pack(): one CPU op, "
+        "int8 products");
   m.def("gather_qmm_rows", &qk::gather_qmm_rows, nb::arg("x"), nb::arg("indices"), nb::arg("w"), nb::arg("scales"),
         nb::arg("biases").none(), nb::arg("group_size"), nb::arg("bits"), nb::arg("n") = -1, nb::arg("path") = -1,
         nb::arg("mode") = "affine",
