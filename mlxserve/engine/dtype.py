@@ -296,6 +296,46 @@ def _decode_attention(original, kernels):
     return sdpa
 
 
+def _softcap_attention_call(self, x, mask=None, cache=None):
+    B, L, _ = x.shape
+    if (
+        L != 1
+        or cache is None
+        or hasattr(cache, "bits")
+        or x.dtype != mx.float32
+        or not (mask is None or (isinstance(mask, mx.array) and mask.ndim == 4))
+        or (mask is not None and mask.dtype not in (mx.bool_, mx.float32))
+        or mx.default_device() != mx.cpu
+    ):
+        return super(type(self), self).__call__(x, mask, cache)
+    queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    queries = self.rope(queries.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3), offset=cache.offset)
+    keys = self.rope(keys.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3), offset=cache.offset)
+    values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    keys, values = cache.update_and_fetch(keys, values)
+    out = self.kernels.decode_attention(
+        queries, keys, values, self.scale, mask, softcap=float(self.attn_logit_softcapping)
+    )
+    return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+_SOFTCAP_CLASSES: dict[type, type] = {}
+
+
+def _softcap_attention_class(cls) -> type | None:
+    """mlx-lm gemma2's attention (its own score soft-capping, no scaled_dot_product_attention:
+    ~20 graph ops a layer) with a decode step's scores, capping, mask and softmax as one op."""
+    from mlx_lm.models import gemma2
+
+    if cls is not gemma2.Attention:
+        return None
+    if cls not in _SOFTCAP_CLASSES:
+        _SOFTCAP_CLASSES[cls] = type(
+            f"CpuSoftcap{cls.__name__}", (_KernelModule, cls), {"__call__": _softcap_attention_call}
+        )
+    return _SOFTCAP_CLASSES[cls]
+
+
 def _route_attention(model, kernels) -> None:
     """mlx-lm's model modules call ``scaled_dot_product_attention`` by their own global name:
     the ones this model's layers come from get the wrapper above (it falls back to the original
@@ -358,7 +398,11 @@ def use_cpu_kernels(model: nn.Module, kernels) -> int:
             mx.eval(module.weight)
             module.__class__ = norm
     for _, module in model.named_modules():
-        fused = None if isinstance(module, _KernelModule) else _swiglu_class(type(module))
+        fused = (
+            None
+            if isinstance(module, _KernelModule)
+            else (_swiglu_class(type(module)) or _softcap_attention_class(type(module)))
+        )
         if fused is not None:
             module.__class__ = fused
     _route_attention(model, kernels)

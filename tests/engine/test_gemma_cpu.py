@@ -16,14 +16,23 @@ pytestmark = pytest.mark.skipif(kernels is None, reason=f"quantized CPU kernels 
 def _gemma(kind: str):
     from mlx_lm.models import gemma2, gemma3_text
 
-    common = dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6, vocab_size=256)
+    common = dict(
+        hidden_size=128,
+        num_hidden_layers=2,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        rms_norm_eps=1e-6,
+        vocab_size=256,
+    )
     mx.random.seed(3)
     if kind == "gemma2":
         model = gemma2.Model(gemma2.ModelArgs(model_type=kind, query_pre_attn_scalar=64.0, **common))
     else:
-        model = gemma3_text.Model(gemma3_text.ModelArgs(model_type=kind, sliding_window=4, sliding_window_pattern=2,
-                                                        **common))
+        model = gemma3_text.Model(
+            gemma3_text.ModelArgs(model_type=kind, sliding_window=4, sliding_window_pattern=2, **common)
+        )
     # Random norm weights: with mlx-lm's ones a norm that forgot gemma's (1 + w) would pass too.
     for _, m in model.named_modules():
         if type(m).__name__ == "RMSNorm":
@@ -81,3 +90,38 @@ def test_gemma_mlp_is_one_geglu_op(kind):
     x = mx.random.normal((3, 128))
     want = mlp.down_proj(nn.gelu_approx(mlp.gate_proj(x)) * mlp.up_proj(x))
     assert mx.allclose(mlp(x), want, rtol=1e-4, atol=1e-5).item()
+
+
+def test_decode_attention_soft_caps_the_scores_before_the_mask():
+    rng = np.random.default_rng(9)
+    b, h, hk, s, d, cap = 3, 8, 4, 11, 64, 5.0
+    q, k, v = (
+        mx.array(rng.standard_normal(shape).astype(np.float32)) * 3
+        for shape in ((b, h, 1, d), (b, hk, s, d), (b, hk, s, d))
+    )
+    mask = mx.array(rng.random((b, 1, 1, s)) > 0.3)
+    scores = (q.reshape(b, hk, 2, 1, d) * 0.125) @ mx.expand_dims(k, 2).swapaxes(-1, -2)
+    scores = mx.where(mx.expand_dims(mask, 2), mx.tanh(scores / cap) * cap, -mx.inf)
+    want = (mx.softmax(scores, axis=-1, precise=True) @ mx.expand_dims(v, 2)).reshape(b, h, 1, d)
+    got = kernels.decode_attention(q, k, v, 0.125, mask, softcap=cap)
+    assert mx.allclose(got, want, rtol=1e-5, atol=1e-5).item()
+    assert not mx.allclose(kernels.decode_attention(q, k, v, 0.125, mask), want, rtol=1e-3, atol=1e-3).item()
+
+
+def test_gemma2_decode_attention_is_one_op_with_the_model_outputs():
+    from mlx_lm.models import gemma2
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, reference = _gemma("gemma2"), _gemma("gemma2")
+    dtypes.use_cpu_kernels(model, kernels)
+    dtypes.use_cpu_kernels(reference, kernels)
+    for layer in reference.layers:  # the same kernels everywhere else, mlx-lm's attention
+        layer.self_attn.__class__ = gemma2.Attention
+    assert type(model.layers[0].self_attn).__name__ == "CpuSoftcapAttention"
+    caches = make_prompt_cache(model), make_prompt_cache(reference)
+    prompt = mx.array([[1, 5, 9, 200, 17, 3]])
+    for m, c in zip((model, reference), caches):
+        m(prompt, cache=c)
+    for token in (7, 70, 111):
+        got, want = (m(mx.array([[token]]), cache=c) for m, c in zip((model, reference), caches))
+        assert mx.allclose(got, want, rtol=1e-4, atol=1e-4).item()

@@ -1294,7 +1294,8 @@ static inline void axpy_row(float a, const float* x, float* y, int D) {
 
 class DecodeAttention : public mx::UnaryPrimitive {
  public:
-  DecodeAttention(mx::Stream s, float scale, int mask_kind) : mx::UnaryPrimitive(s), scale_(scale), mask_(mask_kind) {}
+  DecodeAttention(mx::Stream s, float scale, int mask_kind, float softcap)
+      : mx::UnaryPrimitive(s), scale_(scale), mask_(mask_kind), softcap_(softcap) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
@@ -1309,7 +1310,7 @@ class DecodeAttention : public mx::UnaryPrimitive {
       mp = mask_ == 1 ? (const void*)m.data<bool>() : (const void*)m.data<float>();
       for (int i = 0; i < 4; i++) ms[i] = m.shape(i) == 1 ? 0 : m.strides()[i];
     }
-    enc.dispatch([=, yp = out.data<float>(), scale = scale_, kind = mask_] {
+    enc.dispatch([=, yp = out.data<float>(), scale = scale_, kind = mask_, cap = softcap_] {
       const int B = q.n[0], H = q.n[1], D = q.n[3], Hk = k.n[1], S = k.n[2], Dv = v.n[3];
       const int group = H / Hk;
       std::vector<float> w(S);
@@ -1321,6 +1322,7 @@ class DecodeAttention : public mx::UnaryPrimitive {
           float top = -INFINITY;
           for (int j = 0; j < S; j++) {
             float x = scale * dot_row(qp, kp + j * k.s[2], D);
+            if (cap > 0.f) x = cap * std::tanh(x / cap);
             if (kind == 1) {
               if (!((const bool*)mp)[b * ms[0] + h * ms[1] + j * ms[3]]) x = -INFINITY;
             } else if (kind == 2) {
@@ -1348,19 +1350,20 @@ class DecodeAttention : public mx::UnaryPrimitive {
   const char* name() const override { return "DecodeAttention"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const DecodeAttention&>(other);
-    return scale_ == o.scale_ && mask_ == o.mask_;
+    return scale_ == o.scale_ && mask_ == o.mask_ && softcap_ == o.softcap_;
   }
 
  private:
   float scale_;
   int mask_;  // 0 none, 1 bool (true: attend), 2 additive float
+  float softcap_;  // > 0: scores become softcap * tanh(scores / softcap) before the mask (gemma2)
 };
 
 // mx.fast.scaled_dot_product_attention for one query token: q (B, H, 1, D), k (B, Hk, S, D),
 // v (B, Hk, S, Dv) float32 with unit last strides, H a multiple of Hk; mask None or a 4-d bool
 // or float32 array broadcastable to (B, H, 1, S).
 static mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
-                                  std::optional<mx::array> mask) {
+                                  std::optional<mx::array> mask, float softcap) {
   for (const auto* a : {&q, &k, &v})
     if (a->dtype() != mx::float32 || a->ndim() != 4)
       throw std::invalid_argument("[decode_attention] float32 q, k, v of 4 dimensions");
@@ -1381,7 +1384,8 @@ static mx::array decode_attention(const mx::array& q, const mx::array& k, const 
     kind = m.dtype() == mx::bool_ ? 1 : 2;
     inputs.push_back(m);
   }
-  return mx::array({B, H, 1, v.shape(3)}, mx::float32, std::make_shared<DecodeAttention>(s, scale, kind), inputs);
+  return mx::array({B, H, 1, v.shape(3)}, mx::float32, std::make_shared<DecodeAttention>(s, scale, kind, softcap),
+                   inputs);
 }
 
 }  // namespace qk
@@ -1419,8 +1423,9 @@ NB_MODULE(_qmm, m) {
   m.def("packed_rows", &qk::packed_rows, nb::arg("ids"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"),
         nb::arg("group_size"), nb::arg("bits"), "rows ids of a weight packed by pack(), as float32 (an embedding lookup)");
   m.def("decode_attention", &qk::decode_attention, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("scale"),
-        nb::arg("mask").none() = nb::none(),
-        "mx.fast.scaled_dot_product_attention for one query token a sequence, as one CPU op (float32)");
+        nb::arg("mask").none() = nb::none(), nb::arg("softcap") = 0.f,
+        "mx.fast.scaled_dot_product_attention for one query token a sequence, as one CPU op (float32); "
+        "softcap > 0: gemma2's softcap * tanh(scores / softcap) before the mask");
   m.def("blas_rows", [] { return qk::BLAS_ROWS; }, "products of this many rows or more use tiles and BLAS");
   m.def("set_blas_rows", [](int rows) { qk::BLAS_ROWS = rows; }, "for measurements: the tile threshold");
   m.def("has_blas", [] { return qk::blas_sgemm() != nullptr; },
