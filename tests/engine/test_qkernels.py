@@ -285,7 +285,7 @@ def quantized_tiny_dir(tmp_path_factory, tiny_dir):
     """The tiny model quantized the mlx-lm way: 4-bit layers, an 8-bit group-64 embedding."""
     from mlxserve.engine.model import load_path
 
-    model = load_path(tiny_dir, weight_dtype="float32").model
+    model = load_path(tiny_dir, weight_dtype="float32", fuse=False).model  # saved as mlx-lm writes it
     layers = {"model.embed_tokens": {"group_size": 64, "bits": 8}}
     nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: layers.get(p, hasattr(m, "to_quantized")))
     out = tmp_path_factory.mktemp("tiny-q4")
@@ -424,7 +424,7 @@ def test_off_loads_the_float32_path(quantized_tiny_dir):
 
     probe = (
         "import sys; from mlxserve.engine.model import load_path; "
-        "lm = load_path(sys.argv[1]); print(lm.weight_dtype, type(lm.model.model.layers[0].mlp.up_proj).__name__)"
+        "lm = load_path(sys.argv[1]); print(lm.weight_dtype, type(lm.model.model.layers[0].mlp.down_proj).__name__)"
     )
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, MLXSERVE_QKERNELS="off", PYTHONPATH=str(root))
