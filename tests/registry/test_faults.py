@@ -14,6 +14,7 @@ import pytest
 import trio
 from regfixtures import StandIn, sha, start_daemon
 
+from mlxserve.engine import convert
 from mlxserve.store import manifest as mt, transfer
 from mlxserve.store.registry import RegistryDigestMismatch, TransferOptions
 from mlxserve.store.store import Store
@@ -92,7 +93,7 @@ def test_ollama_kquant_gguf_is_converted_at_pull(stand_in, tmp_path):
     gguf = tmp_path / "kq.gguf"
     _kquant_writer()(gguf)
     _ollama_model(stand_in, "library/kq", "q4_k_m", gguf.read_bytes())
-    store = Store(tmp_path / "models")
+    store = Store(tmp_path / "models", converter=convert)  # as the daemon opens it
     events: list[dict] = []
     result = transfer.pull(store, f"{stand_in.host}/library/kq:q4_k_m", progress=events.append)
     assert result.converted
