@@ -319,20 +319,28 @@ def _softcap_attention_call(self, x, mask=None, cache=None):
     return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
+def _softcap_model_call(self, inputs, cache=None):
+    out = self.model.embed_tokens.as_linear(self.model(inputs, cache))
+    cap = self.final_logit_softcapping
+    if out.dtype != mx.float32 or mx.default_device() != mx.cpu:
+        return mx.tanh(out / cap) * cap
+    return self.kernels.softcap(out, float(cap))
+
+
 _SOFTCAP_CLASSES: dict[type, type] = {}
 
 
 def _softcap_attention_class(cls) -> type | None:
     """mlx-lm gemma2's attention (its own score soft-capping, no scaled_dot_product_attention:
-    ~20 graph ops a layer) with a decode step's scores, capping, mask and softmax as one op."""
+    ~20 graph ops a layer) with a decode step's scores, capping, mask and softmax as one op;
+    gemma2's model with the logits' soft-capping as one op (MLX's scalar tanh over the vocabulary)."""
     from mlx_lm.models import gemma2
 
-    if cls is not gemma2.Attention:
+    calls = {gemma2.Attention: _softcap_attention_call, gemma2.Model: _softcap_model_call}
+    if cls not in calls:
         return None
     if cls not in _SOFTCAP_CLASSES:
-        _SOFTCAP_CLASSES[cls] = type(
-            f"CpuSoftcap{cls.__name__}", (_KernelModule, cls), {"__call__": _softcap_attention_call}
-        )
+        _SOFTCAP_CLASSES[cls] = type(f"CpuSoftcap{cls.__name__}", (_KernelModule, cls), {"__call__": calls[cls]})
     return _SOFTCAP_CLASSES[cls]
 
 

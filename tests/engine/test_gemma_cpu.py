@@ -125,3 +125,21 @@ def test_gemma2_decode_attention_is_one_op_with_the_model_outputs():
     for token in (7, 70, 111):
         got, want = (m(mx.array([[token]]), cache=c) for m, c in zip((model, reference), caches))
         assert mx.allclose(got, want, rtol=1e-4, atol=1e-4).item()
+
+
+def test_softcap_is_cap_times_tanh_of_x_over_cap():
+    x = mx.array(np.random.default_rng(11).standard_normal((3, 1, 1000)).astype(np.float32)) * 50
+    x[0, 0, :4] = mx.array([0.0, 1e-6, 1e4, -1e4])
+    got = kernels.softcap(x, 30.0)
+    assert mx.allclose(got, mx.tanh(x / 30.0) * 30.0, rtol=0, atol=1e-5).item()
+    assert mx.array_equal(kernels.softcap(x[1:2], 30.0), got[1:2]).item()  # the same bits alone or in a batch
+
+
+def test_gemma2_logits_are_soft_capped_in_one_op():
+    model = _gemma("gemma2")
+    dtypes.use_cpu_kernels(model, kernels)
+    assert type(model).__name__ == "CpuSoftcapModel"
+    ids = mx.array([[1, 5, 9, 200]])
+    head = model.model.embed_tokens.as_linear(model.model(ids))
+    cap = model.final_logit_softcapping
+    assert mx.allclose(model(ids), mx.tanh(head / cap) * cap, rtol=0, atol=1e-5).item()

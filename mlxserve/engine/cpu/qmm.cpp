@@ -1110,6 +1110,37 @@ class RowNorm : public mx::UnaryPrimitive {
   float eps_;
 };
 
+// cap * tanh(x / cap) (gemma2's logit soft-capping) as one op: tanh(u) = 1 - 2 / (exp(2u) + 1)
+// through the vectorized exp, where MLX's divide, scalar tanh and multiply were three passes.
+class SoftCap : public mx::UnaryPrimitive {
+ public:
+  SoftCap(mx::Stream s, float cap) : mx::UnaryPrimitive(s), cap_(cap) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    const mx::array& x = in[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.set_input_array(x); enc.set_output_array(out);
+    enc.dispatch([v = View(x), yp = out.data<float>(), n = (size_t)x.size(), cap = cap_] {
+      std::vector<float> buf;
+      const float* xp = v.gather(buf);
+      for (size_t i = 0; i < n; i++) yp[i] = 2.f * xp[i] / cap;
+      exp_inplace(yp, n);
+      for (size_t i = 0; i < n; i++) yp[i] = cap * (1.f - 2.f / (yp[i] + 1.f));
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override { throw std::runtime_error("CPU only"); }
+  const char* name() const override { return "SoftCap"; }
+  bool is_equivalent(const mx::Primitive& o) const override { return cap_ == static_cast<const SoftCap&>(o).cap_; }
+
+ private:
+  float cap_;
+};
+
+static mx::array softcap(const mx::array& x, float cap) {
+  if (x.dtype() != mx::float32 || !(cap > 0.f)) throw std::invalid_argument("[softcap] float32 x and cap > 0");
+  return mx::array(x.shape(), mx::float32, std::make_shared<SoftCap>(mx::to_stream({}), cap), {x});
+}
+
 // mx.fast.rms_norm(x, w, eps) for float32 x (..., D) and w (D,)
 static mx::array rms_norm(const mx::array& x, const mx::array& w, float eps) {
   if (x.dtype() != mx::float32 || w.dtype() != mx::float32 || w.ndim() != 1 || x.ndim() < 1 ||
@@ -1416,6 +1447,7 @@ NB_MODULE(_qmm, m) {
         nb::arg("n"),
         "a qwen3moe block after its router: softmax, top k, each chosen expert's SwiGLU and down product, and\n"
         "their probability-weighted sum, as one CPU op");
+  m.def("softcap", &qk::softcap, nb::arg("x"), nb::arg("cap"), "cap * tanh(x / cap) as one CPU op (float32)");
   m.def("rms_norm", &qk::rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("eps"),
         "mx.fast.rms_norm as one CPU op (float32)");
   m.def("rope", &qk::rope, nb::arg("x"), nb::arg("dims"), nb::arg("traditional"), nb::arg("base"),
