@@ -148,21 +148,8 @@ def test_gemma2_logits_are_soft_capped_in_one_op():
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_batched_greedy_equals_solo_for_gemma_on_the_kernels(family, tmp_path):
     """Left-padded rows and the sliding-window mask through the one-op attention."""
-    from test_loop import PROMPTS, EngineHarness, tokens_of
+    from test_loop import assert_batched_equals_solo
 
     from mlxserve.testing import ggufmodels
 
-    path = ggufmodels.write(tmp_path / f"{family}.gguf", family, "Q4_0")
-    h = EngineHarness(path, num_parallel=4, prefill_chunk=16)
-    try:
-        solo = {}
-        for i, p in enumerate(PROMPTS):
-            h.add(100 + i, p, 12)
-            solo[i] = tokens_of(h.collect({100 + i})[100 + i])
-        for i, p in enumerate(PROMPTS):
-            h.add(200 + i, p, 12)
-        together = h.collect({200 + i for i in range(len(PROMPTS))})
-        for i in range(len(PROMPTS)):
-            assert tokens_of(together[200 + i]) == solo[i], PROMPTS[i]
-    finally:
-        h.close()
+    assert_batched_equals_solo(ggufmodels.write(tmp_path / f"{family}.gguf", family, "Q4_0"), 12)

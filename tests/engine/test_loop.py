@@ -69,6 +69,24 @@ def tokens_of(chunks):
     return [t for c in chunks for t in c.token_ids]
 
 
+def assert_batched_equals_solo(path, max_tokens: int) -> None:
+    """Each of PROMPTS decoded alone, then all four in one batch: the same greedy tokens (CPU)."""
+    h = EngineHarness(path, num_parallel=4, prefill_chunk=16)
+    try:
+        assert h.engine is not None
+        solo = {}
+        for i, p in enumerate(PROMPTS):
+            h.add(100 + i, p, max_tokens)
+            solo[i] = tokens_of(h.collect({100 + i})[100 + i])
+        for i, p in enumerate(PROMPTS):
+            h.add(200 + i, p, max_tokens)
+        together = h.collect({200 + i for i in range(len(PROMPTS))})
+        for i in range(len(PROMPTS)):
+            assert tokens_of(together[200 + i]) == solo[i], PROMPTS[i]
+    finally:
+        h.close()
+
+
 def near_tie_allowance() -> float:
     """CPU math is batch-independent, so batched greedy must equal solo exactly. On a GPU a
     row's float32 result depends on the rows beside it (~1e-2 on the random model), so a greedy

@@ -381,22 +381,9 @@ def test_a_tied_embedding_keeps_one_packed_copy_for_lookups_and_the_head():
 
 
 def test_batched_greedy_equals_solo_on_the_kernels(quantized_tiny_dir):
-    from test_loop import PROMPTS, EngineHarness, tokens_of
+    from test_loop import assert_batched_equals_solo
 
-    h = EngineHarness(quantized_tiny_dir, num_parallel=4, prefill_chunk=16)
-    try:
-        assert h.engine is not None
-        solo = {}
-        for i, p in enumerate(PROMPTS):
-            h.add(100 + i, p, 16)
-            solo[i] = tokens_of(h.collect({100 + i})[100 + i])
-        for i, p in enumerate(PROMPTS):
-            h.add(200 + i, p, 16)
-        together = h.collect({200 + i for i in range(len(PROMPTS))})
-        for i in range(len(PROMPTS)):
-            assert tokens_of(together[200 + i]) == solo[i], PROMPTS[i]
-    finally:
-        h.close()
+    assert_batched_equals_solo(quantized_tiny_dir, 16)
 
 
 # --- building, and the way back to float32 ------------------------------------------------------
