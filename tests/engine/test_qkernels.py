@@ -325,7 +325,7 @@ def test_a_quantized_model_loads_onto_the_kernels(quantized_tiny_dir):
     assert lm.weight_bytes < ref.weight_bytes / 3
 
 
-def test_unsupported_layers_are_dequantized_and_the_rest_use_the_kernels():
+def _one_layer_llama(vocab_size: int, tied: bool):
     from mlx_lm.models import llama
 
     args = llama.ModelArgs(
@@ -336,10 +336,14 @@ def test_unsupported_layers_are_dequantized_and_the_rest_use_the_kernels():
         num_attention_heads=4,
         num_key_value_heads=2,
         rms_norm_eps=1e-5,
-        vocab_size=256,
-        tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        tie_word_embeddings=tied,
     )
-    model = llama.Model(args)
+    return llama.Model(args)
+
+
+def test_unsupported_layers_are_dequantized_and_the_rest_use_the_kernels():
+    model = _one_layer_llama(vocab_size=256, tied=False)
     nn.quantize(
         model,
         group_size=32,
@@ -356,20 +360,7 @@ def test_unsupported_layers_are_dequantized_and_the_rest_use_the_kernels():
 
 
 def test_a_tied_embedding_keeps_one_packed_copy_for_lookups_and_the_head():
-    from mlx_lm.models import llama
-
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=128,
-        num_hidden_layers=1,
-        intermediate_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=300,
-        tie_word_embeddings=True,
-    )
-    model = llama.Model(args)
+    model = _one_layer_llama(vocab_size=300, tied=True)
     nn.quantize(model, group_size=64, bits=8)
     prompt = mx.array([[3, 17, 42, 5, 299]])
     want = model(prompt)
