@@ -204,8 +204,8 @@ class _WithLogprobs:
 
 class _GenerationBatch(GenerationBatch):
     """mlx-lm's decode step, normalizing the logits (a logsumexp over the vocabulary, then one
-    slice per row to evaluate) only when a row reports log-probabilities or samples by
-    probability mass (top-p, typical-p): greedy argmax and the rest ignore a shift."""
+    slice per row to evaluate) only when a row reports log-probabilities or samples other than
+    greedily (top-p and typical-p need normalized values): greedy argmax ignores a shift."""
 
     def _step(self) -> Any:  # (tokens, per row: its log-probabilities or None)
         b: Any = self  # mlx-lm types these attributes from their empty initial values
