@@ -200,6 +200,17 @@ def _offset_norm_call(self, x):
     return self.kernels.rms_norm(x, self.weight, self.eps)
 
 
+def _calls_like(cls, ref, *, consts: bool = False) -> bool:
+    """Whether ``cls.__call__`` is ``ref``'s code (same bytecode and names; with ``consts``, the
+    same constants too): how a model class's step is recognised for a one-op replacement."""
+    fn = getattr(cls.__call__, "__code__", None)  # every nn.Module has a __call__
+
+    def key(code) -> tuple:
+        return (code.co_code, code.co_names) + ((code.co_consts,) if consts else ())
+
+    return fn is not None and key(fn) == key(ref.__code__)
+
+
 _OFFSET_NORMS: dict[type, type] = {}
 
 
@@ -209,8 +220,7 @@ def _offset_norm_class(cls) -> type | None:
     if cls not in _OFFSET_NORMS:
         from mlx_lm.models import gemma2
 
-        ref, fn = gemma2.RMSNorm.__call__.__code__, getattr(cls.__call__, "__code__", None)
-        same = fn is not None and (fn.co_code, fn.co_names, fn.co_consts) == (ref.co_code, ref.co_names, ref.co_consts)
+        same = _calls_like(cls, gemma2.RMSNorm.__call__, consts=True)
         _OFFSET_NORMS[cls] = (
             type(f"CpuOffset{cls.__name__}", (_KernelModule, cls), {"__call__": _offset_norm_call}) if same else None
         )
@@ -255,14 +265,10 @@ def _swiglu_class(cls) -> type | None:
     if cls not in _SWIGLU_CLASSES:
         from mlx_lm.models import activations, gemma2, llama
 
-        fn, kind = getattr(cls.__call__, "__code__", None), None  # every nn.Module has a __call__
-
-        def same(ref) -> bool:
-            return fn is not None and (fn.co_code, fn.co_names) == (ref.__code__.co_code, ref.__code__.co_names)
-
-        if same(llama.MLP.__call__) and cls.__call__.__globals__.get("swiglu") is activations.swiglu:
+        kind = None
+        if _calls_like(cls, llama.MLP.__call__) and cls.__call__.__globals__.get("swiglu") is activations.swiglu:
             kind = "SwiGLU"
-        elif same(gemma2.MLP.__call__):
+        elif _calls_like(cls, gemma2.MLP.__call__):
             gelu = getattr(cls.__call__.__globals__.get("nn"), "gelu_approx", None)
             kind = "GeGLU" if gelu is nn.gelu_approx else None
         _SWIGLU_CLASSES[cls] = (
