@@ -36,6 +36,26 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _free_port_pair(avoid: int) -> int:
+    """A port whose next one is free too: mlx.launch's ring backend binds ``--starting-port`` and
+    the one after it (two unrelated free ports left the second taken: bind error 98)."""
+    for _ in range(100):
+        (port,) = _free_ports(1)
+        if avoid in (port, port + 1):  # the daemon's HTTP port, closed until it starts
+            continue
+        socks = [socket.socket() for _ in range(2)]
+        try:
+            for s, p in zip(socks, (port, port + 1)):
+                s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise AssertionError("no two consecutive free ports on 127.0.0.1")
+
+
 class Group:
     """Two ranks of ``mlxctl serve`` in their own process group (so teardown reaches both)."""
 
@@ -55,7 +75,7 @@ class Group:
         self.procs: list[subprocess.Popen] = []
         self.logs = [tmp / "rank0.log", tmp / "rank1.log"]
         if launcher:  # the documented way: mlx.launch starts both ranks
-            port = min(ring0, ring1)
+            port = _free_port_pair(avoid=http)
             cmd = [
                 str(BIN / "mlx.launch"),
                 "--backend",
