@@ -221,7 +221,7 @@ class EmbedWorkerHandle:
 def _tokenize(w: EmbedWorker, job: eng.EmbedJob) -> list[Any]:
     m = w.engine.model if w.engine is not None else None
     if m is None:  # the thread has just ended (its report is on the way)
-        raise EngineError("model was unloaded")
+        raise w.stop_error or EngineError("model was unloaded")
     tokens: list[Any] = m.tokenize(job.inputs, truncate=job.truncate, limit=job.limit)
     return tokens
 
@@ -351,6 +351,8 @@ class Embedder:
             await w.stopped.wait()
         finally:
             if w.state in ("loading", "ready") and w.engine is not None:  # cancelled: the runtime ends
+                # Requests still tokenizing or queued are told 503 (the daemon stops), not 500.
+                w.state, w.stop_error = "stopping", ShuttingDown("server is shutting down")
                 w.engine.submit(eng.EmbedShutdown("server is shutting down", now=True))
             self._stopping.append(w)
             _fail_jobs(w, _exit_error(w))

@@ -24,7 +24,7 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
-from ..errors import EngineError, LoadError, MlxserveError
+from ..errors import EngineError, LoadError, MlxserveError, ShuttingDown
 from .embedinputs import (
     EmbedInput,
     KeepGoing,
@@ -421,6 +421,6 @@ class EmbedEngine:
         self._since = time.perf_counter()
 
     def _dropped(self, job: EmbedJob) -> JobDone:
-        if self._stop_now is not None:
-            return JobDone(job, None, error=EngineError(self._stop_now))
+        if self._stop_now is not None:  # only the daemon's own stop is immediate: 503, not 500
+            return JobDone(job, None, error=ShuttingDown(self._stop_now))
         return JobDone(job, None, error=EngineError("cancelled"), cancelled=True)

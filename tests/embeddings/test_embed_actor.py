@@ -23,7 +23,7 @@ from mlxserve.actors.loader import model_loader
 from mlxserve.actors.scheduler import Scheduler
 from mlxserve.config import Settings
 from mlxserve.engine.embedinputs import Tokenized
-from mlxserve.errors import BadRequest, LoadError
+from mlxserve.errors import BadRequest, LoadError, MlxserveError, ShuttingDown
 from mlxserve.specs.modelspec import ModelSpec
 
 
@@ -71,8 +71,7 @@ def log():
     return {"batches": [], "loads": [], "gate": gate, "started": threading.Event(), "models": []}
 
 
-@pytest.fixture
-async def embedder(log, tmp_path):
+def _fake_loader(log: dict):
     def load_fn(resolved, path, kind):
         def load():
             log["loads"].append((resolved.display, kind, path))
@@ -84,12 +83,21 @@ async def embedder(log, tmp_path):
 
         return load
 
+    return load_fn
+
+
+async def _start(embedder: Embedder, settings: Settings, runners: trio.Nursery) -> None:
+    embedder.scheduler = await runners.start(
+        Scheduler(load_fn=model_loader(settings, FakeStore(), runners, None, embedder), max_loaded=1).run
+    )
+
+
+@pytest.fixture
+async def embedder(log, tmp_path):
     settings = Settings(models_dir=tmp_path, max_loaded_models=1)
-    embedder = Embedder(settings, load_fn=load_fn)
+    embedder = Embedder(settings, load_fn=_fake_loader(log))
     async with trio.open_nursery() as runners:
-        embedder.scheduler = await runners.start(
-            Scheduler(load_fn=model_loader(settings, FakeStore(), runners, None, embedder), max_loaded=1).run
-        )
+        await _start(embedder, settings, runners)
         yield embedder
         runners.cancel_scope.cancel()
 
@@ -142,6 +150,31 @@ async def test_a_cancelled_request_is_skipped_by_the_thread(embedder, log):
         await embedder.embed(m, EmbedRequest(("ccc",)), 60)
     assert log["batches"] == [1, 1]  # "bb" never reached the model
     assert embedder.statistics().active == 0
+
+
+async def test_a_request_in_flight_when_the_runtime_ends_is_told_503(log, tmp_path):
+    """The runtime cancelled (SIGTERM without a drain) fails what the thread holds with 503 (the
+    daemon stops; a balancer retries elsewhere), not 500."""
+    settings = Settings(models_dir=tmp_path, max_loaded_models=1)
+    embedder = Embedder(settings, load_fn=_fake_loader(log))
+    log["gate"].clear()
+    told: list[Exception] = []
+
+    async def request():
+        try:
+            await embedder.embed(_model("e"), EmbedRequest(("a",)), 60)
+        except MlxserveError as exc:
+            told.append(exc)
+        log["gate"].set()  # lets the thread finish its batch and exit
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as clients:
+            async with trio.open_nursery() as runners:
+                await _start(embedder, settings, runners)
+                clients.start_soon(request)
+                await trio.to_thread.run_sync(log["started"].wait)  # the batch is in the thread
+                runners.cancel_scope.cancel()
+    assert len(told) == 1 and isinstance(told[0], ShuttingDown) and told[0].status == 503
 
 
 async def test_bad_input_fails_only_its_request(embedder):
