@@ -11,7 +11,7 @@ import json
 import uuid
 
 import trio
-from quart import Blueprint, Response
+from quart import Blueprint
 
 from ..actors.sequence import grammar_for_schema
 from ..errors import BadRequest
@@ -37,21 +37,6 @@ _ERROR_TYPES = {
 
 def error_body(status: int, message: str) -> dict:
     return {"type": "error", "error": {"type": _ERROR_TYPES.get(status, "api_error"), "message": message}}
-
-
-@bp.after_request
-async def anthropic_errors(response: Response) -> Response:
-    """Every error of these routes in Anthropic's shape, whichever handler wrote it (the app's
-    handlers write OpenAI's shape under /v1/ and keep the metrics and headers right)."""
-    if response.status_code < 400 or response.mimetype != "application/json":
-        return response
-    try:
-        err = json.loads(await response.get_data())["error"]
-        message = err["message"] if isinstance(err, dict) else str(err)
-    except (ValueError, KeyError, TypeError):
-        return response
-    response.set_data(json.dumps(error_body(response.status_code, message)))
-    return response
 
 
 def _text_of(blocks, where: str) -> str:
