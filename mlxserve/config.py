@@ -177,6 +177,8 @@ ENV_SMALL_GEMM = "MLXSERVE_SMALL_GEMM"
 ENV_GEMM_THREADS = "MLXSERVE_GEMM_THREADS"
 ENV_JIT_NATIVE = "MLXSERVE_JIT_NATIVE"
 ENV_QKERNELS = "MLXSERVE_QKERNELS"
+ENV_SUBMIT_LAYERS = "MLXSERVE_SUBMIT_LAYERS"
+SUBMIT_LAYERS = 2  # a CPU step is handed to MLX every this many layers (engine/submit.py)
 # Not a setting: the BLAS re-exec marks its child, so a child that still cannot load OpenBLAS
 # does not re-exec again.
 ENV_BLAS_REEXEC = "MLXSERVE_BLAS_REEXEC"
@@ -200,6 +202,7 @@ class CpuSettings:
     gemm_threads: int | None = None  # MLXSERVE_GEMM_THREADS; None: each kernel set's default
     jit_native: bool = True  # MLXSERVE_JIT_NATIVE: MLX's run-time CPU kernels built -march=native
     qkernels: bool = True  # MLXSERVE_QKERNELS: the quantized CPU kernels
+    submit_layers: int = SUBMIT_LAYERS  # MLXSERVE_SUBMIT_LAYERS; 0: a step goes to MLX whole
     reexec_child: bool = False  # this process is the BLAS re-exec's child (ENV_BLAS_REEXEC)
 
     @classmethod
@@ -207,6 +210,7 @@ class CpuSettings:
         env = os.environ if env is None else env
         small = env.get(ENV_SMALL_GEMM, "")
         threads = env.get(ENV_GEMM_THREADS, "").strip()
+        submit = env.get(ENV_SUBMIT_LAYERS, "").strip()
         named_dir = small and small.lower() not in ("on", "auto") and not is_off(small)
         return cls(
             blas=env.get(ENV_BLAS, "auto").strip(),
@@ -215,6 +219,7 @@ class CpuSettings:
             gemm_threads=int(threads) if threads.isdigit() and int(threads) > 0 else None,
             jit_native=not is_off(env.get(ENV_JIT_NATIVE)),
             qkernels=not is_off(env.get(ENV_QKERNELS)),
+            submit_layers=int(submit) if submit.isdigit() else SUBMIT_LAYERS,
             reexec_child=bool(env.get(ENV_BLAS_REEXEC)),
         )
 

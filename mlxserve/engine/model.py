@@ -16,10 +16,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import _get_classes
 
+from ..config import CpuSettings
 from ..errors import LoadError, UnsupportedModel
 from . import gguf, patches, sharding, tokenizer as tok
 from .cuda import linear as cuda_linear
 from .fuse import fuse_projections
+from .submit import submit_in_parts
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +162,8 @@ def load_path(path: str | Path, *, weight_dtype: str | None = None, fuse: bool =
     else:
         lm = load_directory(path) if path.is_dir() else load_gguf(path)
     _apply_weight_dtype(lm, weight_dtype, fuse)
+    if mx.default_device() == mx.cpu:
+        log.debug("layers submitted early: %d", submit_in_parts(lm.model, CpuSettings.from_env().submit_layers))
     return lm
 
 

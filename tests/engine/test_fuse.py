@@ -56,7 +56,9 @@ def test_fused_projections_give_the_same_logits(gguf_dir, arch, path):
         kind = type(plain.model.layers[0].self_attn.k_proj)
         assert type(head.fused) is kind
     a, b = fused.model(tokens), plain.model(tokens)
-    tol = 1e-4 if a.dtype == mx.float32 else 2e-2
+    # mlx-cuda's float32 products round through TF32 (MLX_ENABLE_TF32 defaults to on): a fused
+    # product sums in another grouping, so the GPU gets the half-precision tolerance there too.
+    tol = 1e-4 if a.dtype == mx.float32 and mx.default_device() == mx.cpu else 2e-2
     assert mx.allclose(a, b, atol=tol, rtol=tol).item(), float(mx.abs(a - b).max())
 
 
