@@ -94,19 +94,16 @@ SPIN_US = 300  # a helper's wait for the next product before it sleeps
 
 
 def threads() -> tuple[int, int]:
-    """(threads per product, fewest rows a product needs to be shared). ``MLXSERVE_GEMM_THREADS``
-    shares every product; unset, prompt chunks (PREFILL_ROWS rows or more) are shared by two
-    threads and decode steps stay on one, since a helper spinning between decode products takes
-    the core the daemon's other threads need (benchmarks/results/history-cpu.md)."""
+    """(threads per product, fewest rows a product needs to be shared): ``MLXSERVE_GEMM_THREADS``,
+    else two for every product, decode steps' too. With a step submitted in parts
+    (engine/submit.py) a helper spinning between products no longer holds up Python building
+    the next step (benchmarks/results/history-cpu.md)."""
     from ...config import CpuSettings
     from .machine import cpu_count
 
     if (setting := CpuSettings.from_env().gemm_threads) is not None:
         return setting, 1
-    return min(2, cpu_count()), PREFILL_ROWS
-
-
-PREFILL_ROWS = 32
+    return min(2, cpu_count()), 1
 
 
 def path_name(module) -> str:
