@@ -35,7 +35,7 @@ def test_bad_number_names_the_setting():
 
 def test_cpu_settings_defaults_and_values():
     d = CpuSettings.from_env({"XDG_CACHE_HOME": "/c"})
-    assert d == CpuSettings("auto", True, Path("/c/mlxserve"), None, True, True, False)
+    assert d == CpuSettings("auto", True, Path("/c/mlxserve"), None, True, True, submit_layers=2, reexec_child=False)
     s = CpuSettings.from_env(
         {
             config.ENV_BLAS: " /opt/libopenblas.so.0 ",
@@ -43,10 +43,13 @@ def test_cpu_settings_defaults_and_values():
             config.ENV_GEMM_THREADS: "3",
             config.ENV_JIT_NATIVE: "off",
             config.ENV_QKERNELS: "0",
+            config.ENV_SUBMIT_LAYERS: "0",
             config.ENV_BLAS_REEXEC: "1",
         }
     )
-    assert s == CpuSettings("/opt/libopenblas.so.0", True, Path("/k"), 3, False, False, True)
+    assert s == CpuSettings(
+        "/opt/libopenblas.so.0", True, Path("/k"), 3, False, False, submit_layers=0, reexec_child=True
+    )
 
 
 @pytest.mark.parametrize("value", ["off", "OFF", "0", "false", "none"])
@@ -60,6 +63,8 @@ def test_cpu_settings_never_raise(value):
     """The bootstrap runs before anything can report an error: an unusable value is the default."""
     env = {name: value for name in (config.ENV_BLAS, config.ENV_GEMM_THREADS, config.ENV_JIT_NATIVE)}
     assert CpuSettings.from_env(env).gemm_threads is None
+    submit = CpuSettings.from_env({config.ENV_SUBMIT_LAYERS: value}).submit_layers
+    assert submit == (0 if value == "0" else config.SUBMIT_LAYERS)
 
 
 def test_the_cpu_modules_read_cpu_settings(monkeypatch):
