@@ -77,18 +77,26 @@ def apply_typical_p(logprobs: mx.array, mass: float) -> mx.array:
     return mx.where(mask, logprobs, _NEG_INF)
 
 
+def _on_candidates(before: list[Sampler], method: Callable[[mx.array], mx.array]) -> Callable[[mx.array], mx.array]:
+    if not before:  # the step's log-probabilities are normalized already
+        return method
+    return lambda x: method(x - mx.logsumexp(x, axis=-1, keepdims=True))
+
+
 def make_sampler(p: SamplingParams) -> Sampler:
     if p.greedy:
         return greedy_sampler  # shared object: the batch samples all greedy rows in one call
+    # llama.cpp's order (what Ollama's GGUF users get): top-k, typical-p, top-p, min-p, then the
+    # temperature; a filter that weighs probability mass sees the candidates left, renormalized.
     methods: list[Callable[[mx.array], mx.array]] = []
-    if 0 < p.typical_p < 1.0:
-        methods.append(lambda x: apply_typical_p(x, p.typical_p))
-    if 0 < p.top_p < 1.0:
-        methods.append(lambda x: apply_top_p(x, p.top_p))
-    if p.min_p > 0:
-        methods.append(lambda x: apply_min_p(x, p.min_p))
     if p.top_k > 0:
         methods.append(lambda x: apply_top_k(x, p.top_k))
+    if 0 < p.typical_p < 1.0:
+        methods.append(_on_candidates(methods, lambda x: apply_typical_p(x, p.typical_p)))
+    if 0 < p.top_p < 1.0:
+        methods.append(_on_candidates(methods, lambda x: apply_top_p(x, p.top_p)))
+    if p.min_p > 0:  # relative to the most likely token: no renormalizing needed
+        methods.append(lambda x: apply_min_p(x, p.min_p))
     inv_temp = 1.0 / p.temperature
     # Any integer is a seed (Ollama sends -1 for "random"; PRNG keys take 64 unsigned bits).
     key = [mx.random.key(p.seed % (1 << 64))] if p.seed is not None and p.seed >= 0 else None

@@ -51,3 +51,14 @@ def test_typical_p_reaches_the_sampler_and_restricts_its_choices():
     sampler = sampling.make_sampler(params)
     drawn = {int(sampler(logprobs()).item()) for _ in range(60)}
     assert drawn == {1, 2}  # never the most likely token 0, which typical_p=0.3 removes
+
+
+def test_top_p_weighs_the_candidates_top_k_left_as_llama_cpp_does():
+    # top-k 2 leaves 0.4 and 0.3, renormalized 0.57 and 0.43: top-p 0.5 then keeps token 0 alone.
+    # Over the whole vocabulary (top-p first) it would keep 0.4 + 0.3, so both could be drawn.
+    probs = [0.4, 0.3, 0.2, 0.1]
+    params = sampling.SamplingParams(temperature=1.0, top_k=2, top_p=0.5, seed=5)
+    sampler = sampling.make_sampler(params)
+    assert {int(sampler(logprobs(probs)).item()) for _ in range(40)} == {0}
+    wide = sampling.make_sampler(sampling.SamplingParams(temperature=1.0, top_k=0, top_p=0.5, seed=5))
+    assert {int(wide(logprobs(probs)).item()) for _ in range(40)} == {0, 1}
